@@ -1,0 +1,19 @@
+"""Errors that the CLI, the web app and the DICOM node turn into one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad input from the user: the CLI prints it on one line and exits with code 2.
+
+    Args:
+        problem: what is wrong, in words a user understands.
+        path: the file or folder at fault, when there is one.
+    """
+
+    def __init__(self, problem: str, path: str | Path | None = None):
+        self.problem = problem
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)

@@ -1,0 +1,114 @@
+"""The CT volume type and voxel <-> world (LPS mm) conversion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass
+class Volume:
+    """A CT volume in Hounsfield units.
+
+    Attributes:
+        hu: float32 voxels indexed ``(z, y, x)``. For a DICOM series, z runs in ascending
+            position along the slice normal.
+        spacing: voxel size in mm, ``(z, y, x)``.
+        origin: LPS world position (mm) of voxel ``(0, 0, 0)``, ordered ``(x, y, z)``.
+        direction: 3x3 matrix whose columns are the LPS unit vectors of the volume's
+            x (column), y (row) and z (slice) axes.
+        meta: the source's metadata: ``kind``, ``modality``, ``series_uid``, ``files``
+            (per-slice paths, DICOM only), ``warnings`` and reader-specific entries.
+    """
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.meta.setdefault("warnings", [])
+
+    def voxel_to_world(self, zyx: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+        """Maps voxel indices ``(z, y, x)`` (one or an ``(n, 3)`` array) to LPS mm ``(x, y, z)``."""
+        zyx = np.asarray(zyx, dtype=float)
+        xyz_index = zyx[..., ::-1]
+        steps = xyz_index * np.asarray(self.spacing[::-1])
+        return np.asarray(self.origin) + steps @ np.asarray(self.direction).T
+
+    def world_to_voxel(self, xyz: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+        """Maps LPS mm ``(x, y, z)`` to (fractional) voxel indices ``(z, y, x)``."""
+        xyz = np.asarray(xyz, dtype=float)
+        local = (xyz - np.asarray(self.origin)) @ np.asarray(self.direction)
+        return (local / np.asarray(self.spacing[::-1]))[..., ::-1]
+
+    def with_hu(self, hu: np.ndarray) -> Volume:
+        """A copy of this volume's geometry and metadata around new voxels of the same shape."""
+        if hu.shape != self.hu.shape:
+            raise ValueError(f"new voxels have shape {hu.shape}, the volume has {self.hu.shape}")
+        return replace(self, hu=hu.astype(np.float32, copy=False), meta=dict(self.meta))
+
+    def resampled(self, spacing: float | tuple[float, float, float] = 1.0, order: int = 1) -> Volume:
+        """This volume resampled to a new voxel size (mm), keeping the world extent.
+
+        Args:
+            spacing: the new voxel size, one number for isotropic. Defaults to 1 mm.
+            order: spline order (1 = trilinear). Defaults to 1.
+
+        Returns:
+            A new Volume; ``meta["resampled_from"]`` keeps the original shape and spacing so
+            :func:`resample_back` can return to the source grid.
+        """
+        new_spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
+        hu = resample_array(self.hu, self.spacing, tuple(new_spacing), order=order)
+        meta = dict(self.meta, resampled_from={"shape": self.shape, "spacing": self.spacing})
+        meta.pop("files", None)  # the per-slice files no longer match the grid
+        return Volume(hu, tuple(float(s) for s in new_spacing), self.origin, self.direction, meta)
+
+    def resample_back(self, order: int = 1) -> Volume:
+        """Undoes :meth:`resampled`: returns to the recorded source shape and spacing."""
+        src = self.meta.get("resampled_from")
+        if src is None:
+            raise ValueError("this volume was not made by Volume.resampled()")
+        hu = resample_array(self.hu, self.spacing, src["spacing"], order=order, shape=src["shape"])
+        meta = {k: v for k, v in self.meta.items() if k != "resampled_from"}
+        return Volume(hu, tuple(src["spacing"]), self.origin, self.direction, meta)
+
+
+def resample_array(
+    a: np.ndarray,
+    spacing: tuple[float, ...],
+    new_spacing: tuple[float, ...],
+    order: int = 1,
+    shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """Resamples a 3D array from one voxel size to another (voxel centres aligned at index 0).
+
+    Args:
+        a: the array ``(z, y, x)``.
+        spacing: its voxel size (mm).
+        new_spacing: the wanted voxel size (mm).
+        order: spline order. Defaults to 1.
+        shape: the output shape; defaults to the extent divided by the new spacing.
+
+    Returns:
+        float32 array.
+    """
+    spacing_arr = np.asarray(spacing, dtype=float)
+    new_arr = np.asarray(new_spacing, dtype=float)
+    if shape is None:
+        shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(a.shape, spacing_arr, new_arr))
+    step = new_arr / spacing_arr  # source voxels per output voxel
+    # affine_transform with a diagonal matrix is a separable, memory-light zoom.
+    return ndimage.affine_transform(
+        a.astype(np.float32, copy=False), step, output_shape=shape, order=order, mode="nearest"
+    ).astype(np.float32, copy=False)

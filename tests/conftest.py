@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LUNG_PET_CT = SHARED / "lung-pet-ct-dx"
+CTGAN_LABELS = SHARED / "ctgan-labels"
+SERIES = {
+    "A0001-L": LUNG_PET_CT / "Lung-PET-CT-Dx/Lung_Dx-A0001/04-04-2007-NA-Chest-07990/2.000000-5mm-40805",
+    "A0001-B": LUNG_PET_CT / "Lung-PET-CT-Dx/Lung_Dx-A0001/04-04-2007-NA-Chest-07990/3.000000-5mm-41315",
+    "A0002-B70f": LUNG_PET_CT / "Lung-PET-CT-Dx/Lung_Dx-A0002/04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834/2.000000-ThoraxRoutine  8.0.0  B70f-62919",
+    "A0002-B40f": LUNG_PET_CT / "Lung-PET-CT-Dx/Lung_Dx-A0002/04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834/3.000000-ThoraxRoutine  8.0.0  B40f-10983",
+}
+
+
+def _require_shared() -> None:
+    if not LUNG_PET_CT.is_dir():
+        msg = f"shared data not found at {SHARED} (CI always has it; a fresh clone may not)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def lung_pet_ct() -> Path:
+    _require_shared()
+    return LUNG_PET_CT
+
+
+@pytest.fixture(scope="session")
+def real_series() -> dict[str, Path]:
+    _require_shared()
+    return SERIES
+
+
+@pytest.fixture(scope="session")
+def ctgan_labels() -> Path:
+    if not CTGAN_LABELS.is_dir():
+        _require_shared()
+    return CTGAN_LABELS
+
+
+@pytest.fixture(scope="session")
+def small_chest():
+    """A small phantom chest (fast) with one genuine solid nodule in the right lung."""
+    from ctguard.data.phantom import make_chest
+
+    return make_chest((40, 96, 96), (4.0, 3.6, 3.6), seed=3, nodules=[{"fraction": (0.5, 0.45, 0.3), "diameter_mm": 14, "kind": "solid"}])
