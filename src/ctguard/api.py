@@ -70,3 +70,48 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 7, progress: bool = T
     echo(f"phantom chest CT written as DICOM: {out / 'phantom-dicom'} ({summary['shape']} voxels, spacing {summary['spacing_mm']} mm)")
     echo(f"read back: HU range {summary['hu_range']}; NIfTI copy: {out / 'phantom.nii.gz'}")
     return summary
+
+
+def simulate(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    inject: int = 2,
+    remove: int = 1,
+    per_scan: int = 1,
+    phantoms: int = 0,
+    annotations: str | Path | None = None,
+    seed: int = 0,
+    sizes: tuple[float, float] = (6.0, 20.0),
+    progress: bool = True,
+    echo=None,
+) -> dict:
+    """Makes a labelled CT-GAN-layout dataset of deepfakes from real scans and/or phantoms.
+
+    Args:
+        inputs: scans to tamper with (DICOM folders are written back header-for-header).
+        out_dir: the dataset folder to create.
+        inject: FM copies per source. Defaults to 2.
+        remove: FB copies per source that has a known tumour. Defaults to 1.
+        per_scan: nodules per FM copy. Defaults to 1.
+        phantoms: also use this many phantom chests (seeded from ``seed``). Defaults to 0.
+        annotations: a folder of PASCAL-VOC XML tumour boxes named by SOPInstanceUID. Defaults to None.
+        seed: random seed. Defaults to 0.
+        sizes: injected nodule diameter range (mm). Defaults to (6, 20).
+
+    Returns:
+        The manifest written beside the labels.
+    """
+    from ctguard.tamper.simulate import Source, phantom_source, simulate as _simulate, tumours_from_voc
+
+    sources = []
+    for path in inputs:
+        vol = load(path, progress=progress)
+        tumours = tumours_from_voc(vol, annotations) if annotations else []
+        patient = vol.meta.get("patient_id") or Path(path).name
+        sources.append(Source(str(path), vol, patient, tumours))
+    sources += [phantom_source(seed * 1000 + k) for k in range(phantoms)]
+    if not sources:
+        from ctguard.errors import InputError
+
+        raise InputError("nothing to simulate from: give scans or --phantoms N")
+    return _simulate(sources, out_dir, inject, remove, per_scan, seed, sizes, progress, echo)

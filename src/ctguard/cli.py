@@ -51,6 +51,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from ctguard import api
+
+    lo, _, hi = args.sizes.partition(",")
+    api.simulate(args.inputs, args.out, inject=args.inject, remove=args.remove, per_scan=args.per_scan,
+                 phantoms=args.phantoms, annotations=args.annotations, seed=args.seed,
+                 sizes=(float(lo), float(hi or lo)), progress=not args.quiet, echo=print)
+    return 0
+
+
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", metavar="UID", help="series to read from a folder with several (default: the largest)")
     p.add_argument("--allow-modality", action="store_true", help="read DICOM of a modality other than CT")
@@ -73,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_read_options(p)
     p.set_defaults(func=cmd_info)
+
+    p = add("simulate", "make CT-GAN-style deepfakes (injected/removed nodules) from real scans, in the CT-GAN layout")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="scans to tamper with (DICOM folders, NIfTI, ...)")
+    p.add_argument("--out", required=True, help="dataset folder to create (must not exist)")
+    p.add_argument("--inject", type=int, default=2, metavar="N", help="FM copies per scan (default: 2)")
+    p.add_argument("--remove", type=int, default=1, metavar="N", help="FB copies per scan with a known tumour (default: 1)")
+    p.add_argument("--per-scan", type=int, default=1, metavar="K", help="nodules injected into each FM copy (default: 1)")
+    p.add_argument("--phantoms", type=int, default=0, metavar="N", help="also tamper with N phantom chests")
+    p.add_argument("--annotations", metavar="DIR", help="PASCAL-VOC tumour boxes named by SOPInstanceUID (known real tumours)")
+    p.add_argument("--sizes", default="6,20", metavar="MIN,MAX", help="injected nodule diameters in mm (default: 6,20)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=cmd_simulate)
 
     p = add("demo", "the main job on an embedded default: a phantom scan, tampered, screened")
     p.add_argument("--out", default="ctguard-demo", help="output folder (default: ./ctguard-demo)")

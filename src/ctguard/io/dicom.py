@@ -353,7 +353,7 @@ def _commit(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
-def write_back(volume: Volume, out_dir: str | Path) -> list[Path]:
+def write_back(volume: Volume, out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
     """Writes a changed volume over copies of its source DICOM files: only PixelData changes.
 
     Every file of the source series is copied to ``out_dir`` (same relative path) with the
@@ -364,6 +364,8 @@ def write_back(volume: Volume, out_dir: str | Path) -> list[Path]:
     Args:
         volume: a volume read by :func:`read_series` (its ``meta["files"]``), voxels changed.
         out_dir: a folder that does not exist yet.
+        names: file names to write slice ``z`` to, instead of the source's relative paths
+            (the CT-GAN layout names files by slice index). Defaults to None.
 
     Returns:
         The written paths, in z order.
@@ -396,7 +398,10 @@ def write_back(volume: Volume, out_dir: str | Path) -> list[Path]:
             if len(new) > length:
                 raise InputError("pixel data size does not match the image", src)
             new = new + raw[start + len(new) : start + length]  # keep any odd-length padding byte
-            rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
+            if names is not None:
+                rel = Path(names[z])
+            else:
+                rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(raw[:start] + new + raw[start + length :])
@@ -416,6 +421,7 @@ def write_series(
     name_pattern: str = "{index:04d}.dcm",
     study_uid: str | None = None,
     series_uid: str | None = None,
+    uid_seed: str | None = None,
 ) -> list[Path]:
     """Writes any volume as a fresh, valid CT Image Storage series (one file per slice).
 
@@ -423,6 +429,7 @@ def write_series(
     geometry, int16 stored values in HU (RescaleSlope 1, RescaleIntercept 0), explicit VR
     little endian. Slice ``z`` is written with InstanceNumber ``z + 1`` to ``name_pattern``
     formatted with ``index=z``. Written to a temporary folder and renamed when complete.
+    With ``uid_seed`` the UIDs and dates derive from it, so the same seed writes the same bytes.
 
     Returns:
         The written paths, in z order.
@@ -430,10 +437,13 @@ def write_series(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise InputError("already exists; will not overwrite", out_dir)
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
-    frame_uid = generate_uid()
-    now = datetime.now()
+    def new_uid(*parts) -> str:
+        return generate_uid(entropy_srcs=[uid_seed, *map(str, parts)]) if uid_seed is not None else generate_uid()
+
+    study_uid = study_uid or new_uid("study")
+    series_uid = series_uid or new_uid("series")
+    frame_uid = new_uid("frame")
+    now = datetime(2020, 1, 1) if uid_seed is not None else datetime.now()
     direction = np.asarray(volume.direction, dtype=float)
     iop = [*direction[:, 0], *direction[:, 1]]
     nz, rows, cols = volume.shape
@@ -444,7 +454,7 @@ def write_series(
         for z in range(nz):
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = CTImageStorage
-            sop_uid = generate_uid()
+            sop_uid = new_uid("sop", z)
             meta.MediaStorageSOPInstanceUID = sop_uid
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds = Dataset()

@@ -1,0 +1,248 @@
+"""Make CT-GAN-style labelled deepfakes from real scans (or phantoms), in the CT-GAN layout.
+
+For each source scan the simulator writes an untouched control (TM when the scan has a known
+real tumour, else TB), ``inject`` copies with fake nodules (FM) and ``remove`` copies with a real
+tumour erased (FB). Every edit is recorded in ``manifest.json``; the same seed rebuilds the same
+dataset bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from scipy import ndimage
+
+from ctguard import __version__
+from ctguard import io
+from ctguard.data.ctgan import KAGGLE_DIRS
+from ctguard.errors import InputError
+from ctguard.lung import lung_mask, parenchyma_sites, pleural_sites
+from ctguard.tamper.base import Edit
+from ctguard.tamper.inject import NoduleInjector
+from ctguard.tamper.nodules import NODULE_TYPES, NoduleSpec
+from ctguard.tamper.remove import LesionRemover
+from ctguard.volume import Volume
+
+
+@dataclass
+class Tumour:
+    """A known real lesion: centre voxel ``(z, y, x)``, size, and its mask when known."""
+
+    voxel: np.ndarray
+    diameter_mm: float
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class Source:
+    name: str
+    volume: Volume
+    patient: str
+    tumours: list[Tumour] = field(default_factory=list)
+
+
+def tumours_from_voc(vol: Volume, annotations: str | Path) -> list[Tumour]:
+    """Real tumours from PASCAL-VOC boxes keyed by SOPInstanceUID (Lung-PET-CT-Dx's annotations).
+
+    Boxes on adjacent slices that overlap are one tumour; its mask is the dense (> -500 HU) part
+    of the ellipses inscribed in the boxes, its centre the mask's centroid.
+    """
+    uids = vol.meta.get("sop_instance_uids") or []
+    index = {u: z for z, u in enumerate(uids)}
+    boxes = np.zeros(vol.shape, dtype=bool)
+    for xml in sorted(Path(annotations).rglob("*.xml")):
+        z = index.get(xml.stem)
+        if z is None:
+            continue
+        try:
+            root = ET.parse(xml).getroot()
+        except ET.ParseError as e:
+            raise InputError(f"bad annotation XML ({e})", xml) from None
+        for b in root.iter("bndbox"):
+            x0, y0, x1, y1 = (int(float(b.find(k).text)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            # The ellipse inscribed in the box: keeps the chest wall in the box's corners out.
+            yy, xx = np.ogrid[y0 : y1 + 1, x0 : x1 + 1]
+            cy, cx, ry, rx = (y0 + y1) / 2, (x0 + x1) / 2, max((y1 - y0) / 2, 1), max((x1 - x0) / 2, 1)
+            boxes[z, y0 : y1 + 1, x0 : x1 + 1] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    if not boxes.any():
+        return []
+    labels, n = ndimage.label(boxes)
+    out = []
+    for i in range(1, n + 1):
+        region = labels == i
+        mask = region & (vol.hu > -500)
+        if mask.sum() < 10:
+            continue
+        lab, k = ndimage.label(mask)
+        sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, k + 1))
+        mask = lab == (int(np.argmax(sizes)) + 1)
+        pts = np.argwhere(mask)
+        centre = pts.mean(0)
+        diameter = 2 * float(np.max(np.linalg.norm((pts - centre) * np.asarray(vol.spacing), axis=1)))
+        out.append(Tumour(centre, diameter, mask))
+    return out
+
+
+def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), with_tumour: bool | None = None) -> Source:
+    """A phantom chest as a simulation source; about half have one genuine nodule (a TM control)."""
+    from ctguard.data.phantom import make_chest
+
+    rng = np.random.default_rng([seed, 99])
+    if with_tumour is None:
+        with_tumour = bool(rng.random() < 0.5)
+    nodules = []
+    if with_tumour:
+        side = rng.choice([0.3, 0.7])
+        nodules = [{"fraction": (rng.uniform(0.35, 0.65), rng.uniform(0.4, 0.55), side + rng.uniform(-0.04, 0.04)),
+                    "diameter_mm": float(rng.uniform(8, 22)), "kind": str(rng.choice(["solid", "lobulated", "spiculated", "part-solid"]))}]
+    vol = make_chest(shape, spacing, seed=seed, nodules=nodules)
+    tumours = [Tumour(np.asarray(n["voxel"]), n["diameter_mm"]) for n in vol.meta["phantom"]["nodules"]]
+    return Source(f"phantom-{seed}", vol, f"phantom-{seed}", tumours)
+
+
+def _sample_spec(rng: np.random.Generator, sizes: tuple[float, float]) -> NoduleSpec:
+    kind = str(rng.choice(NODULE_TYPES))
+    return NoduleSpec(kind, float(np.round(rng.uniform(*sizes), 1)), int(rng.integers(2**31)))
+
+
+def inject_random(vol: Volume, lungs: np.ndarray, rng: np.random.Generator, n: int = 1,
+                  sizes: tuple[float, float] = (6.0, 20.0), avoid: list[np.ndarray] | None = None) -> tuple[Volume, list[Edit]]:
+    """Injects ``n`` nodules of random types and sizes at sampled parenchyma sites, 30 mm apart."""
+    edits: list[Edit] = []
+    taken = [np.asarray(a, float) for a in (avoid or [])]
+    spacing = np.asarray(vol.spacing)
+    for _ in range(n):
+        for _attempt in range(30):
+            spec = _sample_spec(rng, sizes)
+            radius = spec.diameter_mm / 2
+            sites = pleural_sites(vol, lungs, radius) if spec.kind == "juxta-pleural" else parenchyma_sites(vol, lungs, radius + 3.0)
+            if len(sites) == 0:
+                continue
+            site = sites[rng.integers(len(sites))].astype(float)
+            if any(np.linalg.norm((site - t) * spacing) < 30.0 for t in taken):
+                continue
+            try:
+                vol, edit = NoduleInjector(spec, lungs=lungs)(vol, site, rng)
+            except InputError:
+                continue
+            edits.append(edit)
+            taken.append(site)
+            break
+        else:
+            raise InputError(f"found no site in the lungs for {n} nodules")
+    return vol, edits
+
+
+def remove_tumour(vol: Volume, tumour: Tumour, rng: np.random.Generator) -> tuple[Volume, Edit]:
+    remover = LesionRemover(mask=tumour.mask, max_radius_mm=tumour.diameter_mm / 2 + 4.0)
+    return remover(vol, tumour.voxel, rng)
+
+
+def variants(src: Source, seed: int, inject: int, remove: int, per_scan: int = 1,
+             sizes: tuple[float, float] = (6.0, 20.0)) -> Iterator[tuple[str, Volume, list[Edit]]]:
+    """The labelled scans made from one source: ``(label, volume, edits)``; the control first."""
+    yield ("TM" if src.tumours else "TB"), src.volume, []
+    lungs = lung_mask(src.volume)
+    if not lungs.any():
+        raise InputError(f"no lungs found in {src.name}")
+    for k in range(inject):
+        rng = np.random.default_rng([seed, 1, k])
+        vol, edits = inject_random(src.volume, lungs, rng, per_scan, sizes, avoid=[t.voxel for t in src.tumours])
+        yield "FM", vol, edits
+    for k in range(remove if src.tumours else 0):
+        rng = np.random.default_rng([seed, 2, k])
+        vol, edit = remove_tumour(src.volume, src.tumours[k % len(src.tumours)], rng)
+        yield "FB", vol, [edit]
+
+
+def _write_scan(vol: Volume, folder: Path, uuid: str, seed: int) -> None:
+    names = [f"{z}.dcm" for z in range(vol.shape[0])]
+    if vol.meta.get("kind") == "dicom-series" and vol.meta.get("files"):
+        io.write_back(vol, folder, names=names)
+    else:
+        io.write_series(vol, folder, patient_id=uuid, name_pattern="{index}.dcm", uid_seed=f"{seed}-{uuid}")
+
+
+def simulate(
+    sources: list[Source],
+    out_dir: str | Path,
+    inject: int = 2,
+    remove: int = 1,
+    per_scan: int = 1,
+    seed: int = 0,
+    sizes: tuple[float, float] = (6.0, 20.0),
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> dict:
+    """Writes a simulated CT-GAN dataset (Kaggle layout, experiment 1) with labels and manifest.
+
+    Args:
+        sources: the scans to tamper with.
+        out_dir: a folder that does not exist yet; it appears only when complete.
+        inject: FM copies per source. Defaults to 2.
+        remove: FB copies per source with a known tumour. Defaults to 1.
+        per_scan: nodules injected into each FM copy. Defaults to 1.
+        seed: the seed; the same seed and sources give the same bytes. Defaults to 0.
+        sizes: injected nodule diameters (mm), uniform in this range. Defaults to 6-20.
+        progress: show a progress bar. Defaults to True.
+
+    Returns:
+        The manifest (also written to ``manifest.json``).
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise InputError("already exists; will not overwrite", out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    uuid_rng = np.random.default_rng([seed, 7])
+    per_source = 1 + inject + remove
+    uuids = [str(u) for u in uuid_rng.choice(np.arange(1000, 10000), size=len(sources) * per_source, replace=False)]
+    scans_dir = tmp / KAGGLE_DIRS[1]
+    rows: list[list] = []
+    manifest = {"created_by": f"ctguard {__version__}", "seed": seed, "inject": inject, "remove": remove,
+                "per_scan": per_scan, "sizes_mm": list(sizes), "layout": "kaggle", "scans": []}
+    bar = tqdm(total=len(sources) * per_source, desc="simulate", unit="scan", disable=not progress)
+    try:
+        for i, src in enumerate(sources):
+            for label, vol, edits in variants(src, seed * 100003 + i, inject, remove, per_scan, sizes):
+                uuid = uuids.pop(0)
+                _write_scan(vol, scans_dir / uuid, uuid, seed)
+                if label == "TB":
+                    rows.append(["TB", uuid, 0, 0, 0])
+                elif label == "TM":
+                    rows += [["TM", uuid, *np.rint(t.voxel).astype(int).tolist()] for t in src.tumours]
+                else:
+                    rows += [[label, uuid, *np.rint(e.voxel).astype(int).tolist()] for e in edits]
+                manifest["scans"].append({
+                    "uuid": uuid, "experiment": 1, "label": label, "patient": src.patient, "source": src.name,
+                    "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
+                    "edits": [e.to_dict() for e in edits],
+                    "tumours": [{"voxel": [float(v) for v in t.voxel], "diameter_mm": t.diameter_mm} for t in src.tumours],
+                })
+                bar.update(1)
+        with open(tmp / "labels_exp1.csv", "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["type", "uuid", "slice", "x", "y"])
+            for t, u, z, y, x in rows:
+                w.writerow([t, u, z, x, y])
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, out_dir)
+    finally:
+        bar.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if echo:
+        counts = {c: sum(1 for s in manifest["scans"] if s["label"] == c) for c in ("TB", "TM", "FB", "FM")}
+        echo(f"wrote {len(manifest['scans'])} scans to {out_dir} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    return manifest
