@@ -49,3 +49,15 @@ def small_chest():
     from ctguard.data.phantom import make_chest
 
     return make_chest((40, 96, 96), (4.0, 3.6, 3.6), seed=3, nodules=[{"fraction": (0.5, 0.45, 0.3), "diameter_mm": 14, "kind": "solid"}])
+
+
+@pytest.fixture(scope="session")
+def mini_dataset(tmp_path_factory):
+    """A miniature simulated CT-GAN dataset (Kaggle layout) from two small phantoms, one with a tumour."""
+    from ctguard.tamper.simulate import phantom_source, simulate
+
+    sources = [phantom_source(11, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6), with_tumour=True),
+               phantom_source(12, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6), with_tumour=False)]
+    root = tmp_path_factory.mktemp("mini") / "ctgan"
+    simulate(sources, root, inject=2, remove=2, seed=5, progress=False)
+    return root

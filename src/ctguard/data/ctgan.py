@@ -101,6 +101,8 @@ def find_layout(root: str | Path) -> tuple[str, dict[int, tuple[Path, Path]]]:
     root = Path(root)
     if not root.is_dir():
         raise InputError("is not a folder", root)
+    if root.name == "Tampered Scans" and (root / UCI_DIRS[1].split("/")[1]).is_dir():
+        return find_layout(root.parent)  # the UCI sub-folder given instead of its parent
     for name, dirs, labels_at in (("kaggle", KAGGLE_DIRS, root), ("uci", UCI_DIRS, root / "Tampered Scans")):
         found = {}
         for exp, rel in dirs.items():
@@ -109,8 +111,6 @@ def find_layout(root: str | Path) -> tuple[str, dict[int, tuple[Path, Path]]]:
                 found[exp] = (root / rel, csv_path)
         if found:
             return name, found
-    if root.name == "Tampered Scans":  # the UCI sub-folder given instead of its parent
-        return find_layout(root.parent)
     raise InputError("no CT-GAN dataset here: expected labels_exp1.csv with CT_Scans/ (Kaggle) or 'Tampered Scans/' (UCI)", root)
 
 

@@ -105,7 +105,13 @@ def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), wit
         nodules = [{"fraction": (rng.uniform(0.35, 0.65), rng.uniform(0.4, 0.55), side + rng.uniform(-0.04, 0.04)),
                     "diameter_mm": float(rng.uniform(8, 22)), "kind": str(rng.choice(["solid", "lobulated", "spiculated", "part-solid"]))}]
     vol = make_chest(shape, spacing, seed=seed, nodules=nodules)
-    tumours = [Tumour(np.asarray(n["voxel"]), n["diameter_mm"]) for n in vol.meta["phantom"]["nodules"]]
+    tumours = []
+    for n in vol.meta["phantom"]["nodules"]:
+        # The phantom knows its nodule exactly: a ball a little wider than its outline.
+        centre = np.asarray(n["voxel"])
+        grid = np.stack(np.meshgrid(*[np.arange(k) for k in vol.shape], indexing="ij"), -1)
+        mask = np.linalg.norm((grid - centre) * np.asarray(vol.spacing), axis=-1) <= n["diameter_mm"] * 0.6 + 1.0
+        tumours.append(Tumour(centre, n["diameter_mm"], mask))
     return Source(f"phantom-{seed}", vol, f"phantom-{seed}", tumours)
 
 

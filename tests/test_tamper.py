@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from ctguard import io
+from ctguard.cli import main
+from ctguard.errors import InputError
+from ctguard.lung import lung_mask, parenchyma_sites
+from ctguard.tamper.inject import NoduleInjector
+from ctguard.tamper.nodules import NoduleSpec
+from ctguard.tamper.remove import LesionRemover
+
+
+@pytest.fixture(scope="module")
+def chest():
+    from ctguard.data.phantom import make_chest
+
+    return make_chest((48, 112, 112), (3.0, 3.0, 3.0), seed=21, nodules=[{"fraction": (0.5, 0.45, 0.3), "diameter_mm": 14, "kind": "solid"}])
+
+
+def _dist_mm(vol, centre):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), -1)
+    return np.linalg.norm((grid - centre) * np.asarray(vol.spacing), axis=-1)
+
+
+@pytest.mark.parametrize("kind", ["solid", "spiculated", "part-solid", "lobulated"])
+def test_injection_facts(chest, kind):
+    lungs = lung_mask(chest)
+    site = parenchyma_sites(chest, lungs, 12.0)[0].astype(float)
+    new, edit = NoduleInjector(NoduleSpec(kind, 14.0, 3), lungs=lungs)(chest, site, np.random.default_rng(0))
+    diff = new.hu - chest.hu
+    dist = _dist_mm(chest, site)
+    assert np.all(diff >= 0), "injection darkened a voxel"
+    assert np.all(diff[dist >= edit.radius_mm] == 0), "a voxel beyond the blending radius changed"
+    assert edit.changed_voxels == int((diff != 0).sum()) > 20
+    c = tuple(np.rint(site).astype(int))
+    assert -250 < new.hu[c] < 200 if kind != "part-solid" else new.hu[c] > -650  # soft tissue at the centre
+    assert chest.hu[c] < -650  # it was parenchyma before
+    # The change is centred on the labelled place.
+    weights = np.clip(diff, 0, None)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in chest.shape], indexing="ij"), -1)
+    centroid = (grid * weights[..., None]).sum((0, 1, 2)) / weights.sum()
+    assert np.linalg.norm((centroid - site) * np.asarray(chest.spacing)) < 4.0
+
+
+def test_removal_brings_lung_levels(chest):
+    nod = chest.meta["phantom"]["nodules"][0]
+    centre = np.asarray(nod["voxel"])
+    dist = _dist_mm(chest, centre)
+    mask = dist <= 9.0
+    new, edit = LesionRemover(mask=mask)(chest, centre, np.random.default_rng(1))
+    core = dist <= 5.0
+    assert chest.hu[core].mean() > -100  # a solid nodule before
+    shell = (dist > 12) & (dist < 25) & (chest.hu < -600)
+    lo, hi = np.percentile(chest.hu[shell], [5, 95])
+    assert lo < new.hu[core].mean() < hi  # parenchyma density after
+    assert new.hu[core].std() < 3 * chest.hu[shell].std()
+    assert np.all(new.hu[dist >= edit.radius_mm] == chest.hu[dist >= edit.radius_mm])
+
+
+def test_bad_tamper_requests(chest):
+    lungs = lung_mask(chest)
+    inj = NoduleInjector(NoduleSpec("solid", 10.0, 0), lungs=lungs)
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError, match="outside the volume"):
+        inj(chest, np.array([100.0, 5, 5]), rng)
+    with pytest.raises(InputError, match="not inside the lungs"):
+        inj(chest, np.array([24.0, 56, 56]), rng)  # the mediastinum
+    edge = np.argwhere(lungs & (np.abs(np.gradient(lungs.astype(float), axis=2)) > 0))[0].astype(float)
+    with pytest.raises(InputError, match="does not fit"):
+        NoduleInjector(NoduleSpec("solid", 30.0, 0), lungs=lungs)(chest, edge, rng)
+    with pytest.raises(InputError, match="mask has shape"):
+        LesionRemover(mask=np.zeros((3, 3, 3), bool))(chest, np.array([24.0, 50, 30]), rng)
+    with pytest.raises(ValueError, match="outside 4.0-30.0 mm"):
+        NoduleSpec("solid", 45.0)
+
+
+def test_simulate_real_series_changes_only_pixel_data(real_series, lung_pet_ct, tmp_path):
+    out = tmp_path / "sim"
+    assert main(["simulate", str(real_series["A0002-B40f"]), "--annotations", str(lung_pet_ct / "annotations"),
+                 "--out", str(out), "--inject", "1", "--remove", "1", "--seed", "4", "-q"]) == 0
+    from ctguard.data.ctgan import load_dataset
+
+    scans = {s.label: s for s in load_dataset(out)}
+    assert set(scans) == {"TM", "FM", "FB"}
+    src_files = io.read(real_series["A0002-B40f"]).meta["files"]
+    for label in ("FM", "FB"):
+        files = [scans[label].folder / f"{z}.dcm" for z in range(30)]
+        changed = 0
+        for a, b in zip(src_files, files):
+            ra, rb = Path(a).read_bytes(), Path(b).read_bytes()
+            start = pydicom.dcmread(a).get_item(0x7FE00010).value_tell
+            assert len(ra) == len(rb) and ra[:start] == rb[:start]
+            changed += ra != rb
+        assert changed >= 1
+        vol = io.read(scans[label].folder)
+        z, y, x = scans[label].locations[0]
+        before = io.read(real_series["A0002-B40f"]).hu[z, y, x]
+        assert (vol.hu[z, y, x] > before + 300) if label == "FM" else (vol.hu[z, y, x] < before - 300)
+
+
+def test_same_seed_same_bytes(tmp_path):
+    from ctguard.tamper.simulate import phantom_source, simulate
+
+    def build(name):
+        src = phantom_source(5, shape=(32, 80, 80), spacing=(4.0, 4.0, 4.0), with_tumour=True)
+        simulate([src], tmp_path / name, inject=1, remove=1, seed=9, progress=False)
+        h = hashlib.sha256()
+        for p in sorted((tmp_path / name).rglob("*")):
+            if p.is_file():
+                h.update(p.relative_to(tmp_path / name).as_posix().encode() + p.read_bytes())
+        return h.hexdigest()
+
+    assert build("a") == build("b")
+
+
+def test_simulate_bad_input_writes_nothing(tmp_path, capsys):
+    (tmp_path / "junk.txt").write_text("x")
+    assert main(["simulate", str(tmp_path / "junk.txt"), "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "not a recognised" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+    assert main(["simulate", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "nothing to simulate" in capsys.readouterr().err
