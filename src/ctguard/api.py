@@ -45,33 +45,6 @@ def info(path: str | Path, series_uid: str | None = None, allow_modality: bool =
     }
 
 
-def demo(out_dir: str | Path = "ctguard-demo", seed: int = 7, progress: bool = True, echo=print) -> dict[str, Any]:
-    """The main job on an embedded default (see ``ctguard demo``).
-
-    Builds a phantom chest scan, writes it as a DICOM series, reads it back and reports what
-    was read.
-
-    Returns:
-        A summary dict (paths written, shape, spacing, HU range).
-    """
-    import shutil
-
-    from ctguard.data.phantom import make_chest
-
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    vol = make_chest((80, 192, 192), (2.0, 1.9, 1.9), seed=seed)
-    io.write_series(vol, out / "phantom-dicom", patient_id=f"PHANTOM-{seed}")
-    back = load(out / "phantom-dicom")
-    io.write_itk(back, out / "phantom.nii.gz")
-    summary = info(out / "phantom-dicom")
-    echo(f"phantom chest CT written as DICOM: {out / 'phantom-dicom'} ({summary['shape']} voxels, spacing {summary['spacing_mm']} mm)")
-    echo(f"read back: HU range {summary['hu_range']}; NIfTI copy: {out / 'phantom.nii.gz'}")
-    return summary
-
-
 def simulate(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -115,3 +88,154 @@ def simulate(
 
         raise InputError("nothing to simulate from: give scans or --phantoms N")
     return _simulate(sources, out_dir, inject, remove, per_scan, seed, sizes, progress, echo)
+
+
+def screen(
+    path: str | Path | Volume,
+    json_out: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    model: str | None = None,
+    series_uid: str | None = None,
+    threshold: float | None = None,
+    progress: bool = False,
+    truth: list[dict] | None = None,
+) -> dict[str, Any]:
+    """Screens a whole scan for CT-GAN-style edits: where, and how (injected or removed).
+
+    Args:
+        path: a DICOM series folder, NIfTI/NRRD/MHD file, or an already loaded Volume.
+        json_out: write the result JSON here. Defaults to None.
+        report_dir: write the HTML report (and its images) here. Defaults to None.
+        model: ``tamper3d`` (bundled, the default) or a checkpoint path.
+        series_uid: for a folder with several series, the one to screen.
+        threshold: a finding's minimum tamper probability. Defaults to the model's.
+        progress: show a progress bar per stage. Defaults to False.
+        truth: known edits to print in the report (the demo's ground truth).
+
+    Returns:
+        The result dict documented in docs/DESIGN.md (verdict, score, findings, ...).
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from ctguard.screen import load_detector, screen_volume
+
+    stages = ["read", "lungs", "detector", "findings", "report"]
+    bar = tqdm(total=len(stages), desc="screen", disable=not progress, leave=False)
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
+    detector = load_detector(model)
+    stage("read")
+    name = str(path) if not isinstance(path, Volume) else vol.meta.get("root", "volume")
+    try:
+        result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
+        if report_dir is not None:
+            from ctguard.report.html import write_report
+
+            write_report(result, vol, heat.tampered_on_voxels(vol.shape), report_dir, truth=truth)
+        stage("report")
+    finally:
+        bar.close()
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def score_locations(path: str | Path, locations_csv: str | Path, scores_out: str | Path, model: str | None = None,
+                    series_uid: str | None = None) -> list[dict[str, Any]]:
+    """Scores given places (``z,y,x`` CSV, or a CT-GAN labels file) and writes them with probabilities.
+
+    Each output row repeats the input row and adds ``p_injected``, ``p_removed`` and
+    ``p_tampered = p_injected + p_removed`` (``1 - p_genuine``).
+    """
+    import csv
+
+    from ctguard.errors import InputError
+    from ctguard.screen import load_detector, score_locations as _score
+
+    vol = load(path, series_uid=series_uid)
+    rows = list(csv.DictReader(Path(locations_csv).read_text().splitlines()))
+    if not rows:
+        raise InputError("no rows", locations_csv)
+    cols = set(rows[0])
+    if {"z", "y", "x"} <= cols and "type" not in cols:
+        keep = rows
+        locs = [(float(r["z"]), float(r["y"]), float(r["x"])) for r in keep]
+    elif {"type", "uuid", "x", "y"} <= cols and ({"slice"} <= cols or {"z"} <= cols):
+        uuid = vol.meta.get("patient_id") or Path(path).name
+        keep = [r for r in rows if str(r["uuid"]) in (uuid, Path(path).name) and r["type"] != "TB"]
+        locs = [(float(r.get("slice", r.get("z"))), float(r["y"]), float(r["x"])) for r in keep]
+    else:
+        raise InputError("expected columns z,y,x or a CT-GAN labels file (type,uuid,slice,x,y)", locations_csv)
+    if vol.shape[0] == 1:
+        raise InputError("single slices are scored by the 2D model, which this version does not include", path)
+    probs = _score(vol, load_detector(model), np.asarray(locs, float)) if locs else np.zeros((0, 3))
+    out = []
+    for r, p in zip(keep, probs):
+        out.append({**r, "p_injected": round(float(p[1]), 4), "p_removed": round(float(p[2]), 4), "p_tampered": round(float(p[1] + p[2]), 4)})
+    Path(scores_out).parent.mkdir(parents=True, exist_ok=True)
+    with open(scores_out, "w", newline="") as f:
+        fields = list(keep[0]) + ["p_injected", "p_removed", "p_tampered"] if keep else ["z", "y", "x", "p_injected", "p_removed", "p_tampered"]
+        w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        w.writerows(out)
+    return out
+
+
+def demo(out_dir: str | Path = "ctguard-demo", seed: int = 7, progress: bool = True, echo=print) -> dict[str, Any]:
+    """The main job on an embedded default: a phantom chest, one nodule injected and one removed,
+    screened by the bundled detector; prints findings beside the truth; writes JSON and HTML report.
+
+    Returns:
+        ``{"result": screening JSON, "truth": edits, "matched": [...], "json": path, "report": path}``.
+    """
+    import shutil
+
+    from ctguard.lung import lung_mask
+    from ctguard.tamper.simulate import inject_random, phantom_source, remove_tumour
+
+    t0 = __import__("time").time()
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    src = phantom_source(seed, with_tumour=True)
+    rng = np.random.default_rng(seed)
+    vol, injected = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
+    vol, removed = remove_tumour(vol, src.tumours[0], rng)
+    truth = [e.to_dict() for e in injected + [removed]]
+    echo(f"phantom chest {vol.shape} voxels at {vol.spacing} mm; tampered: "
+         + "; ".join(f"{t['kind']} {t['diameter_mm']:.0f} mm at voxel {[round(v) for v in t['voxel']]}" for t in truth))
+    io.write_series(vol, out / "tampered-scan", patient_id=f"DEMO-{seed}", uid_seed=f"demo-{seed}")
+    result = screen(out / "tampered-scan", json_out=out / "result.json", report_dir=out / "report", progress=progress, truth=truth)
+    matched = []
+    for t in truth:
+        best = min(result["findings"], key=lambda f: np.linalg.norm((np.asarray(f["voxel"]) - t["voxel"]) * np.asarray(vol.spacing)), default=None)
+        d = None if best is None else float(np.linalg.norm((np.asarray(best["voxel"]) - t["voxel"]) * np.asarray(vol.spacing)))
+        ok = best is not None and d <= 10.0 + t["diameter_mm"] / 2 and best["kind"] == t["kind"]
+        matched.append(ok)
+        where = "not found" if best is None else f"nearest finding: {best['kind']} (score {best['score']:.2f}) {d:.1f} mm away"
+        echo(f"  truth {t['kind']:8s} at {[round(v) for v in t['voxel']]}: {where} -> {'FOUND' if ok else 'MISSED'}")
+    echo(f"verdict: {result['verdict']} (score {result['score']:.3f}), {len(result['findings'])} finding(s), "
+         f"screened in {result['elapsed_s']:.1f} s; demo total {__import__('time').time() - t0:.1f} s")
+    echo(f"JSON: {out / 'result.json'}")
+    echo(f"HTML report: {out / 'report' / 'index.html'}")
+    return {"result": result, "truth": truth, "matched": matched, "json": str(out / "result.json"), "report": str(out / "report" / "index.html")}
+
+
+def train(config: dict[str, Any], out_dir: str | Path = "runs/train", progress: bool = True, echo=print) -> dict[str, Any]:
+    """Trains a model from a resolved config dict; ``task`` picks the trainer (``tamper3d``)."""
+    from ctguard.errors import InputError
+
+    task = config.get("task", "tamper3d")
+    if task == "tamper3d":
+        from ctguard.engine.train3d import train as train3d
+
+        return train3d(config, out_dir, progress=progress, echo=echo)
+    raise InputError(f"unknown training task {task!r} (known: tamper3d)")

@@ -61,6 +61,60 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_screen(args) -> int:
+    from ctguard import api
+
+    if args.locations:
+        if not args.scores_out:
+            raise InputError("--locations needs --scores-out FILE")
+        rows = api.score_locations(args.input, args.locations, args.scores_out, model=args.model, series_uid=args.series)
+        print(f"scored {len(rows)} places -> {args.scores_out}")
+        return 0
+    result = api.screen(args.input, json_out=args.json, report_dir=args.report, model=args.model,
+                        series_uid=args.series, threshold=args.threshold, progress=not args.quiet)
+    if args.json == "-":
+        return 0
+    print(f"{args.input}: {result['verdict'].upper()} (tamper score {result['score']:.3f}, {result['elapsed_s']:.1f} s)")
+    for f in result["findings"]:
+        print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm")
+    for w in result["warnings"]:
+        print(f"  warning: {w}")
+    if args.report:
+        print(f"report: {Path(args.report) / 'index.html'}")
+    return 0
+
+
+def _load_config(path: str | None) -> dict:
+    import yaml
+
+    if not path:
+        return {}
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"cannot read config ({e.__class__.__name__}: {e})", path) from None
+    if not isinstance(cfg, dict):
+        raise InputError("config must be a YAML mapping", path)
+    # Relative data paths in a config are relative to the project root (the config's parent folder).
+    base = Path(path).resolve().parent.parent
+    for key in ("real_series",):
+        cfg[key] = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in cfg.get(key, [])]
+    if cfg.get("annotations") and not Path(cfg["annotations"]).is_absolute():
+        cfg["annotations"] = str((base / cfg["annotations"]).resolve())
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from ctguard import api
+
+    cfg = _load_config(args.config)
+    for key in ("epochs", "seed", "batch_size", "lr"):
+        if getattr(args, key, None) is not None:
+            cfg[key] = getattr(args, key)
+    api.train(cfg, out_dir=args.out, progress=not args.quiet, echo=print)
+    return 0
+
+
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", metavar="UID", help="series to read from a folder with several (default: the largest)")
     p.add_argument("--allow-modality", action="store_true", help="read DICOM of a modality other than CT")
@@ -95,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="6,20", metavar="MIN,MAX", help="injected nodule diameters in mm (default: 6,20)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_simulate)
+
+    p = add("screen", "screen a whole scan: was it tampered with, where, and how")
+    p.add_argument("input", help="DICOM series folder, NIfTI/NRRD/MHD")
+    p.add_argument("--json", metavar="FILE", help="write the result JSON here")
+    p.add_argument("--report", metavar="DIR", help="write the HTML report here")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector: tamper3d (bundled, default) or a checkpoint")
+    p.add_argument("--threshold", type=float, default=None, help="minimum tamper probability of a finding (default: the model's)")
+    p.add_argument("--locations", metavar="CSV", help="score these places instead (z,y,x or a CT-GAN labels file)")
+    p.add_argument("--scores-out", metavar="CSV", help="where --locations writes its scores")
+    _add_read_options(p)
+    p.set_defaults(func=cmd_screen)
+
+    p = add("train", "train a detector from a YAML config (flags override it); the resolved config is saved")
+    p.add_argument("--config", metavar="FILE", required=True, help="YAML config, e.g. configs/tamper3d.yaml")
+    p.add_argument("--out", default="runs/train", metavar="DIR", help="run folder (default: runs/train)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_train)
 
     p = add("demo", "the main job on an embedded default: a phantom scan, tampered, screened")
     p.add_argument("--out", default="ctguard-demo", help="output folder (default: ./ctguard-demo)")

@@ -1,0 +1,222 @@
+"""Whole-scan screening: lungs -> one fully convolutional pass at 1 mm -> heatmap -> findings -> verdict."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ctguard import __version__
+from ctguard.errors import InputError
+from ctguard.lung import lung_mask
+from ctguard.models.cube3d import CLASSES, STRIDE, TamperNet3D, normalise
+from ctguard.volume import Volume, resample_array
+
+DEFAULT_MODEL = "tamper3d"
+THRESHOLD = 0.5  # a finding's tamper probability needed to report it (see docs/model-card.md)
+NMS_MM = 24.0
+MARGIN_MM = 8.0
+MIN_EXTENT_MM = 24.0
+
+
+@dataclass
+class Detector:
+    """A loaded 3D detector and its identity."""
+
+    net: TamperNet3D
+    name: str
+    version: str
+    path: str
+    threshold: float = THRESHOLD
+    card: dict = field(default_factory=dict)
+
+    def probabilities(self, hu_1mm: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8)."""
+        pad = [(0, (-n) % STRIDE) for n in hu_1mm.shape]
+        x = np.pad(hu_1mm, pad, constant_values=-1000.0)
+        with torch.inference_mode():
+            logits = self.net(torch.from_numpy(normalise(x).astype(np.float32))[None, None])
+            return torch.softmax(logits, 1)[0].numpy()
+
+
+def load_detector(name_or_path: str | None = None) -> Detector:
+    """Loads the bundled detector (default) or a checkpoint written by ``ctguard train``.
+
+    Raises:
+        InputError: the file is missing or is not a ctguard 3D detector checkpoint.
+    """
+    if name_or_path in (None, DEFAULT_MODEL):
+        path = Path(str(resources.files("ctguard") / "weights" / f"{DEFAULT_MODEL}.pt"))
+        if not path.is_file():
+            raise InputError("the bundled detector is missing from the installation (reinstall ctguard)", path)
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise InputError("no such model file (give a checkpoint from ctguard train, or 'tamper3d')", path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"not a loadable checkpoint ({e.__class__.__name__})", path) from None
+    if not isinstance(ckpt, dict) or ckpt.get("arch") != "tamper3d":
+        raise InputError(f"not a 3D tamper detector checkpoint (arch {ckpt.get('arch') if isinstance(ckpt, dict) else '?'})", path)
+    net = TamperNet3D(int(ckpt["config"].get("width", 16)))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise InputError("checkpoint weights do not fit the 3D detector's architecture", path) from None
+    net.eval()
+    card = ckpt.get("card", {})
+    return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
+                    float(card.get("threshold", THRESHOLD)), card)
+
+
+def _lung_box(vol: Volume, lungs: np.ndarray) -> tuple[slice, ...]:
+    pts = np.argwhere(lungs)
+    margin = np.ceil(MARGIN_MM / np.asarray(vol.spacing)).astype(int)
+    lo = np.maximum(pts.min(0) - margin, 0)
+    hi = np.minimum(pts.max(0) + margin + 1, vol.shape)
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def check_screenable(vol: Volume) -> None:
+    """Refuses what cannot be screened in 3D, with the reason."""
+    if vol.meta.get("kind") == "image" or vol.shape[0] == 1:
+        raise InputError("a single 2D image or slice cannot be screened in 3D; give the whole series", vol.meta.get("root"))
+    extent = vol.shape[0] * vol.spacing[0]
+    if extent < MIN_EXTENT_MM:
+        raise InputError(f"the scan covers only {extent:.0f} mm ({vol.shape[0]} slices); at least {MIN_EXTENT_MM:.0f} mm are needed to screen in 3D")
+
+
+@dataclass
+class Heatmap:
+    """Probabilities on the detector's grid and how they map back to the scan's voxels."""
+
+    probs: np.ndarray  # (3, gz, gy, gx), cells of STRIDE mm
+    box: tuple[slice, ...]  # the scan's voxels that were screened
+    spacing: tuple[float, float, float]  # the scan's voxel size
+
+    def cell_to_voxel(self, cell: np.ndarray) -> np.ndarray:
+        """Fractional cell index -> the scan's fractional voxel index ``(z, y, x)``."""
+        mm = np.asarray(cell, float) * STRIDE + (STRIDE - 1) / 2.0
+        lo = np.array([s.start for s in self.box], float)
+        return lo + mm / np.asarray(self.spacing)
+
+    def tampered_on_voxels(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """``1 - p(genuine)`` resampled onto the scan's voxel grid (0 outside the screened box)."""
+        out = np.zeros(shape, dtype=np.float32)
+        sub = tuple(s.stop - s.start for s in self.box)
+        p = 1.0 - self.probs[0]
+        coords = np.meshgrid(*[((np.arange(n) * sp) - (STRIDE - 1) / 2.0) / STRIDE for n, sp in zip(sub, self.spacing)], indexing="ij", sparse=True)
+        grid = np.broadcast_arrays(*coords)
+        out[self.box] = ndimage.map_coordinates(p, grid, order=1, mode="nearest")
+        return out
+
+
+def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray) -> Heatmap:
+    box = _lung_box(vol, lungs)
+    block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))
+    probs = detector.probabilities(block)
+    # Only lung counts: cells with no lung voxel are genuine by definition.
+    lung_1mm = resample_array(lungs[box].astype(np.float32), vol.spacing, (1.0, 1.0, 1.0), order=0) > 0.5
+    pad = [(0, (-n) % STRIDE) for n in lung_1mm.shape]
+    lung_1mm = np.pad(lung_1mm, pad)
+    g = tuple(n // STRIDE for n in lung_1mm.shape)
+    in_lung = lung_1mm.reshape(g[0], STRIDE, g[1], STRIDE, g[2], STRIDE).any(axis=(1, 3, 5))
+    probs = probs[:, : g[0], : g[1], : g[2]]
+    probs[1:, ~in_lung] = 0.0
+    probs[0, ~in_lung] = 1.0
+    return Heatmap(probs, box, vol.spacing)
+
+
+def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str, Any]]:
+    """Local maxima of the tamper probability, with non-maximum suppression over NMS_MM."""
+    p_t = 1.0 - heat.probs[0]
+    peaks = (p_t == ndimage.maximum_filter(p_t, size=3)) & (p_t >= threshold)
+    cand = sorted((tuple(c) for c in np.argwhere(peaks)), key=lambda c: -p_t[c])
+    kept: list[dict[str, Any]] = []
+    kept_mm: list[np.ndarray] = []
+    for c in cand:
+        c_arr = np.asarray(c)
+        if any(np.linalg.norm((c_arr - k) * STRIDE) < NMS_MM for k in kept_mm):
+            continue
+        kept_mm.append(c_arr)
+        lo = np.maximum(c_arr - 1, 0)
+        hi = np.minimum(c_arr + 2, p_t.shape)
+        win = p_t[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+        centroid = (grid * win[..., None]).sum((0, 1, 2)) / max(win.sum(), 1e-6)
+        voxel = heat.cell_to_voxel(centroid)
+        voxel = np.clip(voxel, 0, np.asarray(vol.shape) - 1)
+        p_inj, p_rem = float(heat.probs[1][c]), float(heat.probs[2][c])
+        # Radius: the equivalent sphere of the connected cells above half the peak.
+        region, _ = ndimage.label(p_t >= max(threshold, p_t[c] / 2))
+        n_cells = int((region == region[c]).sum())
+        radius = float((3 * n_cells * STRIDE**3 / (4 * np.pi)) ** (1 / 3))
+        kept.append({
+            "kind": "injected" if p_inj >= p_rem else "removed",
+            "score": round(float(p_t[c]), 4),
+            "voxel": [round(float(v), 1) for v in voxel],
+            "world_mm": [round(float(v), 2) for v in vol.voxel_to_world(voxel)],
+            "radius_mm": round(radius, 1),
+            "p_injected": round(p_inj, 4),
+            "p_removed": round(p_rem, 4),
+        })
+    return kept
+
+
+def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progress: bool = False,
+                  threshold: float | None = None, stage: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Heatmap, np.ndarray]:
+    """Screens a volume. Returns ``(result JSON, heatmap, lung mask)``."""
+    t0 = time.time()
+    check_screenable(vol)
+    thr = detector.threshold if threshold is None else threshold
+    if stage:
+        stage("lungs")
+    lungs = lung_mask(vol)
+    if lungs.sum() * np.prod(vol.spacing) < 50_000:  # < 50 ml
+        raise InputError("no lungs in view (is this a chest CT?)", input_name or None)
+    if stage:
+        stage("detector")
+    heat = heatmap(vol, detector, lungs)
+    if stage:
+        stage("findings")
+    findings = findings_from(heat, vol, thr)
+    score = float((1.0 - heat.probs[0]).max())
+    result = {
+        "input": input_name,
+        "shape": list(vol.shape),
+        "spacing_mm": [round(float(s), 6) for s in vol.spacing],
+        "verdict": "tampered" if findings else "clean",
+        "score": round(score, 4),
+        "findings": findings,
+        "model": {"name": detector.name, "version": detector.version, "threshold": thr},
+        "warnings": list(vol.warnings),
+        "elapsed_s": round(time.time() - t0, 3),
+    }
+    return result, heat, lungs
+
+
+def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube_mm: int = 64) -> np.ndarray:
+    """``(n, 3)`` probabilities ``p_genuine, p_injected, p_removed`` at given voxels ``(z, y, x)``.
+
+    Each place is scored from a 64 mm cube around it: the mean of the central 2x2x2 cells.
+    """
+    from ctguard.tamper.cube import cut
+
+    out = np.zeros((len(locations), 3), dtype=np.float32)
+    half = cube_mm // 2
+    mid = cube_mm // STRIDE // 2
+    for i, loc in enumerate(locations):
+        loc = np.asarray(loc, float)
+        if np.any(loc < 0) or np.any(loc > np.asarray(vol.shape) - 1):
+            raise InputError(f"location {tuple(loc)} (z, y, x) is outside the scan {vol.shape}")
+        cube = cut(vol, loc, half).hu[:cube_mm, :cube_mm, :cube_mm]
+        p = detector.probabilities(cube)
+        out[i] = p[:, mid - 1 : mid + 1, mid - 1 : mid + 1, mid - 1 : mid + 1].mean(axis=(1, 2, 3))
+    return out
