@@ -34,7 +34,7 @@ def cell_targets(cube_centre: np.ndarray, size: int, spacing: np.ndarray, edits:
 
 
 def sample_cubes(vol: Volume, edits: list[dict], tumours: list[np.ndarray], lungs: np.ndarray,
-                 rng: np.random.Generator, size: int = 64, n_random: int = 6, n_per_edit: int = 4):
+                 rng: np.random.Generator, size: int = 64, n_random: int = 12, n_per_edit: int = 4):
     """Cubes from one scan: around each edit (jittered), around real tumours, and random lung."""
     spacing = np.asarray(vol.spacing)
     centres = []
