@@ -196,11 +196,12 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 7, progress: bool = T
         ``{"result": screening JSON, "truth": edits, "matched": [...], "json": path, "report": path}``.
     """
     import shutil
+    import time
 
     from ctguard.lung import lung_mask
     from ctguard.tamper.simulate import inject_random, phantom_source, remove_tumour
 
-    t0 = __import__("time").time()
+    t0 = time.time()
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -223,7 +224,7 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 7, progress: bool = T
         where = "not found" if best is None else f"nearest finding: {best['kind']} (score {best['score']:.2f}) {d:.1f} mm away"
         echo(f"  truth {t['kind']:8s} at {[round(v) for v in t['voxel']]}: {where} -> {'FOUND' if ok else 'MISSED'}")
     echo(f"verdict: {result['verdict']} (score {result['score']:.3f}), {len(result['findings'])} finding(s), "
-         f"screened in {result['elapsed_s']:.1f} s; demo total {__import__('time').time() - t0:.1f} s")
+         f"screened in {result['elapsed_s']:.1f} s; demo total {time.time() - t0:.1f} s")
     echo(f"JSON: {out / 'result.json'}")
     echo(f"HTML report: {out / 'report' / 'index.html'}")
     return {"result": result, "truth": truth, "matched": matched, "json": str(out / "result.json"), "report": str(out / "report" / "index.html")}

@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 from ctguard.tamper.nodules import NoduleSpec, extent_mm, render
 from ctguard.volume import Volume
@@ -63,9 +64,9 @@ def _paint_tubes(shape, spacing, origin_mm, segments, hu_inside, volume, allowed
         return
     dist, nearest = ndimage.distance_transform_edt(radius_map == 0, sampling=spacing, return_indices=True)
     r = radius_map[tuple(nearest)]
-    inside = 1.0 / (1.0 + np.exp(-(r - dist) / (0.35 * sp.min())))
+    inside = expit((r - dist) / (0.35 * sp.min()))
     if wall_hu is not None:
-        wall = 1.0 / (1.0 + np.exp(-(r + wall_mm - dist) / (0.35 * sp.min())))
+        wall = expit((r + wall_mm - dist) / (0.35 * sp.min()))
         np.copyto(volume, (wall * wall_hu + (1 - wall) * volume).astype(np.float32), where=allowed & (wall > 0.02))
     np.copyto(volume, (inside * hu_inside + (1 - inside) * volume).astype(np.float32), where=allowed & (inside > 0.02))
 
@@ -163,7 +164,7 @@ def make_chest(
         segs = []
         airways = []
         for side in (-1.0, 1.0):
-            hilum = np.array([0.15 * fov_z * 0 + 0.0, -4.0 * scale, side * 28.0 * scale])
+            hilum = np.array([0.0, -4.0 * scale, side * 28.0 * scale])
             for _ in range(9):
                 d = np.array([rng.uniform(-1, 1), rng.uniform(-0.7, 0.7), side * rng.uniform(0.5, 1.0)])
                 d /= np.linalg.norm(d)
@@ -200,7 +201,8 @@ def make_chest(
     if pad_value is not None:
         circle = _ellipse(xx, yy, 0.0, 0.0, fov_x / 2, fov_y / 2) > 1.0
         hu[:, circle] = pad_value
-    np.clip(hu, -1024.0, 3071.0, out=hu) if pad_value is None else None
+    if pad_value is None:
+        np.clip(hu, -1024.0, 3071.0, out=hu)
     np.rint(hu, out=hu)
     origin = (float(xs[0]), float(ys[0]), float(zs[0]))
     meta = {

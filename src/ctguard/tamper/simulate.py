@@ -109,8 +109,8 @@ def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), wit
     for n in vol.meta["phantom"]["nodules"]:
         # The phantom knows its nodule exactly: a ball a little wider than its outline.
         centre = np.asarray(n["voxel"])
-        grid = np.stack(np.meshgrid(*[np.arange(k) for k in vol.shape], indexing="ij"), -1)
-        mask = np.linalg.norm((grid - centre) * np.asarray(vol.spacing), axis=-1) <= n["diameter_mm"] * 0.6 + 1.0
+        zz, yy, xx = (((np.arange(k) - c) * s) ** 2 for k, c, s in zip(vol.shape, centre, vol.spacing))
+        mask = np.sqrt(zz[:, None, None] + yy[None, :, None] + xx[None, None, :]) <= n["diameter_mm"] * 0.6 + 1.0
         tumours.append(Tumour(centre, n["diameter_mm"], mask))
     return Source(f"phantom-{seed}", vol, f"phantom-{seed}", tumours)
 
