@@ -230,13 +230,73 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 7, progress: bool = T
     return {"result": result, "truth": truth, "matched": matched, "json": str(out / "result.json"), "report": str(out / "report" / "index.html")}
 
 
-def train(config: dict[str, Any], out_dir: str | Path = "runs/train", progress: bool = True, echo=print) -> dict[str, Any]:
-    """Trains a model from a resolved config dict; ``task`` picks the trainer (``tamper3d``)."""
+def train(config: dict[str, Any], out_dir: str | Path = "runs/train", progress: bool = True, echo=print, resume: bool = False) -> dict[str, Any]:
+    """Trains a model from a config dict; ``task`` picks the trainer: ``classifier`` (the paper's
+    2D study, :mod:`ctguard.engine.train2d`) or ``tamper3d`` (the bundled 3D detector)."""
     from ctguard.errors import InputError
 
-    task = config.get("task", "tamper3d")
+    task = config.get("task", "classifier" if config.get("model") or config.get("data") else "tamper3d")
     if task == "tamper3d":
         from ctguard.engine.train3d import train as train3d
 
         return train3d(config, out_dir, progress=progress, echo=echo)
-    raise InputError(f"unknown training task {task!r} (known: tamper3d)")
+    if task == "classifier":
+        from ctguard.engine.train2d import train as train2d
+
+        return train2d(config, out_dir, progress=progress, echo=echo, resume=resume)
+    raise InputError(f"unknown training task {task!r} (known: classifier, tamper3d)")
+
+
+def evaluate(model: str | Path, data: str | Path, out_dir: str | Path, split: str = "test", progress: bool = True, echo=print) -> dict[str, Any]:
+    """Metrics, figures and ``report.md`` of a 2D classifier checkpoint on a split of ``data``."""
+    from ctguard.engine.evaluate import evaluate as _evaluate
+
+    history = Path(model).parent / "history.csv"
+    return _evaluate(model, data, out_dir, split=split, progress=progress, echo=echo, history=history if history.is_file() else None)
+
+
+def compare(data: str | Path, models: list[str], out_dir: str | Path, config: dict[str, Any] | None = None, progress: bool = True,
+            echo=print) -> dict[str, Any]:
+    """Trains and evaluates each model on the same split; writes the paper's two tables and a figure."""
+    from ctguard.engine.compare import compare as _compare
+
+    return _compare(models, {**(config or {}), "data": str(data), "task": "classifier"}, out_dir, progress=progress, echo=echo)
+
+
+def export_slices(dataset: str | Path, out_dir: str | Path, **kwargs) -> dict[str, Any]:
+    """A CT-GAN-layout dataset as an ImageFolder dataset split by patient (see :mod:`ctguard.data.export`)."""
+    from ctguard.data.export import export_slices as _export
+
+    return _export(dataset, out_dir, **kwargs)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """The registered 2D classifiers with their input specs."""
+    from ctguard.models.registry import SPECS
+
+    return [{"name": s.name, "input_size": s.input_size, "channels": s.channels, "mean": list(s.mean), "std": list(s.std),
+             "transfer": s.transfer, "description": s.description} for s in SPECS.values()]
+
+
+def predict(images: list[str | Path], model: str | Path | None = None) -> list[dict[str, Any]]:
+    """Label and class probabilities for each image (PNG/JPG/DICOM slice) with a trained classifier.
+
+    Raises:
+        InputError: no model given (and none bundled), a bad checkpoint, or an unreadable image.
+    """
+    from ctguard.data.folder import Item, load_images
+    from ctguard.engine.evaluate import predict_arrays
+    from ctguard.engine.train2d import load_classifier
+    from ctguard.errors import InputError
+
+    if model is None:
+        bundled = Path(__file__).parent / "weights" / "classifier.pt"
+        if not bundled.is_file():
+            raise InputError("no classifier given: pass --model CKPT (a best.pt from `ctguard train`)")
+        model = bundled
+    net, ck = load_classifier(model)
+    window = tuple(ck.get("config", {}).get("window", (-1000, 400)))
+    arrays = load_images([Item(Path(p), 0, "") for p in images], ck["input_size"], window)
+    prob = predict_arrays(net, arrays, net.spec.mean, net.spec.std)
+    return [{"image": str(p), "label": ck["classes"][int(pr.argmax())], "probability": float(pr.max()),
+             "probabilities": {c: float(v) for c, v in zip(ck["classes"], pr)}, "model": ck["model_name"]} for p, pr in zip(images, prob)]

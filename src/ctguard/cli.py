@@ -104,14 +104,82 @@ def _load_config(path: str | None) -> dict:
     return cfg
 
 
+TRAIN_FLAGS = ("epochs", "seed", "batch_size", "lr", "model", "data", "steps_per_epoch", "unfreeze", "weights", "image_size", "patience",
+               "workers")
+
+
 def cmd_train(args) -> int:
     from ctguard import api
 
+    if not args.config and not (args.data and args.model):
+        raise InputError("give --config FILE, or --data DIR and --model NAME")
     cfg = _load_config(args.config)
-    for key in ("epochs", "seed", "batch_size", "lr"):
+    if cfg.get("data") and args.config and not Path(cfg["data"]).is_absolute():
+        cfg["data"] = str((Path(args.config).resolve().parent.parent / cfg["data"]).resolve())
+    for key in TRAIN_FLAGS:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
-    api.train(cfg, out_dir=args.out, progress=not args.quiet, echo=print)
+    if args.no_pretrained:
+        cfg["pretrained"] = False
+    api.train(cfg, out_dir=args.out, progress=not args.quiet, echo=print, resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ctguard import api
+
+    api.evaluate(args.model, args.data, args.out or str(Path(args.model).parent / f"eval-{args.split}"), split=args.split,
+                 progress=not args.quiet, echo=print)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ctguard import api
+
+    cfg = _load_config(args.config)
+    for key in ("epochs", "seed", "batch_size", "lr", "steps_per_epoch", "image_size", "unfreeze", "patience"):
+        if getattr(args, key, None) is not None:
+            cfg[key] = getattr(args, key)
+    if args.no_pretrained:
+        cfg["pretrained"] = False
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    api.compare(args.data, models, args.out, cfg, progress=not args.quiet, echo=print)
+    return 0
+
+
+def cmd_export_slices(args) -> int:
+    from ctguard import api
+
+    lo, _, hi = args.window.partition(",")
+    api.export_slices(args.dataset, args.out, mode=args.mode, classes=args.classes, seed=args.seed, window=(float(lo), float(hi)),
+                      patch=args.patch, negatives=args.negatives, bits=args.bits, ignore_missing=args.ignore_missing,
+                      progress=not args.quiet, echo=print)
+    return 0
+
+
+def cmd_list_models(args) -> int:
+    from ctguard import api
+
+    for m in api.list_models():
+        print(f"{m['name']:<14} {m['input_size']}x{m['input_size']}x{m['channels']}  {m['description']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    from ctguard import api
+
+    rows = api.predict(args.images, model=args.model)
+    for r in rows:
+        print(f"{r['image']}: {r['label']} ({r['probability']:.3f})")
+    if args.csv:
+        classes = list(rows[0]["probabilities"]) if rows else []
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "label", "probability"] + [f"p_{c}" for c in classes])
+            for r in rows:
+                w.writerow([r["image"], r["label"], f"{r['probability']:.6f}"] + [f"{r['probabilities'][c]:.6f}" for c in classes])
     return 0
 
 
@@ -161,14 +229,69 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_options(p)
     p.set_defaults(func=cmd_screen)
 
-    p = add("train", "train a detector from a YAML config (flags override it); the resolved config is saved")
-    p.add_argument("--config", metavar="FILE", required=True, help="YAML config, e.g. configs/tamper3d.yaml")
+    p = add("train", "train a model from a YAML config and/or flags (flags override it); the resolved config is saved")
+    p.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/tamper3d.yaml or configs/paper-cnn.yaml")
+    p.add_argument("--data", metavar="DIR", help="ImageFolder dataset (classifier task)")
+    p.add_argument("--model", metavar="NAME", help="classifier name (see `ctguard list-models`)")
     p.add_argument("--out", default="runs/train", metavar="DIR", help="run folder (default: runs/train)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int, default=None)
+    p.add_argument("--image-size", dest="image_size", type=int, default=None, help="override the model's input size")
+    p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (0: off)")
+    p.add_argument("--unfreeze", type=int, default=None, metavar="N", help="fine-tune the last N backbone blocks (-1: all)")
+    p.add_argument("--weights", metavar="FILE", default=None, help="ImageNet state dict for the backbone (offline transfer learning)")
+    p.add_argument("--no-pretrained", action="store_true", help="do not try to fetch ImageNet weights")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.set_defaults(func=cmd_train)
+
+    p = add("evaluate", "metrics, confusion matrix, ROC and report.md of a classifier on a held-out split")
+    p.add_argument("--model", required=True, metavar="CKPT", help="best.pt of a training run")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder dataset")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", default=None, metavar="DIR", help="default: eval-SPLIT beside the checkpoint")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = add("compare", "train and evaluate several classifiers on one split; the paper's tables side by side")
+    p.add_argument("--data", required=True, metavar="DIR", help="ImageFolder dataset")
+    p.add_argument("--models", default="paper-cnn,vgg16,mobilenet_v2,inception_v3,resnet50", help="comma-separated names")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--config", metavar="FILE", help="YAML training settings shared by all models")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int, default=None)
+    p.add_argument("--image-size", dest="image_size", type=int, default=None)
+    p.add_argument("--unfreeze", type=int, default=None)
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--no-pretrained", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = add("export-slices", "a CT-GAN-layout dataset -> an ImageFolder dataset (train/val/test by patient)")
+    p.add_argument("dataset", help="CT-GAN dataset root (Kaggle or UCI layout, real or simulated)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist)")
+    p.add_argument("--mode", default="slice", choices=("slice", "patch"), help="whole labelled slices (paper) or crops")
+    p.add_argument("--classes", default="binary", choices=("binary", "ctgan"), help="real/fake or TB/TM/FB/FM")
+    p.add_argument("--window", default="-1000,400", metavar="LO,HI", help="HU window (default: lung, -1000,400)")
+    p.add_argument("--patch", type=int, default=64, metavar="PX", help="crop size in pixels (patch mode)")
+    p.add_argument("--negatives", type=int, default=4, metavar="N", help="untouched-lung crops per TB/TM scan (patch mode)")
+    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-missing", action="store_true", help="skip label rows whose scan folder is missing")
+    p.set_defaults(func=cmd_export_slices)
+
+    p = add("list-models", "the registered 2D classifiers and their input sizes")
+    p.set_defaults(func=cmd_list_models)
+
+    p = add("predict", "label and probability for each image with a trained classifier")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPG/DICOM slices")
+    p.add_argument("--model", default=None, metavar="CKPT", help="best.pt of a training run")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the results as CSV")
+    p.set_defaults(func=cmd_predict)
 
     p = add("demo", "the main job on an embedded default: a phantom scan, tampered, screened")
     p.add_argument("--out", default="ctguard-demo", help="output folder (default: ./ctguard-demo)")
