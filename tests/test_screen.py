@@ -14,20 +14,6 @@ from ctguard.lung import lung_mask
 from ctguard.tamper.simulate import inject_random, phantom_source, remove_tumour
 
 
-@pytest.fixture(scope="module")
-def tampered(tmp_path_factory):
-    """A phantom (unseen seed) with one injection and one removal, written as DICOM, and its clean twin."""
-    root = tmp_path_factory.mktemp("screen")
-    src = phantom_source(4242, with_tumour=True)
-    rng = np.random.default_rng(1)
-    vol, inj = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
-    vol, rem = remove_tumour(vol, src.tumours[0], rng)
-    io.write_series(vol, root / "tampered", uid_seed="t")
-    clean = phantom_source(4343, with_tumour=False).volume
-    io.write_series(clean, root / "clean", uid_seed="c")
-    return root, [e.to_dict() for e in inj + [rem]], vol.spacing
-
-
 def _found(result, t, spacing):
     near = [f for f in result["findings"]
             if np.linalg.norm((np.asarray(f["voxel"]) - t["voxel"]) * np.asarray(spacing)) <= 10.0 + t["diameter_mm"] / 2]

@@ -99,6 +99,8 @@ def screen(
     threshold: float | None = None,
     progress: bool = False,
     truth: list[dict] | None = None,
+    on_stage=None,
+    viewer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Screens a whole scan for CT-GAN-style edits: where, and how (injected or removed).
 
@@ -111,6 +113,9 @@ def screen(
         threshold: a finding's minimum tamper probability. Defaults to the model's.
         progress: show a progress bar per stage. Defaults to False.
         truth: known edits to print in the report (the demo's ground truth).
+        on_stage: called with each stage's name as it starts (``read``, ``lungs``, ...).
+        viewer_dir: also write the scan and heatmap for the slice viewer here
+            (:func:`ctguard.report.slices.save_viewer`).
 
     Returns:
         The result dict documented in docs/DESIGN.md (verdict, score, findings, ...).
@@ -127,17 +132,27 @@ def screen(
     def stage(name: str) -> None:
         bar.set_postfix_str(name)
         bar.update(1)
+        if on_stage is not None and name not in ("read", "report"):  # screen_volume names stages as they start
+            on_stage(name)
 
+    if on_stage is not None:
+        on_stage("read")
     vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
     detector = load_detector(model)
     stage("read")
     name = str(path) if not isinstance(path, Volume) else vol.meta.get("root", "volume")
     try:
         result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
+        if on_stage is not None:
+            on_stage("report")
         if report_dir is not None:
             from ctguard.report.html import write_report
 
             write_report(result, vol, heat.tampered_on_voxels(vol.shape), report_dir, truth=truth)
+        if viewer_dir is not None:
+            from ctguard.report.slices import save_viewer
+
+            save_viewer(vol, heat.tampered_on_voxels(vol.shape), viewer_dir)
         stage("report")
     finally:
         bar.close()

@@ -153,6 +153,7 @@ def cmd_export_slices(args) -> int:
     lo, _, hi = args.window.partition(",")
     api.export_slices(args.dataset, args.out, mode=args.mode, classes=args.classes, seed=args.seed, window=(float(lo), float(hi)),
                       patch=args.patch, negatives=args.negatives, bits=args.bits, ignore_missing=args.ignore_missing,
+                      test_patients=[p for p in (args.test_patients or "").split(",") if p] or None,
                       progress=not args.quiet, echo=print)
     return 0
 
@@ -180,6 +181,18 @@ def cmd_predict(args) -> int:
             w.writerow(["image", "label", "probability"] + [f"p_{c}" for c in classes])
             for r in rows:
                 w.writerow([r["image"], r["label"], f"{r['probability']:.6f}"] + [f"{r['probabilities'][c]:.6f}" for c in classes])
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from ctguard.web.app import WebSettings, serve
+        from ctguard.web.uploads import Limits
+    except ImportError as e:
+        raise InputError(f"the web app needs its extras: pip install 'ctguard[web]' ({e.name} is missing)") from None
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024**2))
+    settings = WebSettings(limits=limits, workers=args.workers, queue=args.queue, model=args.model)
+    serve(args.host, args.port, settings, log_level="warning" if args.quiet else "info")
     return 0
 
 
@@ -282,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-missing", action="store_true", help="skip label rows whose scan folder is missing")
+    p.add_argument("--test-patients", default=None, metavar="ID,...", help="put these patients in test/ (e.g. another scanner's)")
     p.set_defaults(func=cmd_export_slices)
 
     p = add("list-models", "the registered 2D classifiers and their input sizes")
@@ -292,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="CKPT", help="best.pt of a training run")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the results as CSV")
     p.set_defaults(func=cmd_predict)
+
+    p = add("serve", "the web page and REST API (binds to 127.0.0.1 unless told otherwise)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="scans screened at once (default: 1)")
+    p.add_argument("--queue", type=int, default=4, help="uploads that may wait for a worker before 429 (default: 4)")
+    p.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MB (default: 2048)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
+    p.set_defaults(func=cmd_serve)
 
     p = add("demo", "the main job on an embedded default: a phantom scan, tampered, screened")
     p.add_argument("--out", default="ctguard-demo", help="output folder (default: ./ctguard-demo)")

@@ -74,8 +74,13 @@ def _crop(hu2d: np.ndarray, y: int, x: int, size: int, fill: float = -1024.0) ->
 
 def export_slices(dataset: str | Path, out_dir: str | Path, mode: str = "slice", classes: str = "binary",
                   fractions=(0.6, 0.15, 0.25), seed: int = 0, window=(-1000.0, 400.0), patch: int = 64, negatives: int = 4,
-                  bits: int = 8, ignore_missing: bool = False, progress: bool = True, echo=print) -> dict:
+                  bits: int = 8, ignore_missing: bool = False, test_patients: list[str] | None = None, progress: bool = True,
+                  echo=print) -> dict:
     """Writes the ImageFolder dataset; returns the per-split, per-class counts.
+
+    ``test_patients`` pins those patients to the test split (e.g. another scanner's) and splits the
+    rest into train/val by the remaining fractions (with one training patient val/ stays empty, and
+    training then validates on test/, as the paper did).
 
     Raises:
         InputError: unknown mode/classes, an existing output folder, or a bad dataset.
@@ -96,7 +101,17 @@ def export_slices(dataset: str | Path, out_dir: str | Path, mode: str = "slice",
     scans = load_dataset(dataset, ignore_missing=ignore_missing)
     if not scans:
         raise InputError("has no labelled scans", dataset)
-    splits = split_by_patient(scans, fractions, seed)
+    if test_patients:
+        pinned = [s for s in scans if s.patient in set(test_patients)]
+        missing = set(test_patients) - {s.patient for s in pinned}
+        if missing:
+            raise InputError(f"no scans of test patient(s) {sorted(missing)}", dataset)
+        rest = [s for s in scans if s.patient not in set(test_patients)]
+        f_train, f_val = fractions[0], fractions[1]
+        splits = split_by_patient(rest, (f_train / (f_train + f_val), f_val / (f_train + f_val)), seed, names=("train", "val"))
+        splits["test"] = pinned
+    else:
+        splits = split_by_patient(scans, fractions, seed)
     side = {(s.experiment, s.uuid): name for name, members in splits.items() for s in members}
     rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,127 @@
+"""Screening jobs in a bounded worker pool: when it is full, :class:`Busy` (the API answers 429)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ctguard.web.uploads import remove_tree
+
+
+class Busy(Exception):
+    """Every worker is busy and the queue is full."""
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    folder: Path  # the job's folder: upload/ (removed after screening) and out/
+    status: str = "queued"  # queued, running, done, error
+    stage: str = ""
+    error: str | None = None
+    error_status: int = 422
+    result: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    future: Future | None = None
+    input: Path | None = None  # what is screened: a file or folder under upload/
+
+    @property
+    def out(self) -> Path:
+        return self.folder / "out"
+
+    def public(self) -> dict[str, Any]:
+        d = {"id": self.id, "name": self.name, "status": self.status, "stage": self.stage, "error": self.error,
+             "elapsed_s": round((self.finished or time.time()) - self.created, 2)}
+        if self.result is not None:
+            d["result"] = self.result
+            d["links"] = {"json": f"/api/jobs/{self.id}/result.json", "report": f"/api/jobs/{self.id}/report/index.html",
+                          "slice": f"/api/jobs/{self.id}/slices/{{z}}.png"}
+        return d
+
+
+class JobManager:
+    def __init__(self, root: Path, workers: int = 1, queue: int = 4, keep: int = 50):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctguard-job")
+        self.slots = threading.BoundedSemaphore(workers + queue)
+        self.keep = keep
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+
+    def reserve(self) -> Job:
+        """A new job with a slot in the pool, or :class:`Busy`."""
+        if not self.slots.acquire(blocking=False):
+            raise Busy()
+        job = Job(uuid.uuid4().hex[:16], "", self.root / uuid.uuid4().hex[:16])
+        job.folder.mkdir(parents=True)
+        (job.folder / "upload").mkdir()
+        with self.lock:
+            self.jobs[job.id] = job
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Gives back a reserved job's slot and removes its files (a refused upload)."""
+        with self.lock:
+            self.jobs.pop(job.id, None)
+        remove_tree(job.folder)
+        self.slots.release()
+
+    def start(self, job: Job, work: Callable[[Job], dict]) -> Future:
+        def run() -> dict | None:
+            job.status = "running"
+            try:
+                job.result = work(job)
+                job.status = "done"
+                return job.result
+            except Exception as e:  # the job records its error; the server keeps serving
+                from ctguard.errors import InputError
+
+                job.status, job.error = "error", _describe(e, job)
+                job.error_status = getattr(e, "status", 422 if isinstance(e, InputError) else 500)
+                return None
+            finally:
+                job.finished = time.time()
+                remove_tree(job.folder / "upload")  # the uploaded scan is not kept
+                self.slots.release()
+                self._expire()
+
+        job.future = self.pool.submit(run)
+        return job.future
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def _expire(self) -> None:
+        with self.lock:
+            done = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.finished)
+            old = done[: max(len(done) - self.keep, 0)]
+            for j in old:
+                self.jobs.pop(j.id, None)
+        for j in old:
+            remove_tree(j.folder)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _describe(e: Exception, job: Job) -> str:
+    """The error in one line, naming the uploaded file, never the server's own paths."""
+    from ctguard.errors import InputError
+
+    if not isinstance(e, InputError):
+        return f"screening failed ({e.__class__.__name__})"
+    if not e.path:
+        return e.problem
+    upload = (job.folder / "upload").resolve()
+    p = Path(e.path).resolve()
+    name = str(p.relative_to(upload)) if p == upload or upload in p.parents else p.name
+    return f"{job.name if name == '.' else name}: {e.problem}"

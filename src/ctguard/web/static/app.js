@@ -1,0 +1,131 @@
+"use strict";
+// ctguard page: upload -> POST /api/jobs -> poll GET /api/jobs/{id} -> verdict, findings, slice viewer.
+const $ = (id) => document.getElementById(id);
+const STAGES = { read: 10, lungs: 30, detector: 55, findings: 85, report: 92, done: 100 };
+let job = null;
+
+function show(el, on = true) { el.hidden = !on; }
+function status(text, pct) {
+  show($("status"));
+  $("status-text").textContent = text;
+  if (pct !== undefined) $("bar").value = pct;
+}
+function fail(msg) {
+  show($("status"), false);
+  $("error").textContent = msg;
+  show($("error"));
+  $("go").disabled = false;
+}
+
+function chosen(files) {
+  const n = files.length;
+  $("chosen").textContent = n === 0 ? "" : n === 1 ? files[0].name : `${n} files`;
+  $("go").disabled = n === 0;
+}
+
+$("files").addEventListener("change", (e) => chosen(e.target.files));
+const drop = $("drop");
+["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  $("files").files = e.dataTransfer.files;
+  chosen(e.dataTransfer.files);
+});
+
+$("upload-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const files = $("files").files;
+  if (!files.length) return;
+  show($("error"), false);
+  show($("result"), false);
+  $("go").disabled = true;
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", "/api/jobs");
+  xhr.upload.onprogress = (ev) => {
+    if (ev.lengthComputable) status(`Uploading… ${Math.round((100 * ev.loaded) / ev.total)}%`, (5 * ev.loaded) / ev.total);
+  };
+  xhr.onload = () => {
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+    if (xhr.status === 202) { poll(body.id); return; }
+    if (xhr.status === 429) { fail(`The server is busy; try again in ${xhr.getResponseHeader("Retry-After") || "a few"} seconds.`); return; }
+    fail(body.detail || `Upload refused (HTTP ${xhr.status}).`);
+  };
+  xhr.onerror = () => fail("The upload failed: is the server still running?");
+  status("Uploading…", 0);
+  xhr.send(form);
+});
+
+async function poll(id) {
+  const r = await fetch(`/api/jobs/${id}`);
+  if (!r.ok) { fail(`Lost the job (HTTP ${r.status}).`); return; }
+  const j = await r.json();
+  if (j.status === "done") { status("Done", 100); render(j); return; }
+  if (j.status === "error") { fail(j.error || "Screening failed."); return; }
+  status(j.status === "queued" ? "Waiting for a free worker…" : `Screening: ${j.stage || "starting"}…`, STAGES[j.stage] || 5);
+  setTimeout(() => poll(id), 400);
+}
+
+function render(j) {
+  job = j;
+  const res = j.result;
+  const tampered = res.verdict === "tampered";
+  const v = $("verdict");
+  v.textContent = tampered ? "Tampered" : "Clean";
+  v.className = `verdict ${tampered ? "bad" : "good"}`;
+  $("score").textContent = res.score.toFixed(3);
+  $("meta").textContent = `${j.name} · ${res.shape.join(" × ")} voxels (z, y, x) · spacing ${res.spacing_mm.map((s) => s.toFixed(2)).join(" × ")} mm · model ${res.model.name} ${res.model.version} · ${res.elapsed_s.toFixed(1)} s`;
+  $("json-link").href = j.links.json;
+  $("report-link").href = j.links.report;
+  const warn = (res.warnings || []).join(" ");
+  $("warnings").textContent = warn ? `Warnings: ${warn}` : "";
+  show($("warnings"), !!warn);
+
+  const body = $("findings").querySelector("tbody");
+  body.replaceChildren();
+  res.findings.forEach((f, i) => {
+    const tr = document.createElement("tr");
+    tr.tabIndex = 0;
+    tr.className = `finding ${f.kind}`;
+    tr.setAttribute("aria-label", `Finding ${i + 1}: ${f.kind}, score ${f.score.toFixed(2)}, slice ${Math.round(f.voxel[0])}; press Enter to view`);
+    const cells = [i + 1, f.kind, f.score.toFixed(3), Math.round(f.voxel[0]), f.voxel.map((c) => c.toFixed(0)).join(", "), `${f.radius_mm.toFixed(1)} mm`];
+    cells.forEach((c, k) => {
+      const td = document.createElement("td");
+      if (k === 1) {
+        const tag = document.createElement("span");
+        tag.className = `tag ${f.kind === "removed" ? "removed" : "injected"}`;
+        tag.textContent = c;
+        td.appendChild(tag);
+      } else td.textContent = c;
+      tr.appendChild(td);
+    });
+    const go = () => setSlice(Math.round(f.voxel[0]));
+    tr.addEventListener("click", go);
+    tr.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); go(); } });
+    body.appendChild(tr);
+  });
+  show($("findings"), res.findings.length > 0);
+  show($("no-findings"), res.findings.length === 0);
+
+  const z = $("z");
+  z.max = res.shape[0] - 1;
+  $("z-max").textContent = res.shape[0] - 1;
+  show($("result"));
+  setSlice(res.findings.length ? Math.round(res.findings[0].voxel[0]) : Math.floor(res.shape[0] / 2));
+  $("result").scrollIntoView({ behavior: "smooth", block: "start" });
+}
+
+function setSlice(k) {
+  if (!job) return;
+  const z = $("z");
+  z.value = k;
+  $("z-out").textContent = k;
+  const overlay = $("overlay").checked ? "true" : "false";
+  $("slice").src = `/api/jobs/${job.id}/slices/${k}.png?overlay=${overlay}`;
+  $("slice").alt = `Axial slice ${k} of ${z.max}${overlay === "true" ? ", tamper heatmap overlaid" : ""}`;
+}
+$("z").addEventListener("input", (e) => setSlice(Number(e.target.value)));
+$("overlay").addEventListener("change", () => setSlice(Number($("z").value)));
