@@ -63,7 +63,7 @@ async function poll(id) {
   const r = await fetch(`/api/jobs/${id}`);
   if (!r.ok) { fail(`Lost the job (HTTP ${r.status}).`); return; }
   const j = await r.json();
-  if (j.status === "done") { status("Done", 100); render(j); return; }
+  if (j.status === "done") { status("Done", 100); $("go").disabled = false; render(j); return; }
   if (j.status === "error") { fail(j.error || "Screening failed."); return; }
   status(j.status === "queued" ? "Waiting for a free worker…" : `Screening: ${j.stage || "starting"}…`, STAGES[j.stage] || 5);
   setTimeout(() => poll(id), 400);

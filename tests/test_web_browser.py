@@ -1,0 +1,96 @@
+"""A real browser (headless Debian Chromium, driven by Playwright) uploads a tampered phantom through
+the page and sees the verdict and the findings. The screenshot is kept in ``test-artifacts/``."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _need(ok: bool, why: str) -> None:
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have it: {why}")
+        pytest.skip(why)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ctguard.cli", "serve", "-q", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/api/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read()}")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_upload_in_a_real_browser(server, tampered):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need(False, "playwright is not installed (pip install playwright)")
+    chromium = _chromium()
+    _need(chromium is not None, "no chromium on PATH (apt-get install chromium)")
+    root, _, _ = tampered
+    files = [str(p) for p in sorted((root / "tampered").iterdir())]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(server)
+            assert page.get_by_role("heading", name="Screen a scan").is_visible()
+            assert page.locator("#go").is_disabled()
+            page.set_input_files("#files", files)
+            assert page.locator("#chosen").inner_text() == f"{len(files)} files"
+            page.get_by_role("button", name="Screen").click()
+            page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+            assert page.locator("#verdict").inner_text() == "Tampered"
+            rows = page.locator("#findings tbody tr")
+            assert rows.count() >= 1
+            assert rows.first.locator(".tag").inner_text() in ("injected", "removed")
+            page.wait_for_function("document.getElementById('slice').complete && document.getElementById('slice').naturalWidth === 192")
+            # Keyboard: the slider moves the slice and the image follows.
+            z0 = int(page.locator("#z").input_value())
+            page.locator("#z").focus()
+            page.keyboard.press("ArrowRight")
+            assert int(page.locator("#z").input_value()) == z0 + 1
+            assert f"/slices/{z0 + 1}.png" in page.locator("#slice").get_attribute("src")
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_function("document.getElementById('slice').complete")
+            page.screenshot(path=str(ARTIFACTS / "web_tampered.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "web_tampered.png").stat().st_size > 10_000
