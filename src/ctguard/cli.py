@@ -196,6 +196,35 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_node(args) -> int:
+    try:
+        from ctguard.node import Destination, Node, NodeConfig
+    except ImportError as e:
+        raise InputError(f"the DICOM node needs its extras: pip install 'ctguard[node]' ({e.name} is missing)") from None
+    if args.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    elif not args.quiet:
+        logging.getLogger("ctguard").setLevel(logging.INFO)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise InputError("TLS needs both --tls-cert and --tls-key")
+        tls = (args.tls_cert, args.tls_key, args.tls_ca)
+    cfg = NodeConfig(spool=Path(args.spool), ae_title=args.ae_title, host=args.host, port=args.port,
+                     forward=Destination.parse(args.forward) if args.forward else None, on_tampered=args.on_tampered,
+                     on_error=args.on_error, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
+                     model=args.model, threshold=args.threshold, tls=tls)
+    node = Node(cfg)
+    dest = f"forwarding to {cfg.forward.ae_title}@{cfg.forward.host}:{cfg.forward.port}" if cfg.forward else "no destination (keeps series)"
+    print(f"ctguard node {cfg.ae_title} listening on {cfg.host}:{cfg.port}{' (TLS)' if tls else ''}; {dest}; "
+          f"tampered: {cfg.on_tampered}; spool {cfg.spool}", flush=True)
+    try:
+        node.start(block=True)
+    except OSError as e:
+        raise InputError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror or e})") from None
+    return 0
+
+
 def _add_read_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", metavar="UID", help="series to read from a folder with several (default: the largest)")
     p.add_argument("--allow-modality", action="store_true", help="read DICOM of a modality other than CT")
@@ -291,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="binary", choices=("binary", "ctgan"), help="real/fake or TB/TM/FB/FM")
     p.add_argument("--window", default="-1000,400", metavar="LO,HI", help="HU window (default: lung, -1000,400)")
     p.add_argument("--patch", type=int, default=64, metavar="PX", help="crop size in pixels (patch mode)")
-    p.add_argument("--negatives", type=int, default=4, metavar="N", help="untouched-lung crops per TB/TM scan (patch mode)")
+    p.add_argument("--negatives", type=int, default=0, metavar="N", help="untouched-lung slices or crops per TB/TM scan (default: 0)")
     p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-missing", action="store_true", help="skip label rows whose scan folder is missing")
@@ -315,6 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MB (default: 2048)")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
     p.set_defaults(func=cmd_serve)
+
+    p = add("node", "a DICOM node (C-STORE SCP) that screens every CT series before forwarding it to the PACS")
+    p.add_argument("--ae-title", default="CTGUARD", help="this node's AE title (default: CTGUARD)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=11112, help="port (default: 11112)")
+    p.add_argument("--forward", metavar="AE@HOST:PORT", help="the PACS to forward screened series to")
+    p.add_argument("--on-tampered", choices=("hold", "forward"), default="hold",
+                   help="hold a tampered series in quarantine (default) or forward it and alert")
+    p.add_argument("--on-error", choices=("forward", "hold"), default="forward",
+                   help="a CT series that cannot be screened (e.g. no lungs in view): forward (default) or hold")
+    p.add_argument("--spool", default="ctguard-spool", metavar="DIR", help="spool, quarantine and audit log (default: ./ctguard-spool)")
+    p.add_argument("--settle", type=float, default=5.0, metavar="S", help="a series is complete after S seconds without a new instance")
+    p.add_argument("--allow", metavar="AE,...", help="accept associations only from these calling AE titles")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS: this node's certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS: its private key")
+    p.add_argument("--tls-ca", metavar="PEM", help="TLS: require client certificates signed by this CA")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging (pynetdicom's too)")
+    p.set_defaults(func=cmd_node)
 
     p = add("demo", "the main job on an embedded default: a phantom scan, tampered, screened")
     p.add_argument("--out", default="ctguard-demo", help="output folder (default: ./ctguard-demo)")

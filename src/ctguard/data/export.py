@@ -5,7 +5,8 @@ Split by patient into ``train/``, ``val/`` and ``test/``, one sub-folder per cla
 re-split stay by patient). Modes:
 
 - ``slice``: the whole labelled slice, as the paper did; TB scans (no labelled place) give one lung
-  slice chosen at random (seeded).
+  slice chosen at random (seeded); ``negatives`` more untouched lung slices per TB/TM scan (distinct,
+  more than 3 slices from any labelled place) balance the classes.
 - ``patch``: a square crop around each labelled place, plus ``negatives`` crops of untouched lung per
   TB/TM scan (places in the lung mask, away from every labelled place).
 
@@ -55,6 +56,17 @@ def _lung_places(vol, rng: np.random.Generator, n: int, avoid: list[tuple[int, i
     return out
 
 
+def _lung_slices(vol, rng: np.random.Generator, n: int, avoid: list[tuple[int, int, int]], gap: int = 3) -> list[tuple[int, int, int]]:
+    """Up to ``n`` distinct slices with lung in view, more than ``gap`` slices from every place in ``avoid``."""
+    from ctguard.lung import lung_mask
+
+    mask = lung_mask(vol)
+    area = mask.sum(axis=(1, 2))
+    ok = [z for z in np.nonzero(area > 0.25 * area.max())[0] if all(abs(int(z) - a[0]) > gap for a in avoid)] if area.max() else []
+    chosen = sorted(rng.choice(ok, size=min(n, len(ok)), replace=False).tolist()) if ok else []
+    return [(int(z), vol.shape[1] // 2, vol.shape[2] // 2) for z in chosen]
+
+
 def _to_png(hu2d: np.ndarray, window: tuple[float, float], bits: int, path: Path) -> None:
     from PIL import Image
 
@@ -73,7 +85,7 @@ def _crop(hu2d: np.ndarray, y: int, x: int, size: int, fill: float = -1024.0) ->
 
 
 def export_slices(dataset: str | Path, out_dir: str | Path, mode: str = "slice", classes: str = "binary",
-                  fractions=(0.6, 0.15, 0.25), seed: int = 0, window=(-1000.0, 400.0), patch: int = 64, negatives: int = 4,
+                  fractions=(0.6, 0.15, 0.25), seed: int = 0, window=(-1000.0, 400.0), patch: int = 64, negatives: int = 0,
                   bits: int = 8, ignore_missing: bool = False, test_patients: list[str] | None = None, progress: bool = True,
                   echo=print) -> dict:
     """Writes the ImageFolder dataset; returns the per-split, per-class counts.
@@ -125,9 +137,14 @@ def export_slices(dataset: str | Path, out_dir: str | Path, mode: str = "slice",
             if mode == "slice" and not places:  # TB: one lung slice at random
                 lung = _lung_places(vol, rng, 1, [], 0)
                 places = [(z, y, x, _class(scan.label, classes)) for z, y, x in lung]
-            if mode == "patch" and scan.label in ("TB", "TM") and negatives:
+            if scan.label in ("TB", "TM") and negatives:  # untouched lung, away from every labelled place
                 neg_cls = "real" if classes == "binary" else "TB"
-                places += [(z, y, x, neg_cls) for z, y, x in _lung_places(vol, rng, negatives, list(scan.locations), patch)]
+                taken = [p[:3] for p in places]
+                if mode == "slice":
+                    neg = _lung_slices(vol, rng, negatives, taken)
+                else:
+                    neg = _lung_places(vol, rng, negatives, taken, patch)
+                places += [(z, y, x, neg_cls) for z, y, x in neg]
             for z, y, x, cls in places:
                 img = vol.hu[z] if mode == "slice" else _crop(vol.hu[z], y, x, patch)
                 name = f"{_safe(scan.patient)}__{scan.uuid}_e{scan.experiment}_z{z}_y{y}_x{x}.png"

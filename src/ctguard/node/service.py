@@ -1,0 +1,341 @@
+"""The DICOM node: a C-STORE SCP that screens every CT series on its way to the PACS.
+
+Received CT instances are spooled (on disk before "stored" is answered) and grouped by series; a
+series is complete when nothing new has arrived for ``settle_s``. It is then screened with
+:func:`ctguard.api.screen` and, by policy, forwarded (C-STORE SCU, one association per series,
+retried with back-off until the destination confirms every instance) or held in quarantine with
+its JSON and HTML report. Other storage classes pass through unscreened. Every decision is a line
+in ``audit.jsonl``. On start, every series left in the spool resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
+
+from ctguard.node.spool import Spool
+
+log = logging.getLogger("ctguard.node")
+SCREENED_CLASSES = {CTImageStorage, EnhancedCTImageStorage}
+
+
+@dataclass
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """``AE@HOST:PORT``."""
+        from ctguard.errors import InputError
+
+        try:
+            ae, _, hostport = text.partition("@")
+            host, _, port = hostport.rpartition(":")
+            if not ae or not host or not port:
+                raise ValueError
+            return cls(ae, host, int(port))
+        except ValueError:
+            raise InputError(f"--forward {text!r}: expected AE@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242") from None
+
+
+@dataclass
+class NodeConfig:
+    spool: Path
+    ae_title: str = "CTGUARD"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    forward: Destination | None = None
+    on_tampered: str = "hold"  # hold | forward (and alert)
+    on_error: str = "forward"  # a CT series that cannot be screened (no lungs in view, ...): forward | hold
+    settle_s: float = 5.0
+    allow: list[str] = field(default_factory=list)  # calling AE titles; empty: any
+    model: str | None = None
+    threshold: float | None = None
+    retry_first_s: float = 2.0
+    retry_max_s: float = 120.0
+    tls: tuple[str, str, str | None] | None = None  # (cert, key, CA for client certificates)
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool)
+        self.last_seen: dict[str, float] = {}  # series UID -> time of the last instance
+        self.lock = threading.Lock()
+        self.ready: queue.Queue[str] = queue.Queue()
+        self.queued: set[str] = set()
+        self.stop_event = threading.Event()
+        self.server = None
+        self.threads: list[threading.Thread] = []
+        self._passthrough_next = 0.0
+        self._passthrough_delay = cfg.retry_first_s
+
+    # -- receiving -------------------------------------------------------------------------
+    def handle_store(self, event) -> int:
+        try:
+            ds = event.dataset  # decodes the header; pixel data stays raw
+            sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+            series_uid = str(ds.SeriesInstanceUID) if "SeriesInstanceUID" in ds else ""
+        except Exception as e:  # a malformed dataset: refuse it, keep serving
+            return self._refuse(event, f"malformed dataset: {e}", 0xC210)  # cannot understand
+        if sop_class in SCREENED_CLASSES and (not series_uid or "PixelData" not in ds):
+            return self._refuse(event, "CT instance without SeriesInstanceUID or pixel data", 0xA900)  # does not match SOP class
+        buf = BytesIO()
+        buf.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(buf, event.file_meta, enforce_standard=True)
+        buf.write(event.request.DataSet.getvalue())  # the dataset exactly as sent
+        data = buf.getvalue()
+        calling = event.assoc.requestor.ae_title
+        if sop_class not in SCREENED_CLASSES:
+            self.spool.store_passthrough(sop_uid, data)
+            self.spool.audit(calling_ae=calling, sop_class=sop_class, sop_instance_uid=sop_uid, instances=1, verdict="not screened",
+                             action="pass-through")
+            return 0x0000
+        meta = {"calling_ae": calling, "study_uid": str(ds.get("StudyInstanceUID", "")), "first_received": time.time()}
+        self.spool.store_instance(series_uid, sop_uid, data, meta)
+        with self.lock:
+            self.last_seen[series_uid] = time.time()
+        return 0x0000
+
+    def _refuse(self, event, reason: str, status: int) -> int:
+        calling = event.assoc.requestor.ae_title
+        log.warning("refused an instance from %s: %s", calling, reason)
+        self.spool.audit(calling_ae=calling, action="refused", reason=reason, status=f"0x{status:04X}")
+        return status
+
+    def handle_echo(self, event) -> int:
+        return 0x0000
+
+    # -- assembling, screening, forwarding --------------------------------------------------
+    def _assembler(self) -> None:
+        while not self.stop_event.wait(min(0.2, self.cfg.settle_s / 4)):
+            now = time.time()
+            with self.lock:
+                done = [uid for uid, t in self.last_seen.items() if now - t >= self.cfg.settle_s]
+                for uid in done:
+                    del self.last_seen[uid]
+            for uid in done:
+                self._enqueue(uid)
+
+    def _enqueue(self, uid: str) -> None:
+        with self.lock:
+            if uid in self.queued:
+                return
+            self.queued.add(uid)
+        self.ready.put(uid)
+
+    def _worker(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                uid = self.ready.get(timeout=0.2)
+            except queue.Empty:
+                self._forward_passthrough()
+                continue
+            try:
+                self.process(uid)
+            except Exception:  # never let one series stop the node
+                log.exception("series %s failed; it stays in the spool", uid)
+            finally:
+                with self.lock:
+                    self.queued.discard(uid)
+
+    def process(self, uid: str) -> None:
+        """Screens a complete series (if not yet screened) and carries out the policy."""
+        from ctguard import api
+        from ctguard.errors import InputError
+
+        with self.lock:
+            if uid in self.last_seen:  # more instances arrived: wait for the series to settle again
+                return
+        state = self.spool.state(uid)
+        folder = self.spool.series_dir(uid)
+        files = self.spool.instances(uid)
+        if not files:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        if state.get("status") == "receiving":
+            work = folder / ".screen"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            try:
+                t = time.time()
+                result = api.screen(folder, json_out=work / "result.json", report_dir=work / "report", model=self.cfg.model,
+                                    threshold=self.cfg.threshold)
+                state.update(verdict=result["verdict"], score=result["score"], findings=len(result["findings"]),
+                             screen_s=round(time.time() - t, 2))
+            except InputError as e:
+                state.update(verdict="error", score=None, error=e.problem)
+            state.update(status="screened", instances=len(files))
+            self.spool.save_state(uid, state)
+            log.info("series %s: %s (score %s, %d instances)", uid, state["verdict"], state.get("score"), len(files))
+        verdict = state["verdict"]
+        hold = (verdict == "tampered" and self.cfg.on_tampered == "hold") or (verdict == "error" and self.cfg.on_error == "hold")
+        if hold or self.cfg.forward is None:
+            if hold:
+                self._quarantine(uid, state)
+            else:
+                self._keep(uid, state)
+            return
+        action = "forwarded-alert" if verdict == "tampered" else "forwarded"
+        if verdict == "tampered":
+            log.warning("ALERT: series %s screened TAMPERED (score %s); forwarding by policy", uid, state.get("score"))
+        self._forward_until_confirmed(uid, files)
+        self.spool.audit(calling_ae=state.get("calling_ae"), study_uid=state.get("study_uid"), series_uid=uid, instances=len(files),
+                         verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title)
+        if verdict == "tampered":  # keep the evidence of a forwarded alert
+            dest = self.spool.root / "quarantine" / (folder.name + ".alert")
+            shutil.rmtree(dest, ignore_errors=True)
+            if (folder / ".screen").is_dir():
+                shutil.copytree(folder / ".screen", dest)
+        shutil.rmtree(folder)
+
+    def _quarantine(self, uid: str, state: dict[str, Any], where: str = "quarantine", action: str = "held") -> None:
+        """Moves the series (instances, result.json, report/) out of the spool in one rename."""
+        folder = self.spool.series_dir(uid)
+        dest = self.spool.root / where / folder.name
+        if dest.exists():
+            dest = dest.with_name(f"{folder.name}.{int(time.time())}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        files = self.spool.instances(uid)
+        folder.rename(dest)  # atomic: the series is either in the spool or here
+        screen = dest / ".screen"
+        for name in ("result.json", "report"):
+            if (screen / name).exists():
+                (screen / name).rename(dest / name)
+        shutil.rmtree(screen, ignore_errors=True)
+        self.spool.audit(calling_ae=state.get("calling_ae"), study_uid=state.get("study_uid"), series_uid=uid, instances=len(files),
+                         verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest))
+        if action == "held":
+            log.warning("series %s held in quarantine: %s", uid, dest)
+
+    def _keep(self, uid: str, state: dict[str, Any]) -> None:
+        """No destination configured: the node is the end point; screened series go to accepted/."""
+        self._quarantine(uid, state, where="accepted", action="accepted")
+
+    def _forward_until_confirmed(self, uid: str, files: list[Path]) -> None:
+        delay = self.cfg.retry_first_s
+        attempt = 0
+        remaining = list(files)
+        while not self.stop_event.is_set():
+            attempt += 1
+            remaining = self._send(remaining)
+            if not remaining:
+                return
+            log.warning("series %s: %d instance(s) not confirmed by %s (attempt %d); retrying in %.0f s", uid, len(remaining),
+                        self.cfg.forward.ae_title, attempt, delay)
+            if self.stop_event.wait(delay):
+                break
+            delay = min(delay * 2, self.cfg.retry_max_s)
+        raise RuntimeError("node stopping; series stays in the spool")
+
+    def _send(self, files: list[Path]) -> list[Path]:
+        """C-STORE of ``files`` on one association; returns those not confirmed."""
+        from pydicom import dcmread
+        from pynetdicom import AE
+
+        dest = self.cfg.forward
+        datasets = []
+        for f in files:
+            ds = dcmread(f)
+            datasets.append((f, ds))
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}):
+            ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if not assoc.is_established:
+            return files
+        failed = []
+        try:
+            for f, ds in datasets:
+                status = assoc.send_c_store(ds)
+                if not status or int(getattr(status, "Status", 0xFFFF)) not in (0x0000, 0xB000, 0xB007, 0xB006):
+                    failed.append(f)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return failed
+
+    def _forward_passthrough(self) -> None:
+        if self.cfg.forward is None:
+            return
+        files = sorted((self.spool.root / "passthrough").glob("*.dcm"))
+        if not files:
+            return
+        now = time.time()
+        if now < self._passthrough_next:
+            return
+        left = self._send(files)
+        for f in files:
+            if f not in left:
+                f.unlink()
+        if left:
+            self._passthrough_delay = min(self._passthrough_delay * 2, self.cfg.retry_max_s)
+            self._passthrough_next = now + self._passthrough_delay
+        else:
+            self._passthrough_delay = self.cfg.retry_first_s
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self, block: bool = False) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification
+
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+
+        for uid in self.spool.pending():  # resume what a crash or stop left behind
+            state = self.spool.state(uid)
+            if state.get("status") == "receiving":
+                with self.lock:
+                    self.last_seen[uid] = time.time()
+            else:
+                self._enqueue(uid)
+            log.info("resuming series %s (%s)", uid, state.get("status"))
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.maximum_associations = 16
+        if self.cfg.allow:
+            ae.require_calling_aet = list(self.cfg.allow)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
+        ssl_context = None
+        if self.cfg.tls:
+            import ssl
+
+            cert, key, ca = self.cfg.tls
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(cert, key)
+            if ca:
+                ssl_context.verify_mode = ssl.CERT_REQUIRED
+                ssl_context.load_verify_locations(ca)
+        for target in (self._assembler, self._worker):
+            t = threading.Thread(target=target, daemon=True, name=f"ctguard-node-{target.__name__.strip('_')}")
+            t.start()
+            self.threads.append(t)
+        self.server = ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+        if block:
+            try:
+                while not self.stop_event.wait(0.5):
+                    pass
+            finally:
+                self.stop()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        for t in self.threads:
+            t.join(5)

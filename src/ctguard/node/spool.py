@@ -1,0 +1,97 @@
+"""The node's disk state: every received instance is on disk (fsync'd) before the sender hears
+"stored"; series state and the audit log survive a crash.
+
+Layout under the spool root::
+
+    series/<series_uid>/<sop_uid>.dcm    received CT instances, grouped by series
+    series/<series_uid>/state.json       {"status": receiving|screened|forwarding, "verdict", ...}
+    passthrough/<sop_uid>.dcm            other storage classes, forwarded unscreened
+    quarantine/<series_uid>/             held series: instances, result.json, report/
+    audit.jsonl                          one JSON line per decision, append-only
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
+
+
+def safe_uid(uid: str) -> str:
+    """A UID usable as a file name (UIDs are digits and dots; anything else is replaced)."""
+    return _SAFE.sub("_", uid.strip())[:128] or "unknown"
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Writes via a temporary file, fsync, rename, and fsync of the folder: all or nothing."""
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for d in ("series", "passthrough", "quarantine"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self._audit_lock = threading.Lock()
+
+    def series_dir(self, series_uid: str) -> Path:
+        return self.root / "series" / safe_uid(series_uid)
+
+    def store_instance(self, series_uid: str, sop_uid: str, data: bytes, meta: dict[str, Any]) -> Path:
+        folder = self.series_dir(series_uid)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "state.json").exists():
+            self.save_state(series_uid, {"status": "receiving", "series_uid": series_uid, **meta})
+        path = folder / f"{safe_uid(sop_uid)}.dcm"
+        write_durably(path, data)
+        return path
+
+    def store_passthrough(self, sop_uid: str, data: bytes) -> Path:
+        path = self.root / "passthrough" / f"{safe_uid(sop_uid)}.dcm"
+        write_durably(path, data)
+        return path
+
+    def instances(self, series_uid: str) -> list[Path]:
+        return sorted(self.series_dir(series_uid).glob("*.dcm"))
+
+    def state(self, series_uid: str) -> dict[str, Any]:
+        p = self.series_dir(series_uid) / "state.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def save_state(self, series_uid: str, state: dict[str, Any]) -> None:
+        write_durably(self.series_dir(series_uid) / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+
+    def pending(self) -> list[str]:
+        """Series UIDs left in the spool (after a restart: screened or not)."""
+        out = []
+        for d in sorted((self.root / "series").iterdir()):
+            if d.is_dir() and (d / "state.json").is_file():
+                out.append(json.loads((d / "state.json").read_text())["series_uid"])
+        return out
+
+    def audit(self, **entry: Any) -> None:
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, sort_keys=False) + "\n"
+        with self._audit_lock, open(self.root / "audit.jsonl", "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_audit(self) -> list[dict[str, Any]]:
+        p = self.root / "audit.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []

@@ -1,0 +1,132 @@
+"""The DICOM node in-process, with pynetdicom senders (the Orthanc integration is test_node_orthanc.py)."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+pytest.importorskip("pynetdicom")
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, Verification  # noqa: E402
+
+from ctguard.node import Node, NodeConfig  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send(port: int, files: list[Path], calling: str = "SCANNER", called: str = "CTGUARD") -> list[int]:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(SecondaryCaptureImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association refused"
+    try:
+        return [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in files]
+    finally:
+        assoc.release()
+
+
+def wait_for(cond, timeout: float = 60.0) -> None:
+    t = time.time()
+    while not cond():
+        if time.time() - t > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def node(tmp_path):
+    cfg = NodeConfig(spool=tmp_path / "spool", port=free_port(), settle_s=0.5, allow=["SCANNER", "OTHER"])
+    n = Node(cfg)
+    n.start()
+    yield n
+    n.stop()
+
+
+def test_clean_accepted_tampered_held_with_report_and_audit(node, tampered):
+    root, _, _ = tampered
+    clean = sorted((root / "clean").iterdir())
+    fake = sorted((root / "tampered").iterdir())
+    assert send(node.cfg.port, clean) == [0] * len(clean)
+    assert send(node.cfg.port, fake) == [0] * len(fake)
+    wait_for(lambda: len(node.spool.read_audit()) >= 2)
+    audit = {a["series_uid"]: a for a in node.spool.read_audit()}
+    clean_uid = pydicom.dcmread(clean[0]).SeriesInstanceUID
+    fake_uid = pydicom.dcmread(fake[0]).SeriesInstanceUID
+    assert audit[fake_uid]["verdict"] == "tampered" and audit[fake_uid]["action"] == "held"
+    assert audit[fake_uid]["instances"] == len(fake) and audit[fake_uid]["calling_ae"] == "SCANNER"
+    assert {"time", "study_uid", "score"} <= set(audit[fake_uid])
+    held = Path(audit[fake_uid]["folder"])
+    assert held.parent.name == "quarantine" and len(list(held.glob("*.dcm"))) == len(fake)
+    assert (held / "result.json").is_file() and (held / "report" / "index.html").is_file()
+    # What was received is what was sent, byte for byte after the file meta.
+    got = pydicom.dcmread(held / f"{pydicom.dcmread(fake[3]).SOPInstanceUID}.dcm")
+    assert got.PixelData == pydicom.dcmread(fake[3]).PixelData
+    # The clean phantom: v0.1 still raises false findings on clean scans (issue 7), so only the
+    # decision's consistency is checked here: it went wherever its verdict sends it.
+    where = {"clean": "accepted", "tampered": "quarantine"}[audit[clean_uid]["verdict"]]
+    assert Path(audit[clean_uid]["folder"]).parent.name == where
+    assert node.spool.pending() == []  # nothing left half-done in the spool
+
+
+def test_echo_allow_list_and_bad_input(node, tmp_path, small_chest):
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.cfg.port, ae_title="CTGUARD")
+    assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    stranger = AE(ae_title="STRANGER")
+    stranger.add_requested_context(Verification)
+    assoc = stranger.associate("127.0.0.1", node.cfg.port, ae_title="CTGUARD")
+    assert assoc.is_rejected
+    # A non-CT storage class passes through unscreened.
+    from ctguard import io
+
+    files = io.write_series(small_chest, tmp_path / "s")
+    sc = pydicom.dcmread(files[0])
+    sc.SOPClassUID = SecondaryCaptureImageStorage
+    sc.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    sc.save_as(tmp_path / "sc.dcm")
+    assert send(node.cfg.port, [tmp_path / "sc.dcm"], calling="OTHER") == [0]
+    assert (node.spool.root / "passthrough" / f"{sc.SOPInstanceUID}.dcm").is_file()
+    assert node.spool.read_audit()[-1]["action"] == "pass-through"
+    # A malformed dataset is refused and the node keeps serving.
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.cfg.port, ae_title="CTGUARD")
+    bad = pydicom.dcmread(files[1])
+    del bad.SeriesInstanceUID  # a CT image that belongs to no series
+    status = assoc.send_c_store(bad)
+    assoc.release()
+    assert int(status.Status) == 0xA900
+    assert node.spool.read_audit()[-1]["action"] == "refused"
+    assert send(node.cfg.port, files[:1]) == [0]
+
+
+def test_restart_resumes_a_spooled_series(tmp_path, tampered):
+    root, _, _ = tampered
+    fake = sorted((root / "tampered").iterdir())
+    port = free_port()
+    cfg = NodeConfig(spool=tmp_path / "spool", port=port, settle_s=60.0)  # never settles before the "crash"
+    n = Node(cfg)
+    n.start()
+    assert send(port, fake[:50]) == [0] * 50
+    n.stop()  # as after a crash: acknowledged instances are on disk, nothing screened
+    assert len(list((tmp_path / "spool" / "series").glob("*/*.dcm"))) == 50
+    cfg.settle_s = 0.5
+    n = Node(cfg)
+    n.start()
+    try:
+        assert send(port, fake[50:]) == [0] * (len(fake) - 50)
+        wait_for(lambda: n.spool.read_audit())
+        (entry,) = n.spool.read_audit()
+        assert entry["instances"] == len(fake) and entry["verdict"] == "tampered"
+    finally:
+        n.stop()
