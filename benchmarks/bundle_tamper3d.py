@@ -1,13 +1,13 @@
 """Bundles a trained 3D detector into the package with its model card.
 
-Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...]
+Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V]
 Writes src/ctguard/weights/tamper3d.pt (weights, config, card) and tamper3d.json (the card).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -15,19 +15,23 @@ import torch
 from ctguard import __version__
 
 
-def main(run_dir: str, *evals: str) -> None:
+def main(run_dir: str, evals: list[str], threshold: float, version: str) -> None:
     run = Path(run_dir)
     ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     summary = json.loads((run / "summary.json").read_text())
     card = {
         "name": "tamper3d",
-        "version": __version__,
-        "threshold": 0.5,
+        "version": version,
+        "package_version": __version__,
+        "threshold": threshold,
         "architecture": "TamperNet3D: 5 Conv3d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, 1 mm isotropic input",
         "training_data": {
             "config": ckpt["config"],
             "cubes": summary["cubes"],
-            "patients": "Lung-PET-CT-Dx A0001 (both series) + phantoms seeds 0-9 (simulated CT-GAN-style edits)",
+            "patients": "Lung-PET-CT-Dx A0001 (both series) + phantoms seeds 0-9 (simulated CT-GAN-style edits)"
+                        + (f"; hard negatives mined from {ckpt['config'].get('hard_rounds')} rounds of "
+                           f"{ckpt['config'].get('hard_phantoms')} clean phantoms (seeds 500+) and A0001's own series"
+                           if ckpt["config"].get("hard_rounds") else ""),
         },
         "held_out": "Lung-PET-CT-Dx A0002 (both series, another scanner) + unseen phantoms (seeds 5000+)",
         "metrics": [json.loads(Path(e).read_text()) for e in evals],
@@ -43,4 +47,10 @@ def main(run_dir: str, *evals: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("evals", nargs="*")
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--version", default="0.1")
+    a = ap.parse_args()
+    main(a.run_dir, a.evals, a.threshold, a.version)

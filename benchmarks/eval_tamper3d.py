@@ -51,16 +51,20 @@ def main() -> None:
     neg = []
     flagged, tampered_scans, false_findings, clean_scans, times = 0, 0, 0, 0, []
     per_kind_found = {"injected": [0, 0], "removed": [0, 0]}
+    sweep = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+    clean_finding_scores, edit_hit_scores, scan_scores = [], [], {"clean": [], "tampered": []}
     for i, src in enumerate(sources):
         rng = np.random.default_rng([123, i])
         lungs = lung_mask(src.volume)
         for label, vol, edits in variants(src, 900_000 + i, inject=2, remove=len(src.tumours), per_scan=2):
             t0 = time.time()
-            result, _, _ = screen_volume(vol, det)
+            result, _, _ = screen_volume(vol, det, threshold=min(sweep))
             times.append(time.time() - t0)
+            scan_scores["clean" if label in ("TB", "TM") else "tampered"].append(result["score"])
             if label in ("TB", "TM"):
                 clean_scans += 1
-                false_findings += len(result["findings"])
+                false_findings += sum(f["score"] >= det.threshold for f in result["findings"])
+                clean_finding_scores += [f["score"] for f in result["findings"]]
                 pts = np.argwhere(lungs[:, ::4, ::4]) * np.array([1, 4, 4])
                 places = [pts[j] for j in rng.integers(len(pts), size=10)] + [t.voxel for t in src.tumours]
                 neg += list(score_locations(vol, det, np.asarray(places, float))[:, 1:].sum(1))
@@ -70,9 +74,11 @@ def main() -> None:
                 p = score_locations(vol, det, np.asarray([e.voxel for e in edits], float))
                 for e, pe in zip(edits, p):
                     pos[e.kind].append(float(pe[1:].sum()))
-                    hit = any(np.linalg.norm((np.asarray(f["voxel"]) - e.voxel) * np.asarray(vol.spacing)) <= 10 + e.diameter_mm / 2
-                              and f["kind"] == e.kind for f in result["findings"])
-                    per_kind_found[e.kind][0] += hit
+                    near = [f["score"] for f in result["findings"] if f["kind"] == e.kind
+                            and np.linalg.norm((np.asarray(f["voxel"]) - e.voxel) * np.asarray(vol.spacing)) <= 10 + e.diameter_mm / 2]
+                    best = max(near, default=0.0)
+                    edit_hit_scores.append((e.kind, best))
+                    per_kind_found[e.kind][0] += best >= det.threshold
                     per_kind_found[e.kind][1] += 1
     report = {
         "model": det.path, "holdout": args.holdout, "phantoms": args.phantoms,
@@ -83,6 +89,14 @@ def main() -> None:
         "edits_found_right_kind": {k: f"{v[0]}/{v[1]}" for k, v in per_kind_found.items()},
         "false_findings_per_clean_scan": round(false_findings / max(clean_scans, 1), 3),
         "clean_scans": clean_scans,
+        "threshold": det.threshold,
+        "scan_auc": round(roc_auc_score([1] * len(scan_scores["tampered"]) + [0] * len(scan_scores["clean"]),
+                                        scan_scores["tampered"] + scan_scores["clean"]), 4),
+        "sweep": {str(t): {"false_findings_per_clean_scan": round(sum(x >= t for x in clean_finding_scores) / max(clean_scans, 1), 3),
+                           "clean_scans_flagged": f"{sum(x >= t for x in scan_scores['clean'])}/{clean_scans}",
+                           "injected_found": f"{sum(s >= t for k, s in edit_hit_scores if k == 'injected')}/{per_kind_found['injected'][1]}",
+                           "removed_found": f"{sum(s >= t for k, s in edit_hit_scores if k == 'removed')}/{per_kind_found['removed'][1]}"}
+                  for t in sweep},
         "median_screen_seconds": round(float(np.median(times)), 2),
     }
     print(json.dumps(report, indent=2))

@@ -74,7 +74,7 @@ def test_paper_cnn_is_the_papers_network():
 def test_frozen_backbone_freezes_all_but_the_head():
     m = build("resnet50", 3, pretrained=False)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {"head.1.weight", "head.1.bias"}
+    assert trainable == {"head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"}
     m2 = build("resnet50", 3, pretrained=False, unfreeze=1)
     assert any(n.startswith("backbone.layer4") for n, p in m2.named_parameters() if p.requires_grad)
     assert not any(n.startswith("backbone.layer3") for n, p in m2.named_parameters() if p.requires_grad)

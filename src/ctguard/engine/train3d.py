@@ -32,6 +32,14 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.002,
     "threads": 2,
     "cache": None,  # an .npz to keep the simulated cubes in between runs
+    "init": None,  # start from this checkpoint's weights (e.g. to add hard-negative rounds to a trained model)
+    "hard_rounds": 0,  # rounds of hard-negative mining: screen clean scans, add cubes at false findings, train on
+    "hard_phantoms": 16,  # clean phantoms screened per round (seeds apart from the training phantoms')
+    "hard_threshold": 0.3,  # tamper probability from which a place on a clean scan is a hard negative
+    "hard_max_per_scan": 24,
+    "hard_epochs": 6,
+    "hard_lr": 0.001,
+    "hard_round_offset": 0,  # a continuation run mines fresh phantoms: rounds are numbered from here
 }
 
 
@@ -97,19 +105,50 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     weights = torch.tensor((counts.sum() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)  # rare edit cells count more (0.7 gave 74 false findings per demo scan)
     weights /= weights.mean()
     model = TamperNet3D(cfg["width"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
-    steps = cfg["epochs"] * int(np.ceil(len(x) / cfg["batch_size"]))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps)
+    if cfg.get("init"):
+        model.load_state_dict(torch.load(cfg["init"], map_location="cpu", weights_only=True)["model"])
+        echo(f"starting from {cfg['init']}")
+    history = fit(model, x, y, cfg["epochs"], cfg["lr"], cfg, progress, weights)
+    for r in range(int(cfg["hard_round_offset"]), int(cfg["hard_round_offset"]) + int(cfg["hard_rounds"])):
+        t_mine = time.time()
+        hx, hy = mine_hard_negatives(model, cfg, r, progress)
+        np.savez_compressed(out / f"hard_round{r + 1}.npz", x=hx.astype(np.int16), y=hy.astype(np.int8))
+        echo(f"hard negatives, round {r + 1}: {len(hx)} cubes at false findings on clean scans ({time.time() - t_mine:.0f} s)")
+        if len(hx):
+            x, y = np.concatenate([x, hx]), np.concatenate([y, hy])
+        history += fit(model, x, y, cfg["hard_epochs"], cfg["hard_lr"], cfg, progress, weights, first_epoch=len(history))
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    model.eval()
+    torch.save({"model": model.state_dict(), "config": cfg, "classes": CLASSES, "arch": "tamper3d"}, out / "model.pt")
+    summary = {"cubes": len(x), "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0 - t_data, 1), "history": history}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(f"trained in {summary['train_seconds']} s (+{summary['data_seconds']} s making data); wrote {out / 'model.pt'}")
+    return summary
+
+
+def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, cfg: dict, progress: bool, weights: torch.Tensor,
+        first_epoch: int = 0) -> list[dict]:
+    """Trains ``model`` in place on cubes ``x`` with cell targets ``y``; one history row per epoch."""
+    from tqdm import tqdm
+
+    if epochs <= 0:
+        return []
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * int(np.ceil(len(x) / cfg["batch_size"]))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
-    gen = torch.Generator().manual_seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"] + first_epoch)
     xt = torch.from_numpy(normalise(x))[:, None]
     yt = torch.from_numpy(y)
     history = []
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(first_epoch, first_epoch + epochs):
         model.train()
         order = torch.randperm(len(xt), generator=gen)
         t_ep, tot, correct, cells = time.time(), 0.0, 0, 0
-        bar = tqdm(range(0, len(order), cfg["batch_size"]), desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress)
+        bar = tqdm(range(0, len(order), cfg["batch_size"]), desc=f"epoch {epoch + 1}", disable=not progress)
         for i in bar:
             idx = order[i : i + cfg["batch_size"]]
             xb, yb = _augment(xt[idx], yt[idx], gen)
@@ -123,15 +162,40 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
             correct += (logits.argmax(1) == yb).sum().item()
             cells += yb.numel()
             bar.set_postfix(loss=f"{tot / (i + len(idx)):.3f}", acc=f"{correct / cells:.3f}")
-        history.append({"epoch": epoch + 1, "loss": tot / len(xt), "accuracy": correct / cells,
-                        "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t_ep, 1)})
-    with open(out / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+        history.append({"epoch": epoch + 1, "loss": tot / len(xt), "accuracy": correct / cells, "lr": sched.get_last_lr()[0],
+                        "seconds": round(time.time() - t_ep, 1), "cubes": len(xt)})
     model.eval()
-    torch.save({"model": model.state_dict(), "config": cfg, "classes": CLASSES, "arch": "tamper3d"}, out / "model.pt")
-    summary = {"cubes": len(x), "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0 - t_data, 1), "history": history}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    echo(f"trained in {summary['train_seconds']} s (+{summary['data_seconds']} s making data); wrote {out / 'model.pt'}")
-    return summary
+    return history
+
+
+def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Screens clean scans (fresh phantoms, and the training patients' own untouched series) with the
+    current model; every place it flags there is genuine by construction, so a cube around it (all
+    cells genuine) teaches the detector what it gets wrong: vessels, hilum, pleura, real tumours."""
+    from tqdm import tqdm
+
+    from ctguard import io
+    from ctguard.lung import lung_mask
+    from ctguard.screen import Detector, findings_from, heatmap
+    from ctguard.tamper.cube import cut
+    from ctguard.tamper.simulate import phantom_source
+
+    model.eval()
+    det = Detector(model, "mining", "", "")
+    rng = np.random.default_rng([cfg["seed"], 77, round_])
+    size, half = cfg["cube"], cfg["cube"] // 2
+    n_cells = size // 8
+    vols = [lambda k=k: phantom_source(cfg["seed"] * 1000 + 500 + round_ * 100 + k, tuple(cfg["phantom_shape"]),
+                                       tuple(cfg["phantom_spacing"])).volume for k in range(int(cfg["hard_phantoms"]))]
+    vols += [lambda p=p: io.read(p) for p in cfg["real_series"]]
+    xs = []
+    for make in tqdm(vols, desc="mine hard negatives", disable=not progress):
+        vol = make()
+        lungs = lung_mask(vol)
+        found = findings_from(heatmap(vol, det, lungs), vol, float(cfg["hard_threshold"]))[: int(cfg["hard_max_per_scan"])]
+        for f in found:
+            c = np.clip(np.asarray(f["voxel"]) + rng.uniform(-8, 8, 3) / np.asarray(vol.spacing), 0, np.asarray(vol.shape) - 1)
+            xs.append(cut(vol, c, half).hu[:size, :size, :size])
+    if not xs:
+        return np.zeros((0, size, size, size), np.float32), np.zeros((0, n_cells, n_cells, n_cells), np.int64)
+    return np.stack(xs).astype(np.float32), np.zeros((len(xs), n_cells, n_cells, n_cells), np.int64)

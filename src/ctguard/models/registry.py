@@ -104,7 +104,9 @@ class TransferNet(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, dropout: float = 0.2):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        # BatchNorm first: backbone features can be of any scale (a randomly initialised ResNet50's
+        # reach thousands), and an unnormalised linear head then diverges.
+        self.head = nn.Sequential(nn.BatchNorm1d(feature_dim), nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
