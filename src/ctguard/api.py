@@ -203,7 +203,7 @@ def score_locations(path: str | Path, locations_csv: str | Path, scores_out: str
     return out
 
 
-def demo(out_dir: str | Path = "ctguard-demo", seed: int = 7, progress: bool = True, echo=print) -> dict[str, Any]:
+def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool = True, echo=print) -> dict[str, Any]:
     """The main job on an embedded default: a phantom chest, one nodule injected and one removed,
     screened by the bundled detector; prints findings beside the truth; writes JSON and HTML report.
 
