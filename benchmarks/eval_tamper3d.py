@@ -70,7 +70,7 @@ def main() -> None:
                 neg += list(score_locations(vol, det, np.asarray(places, float))[:, 1:].sum(1))
             else:
                 tampered_scans += 1
-                flagged += result["verdict"] == "tampered"
+                flagged += any(f["score"] >= det.threshold for f in result["findings"])
                 p = score_locations(vol, det, np.asarray([e.voxel for e in edits], float))
                 for e, pe in zip(edits, p):
                     pos[e.kind].append(float(pe[1:].sum()))
@@ -89,6 +89,7 @@ def main() -> None:
         "edits_found_right_kind": {k: f"{v[0]}/{v[1]}" for k, v in per_kind_found.items()},
         "false_findings_per_clean_scan": round(false_findings / max(clean_scans, 1), 3),
         "clean_scans": clean_scans,
+        "clean_scans_flagged": f"{sum(x >= det.threshold for x in scan_scores['clean'])}/{clean_scans}",
         "threshold": det.threshold,
         "scan_auc": round(roc_auc_score([1] * len(scan_scores["tampered"]) + [0] * len(scan_scores["clean"]),
                                         scan_scores["tampered"] + scan_scores["clean"]), 4),

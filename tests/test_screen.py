@@ -20,8 +20,6 @@ def _found(result, t, spacing):
     return t["kind"] in {f["kind"] for f in near}
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 7): removals on this unseen phantom score p_removed 0.3; "
-                   "the v0.1 detector finds removals only in some scans (the demo's seeds 7-9 included)")
 def test_bundled_detector_finds_removal(tampered):
     root, truth, spacing = tampered
     assert _found(api.screen(root / "tampered"), truth[1], spacing)
@@ -51,8 +49,8 @@ def test_bundled_detector_finds_injection(tampered):
     assert "Verdict: tampered" in page
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 7): the bundled v0.1 detector still reports false findings "
-                   "on clean phantoms; strict, so this flags the day it passes")
+@pytest.mark.xfail(strict=True, reason="known gap (issue 7): the bundled v0.3 detector still reports false findings "
+                   "on some clean phantoms (0.8 per scan on calibration phantoms); strict, so this flags the day it passes")
 def test_clean_phantom_screens_clean(tampered):
     root, _, _ = tampered
     result = api.screen(root / "clean")
