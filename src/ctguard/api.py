@@ -138,11 +138,21 @@ def screen(
     if on_stage is not None:
         on_stage("read")
     vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
-    detector = load_detector(model)
+    single = vol.shape[0] == 1  # one DICOM slice or an image: the 2D detector
+    if single:
+        from ctguard.screen import as_ct_slice, load_detector2d, screen_slice
+
+        detector = load_detector2d(None if model in (None, "tamper3d") else model)
+        vol = as_ct_slice(vol)
+    else:
+        detector = load_detector(model)
     stage("read")
     name = str(path) if not isinstance(path, Volume) else vol.meta.get("root", "volume")
     try:
-        result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
+        if single:
+            result, heat, _ = screen_slice(vol, detector, name, threshold=threshold, stage=stage)
+        else:
+            result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
         if on_stage is not None:
             on_stage("report")
         if report_dir is not None:
@@ -255,11 +265,15 @@ def train(config: dict[str, Any], out_dir: str | Path = "runs/train", progress: 
         from ctguard.engine.train3d import train as train3d
 
         return train3d(config, out_dir, progress=progress, echo=echo)
+    if task == "tamper2d":
+        from ctguard.engine.train_patch2d import train as train_patch2d
+
+        return train_patch2d(config, out_dir, progress=progress, echo=echo)
     if task == "classifier":
         from ctguard.engine.train2d import train as train2d
 
         return train2d(config, out_dir, progress=progress, echo=echo, resume=resume)
-    raise InputError(f"unknown training task {task!r} (known: classifier, tamper3d)")
+    raise InputError(f"unknown training task {task!r} (known: classifier, tamper3d, tamper2d)")
 
 
 def evaluate(model: str | Path, data: str | Path, out_dir: str | Path, split: str = "test", progress: bool = True, echo=print) -> dict[str, Any]:

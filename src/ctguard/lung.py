@@ -42,6 +42,9 @@ def lung_mask(vol: Volume, threshold: float = -400.0, close_mm: float = 6.0, min
         close_mm: closing radius that pulls vessels and nodules into the mask. Defaults to 6 mm.
         min_volume_ml: drop dark regions smaller than this (bowel gas, trachea pieces). Defaults to 20 ml.
 
+    A single slice (``shape[0] == 1``) is handled in 2D: areas in cm^2 stand for volumes in ml
+    (at least 4 cm^2 of lung per region) and the closing stays in-plane.
+
     Returns:
         Boolean array of the volume's shape; all False when no lungs are in view.
     """
@@ -53,18 +56,26 @@ def lung_mask(vol: Volume, threshold: float = -400.0, close_mm: float = 6.0, min
         full = np.repeat(np.repeat(coarse, step, axis=1), step, axis=2)[:, : vol.shape[1], : vol.shape[2]]
         return full
     body = body_mask(vol)
-    inner = ndimage.binary_erosion(body, iterations=2) if body.any() else body
+    single = vol.shape[0] == 1
+    cross = ndimage.generate_binary_structure(3, 1)
+    if single:
+        cross[0] = cross[2] = False  # in-plane only: no neighbours above or below a lone slice
+    inner = ndimage.binary_erosion(body, structure=cross, iterations=2) if body.any() else body
     dark = (vol.hu < threshold) & inner
     labels, n = ndimage.label(dark)
     if n == 0:
         return dark
-    voxel_ml = float(np.prod(vol.spacing)) / 1000.0
+    voxel_ml = float(np.prod(vol.spacing[1:])) / 100.0 if single else float(np.prod(vol.spacing)) / 1000.0  # cm^2 for a slice
+    if single:
+        min_volume_ml = min(min_volume_ml, 4.0)
     sizes = ndimage.sum_labels(dark, labels, index=np.arange(1, n + 1)) * voxel_ml
     # Airways that touch the top of the scan (the trachea) are not lung.
     keep = [i + 1 for i, s in enumerate(sizes) if s >= min_volume_ml]
     keep = sorted(keep, key=lambda i: -sizes[i - 1])[:3]
     lungs = np.isin(labels, keep)
     radius = close_mm / np.asarray(vol.spacing)
+    if single:
+        radius[0] = 0.0
     if lungs.any():
         lungs = ndimage.binary_closing(lungs, structure=_ball(radius), iterations=1)
         for z in range(lungs.shape[0]):

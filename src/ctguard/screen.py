@@ -220,3 +220,105 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
         p = detector.probabilities(cube)
         out[i] = p[:, mid - 1 : mid + 1, mid - 1 : mid + 1, mid - 1 : mid + 1].mean(axis=(1, 2, 3))
     return out
+
+
+# -- a single slice or image: the 2D detector --------------------------------------------------
+DEFAULT_MODEL_2D = "tamper2d"
+IMAGE_WINDOW = (-1000.0, 400.0)  # PNG/JPG carry no HU: ctguard assumes the lung window export-slices writes
+IMAGE_PIXEL_MM = 0.7  # ... and no pixel size: a 512-pixel chest field of view of 36 cm
+
+
+def load_detector2d(name_or_path: str | None = None) -> Detector:
+    """The bundled 2D detector (default) or a ``tamper2d`` checkpoint.
+
+    Raises:
+        InputError: missing, or not a 2D tamper detector checkpoint.
+    """
+    from ctguard.models.patch2d import TamperNet2D
+
+    if name_or_path in (None, DEFAULT_MODEL_2D, DEFAULT_MODEL):
+        path = Path(str(resources.files("ctguard") / "weights" / f"{DEFAULT_MODEL_2D}.pt"))
+        if not path.is_file():
+            raise InputError("the bundled 2D detector is missing from the installation (reinstall ctguard)", path)
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise InputError("no such model file", path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"not a loadable checkpoint ({e.__class__.__name__})", path) from None
+    if not isinstance(ckpt, dict) or ckpt.get("arch") != "tamper2d":
+        raise InputError(f"not a 2D tamper detector checkpoint (arch {ckpt.get('arch') if isinstance(ckpt, dict) else '?'})", path)
+    net = TamperNet2D(int(ckpt["config"].get("width", 32)))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise InputError("checkpoint weights do not fit the 2D detector's architecture", path) from None
+    net.eval()
+    card = ckpt.get("card", {})
+    return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
+                    float(card.get("threshold", THRESHOLD)), card)
+
+
+def as_ct_slice(vol: Volume) -> Volume:
+    """A one-slice volume in HU: DICOM slices as they are; PNG/JPG grey values through the lung
+    window, with an assumed pixel size (a warning says so)."""
+    if vol.meta.get("kind") != "image":
+        return vol
+    top = 65535.0 if vol.hu.max() > 255 else 255.0
+    lo, hi = IMAGE_WINDOW
+    hu = (lo + vol.hu / top * (hi - lo)).astype(np.float32)
+    meta = {**vol.meta, "warnings": list(vol.warnings) + [
+        f"an image has no HU or pixel size: read as lung window {lo:.0f}..{hi:.0f} HU and {IMAGE_PIXEL_MM} mm pixels"]}
+    return Volume(hu, (1.0, IMAGE_PIXEL_MM, IMAGE_PIXEL_MM), vol.origin, vol.direction, meta)
+
+
+def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshold: float | None = None,
+                 stage: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Heatmap, np.ndarray]:
+    """Screens one slice (``shape[0] == 1``) with the 2D detector; findings have ``z = 0``."""
+    t0 = time.time()
+    vol = as_ct_slice(vol)
+    thr = detector.threshold if threshold is None else threshold
+    if stage:
+        stage("lungs")
+    lungs = lung_mask(vol)
+    if lungs.sum() * np.prod(vol.spacing[1:]) < 1000:  # < 10 cm^2 of lung in the slice
+        raise InputError("no lungs in view in this slice (is this a chest CT?)", input_name or None)
+    if stage:
+        stage("detector")
+    pts = np.argwhere(lungs[0])
+    lo = np.maximum(pts.min(0) - int(MARGIN_MM / vol.spacing[1]), 0)
+    hi = np.minimum(pts.max(0) + int(MARGIN_MM / vol.spacing[1]) + 1, vol.shape[1:])
+    box = (slice(0, 1), slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))[0]
+    pad = [(0, (-n) % STRIDE) for n in block.shape]
+    x = np.pad(block, pad, constant_values=-1000.0)
+    with torch.inference_mode():
+        probs2 = torch.softmax(detector.net(torch.from_numpy(normalise(x).astype(np.float32))[None, None]), 1)[0].numpy()
+    lung_1mm = resample_array(lungs[box].astype(np.float32), vol.spacing, (1.0, 1.0, 1.0), order=0)[0] > 0.5
+    lung_1mm = np.pad(lung_1mm, pad)
+    g = (lung_1mm.shape[0] // STRIDE, lung_1mm.shape[1] // STRIDE)
+    in_lung = lung_1mm.reshape(g[0], STRIDE, g[1], STRIDE).any(axis=(1, 3))
+    probs2 = probs2[:, : g[0], : g[1]]
+    probs2[1:, ~in_lung] = 0.0
+    probs2[0, ~in_lung] = 1.0
+    heat = Heatmap(probs2[:, None], box, (STRIDE, vol.spacing[1], vol.spacing[2]))  # one cell deep in z
+    if stage:
+        stage("findings")
+    findings = findings_from(heat, vol, thr)
+    for f in findings:
+        f["voxel"][0] = 0.0
+        f["world_mm"] = [round(float(v), 2) for v in vol.voxel_to_world(f["voxel"])]
+    result = {
+        "input": input_name,
+        "shape": list(vol.shape),
+        "spacing_mm": [round(float(sp), 6) for sp in vol.spacing],
+        "verdict": "tampered" if findings else "clean",
+        "score": round(float((1.0 - heat.probs[0]).max()), 4),
+        "findings": findings,
+        "model": {"name": detector.name, "version": detector.version, "threshold": thr},
+        "warnings": list(vol.warnings) + ["a single slice is screened in 2D, without its neighbours: weaker than screening the series"],
+        "elapsed_s": round(time.time() - t0, 3),
+    }
+    return result, heat, lungs

@@ -23,8 +23,11 @@ def _crop_views(vol, heat_vox: np.ndarray, voxel: list[float]) -> list[tuple[str
     zs = slice(max(z - hz, 0), z + hz + 1)
     ys = slice(max(y - hy, 0), y + hy + 1)
     xs = slice(max(x - hx, 0), x + hx + 1)
+    axial = ("axial", vol.hu[z, ys, xs], heat_vox[z, ys, xs], sy / sx)
+    if vol.shape[0] == 1:  # a single slice has no coronal or sagittal view
+        return [axial]
     return [
-        ("axial", vol.hu[z, ys, xs], heat_vox[z, ys, xs], sy / sx),
+        axial,
         ("coronal", vol.hu[zs, y, xs][::-1], heat_vox[zs, y, xs][::-1], sz / sx),
         ("sagittal", vol.hu[zs, ys, x][::-1], heat_vox[zs, ys, x][::-1], sz / sy),
     ]
@@ -53,8 +56,9 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     cards = []
     for i, f in enumerate(result["findings"][:MAX_FIGURES], start=1):
-        fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4))
-        for ax, (name, img, heat, aspect) in zip(axes, _crop_views(vol, heat_vox, f["voxel"])):
+        views = _crop_views(vol, heat_vox, f["voxel"])
+        fig, axes = plt.subplots(1, len(views), figsize=(3.2 * len(views), 3.4), squeeze=False)
+        for ax, (name, img, heat, aspect) in zip(axes[0], views):
             ax.imshow(img, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect, interpolation="bilinear")
             masked = np.ma.masked_less(heat, 0.3)
             ax.imshow(masked, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.45, aspect=aspect, interpolation="bilinear")
