@@ -1,7 +1,7 @@
-"""Bundles a trained 3D detector into the package with its model card.
+"""Bundles a trained detector (3D, or 2D with --name tamper2d) into the package with its model card.
 
-Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V]
-Writes src/ctguard/weights/tamper3d.pt (weights, config, card) and tamper3d.json (the card).
+Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d]
+Writes src/ctguard/weights/NAME.pt (weights, config, card) and NAME.json (the card).
 """
 
 from __future__ import annotations
@@ -15,19 +15,23 @@ import torch
 from ctguard import __version__
 
 
-def main(run_dir: str, evals: list[str], threshold: float, version: str) -> None:
+ARCH = {"tamper3d": "TamperNet3D: 5 Conv3d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, 1 mm isotropic input",
+        "tamper2d": "TamperNet2D: 7 Conv2d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, one axial slice at 1 mm"}
+
+
+def main(run_dir: str, evals: list[str], threshold: float, version: str, name: str = "tamper3d") -> None:
     run = Path(run_dir)
     ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     summary = json.loads((run / "summary.json").read_text())
     card = {
-        "name": "tamper3d",
+        "name": name,
         "version": version,
         "package_version": __version__,
         "threshold": threshold,
-        "architecture": "TamperNet3D: 5 Conv3d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, 1 mm isotropic input",
+        "architecture": ARCH[name],
         "training_data": {
             "config": ckpt["config"],
-            "cubes": summary["cubes"],
+            "examples": summary.get("cubes", summary.get("slices")),
             "patients": "Lung-PET-CT-Dx A0001 (both series) + phantoms seeds 0-9 (simulated CT-GAN-style edits)"
                         + (f"; hard negatives mined from {ckpt['config'].get('hard_rounds')} rounds of "
                            f"{ckpt['config'].get('hard_phantoms')} clean phantoms (seeds 500+) and A0001's own series"
@@ -41,9 +45,9 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str) -> None
     ckpt["card"] = card
     dst = Path(__file__).resolve().parents[1] / "src/ctguard/weights"
     dst.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, dst / "tamper3d.pt")
-    (dst / "tamper3d.json").write_text(json.dumps(card, indent=2) + "\n")
-    print(f"bundled {run / 'model.pt'} -> {dst / 'tamper3d.pt'}")
+    torch.save(ckpt, dst / f"{name}.pt")
+    (dst / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"bundled {run / 'model.pt'} -> {dst / f'{name}.pt'}")
 
 
 if __name__ == "__main__":
@@ -52,5 +56,6 @@ if __name__ == "__main__":
     ap.add_argument("evals", nargs="*")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--version", default="0.1")
+    ap.add_argument("--name", default="tamper3d", choices=sorted(ARCH))
     a = ap.parse_args()
-    main(a.run_dir, a.evals, a.threshold, a.version)
+    main(a.run_dir, a.evals, a.threshold, a.version, a.name)

@@ -1,9 +1,10 @@
 """Calibrates a 3D detector's finding threshold on clean phantoms that neither training nor the
 held-out evaluation uses (seeds 6000+), so the threshold is never tuned on the test data.
 
-Usage: python benchmarks/calibrate_tamper3d.py --model PATH [--phantoms 12] [--max-false 1.0]
-Prints, per candidate threshold, the false findings per clean scan, and the lowest threshold whose
-rate is at most --max-false.
+Usage: python benchmarks/calibrate_tamper3d.py --model PATH [--phantoms 12] [--max-false 1.0] [--2d]
+Prints, per candidate threshold, the false findings per clean scan (with --2d: per clean slice, 6
+lung slices per phantom screened alone by a 2D detector), and the lowest threshold whose rate is at
+most --max-false.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 
 import numpy as np
 
-from ctguard.screen import load_detector, screen_volume
+from ctguard.lung import lung_mask
+from ctguard.screen import load_detector, load_detector2d, screen_slice, screen_volume
+from ctguard.volume import Volume
 from ctguard.tamper.simulate import phantom_source
 
 CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -24,12 +27,21 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--phantoms", type=int, default=12)
     ap.add_argument("--max-false", type=float, default=1.0)
+    ap.add_argument("--2d", dest="two_d", action="store_true", help="calibrate a 2D detector on single slices")
     args = ap.parse_args()
-    det = load_detector(args.model)
+    det = load_detector2d(args.model) if args.two_d else load_detector(args.model)
     scores = []
     for k in range(args.phantoms):
-        result, _, _ = screen_volume(phantom_source(6000 + k).volume, det, threshold=min(CANDIDATES))
-        scores.append([f["score"] for f in result["findings"]])
+        vol = phantom_source(6000 + k).volume
+        if args.two_d:
+            area = lung_mask(vol).sum((1, 2))
+            for z in np.linspace(np.argmax(area > 0.3 * area.max()), len(area) - 1 - np.argmax(area[::-1] > 0.3 * area.max()), 6).astype(int):
+                one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
+                result, _, _ = screen_slice(one, det, threshold=min(CANDIDATES))
+                scores.append([f["score"] for f in result["findings"]])
+        else:
+            result, _, _ = screen_volume(vol, det, threshold=min(CANDIDATES))
+            scores.append([f["score"] for f in result["findings"]])
     rate = {t: float(np.mean([sum(s >= t for s in sc) for sc in scores])) for t in CANDIDATES}
     chosen = next((t for t in CANDIDATES if rate[t] <= args.max_false), CANDIDATES[-1])
     print(json.dumps({"model": det.path, "phantoms": args.phantoms, "false_findings_per_clean_scan": rate,

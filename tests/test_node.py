@@ -130,3 +130,40 @@ def test_restart_resumes_a_spooled_series(tmp_path, tampered):
         assert entry["instances"] == len(fake) and entry["verdict"] == "tampered"
     finally:
         n.stop()
+
+
+def test_tls_echo_and_store(tmp_path, small_chest):
+    """With --tls-cert/--tls-key the node speaks DICOM over TLS; a plain association gets nowhere."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = tmp_path / "node.pem", tmp_path / "node.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = free_port()
+    n = Node(NodeConfig(spool=tmp_path / "spool", port=port, settle_s=60.0, tls=(str(cert), str(key), None)))
+    n.start()
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CTGUARD", tls_args=(client, "localhost"))
+        assert assoc.is_established
+        assert int(assoc.send_c_echo().Status) == 0
+        from ctguard import io
+
+        f = io.write_series(small_chest, tmp_path / "s")[0]
+        assert int(assoc.send_c_store(pydicom.dcmread(f)).Status) == 0
+        assoc.release()
+        assert len(list((tmp_path / "spool" / "series").glob("*/*.dcm"))) == 1
+        plain = AE(ae_title="SCANNER")
+        plain.add_requested_context(Verification)
+        plain.acse_timeout = plain.network_timeout = 3
+        assert not plain.associate("127.0.0.1", port, ae_title="CTGUARD").is_established
+    finally:
+        n.stop()

@@ -87,12 +87,12 @@ def test_screen_bad_inputs(tmp_path, capsys, tampered):
     io.write_series(Volume(np.full((20, 64, 64), 40.0, np.float32), (3.0, 2.0, 2.0)), tmp_path / "belly")
     assert main(["screen", str(tmp_path / "belly")]) == 2
     assert "no lungs in view" in capsys.readouterr().err
-    # A 2D image.
+    # A 2D image with no lungs in it.
     from PIL import Image
 
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "x.png")
     assert main(["screen", str(tmp_path / "x.png")]) == 2
-    assert "cannot be screened in 3D" in capsys.readouterr().err
+    assert "no lungs in view in this slice" in capsys.readouterr().err
     # A model file that is not a detector.
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert main(["screen", str(root / "clean"), "--model", str(tmp_path / "bad.pt")]) == 2
@@ -103,3 +103,38 @@ def test_demo_detects(tmp_path, capsys):
     out = api.demo(tmp_path / "demo", progress=False)
     assert all(out["matched"]), out
     assert Path(out["report"]).is_file() and Path(out["json"]).is_file()
+
+
+def test_lung_mask_of_a_single_slice(real_series):
+    """A lone slice is segmented in-plane: the same lung as in the whole series' mask of that slice."""
+    from ctguard.volume import Volume
+
+    vol = io.read(real_series["A0002-B40f"])
+    full = lung_mask(vol)
+    z = 15
+    one = lung_mask(Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:])))
+    assert one.shape == (1, 512, 512)
+    overlap = (one[0] & full[z]).sum() / full[z].sum()
+    assert full[z].sum() > 20_000 and overlap > 0.9 and one.sum() < 1.1 * full[z].sum()
+
+
+def test_single_slice_is_screened_in_2d(tampered, tmp_path):
+    root, truth, spacing = tampered
+    inj = truth[0]
+    z = int(round(inj["voxel"][0]))
+    files = sorted((root / "tampered").iterdir())
+    result = api.screen(files[z], json_out=tmp_path / "r.json", report_dir=tmp_path / "report")
+    assert result["shape"] == [1, 192, 192]
+    assert any("2D" in w for w in result["warnings"])
+    assert all(f["voxel"][0] == 0.0 for f in result["findings"])
+    near = [f for f in result["findings"]
+            if np.hypot(*((np.asarray(f["voxel"][1:]) - inj["voxel"][1:]) * np.asarray(spacing[1:]))) <= 10.0 + inj["diameter_mm"] / 2]
+    assert near and near[0]["kind"] == "injected", result["findings"][:3]
+    assert (tmp_path / "report" / "index.html").is_file()
+    # The same slice as an 8-bit PNG in the lung window (what export-slices writes) is read as such.
+    from PIL import Image
+
+    hu = io.read(files[z]).hu[0]
+    Image.fromarray(np.rint(np.clip((hu + 1000) / 1400, 0, 1) * 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    r_png = api.screen(tmp_path / "slice.png")
+    assert r_png["shape"] == [1, 192, 192] and any("lung window" in w for w in r_png["warnings"])

@@ -198,9 +198,13 @@ def score_locations(path: str | Path, locations_csv: str | Path, scores_out: str
         locs = [(float(r.get("slice", r.get("z"))), float(r["y"]), float(r["x"])) for r in keep]
     else:
         raise InputError("expected columns z,y,x or a CT-GAN labels file (type,uuid,slice,x,y)", locations_csv)
-    if vol.shape[0] == 1:
-        raise InputError("single slices are scored by the 2D model, which this version does not include", path)
-    probs = _score(vol, load_detector(model), np.asarray(locs, float)) if locs else np.zeros((0, 3))
+    if vol.shape[0] == 1:  # a single slice or image: the 2D detector, z = 0
+        from ctguard.screen import as_ct_slice, load_detector2d, score_locations_2d
+
+        det2 = load_detector2d(None if model in (None, "tamper3d") else model)
+        probs = score_locations_2d(as_ct_slice(vol), det2, np.asarray(locs, float)) if locs else np.zeros((0, 3))
+    else:
+        probs = _score(vol, load_detector(model), np.asarray(locs, float)) if locs else np.zeros((0, 3))
     out = []
     for r, p in zip(keep, probs):
         out.append({**r, "p_injected": round(float(p[1]), 4), "p_removed": round(float(p[2]), 4), "p_tampered": round(float(p[1] + p[2]), 4)})

@@ -322,3 +322,23 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
         "elapsed_s": round(time.time() - t0, 3),
     }
     return result, heat, lungs
+
+
+def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, square_mm: int = 64) -> np.ndarray:
+    """``(n, 3)`` probabilities at places ``(0, y, x)`` of a single slice: the mean of the central
+    2x2 cells of a ``square_mm`` square around each, scored by the 2D detector."""
+    out = np.zeros((len(locations), 3), dtype=np.float32)
+    half_px = np.ceil(square_mm / 2 / np.asarray(vol.spacing[1:])).astype(int)
+    padded = np.pad(vol.hu[0], [(h, h) for h in half_px], constant_values=-1000.0)
+    mid = square_mm // STRIDE // 2
+    for i, loc in enumerate(locations):
+        z, y, x = (float(v) for v in loc)
+        if z != 0 or not (0 <= y <= vol.shape[1] - 1 and 0 <= x <= vol.shape[2] - 1):
+            raise InputError(f"location {tuple(loc)} (z, y, x) is outside the slice {vol.shape}; a slice has z = 0")
+        cy, cx = int(round(y)) + half_px[0], int(round(x)) + half_px[1]
+        crop = padded[cy - half_px[0] : cy + half_px[0], cx - half_px[1] : cx + half_px[1]]
+        block = resample_array(crop[None], (1.0, *vol.spacing[1:]), (1.0, 1.0, 1.0))[0][:square_mm, :square_mm]
+        with torch.inference_mode():
+            p = torch.softmax(detector.net(torch.from_numpy(normalise(block).astype(np.float32))[None, None]), 1)[0].numpy()
+        out[i] = p[:, mid - 1 : mid + 1, mid - 1 : mid + 1].mean(axis=(1, 2))
+    return out
