@@ -35,7 +35,8 @@ def main() -> None:
         vol = phantom_source(6000 + k).volume
         if args.two_d:
             area = lung_mask(vol).sum((1, 2))
-            for z in np.linspace(np.argmax(area > 0.3 * area.max()), len(area) - 1 - np.argmax(area[::-1] > 0.3 * area.max()), 6).astype(int):
+            ok = np.nonzero(area > 0.3 * area.max())[0]
+            for z in ok[np.linspace(0, len(ok) - 1, 6).astype(int)]:
                 one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
                 result, _, _ = screen_slice(one, det, threshold=min(CANDIDATES))
                 scores.append([f["score"] for f in result["findings"]])

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from ctguard import io
+from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.screen import load_detector2d, score_locations_2d, screen_slice
 from ctguard.tamper.simulate import Source, phantom_source, tumours_from_voc, variants
@@ -46,7 +47,7 @@ def main() -> None:
         sources.append(Source(rel, vol, "A0002", tumours_from_voc(vol, SHARED / "annotations")))
     sources += [phantom_source(5000 + k) for k in range(args.phantoms)]
     pos = {"injected": [], "removed": []}
-    neg, found, clean_slices, false_findings = [], {"injected": [0, 0], "removed": [0, 0]}, 0, 0
+    neg, found, clean_slices, false_findings, no_lungs = [], {"injected": [0, 0], "removed": [0, 0]}, 0, 0, 0
     for i, src in enumerate(sources):
         rng = np.random.default_rng([321, i])
         lungs = lung_mask(src.volume)
@@ -56,7 +57,11 @@ def main() -> None:
                 zs += [int(round(t.voxel[0])) for t in src.tumours]
                 for z in zs:
                     s = one_slice(vol, z)
-                    result, _, sl = screen_slice(s, det)
+                    try:
+                        result, _, sl = screen_slice(s, det)
+                    except InputError:  # the 2D lung mask found under 10 cm^2 of lung here
+                        no_lungs += 1
+                        continue
                     clean_slices += 1
                     false_findings += len(result["findings"])
                     pts = np.argwhere(sl[0])
@@ -69,7 +74,11 @@ def main() -> None:
                     s = one_slice(vol, z)
                     p = score_locations_2d(s, det, np.asarray([(0, *e.voxel[1:])], float))[0]
                     pos[e.kind].append(float(p[1:].sum()))
-                    result, _, _ = screen_slice(s, det)
+                    try:
+                        result, _, _ = screen_slice(s, det)
+                    except InputError:
+                        no_lungs += 1
+                        result = {"findings": []}
                     hit = any(np.hypot(*((np.asarray(f["voxel"][1:]) - e.voxel[1:]) * np.asarray(vol.spacing[1:]))) <= 10 + e.diameter_mm / 2
                               and f["kind"] == e.kind for f in result["findings"])
                     found[e.kind][0] += hit
@@ -81,6 +90,7 @@ def main() -> None:
         "n_injected": len(pos["injected"]), "n_removed": len(pos["removed"]), "n_negatives": len(neg),
         "edits_found_right_kind": {k: f"{v[0]}/{v[1]}" for k, v in found.items()},
         "false_findings_per_clean_slice": round(false_findings / max(clean_slices, 1), 3), "clean_slices": clean_slices,
+        "slices_refused_no_lungs": no_lungs,
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -131,10 +131,17 @@ def test_single_slice_is_screened_in_2d(tampered, tmp_path):
             if np.hypot(*((np.asarray(f["voxel"][1:]) - inj["voxel"][1:]) * np.asarray(spacing[1:]))) <= 10.0 + inj["diameter_mm"] / 2]
     assert near and near[0]["kind"] == "injected", result["findings"][:3]
     assert (tmp_path / "report" / "index.html").is_file()
-    # The same slice as an 8-bit PNG in the lung window (what export-slices writes) is read as such.
+
+
+def test_png_slice_is_read_in_the_lung_window(real_series, tmp_path):
+    """An 8-bit PNG in the lung window (what export-slices writes) of a real 512-px slice is screened
+    in 2D, with the HU and pixel-size assumptions in the warnings."""
     from PIL import Image
 
-    hu = io.read(files[z]).hu[0]
+    vol = io.read(real_series["A0002-B40f"])
+    hu = vol.hu[15]
     Image.fromarray(np.rint(np.clip((hu + 1000) / 1400, 0, 1) * 255).astype(np.uint8)).save(tmp_path / "slice.png")
-    r_png = api.screen(tmp_path / "slice.png")
-    assert r_png["shape"] == [1, 192, 192] and any("lung window" in w for w in r_png["warnings"])
+    r = api.screen(tmp_path / "slice.png")
+    assert r["shape"] == [1, 512, 512] and r["spacing_mm"][1:] == [0.7, 0.7]
+    assert any("lung window" in w for w in r["warnings"])
+    assert r["verdict"] in ("clean", "tampered") and 0.0 <= r["score"] <= 1.0

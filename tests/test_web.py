@@ -143,3 +143,19 @@ def test_full_pool_answers_429(tmp_path, tampered):
         blocker.future.result(10)
         r = c.post("/api/jobs", files={"files": ("a.zip", zip_folder(root / "clean"), "application/zip")})
         assert r.status_code == 202
+
+
+def test_png_upload_is_screened_in_2d(client, real_series):
+    from PIL import Image
+
+    from ctguard import io as ctio
+
+    hu = ctio.read(real_series["A0002-B40f"]).hu[15]
+    buf = _io.BytesIO()
+    Image.fromarray(np.rint(np.clip((hu + 1000) / 1400, 0, 1) * 255).astype(np.uint8)).save(buf, format="PNG")
+    r = client.post("/api/screen", files={"files": ("slice.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["shape"] == [1, 512, 512] and doc["input"] == "slice.png"
+    assert any("2D" in w for w in doc["warnings"])
+    assert client.get(doc["links"]["slice"].replace("{z}", "0")).status_code == 200

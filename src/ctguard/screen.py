@@ -269,7 +269,7 @@ def as_ct_slice(vol: Volume) -> Volume:
     top = 65535.0 if vol.hu.max() > 255 else 255.0
     lo, hi = IMAGE_WINDOW
     hu = (lo + vol.hu / top * (hi - lo)).astype(np.float32)
-    meta = {**vol.meta, "warnings": list(vol.warnings) + [
+    meta = {**vol.meta, "kind": "image-hu", "warnings": list(vol.warnings) + [
         f"an image has no HU or pixel size: read as lung window {lo:.0f}..{hi:.0f} HU and {IMAGE_PIXEL_MM} mm pixels"]}
     return Volume(hu, (1.0, IMAGE_PIXEL_MM, IMAGE_PIXEL_MM), vol.origin, vol.direction, meta)
 
