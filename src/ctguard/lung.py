@@ -48,13 +48,15 @@ def lung_mask(vol: Volume, threshold: float = -400.0, close_mm: float = 6.0, min
     Returns:
         Boolean array of the volume's shape; all False when no lungs are in view.
     """
-    # Work at about 2 mm in-plane: the mask is 4-9x cheaper and loses nothing at a 6 mm closing.
-    step = max(1, int(2.0 // max(min(vol.spacing[1:]), 1e-6)))
-    if step > 1:
-        small = Volume(vol.hu[:, ::step, ::step], (vol.spacing[0], vol.spacing[1] * step, vol.spacing[2] * step))
+    # Work at about 2 mm (in-plane, and between thin slices): the mask is 4-20x cheaper and loses
+    # nothing that matters at a 6 mm closing.
+    step = max(1, int(2.0 // max(min(vol.spacing[1:]), 1e-6)), int(round(2.0 / max(min(vol.spacing[1:]), 1e-6))))
+    step_z = max(1, int(round(2.0 / max(vol.spacing[0], 1e-6)))) if vol.shape[0] > 1 else 1
+    if step > 1 or step_z > 1:
+        small = Volume(vol.hu[::step_z, ::step, ::step], (vol.spacing[0] * step_z, vol.spacing[1] * step, vol.spacing[2] * step))
         coarse = lung_mask(small, threshold, close_mm, min_volume_ml)
-        full = np.repeat(np.repeat(coarse, step, axis=1), step, axis=2)[:, : vol.shape[1], : vol.shape[2]]
-        return full
+        full = np.repeat(np.repeat(np.repeat(coarse, step_z, axis=0), step, axis=1), step, axis=2)
+        return full[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
     body = body_mask(vol)
     single = vol.shape[0] == 1
     cross = ndimage.generate_binary_structure(3, 1)
