@@ -78,6 +78,8 @@ def inside(args) -> None:
 
         _wait(all_there, 1800, "every series in Orthanc")
         total = len(_rest(http, "/instances"))
+        audit_path = tmp / "spool" / "audit.jsonl"
+        _wait(lambda: audit_path.is_file() and len(audit_path.read_text().splitlines()) >= len(uids), 60, "every audit line")
     finally:
         node.terminate()
         orthanc.terminate()
@@ -91,7 +93,6 @@ def inside(args) -> None:
         "instances_per_s_end_to_end": round(n / (max(arrived.values()) - t0), 1),
         "instances_per_s_received": round(n / (max(sent_done.values()) - t0), 1),
         "series_latency_s": [round(arrived[k] - started[k], 1) for k in range(args.senders)],
-        "screen_s": [a.get("screen_s") for a in audit if "series_uid" in a],
         "verdicts": [a.get("verdict") for a in audit if "series_uid" in a],
     }
     print(json.dumps(out, indent=2), flush=True)
