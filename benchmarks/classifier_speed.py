@@ -6,7 +6,8 @@ Each model runs in a fresh subprocess (so peak memory is its own): forward image
 grad), full-backprop training images/s (every layer trainable, Adam), and, for the transfer models,
 head-only training images/s on precomputed features (what `ctguard train` does with a frozen
 backbone). fp32, channels_last (what helped here; bf16 is 20x slower without bf16 units).
-Peak memory is the process's ru_maxrss.
+Peak memory is the process's ru_maxrss. To see what helps: --no-channels-last, and
+LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian's libtcmalloc-minimal4).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import sys
 PROBE = r"""
 import json, resource, sys, time, torch
 from ctguard.models.registry import build, SPECS
-name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+name, batch, steps, cl = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+fmt = torch.channels_last if cl else torch.contiguous_format
 torch.manual_seed(0)
 s = SPECS[name]
-m = build(name, 2, pretrained=False, unfreeze=-1).to(memory_format=torch.channels_last)
-x = torch.randn(batch, 3, s.input_size, s.input_size).contiguous(memory_format=torch.channels_last)
+m = build(name, 2, pretrained=False, unfreeze=-1).to(memory_format=fmt)
+x = torch.randn(batch, 3, s.input_size, s.input_size).contiguous(memory_format=fmt)
 y = torch.randint(0, 2, (batch,))
 m.eval()
 with torch.no_grad():
@@ -61,10 +63,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--models", default="paper-cnn,mobilenet_v2,resnet50,inception_v3,vgg16")
+    ap.add_argument("--no-channels-last", action="store_true", help="plain NCHW memory format, to see what channels_last gives")
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
-        out = subprocess.run([sys.executable, "-c", PROBE, name, str(args.batch), str(args.steps)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", PROBE, name, str(args.batch), str(args.steps), "0" if args.no_channels_last else "1"], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print("| model | input | forward img/s | train img/s (all layers) | head-only train img/s | peak MB |")
