@@ -6,6 +6,7 @@ retries), the node as a real ``ctguard node`` process, and pynetdicom senders.
 """
 from __future__ import annotations
 
+import io as _io
 import json
 import os
 import shutil
@@ -137,7 +138,7 @@ def test_node_between_scanner_and_orthanc(tmp_path, tampered):
         assert len(ids) == len(clean)
         by_sop = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in clean}
         for oid in ids:  # bit-identical: every element and the pixel bytes
-            got = pydicom.dcmread(__import__("io").BytesIO(_rest(http, f"/instances/{oid}/file")))
+            got = pydicom.dcmread(_io.BytesIO(_rest(http, f"/instances/{oid}/file")))
             sent = pydicom.dcmread(by_sop[str(got.SOPInstanceUID)])
             assert got == sent and got.PixelData == sent.PixelData
         assert not list((tmp_path / "spool" / "series").iterdir())  # deleted only after Orthanc confirmed all

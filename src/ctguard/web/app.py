@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -80,8 +81,6 @@ class BodyLimit:
                 await self._refuse(send, seen)
 
     async def _refuse(self, send, size: int) -> None:
-        import json
-
         body = json.dumps({"detail": f"upload of {size} bytes or more is over the limit of {self.limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
@@ -150,7 +149,7 @@ def create_app(settings: WebSettings | None = None):
         result = api.screen(job.input, json_out=job.out / "result.json", report_dir=job.out / "report", model=settings.model,
                             on_stage=on_stage, viewer_dir=job.out / "viewer")
         result["input"] = job.name  # never the server's temporary path
-        (job.out / "result.json").write_text(__import__("json").dumps(result, indent=2) + "\n")
+        (job.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         job.stage = "done"
         return result
 
