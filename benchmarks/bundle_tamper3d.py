@@ -47,6 +47,10 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
     dst.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dst / f"{name}.pt")
     (dst / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    if name == "tamper3d":  # the same network for onnxruntime, which screening prefers
+        from ctguard.screen import export_onnx, load_detector
+
+        export_onnx(load_detector(str(dst / f"{name}.pt")).net, dst / f"{name}.onnx")
     print(f"bundled {run / 'model.pt'} -> {dst / f'{name}.pt'}")
 
 

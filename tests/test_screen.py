@@ -145,3 +145,23 @@ def test_png_slice_is_read_in_the_lung_window(real_series, tmp_path):
     assert r["shape"] == [1, 512, 512] and r["spacing_mm"][1:] == [0.7, 0.7]
     assert any("lung window" in w for w in r["warnings"])
     assert r["verdict"] in ("clean", "tampered") and 0.0 <= r["score"] <= 1.0
+
+
+def test_onnx_runtime_matches_torch(tampered, monkeypatch):
+    """The bundled ONNX export gives the torch network's probabilities and the same findings."""
+    from ctguard.screen import load_detector
+
+    det = load_detector(None)
+    assert det.session is not None, "src/ctguard/weights/tamper3d.onnx is bundled and onnxruntime installed"
+    block = io.read(tampered[0] / "tampered").resampled((1.0, 1.0, 1.0)).hu[:64, 40:136, 40:136]
+    p_onnx = det.probabilities(block)
+    det.session = None
+    p_torch = det.probabilities(block)
+    assert p_onnx.shape == p_torch.shape == (3, 8, 12, 12)
+    assert np.abs(p_onnx - p_torch).max() < 1e-4
+    monkeypatch.setenv("CTGUARD_RUNTIME", "torch")
+    assert load_detector(None).session is None
+    with_torch = api.screen(tampered[0] / "tampered")
+    monkeypatch.setenv("CTGUARD_RUNTIME", "onnx")
+    with_onnx = api.screen(tampered[0] / "tampered")
+    assert [f["voxel"] for f in with_onnx["findings"]] == [f["voxel"] for f in with_torch["findings"]]

@@ -35,14 +35,43 @@ class Detector:
     path: str
     threshold: float = THRESHOLD
     card: dict = field(default_factory=dict)
+    session: Any = None  # an onnxruntime session of the same network, when its .onnx is bundled
 
     def probabilities(self, hu_1mm: np.ndarray) -> np.ndarray:
         """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8)."""
         pad = [(0, (-n) % STRIDE) for n in hu_1mm.shape]
-        x = np.pad(hu_1mm, pad, constant_values=-1000.0)
-        with torch.inference_mode():
-            logits = self.net(torch.from_numpy(normalise(x).astype(np.float32))[None, None])
-            return torch.softmax(logits, 1)[0].numpy()
+        x = normalise(np.pad(hu_1mm, pad, constant_values=-1000.0)).astype(np.float32)[None, None]
+        if self.session is not None:
+            logits = torch.from_numpy(self.session.run(None, {"hu": x})[0])
+        else:
+            with torch.inference_mode():
+                logits = self.net(torch.from_numpy(x))
+        return torch.softmax(logits, 1)[0].numpy()
+
+
+def export_onnx(net: torch.nn.Module, path: str | Path) -> Path:
+    """Writes the 3D detector as ONNX (opset 17, any block size), for onnxruntime."""
+    path = Path(path)
+    x = torch.zeros(1, 1, 64, 64, 64)
+    torch.onnx.export(net.eval(), (x,), str(path), input_names=["hu"], output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"hu": {2: "z", 3: "y", 4: "x"}, "logits": {2: "gz", 3: "gy", 4: "gx"}})
+    return path
+
+
+def _onnx_session(pt_path: Path):
+    """onnxruntime for the network beside ``pt_path`` (same name, .onnx), unless CTGUARD_RUNTIME=torch."""
+    import os
+
+    onnx_path = pt_path.with_suffix(".onnx")
+    if os.environ.get("CTGUARD_RUNTIME", "onnx") == "torch" or not onnx_path.is_file():
+        return None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
 def load_detector(name_or_path: str | None = None) -> Detector:
@@ -73,7 +102,7 @@ def load_detector(name_or_path: str | None = None) -> Detector:
     net.eval()
     card = ckpt.get("card", {})
     return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
-                    float(card.get("threshold", THRESHOLD)), card)
+                    float(card.get("threshold", THRESHOLD)), card, _onnx_session(path))
 
 
 def _lung_box(vol: Volume, lungs: np.ndarray) -> tuple[slice, ...]:
