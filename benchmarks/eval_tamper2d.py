@@ -24,10 +24,8 @@ from ctguard.lung import lung_mask
 from ctguard.screen import load_detector2d, score_locations_2d, screen_slice
 from ctguard.tamper.simulate import Source, phantom_source, tumours_from_voc, variants
 from ctguard.volume import Volume
+from eval_tamper3d import PATIENTS, SHARED  # benchmarks/ is the script's folder, so on sys.path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/lung-pet-ct-dx"
-A0002 = ["Lung_Dx-A0002/04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834/2.000000-ThoraxRoutine  8.0.0  B70f-62919",
-         "Lung_Dx-A0002/04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834/3.000000-ThoraxRoutine  8.0.0  B40f-10983"]
 
 
 def one_slice(vol: Volume, z: int) -> Volume:
@@ -42,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     det = load_detector2d(args.model)
     sources = []
-    for rel in A0002:
+    for rel in PATIENTS["A0002"]:
         vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)
         sources.append(Source(rel, vol, "A0002", tumours_from_voc(vol, SHARED / "annotations")))
     sources += [phantom_source(5000 + k) for k in range(args.phantoms)]

@@ -142,7 +142,7 @@ def screen(
     if single:
         from ctguard.screen import as_ct_slice, load_detector2d, screen_slice
 
-        detector = load_detector2d(None if model in (None, "tamper3d") else model)
+        detector = load_detector2d(model)
         vol = as_ct_slice(vol)
     else:
         detector = load_detector(model)
@@ -201,7 +201,7 @@ def score_locations(path: str | Path, locations_csv: str | Path, scores_out: str
     if vol.shape[0] == 1:  # a single slice or image: the 2D detector, z = 0
         from ctguard.screen import as_ct_slice, load_detector2d, score_locations_2d
 
-        det2 = load_detector2d(None if model in (None, "tamper3d") else model)
+        det2 = load_detector2d(model)
         probs = score_locations_2d(as_ct_slice(vol), det2, np.asarray(locs, float)) if locs else np.zeros((0, 3))
     else:
         probs = _score(vol, load_detector(model), np.asarray(locs, float)) if locs else np.zeros((0, 3))

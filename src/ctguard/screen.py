@@ -37,8 +37,14 @@ class Detector:
     card: dict = field(default_factory=dict)
     session: Any = None  # an onnxruntime session of the same network, when its .onnx is bundled
 
+    @property
+    def dims(self) -> int:
+        """2 for a slice detector (Conv2d head), 3 for the volume detector."""
+        return 2 if isinstance(self.net.head, torch.nn.Conv2d) else 3
+
     def probabilities(self, hu_1mm: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8)."""
+        """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8);
+        ``(3, y/8, x/8)`` for a 2D detector and a 1 mm plane."""
         pad = [(0, (-n) % STRIDE) for n in hu_1mm.shape]
         x = normalise(np.pad(hu_1mm, pad, constant_values=-1000.0)).astype(np.float32)[None, None]
         if self.session is not None:
@@ -74,35 +80,41 @@ def _onnx_session(pt_path: Path):
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
-def load_detector(name_or_path: str | None = None) -> Detector:
-    """Loads the bundled detector (default) or a checkpoint written by ``ctguard train``.
-
-    Raises:
-        InputError: the file is missing or is not a ctguard 3D detector checkpoint.
-    """
-    if name_or_path in (None, DEFAULT_MODEL):
-        path = Path(str(resources.files("ctguard") / "weights" / f"{DEFAULT_MODEL}.pt"))
+def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[dict], torch.nn.Module], label: str) -> Detector:
+    """A detector checkpoint: the bundled ``default`` (for None, 'tamper3d' or ``default``) or a file
+    written by ``ctguard train``; ``build(config)`` makes the network its weights go into."""
+    if name_or_path in (None, DEFAULT_MODEL, default):
+        path = Path(str(resources.files("ctguard") / "weights" / f"{default}.pt"))
         if not path.is_file():
-            raise InputError("the bundled detector is missing from the installation (reinstall ctguard)", path)
+            raise InputError(f"the bundled {label} detector is missing from the installation (reinstall ctguard)", path)
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise InputError("no such model file (give a checkpoint from ctguard train, or 'tamper3d')", path)
+            raise InputError(f"no such model file (give a checkpoint from ctguard train, or '{default}')", path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"not a loadable checkpoint ({e.__class__.__name__})", path) from None
-    if not isinstance(ckpt, dict) or ckpt.get("arch") != "tamper3d":
-        raise InputError(f"not a 3D tamper detector checkpoint (arch {ckpt.get('arch') if isinstance(ckpt, dict) else '?'})", path)
-    net = TamperNet3D(int(ckpt["config"].get("width", 16)))
+    if not isinstance(ckpt, dict) or ckpt.get("arch") != arch:
+        raise InputError(f"not a {label} tamper detector checkpoint (arch {ckpt.get('arch') if isinstance(ckpt, dict) else '?'})", path)
+    net = build(ckpt["config"])
     try:
         net.load_state_dict(ckpt["model"])
     except RuntimeError:
-        raise InputError("checkpoint weights do not fit the 3D detector's architecture", path) from None
+        raise InputError(f"checkpoint weights do not fit the {label} detector's architecture", path) from None
     net.eval()
     card = ckpt.get("card", {})
     return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
                     float(card.get("threshold", THRESHOLD)), card, _onnx_session(path))
+
+
+def load_detector(name_or_path: str | None = None) -> Detector:
+    """Loads the bundled 3D detector (default) or a checkpoint written by ``ctguard train``.
+
+    Raises:
+        InputError: the file is missing or is not a ctguard 3D detector checkpoint.
+    """
+    return _load(name_or_path, DEFAULT_MODEL, "tamper3d", lambda cfg: TamperNet3D(int(cfg.get("width", 16))), "3D")
 
 
 def _lung_box(vol: Volume, lungs: np.ndarray) -> tuple[slice, ...]:
@@ -148,12 +160,18 @@ class Heatmap:
         return out
 
 
-def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray) -> Heatmap:
-    box = _lung_box(vol, lungs)
+def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice, ...] | None = None) -> Heatmap:
+    """The detector's probabilities over ``box`` (default: the lungs and an 8 mm margin) at 1 mm;
+    cells with no lung are genuine."""
+    box = _lung_box(vol, lungs) if box is None else box
     block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))
-    probs = detector.probabilities(block)
-    # Only lung counts: cells with no lung voxel are genuine by definition.
     lung_1mm = resample_array(lungs[box].astype(np.float32), vol.spacing, (1.0, 1.0, 1.0), order=0) > 0.5
+    if detector.dims == 2:  # a single slice: its first 1 mm plane, one cell deep
+        block, lung_1mm = block[:1], lung_1mm[:1]
+        probs = detector.probabilities(block[0])[:, None]
+    else:
+        probs = detector.probabilities(block)
+    # Only lung counts: cells with no lung voxel are genuine by definition.
     pad = [(0, (-n) % STRIDE) for n in lung_1mm.shape]
     lung_1mm = np.pad(lung_1mm, pad)
     g = tuple(n // STRIDE for n in lung_1mm.shape)
@@ -216,20 +234,23 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
     heat = heatmap(vol, detector, lungs)
     if stage:
         stage("findings")
+    return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0), heat, lungs
+
+
+def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float) -> dict[str, Any]:
+    """The screening JSON of docs/DESIGN.md."""
     findings = findings_from(heat, vol, thr)
-    score = float((1.0 - heat.probs[0]).max())
-    result = {
+    return {
         "input": input_name,
         "shape": list(vol.shape),
         "spacing_mm": [round(float(s), 6) for s in vol.spacing],
         "verdict": "tampered" if findings else "clean",
-        "score": round(score, 4),
+        "score": round(float((1.0 - heat.probs[0]).max()), 4),
         "findings": findings,
         "model": {"name": detector.name, "version": detector.version, "threshold": thr},
-        "warnings": list(vol.warnings),
+        "warnings": warnings,
         "elapsed_s": round(time.time() - t0, 3),
     }
-    return result, heat, lungs
 
 
 def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube_mm: int = 64) -> np.ndarray:
@@ -259,36 +280,14 @@ IMAGE_PIXEL_MM = 0.7  # ... and no pixel size: a 512-pixel chest field of view o
 
 
 def load_detector2d(name_or_path: str | None = None) -> Detector:
-    """The bundled 2D detector (default) or a ``tamper2d`` checkpoint.
+    """The bundled 2D detector (default; also for 'tamper3d') or a ``tamper2d`` checkpoint.
 
     Raises:
         InputError: missing, or not a 2D tamper detector checkpoint.
     """
     from ctguard.models.patch2d import TamperNet2D
 
-    if name_or_path in (None, DEFAULT_MODEL_2D, DEFAULT_MODEL):
-        path = Path(str(resources.files("ctguard") / "weights" / f"{DEFAULT_MODEL_2D}.pt"))
-        if not path.is_file():
-            raise InputError("the bundled 2D detector is missing from the installation (reinstall ctguard)", path)
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise InputError("no such model file", path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"not a loadable checkpoint ({e.__class__.__name__})", path) from None
-    if not isinstance(ckpt, dict) or ckpt.get("arch") != "tamper2d":
-        raise InputError(f"not a 2D tamper detector checkpoint (arch {ckpt.get('arch') if isinstance(ckpt, dict) else '?'})", path)
-    net = TamperNet2D(int(ckpt["config"].get("width", 32)))
-    try:
-        net.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise InputError("checkpoint weights do not fit the 2D detector's architecture", path) from None
-    net.eval()
-    card = ckpt.get("card", {})
-    return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
-                    float(card.get("threshold", THRESHOLD)), card)
+    return _load(name_or_path, DEFAULT_MODEL_2D, "tamper2d", lambda cfg: TamperNet2D(int(cfg.get("width", 32))), "2D")
 
 
 def as_ct_slice(vol: Volume) -> Volume:
@@ -318,40 +317,14 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
     if stage:
         stage("detector")
     pts = np.argwhere(lungs[0])
-    lo = np.maximum(pts.min(0) - int(MARGIN_MM / vol.spacing[1]), 0)
-    hi = np.minimum(pts.max(0) + int(MARGIN_MM / vol.spacing[1]) + 1, vol.shape[1:])
-    box = (slice(0, 1), slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-    block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))[0]
-    pad = [(0, (-n) % STRIDE) for n in block.shape]
-    x = np.pad(block, pad, constant_values=-1000.0)
-    with torch.inference_mode():
-        probs2 = torch.softmax(detector.net(torch.from_numpy(normalise(x).astype(np.float32))[None, None]), 1)[0].numpy()
-    lung_1mm = resample_array(lungs[box].astype(np.float32), vol.spacing, (1.0, 1.0, 1.0), order=0)[0] > 0.5
-    lung_1mm = np.pad(lung_1mm, pad)
-    g = (lung_1mm.shape[0] // STRIDE, lung_1mm.shape[1] // STRIDE)
-    in_lung = lung_1mm.reshape(g[0], STRIDE, g[1], STRIDE).any(axis=(1, 3))
-    probs2 = probs2[:, : g[0], : g[1]]
-    probs2[1:, ~in_lung] = 0.0
-    probs2[0, ~in_lung] = 1.0
-    heat = Heatmap(probs2[:, None], box, (STRIDE, vol.spacing[1], vol.spacing[2]))  # one cell deep in z
+    margin = int(MARGIN_MM / vol.spacing[1])
+    lo, hi = np.maximum(pts.min(0) - margin, 0), np.minimum(pts.max(0) + margin + 1, vol.shape[1:])
+    heat = heatmap(vol, detector, lungs, (slice(0, 1), slice(lo[0], hi[0]), slice(lo[1], hi[1])))
     if stage:
         stage("findings")
-    findings = findings_from(heat, vol, thr)
-    for f in findings:
-        f["voxel"][0] = 0.0
-        f["world_mm"] = [round(float(v), 2) for v in vol.voxel_to_world(f["voxel"])]
-    result = {
-        "input": input_name,
-        "shape": list(vol.shape),
-        "spacing_mm": [round(float(sp), 6) for sp in vol.spacing],
-        "verdict": "tampered" if findings else "clean",
-        "score": round(float((1.0 - heat.probs[0]).max()), 4),
-        "findings": findings,
-        "model": {"name": detector.name, "version": detector.version, "threshold": thr},
-        "warnings": list(vol.warnings) + ["a single slice is screened in 2D, without its neighbours: weaker than screening the series"],
-        "elapsed_s": round(time.time() - t0, 3),
-    }
-    return result, heat, lungs
+    # One slice: findings_from clips every voxel to z = 0.
+    warnings = list(vol.warnings) + ["a single slice is screened in 2D, without its neighbours: weaker than screening the series"]
+    return _result(vol, detector, heat, thr, input_name, warnings, t0), heat, lungs
 
 
 def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, square_mm: int = 64) -> np.ndarray:
@@ -368,7 +341,6 @@ def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, s
         cy, cx = int(round(y)) + half_px[0], int(round(x)) + half_px[1]
         crop = padded[cy - half_px[0] : cy + half_px[0], cx - half_px[1] : cx + half_px[1]]
         block = resample_array(crop[None], (1.0, *vol.spacing[1:]), (1.0, 1.0, 1.0))[0][:square_mm, :square_mm]
-        with torch.inference_mode():
-            p = torch.softmax(detector.net(torch.from_numpy(normalise(block).astype(np.float32))[None, None]), 1)[0].numpy()
+        p = detector.probabilities(block)
         out[i] = p[:, mid - 1 : mid + 1, mid - 1 : mid + 1].mean(axis=(1, 2))
     return out
