@@ -1,10 +1,10 @@
 """Calibrates a 3D detector's finding threshold on clean phantoms that neither training nor the
 held-out evaluation uses (seeds 6000+), so the threshold is never tuned on the test data.
 
-Usage: python benchmarks/calibrate_tamper3d.py --model PATH [--phantoms 12] [--max-false 1.0] [--2d]
+Usage: python benchmarks/calibrate_tamper3d.py --model PATH [--phantoms 12] [--max-false 1.0] [--2d] [--varied]
 Prints, per candidate threshold, the false findings per clean scan (with --2d: per clean slice, 6
 lung slices per phantom screened alone by a 2D detector), and the lowest threshold whose rate is at
-most --max-false.
+most --max-false. With --varied every phantom has its own random scanner set-up.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 from ctguard.lung import lung_mask
 from ctguard.screen import load_detector, load_detector2d, screen_slice, screen_volume
 from ctguard.volume import Volume
-from ctguard.tamper.simulate import phantom_source
+from ctguard.tamper.simulate import phantom_source, varied_phantom_source
 
-CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
 
 def main() -> None:
@@ -28,11 +28,12 @@ def main() -> None:
     ap.add_argument("--phantoms", type=int, default=12)
     ap.add_argument("--max-false", type=float, default=1.0)
     ap.add_argument("--2d", dest="two_d", action="store_true", help="calibrate a 2D detector on single slices")
+    ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
     args = ap.parse_args()
     det = load_detector2d(args.model) if args.two_d else load_detector(args.model)
     scores = []
     for k in range(args.phantoms):
-        vol = phantom_source(6000 + k).volume
+        vol = (varied_phantom_source if args.varied else phantom_source)(6000 + k).volume
         if args.two_d:
             area = lung_mask(vol).sum((1, 2))
             ok = np.nonzero(area > 0.3 * area.max())[0]
@@ -45,7 +46,7 @@ def main() -> None:
             scores.append([f["score"] for f in result["findings"]])
     rate = {t: float(np.mean([sum(s >= t for s in sc) for sc in scores])) for t in CANDIDATES}
     chosen = next((t for t in CANDIDATES if rate[t] <= args.max_false), CANDIDATES[-1])
-    print(json.dumps({"model": det.path, "phantoms": args.phantoms, "false_findings_per_clean_scan": rate,
+    print(json.dumps({"model": det.path, "phantoms": args.phantoms, "varied": args.varied, "false_findings_per_clean_scan": rate,
                       "max_false": args.max_false, "threshold": chosen}, indent=2))
 
 

@@ -1,10 +1,11 @@
 """Held-out quality of a 3D tamper detector on simulated data (location and scan level).
 
 Usage:
-    python benchmarks/eval_tamper3d.py [--model PATH] [--holdout A0002|A0001] [--phantoms N] [--out FILE]
+    python benchmarks/eval_tamper3d.py [--model PATH] [--holdout A0002|A0001] [--phantoms N] [--varied] [--out FILE]
 
 Held-out sources: both series of the held-out patient (with their real tumours) and N phantoms
-whose seeds were never used in training (5000+). For each source it simulates 2 injected scans
+whose seeds were never used in training (5000+); with ``--varied`` each phantom has its own random
+scanner set-up (slice spacing, pixel size, noise, kernel: ``ctguard.tamper.simulate.acquisition``). For each source it simulates 2 injected scans
 (2 nodules each) and 1 removal per real tumour, with seeds unused in training, then measures:
 - location level: ROC AUC of p_tampered at edit centres against untouched places (10 random lung
   places per control scan and every untouched real tumour), for injections and removals apart;
@@ -24,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from ctguard import io
 from ctguard.lung import lung_mask
 from ctguard.screen import load_detector, score_locations, screen_volume
-from ctguard.tamper.simulate import Source, phantom_source, tumours_from_voc, variants
+from ctguard.tamper.simulate import Source, phantom_source, tumours_from_voc, varied_phantom_source, variants
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/lung-pet-ct-dx"
 PATIENTS = {
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--holdout", default="A0002", choices=sorted(PATIENTS))
     ap.add_argument("--phantoms", type=int, default=6)
+    ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     det = load_detector(args.model)
@@ -46,7 +48,8 @@ def main() -> None:
     for rel in PATIENTS[args.holdout]:
         vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)
         sources.append(Source(rel, vol, args.holdout, tumours_from_voc(vol, SHARED / "annotations")))
-    sources += [phantom_source(5000 + k) for k in range(args.phantoms)]
+    make = varied_phantom_source if args.varied else phantom_source
+    sources += [make(5000 + k) for k in range(args.phantoms)]
     pos = {"injected": [], "removed": []}
     neg = []
     flagged, tampered_scans, false_findings, clean_scans, times = 0, 0, 0, 0, []
@@ -81,7 +84,7 @@ def main() -> None:
                     per_kind_found[e.kind][0] += best >= det.threshold
                     per_kind_found[e.kind][1] += 1
     report = {
-        "model": det.path, "holdout": args.holdout, "phantoms": args.phantoms,
+        "model": det.path, "holdout": args.holdout, "phantoms": args.phantoms, "varied": args.varied,
         "auc_injected": round(roc_auc_score([1] * len(pos["injected"]) + [0] * len(neg), pos["injected"] + neg), 4),
         "auc_removed": round(roc_auc_score([1] * len(pos["removed"]) + [0] * len(neg), pos["removed"] + neg), 4) if pos["removed"] else None,
         "n_injected": len(pos["injected"]), "n_removed": len(pos["removed"]), "n_negatives": len(neg),

@@ -126,3 +126,26 @@ def test_simulate_bad_input_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
     assert main(["simulate", "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "nothing to simulate" in capsys.readouterr().err
+
+
+def test_varied_acquisitions():
+    from scipy import ndimage
+
+    from ctguard.data.phantom import make_chest
+    from ctguard.tamper.simulate import SLICE_MM, acquisition
+
+    setups = [acquisition(s) for s in range(40)]
+    assert acquisition(3) == setups[3]  # the seed fixes the set-up
+    assert {a["spacing"][0] for a in setups} >= {1.0, 5.0, 8.0}  # thin and thick slices both occur
+    for a in setups:
+        nz, ny, nx = a["shape"]
+        assert a["spacing"][0] in SLICE_MM and 0.6 <= a["spacing"][1] <= 1.0 and ny == nx
+        assert 230 <= ny * a["spacing"][1] <= 340  # a chest-sized field of view
+        assert nz * ny * nx <= 12_000_000 and 10 <= a["noise_hu"] <= 50
+    # A smooth kernel (large grain) leaves less high-frequency noise than a sharp one.
+    plain = make_chest((8, 64, 64), (4.0, 3.0, 3.0), seed=1, noise_hu=0.0).hu
+    noise = [make_chest((8, 64, 64), (4.0, 3.0, 3.0), seed=1, noise_hu=30.0, grain=g).hu - plain for g in (0.4, 1.2)]
+    body = plain > -900  # air is clipped at -1024, so measure inside the body
+    assert all(abs(float(n[body].std()) - 30.0) < 3.0 for n in noise)  # the asked noise level
+    hp = [float(np.std(n - ndimage.gaussian_filter(n, (0, 1, 1)))) for n in noise]
+    assert hp[1] < 0.5 * hp[0]

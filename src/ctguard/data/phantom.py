@@ -78,6 +78,7 @@ def make_chest(
     nodules: list[dict] | None = None,
     noise_hu: float = 20.0,
     pad_value: float | None = None,
+    grain: float = 0.7,
 ) -> Volume:
     """Builds a chest CT phantom.
 
@@ -90,6 +91,8 @@ def make_chest(
         noise_hu: standard deviation of the noise in water. Defaults to 20.
         pad_value: if set, voxels outside the scanner's circular field of view get this value
             (real scanners use -1024, -2048 or -3024). Defaults to None.
+        grain: in-plane correlation of the noise (Gaussian sigma in voxels): small for a sharp
+            reconstruction kernel, large for a smooth one. Defaults to 0.7.
 
     Returns:
         A Volume (``meta["kind"] == "phantom"``). ``meta["phantom"]`` has the seed, the nodules
@@ -195,7 +198,7 @@ def make_chest(
     # Scanner: a point-spread blur, then noise with CT's fine-grained correlation.
     hu = ndimage.gaussian_filter(hu, sigma=[max(0.6 / s, 0.3) for s in spacing]).astype(np.float32)
     noise = rng.standard_normal(size=shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=[0.0, 0.7, 0.7])
+    noise = ndimage.gaussian_filter(noise, sigma=[0.0, grain, grain])
     noise *= noise_hu / max(float(noise.std()), 1e-6)
     hu += noise
     if pad_value is not None:

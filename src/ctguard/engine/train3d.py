@@ -20,6 +20,8 @@ DEFAULTS: dict[str, Any] = {
     "phantoms": 10,  # phantom chests used for training
     "phantom_shape": [80, 192, 192],
     "phantom_spacing": [2.0, 1.9, 1.9],
+    "phantom_variety": False,  # each phantom under its own random scanner set-up (slices, pixels, noise, kernel)
+    "phantom_seed_base": None,  # the training phantoms' first seed; default seed * 1000
     "real_series": [],  # DICOM folders of the training patients
     "annotations": None,  # their tumour boxes (PASCAL-VOC XML by SOPInstanceUID)
     "inject": 2,
@@ -32,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.002,
     "threads": 2,
     "cache": None,  # an .npz to keep the simulated cubes in between runs
+    "extra_cubes": [],  # more cube files (.npz with x, y) to train on: an earlier run's cubes and hard negatives
     "init": None,  # start from this checkpoint's weights (e.g. to add hard-negative rounds to a trained model)
     "hard_rounds": 0,  # rounds of hard-negative mining: screen clean scans, add cubes at false findings, train on
     "hard_phantoms": 16,  # clean phantoms screened per round (seeds apart from the training phantoms')
@@ -45,15 +48,23 @@ DEFAULTS: dict[str, Any] = {
 
 def build_sources(cfg: dict, progress: bool = True):
     from ctguard import io
-    from ctguard.tamper.simulate import Source, phantom_source, tumours_from_voc
+    from ctguard.tamper.simulate import Source, tumours_from_voc
 
-    sources = [phantom_source(cfg["seed"] * 1000 + k, tuple(cfg["phantom_shape"]), tuple(cfg["phantom_spacing"]))
-               for k in range(cfg["phantoms"])]
+    base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
+    sources = [_phantom(cfg, base + k) for k in range(cfg["phantoms"])]
     for path in cfg["real_series"]:
         vol = io.read(path)
         tumours = tumours_from_voc(vol, cfg["annotations"]) if cfg.get("annotations") else []
         sources.append(Source(str(path), vol, vol.meta.get("patient_id", ""), tumours))
     return sources
+
+
+def _phantom(cfg: dict, seed: int):
+    from ctguard.tamper.simulate import phantom_source, varied_phantom_source
+
+    if cfg.get("phantom_variety"):
+        return varied_phantom_source(seed)
+    return phantom_source(seed, tuple(cfg["phantom_shape"]), tuple(cfg["phantom_spacing"]))
 
 
 def make_cubes(sources, cfg: dict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +110,9 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
         x, y = make_cubes(build_sources(cfg, progress), cfg, progress)
         if cache is not None:
             np.savez(cache, x=x, y=y)
+    for extra in cfg.get("extra_cubes") or []:
+        with np.load(extra) as d:
+            x, y = np.concatenate([x, d["x"].astype(np.float32)]), np.concatenate([y, d["y"].astype(np.int64)])
     t_data = time.time() - t0
     counts = np.bincount(y.ravel(), minlength=3)
     echo(f"{len(x)} cubes of {cfg['cube']} mm; target cells: " + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
@@ -157,7 +171,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     gen = torch.Generator().manual_seed(cfg["seed"] + first_epoch)
-    xt = torch.from_numpy(normalise(x))[:, None]
+    xt = torch.from_numpy(x)[:, None]  # normalised per batch: no second copy of the data
     yt = torch.from_numpy(y)
     history = []
     for epoch in range(first_epoch, first_epoch + epochs):
@@ -167,7 +181,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
         bar = tqdm(range(0, len(order), cfg["batch_size"]), desc=f"epoch {epoch + 1}", disable=not progress)
         for i in bar:
             idx = order[i : i + cfg["batch_size"]]
-            xb, yb = augment(xt[idx], yt[idx], gen)
+            xb, yb = augment(normalise(xt[idx]), yt[idx], gen)
             logits = model(xb)
             loss = loss_fn(logits, yb)
             opt.zero_grad()
@@ -194,15 +208,13 @@ def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool
     from ctguard.lung import lung_mask
     from ctguard.screen import Detector, findings_from, heatmap
     from ctguard.tamper.cube import cut
-    from ctguard.tamper.simulate import phantom_source
 
     model.eval()
     det = Detector(model, "mining", "", "")
     rng = np.random.default_rng([cfg["seed"], 77, round_])
     size, half = cfg["cube"], cfg["cube"] // 2
     n_cells = size // 8
-    vols = [lambda k=k: phantom_source(cfg["seed"] * 1000 + 500 + round_ * 100 + k, tuple(cfg["phantom_shape"]),
-                                       tuple(cfg["phantom_spacing"])).volume for k in range(int(cfg["hard_phantoms"]))]
+    vols = [lambda k=k: _phantom(cfg, cfg["seed"] * 1000 + 500 + round_ * 100 + k).volume for k in range(int(cfg["hard_phantoms"]))]
     vols += [lambda p=p: io.read(p) for p in cfg["real_series"]]
     xs = []
     for make in tqdm(vols, desc="mine hard negatives", disable=not progress):

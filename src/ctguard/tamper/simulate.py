@@ -92,7 +92,8 @@ def tumours_from_voc(vol: Volume, annotations: str | Path) -> list[Tumour]:
     return out
 
 
-def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), with_tumour: bool | None = None) -> Source:
+def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), with_tumour: bool | None = None,
+                   noise_hu: float = 20.0, grain: float = 0.7) -> Source:
     """A phantom chest as a simulation source; about half have one genuine nodule (a TM control)."""
     from ctguard.data.phantom import make_chest
 
@@ -104,7 +105,7 @@ def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), wit
         side = rng.choice([0.3, 0.7])
         nodules = [{"fraction": (rng.uniform(0.35, 0.65), rng.uniform(0.4, 0.55), side + rng.uniform(-0.04, 0.04)),
                     "diameter_mm": float(rng.uniform(8, 22)), "kind": str(rng.choice(["solid", "lobulated", "spiculated", "part-solid"]))}]
-    vol = make_chest(shape, spacing, seed=seed, nodules=nodules)
+    vol = make_chest(shape, spacing, seed=seed, nodules=nodules, noise_hu=noise_hu, grain=grain)
     tumours = []
     for n in vol.meta["phantom"]["nodules"]:
         # The phantom knows its nodule exactly: a ball a little wider than its outline.
@@ -113,6 +114,27 @@ def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), wit
         mask = np.sqrt(zz[:, None, None] + yy[None, :, None] + xx[None, None, :]) <= n["diameter_mm"] * 0.6 + 1.0
         tumours.append(Tumour(centre, n["diameter_mm"], mask))
     return Source(f"phantom-{seed}", vol, f"phantom-{seed}", tumours)
+
+
+SLICE_MM = (1.0, 1.25, 2.0, 2.5, 3.0, 5.0, 8.0)  # slice spacings seen in chest CT (CT-GAN's data: 0.625-2.5)
+
+
+def acquisition(seed: int) -> dict:
+    """A random scanner set-up for a phantom: slice spacing, pixel size, field of view, noise level
+    and grain (reconstruction kernel). The same seed gives the same set-up."""
+    rng = np.random.default_rng([seed, 98])
+    sz = float(rng.choice(SLICE_MM))
+    pixel = float(np.round(rng.uniform(0.6, 1.0), 3))
+    n = int(16 * np.round(rng.uniform(240.0, 330.0) / pixel / 16))
+    nz = int(np.clip(np.round(rng.uniform(120.0, 200.0) / sz), 24, 12_000_000 // (n * n)))
+    return {"shape": (nz, n, n), "spacing": (sz, pixel, pixel), "noise_hu": float(np.round(rng.uniform(10.0, 50.0), 1)),
+            "grain": float(np.round(rng.uniform(0.4, 1.2), 2))}
+
+
+def varied_phantom_source(seed: int, with_tumour: bool | None = None) -> Source:
+    """:func:`phantom_source` under a random :func:`acquisition`: detectors trained on many set-ups
+    meet a new scanner better than ones trained on one."""
+    return phantom_source(seed, with_tumour=with_tumour, **acquisition(seed))
 
 
 def _sample_spec(rng: np.random.Generator, sizes: tuple[float, float]) -> NoduleSpec:
