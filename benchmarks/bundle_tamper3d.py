@@ -1,6 +1,6 @@
 """Bundles a trained detector (3D, or 2D with --name tamper2d) into the package with its model card.
 
-Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d]
+Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d] [--patients TEXT]
 Writes src/ctguard/weights/NAME.pt (weights, config, card) and NAME.json (the card).
 """
 
@@ -19,7 +19,7 @@ ARCH = {"tamper3d": "TamperNet3D: 5 Conv3d blocks (3 stride-2, 1 dilated), 3-cla
         "tamper2d": "TamperNet2D: 7 Conv2d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, one axial slice at 1 mm"}
 
 
-def main(run_dir: str, evals: list[str], threshold: float, version: str, name: str = "tamper3d") -> None:
+def main(run_dir: str, evals: list[str], threshold: float, version: str, name: str = "tamper3d", patients: str | None = None) -> None:
     run = Path(run_dir)
     ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     summary = json.loads((run / "summary.json").read_text())
@@ -32,7 +32,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         "training_data": {
             "config": ckpt["config"],
             "examples": summary.get("cubes", summary.get("slices")),
-            "patients": "Lung-PET-CT-Dx A0001 (both series) + phantoms seeds 0-9 (simulated CT-GAN-style edits)"
+            "patients": patients or "Lung-PET-CT-Dx A0001 (both series) + phantoms seeds 0-9 (simulated CT-GAN-style edits)"
                         + (f"; hard negatives mined from {ckpt['config'].get('hard_rounds')} rounds of "
                            f"{ckpt['config'].get('hard_phantoms')} clean phantoms (seeds 500+) and A0001's own series"
                            if ckpt["config"].get("hard_rounds") else ""),
@@ -61,5 +61,6 @@ if __name__ == "__main__":
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--version", default="0.1")
     ap.add_argument("--name", default="tamper3d", choices=sorted(ARCH))
+    ap.add_argument("--patients", default=None, help="what the training data were, for the card")
     a = ap.parse_args()
-    main(a.run_dir, a.evals, a.threshold, a.version, a.name)
+    main(a.run_dir, a.evals, a.threshold, a.version, a.name, a.patients)

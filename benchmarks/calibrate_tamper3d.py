@@ -1,7 +1,7 @@
 """Calibrates a 3D detector's finding threshold on clean phantoms that neither training nor the
 held-out evaluation uses (seeds 6000+), so the threshold is never tuned on the test data.
 
-Usage: python benchmarks/calibrate_tamper3d.py --model PATH [--phantoms 12] [--max-false 1.0] [--2d] [--varied]
+Usage: python benchmarks/calibrate_tamper3d.py --model PATH [--phantoms 12] [--max-false 1.0] [--2d] [--varied [--opacities N]]
 Prints, per candidate threshold, the false findings per clean scan (with --2d: per clean slice, 6
 lung slices per phantom screened alone by a 2D detector), and the lowest threshold whose rate is at
 most --max-false. With --varied every phantom has its own random scanner set-up.
@@ -29,11 +29,12 @@ def main() -> None:
     ap.add_argument("--max-false", type=float, default=1.0)
     ap.add_argument("--2d", dest="two_d", action="store_true", help="calibrate a 2D detector on single slices")
     ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
+    ap.add_argument("--opacities", type=int, default=0, help="with --varied: up to N genuine hazy patches per phantom")
     args = ap.parse_args()
     det = load_detector2d(args.model) if args.two_d else load_detector(args.model)
     scores = []
     for k in range(args.phantoms):
-        vol = (varied_phantom_source if args.varied else phantom_source)(6000 + k).volume
+        vol = (varied_phantom_source(6000 + k, opacities=args.opacities) if args.varied else phantom_source(6000 + k)).volume
         if args.two_d:
             area = lung_mask(vol).sum((1, 2))
             ok = np.nonzero(area > 0.3 * area.max())[0]
@@ -46,7 +47,7 @@ def main() -> None:
             scores.append([f["score"] for f in result["findings"]])
     rate = {t: float(np.mean([sum(s >= t for s in sc) for sc in scores])) for t in CANDIDATES}
     chosen = next((t for t in CANDIDATES if rate[t] <= args.max_false), CANDIDATES[-1])
-    print(json.dumps({"model": det.path, "phantoms": args.phantoms, "varied": args.varied, "false_findings_per_clean_scan": rate,
+    print(json.dumps({"model": det.path, "phantoms": args.phantoms, "varied": args.varied, "opacities": args.opacities, "false_findings_per_clean_scan": rate,
                       "max_false": args.max_false, "threshold": chosen}, indent=2))
 
 

@@ -1,7 +1,7 @@
 """Held-out quality of a 3D tamper detector on simulated data (location and scan level).
 
 Usage:
-    python benchmarks/eval_tamper3d.py [--model PATH] [--holdout A0002|A0001] [--phantoms N] [--varied] [--out FILE]
+    python benchmarks/eval_tamper3d.py [--model PATH] [--holdout A0002|A0001] [--phantoms N] [--varied [--opacities N]] [--out FILE]
 
 Held-out sources: both series of the held-out patient (with their real tumours) and N phantoms
 whose seeds were never used in training (5000+); with ``--varied`` each phantom has its own random
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--holdout", default="A0002", choices=sorted(PATIENTS))
     ap.add_argument("--phantoms", type=int, default=6)
     ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
+    ap.add_argument("--opacities", type=int, default=0, help="with --varied: up to N genuine hazy patches per phantom")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     det = load_detector(args.model)
@@ -48,8 +49,8 @@ def main() -> None:
     for rel in PATIENTS[args.holdout]:
         vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)
         sources.append(Source(rel, vol, args.holdout, tumours_from_voc(vol, SHARED / "annotations")))
-    make = varied_phantom_source if args.varied else phantom_source
-    sources += [make(5000 + k) for k in range(args.phantoms)]
+    sources += [varied_phantom_source(5000 + k, opacities=args.opacities) if args.varied else phantom_source(5000 + k)
+                for k in range(args.phantoms)]
     pos = {"injected": [], "removed": []}
     neg = []
     flagged, tampered_scans, false_findings, clean_scans, times = 0, 0, 0, 0, []
@@ -84,7 +85,7 @@ def main() -> None:
                     per_kind_found[e.kind][0] += best >= det.threshold
                     per_kind_found[e.kind][1] += 1
     report = {
-        "model": det.path, "holdout": args.holdout, "phantoms": args.phantoms, "varied": args.varied,
+        "model": det.path, "holdout": args.holdout, "phantoms": args.phantoms, "varied": args.varied, "opacities": args.opacities,
         "auc_injected": round(roc_auc_score([1] * len(pos["injected"]) + [0] * len(neg), pos["injected"] + neg), 4),
         "auc_removed": round(roc_auc_score([1] * len(pos["removed"]) + [0] * len(neg), pos["removed"] + neg), 4) if pos["removed"] else None,
         "n_injected": len(pos["injected"]), "n_removed": len(pos["removed"]), "n_negatives": len(neg),

@@ -149,3 +149,18 @@ def test_varied_acquisitions():
     assert all(abs(float(n[body].std()) - 30.0) < 3.0 for n in noise)  # the asked noise level
     hp = [float(np.std(n - ndimage.gaussian_filter(n, (0, 1, 1)))) for n in noise]
     assert hp[1] < 0.5 * hp[0]
+
+
+def test_phantom_opacities_are_hazy_lung_only():
+    from ctguard.data.phantom import make_chest
+
+    args = ((12, 96, 96), (4.0, 3.6, 3.6))
+    plain, hazy = make_chest(*args, seed=2), make_chest(*args, seed=2, opacities=3)
+    assert np.array_equal(plain.hu, make_chest(*args, seed=2, opacities=0).hu)  # off by default: same bytes
+    lungs = plain.meta["lung_mask"]
+    raised = hazy.hu.astype(float) - plain.hu
+    assert raised[lungs].max() > 150  # lung got denser somewhere
+    # Before blur and noise the patches touch lung only; blurring lets them reach ~1 voxel beyond.
+    from scipy import ndimage
+    assert np.abs(raised[~ndimage.binary_dilation(lungs, iterations=2)]).max() <= 1.0
+    assert np.percentile(hazy.hu[lungs & (raised > 150)], 50) < -350  # hazy, not solid

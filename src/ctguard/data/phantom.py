@@ -71,6 +71,29 @@ def _paint_tubes(shape, spacing, origin_mm, segments, hu_inside, volume, allowed
     np.copyto(volume, (inside * hu_inside + (1 - inside) * volume).astype(np.float32), where=allowed & (inside > 0.02))
 
 
+def _draw_opacities(hu: np.ndarray, lung: np.ndarray, spacing, rng: np.random.Generator, count: int) -> None:
+    """Ground-glass and consolidation patches inside the lungs, in place: each a soft ellipsoid with
+    a noisy edge and patchy inner density that raises lung HU towards -750..-450 and leaves the
+    denser vessels as they are."""
+    sp = np.asarray(spacing, float)
+    pts = np.argwhere(lung[:, ::4, ::4]) * np.array([1, 4, 4])
+    for _ in range(count if len(pts) else 0):
+        c = pts[rng.integers(len(pts))]
+        radii = rng.uniform(10.0, 30.0) * rng.uniform(0.6, 1.4, size=3)
+        reach = np.ceil(1.5 * radii / sp).astype(int)
+        lo, hi = np.maximum(c - reach, 0), np.minimum(c + reach + 1, lung.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grids = np.meshgrid(*[(np.arange(a, b) - ci) * si / ri for a, b, ci, si, ri in zip(lo, hi, c, sp, radii)], indexing="ij", sparse=True)
+        dist = np.sqrt(sum(g**2 for g in grids))
+        field = ndimage.gaussian_filter(rng.standard_normal(dist.shape).astype(np.float32), 3.0 / sp)
+        field /= max(float(field.std()), 1e-6)
+        weight = 1.0 / (1.0 + np.exp(-(4.0 * (1.0 - dist) + 1.2 * field)))
+        target = rng.uniform(-750.0, -450.0) + 40.0 * field
+        sub = hu[box]
+        raise_ = np.where(lung[box] & (sub < target), weight * (target - sub), 0.0)
+        hu[box] = sub + raise_.astype(np.float32)
+
+
 def make_chest(
     shape: tuple[int, int, int] = (64, 128, 128),
     spacing: tuple[float, float, float] = (2.5, 2.7, 2.7),
@@ -79,6 +102,7 @@ def make_chest(
     noise_hu: float = 20.0,
     pad_value: float | None = None,
     grain: float = 0.7,
+    opacities: int = 0,
 ) -> Volume:
     """Builds a chest CT phantom.
 
@@ -93,6 +117,9 @@ def make_chest(
             (real scanners use -1024, -2048 or -3024). Defaults to None.
         grain: in-plane correlation of the noise (Gaussian sigma in voxels): small for a sharp
             reconstruction kernel, large for a smooth one. Defaults to 0.7.
+        opacities: genuine hazy patches to draw in the lungs (ground glass to near consolidation,
+            10-30 mm, irregular edges), the benign density a real lung has besides nodules.
+            Defaults to none; with none the phantom is the same as without the option.
 
     Returns:
         A Volume (``meta["kind"] == "phantom"``). ``meta["phantom"]`` has the seed, the nodules
@@ -181,6 +208,8 @@ def make_chest(
         trachea = [(np.array([half_z, -6.0 * scale, 0.0]), np.array([0.0, -10.0 * scale, 0.0]), 8.0 * max(scale, 0.5))]
         trachea += [(np.array([0.0, -10.0 * scale, 0.0]), np.array([-10.0 * scale, -4.0 * scale, s * 28.0 * scale]), 5.5 * max(scale, 0.5)) for s in (-1, 1)]
         _paint_tubes(shape, spacing, origin_mm, trachea + airways, AIR, hu, np.ones(shape, bool), wall_hu=MUSCLE, wall_mm=1.6)
+
+    _draw_opacities(hu, lung, spacing, np.random.default_rng([seed, 17]), opacities)
 
     drawn = []
     for i, nod in enumerate(nodules or []):

@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "phantom_shape": [80, 192, 192],
     "phantom_spacing": [2.0, 1.9, 1.9],
     "phantom_variety": False,  # each phantom under its own random scanner set-up (slices, pixels, noise, kernel)
+    "phantom_opacities": 0,  # varied phantoms get up to this many genuine hazy patches (ground glass, consolidation)
     "phantom_seed_base": None,  # the training phantoms' first seed; default seed * 1000
     "real_series": [],  # DICOM folders of the training patients
     "annotations": None,  # their tumour boxes (PASCAL-VOC XML by SOPInstanceUID)
@@ -63,7 +64,7 @@ def _phantom(cfg: dict, seed: int):
     from ctguard.tamper.simulate import phantom_source, varied_phantom_source
 
     if cfg.get("phantom_variety"):
-        return varied_phantom_source(seed)
+        return varied_phantom_source(seed, opacities=int(cfg.get("phantom_opacities") or 0))
     return phantom_source(seed, tuple(cfg["phantom_shape"]), tuple(cfg["phantom_spacing"]))
 
 

@@ -93,7 +93,7 @@ def tumours_from_voc(vol: Volume, annotations: str | Path) -> list[Tumour]:
 
 
 def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), with_tumour: bool | None = None,
-                   noise_hu: float = 20.0, grain: float = 0.7) -> Source:
+                   noise_hu: float = 20.0, grain: float = 0.7, opacities: int = 0) -> Source:
     """A phantom chest as a simulation source; about half have one genuine nodule (a TM control)."""
     from ctguard.data.phantom import make_chest
 
@@ -105,7 +105,7 @@ def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), wit
         side = rng.choice([0.3, 0.7])
         nodules = [{"fraction": (rng.uniform(0.35, 0.65), rng.uniform(0.4, 0.55), side + rng.uniform(-0.04, 0.04)),
                     "diameter_mm": float(rng.uniform(8, 22)), "kind": str(rng.choice(["solid", "lobulated", "spiculated", "part-solid"]))}]
-    vol = make_chest(shape, spacing, seed=seed, nodules=nodules, noise_hu=noise_hu, grain=grain)
+    vol = make_chest(shape, spacing, seed=seed, nodules=nodules, noise_hu=noise_hu, grain=grain, opacities=opacities)
     tumours = []
     for n in vol.meta["phantom"]["nodules"]:
         # The phantom knows its nodule exactly: a ball a little wider than its outline.
@@ -131,10 +131,12 @@ def acquisition(seed: int) -> dict:
             "grain": float(np.round(rng.uniform(0.4, 1.2), 2))}
 
 
-def varied_phantom_source(seed: int, with_tumour: bool | None = None) -> Source:
+def varied_phantom_source(seed: int, with_tumour: bool | None = None, opacities: int = 0) -> Source:
     """:func:`phantom_source` under a random :func:`acquisition`: detectors trained on many set-ups
-    meet a new scanner better than ones trained on one."""
-    return phantom_source(seed, with_tumour=with_tumour, **acquisition(seed))
+    meet a new scanner better than ones trained on one. ``opacities``: at most this many genuine
+    hazy patches (ground glass, consolidation), the number drawn from the seed."""
+    count = int(np.random.default_rng([seed, 16]).integers(0, opacities + 1)) if opacities else 0
+    return phantom_source(seed, with_tumour=with_tumour, opacities=count, **acquisition(seed))
 
 
 def _sample_spec(rng: np.random.Generator, sizes: tuple[float, float]) -> NoduleSpec:
