@@ -165,3 +165,28 @@ def test_onnx_runtime_matches_torch(tampered, monkeypatch):
     monkeypatch.setenv("CTGUARD_RUNTIME", "onnx")
     with_onnx = api.screen(tampered[0] / "tampered")
     assert [f["voxel"] for f in with_onnx["findings"]] == [f["voxel"] for f in with_torch["findings"]]
+
+
+def test_train_tamper3d_tiny_run(tmp_path):
+    """The 3D trainer end to end on a tiny phantom: cubes with dense targets, extra cube files,
+    a hard-negative round, and a checkpoint that screening loads."""
+    from ctguard.screen import load_detector, screen_volume
+
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, x=np.full((3, 32, 32, 32), -800, np.int16), y=np.zeros((3, 4, 4, 4), np.int8))
+    cfg = {"task": "tamper3d", "seed": 3, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "cache": str(tmp_path / "cubes.npz"), "extra_cubes": [str(extra)],
+           "hard_rounds": 1, "hard_phantoms": 1, "hard_threshold": 0.0, "hard_max_per_scan": 2, "hard_epochs": 1}
+    summary = api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
+    with np.load(tmp_path / "cubes.npz") as d:
+        own, targets = len(d["x"]), d["y"]
+    assert targets.shape[1:] == (4, 4, 4) and (targets == 1).any() and (targets == 0).any()  # injected and genuine cells
+    with np.load(tmp_path / "run" / "hard_round1.npz") as d:
+        mined = len(d["x"])
+        assert mined == 2 and not d["y"].any()  # threshold 0: the cap; mined cubes are all genuine
+    assert summary["cubes"] == own + 3 + mined
+    assert len(summary["history"]) == 2 and json.loads((tmp_path / "run" / "config.json").read_text())["extra_cubes"] == [str(extra)]
+    det = load_detector(str(tmp_path / "run" / "model.pt"))
+    result, _, _ = screen_volume(phantom_source(8, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume, det, threshold=0.5)
+    assert result["verdict"] == ("tampered" if result["findings"] else "clean") and result["model"]["threshold"] == 0.5
