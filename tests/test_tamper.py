@@ -164,3 +164,17 @@ def test_phantom_opacities_are_hazy_lung_only():
     from scipy import ndimage
     assert np.abs(raised[~ndimage.binary_dilation(lungs, iterations=2)]).max() <= 1.0
     assert np.percentile(hazy.hu[lungs & (raised > 150)], 50) < -350  # hazy, not solid
+
+
+def test_thick_slice_source_keeps_anatomy_in_place():
+    from ctguard.tamper.simulate import phantom_source, thick_slice_source
+
+    src = phantom_source(11, shape=(41, 96, 96), spacing=(4.0, 3.6, 3.6), with_tumour=True)
+    thick = thick_slice_source(src, 2)
+    assert thick.volume.shape == (20, 96, 96) and thick.volume.spacing == (8.0, 3.6, 3.6)
+    assert np.allclose(thick.volume.hu[3], np.rint(src.volume.hu[6:8].mean(0)))  # slab = mean of its slices
+    (t0,), (t1,) = src.tumours, thick.tumours
+    assert np.allclose(src.volume.voxel_to_world(t0.voxel), thick.volume.voxel_to_world(t1.voxel))  # same place in the body
+    assert t1.mask.shape == thick.volume.shape and t1.mask.any()
+    with pytest.raises(InputError):
+        thick_slice_source(src, 30)

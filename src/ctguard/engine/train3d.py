@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "phantom_opacities": 0,  # varied phantoms get up to this many genuine hazy patches (ground glass, consolidation)
     "phantom_seed_base": None,  # the training phantoms' first seed; default seed * 1000
     "real_series": [],  # DICOM folders of the training patients
+    "real_thick": [],  # also each real series with slices this many times thicker (averaged), e.g. [2]
     "annotations": None,  # their tumour boxes (PASCAL-VOC XML by SOPInstanceUID)
     "inject": 2,
     "remove": 2,
@@ -49,14 +50,16 @@ DEFAULTS: dict[str, Any] = {
 
 def build_sources(cfg: dict, progress: bool = True):
     from ctguard import io
-    from ctguard.tamper.simulate import Source, tumours_from_voc
+    from ctguard.tamper.simulate import Source, thick_slice_source, tumours_from_voc
 
     base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
     sources = [_phantom(cfg, base + k) for k in range(cfg["phantoms"])]
     for path in cfg["real_series"]:
         vol = io.read(path)
         tumours = tumours_from_voc(vol, cfg["annotations"]) if cfg.get("annotations") else []
-        sources.append(Source(str(path), vol, vol.meta.get("patient_id", ""), tumours))
+        src = Source(str(path), vol, vol.meta.get("patient_id", ""), tumours)
+        sources.append(src)
+        sources += [thick_slice_source(src, int(f)) for f in cfg.get("real_thick") or []]
     return sources
 
 
@@ -209,6 +212,7 @@ def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool
     from ctguard.lung import lung_mask
     from ctguard.screen import Detector, findings_from, heatmap
     from ctguard.tamper.cube import cut
+    from ctguard.tamper.simulate import Source, thick_slice_source
 
     model.eval()
     det = Detector(model, "mining", "", "")
@@ -217,6 +221,8 @@ def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool
     n_cells = size // 8
     vols = [lambda k=k: _phantom(cfg, cfg["seed"] * 1000 + 500 + round_ * 100 + k).volume for k in range(int(cfg["hard_phantoms"]))]
     vols += [lambda p=p: io.read(p) for p in cfg["real_series"]]
+    vols += [lambda p=p, f=f: thick_slice_source(Source(str(p), io.read(p), ""), int(f)).volume
+             for p in cfg["real_series"] for f in cfg.get("real_thick") or []]
     xs = []
     for make in tqdm(vols, desc="mine hard negatives", disable=not progress):
         vol = make()

@@ -116,6 +116,29 @@ def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), wit
     return Source(f"phantom-{seed}", vol, f"phantom-{seed}", tumours)
 
 
+def thick_slice_source(src: Source, factor: int) -> Source:
+    """The same patient reconstructed ``factor`` times thicker: each run of ``factor`` slices
+    averaged into one (a partial-volume slab, as a thick-slice reconstruction gives). Real anatomy
+    at a slice thickness the source does not have; tumours and their masks follow."""
+    vol = src.volume
+    n = vol.shape[0] // factor
+    if factor < 2 or n < 2:
+        raise InputError(f"{src.name}: cannot make {factor}x thicker slices from {vol.shape[0]} slices")
+    hu = vol.hu[: n * factor].reshape(n, factor, *vol.shape[1:]).mean(1)
+    shift = (factor - 1) / 2.0 * vol.spacing[0]
+    origin = tuple(float(o) for o in np.asarray(vol.origin) + np.asarray(vol.direction)[:, 2] * shift)
+    meta = {k: v for k, v in vol.meta.items() if k not in ("files", "sop_instance_uids")}
+    thick = Volume(np.rint(hu).astype(np.float32), (vol.spacing[0] * factor, *vol.spacing[1:]), origin, vol.direction, meta)
+    tumours = []
+    for t in src.tumours:
+        voxel = np.asarray(t.voxel, float) - [(factor - 1) / 2.0, 0.0, 0.0]
+        voxel[0] /= factor
+        mask = None if t.mask is None else t.mask[: n * factor].reshape(n, factor, *vol.shape[1:]).any(1)
+        if 0 <= voxel[0] <= n - 1:
+            tumours.append(Tumour(voxel, t.diameter_mm, mask))
+    return Source(f"{src.name} ({factor}x thicker slices)", thick, src.patient, tumours)
+
+
 SLICE_MM = (1.0, 1.25, 2.0, 2.5, 3.0, 5.0, 8.0)  # slice spacings seen in chest CT (CT-GAN's data: 0.625-2.5)
 
 
