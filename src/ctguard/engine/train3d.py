@@ -114,9 +114,15 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
         x, y = make_cubes(build_sources(cfg, progress), cfg, progress)
         if cache is not None:
             np.savez(cache, x=x, y=y)
+    # Cubes are kept as whole HU in int16 (half the memory of float32; the rounding is far below
+    # CT noise), and every file is added in one concatenation.
+    xs, ys = [x.astype(np.int16)], [y.astype(np.int64)]
     for extra in cfg.get("extra_cubes") or []:
         with np.load(extra) as d:
-            x, y = np.concatenate([x, d["x"].astype(np.float32)]), np.concatenate([y, d["y"].astype(np.int64)])
+            xs.append(d["x"].astype(np.int16))
+            ys.append(d["y"].astype(np.int64))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    del xs, ys
     t_data = time.time() - t0
     counts = np.bincount(y.ravel(), minlength=3)
     echo(f"{len(x)} cubes of {cfg['cube']} mm; target cells: " + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
@@ -132,7 +138,7 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
         np.savez_compressed(out / f"hard_round{r + 1}.npz", x=hx.astype(np.int16), y=hy.astype(np.int8))
         echo(f"hard negatives, round {r + 1}: {len(hx)} cubes at false findings on clean scans ({time.time() - t_mine:.0f} s)")
         if len(hx):
-            x, y = np.concatenate([x, hx]), np.concatenate([y, hy])
+            x, y = np.concatenate([x, hx.astype(np.int16)]), np.concatenate([y, hy])
         history += [{**row, "cubes": len(x)}
                     for row in fit(model, x, y, cfg["hard_epochs"], cfg["hard_lr"], cfg, progress, weights, first_epoch=len(history))]
     return save_run(out, model, cfg, "tamper3d", history, {"cubes": len(x)}, t0, t_data, echo, "making data")
@@ -185,7 +191,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
         bar = tqdm(range(0, len(order), cfg["batch_size"]), desc=f"epoch {epoch + 1}", disable=not progress)
         for i in bar:
             idx = order[i : i + cfg["batch_size"]]
-            xb, yb = augment(normalise(xt[idx]), yt[idx], gen)
+            xb, yb = augment(normalise(xt[idx].float()), yt[idx], gen)
             logits = model(xb)
             loss = loss_fn(logits, yb)
             opt.zero_grad()
