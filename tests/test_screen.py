@@ -49,8 +49,6 @@ def test_bundled_detector_finds_injection(tampered):
     assert "Verdict: tampered" in page
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 7): the bundled v0.3 detector still reports false findings "
-                   "on some clean phantoms (0.8 per scan on calibration phantoms); strict, so this flags the day it passes")
 def test_clean_phantom_screens_clean(tampered):
     root, _, _ = tampered
     result = api.screen(root / "clean")
