@@ -142,7 +142,8 @@ def test_png_slice_is_read_in_the_lung_window(real_series, tmp_path):
     r = api.screen(tmp_path / "slice.png")
     assert r["shape"] == [1, 512, 512] and r["spacing_mm"][1:] == [0.7, 0.7]
     assert any("lung window" in w for w in r["warnings"])
-    assert r["verdict"] in ("clean", "tampered") and 0.0 <= r["score"] <= 1.0
+    assert r["verdict"] == ("tampered" if r["findings"] else "clean") and 0.0 <= r["score"] <= 1.0
+    assert all(f["voxel"][0] == 0 for f in r["findings"])  # a single slice: every finding on z = 0
 
 
 def test_onnx_runtime_matches_torch(tampered, monkeypatch):
@@ -186,5 +187,6 @@ def test_train_tamper3d_tiny_run(tmp_path):
     assert summary["cubes"] == own + 3 + mined
     assert len(summary["history"]) == 2 and json.loads((tmp_path / "run" / "config.json").read_text())["extra_cubes"] == [str(extra)]
     det = load_detector(str(tmp_path / "run" / "model.pt"))
+    assert det.net.features[0][0].out_channels == 4  # the config's width, not the bundled network's
     result, _, _ = screen_volume(phantom_source(8, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume, det, threshold=0.5)
     assert result["verdict"] == ("tampered" if result["findings"] else "clean") and result["model"]["threshold"] == 0.5

@@ -50,7 +50,7 @@ def lung_mask(vol: Volume, threshold: float = -400.0, close_mm: float = 6.0, min
     """
     # Work at about 2 mm (in-plane, and between thin slices): the mask is 4-20x cheaper and loses
     # nothing that matters at a 6 mm closing.
-    step = max(1, int(2.0 // max(min(vol.spacing[1:]), 1e-6)), int(round(2.0 / max(min(vol.spacing[1:]), 1e-6))))
+    step = max(1, int(round(2.0 / max(min(vol.spacing[1:]), 1e-6))))
     step_z = max(1, int(round(2.0 / max(vol.spacing[0], 1e-6)))) if vol.shape[0] > 1 else 1
     if step > 1 or step_z > 1:
         small = Volume(vol.hu[::step_z, ::step, ::step], (vol.spacing[0] * step_z, vol.spacing[1] * step, vol.spacing[2] * step))

@@ -114,8 +114,8 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
         x, y = make_cubes(build_sources(cfg, progress), cfg, progress)
         if cache is not None:
             np.savez(cache, x=x, y=y)
-    # Cubes are kept as whole HU in int16 (half the memory of float32; the rounding is far below
-    # CT noise), and every file is added in one concatenation.
+    # Cubes are kept as whole HU in int16 (half the memory of float32; truncating the fraction is
+    # far below CT noise), and every file is added in one concatenation.
     xs, ys = [x.astype(np.int16)], [y.astype(np.int64)]
     for extra in cfg.get("extra_cubes") or []:
         with np.load(extra) as d:
@@ -211,7 +211,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
 def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """Screens clean scans (fresh phantoms, and the training patients' own untouched series) with the
     current model; every place it flags there is genuine by construction, so a cube around it (all
-    cells genuine) teaches the detector what it gets wrong: vessels, hilum, pleura, real tumours."""
+    cells genuine) teaches the detector what it gets wrong: vessels, hilum, pleura, real tumours.
+    With ``real_thick`` the series' thicker-slice versions are screened too."""
     from tqdm import tqdm
 
     from ctguard import io
@@ -225,13 +226,23 @@ def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool
     rng = np.random.default_rng([cfg["seed"], 77, round_])
     size, half = cfg["cube"], cfg["cube"] // 2
     n_cells = size // 8
-    vols = [lambda k=k: _phantom(cfg, cfg["seed"] * 1000 + 500 + round_ * 100 + k).volume for k in range(int(cfg["hard_phantoms"]))]
-    vols += [lambda p=p: io.read(p) for p in cfg["real_series"]]
-    vols += [lambda p=p, f=f: thick_slice_source(Source(str(p), io.read(p), ""), int(f)).volume
-             for p in cfg["real_series"] for f in cfg.get("real_thick") or []]
+    thick = [int(f) for f in cfg.get("real_thick") or []]
+
+    def clean_scans():
+        for k in range(int(cfg["hard_phantoms"])):
+            yield _phantom(cfg, cfg["seed"] * 1000 + 500 + round_ * 100 + k).volume
+        real = []
+        for p in cfg["real_series"]:
+            vol = io.read(p)
+            real += [vol] if thick else []  # read once; its thicker versions come after all series
+            yield vol
+        for vol in real:
+            for f in thick:
+                yield thick_slice_source(Source("", vol, ""), f).volume
+
+    total = int(cfg["hard_phantoms"]) + len(cfg["real_series"]) * (1 + len(thick))
     xs = []
-    for make in tqdm(vols, desc="mine hard negatives", disable=not progress):
-        vol = make()
+    for vol in tqdm(clean_scans(), total=total, desc="mine hard negatives", disable=not progress):
         lungs = lung_mask(vol)
         found = findings_from(heatmap(vol, det, lungs), vol, float(cfg["hard_threshold"]))[: int(cfg["hard_max_per_scan"])]
         for f in found:

@@ -124,7 +124,11 @@ def thick_slice_source(src: Source, factor: int) -> Source:
     n = vol.shape[0] // factor
     if factor < 2 or n < 2:
         raise InputError(f"{src.name}: cannot make {factor}x thicker slices from {vol.shape[0]} slices")
-    hu = vol.hu[: n * factor].reshape(n, factor, *vol.shape[1:]).mean(1)
+
+    def slabs(a: np.ndarray) -> np.ndarray:  # (n, factor, y, x): the slices each thick one is made of
+        return a[: n * factor].reshape(n, factor, *a.shape[1:])
+
+    hu = slabs(vol.hu).mean(1)
     shift = (factor - 1) / 2.0 * vol.spacing[0]
     origin = tuple(float(o) for o in np.asarray(vol.origin) + np.asarray(vol.direction)[:, 2] * shift)
     meta = {k: v for k, v in vol.meta.items() if k not in ("files", "sop_instance_uids")}
@@ -133,7 +137,7 @@ def thick_slice_source(src: Source, factor: int) -> Source:
     for t in src.tumours:
         voxel = np.asarray(t.voxel, float) - [(factor - 1) / 2.0, 0.0, 0.0]
         voxel[0] /= factor
-        mask = None if t.mask is None else t.mask[: n * factor].reshape(n, factor, *vol.shape[1:]).any(1)
+        mask = None if t.mask is None else slabs(t.mask).any(1)
         if 0 <= voxel[0] <= n - 1:
             tumours.append(Tumour(voxel, t.diameter_mm, mask))
     return Source(f"{src.name} ({factor}x thicker slices)", thick, src.patient, tumours)
