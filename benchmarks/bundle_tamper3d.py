@@ -1,7 +1,8 @@
 """Bundles a trained detector (3D, or 2D with --name tamper2d) into the package with its model card.
 
 Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d] [--patients TEXT]
-Writes src/ctguard/weights/NAME.pt (weights, config, card) and NAME.json (the card).
+Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card) and NAME.onnx (the
+network for onnxruntime).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
     dst.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dst / f"{name}.pt")
     (dst / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    if name == "tamper3d":  # the same network for onnxruntime, which screening prefers
-        from ctguard.screen import export_onnx, load_detector
+    # The same network for onnxruntime, which screening prefers and needs where PyTorch is not installed.
+    from ctguard.screen import export_onnx, load_detector, load_detector2d
 
-        export_onnx(load_detector(str(dst / f"{name}.pt")).net, dst / f"{name}.onnx")
+    load = load_detector2d if name == "tamper2d" else load_detector
+    export_onnx(load(str(dst / f"{name}.pt")).net, dst / f"{name}.onnx")
     print(f"bundled {run / 'model.pt'} -> {dst / f'{name}.pt'}")
 
 

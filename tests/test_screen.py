@@ -166,6 +166,67 @@ def test_onnx_runtime_matches_torch(tampered, monkeypatch):
     assert [f["voxel"] for f in with_onnx["findings"]] == [f["voxel"] for f in with_torch["findings"]]
 
 
+NO_TORCH = """
+import json, sys
+sys.modules["torch"] = sys.modules["torchvision"] = None  # as if PyTorch were not installed
+from ctguard import api
+from ctguard.cli import main
+out = {"volume": api.screen(sys.argv[1]), "slice": api.screen(sys.argv[2]), "train_rc": main(["train", "--config", sys.argv[3]])}
+out["torch_loaded"] = sorted(m for m, v in sys.modules.items() if m.split(".")[0] in ("torch", "torchvision") and v is not None)
+print(json.dumps(out))
+"""
+
+
+def test_screening_runs_without_pytorch(tampered, tmp_path, monkeypatch):
+    """Where PyTorch is not installed (a clinic's screening machine), the bundled ONNX detectors
+    screen a volume and a single slice exactly as PyTorch does; training says what to install."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root, truth, _ = tampered
+    hu = io.read(root / "tampered").hu[int(truth[0]["voxel"][0])]
+    Image.fromarray(np.rint(np.clip((hu + 1000) / 1400, 0, 1) * 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    (tmp_path / "cfg.yaml").write_text("task: tamper3d\n")
+    run = subprocess.run([sys.executable, "-c", NO_TORCH, str(root / "tampered"), str(tmp_path / "slice.png"), str(tmp_path / "cfg.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["torch_loaded"] == []
+    assert out["train_rc"] == 2 and "needs torch, which is not installed: pip install 'ctguard[train]'" in run.stderr
+    monkeypatch.setenv("CTGUARD_RUNTIME", "torch")  # the reference: PyTorch eager, in this process
+    for key, path in (("volume", root / "tampered"), ("slice", tmp_path / "slice.png")):
+        ref, got = api.screen(path), out[key]
+        assert got["verdict"] == ref["verdict"] and got["model"] == ref["model"]
+        assert [(f["kind"], f["voxel"]) for f in got["findings"]] == [(f["kind"], f["voxel"]) for f in ref["findings"]]
+        assert np.allclose([f["score"] for f in got["findings"]], [f["score"] for f in ref["findings"]], atol=2e-4)
+    assert out["volume"]["verdict"] == "tampered" and out["volume"]["model"]["name"] == "tamper3d"
+    assert out["slice"]["shape"][0] == 1 and out["slice"]["model"]["name"] == "tamper2d"
+
+
+def test_onnx_model_file(tmp_path):
+    """``--model`` takes an .onnx export: its card (threshold) comes from the .json beside it; a 2D
+    export given where a 3D detector is needed, or a file that is not ONNX, is refused by name."""
+    import shutil
+
+    from ctguard.errors import InputError
+    from ctguard.screen import load_detector, load_detector2d
+
+    weights = Path(api.__file__).parent / "weights"
+    det = load_detector(str(weights / "tamper3d.onnx"))
+    assert det.net is None and det.session is not None and det.dims == 3
+    assert det.threshold == json.loads((weights / "tamper3d.json").read_text())["threshold"]
+    assert load_detector2d(str(weights / "tamper2d.onnx")).dims == 2
+    shutil.copy(weights / "tamper2d.onnx", tmp_path / "flat.onnx")
+    with pytest.raises(InputError, match="not a 3D tamper detector") as e:
+        load_detector(str(tmp_path / "flat.onnx"))
+    assert "flat.onnx" in str(e.value)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a loadable ONNX model"):
+        load_detector(str(tmp_path / "junk.onnx"))
+
+
 def test_train_tamper3d_tiny_run(tmp_path):
     """The 3D trainer end to end on a tiny phantom: cubes with dense targets, extra cube files,
     a hard-negative round, and a checkpoint that screening loads."""
@@ -188,5 +249,6 @@ def test_train_tamper3d_tiny_run(tmp_path):
     assert len(summary["history"]) == 2 and json.loads((tmp_path / "run" / "config.json").read_text())["extra_cubes"] == [str(extra)]
     det = load_detector(str(tmp_path / "run" / "model.pt"))
     assert det.net.features[0][0].out_channels == 4  # the config's width, not the bundled network's
+    assert det.session is not None and Path(det.path).with_suffix(".onnx").is_file()  # the run's ONNX export, preferred
     result, _, _ = screen_volume(phantom_source(8, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume, det, threshold=0.5)
     assert result["verdict"] == ("tampered" if result["findings"] else "clean") and result["model"]["threshold"] == 0.5

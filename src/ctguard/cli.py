@@ -16,6 +16,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 
 log = logging.getLogger("ctguard")
+TRAINING_MODULES = {"torch", "torchvision", "onnx"}
 
 
 def _print_json(obj, path: str | None = None) -> None:
@@ -380,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except InputError as e:
         print(f"ctguard {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name not in TRAINING_MODULES:
+            raise
+        # Screening runs without PyTorch (on the bundled ONNX detectors); training and the 2D study do not.
+        print(f"ctguard {args.command}: error: this command needs {e.name}, which is not installed: pip install 'ctguard[train]'",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ctguard: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -9,13 +10,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
-from ctguard.models.cube3d import CLASSES, STRIDE, TamperNet3D, normalise
+from ctguard.models.grid import STRIDE, normalise_array, softmax
 from ctguard.volume import Volume, resample_array
 
 DEFAULT_MODEL = "tamper3d"
@@ -23,66 +23,107 @@ THRESHOLD = 0.5  # a finding's tamper probability needed to report it (see docs/
 NMS_MM = 24.0
 MARGIN_MM = 8.0
 MIN_EXTENT_MM = 24.0
+INSTALL_TORCH = "pip install 'ctguard[train]'"
 
 
 @dataclass
 class Detector:
-    """A loaded 3D detector and its identity."""
+    """A loaded detector and its identity. It runs on onnxruntime when its .onnx is at hand
+    (``session``), else on PyTorch (``net``); screening needs only one of the two."""
 
-    net: TamperNet3D
+    net: Any  # the torch network, or None where only the ONNX export was loaded
     name: str
     version: str
     path: str
     threshold: float = THRESHOLD
     card: dict = field(default_factory=dict)
-    session: Any = None  # an onnxruntime session of the same network, when its .onnx is bundled
-
-    @property
-    def dims(self) -> int:
-        """2 for a slice detector (Conv2d head), 3 for the volume detector."""
-        return 2 if isinstance(self.net.head, torch.nn.Conv2d) else 3
+    session: Any = None  # an onnxruntime session of the same network
+    dims: int = 3  # 3: the volume detector on 1 mm blocks; 2: the slice detector on 1 mm planes
 
     def probabilities(self, hu_1mm: np.ndarray) -> np.ndarray:
         """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8);
         ``(3, y/8, x/8)`` for a 2D detector and a 1 mm plane."""
         pad = [(0, (-n) % STRIDE) for n in hu_1mm.shape]
-        x = normalise(np.pad(hu_1mm, pad, constant_values=-1000.0)).astype(np.float32)[None, None]
+        x = normalise_array(np.pad(hu_1mm, pad, constant_values=-1000.0)).astype(np.float32)[None, None]
         if self.session is not None:
-            logits = torch.from_numpy(self.session.run(None, {"hu": x})[0])
+            logits = self.session.run(None, {"hu": x})[0]
         else:
+            import torch
+
             with torch.inference_mode():
-                logits = self.net(torch.from_numpy(x))
-        return torch.softmax(logits, 1)[0].numpy()
+                logits = self.net(torch.from_numpy(x)).numpy()
+        return softmax(logits, axis=1)[0]
 
 
-def export_onnx(net: torch.nn.Module, path: str | Path) -> Path:
-    """Writes the 3D detector as ONNX (opset 17, any block size), for onnxruntime."""
+def export_onnx(net, path: str | Path) -> Path:
+    """Writes a detector network (3D or 2D) as ONNX (opset 17, any block size), for onnxruntime."""
+    import torch
+
     path = Path(path)
-    x = torch.zeros(1, 1, 64, 64, 64)
+    if isinstance(net.head, torch.nn.Conv2d):
+        x, axes_in, axes_out = torch.zeros(1, 1, 64, 64), {2: "y", 3: "x"}, {2: "gy", 3: "gx"}
+    else:
+        x, axes_in, axes_out = torch.zeros(1, 1, 64, 64, 64), {2: "z", 3: "y", 4: "x"}, {2: "gz", 3: "gy", 4: "gx"}
     torch.onnx.export(net.eval(), (x,), str(path), input_names=["hu"], output_names=["logits"], opset_version=17, dynamo=False,
-                      dynamic_axes={"hu": {2: "z", 3: "y", 4: "x"}, "logits": {2: "gz", 3: "gy", 4: "gx"}})
+                      dynamic_axes={"hu": axes_in, "logits": axes_out})
     return path
 
 
-def _onnx_session(pt_path: Path):
-    """onnxruntime for the network beside ``pt_path`` (same name, .onnx), unless CTGUARD_RUNTIME=torch."""
+def _onnx_session(onnx_path: Path, required: bool = False):
+    """An onnxruntime session for ``onnx_path``; None where there is no such file, onnxruntime is
+    missing or CTGUARD_RUNTIME=torch asks for PyTorch (unless ``required``)."""
     import os
 
-    onnx_path = pt_path.with_suffix(".onnx")
-    if os.environ.get("CTGUARD_RUNTIME", "onnx") == "torch" or not onnx_path.is_file():
+    if not required and (os.environ.get("CTGUARD_RUNTIME", "onnx") == "torch" or not onnx_path.is_file()):
         return None
     try:
         import onnxruntime as ort
     except ImportError:
+        if required:
+            raise InputError("running an ONNX detector needs onnxruntime (pip install onnxruntime)", onnx_path) from None
         return None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        if required:
+            raise InputError(f"not a loadable ONNX model ({e.__class__.__name__})", onnx_path) from None
+        raise
 
 
-def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[dict], torch.nn.Module], label: str) -> Detector:
-    """A detector checkpoint: the bundled ``default`` (for None, 'tamper3d' or ``default``) or a file
-    written by ``ctguard train``; ``build(config)`` makes the network its weights go into."""
+def _have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _load_onnx(path: Path, dims: int, label: str) -> Detector:
+    """A detector from its ONNX export alone (no PyTorch): ``path`` itself when it is the .onnx, else
+    the .onnx beside it; its card from the .json beside it, where there is one."""
+    onnx_path = path.with_suffix(".onnx")
+    if not onnx_path.is_file():
+        raise InputError(f"a PyTorch checkpoint needs PyTorch to load ({INSTALL_TORCH}), or its .onnx export beside it", path)
+    session = _onnx_session(onnx_path, required=True)
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != "hu" or len(inputs[0].shape) != dims + 2:
+        raise InputError(f"not a {label} tamper detector (its input is not one {dims}D block named 'hu')", onnx_path)
+    card_path = path.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"the model card beside the detector is unreadable ({e.__class__.__name__})", card_path) from None
+    return Detector(None, card.get("name", path.stem), card.get("version", __version__), str(onnx_path),
+                    float(card.get("threshold", THRESHOLD)), card, session, dims)
+
+
+def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[dict], Any], label: str) -> Detector:
+    """A detector: the bundled ``default`` (for None, 'tamper3d' or ``default``), a checkpoint written
+    by ``ctguard train`` or an .onnx export; ``build(config)`` makes the network the weights go into.
+    Without PyTorch, the .onnx beside a checkpoint is loaded instead."""
+    dims = 2 if arch == "tamper2d" else 3
     if name_or_path in (None, DEFAULT_MODEL, default):
         path = Path(str(resources.files("ctguard") / "weights" / f"{default}.pt"))
         if not path.is_file():
@@ -90,7 +131,11 @@ def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[di
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise InputError(f"no such model file (give a checkpoint from ctguard train, or '{default}')", path)
+            raise InputError(f"no such model file (give a checkpoint from ctguard train, its .onnx, or '{default}')", path)
+    if path.suffix == ".onnx" or not _have_torch():
+        return _load_onnx(path, dims, label)
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -105,7 +150,7 @@ def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[di
     net.eval()
     card = ckpt.get("card", {})
     return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
-                    float(card.get("threshold", THRESHOLD)), card, _onnx_session(path))
+                    float(card.get("threshold", THRESHOLD)), card, _onnx_session(path.with_suffix(".onnx")), dims)
 
 
 def load_detector(name_or_path: str | None = None) -> Detector:
@@ -114,7 +159,12 @@ def load_detector(name_or_path: str | None = None) -> Detector:
     Raises:
         InputError: the file is missing or is not a ctguard 3D detector checkpoint.
     """
-    return _load(name_or_path, DEFAULT_MODEL, "tamper3d", lambda cfg: TamperNet3D(int(cfg.get("width", 16))), "3D")
+    def build(cfg: dict):
+        from ctguard.models.cube3d import TamperNet3D
+
+        return TamperNet3D(int(cfg.get("width", 16)))
+
+    return _load(name_or_path, DEFAULT_MODEL, "tamper3d", build, "3D")
 
 
 def _lung_box(vol: Volume, lungs: np.ndarray) -> tuple[slice, ...]:
@@ -285,9 +335,12 @@ def load_detector2d(name_or_path: str | None = None) -> Detector:
     Raises:
         InputError: missing, or not a 2D tamper detector checkpoint.
     """
-    from ctguard.models.patch2d import TamperNet2D
+    def build(cfg: dict):
+        from ctguard.models.patch2d import TamperNet2D
 
-    return _load(name_or_path, DEFAULT_MODEL_2D, "tamper2d", lambda cfg: TamperNet2D(int(cfg.get("width", 32))), "2D")
+        return TamperNet2D(int(cfg.get("width", 32)))
+
+    return _load(name_or_path, DEFAULT_MODEL_2D, "tamper2d", build, "2D")
 
 
 def as_ct_slice(vol: Volume) -> Volume:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ctguard.lung import lung_mask
-from ctguard.models.cube3d import CLASSES, STRIDE
+from ctguard.models.grid import CLASSES, STRIDE
 from ctguard.tamper.cube import cut
 from ctguard.tamper.simulate import Source, variants
 from ctguard.volume import Volume

@@ -146,14 +146,21 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
 
 def save_run(out: Path, model: nn.Module, cfg: dict, arch: str, history: list[dict], sizes: dict, t0: float, t_data: float, echo,
              data_word: str) -> dict:
-    """Writes a detector run: ``history.csv``, ``model.pt`` (weights, config, classes, ``arch``) and
-    ``summary.json``; returns the summary."""
+    """Writes a detector run: ``history.csv``, ``model.pt`` (weights, config, classes, ``arch``), its
+    ONNX export ``model.onnx`` (what screening runs on, with or without PyTorch) and ``summary.json``;
+    returns the summary."""
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
     model.eval()
     torch.save({"model": model.state_dict(), "config": cfg, "classes": CLASSES, "arch": arch}, out / "model.pt")
+    try:
+        from ctguard.screen import export_onnx
+
+        export_onnx(model, out / "model.onnx")
+    except Exception as e:  # the checkpoint is what matters; screening falls back to PyTorch without the export
+        echo(f"warning: could not export {out / 'model.onnx'} ({e.__class__.__name__}: {e}); screening will use PyTorch")
     summary = {**sizes, "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0 - t_data, 1), "history": history}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"trained in {summary['train_seconds']} s (+{summary['data_seconds']} s {data_word}); wrote {out / 'model.pt'}")

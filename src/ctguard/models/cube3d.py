@@ -11,17 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 
-CLASSES = ("genuine", "injected", "removed")
-STRIDE = 8
-HU_LOW, HU_HIGH = -1100.0, 500.0
+from ctguard.models.grid import CLASSES, HU_HIGH, HU_LOW, STRIDE, normalise_array
+
+__all__ = ["CLASSES", "STRIDE", "TamperNet3D", "normalise"]
 
 
 def normalise(hu: np.ndarray | torch.Tensor):
     """HU -> about [-1, 1] over the range that matters for lung (air to soft tissue and a bit more)."""
-    lo, hi = HU_LOW, HU_HIGH
     if isinstance(hu, torch.Tensor):
-        return (hu.clamp(lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)
-    return (np.clip(hu, lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2)
+        return (hu.clamp(HU_LOW, HU_HIGH) - (HU_LOW + HU_HIGH) / 2) / ((HU_HIGH - HU_LOW) / 2)
+    return normalise_array(hu)
 
 
 class TamperNet3D(nn.Module):
