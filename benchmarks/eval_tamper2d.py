@@ -1,6 +1,6 @@
 """Held-out quality of the 2D tamper detector, one slice at a time.
 
-Usage: python benchmarks/eval_tamper2d.py [--model PATH] [--phantoms 6] [--out FILE]
+Usage: python benchmarks/eval_tamper2d.py [--model PATH] [--threshold T] [--phantoms 6] [--out FILE]
 
 The same held-out sources as eval_tamper3d.py (both series of A0002 with their real tumours, and
 phantoms of seeds 5000+), the same simulated edits. For each edit, the axial slice through its
@@ -36,9 +36,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--phantoms", type=int, default=6)
+    ap.add_argument("--threshold", type=float, default=None, help="the operating threshold (default: the model card's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     det = load_detector2d(args.model)
+    if args.threshold is not None:
+        det.threshold = args.threshold
     sources = []
     for rel in PATIENTS["A0002"]:
         vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)

@@ -1,7 +1,7 @@
 """Held-out quality of a 3D tamper detector on simulated data (location and scan level).
 
 Usage:
-    python benchmarks/eval_tamper3d.py [--model PATH] [--holdout A0002|A0001] [--phantoms N] [--varied [--opacities N]] [--out FILE]
+    python benchmarks/eval_tamper3d.py [--model PATH] [--threshold T] [--holdout A0002|A0001] [--phantoms N] [--varied [--opacities N]] [--out FILE]
 
 Held-out sources: both series of the held-out patient (with their real tumours) and N phantoms
 whose seeds were never used in training (5000+); with ``--varied`` each phantom has its own random
@@ -42,9 +42,12 @@ def main() -> None:
     ap.add_argument("--phantoms", type=int, default=6)
     ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
     ap.add_argument("--opacities", type=int, default=0, help="with --varied: up to N genuine hazy patches per phantom")
+    ap.add_argument("--threshold", type=float, default=None, help="the operating threshold (default: the model card's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     det = load_detector(args.model)
+    if args.threshold is not None:
+        det.threshold = args.threshold
     sources = []
     for rel in PATIENTS[args.holdout]:
         vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)

@@ -34,11 +34,11 @@ stage configs/tamper3d-swap.yaml runs/tamper3d-swap
 # Held-out quality (A0002 + unseen phantoms) and the threshold, as recorded in docs/benchmarks.md.
 M=runs/tamper3d-thick/model.pt
 python benchmarks/calibrate_tamper3d.py --model "$M" --varied --opacities 4 > runs/calib-v06.json
-python benchmarks/eval_tamper3d.py --model "$M" --out runs/eval-v06-A0002.json
-python benchmarks/eval_tamper3d.py --model "$M" --varied --phantoms 8 --out runs/eval-v06-varied.json
+python benchmarks/eval_tamper3d.py --model "$M" --threshold 0.98 --out runs/eval-v06-A0002.json
+python benchmarks/eval_tamper3d.py --model "$M" --threshold 0.98 --varied --phantoms 8 --out runs/eval-v06-varied.json
 python benchmarks/eval_tamper3d.py --model runs/tamper3d-swap/model.pt --holdout A0001 --varied --phantoms 8 --out runs/eval-swap-A0001-varied.json
 python benchmarks/calibrate_tamper3d.py --2d --model runs/tamper2d/model.pt --max-false 0.2 > runs/calib-2d.json
-python benchmarks/eval_tamper2d.py --model runs/tamper2d/model.pt --out runs/eval-2d-A0002.json
+python benchmarks/eval_tamper2d.py --model runs/tamper2d/model.pt --threshold 0.9 --out runs/eval-2d-A0002.json
 
 if [ "${BUNDLE:-0}" = 1 ]; then
   python benchmarks/bundle_tamper3d.py runs/tamper3d-thick runs/eval-v06-A0002.json runs/eval-v06-varied.json runs/calib-v06.json \
