@@ -52,7 +52,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
     from ctguard.screen import export_onnx, load_detector, load_detector2d
 
     load = load_detector2d if name == "tamper2d" else load_detector
-    export_onnx(load(str(dst / f"{name}.pt")).net, dst / f"{name}.onnx")
+    export_onnx(load(str(dst / f"{name}.pt")).torch_net(), dst / f"{name}.onnx")
     print(f"bundled {run / 'model.pt'} -> {dst / f'{name}.pt'}")
 
 

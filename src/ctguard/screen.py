@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +33,7 @@ class Detector:
     """A loaded detector and its identity. It runs on onnxruntime when its .onnx is at hand
     (``session``), else on PyTorch (``net``); screening needs only one of the two."""
 
-    net: Any  # the torch network, or None where only the ONNX export was loaded
+    net: Any  # the torch network; None until :meth:`torch_net` builds it, where the ONNX export runs
     name: str
     version: str
     path: str
@@ -39,6 +41,16 @@ class Detector:
     card: dict = field(default_factory=dict)
     session: Any = None  # an onnxruntime session of the same network
     dims: int = 3  # 3: the volume detector on 1 mm blocks; 2: the slice detector on 1 mm planes
+    load_net: Callable[[], Any] | None = field(default=None, repr=False)  # builds ``net`` from its checkpoint
+
+    def torch_net(self):
+        """The PyTorch network, read from its checkpoint on first use (screening on onnxruntime never
+        needs it, so it never pays for importing torch)."""
+        if self.net is None:
+            if self.load_net is None:
+                raise InputError("this detector was loaded from its ONNX export alone: no PyTorch network to run", self.path)
+            self.net = self.load_net()
+        return self.net
 
     def probabilities(self, hu_1mm: np.ndarray) -> np.ndarray:
         """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8);
@@ -51,7 +63,7 @@ class Detector:
             import torch
 
             with torch.inference_mode():
-                logits = self.net(torch.from_numpy(x)).numpy()
+                logits = self.torch_net()(torch.from_numpy(x)).numpy()
         return softmax(logits, axis=1)[0]
 
 
@@ -69,44 +81,27 @@ def export_onnx(net, path: str | Path) -> Path:
     return path
 
 
-def _onnx_session(onnx_path: Path, required: bool = False):
-    """An onnxruntime session for ``onnx_path``; None where there is no such file, onnxruntime is
-    missing or CTGUARD_RUNTIME=torch asks for PyTorch (unless ``required``)."""
-    import os
-
-    if not required and (os.environ.get("CTGUARD_RUNTIME", "onnx") == "torch" or not onnx_path.is_file()):
-        return None
+def _onnx_session(onnx_path: Path):
+    """An onnxruntime session for ``onnx_path``."""
     try:
         import onnxruntime as ort
     except ImportError:
-        if required:
-            raise InputError("running an ONNX detector needs onnxruntime (pip install onnxruntime)", onnx_path) from None
-        return None
+        raise InputError("running an ONNX detector needs onnxruntime (pip install onnxruntime)", onnx_path) from None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        if required:
-            raise InputError(f"not a loadable ONNX model ({e.__class__.__name__})", onnx_path) from None
-        raise
-
-
-def _have_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        raise InputError(f"not a loadable ONNX model ({e.__class__.__name__})", onnx_path) from None
 
 
 def _load_onnx(path: Path, dims: int, label: str) -> Detector:
-    """A detector from its ONNX export alone (no PyTorch): ``path`` itself when it is the .onnx, else
-    the .onnx beside it; its card from the .json beside it, where there is one."""
+    """A detector on its ONNX export: ``path`` itself when it is the .onnx, else the .onnx beside it;
+    its card from the .json beside it, where there is one."""
     onnx_path = path.with_suffix(".onnx")
     if not onnx_path.is_file():
         raise InputError(f"a PyTorch checkpoint needs PyTorch to load ({INSTALL_TORCH}), or its .onnx export beside it", path)
-    session = _onnx_session(onnx_path, required=True)
+    session = _onnx_session(onnx_path)
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].name != "hu" or len(inputs[0].shape) != dims + 2:
         raise InputError(f"not a {label} tamper detector (its input is not one {dims}D block named 'hu')", onnx_path)
@@ -115,25 +110,12 @@ def _load_onnx(path: Path, dims: int, label: str) -> Detector:
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     except (OSError, ValueError) as e:
         raise InputError(f"the model card beside the detector is unreadable ({e.__class__.__name__})", card_path) from None
-    return Detector(None, card.get("name", path.stem), card.get("version", __version__), str(onnx_path),
+    return Detector(None, card.get("name", path.stem), card.get("version", __version__), str(path),
                     float(card.get("threshold", THRESHOLD)), card, session, dims)
 
 
-def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[dict], Any], label: str) -> Detector:
-    """A detector: the bundled ``default`` (for None, 'tamper3d' or ``default``), a checkpoint written
-    by ``ctguard train`` or an .onnx export; ``build(config)`` makes the network the weights go into.
-    Without PyTorch, the .onnx beside a checkpoint is loaded instead."""
-    dims = 2 if arch == "tamper2d" else 3
-    if name_or_path in (None, DEFAULT_MODEL, default):
-        path = Path(str(resources.files("ctguard") / "weights" / f"{default}.pt"))
-        if not path.is_file():
-            raise InputError(f"the bundled {label} detector is missing from the installation (reinstall ctguard)", path)
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise InputError(f"no such model file (give a checkpoint from ctguard train, its .onnx, or '{default}')", path)
-    if path.suffix == ".onnx" or not _have_torch():
-        return _load_onnx(path, dims, label)
+def _read_checkpoint(path: Path, arch: str, build: Callable[[dict], Any], label: str) -> tuple[Any, dict]:
+    """The PyTorch network in a ``ctguard train`` checkpoint, and its card."""
     import torch
 
     try:
@@ -147,10 +129,35 @@ def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[di
         net.load_state_dict(ckpt["model"])
     except RuntimeError:
         raise InputError(f"checkpoint weights do not fit the {label} detector's architecture", path) from None
-    net.eval()
-    card = ckpt.get("card", {})
+    return net.eval(), ckpt.get("card", {})
+
+
+def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[dict], Any], label: str) -> Detector:
+    """A detector: the bundled ``default`` (for None, 'tamper3d' or ``default``), a checkpoint written
+    by ``ctguard train`` or an .onnx export; ``build(config)`` makes the network the weights go into.
+    A checkpoint with its .onnx beside runs on onnxruntime (its card from the .json beside it) and
+    reads the checkpoint only if the PyTorch network is asked for; PyTorch runs it where
+    CTGUARD_RUNTIME=torch, or where there is no .onnx or no onnxruntime."""
+    dims = 2 if arch == "tamper2d" else 3
+    if name_or_path in (None, DEFAULT_MODEL, default):
+        path = Path(str(resources.files("ctguard") / "weights" / f"{default}.pt"))
+        if not path.is_file():
+            raise InputError(f"the bundled {label} detector is missing from the installation (reinstall ctguard)", path)
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise InputError(f"no such model file (give a checkpoint from ctguard train, its .onnx, or '{default}')", path)
+    have_torch = find_spec("torch") is not None
+    onnx_wanted = (os.environ.get("CTGUARD_RUNTIME", "onnx") != "torch" and path.with_suffix(".onnx").is_file()
+                   and find_spec("onnxruntime") is not None)
+    if path.suffix == ".onnx" or not have_torch or onnx_wanted:
+        det = _load_onnx(path, dims, label)
+        if have_torch and path.suffix != ".onnx":
+            det.load_net = lambda: _read_checkpoint(path, arch, build, label)[0]
+        return det
+    net, card = _read_checkpoint(path, arch, build, label)
     return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
-                    float(card.get("threshold", THRESHOLD)), card, _onnx_session(path.with_suffix(".onnx")), dims)
+                    float(card.get("threshold", THRESHOLD)), card, None, dims)
 
 
 def load_detector(name_or_path: str | None = None) -> Detector:
