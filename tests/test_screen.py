@@ -255,3 +255,30 @@ def test_train_tamper3d_tiny_run(tmp_path):
     det.session = None  # the same run's network on PyTorch: the export must give its probabilities
     _, heat_torch, _ = screen_volume(vol, det, threshold=0.5)
     assert heat_onnx.probs.shape == heat_torch.probs.shape and np.abs(heat_onnx.probs - heat_torch.probs).max() < 1e-4
+
+
+def test_train_tamper3d_sources_and_workers():
+    """Sources come in a fixed order (their place seeds their edits); real series repeat with
+    ``real_repeats``; worker processes make exactly the cubes one process makes; a GPU asked for
+    where there is none is refused by name."""
+    import torch
+
+    from ctguard.engine.train3d import DEFAULTS, _device, _pool, make_cubes, source_specs
+    from ctguard.errors import InputError
+
+    cfg = {**DEFAULTS, "seed": 4, "phantoms": 2, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "real_series": ["a", "b"], "real_thick": [2], "real_repeats": 2}
+    assert source_specs(cfg) == [("phantom", 4000), ("phantom", 4001)] + [("series", "a", 1), ("series", "a", 2),
+                                                                          ("series", "b", 1), ("series", "b", 2)] * 2
+    cfg.update(real_series=[], inject=1, remove=0, per_scan=1, cube=32, workers=2)
+    x1, y1 = make_cubes(cfg, None, progress=False)
+    pool = _pool(cfg)
+    try:
+        x2, y2 = make_cubes(cfg, pool, progress=False)
+    finally:
+        pool.terminate()
+    assert x1.shape[0] > 0 and np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no GPU"):
+            _device({"device": "cuda"})
+    assert _device({"device": "auto"}).type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -62,8 +62,9 @@ class Detector:
         else:
             import torch
 
-            with torch.inference_mode():
-                logits = self.torch_net()(torch.from_numpy(x)).numpy()
+            net = self.torch_net()
+            with torch.inference_mode():  # on the network's device (a GPU while training on one)
+                logits = net(torch.from_numpy(x).to(next(net.parameters()).device)).cpu().numpy()
         return softmax(logits, axis=1)[0]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctguard.errors import InputError
 from ctguard.models.cube3d import CLASSES, TamperNet3D, normalise
 
 DEFAULTS: dict[str, Any] = {
@@ -35,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
     "lr": 0.002,
     "threads": 2,
+    "device": "auto",  # where the network trains and mines: "cpu", "cuda", or "auto" (a GPU when there is one)
+    "workers": 1,  # processes that simulate sources and make clean scans at once (each holds a scan or two in memory)
+    "real_repeats": 1,  # each real series (and its thicker versions) simulated this many times, with fresh seeds
     "cache": None,  # an .npz to keep the simulated cubes in between runs
     "extra_cubes": [],  # more cube files (.npz with x, y) to train on: an earlier run's cubes and hard negatives
     "init": None,  # start from this checkpoint's weights (e.g. to add hard-negative rounds to a trained model)
@@ -48,19 +52,29 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_sources(cfg: dict, progress: bool = True):
+def source_specs(cfg: dict) -> list[tuple]:
+    """What the training scans are made from, in order: ``("phantom", seed)`` and ``("series", path,
+    factor)`` (a real series, ``factor`` times thicker when above 1). A source's place in this list
+    seeds its edits."""
+    base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
+    specs: list[tuple] = [("phantom", base + k) for k in range(cfg["phantoms"])]
+    for _ in range(int(cfg.get("real_repeats") or 1)):
+        for path in cfg["real_series"]:
+            specs += [("series", str(path), 1)] + [("series", str(path), int(f)) for f in cfg.get("real_thick") or []]
+    return specs
+
+
+def build_source(cfg: dict, spec: tuple):
+    """The scan (with its known real tumours) that a :func:`source_specs` entry stands for."""
     from ctguard import io
     from ctguard.tamper.simulate import Source, thick_slice_source, tumours_from_voc
 
-    base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
-    sources = [_phantom(cfg, base + k) for k in range(cfg["phantoms"])]
-    for path in cfg["real_series"]:
-        vol = io.read(path)
-        tumours = tumours_from_voc(vol, cfg["annotations"]) if cfg.get("annotations") else []
-        src = Source(str(path), vol, vol.meta.get("patient_id", ""), tumours)
-        sources.append(src)
-        sources += [thick_slice_source(src, int(f)) for f in cfg.get("real_thick") or []]
-    return sources
+    if spec[0] == "phantom":
+        return _phantom(cfg, spec[1])
+    vol = io.read(spec[1])
+    tumours = tumours_from_voc(vol, cfg["annotations"]) if cfg.get("annotations") else []
+    src = Source(spec[1], vol, vol.meta.get("patient_id", ""), tumours)
+    return thick_slice_source(src, spec[2]) if spec[2] > 1 else src
 
 
 def _phantom(cfg: dict, seed: int):
@@ -71,17 +85,47 @@ def _phantom(cfg: dict, seed: int):
     return phantom_source(seed, tuple(cfg["phantom_shape"]), tuple(cfg["phantom_spacing"]))
 
 
-def make_cubes(sources, cfg: dict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    from tqdm import tqdm
-
+def _source_cubes(job: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """One source's training cubes (a pool task: module level, so worker processes can run it)."""
     from ctguard.data.cubes import cubes_from_source
 
-    xs, ys = [], []
-    for i, src in enumerate(tqdm(sources, desc="simulate + cut cubes", disable=not progress)):
-        cx, cy = cubes_from_source(src, cfg["seed"] * 7919 + i, cfg["inject"], cfg["remove"], cfg["per_scan"], cfg["cube"])
-        xs += cx
-        ys += cy
-    return np.stack(xs).astype(np.float32), np.stack(ys)
+    cfg, i, spec = job
+    cx, cy = cubes_from_source(build_source(cfg, spec), cfg["seed"] * 7919 + i, cfg["inject"], cfg["remove"], cfg["per_scan"], cfg["cube"])
+    return np.stack(cx).astype(np.float32), np.stack(cy)
+
+
+def make_cubes(cfg: dict, pool=None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Simulates edits on every source and cuts training cubes, in source order (the same cubes
+    whatever the number of workers)."""
+    from tqdm import tqdm
+
+    specs = source_specs(cfg)
+    jobs = [(cfg, i, spec) for i, spec in enumerate(specs)]
+    done = (pool.imap if pool is not None else map)(_source_cubes, jobs)
+    parts = list(tqdm(done, total=len(jobs), desc="simulate + cut cubes", disable=not progress))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _pool(cfg: dict):
+    """A pool of ``workers`` processes for simulation and clean scans, or None for one process.
+    Workers are spawned, not forked: the parent may hold a GPU and threads."""
+    import multiprocessing
+
+    n = int(cfg.get("workers") or 1)
+    return multiprocessing.get_context("spawn").Pool(n, initializer=_worker_init) if n > 1 else None
+
+
+def _device(cfg: dict) -> torch.device:
+    want = str(cfg.get("device") or "auto")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {want!r} asked for, but PyTorch sees no GPU here")
+    return torch.device(want)
 
 
 def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +149,24 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.set_num_threads(int(cfg["threads"]))
+    device = _device(cfg)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    pool = _pool(cfg)
+    try:
+        return _train(cfg, out, device, pool, progress, echo)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, echo) -> dict:
     t0 = time.time()
     cache = Path(cfg["cache"]) if cfg.get("cache") else None
     if cache is not None and cache.is_file():
         with np.load(cache) as d:
             x, y = d["x"], d["y"]
     else:
-        x, y = make_cubes(build_sources(cfg, progress), cfg, progress)
+        x, y = make_cubes(cfg, pool, progress)
         if cache is not None:
             np.savez(cache, x=x, y=y)
     # Cubes are kept as whole HU in int16 (half the memory of float32; truncating the fraction is
@@ -131,10 +186,12 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     if cfg.get("init"):
         model.load_state_dict(torch.load(cfg["init"], map_location="cpu", weights_only=True)["model"])
         echo(f"starting from {cfg['init']}")
+    model.to(device)
+    echo(f"training on {'GPU ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
     history = [{**row, "cubes": len(x)} for row in fit(model, x, y, cfg["epochs"], cfg["lr"], cfg, progress, weights)]
     for r in range(int(cfg["hard_round_offset"]), int(cfg["hard_round_offset"]) + int(cfg["hard_rounds"])):
         t_mine = time.time()
-        hx, hy = mine_hard_negatives(model, cfg, r, progress)
+        hx, hy = mine_hard_negatives(model, cfg, r, progress, pool)
         np.savez_compressed(out / f"hard_round{r + 1}.npz", x=hx.astype(np.int16), y=hy.astype(np.int8))
         echo(f"hard negatives, round {r + 1}: {len(hx)} cubes at false findings on clean scans ({time.time() - t_mine:.0f} s)")
         if len(hx):
@@ -153,7 +210,7 @@ def save_run(out: Path, model: nn.Module, cfg: dict, arch: str, history: list[di
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
-    model.eval()
+    model.cpu().eval()
     torch.save({"model": model.state_dict(), "config": cfg, "classes": CLASSES, "arch": arch}, out / "model.pt")
     try:
         from ctguard.screen import export_onnx
@@ -186,10 +243,13 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * int(np.ceil(len(x) / cfg["batch_size"]))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    dev = next(model.parameters()).device
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(dev))
     gen = torch.Generator().manual_seed(cfg["seed"] + first_epoch)
     xt = torch.from_numpy(x)[:, None]  # normalised per batch: no second copy of the data
     yt = torch.from_numpy(y)
+    if dev.type == "cuda":  # the blocks stay on the GPU (int16 HU: 4 GB for 8,000 cubes of 64 mm)
+        xt, yt = xt.to(dev), yt.to(dev)
     history = []
     for epoch in range(first_epoch, first_epoch + epochs):
         model.train()
@@ -197,8 +257,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
         t_ep, tot, correct, cells = time.time(), 0.0, 0, 0
         bar = tqdm(range(0, len(order), cfg["batch_size"]), desc=f"epoch {epoch + 1}", disable=not progress)
         for i in bar:
-            idx = order[i : i + cfg["batch_size"]]
-            xb, yb = augment(normalise(xt[idx].float()), yt[idx], gen)
+            idx = order[i : i + cfg["batch_size"]].to(xt.device)
+            xb, yb = augment(normalise(xt[idx].float()).to(dev), yt[idx].to(dev), gen)
             logits = model(xb)
             loss = loss_fn(logits, yb)
             opt.zero_grad()
@@ -215,42 +275,44 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
     return history
 
 
-def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def _clean_scan(job: tuple):
+    """A clean scan for mining and its lung mask (a pool task): a phantom, or a real series as
+    acquired or ``factor`` times thicker."""
+    from ctguard import io
+    from ctguard.lung import lung_mask
+    from ctguard.tamper.simulate import Source, thick_slice_source
+
+    cfg, spec = job
+    if spec[0] == "phantom":
+        vol = _phantom(cfg, spec[1]).volume
+    else:
+        vol = io.read(spec[1])
+        vol = thick_slice_source(Source("", vol, ""), spec[2]).volume if spec[2] > 1 else vol
+    return vol, lung_mask(vol)
+
+
+def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool, pool=None) -> tuple[np.ndarray, np.ndarray]:
     """Screens clean scans (fresh phantoms, and the training patients' own untouched series) with the
     current model; every place it flags there is genuine by construction, so a cube around it (all
     cells genuine) teaches the detector what it gets wrong: vessels, hilum, pleura, real tumours.
-    With ``real_thick`` the series' thicker-slice versions are screened too."""
+    With ``real_thick`` the series' thicker-slice versions are screened too. ``pool`` makes the
+    clean scans in worker processes while the network screens."""
     from tqdm import tqdm
 
-    from ctguard import io
-    from ctguard.lung import lung_mask
     from ctguard.screen import Detector, findings_from, heatmap
     from ctguard.tamper.cube import cut
-    from ctguard.tamper.simulate import Source, thick_slice_source
 
     model.eval()
     det = Detector(model, "mining", "", "")
     rng = np.random.default_rng([cfg["seed"], 77, round_])
     size, half = cfg["cube"], cfg["cube"] // 2
     n_cells = size // 8
-    thick = [int(f) for f in cfg.get("real_thick") or []]
-
-    def clean_scans():
-        for k in range(int(cfg["hard_phantoms"])):
-            yield _phantom(cfg, cfg["seed"] * 1000 + 500 + round_ * 100 + k).volume
-        real = []
-        for p in cfg["real_series"]:
-            vol = io.read(p)
-            real += [vol] if thick else []  # read once; its thicker versions come after all series
-            yield vol
-        for vol in real:
-            for f in thick:
-                yield thick_slice_source(Source("", vol, ""), f).volume
-
-    total = int(cfg["hard_phantoms"]) + len(cfg["real_series"]) * (1 + len(thick))
+    specs = [("phantom", cfg["seed"] * 1000 + 500 + round_ * 100 + k) for k in range(int(cfg["hard_phantoms"]))]
+    specs += [("series", str(p), 1) for p in cfg["real_series"]]
+    specs += [("series", str(p), int(f)) for p in cfg["real_series"] for f in cfg.get("real_thick") or []]
+    scans = (pool.imap if pool is not None else map)(_clean_scan, [(cfg, spec) for spec in specs])
     xs = []
-    for vol in tqdm(clean_scans(), total=total, desc="mine hard negatives", disable=not progress):
-        lungs = lung_mask(vol)
+    for vol, lungs in tqdm(scans, total=len(specs), desc="mine hard negatives", disable=not progress):
         found = findings_from(heatmap(vol, det, lungs), vol, float(cfg["hard_threshold"]))[: int(cfg["hard_max_per_scan"])]
         for f in found:
             c = np.clip(np.asarray(f["voxel"]) + rng.uniform(-8, 8, 3) / np.asarray(vol.spacing), 0, np.asarray(vol.shape) - 1)
