@@ -1,7 +1,7 @@
 """Screening speed and memory on a 512x512x300 chest (a phantom written as DICOM), side by side with
 just reading it, in one run.
 
-Usage: python benchmarks/screen_speed.py [--slices 300] [--repeat 2]
+Usage: python benchmarks/screen_speed.py [--slices 300] [--repeat 2] [--model PATH]
 Uses the series benchmarks/read_speed.py writes (benchmarks/_work/phantom_<slices>, 0.7 mm pixels,
 1 mm slices), page cache warm. Each measurement runs in a fresh subprocess; peak memory is the
 growth of ru_maxrss over the interpreter's after its imports. Target (issue 7): screening <= 5x the
@@ -19,19 +19,19 @@ from pathlib import Path
 WORK = Path(__file__).resolve().parent / "_work"
 PROBE = """
 import json, resource, sys, time
-p, what = sys.argv[1], sys.argv[2]
-import numpy, torch, ctguard.api, ctguard.screen, ctguard.io
-ctguard.screen.load_detector(None)
+p, what, model = sys.argv[1], sys.argv[2], sys.argv[3] or None
+import numpy, ctguard.api, ctguard.screen, ctguard.io
+det = ctguard.screen.load_detector(model)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 if what == "read":
     v = ctguard.io.read(p)
     out = {}
 else:
-    out = ctguard.api.screen(p)
+    out = ctguard.api.screen(p, model=model)
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
-                  "verdict": out.get("verdict"), "findings": len(out.get("findings", [])), "threads": torch.get_num_threads()}))
+                  "verdict": out.get("verdict"), "findings": len(out.get("findings", [])), "runtime": "onnxruntime" if det.session is not None else "torch"}))
 """
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--model", default="", help="a detector checkpoint or .onnx (default: the bundled one)")
     args = ap.parse_args()
     series = WORK / f"phantom_{args.slices}"
     if not series.exists():
@@ -50,11 +51,11 @@ def main() -> None:
         f.read_bytes()
     res = {}
     for what in ("read", "screen"):
-        runs = [json.loads(subprocess.run([sys.executable, "-c", PROBE, str(series), what], capture_output=True, text=True,
+        runs = [json.loads(subprocess.run([sys.executable, "-c", PROBE, str(series), what, args.model], capture_output=True, text=True,
                                           check=True).stdout.strip().splitlines()[-1]) for _ in range(args.repeat)]
         best = min(runs, key=lambda r: r["seconds"])
         res[what] = {"seconds": round(best["seconds"], 2), "peak_mb": round(max(r["peak_mb"] for r in runs)),
-                     "verdict": best["verdict"], "findings": best["findings"]}
+                     "verdict": best["verdict"], "findings": best["findings"], "runtime": best["runtime"]}
     res["ratio_screen_over_read"] = round(res["screen"]["seconds"] / res["read"]["seconds"], 2)
     res["series"] = str(series)
     print(json.dumps(res, indent=2))

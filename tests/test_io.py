@@ -196,3 +196,15 @@ def test_bad_inputs(tmp_path, capsys, small_chest):
     one = sorted(mixed.glob("*.dcm"))[3]
     ds = pydicom.dcmread(one); ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]; ds.save_as(one)
     _expect_error(capsys, ["info", str(mixed)], "mixed slice orientations")
+
+
+@pytest.mark.parametrize("spacing, new", [((5.0, 0.842, 0.842), (1.0, 1.0, 1.0)), ((0.7, 1.3, 2.5), (1.0, 0.9, 2.0)),
+                                          ((8.0, 0.646, 0.646), (3.0, 3.0, 3.0))])
+def test_resample_nearest_matches_order0_interpolation(spacing, new):
+    """The index-lookup resampling the screener uses for lung masks picks the very voxels scipy's
+    order-0 interpolation picks (on a random mask, so every voxel counts)."""
+    from ctguard.volume import resample_array, resample_nearest
+
+    mask = np.random.default_rng(0).random((23, 41, 37)) < 0.5
+    fast = resample_nearest(mask, spacing, new)
+    assert fast.dtype == bool and np.array_equal(fast, resample_array(mask.astype(np.float32), spacing, new, order=0) > 0.5)

@@ -282,3 +282,28 @@ def test_train_tamper3d_sources_and_workers():
         with pytest.raises(InputError, match="no GPU"):
             _device({"device": "cuda"})
     assert _device({"device": "auto"}).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_ensemble_detector_averages_its_members(tmp_path):
+    """A checkpoint whose config lists members loads as their ensemble: its probabilities are the
+    mean of theirs, on PyTorch and on its ONNX export alike."""
+    import torch
+
+    from ctguard.models.cube3d import TamperNet3D, build
+    from ctguard.screen import export_onnx, load_detector
+
+    torch.manual_seed(0)
+    members = [TamperNet3D(4).eval(), TamperNet3D(8).eval()]
+    cfg = {"task": "tamper3d", "members": [{"width": 4}, {"width": 8}]}
+    net = build(cfg)
+    net.load_state_dict({f"members.{i}.{k}": v for i, m in enumerate(members) for k, v in m.state_dict().items()})
+    torch.save({"model": net.state_dict(), "config": cfg, "arch": "tamper3d"}, tmp_path / "model.pt")
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (1, 1, 32, 40, 48)).astype(np.float32))
+    with torch.inference_mode():
+        want = torch.stack([m(x).softmax(1) for m in members]).mean(0)[0].numpy()
+    hu = (x[0, 0].numpy() * 800.0 - 300.0)  # the HU that normalise maps back to x
+    det = load_detector(str(tmp_path / "model.pt"))
+    assert det.session is None and np.abs(det.probabilities(hu) - want).max() < 1e-5
+    export_onnx(det.torch_net(), tmp_path / "model.onnx")
+    det = load_detector(str(tmp_path / "model.pt"))
+    assert det.session is not None and np.abs(det.probabilities(hu) - want).max() < 1e-5

@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.volume import Volume, resample_array
+from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
 THRESHOLD = 0.5  # a finding's tamper probability needed to report it (see docs/model-card.md)
@@ -73,7 +73,7 @@ def export_onnx(net, path: str | Path) -> Path:
     import torch
 
     path = Path(path)
-    if isinstance(net.head, torch.nn.Conv2d):
+    if any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
         x, axes_in, axes_out = torch.zeros(1, 1, 64, 64), {2: "y", 3: "x"}, {2: "gy", 3: "gx"}
     else:
         x, axes_in, axes_out = torch.zeros(1, 1, 64, 64, 64), {2: "z", 3: "y", 4: "x"}, {2: "gz", 3: "gy", 4: "gx"}
@@ -168,9 +168,9 @@ def load_detector(name_or_path: str | None = None) -> Detector:
         InputError: the file is missing or is not a ctguard 3D detector checkpoint.
     """
     def build(cfg: dict):
-        from ctguard.models.cube3d import TamperNet3D
+        from ctguard.models.cube3d import build as build_net
 
-        return TamperNet3D(int(cfg.get("width", 16)))
+        return build_net(cfg)
 
     return _load(name_or_path, DEFAULT_MODEL, "tamper3d", build, "3D")
 
@@ -223,7 +223,7 @@ def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice
     cells with no lung are genuine."""
     box = _lung_box(vol, lungs) if box is None else box
     block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))
-    lung_1mm = resample_array(lungs[box].astype(np.float32), vol.spacing, (1.0, 1.0, 1.0), order=0) > 0.5
+    lung_1mm = resample_nearest(lungs[box], vol.spacing, (1.0, 1.0, 1.0))
     if detector.dims == 2:  # a single slice: its first 1 mm plane, one cell deep
         block, lung_1mm = block[:1], lung_1mm[:1]
         probs = detector.probabilities(block[0])[:, None]

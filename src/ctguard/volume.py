@@ -112,3 +112,16 @@ def resample_array(
     return ndimage.affine_transform(
         a.astype(np.float32, copy=False), step, output_shape=shape, order=order, mode="nearest"
     ).astype(np.float32, copy=False)
+
+
+def resample_nearest(a: np.ndarray, spacing: tuple[float, ...], new_spacing: tuple[float, ...]) -> np.ndarray:
+    """:func:`resample_array` with ``order=0`` for any dtype (a mask stays a mask), without
+    interpolating: nearest-neighbour resampling on an axis-aligned grid is separable, so it is three
+    index lookups, one per axis. The same voxels as ``resample_array(a, ..., order=0)``."""
+    out = a
+    for axis, (n, s, t) in enumerate(zip(a.shape, spacing, new_spacing)):
+        m = max(1, int(round(n * float(s) / float(t))))
+        # affine_transform's order-0 rule: the source voxel floor(i * step + 0.5), clamped (mode "nearest")
+        idx = np.clip(np.floor(np.arange(m) * (float(t) / float(s)) + 0.5).astype(np.intp), 0, n - 1)
+        out = np.take(out, idx, axis=axis)
+    return out

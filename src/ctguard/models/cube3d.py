@@ -13,7 +13,7 @@ from torch import nn
 
 from ctguard.models.grid import CLASSES, HU_HIGH, HU_LOW, STRIDE, normalise_array
 
-__all__ = ["CLASSES", "STRIDE", "TamperNet3D", "normalise"]
+__all__ = ["CLASSES", "STRIDE", "TamperEnsemble3D", "TamperNet3D", "build", "normalise"]
 
 
 def normalise(hu: np.ndarray | torch.Tensor):
@@ -48,3 +48,25 @@ class TamperNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class TamperEnsemble3D(nn.Module):
+    """Several detectors on the same input whose class probabilities are averaged. Its outputs are
+    the log of the mean probabilities, so a softmax of them gives that mean: screening, ONNX export
+    and thresholds treat it as one network."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([m(x).softmax(1) for m in self.members]).mean(0)
+        return p.clamp_min(1e-12).log()
+
+
+def build(cfg: dict) -> nn.Module:
+    """The network a checkpoint's config describes: one detector of ``width``, or with ``members``
+    (a list of member configs) their ensemble."""
+    if cfg.get("members"):
+        return TamperEnsemble3D([build(m) for m in cfg["members"]])
+    return TamperNet3D(int(cfg.get("width", 16)))
