@@ -259,17 +259,20 @@ def test_train_tamper3d_tiny_run(tmp_path):
 
 def test_train_tamper3d_sources_and_workers():
     """Sources come in a fixed order (their place seeds their edits); real series repeat with
-    ``real_repeats``; worker processes make exactly the cubes one process makes; a GPU asked for
+    ``real_repeats``; one-set-up phantoms can join varied ones; worker processes make exactly the cubes one process makes; a GPU asked for
     where there is none is refused by name."""
     import torch
 
-    from ctguard.engine.train3d import DEFAULTS, _device, _pool, make_cubes, source_specs
+    from ctguard.engine.train3d import DEFAULTS, _device, _pool, build_source, make_cubes, source_specs
     from ctguard.errors import InputError
 
     cfg = {**DEFAULTS, "seed": 4, "phantoms": 2, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
            "real_series": ["a", "b"], "real_thick": [2], "real_repeats": 2}
     assert source_specs(cfg) == [("phantom", 4000), ("phantom", 4001)] + [("series", "a", 1), ("series", "a", 2),
                                                                           ("series", "b", 1), ("series", "b", 2)] * 2
+    varied = {**cfg, "phantom_variety": True, "fixed_phantoms": 1, "real_series": []}
+    assert source_specs(varied) == [("phantom", 4000), ("phantom", 4001), ("fixed phantom", 4002)]
+    assert build_source(varied, ("fixed phantom", 4002)).volume.spacing == (4.0, 3.6, 3.6)  # the one set-up's
     cfg.update(real_series=[], inject=1, remove=0, per_scan=1, cube=32, workers=2)
     x1, y1 = make_cubes(cfg, None, progress=False)
     pool = _pool(cfg)

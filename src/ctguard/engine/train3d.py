@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "phantom_variety": False,  # each phantom under its own random scanner set-up (slices, pixels, noise, kernel)
     "phantom_opacities": 0,  # varied phantoms get up to this many genuine hazy patches (ground glass, consolidation)
     "phantom_seed_base": None,  # the training phantoms' first seed; default seed * 1000
+    "fixed_phantoms": 0,  # with phantom_variety: this many more phantoms of the one set-up (phantom_shape, phantom_spacing)
     "real_series": [],  # DICOM folders of the training patients
     "real_thick": [],  # also each real series with slices this many times thicker (averaged), e.g. [2]
     "annotations": None,  # their tumour boxes (PASCAL-VOC XML by SOPInstanceUID)
@@ -53,11 +54,14 @@ DEFAULTS: dict[str, Any] = {
 
 
 def source_specs(cfg: dict) -> list[tuple]:
-    """What the training scans are made from, in order: ``("phantom", seed)`` and ``("series", path,
-    factor)`` (a real series, ``factor`` times thicker when above 1). A source's place in this list
+    """What the training scans are made from, in order: ``("phantom", seed)``, ``("fixed phantom",
+    seed)`` (the one set-up, beside varied ones) and ``("series", path, factor)`` (a real series,
+    ``factor`` times thicker when above 1). A source's place in this list
     seeds its edits."""
     base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
     specs: list[tuple] = [("phantom", base + k) for k in range(cfg["phantoms"])]
+    if cfg.get("phantom_variety"):  # their seeds follow the varied phantoms'
+        specs += [("fixed phantom", base + cfg["phantoms"] + k) for k in range(int(cfg.get("fixed_phantoms") or 0))]
     for _ in range(int(cfg.get("real_repeats") or 1)):
         for path in cfg["real_series"]:
             specs += [("series", str(path), 1)] + [("series", str(path), int(f)) for f in cfg.get("real_thick") or []]
@@ -71,6 +75,8 @@ def build_source(cfg: dict, spec: tuple):
 
     if spec[0] == "phantom":
         return _phantom(cfg, spec[1])
+    if spec[0] == "fixed phantom":
+        return _phantom({**cfg, "phantom_variety": False}, spec[1])
     vol = io.read(spec[1])
     tumours = tumours_from_voc(vol, cfg["annotations"]) if cfg.get("annotations") else []
     src = Source(spec[1], vol, vol.meta.get("patient_id", ""), tumours)
