@@ -284,6 +284,10 @@ def test_train_tamper3d_sources_and_workers():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no GPU"):
             _device({"device": "cuda"})
+    with pytest.raises(InputError, match="unknown device"):
+        _device({"device": "gpu please"})
+    with pytest.raises(InputError, match="nothing to train on"):
+        make_cubes({**cfg, "phantoms": 0}, None, progress=False)
     assert _device({"device": "auto"}).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -56,8 +56,7 @@ DEFAULTS: dict[str, Any] = {
 def source_specs(cfg: dict) -> list[tuple]:
     """What the training scans are made from, in order: ``("phantom", seed)``, ``("fixed phantom",
     seed)`` (the one set-up, beside varied ones) and ``("series", path, factor)`` (a real series,
-    ``factor`` times thicker when above 1). A source's place in this list
-    seeds its edits."""
+    ``factor`` times thicker when above 1). A source's place in this list seeds its edits."""
     base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
     specs: list[tuple] = [("phantom", base + k) for k in range(cfg["phantoms"])]
     if cfg.get("phantom_variety"):  # their seeds follow the varied phantoms'
@@ -106,6 +105,8 @@ def make_cubes(cfg: dict, pool=None, progress: bool = True) -> tuple[np.ndarray,
     from tqdm import tqdm
 
     specs = source_specs(cfg)
+    if not specs:
+        raise InputError("nothing to train on: no phantoms, no real_series and no cache file of cubes")
     jobs = [(cfg, i, spec) for i, spec in enumerate(specs)]
     done = (pool.imap if pool is not None else map)(_source_cubes, jobs)
     parts = list(tqdm(done, total=len(jobs), desc="simulate + cut cubes", disable=not progress))
@@ -131,7 +132,10 @@ def _device(cfg: dict) -> torch.device:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {want!r} asked for, but PyTorch sees no GPU here")
-    return torch.device(want)
+    try:
+        return torch.device(want)
+    except RuntimeError:
+        raise InputError(f"unknown device {want!r} (use auto, cpu or cuda)") from None
 
 
 def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
