@@ -55,8 +55,9 @@ class Detector:
     def probabilities(self, hu_1mm: np.ndarray) -> np.ndarray:
         """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8);
         ``(3, y/8, x/8)`` for a 2D detector and a 1 mm plane."""
-        pad = [(0, (-n) % STRIDE) for n in hu_1mm.shape]
-        x = normalise_array(np.pad(hu_1mm, pad, constant_values=-1000.0)).astype(np.float32)[None, None]
+        x = np.full([n + (-n) % STRIDE for n in hu_1mm.shape], -1000.0, dtype=np.float32)
+        x[tuple(slice(0, n) for n in hu_1mm.shape)] = hu_1mm
+        x = normalise_array(x, out=x)[None, None]
         if self.session is not None:
             logits = self.session.run(None, {"hu": x})[0]
         else:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctguard.models.grid import CLASSES, HU_HIGH, HU_LOW, STRIDE, normalise_array
+from ctguard.models.grid import CLASSES, HU_HALF, HU_HIGH, HU_LOW, HU_MID, STRIDE, normalise_array
 
 __all__ = ["CLASSES", "STRIDE", "TamperEnsemble3D", "TamperNet3D", "build", "normalise"]
 
@@ -19,7 +19,7 @@ __all__ = ["CLASSES", "STRIDE", "TamperEnsemble3D", "TamperNet3D", "build", "nor
 def normalise(hu: np.ndarray | torch.Tensor):
     """HU -> about [-1, 1] over the range that matters for lung (air to soft tissue and a bit more)."""
     if isinstance(hu, torch.Tensor):
-        return (hu.clamp(HU_LOW, HU_HIGH) - (HU_LOW + HU_HIGH) / 2) / ((HU_HIGH - HU_LOW) / 2)
+        return (hu.clamp(HU_LOW, HU_HIGH) - HU_MID) / HU_HALF
     return normalise_array(hu)
 
 
