@@ -292,6 +292,26 @@ def test_train_tamper3d_tiny_run(tmp_path):
     assert heat_onnx.probs.shape == heat_torch.probs.shape and np.abs(heat_onnx.probs - heat_torch.probs).max() < 1e-4
 
 
+def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, capsys):
+    """A config two folders deep (benchmarks/experiments/) reads its data paths from the project
+    root, like one in configs/; a missing real series is a one-line error before any simulating,
+    and no model is written."""
+    from ctguard.cli import config_root
+
+    project = tmp_path / "project"
+    (project / "benchmarks" / "experiments").mkdir(parents=True)
+    (project / "configs").mkdir()
+    (project / "pyproject.toml").write_text("")
+    assert config_root(project / "benchmarks" / "experiments" / "x.yaml") == project.resolve()
+    assert config_root(project / "configs" / "x.yaml") == project.resolve()
+    cfg = project / "benchmarks" / "experiments" / "x.yaml"
+    cfg.write_text("task: tamper3d\nphantoms: 2\nreal_series: [data/A0009]\nepochs: 1\n")
+    rc = main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(project.resolve() / "data" / "A0009") in err and "does not exist" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
 def test_train_tamper3d_sources_and_workers():
     """Sources come in a fixed order (their place seeds their edits); real series repeat with
     ``real_repeats``; one-set-up phantoms can join varied ones; worker processes make exactly the cubes one process makes; a GPU asked for

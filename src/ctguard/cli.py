@@ -85,6 +85,14 @@ def cmd_screen(args) -> int:
     return 0
 
 
+def config_root(path: str | Path) -> Path:
+    """What relative data paths in a config are relative to: the project root, the nearest folder
+    above the config that holds a pyproject.toml (configs/x.yaml and benchmarks/experiments/x.yaml
+    alike); for a config outside any project, the folder above the config's."""
+    folder = Path(path).resolve().parent
+    return next((d for d in (folder, *folder.parents) if (d / "pyproject.toml").is_file()), folder.parent)
+
+
 def _load_config(path: str | None) -> dict:
     import yaml
 
@@ -96,8 +104,7 @@ def _load_config(path: str | None) -> dict:
         raise InputError(f"cannot read config ({e.__class__.__name__}: {e})", path) from None
     if not isinstance(cfg, dict):
         raise InputError("config must be a YAML mapping", path)
-    # Relative data paths in a config are relative to the project root (the config's parent folder).
-    base = Path(path).resolve().parent.parent
+    base = config_root(path)
     for key in ("real_series",):
         cfg[key] = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in cfg.get(key, [])]
     if cfg.get("annotations") and not Path(cfg["annotations"]).is_absolute():
@@ -116,7 +123,7 @@ def cmd_train(args) -> int:
         raise InputError("give --config FILE, or --data DIR and --model NAME")
     cfg = _load_config(args.config)
     if cfg.get("data") and args.config and not Path(cfg["data"]).is_absolute():
-        cfg["data"] = str((Path(args.config).resolve().parent.parent / cfg["data"]).resolve())
+        cfg["data"] = str((config_root(args.config) / cfg["data"]).resolve())
     for key in TRAIN_FLAGS:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)

@@ -107,6 +107,10 @@ def make_cubes(cfg: dict, pool=None, progress: bool = True) -> tuple[np.ndarray,
     specs = source_specs(cfg)
     if not specs:
         raise InputError("nothing to train on: no phantoms, no real_series and no cache file of cubes")
+    # Checked before any simulating, which can take many minutes before it reaches a real series.
+    for path in [spec[1] for spec in specs if spec[0] == "series"] + ([cfg["annotations"]] if cfg.get("annotations") else []):
+        if not Path(path).exists():
+            raise InputError("does not exist (a real_series or annotations path of the config; in a config file they are relative to the project root)", path)
     jobs = [(cfg, i, spec) for i, spec in enumerate(specs)]
     done = (pool.imap if pool is not None else map)(_source_cubes, jobs)
     parts = list(tqdm(done, total=len(jobs), desc="simulate + cut cubes", disable=not progress))
