@@ -369,3 +369,43 @@ def test_ensemble_detector_averages_its_members(tmp_path):
     export_onnx(det.torch_net(), tmp_path / "model.onnx")
     det = load_detector(str(tmp_path / "model.pt"))
     assert det.session is not None and np.abs(det.probabilities(hu) - want).max() < 1e-5
+
+
+def test_sigterm_stops_a_training_run_and_its_workers(tmp_path):
+    """`kill` on `ctguard train` ends it with 143 and takes its worker processes with it (they used
+    to run on, orphaned)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text("task: tamper3d\nphantoms: 6\nworkers: 2\nepochs: 1\n")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ctguard"), "train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "multiprocessing.spawn import spawn_main"],
+                               capture_output=True, text=True).stdout.split()
+        return [int(p) for p in found]
+
+    deadline = time.monotonic() + 120
+    while len(children()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    workers = children()
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return not open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in workers)

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from ctguard import __version__
@@ -116,9 +117,19 @@ TRAIN_FLAGS = ("epochs", "seed", "batch_size", "lr", "model", "data", "steps_per
                "workers")
 
 
+def _exit_on_sigterm() -> None:
+    """A SIGTERM (``kill``, a scheduler's stop) ends the run as an exception would, so that its
+    clean-up runs: without it the worker processes of a training run were left running."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def cmd_train(args) -> int:
     from ctguard import api
 
+    _exit_on_sigterm()
     if not args.config and not (args.data and args.model):
         raise InputError("give --config FILE, or --data DIR and --model NAME")
     cfg = _load_config(args.config)
