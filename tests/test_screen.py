@@ -305,7 +305,8 @@ def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, cap
     assert config_root(project / "benchmarks" / "experiments" / "x.yaml") == project.resolve()
     assert config_root(project / "configs" / "x.yaml") == project.resolve()
     cfg = project / "benchmarks" / "experiments" / "x.yaml"
-    cfg.write_text("task: tamper3d\nphantoms: 2\nreal_series: [data/A0009]\nepochs: 1\n")
+    # Phantoms that cannot be made: had simulating come first, it would fail otherwise.
+    cfg.write_text("task: tamper3d\nphantoms: 2\nphantom_shape: [0, 0, 0]\nreal_series: [data/A0009]\nepochs: 1\n")
     rc = main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and str(project.resolve() / "data" / "A0009") in err and "does not exist" in err and len(err.splitlines()) == 1

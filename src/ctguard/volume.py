@@ -144,10 +144,10 @@ def _linear_zoom(a: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.
     a32 = a.astype(np.float32, copy=False)
     nz = a.shape[0]
     plane = a32
-    if tuple(shape[1:]) != a.shape[1:] or np.any(np.asarray(step[1:]) != 1.0):
+    # The in-plane axes that change, the one that shrinks more first: the second pass has less to read.
+    axes = sorted((k for k in (1, 2) if shape[k] != a.shape[k] or step[k] != 1.0), key=lambda k: shape[k] / a.shape[k])
+    if axes:
         plane = np.empty((nz, *shape[1:]), dtype=np.float32)
-        # The axis that shrinks more first: the second pass has less to read.
-        axes = sorted((1, 2), key=lambda k: shape[k] / a.shape[k])
         for z0 in range(0, nz, SLAB):
             part = a32[z0 : z0 + SLAB]
             for k in axes:

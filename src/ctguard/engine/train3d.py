@@ -107,10 +107,6 @@ def make_cubes(cfg: dict, pool=None, progress: bool = True) -> tuple[np.ndarray,
     specs = source_specs(cfg)
     if not specs:
         raise InputError("nothing to train on: no phantoms, no real_series and no cache file of cubes")
-    # Checked before any simulating, which can take many minutes before it reaches a real series.
-    for path in [spec[1] for spec in specs if spec[0] == "series"] + ([cfg["annotations"]] if cfg.get("annotations") else []):
-        if not Path(path).exists():
-            raise InputError("does not exist (a real_series or annotations path of the config; in a config file they are relative to the project root)", path)
     jobs = [(cfg, i, spec) for i, spec in enumerate(specs)]
     done = (pool.imap if pool is not None else map)(_source_cubes, jobs)
     parts = list(tqdm(done, total=len(jobs), desc="simulate + cut cubes", disable=not progress))
@@ -157,6 +153,11 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     from tqdm import tqdm
 
     cfg = {**DEFAULTS, **cfg}
+    # Checked before anything runs: simulating (or training, then mining) can take many minutes
+    # before it reaches a real series.
+    for path in [*cfg["real_series"], *([cfg["annotations"]] if cfg.get("annotations") else [])]:
+        if not Path(path).exists():
+            raise InputError("does not exist (a real_series or annotations path of the config; in a config file they are relative to the project root)", path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -290,18 +291,11 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, 
 
 
 def _clean_scan(job: tuple):
-    """A clean scan for mining and its lung mask (a pool task): a phantom, or a real series as
-    acquired or ``factor`` times thicker."""
-    from ctguard import io
+    """A clean scan for mining (a :func:`source_specs` entry, untouched) and its lung mask (a pool task)."""
     from ctguard.lung import lung_mask
-    from ctguard.tamper.simulate import Source, thick_slice_source
 
     cfg, spec = job
-    if spec[0] == "phantom":
-        vol = _phantom(cfg, spec[1]).volume
-    else:
-        vol = io.read(spec[1])
-        vol = thick_slice_source(Source("", vol, ""), spec[2]).volume if spec[2] > 1 else vol
+    vol = build_source({**cfg, "annotations": None}, spec).volume  # mining needs no tumour boxes
     return vol, lung_mask(vol)
 
 
