@@ -60,6 +60,7 @@ def main() -> None:
     per_kind_found = {"injected": [0, 0], "removed": [0, 0]}
     sweep = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
     clean_finding_scores, edit_hit_scores, scan_scores = [], [], {"clean": [], "tampered": []}
+    edit_rows = []  # every edit: where, how big, on what scan, and what the detector said
     for i, src in enumerate(sources):
         rng = np.random.default_rng([123, i])
         lungs = lung_mask(src.volume)
@@ -85,6 +86,10 @@ def main() -> None:
                             and np.linalg.norm((np.asarray(f["voxel"]) - e.voxel) * np.asarray(vol.spacing)) <= 10 + e.diameter_mm / 2]
                     best = max(near, default=0.0)
                     edit_hit_scores.append((e.kind, best))
+                    edit_rows.append({"source": src.name.split("/")[-1], "slice_mm": round(float(vol.spacing[0]), 2),
+                                      "pixel_mm": round(float(vol.spacing[1]), 3), "kind": e.kind, "nodule_type": e.nodule_type, "diameter_mm": round(float(e.diameter_mm), 1),
+                                      "voxel": [round(float(v), 1) for v in e.voxel], "p_tampered_at_centre": round(float(pe[1:].sum()), 4),
+                                      "best_finding_right_kind": round(float(best), 4)})
                     per_kind_found[e.kind][0] += best >= det.threshold
                     per_kind_found[e.kind][1] += 1
     report = {
@@ -106,6 +111,7 @@ def main() -> None:
                            "removed_found": f"{sum(s >= t for k, s in edit_hit_scores if k == 'removed')}/{per_kind_found['removed'][1]}"}
                   for t in sweep},
         "median_screen_seconds": round(float(np.median(times)), 2),
+        "edits": edit_rows,
     }
     print(json.dumps(report, indent=2))
     if args.out:

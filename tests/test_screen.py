@@ -292,7 +292,7 @@ def test_train_tamper3d_tiny_run(tmp_path):
     assert heat_onnx.probs.shape == heat_torch.probs.shape and np.abs(heat_onnx.probs - heat_torch.probs).max() < 1e-4
 
 
-def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, capsys):
+def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, capsys, monkeypatch):
     """A config two folders deep (benchmarks/experiments/) reads its data paths from the project
     root, like one in configs/; a missing real series is a one-line error before any simulating,
     and no model is written."""
@@ -305,12 +305,42 @@ def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, cap
     assert config_root(project / "benchmarks" / "experiments" / "x.yaml") == project.resolve()
     assert config_root(project / "configs" / "x.yaml") == project.resolve()
     cfg = project / "benchmarks" / "experiments" / "x.yaml"
-    # Phantoms that cannot be made: had simulating come first, it would fail otherwise.
-    cfg.write_text("task: tamper3d\nphantoms: 2\nphantom_shape: [0, 0, 0]\nreal_series: [data/A0009]\nepochs: 1\n")
+    import ctguard.engine.train3d as train3d
+
+    def simulate(*args, **kwargs):
+        raise AssertionError("simulated before the config's paths were checked")
+
+    monkeypatch.setattr(train3d, "make_cubes", simulate)
+    cfg.write_text("task: tamper3d\nphantoms: 2\nreal_series: [data/A0009]\nepochs: 1\n")
     rc = main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and str(project.resolve() / "data" / "A0009") in err and "does not exist" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "run" / "model.pt").exists()
+    assert not (tmp_path / "run").exists()
+    # The same for a checkpoint to start from and extra cubes (read only after simulating).
+    for line in ("init: runs/base/model.pt", "extra_cubes: [runs/base/hard_round1.npz]"):
+        cfg.write_text(f"task: tamper3d\nphantoms: 2\nepochs: 1\n{line}\n")
+        rc = main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and str(project.resolve() / "runs" / "base") in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "run").exists()
+    # A phantom shape that is no shape: named, before anything runs.
+    cfg.write_text("task: tamper3d\nphantoms: 2\nphantom_shape: [0, 64, 64]\nepochs: 1\n")
+    assert main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "phantom_shape" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # A run that fails later (its cube cache is not a cube file) removes the folder it made, which
+    # held only its config ...
+    (project / "runs").mkdir()
+    (project / "runs" / "cubes.npz").write_text("not a numpy file")
+    cfg.write_text("task: tamper3d\ncache: runs/cubes.npz\nepochs: 1\n")
+    assert main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a cube file" in err and str(project.resolve() / "runs" / "cubes.npz") in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    # ... but never a folder that was there before, nor what is in it.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine" and (tmp_path / "run" / "config.json").is_file()
 
 
 def test_train_tamper3d_sources_and_workers():
@@ -328,6 +358,8 @@ def test_train_tamper3d_sources_and_workers():
                                                                           ("series", "b", 1), ("series", "b", 2)] * 2
     varied = {**cfg, "phantom_variety": True, "fixed_phantoms": 1, "real_series": []}
     assert source_specs(varied) == [("phantom", 4000), ("phantom", 4001), ("fixed phantom", 4002)]
+    # Without variety, fixed phantoms are more of the same phantoms, not ignored.
+    assert source_specs({**varied, "phantom_variety": False}) == source_specs(varied)
     assert build_source(varied, ("fixed phantom", 4002)).volume.spacing == (4.0, 3.6, 3.6)  # the one set-up's
     cfg.update(real_series=[], inject=1, remove=0, per_scan=1, cube=32, workers=2)
     x1, y1 = make_cubes(cfg, None, progress=False)

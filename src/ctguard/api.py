@@ -155,14 +155,15 @@ def screen(
             result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
         if on_stage is not None:
             on_stage("report")
+        overlay = heat.tampered_on_voxels(vol.shape) if report_dir is not None or viewer_dir is not None else None
         if report_dir is not None:
             from ctguard.report.html import write_report
 
-            write_report(result, vol, heat.tampered_on_voxels(vol.shape), report_dir, truth=truth)
+            write_report(result, vol, overlay, report_dir, truth=truth)
         if viewer_dir is not None:
             from ctguard.report.slices import save_viewer
 
-            save_viewer(vol, heat.tampered_on_voxels(vol.shape), viewer_dir)
+            save_viewer(vol, overlay, viewer_dir)
         stage("report")
     finally:
         bar.close()

@@ -106,11 +106,20 @@ def _load_config(path: str | None) -> dict:
     if not isinstance(cfg, dict):
         raise InputError("config must be a YAML mapping", path)
     base = config_root(path)
-    for key in ("real_series",):
-        cfg[key] = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in cfg.get(key, [])]
-    if cfg.get("annotations") and not Path(cfg["annotations"]).is_absolute():
-        cfg["annotations"] = str((base / cfg["annotations"]).resolve())
+
+    def resolve(p) -> str:
+        return str(p) if Path(p).is_absolute() else str((base / p).resolve())
+
+    for key in CONFIG_PATHS:
+        if isinstance(cfg.get(key), list):
+            cfg[key] = [resolve(p) for p in cfg[key]]
+        elif cfg.get(key):
+            cfg[key] = resolve(cfg[key])
     return cfg
+
+
+# Keys of a config that hold paths (a path or a list of paths): relative ones are read from the project root.
+CONFIG_PATHS = ("real_series", "annotations", "data", "init", "cache", "extra_cubes", "cubes", "weights")
 
 
 TRAIN_FLAGS = ("epochs", "seed", "batch_size", "lr", "model", "data", "steps_per_epoch", "unfreeze", "weights", "image_size", "patience",
@@ -133,8 +142,6 @@ def cmd_train(args) -> int:
     if not args.config and not (args.data and args.model):
         raise InputError("give --config FILE, or --data DIR and --model NAME")
     cfg = _load_config(args.config)
-    if cfg.get("data") and args.config and not Path(cfg["data"]).is_absolute():
-        cfg["data"] = str((config_root(args.config) / cfg["data"]).resolve())
     for key in TRAIN_FLAGS:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)

@@ -378,10 +378,7 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
         raise InputError("no lungs in view in this slice (is this a chest CT?)", input_name or None)
     if stage:
         stage("detector")
-    pts = np.argwhere(lungs[0])
-    margin = int(MARGIN_MM / vol.spacing[1])
-    lo, hi = np.maximum(pts.min(0) - margin, 0), np.minimum(pts.max(0) + margin + 1, vol.shape[1:])
-    heat = heatmap(vol, detector, lungs, (slice(0, 1), slice(lo[0], hi[0]), slice(lo[1], hi[1])))
+    heat = heatmap(vol, detector, lungs)  # the lung box of a one-slice volume is that slice
     if stage:
         stage("findings")
     # One slice: findings_from clips every voxel to z = 0.

@@ -174,14 +174,14 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print, res
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     seed_everything(int(cfg["seed"]))
+    say(f"device: {'GPU ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
+        f"{f', {world} processes (DistributedDataParallel)' if distributed else ''}")
+
+    data = scan_folder(cfg["data"], cfg["test_fraction"], cfg["seed"])  # bad data fails before the run folder is made
     out = Path(out_dir)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-    say(f"device: {'GPU ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
-        f"{f', {world} processes (DistributedDataParallel)' if distributed else ''}")
-
-    data = scan_folder(cfg["data"], cfg["test_fraction"], cfg["seed"])
     say(f"data: {data.root} ({data.layout}); classes {data.classes}; "
         + "; ".join(f"{k} {sum(v.values())}" for k, v in data.counts().items()))
     window = tuple(cfg["window"])

@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "phantom_variety": False,  # each phantom under its own random scanner set-up (slices, pixels, noise, kernel)
     "phantom_opacities": 0,  # varied phantoms get up to this many genuine hazy patches (ground glass, consolidation)
     "phantom_seed_base": None,  # the training phantoms' first seed; default seed * 1000
-    "fixed_phantoms": 0,  # with phantom_variety: this many more phantoms of the one set-up (phantom_shape, phantom_spacing)
+    "fixed_phantoms": 0,  # this many more phantoms of the one set-up (phantom_shape, phantom_spacing), e.g. beside varied ones
     "real_series": [],  # DICOM folders of the training patients
     "real_thick": [],  # also each real series with slices this many times thicker (averaged), e.g. [2]
     "annotations": None,  # their tumour boxes (PASCAL-VOC XML by SOPInstanceUID)
@@ -59,8 +59,8 @@ def source_specs(cfg: dict) -> list[tuple]:
     ``factor`` times thicker when above 1). A source's place in this list seeds its edits."""
     base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
     specs: list[tuple] = [("phantom", base + k) for k in range(cfg["phantoms"])]
-    if cfg.get("phantom_variety"):  # their seeds follow the varied phantoms'
-        specs += [("fixed phantom", base + cfg["phantoms"] + k) for k in range(int(cfg.get("fixed_phantoms") or 0))]
+    # Their seeds follow the other phantoms'; without phantom_variety they are simply more phantoms.
+    specs += [("fixed phantom", base + cfg["phantoms"] + k) for k in range(int(cfg.get("fixed_phantoms") or 0))]
     for _ in range(int(cfg.get("real_repeats") or 1)):
         for path in cfg["real_series"]:
             specs += [("series", str(path), 1)] + [("series", str(path), int(f)) for f in cfg.get("real_thick") or []]
@@ -153,14 +153,13 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     from tqdm import tqdm
 
     cfg = {**DEFAULTS, **cfg}
-    # Checked before anything runs: simulating (or training, then mining) can take many minutes
-    # before it reaches a real series.
-    for path in [*cfg["real_series"], *([cfg["annotations"]] if cfg.get("annotations") else [])]:
-        if not Path(path).exists():
-            raise InputError("does not exist (a real_series or annotations path of the config; in a config file they are relative to the project root)", path)
+    check_inputs(cfg)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if cfg.get("cache"):
+        Path(cfg["cache"]).parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.set_num_threads(int(cfg["threads"]))
@@ -169,17 +168,55 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     pool = _pool(cfg)
     try:
         return _train(cfg, out, device, pool, progress, echo)
+    except BaseException:
+        if created:
+            forget_failed_run(out)
+        raise
     finally:
         if pool is not None:
             pool.terminate()
+
+
+def check_inputs(cfg: dict) -> None:
+    """Every file a run reads, checked before anything runs: simulating (or training, then mining)
+    can take many minutes before it reaches a real series, an ``init`` checkpoint or extra cubes."""
+    for key in ("phantom_shape", "phantom_spacing"):
+        v = cfg.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(n, (int, float)) and n > 0 for n in v)):
+            raise InputError(f"the config's {key} should be three positive numbers (z, y, x), not {v!r}")
+    keys = ("real_series", "annotations", "init", "extra_cubes")
+    for key in keys:
+        for path in cfg[key] if isinstance(cfg.get(key), list) else [cfg[key]] if cfg.get(key) else []:
+            if not Path(path).exists():
+                raise InputError(f"does not exist (the config's {key}; in a config file, paths are relative to the project root)", path)
+
+
+def load_cubes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A cube file (``.npz`` with ``x``, blocks in HU, and ``y``, their cell classes), or a clear error."""
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            x, y = d["x"], d["y"]
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise InputError(f"not a cube file (.npz with x and y): {e.__class__.__name__}: {str(e).splitlines()[0][:120]}", path) from None
+    if len(x) != len(y) or x.ndim != 4 or y.ndim != 4:
+        raise InputError(f"not a cube file: x {x.shape} and y {y.shape} should be (n, d, h, w) blocks and their cells", path)
+    return x, y
+
+
+def forget_failed_run(out: Path) -> None:
+    """Removes the folder a failed run made, when it holds only the config it wrote: a folder with a
+    config.json and no model looked like a finished run. Anything else there (a hard round's cubes)
+    is kept, with the config that says how it was made."""
+    if [p.name for p in out.iterdir()] == ["config.json"]:
+        (out / "config.json").unlink()
+        out.rmdir()
 
 
 def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, echo) -> dict:
     t0 = time.time()
     cache = Path(cfg["cache"]) if cfg.get("cache") else None
     if cache is not None and cache.is_file():
-        with np.load(cache) as d:
-            x, y = d["x"], d["y"]
+        x, y = load_cubes(cache)
     else:
         x, y = make_cubes(cfg, pool, progress)
         if cache is not None:
@@ -188,9 +225,9 @@ def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, ech
     # far below CT noise), and every file is added in one concatenation.
     xs, ys = [x.astype(np.int16)], [y.astype(np.int64)]
     for extra in cfg.get("extra_cubes") or []:
-        with np.load(extra) as d:
-            xs.append(d["x"].astype(np.int16))
-            ys.append(d["y"].astype(np.int64))
+        ex, ey = load_cubes(extra)
+        xs.append(ex.astype(np.int16))
+        ys.append(ey.astype(np.int64))
     x, y = np.concatenate(xs), np.concatenate(ys)
     del xs, ys
     t_data = time.time() - t0

@@ -58,6 +58,9 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     cfg = {**DEFAULTS, **cfg}
     if not cfg["cubes"]:
         raise InputError("no training cubes: list .npz files under `cubes:` (made by the tamper3d trainer)")
+    for path in cfg["cubes"]:  # all checked before the run folder is made
+        if not Path(path).is_file():
+            raise InputError("no such cube file (the config's cubes; in a config file, paths are relative to the project root)", path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -67,8 +70,6 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     t0 = time.time()
     xs, ys = [], []
     for path in cfg["cubes"]:
-        if not Path(path).is_file():
-            raise InputError("no such cube file", path)
         with np.load(path) as d:
             sx, sy = slices_from_cubes(d["x"], d["y"], int(cfg["slices_per_cube"]), rng)
         xs.append(sx)
