@@ -60,7 +60,7 @@ def main() -> None:
     per_kind_found = {"injected": [0, 0], "removed": [0, 0]}
     sweep = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
     clean_finding_scores, edit_hit_scores, scan_scores = [], [], {"clean": [], "tampered": []}
-    edit_rows = []  # every edit: where, how big, on what scan, and what the detector said
+    edit_rows, neg_rows = [], []  # every edit and untouched place: where, on what scan, and what the detector said
     for i, src in enumerate(sources):
         rng = np.random.default_rng([123, i])
         lungs = lung_mask(src.volume)
@@ -75,7 +75,11 @@ def main() -> None:
                 clean_finding_scores += [f["score"] for f in result["findings"]]
                 pts = np.argwhere(lungs[:, ::4, ::4]) * np.array([1, 4, 4])
                 places = [pts[j] for j in rng.integers(len(pts), size=10)] + [t.voxel for t in src.tumours]
-                neg += list(score_locations(vol, det, np.asarray(places, float))[:, 1:].sum(1))
+                pn = score_locations(vol, det, np.asarray(places, float))[:, 1:].sum(1)
+                neg += list(pn)
+                neg_rows += [{"source": src.name.split("/")[-1], "what": "lung" if j < 10 else "real tumour",
+                              "voxel": [round(float(v), 1) for v in places[j]], "p_tampered": round(float(pn[j]), 4)}
+                             for j in range(len(places))]
             else:
                 tampered_scans += 1
                 flagged += any(f["score"] >= det.threshold for f in result["findings"])
@@ -112,6 +116,7 @@ def main() -> None:
                   for t in sweep},
         "median_screen_seconds": round(float(np.median(times)), 2),
         "edits": edit_rows,
+        "untouched_above_half": sorted([r for r in neg_rows if r["p_tampered"] >= 0.5], key=lambda r: -r["p_tampered"]),
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -68,6 +68,41 @@ def test_locations_scores(tampered, tmp_path):
         p_i, p_r, p_t = float(r["p_injected"]), float(r["p_removed"]), float(r["p_tampered"])
         assert 0 <= p_i <= 1 and 0 <= p_r <= 1 and p_t == pytest.approx(p_i + p_r, abs=2e-4)
     assert float(got[0]["p_injected"]) > 0.9  # the injection's centre
+    assert float(got[1]["p_removed"]) > 0.9  # the removal's centre
+
+
+class _CentreDetector:
+    """A stand-in detector with the training targets' geometry: a cell is "injected" when the
+    voxels at its centre (the middle 2x2x2 of its 8 mm) are bright, as a cell's target is set by
+    an edit's centre lying near the cell's centre."""
+
+    def probabilities(self, block: np.ndarray) -> np.ndarray:
+        c = block[3::8, 3::8, 3::8] + block[4::8, 4::8, 4::8] if block.ndim == 3 else block[3::8, 3::8] + block[4::8, 4::8]
+        p = (c > 0).astype(np.float32)
+        return np.stack([1 - p, p, np.zeros_like(p)])
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.7, 0.7), (5.0, 1.9, 1.3)])
+def test_a_location_is_read_from_the_cell_centred_on_it(spacing):
+    """--locations reads the detector's cell centred on the place, in the scan's millimetres
+    whatever its voxel size: a 3 mm bright spot at the place scores 1, and 0 from 4 mm away (the
+    cells around a place, read before, all have their centres 6.9 mm from it)."""
+    from ctguard.screen import score_locations, score_locations_2d
+    from ctguard.volume import Volume
+
+    shape = tuple(int(round(120 / s)) for s in spacing)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij", sparse=True)
+    place = np.array([n // 2 + 0.3 for n in shape])
+    mm = place * np.asarray(spacing)
+    spot = np.sqrt((zz - mm[0]) ** 2 + (yy - mm[1]) ** 2 + (xx - mm[2]) ** 2) <= 1.5 + max(spacing) / 2
+    vol = Volume(np.where(spot, 100.0, -800.0).astype(np.float32), spacing)
+    away = place + np.array([0.0, 4.0 / spacing[1], 0.0])
+    p = score_locations(vol, _CentreDetector(), np.array([place, away]))
+    assert p[0, 1] == 1.0 and p[1, 1] == 0.0 and np.allclose(p.sum(1), 1.0)
+    # The same on one slice with the 2D detector's geometry.
+    flat = Volume(np.where(spot[int(round(place[0]))], 100.0, -800.0).astype(np.float32)[None], (1.0, *spacing[1:]))
+    p2 = score_locations_2d(flat, _CentreDetector(), np.array([[0.0, *place[1:]], [0.0, *away[1:]]]))
+    assert p2[0, 1] == 1.0 and p2[1, 1] == 0.0
 
 
 def test_screen_bad_inputs(tmp_path, capsys, tampered):

@@ -312,23 +312,39 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
     }
 
 
-def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube_mm: int = 64) -> np.ndarray:
+LOCATION_MM = 72  # the block around a place scored with --locations: an odd number of cells, the place at the middle one's centre
+
+
+def _middle_cell(block_mm: int) -> tuple[int, float]:
+    """The middle cell of a block ``block_mm`` wide, and how far its centre lies from the block's
+    centre voxel (``block_mm // 2``; cell ``k`` covers voxels ``k * STRIDE`` to ``k * STRIDE + STRIDE - 1``)."""
+    cells = block_mm // STRIDE
+    if cells * STRIDE != block_mm or cells % 2 == 0:
+        raise ValueError(f"a location block must be an odd number of {STRIDE} mm cells, not {block_mm} mm")
+    mid = cells // 2
+    return mid, mid * STRIDE + (STRIDE - 1) / 2.0 - block_mm // 2
+
+
+def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube_mm: int = LOCATION_MM) -> np.ndarray:
     """``(n, 3)`` probabilities ``p_genuine, p_injected, p_removed`` at given voxels ``(z, y, x)``.
 
-    Each place is scored from a 64 mm cube around it: the mean of the central 2x2x2 cells.
+    Each place is scored by the detector's cell centred on it, in a ``cube_mm`` cube around it. A
+    cell was trained to say "tampered" when an edit's centre lies within the edit's radius (at
+    least 6 mm) of the cell's centre; a place at a corner of cells is 6.9 mm from each of theirs,
+    so reading the cells around a place instead (the mean of the central 2x2x2, until session 7) missed
+    small edits there.
     """
     from ctguard.tamper.cube import cut
 
     out = np.zeros((len(locations), 3), dtype=np.float32)
-    half = cube_mm // 2
-    mid = cube_mm // STRIDE // 2
+    mid, shift_mm = _middle_cell(cube_mm)
+    spacing = np.asarray(vol.spacing, float)
     for i, loc in enumerate(locations):
         loc = np.asarray(loc, float)
         if np.any(loc < 0) or np.any(loc > np.asarray(vol.shape) - 1):
             raise InputError(f"location {tuple(loc)} (z, y, x) is outside the scan {vol.shape}")
-        cube = cut(vol, loc, half).hu[:cube_mm, :cube_mm, :cube_mm]
-        p = detector.probabilities(cube)
-        out[i] = p[:, mid - 1 : mid + 1, mid - 1 : mid + 1, mid - 1 : mid + 1].mean(axis=(1, 2, 3))
+        cube = cut(vol, loc - shift_mm / spacing, cube_mm // 2).hu[:cube_mm, :cube_mm, :cube_mm]
+        out[i] = detector.probabilities(cube)[:, mid, mid, mid]
     return out
 
 
@@ -378,7 +394,12 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
         raise InputError("no lungs in view in this slice (is this a chest CT?)", input_name or None)
     if stage:
         stage("detector")
-    heat = heatmap(vol, detector, lungs)  # the lung box of a one-slice volume is that slice
+    # The in-plane box as the 2D detector's threshold was calibrated with (whole-voxel margin, not
+    # _lung_box's rounded-up one: one voxel moves the 8 mm grid, and with it a finding or two).
+    pts = np.argwhere(lungs[0])
+    margin = int(MARGIN_MM / vol.spacing[1])
+    lo, hi = np.maximum(pts.min(0) - margin, 0), np.minimum(pts.max(0) + margin + 1, vol.shape[1:])
+    heat = heatmap(vol, detector, lungs, (slice(0, 1), slice(lo[0], hi[0]), slice(lo[1], hi[1])))
     if stage:
         stage("findings")
     # One slice: findings_from clips every voxel to z = 0.
@@ -386,20 +407,19 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
     return _result(vol, detector, heat, thr, input_name, warnings, t0), heat, lungs
 
 
-def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, square_mm: int = 64) -> np.ndarray:
-    """``(n, 3)`` probabilities at places ``(0, y, x)`` of a single slice: the mean of the central
-    2x2 cells of a ``square_mm`` square around each, scored by the 2D detector."""
+def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, square_mm: int = LOCATION_MM) -> np.ndarray:
+    """``(n, 3)`` probabilities at places ``(0, y, x)`` of a single slice: the 2D detector's cell
+    centred on each, in a ``square_mm`` square around it (outside the slice is air)."""
     out = np.zeros((len(locations), 3), dtype=np.float32)
-    half_px = np.ceil(square_mm / 2 / np.asarray(vol.spacing[1:])).astype(int)
-    padded = np.pad(vol.hu[0], [(h, h) for h in half_px], constant_values=-1000.0)
-    mid = square_mm // STRIDE // 2
+    mid, shift_mm = _middle_cell(square_mm)
+    spacing = np.asarray(vol.spacing[1:], float)
+    offsets = np.arange(square_mm, dtype=float) - square_mm // 2
     for i, loc in enumerate(locations):
         z, y, x = (float(v) for v in loc)
         if z != 0 or not (0 <= y <= vol.shape[1] - 1 and 0 <= x <= vol.shape[2] - 1):
             raise InputError(f"location {tuple(loc)} (z, y, x) is outside the slice {vol.shape}; a slice has z = 0")
-        cy, cx = int(round(y)) + half_px[0], int(round(x)) + half_px[1]
-        crop = padded[cy - half_px[0] : cy + half_px[0], cx - half_px[1] : cx + half_px[1]]
-        block = resample_array(crop[None], (1.0, *vol.spacing[1:]), (1.0, 1.0, 1.0))[0][:square_mm, :square_mm]
-        p = detector.probabilities(block)
-        out[i] = p[:, mid - 1 : mid + 1, mid - 1 : mid + 1].mean(axis=(1, 2))
+        cy, cx = np.array([y, x]) - shift_mm / spacing
+        grid = np.meshgrid(cy + offsets / spacing[0], cx + offsets / spacing[1], indexing="ij")
+        block = ndimage.map_coordinates(vol.hu[0], grid, order=1, mode="constant", cval=-1000.0).astype(np.float32)
+        out[i] = detector.probabilities(block)[:, mid, mid]
     return out
