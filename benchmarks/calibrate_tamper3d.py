@@ -30,11 +30,8 @@ def main() -> None:
     ap.add_argument("--2d", dest="two_d", action="store_true", help="calibrate a 2D detector on single slices")
     ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
     ap.add_argument("--opacities", type=int, default=0, help="with --varied: up to N genuine hazy patches per phantom")
-    ap.add_argument("--grids", type=int, choices=(1, 2), default=None, help="screen on one grid or two (default: the model card's)")
     args = ap.parse_args()
     det = load_detector2d(args.model) if args.two_d else load_detector(args.model)
-    if args.grids is not None:
-        det.grids = args.grids
     scores = []
     for k in range(args.phantoms):
         vol = (varied_phantom_source(6000 + k, opacities=args.opacities) if args.varied else phantom_source(6000 + k)).volume
@@ -50,7 +47,7 @@ def main() -> None:
             scores.append([f["score"] for f in result["findings"]])
     rate = {t: float(np.mean([sum(s >= t for s in sc) for sc in scores])) for t in CANDIDATES}
     chosen = next((t for t in CANDIDATES if rate[t] <= args.max_false), CANDIDATES[-1])
-    print(json.dumps({"model": det.path, "grids": getattr(det, "grids", 1), "phantoms": args.phantoms, "varied": args.varied, "opacities": args.opacities, "false_findings_per_clean_scan": rate,
+    print(json.dumps({"model": det.path, "phantoms": args.phantoms, "varied": args.varied, "opacities": args.opacities, "false_findings_per_clean_scan": rate,
                       "max_false": args.max_false, "threshold": chosen}, indent=2))
 
 

@@ -43,12 +43,9 @@ def main() -> None:
     ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
     ap.add_argument("--opacities", type=int, default=0, help="with --varied: up to N genuine hazy patches per phantom")
     ap.add_argument("--threshold", type=float, default=None, help="the operating threshold (default: the model card's)")
-    ap.add_argument("--grids", type=int, choices=(1, 2), default=None, help="screen on one grid or two (default: the model card's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     det = load_detector(args.model)
-    if args.grids is not None:
-        det.grids = args.grids
     if args.threshold is not None:
         det.threshold = args.threshold
     sources = []
@@ -100,7 +97,7 @@ def main() -> None:
                     per_kind_found[e.kind][0] += best >= det.threshold
                     per_kind_found[e.kind][1] += 1
     report = {
-        "model": det.path, "grids": det.grids, "holdout": args.holdout, "phantoms": args.phantoms, "varied": args.varied, "opacities": args.opacities,
+        "model": det.path, "holdout": args.holdout, "phantoms": args.phantoms, "varied": args.varied, "opacities": args.opacities,
         "auc_injected": round(roc_auc_score([1] * len(pos["injected"]) + [0] * len(neg), pos["injected"] + neg), 4),
         "auc_removed": round(roc_auc_score([1] * len(pos["removed"]) + [0] * len(neg), pos["removed"] + neg), 4) if pos["removed"] else None,
         "n_injected": len(pos["injected"]), "n_removed": len(pos["removed"]), "n_negatives": len(neg),

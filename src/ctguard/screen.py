@@ -41,7 +41,6 @@ class Detector:
     card: dict = field(default_factory=dict)
     session: Any = None  # an onnxruntime session of the same network
     dims: int = 3  # 3: the volume detector on 1 mm blocks; 2: the slice detector on 1 mm planes
-    grids: int = 1  # 2: a volume is also screened on the grid moved half a cell, and the two averaged (the card's "grids")
     load_net: Callable[[], Any] | None = field(default=None, repr=False)  # builds ``net`` from its checkpoint
 
     def torch_net(self):
@@ -114,7 +113,7 @@ def _load_onnx(path: Path, dims: int, label: str) -> Detector:
     except (OSError, ValueError) as e:
         raise InputError(f"the model card beside the detector is unreadable ({e.__class__.__name__})", card_path) from None
     return Detector(None, card.get("name", path.stem), card.get("version", __version__), str(path),
-                    float(card.get("threshold", THRESHOLD)), card, session, dims, grids=int(card.get("grids", 1)))
+                    float(card.get("threshold", THRESHOLD)), card, session, dims)
 
 
 def _read_checkpoint(path: Path, arch: str, build: Callable[[dict], Any], label: str) -> tuple[Any, dict]:
@@ -160,7 +159,7 @@ def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[di
         return det
     net, card = _read_checkpoint(path, arch, build, label)
     return Detector(net, card.get("name", path.stem), card.get("version", __version__), str(path),
-                    float(card.get("threshold", THRESHOLD)), card, None, dims, grids=int(card.get("grids", 1)))
+                    float(card.get("threshold", THRESHOLD)), card, None, dims)
 
 
 def load_detector(name_or_path: str | None = None) -> Detector:
@@ -199,14 +198,13 @@ def check_screenable(vol: Volume) -> None:
 class Heatmap:
     """Probabilities on the detector's grid and how they map back to the scan's voxels."""
 
-    probs: np.ndarray  # (3, gz, gy, gx), cells of ``stride`` mm
+    probs: np.ndarray  # (3, gz, gy, gx), cells of STRIDE mm
     box: tuple[slice, ...]  # the scan's voxels that were screened
     spacing: tuple[float, float, float]  # the scan's voxel size
-    stride: int = STRIDE  # the cells' size in mm: the detector's, or half of it for two grids
 
     def cell_to_voxel(self, cell: np.ndarray) -> np.ndarray:
         """Fractional cell index -> the scan's fractional voxel index ``(z, y, x)``."""
-        mm = np.asarray(cell, float) * self.stride + (self.stride - 1) / 2.0
+        mm = np.asarray(cell, float) * STRIDE + (STRIDE - 1) / 2.0
         lo = np.array([s.start for s in self.box], float)
         return lo + mm / np.asarray(self.spacing)
 
@@ -215,8 +213,7 @@ class Heatmap:
         out = np.zeros(shape, dtype=np.float32)
         sub = tuple(s.stop - s.start for s in self.box)
         p = 1.0 - self.probs[0]
-        coords = np.meshgrid(*[((np.arange(n) * sp) - (self.stride - 1) / 2.0) / self.stride for n, sp in zip(sub, self.spacing)],
-                             indexing="ij", sparse=True)
+        coords = np.meshgrid(*[((np.arange(n) * sp) - (STRIDE - 1) / 2.0) / STRIDE for n, sp in zip(sub, self.spacing)], indexing="ij", sparse=True)
         grid = np.broadcast_arrays(*coords)
         out[self.box] = ndimage.map_coordinates(p, grid, order=1, mode="nearest")
         return out
@@ -228,41 +225,20 @@ def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice
     box = _lung_box(vol, lungs) if box is None else box
     block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))
     lung_1mm = resample_nearest(lungs[box], vol.spacing, (1.0, 1.0, 1.0))
-    stride = STRIDE
     if detector.dims == 2:  # a single slice: its first 1 mm plane, one cell deep
         block, lung_1mm = block[:1], lung_1mm[:1]
         probs = detector.probabilities(block[0])[:, None]
-    elif detector.grids == 2:
-        probs, stride = _two_grids(detector, block), STRIDE // 2
     else:
         probs = detector.probabilities(block)
     # Only lung counts: cells with no lung voxel are genuine by definition.
-    pad = [(0, (-n) % stride) for n in lung_1mm.shape]
+    pad = [(0, (-n) % STRIDE) for n in lung_1mm.shape]
     lung_1mm = np.pad(lung_1mm, pad)
-    g = tuple(n // stride for n in lung_1mm.shape)
-    in_lung = lung_1mm.reshape(g[0], stride, g[1], stride, g[2], stride).any(axis=(1, 3, 5))
+    g = tuple(n // STRIDE for n in lung_1mm.shape)
+    in_lung = lung_1mm.reshape(g[0], STRIDE, g[1], STRIDE, g[2], STRIDE).any(axis=(1, 3, 5))
     probs = probs[:, : g[0], : g[1], : g[2]]
     probs[1:, ~in_lung] = 0.0
     probs[0, ~in_lung] = 1.0
-    return Heatmap(probs, box, vol.spacing, stride)
-
-
-def _two_grids(detector: Detector, block: np.ndarray) -> np.ndarray:
-    """Probabilities on cells of half the detector's stride: the mean of its grid and of the grid
-    moved half a cell along every axis. Which cell an edit falls in, and where in it, changes a
-    score; two grids halve that dependence for one more pass of the network (its cheapest stage)."""
-    half = STRIDE // 2
-    p0 = detector.probabilities(block)
-    p1 = detector.probabilities(block[half:, half:, half:])
-    # Half-cell j spans voxels half*j .. half*j + half - 1: grid 0's cell j // 2, grid 1's cell (j - 1) // 2.
-    up0 = p0.repeat(2, axis=1).repeat(2, axis=2).repeat(2, axis=3)
-    up1 = p1.repeat(2, axis=1).repeat(2, axis=2).repeat(2, axis=3)
-    out = up0.copy()
-    n = [min(a - 1, b) for a, b in zip(up0.shape[1:], up1.shape[1:])]
-    shifted = out[:, 1 : 1 + n[0], 1 : 1 + n[1], 1 : 1 + n[2]]
-    shifted += up1[:, : n[0], : n[1], : n[2]]
-    shifted *= 0.5
-    return out
+    return Heatmap(probs, box, vol.spacing)
 
 
 def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str, Any]]:
@@ -274,7 +250,7 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str
     kept_mm: list[np.ndarray] = []
     for c in cand:
         c_arr = np.asarray(c)
-        if any(np.linalg.norm((c_arr - k) * heat.stride) < NMS_MM for k in kept_mm):
+        if any(np.linalg.norm((c_arr - k) * STRIDE) < NMS_MM for k in kept_mm):
             continue
         kept_mm.append(c_arr)
         lo = np.maximum(c_arr - 1, 0)
@@ -288,7 +264,7 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str
         # Radius: the equivalent sphere of the connected cells above half the peak.
         region, _ = ndimage.label(p_t >= max(threshold, p_t[c] / 2))
         n_cells = int((region == region[c]).sum())
-        radius = float((3 * n_cells * heat.stride**3 / (4 * np.pi)) ** (1 / 3))
+        radius = float((3 * n_cells * STRIDE**3 / (4 * np.pi)) ** (1 / 3))
         kept.append({
             "kind": "injected" if p_inj >= p_rem else "removed",
             "score": round(float(p_t[c]), 4),
