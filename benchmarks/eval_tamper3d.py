@@ -63,6 +63,7 @@ def main() -> None:
     edit_rows, neg_rows = [], []  # every edit and untouched place: where, on what scan, and what the detector said
     for i, src in enumerate(sources):
         rng = np.random.default_rng([123, i])
+        name = src.name.split("/")[-1]  # the series folder, or phantom-<seed>
         lungs = lung_mask(src.volume)
         for label, vol, edits in variants(src, 900_000 + i, inject=2, remove=len(src.tumours), per_scan=2):
             t0 = time.time()
@@ -77,7 +78,7 @@ def main() -> None:
                 places = [pts[j] for j in rng.integers(len(pts), size=10)] + [t.voxel for t in src.tumours]
                 pn = score_locations(vol, det, np.asarray(places, float))[:, 1:].sum(1)
                 neg += list(pn)
-                neg_rows += [{"source": src.name.split("/")[-1], "what": "lung" if j < 10 else "real tumour",
+                neg_rows += [{"source": name, "what": "lung" if j < 10 else "real tumour",
                               "voxel": [round(float(v), 1) for v in places[j]], "p_tampered": round(float(pn[j]), 4)}
                              for j in range(len(places))]
             else:
@@ -90,7 +91,7 @@ def main() -> None:
                             and np.linalg.norm((np.asarray(f["voxel"]) - e.voxel) * np.asarray(vol.spacing)) <= 10 + e.diameter_mm / 2]
                     best = max(near, default=0.0)
                     edit_hit_scores.append((e.kind, best))
-                    edit_rows.append({"source": src.name.split("/")[-1], "slice_mm": round(float(vol.spacing[0]), 2),
+                    edit_rows.append({"source": name, "slice_mm": round(float(vol.spacing[0]), 2),
                                       "pixel_mm": round(float(vol.spacing[1]), 3), "kind": e.kind, "nodule_type": e.nodule_type, "diameter_mm": round(float(e.diameter_mm), 1),
                                       "voxel": [round(float(v), 1) for v in e.voxel], "p_tampered_at_centre": round(float(pe[1:].sum()), 4),
                                       "best_finding_right_kind": round(float(best), 4)})

@@ -94,6 +94,10 @@ def config_root(path: str | Path) -> Path:
     return next((d for d in (folder, *folder.parents) if (d / "pyproject.toml").is_file()), folder.parent)
 
 
+# Keys of a config that hold paths (a path or a list of paths): relative ones are read from the project root.
+CONFIG_PATHS = ("real_series", "annotations", "data", "init", "cache", "extra_cubes", "cubes", "weights")
+
+
 def _load_config(path: str | None) -> dict:
     import yaml
 
@@ -116,10 +120,6 @@ def _load_config(path: str | None) -> dict:
         elif cfg.get(key):
             cfg[key] = resolve(cfg[key])
     return cfg
-
-
-# Keys of a config that hold paths (a path or a list of paths): relative ones are read from the project root.
-CONFIG_PATHS = ("real_series", "annotations", "data", "init", "cache", "extra_cubes", "cubes", "weights")
 
 
 TRAIN_FLAGS = ("epochs", "seed", "batch_size", "lr", "model", "data", "steps_per_epoch", "unfreeze", "weights", "image_size", "patience",

@@ -150,8 +150,6 @@ def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[to
 
 def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> dict:
     """Trains the detector; writes ``model.pt``, ``history.csv``, ``config.json``; returns the summary."""
-    from tqdm import tqdm
-
     cfg = {**DEFAULTS, **cfg}
     check_inputs(cfg)
     out = Path(out_dir)
@@ -184,9 +182,9 @@ def check_inputs(cfg: dict) -> None:
         v = cfg.get(key)
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(n, (int, float)) and n > 0 for n in v)):
             raise InputError(f"the config's {key} should be three positive numbers (z, y, x), not {v!r}")
-    keys = ("real_series", "annotations", "init", "extra_cubes")
-    for key in keys:
-        for path in cfg[key] if isinstance(cfg.get(key), list) else [cfg[key]] if cfg.get(key) else []:
+    for key in ("real_series", "annotations", "init", "extra_cubes"):
+        value = cfg.get(key) or []
+        for path in value if isinstance(value, list) else [value]:
             if not Path(path).exists():
                 raise InputError(f"does not exist (the config's {key}; in a config file, paths are relative to the project root)", path)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctguard.engine.train3d import class_weights, fit, save_run
+from ctguard.engine.train3d import class_weights, fit, load_cubes, save_run
 from ctguard.errors import InputError
 from ctguard.models.patch2d import CLASSES, STRIDE, TamperNet2D
 
@@ -70,8 +70,7 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     t0 = time.time()
     xs, ys = [], []
     for path in cfg["cubes"]:
-        with np.load(path) as d:
-            sx, sy = slices_from_cubes(d["x"], d["y"], int(cfg["slices_per_cube"]), rng)
+        sx, sy = slices_from_cubes(*load_cubes(path), int(cfg["slices_per_cube"]), rng)
         xs.append(sx)
         ys.append(sy)
     x, y = np.concatenate(xs), np.concatenate(ys)
