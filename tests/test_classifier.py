@@ -189,6 +189,12 @@ def test_bad_inputs_exit_2(blobs, trained, tmp_path, capsys):
     assert "fake" in capsys.readouterr().err
     assert main(["train", "-q", "--data", str(blobs), "--model", "alexnet", "--out", str(tmp_path / "y")]) == 2
     assert "unknown model 'alexnet'" in capsys.readouterr().err
+    # Weights that are not weights fail after the run folder was made: the folder goes with the run.
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a state dict")
+    assert main(["train", "-q", "--data", str(blobs), "--model", "mobilenet_v2", "--weights", str(junk), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "junk.pth" in err and "cannot load weights" in err and not (tmp_path / "z").exists()
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     assert main(["predict", str(bad), "--model", str(trained / "best.pt")]) == 2

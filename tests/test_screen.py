@@ -105,6 +105,24 @@ def test_a_location_is_read_from_the_cell_centred_on_it(spacing):
     assert p2[0, 1] == 1.0 and p2[1, 1] == 0.0
 
 
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (5.0, 0.7, 0.7)])
+def test_cell_targets_give_every_edit_a_cell_from_a_7_mm_radius(spacing):
+    """Cell targets: a small edit where eight cells meet (6.93 mm from each centre) gets no cell at
+    the default 6 mm radius and all eight at 7 mm; one at a cell's centre gets that cell, of its kind."""
+    from ctguard.data.cubes import cell_targets
+    from ctguard.models.grid import CLASSES
+
+    spacing = np.asarray(spacing)
+    centre = np.array([40.0, 40.0, 40.0]) / spacing  # the cube's centre, in voxels
+    corner = centre.copy()  # cells are 8 mm; with a 64 mm cube the centre is where eight cells meet
+    edit = [{"voxel": corner, "diameter_mm": 6.0, "kind": "injected"}]
+    assert not cell_targets(centre, 64, spacing, edit).any()
+    t7 = cell_targets(centre, 64, spacing, edit, min_radius=7.0)
+    assert (t7 == CLASSES.index("injected")).sum() == 8 and t7[3:5, 3:5, 3:5].all()
+    at_cell = [{"voxel": centre + 4.0 / spacing, "diameter_mm": 6.0, "kind": "removed"}]
+    t = cell_targets(centre, 64, spacing, at_cell)
+    assert t[4, 4, 4] == CLASSES.index("removed") and (t > 0).sum() == 1
 def test_screen_bad_inputs(tmp_path, capsys, tampered):
     root, _, _ = tampered
     # Two slices: too thin to screen in 3D.
@@ -325,6 +343,38 @@ def test_train_tamper3d_tiny_run(tmp_path):
     det.session = None  # the same run's network on PyTorch: the export must give its probabilities
     _, heat_torch, _ = screen_volume(vol, det, threshold=0.5)
     assert heat_onnx.probs.shape == heat_torch.probs.shape and np.abs(heat_onnx.probs - heat_torch.probs).max() < 1e-4
+
+
+def test_train_tamper2d_on_cube_slices(tmp_path, capsys):
+    """The 2D detector trains on axial slices of 3D cubes, each with the targets of the cell row it
+    lies in; a cube file that is not one is a one-line error, and the failed run leaves no folder."""
+    from ctguard.engine.train_patch2d import slices_from_cubes
+    from ctguard.screen import load_detector2d
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(-700, 100, (4, 32, 32, 32)).astype(np.int16)
+    y = np.zeros((4, 4, 4, 4), np.int8)
+    y[:, 1, 2, 2], y[:, 2, 1, 1] = 1, 2  # one injected cell in row 1, one removed cell in row 2
+    sx, sy = slices_from_cubes(x, y, 16, rng)  # the 16 slices of the two middle rows (z 8-23)
+    assert sx.shape == (64, 32, 32) and sy.shape == (64, 4, 4)
+    assert sorted(sy[:16, 2, 2].tolist()) == [0] * 8 + [1] * 8 and sorted(sy[:16, 1, 1].tolist()) == [0] * 8 + [2] * 8
+    for k in range(16):  # each slice is a slice of its cube, with that slice's row of targets
+        z = next(z for z in range(8, 24) if np.array_equal(x[0, z], sx[k]))
+        assert np.array_equal(sy[k], y[0, z // 8])
+    cubes = tmp_path / "cubes.npz"
+    np.savez(cubes, x=x, y=y)
+    cfg = {"task": "tamper2d", "cubes": [str(cubes)], "slices_per_cube": 4, "width": 4, "epochs": 2, "batch_size": 8}
+    summary = api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
+    assert summary["slices"] == 16 and len(summary["history"]) == 2
+    assert load_detector2d(str(tmp_path / "run" / "model.pt")).dims == 2 and (tmp_path / "run" / "model.onnx").is_file()
+    bad = tmp_path / "bad.npz"
+    bad.write_text("x,y\n1,2\n")
+    cfg_file = tmp_path / "t2d.yaml"
+    cfg_file.write_text(f"task: tamper2d\ncubes: [{cubes}, {bad}]\nepochs: 1\n")
+    assert main(["train", "-q", "--config", str(cfg_file), "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.npz" in err and "not a numpy archive" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run2").exists()
 
 
 def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, capsys, monkeypatch):

@@ -262,10 +262,31 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
 
 def train(config: dict[str, Any], out_dir: str | Path = "runs/train", progress: bool = True, echo=print, resume: bool = False) -> dict[str, Any]:
     """Trains a model from a config dict; ``task`` picks the trainer: ``classifier`` (the paper's
-    2D study, :mod:`ctguard.engine.train2d`) or ``tamper3d`` (the bundled 3D detector)."""
+    2D study, :mod:`ctguard.engine.train2d`), ``tamper3d`` (the bundled 3D detector) or ``tamper2d``
+    (its single-slice sibling). A run that fails removes the folder it made, if it holds only its config."""
+    task = config.get("task", "classifier" if config.get("model") or config.get("data") else "tamper3d")
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        return _train(task, config, out, progress, echo, resume)
+    except BaseException:
+        if created and out.is_dir():
+            _forget_failed_run(out)
+        raise
+
+
+def _forget_failed_run(out: Path) -> None:
+    """Removes the folder a failed run made, when it holds only the config it wrote: a folder with a
+    config.json and no model looked like a finished run. Anything else there (a hard round's cubes,
+    a classifier's last checkpoint) is kept, with the config that says how it was made."""
+    if [p.name for p in out.iterdir()] == ["config.json"]:
+        (out / "config.json").unlink()
+        out.rmdir()
+
+
+def _train(task: str, config: dict[str, Any], out_dir: Path, progress: bool, echo, resume: bool) -> dict[str, Any]:
     from ctguard.errors import InputError
 
-    task = config.get("task", "classifier" if config.get("model") or config.get("data") else "tamper3d")
     if task == "tamper3d":
         from ctguard.engine.train3d import train as train3d
 

@@ -1,8 +1,9 @@
 """Training cubes for the 3D detector: 1 mm cubes around edits, real tumours and plain lung.
 
 Each cube comes with a dense target at the detector's stride: a cell is ``injected`` or
-``removed`` when its centre lies within the edit's nodule radius (at least 6 mm) of an edit's
-centre, else ``genuine``. Real untouched tumours and vessels are sampled on purpose as hard
+``removed`` when its centre lies within the edit's nodule radius (at least ``min_radius``, 6 mm
+by default) of an edit's centre, else ``genuine``. An edit centred where eight cells meet is 6.93 mm
+from each of their centres, so only a ``min_radius`` of 7 mm or more gives every edit a cell. Real untouched tumours and vessels are sampled on purpose as hard
 negatives: a detector that flags every dense blob is useless.
 """
 
@@ -17,7 +18,8 @@ from ctguard.tamper.simulate import Source, variants
 from ctguard.volume import Volume
 
 
-def cell_targets(cube_centre: np.ndarray, size: int, spacing: np.ndarray, edits: list[dict]) -> np.ndarray:
+def cell_targets(cube_centre: np.ndarray, size: int, spacing: np.ndarray, edits: list[dict],
+                 min_radius: float = 6.0) -> np.ndarray:
     """The class of each output cell of a cube (``size`` mm wide) centred at ``cube_centre``."""
     n = size // STRIDE
     offs = (np.arange(n) * STRIDE + STRIDE / 2 - size / 2)  # cell centres in mm from the cube centre
@@ -25,7 +27,7 @@ def cell_targets(cube_centre: np.ndarray, size: int, spacing: np.ndarray, edits:
     target = np.zeros((n, n, n), dtype=np.int64)
     for e in edits:
         d_mm = (np.asarray(e["voxel"]) - cube_centre) * spacing
-        r = max(e["diameter_mm"] / 2.0, 6.0)
+        r = max(e["diameter_mm"] / 2.0, min_radius)
         if e["kind"] == "removed":
             r = min(r, 20.0)
         dist = np.sqrt((zz - d_mm[0]) ** 2 + (yy - d_mm[1]) ** 2 + (xx - d_mm[2]) ** 2)
@@ -34,7 +36,8 @@ def cell_targets(cube_centre: np.ndarray, size: int, spacing: np.ndarray, edits:
 
 
 def sample_cubes(vol: Volume, edits: list[dict], tumours: list[np.ndarray], lungs: np.ndarray,
-                 rng: np.random.Generator, size: int = 64, n_random: int = 12, n_per_edit: int = 4):
+                 rng: np.random.Generator, size: int = 64, n_random: int = 12, n_per_edit: int = 4,
+                 min_radius: float = 6.0):
     """Cubes from one scan: around each edit (jittered), around real tumours, and random lung."""
     spacing = np.asarray(vol.spacing)
     centres = []
@@ -54,12 +57,12 @@ def sample_cubes(vol: Volume, edits: list[dict], tumours: list[np.ndarray], lung
         c = np.clip(c, 0, np.asarray(vol.shape) - 1)
         cube = cut(vol, c, half)
         xs.append(cube.hu[:size, :size, :size])
-        ys.append(cell_targets(c - 0.5 / spacing, size, spacing, edits))
+        ys.append(cell_targets(c - 0.5 / spacing, size, spacing, edits, min_radius))
     return xs, ys
 
 
 def cubes_from_source(src: Source, seed: int, inject: int = 2, remove: int = 1, per_scan: int = 3,
-                      size: int = 64) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                      size: int = 64, min_radius: float = 6.0) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Simulates edits on a source (in memory) and samples training cubes from every variant."""
     rng = np.random.default_rng([seed, 5])
     lungs = lung_mask(src.volume)
@@ -69,7 +72,7 @@ def cubes_from_source(src: Source, seed: int, inject: int = 2, remove: int = 1, 
         e = [x.to_dict() for x in edits]
         # In a removal copy, the erased tumour is no longer a genuine one.
         kept = [t for t in tumours if not any(np.allclose(t, d["voxel"]) for d in e)]
-        cx, cy = sample_cubes(vol, e, kept, lungs, rng, size=size)
+        cx, cy = sample_cubes(vol, e, kept, lungs, rng, size=size, min_radius=min_radius)
         xs += cx
         ys += cy
     return xs, ys

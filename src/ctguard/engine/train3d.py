@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "remove": 2,
     "per_scan": 3,
     "cube": 64,
+    "target_min_radius": 6.0,  # mm: a cell is an edit's when its centre is within max(nodule radius, this) of the edit's centre
     "width": 16,
     "epochs": 6,
     "batch_size": 16,
@@ -95,7 +96,8 @@ def _source_cubes(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     from ctguard.data.cubes import cubes_from_source
 
     cfg, i, spec = job
-    cx, cy = cubes_from_source(build_source(cfg, spec), cfg["seed"] * 7919 + i, cfg["inject"], cfg["remove"], cfg["per_scan"], cfg["cube"])
+    cx, cy = cubes_from_source(build_source(cfg, spec), cfg["seed"] * 7919 + i, cfg["inject"], cfg["remove"], cfg["per_scan"], cfg["cube"],
+                               float(cfg["target_min_radius"]))
     return np.stack(cx).astype(np.float32), np.stack(cy)
 
 
@@ -153,7 +155,6 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     cfg = {**DEFAULTS, **cfg}
     check_inputs(cfg)
     out = Path(out_dir)
-    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if cfg.get("cache"):
@@ -166,10 +167,6 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     pool = _pool(cfg)
     try:
         return _train(cfg, out, device, pool, progress, echo)
-    except BaseException:
-        if created:
-            forget_failed_run(out)
-        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -195,19 +192,12 @@ def load_cubes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as d:
             x, y = d["x"], d["y"]
     except (OSError, ValueError, KeyError, EOFError) as e:
-        raise InputError(f"not a cube file (.npz with x and y): {e.__class__.__name__}: {str(e).splitlines()[0][:120]}", path) from None
+        # numpy takes any file that is neither .npz nor .npy for a pickle, and says so: say what it is not.
+        why = "not a numpy archive" if "pickled" in str(e) else f"{e.__class__.__name__}: {str(e).splitlines()[0][:120]}"
+        raise InputError(f"not a cube file (.npz with x and y): {why}", path) from None
     if len(x) != len(y) or x.ndim != 4 or y.ndim != 4:
         raise InputError(f"not a cube file: x {x.shape} and y {y.shape} should be (n, d, h, w) blocks and their cells", path)
     return x, y
-
-
-def forget_failed_run(out: Path) -> None:
-    """Removes the folder a failed run made, when it holds only the config it wrote: a folder with a
-    config.json and no model looked like a finished run. Anything else there (a hard round's cubes)
-    is kept, with the config that says how it was made."""
-    if [p.name for p in out.iterdir()] == ["config.json"]:
-        (out / "config.json").unlink()
-        out.rmdir()
 
 
 def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, echo) -> dict:
