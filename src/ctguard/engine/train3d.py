@@ -170,6 +170,7 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()  # reaped, so no worker (nor its semaphore) outlives the run
 
 
 def check_inputs(cfg: dict) -> None:
