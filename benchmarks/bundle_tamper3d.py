@@ -31,7 +31,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         "version": version,
         "package_version": __version__,
         "threshold": threshold,
-        "architecture": ARCH[name],
+        "architecture": (f"the mean of {len(ckpt['config']['members'])} networks' class probabilities, each a " + ARCH[name]
+                         if ckpt["config"].get("members") else ARCH[name]),
         "training_data": {
             "config": ckpt["config"],
             "examples": summary.get("cubes", summary.get("slices")),

@@ -30,7 +30,10 @@ def main(members: list[str], out: str) -> None:
         configs.append({**ckpt["config"], "checkpoint": str(path)})
         state.update({f"members.{i}.{k}": v for k, v in ckpt["model"].items()})
         s = path.parent / "summary.json"
-        summaries.append(json.loads(s.read_text()) if s.is_file() else {})
+        card = ckpt.get("card") or {}  # a bundled detector has no summary.json, its card holds the same
+        summaries.append(json.loads(s.read_text()) if s.is_file() else
+                         {"cubes": card.get("training_data", {}).get("examples", 0), "train_seconds": card.get("train_seconds", 0),
+                          "data_seconds": card.get("data_seconds", 0)})
     cfg = {"task": "tamper3d", "members": configs}
     net = build(cfg)
     net.load_state_dict(state)
