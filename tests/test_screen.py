@@ -11,7 +11,7 @@ import pytest
 from ctguard import api, io
 from ctguard.cli import main
 from ctguard.lung import lung_mask
-from ctguard.tamper.simulate import inject_random, phantom_source, remove_tumour
+from ctguard.tamper.simulate import phantom_source
 
 
 def _found(result, t, spacing):
@@ -105,7 +105,6 @@ def test_a_location_is_read_from_the_cell_centred_on_it(spacing):
     assert p2[0, 1] == 1.0 and p2[1, 1] == 0.0
 
 
-
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (5.0, 0.7, 0.7)])
 def test_cell_targets_give_every_edit_a_cell_from_a_7_mm_radius(spacing):
     """Cell targets: a small edit where eight cells meet (6.93 mm from each centre) gets no cell at
@@ -114,15 +113,17 @@ def test_cell_targets_give_every_edit_a_cell_from_a_7_mm_radius(spacing):
     from ctguard.models.grid import CLASSES
 
     spacing = np.asarray(spacing)
-    centre = np.array([40.0, 40.0, 40.0]) / spacing  # the cube's centre, in voxels
-    corner = centre.copy()  # cells are 8 mm; with a 64 mm cube the centre is where eight cells meet
-    edit = [{"voxel": corner, "diameter_mm": 6.0, "kind": "injected"}]
+    # The cube's centre, in voxels; cells are 8 mm, so in a 64 mm cube it is where eight cells meet.
+    centre = np.array([40.0, 40.0, 40.0]) / spacing
+    edit = [{"voxel": centre, "diameter_mm": 6.0, "kind": "injected"}]
     assert not cell_targets(centre, 64, spacing, edit).any()
     t7 = cell_targets(centre, 64, spacing, edit, min_radius=7.0)
     assert (t7 == CLASSES.index("injected")).sum() == 8 and t7[3:5, 3:5, 3:5].all()
     at_cell = [{"voxel": centre + 4.0 / spacing, "diameter_mm": 6.0, "kind": "removed"}]
     t = cell_targets(centre, 64, spacing, at_cell)
     assert t[4, 4, 4] == CLASSES.index("removed") and (t > 0).sum() == 1
+
+
 def test_screen_bad_inputs(tmp_path, capsys, tampered):
     root, _, _ = tampered
     # Two slices: too thin to screen in 3D.

@@ -1,9 +1,10 @@
 """Training cubes for the 3D detector: 1 mm cubes around edits, real tumours and plain lung.
 
 Each cube comes with a dense target at the detector's stride: a cell is ``injected`` or
-``removed`` when its centre lies within the edit's nodule radius (at least ``min_radius``, 6 mm
-by default) of an edit's centre, else ``genuine``. An edit centred where eight cells meet is 6.93 mm
-from each of their centres, so only a ``min_radius`` of 7 mm or more gives every edit a cell. Real untouched tumours and vessels are sampled on purpose as hard
+``removed`` when its centre lies within the edit's nodule radius (at least ``min_radius``,
+:data:`MIN_TARGET_RADIUS_MM` by default) of an edit's centre, else ``genuine``. An edit centred
+where eight cells meet is 6.93 mm from each of their centres, so only a ``min_radius`` of 7 mm or
+more gives every edit a cell. Real untouched tumours and vessels are sampled on purpose as hard
 negatives: a detector that flags every dense blob is useless.
 """
 
@@ -17,9 +18,11 @@ from ctguard.tamper.cube import cut
 from ctguard.tamper.simulate import Source, variants
 from ctguard.volume import Volume
 
+MIN_TARGET_RADIUS_MM = 6.0  # what v0.1-v0.6 were trained with; configs set 7 with target_min_radius
+
 
 def cell_targets(cube_centre: np.ndarray, size: int, spacing: np.ndarray, edits: list[dict],
-                 min_radius: float = 6.0) -> np.ndarray:
+                 min_radius: float = MIN_TARGET_RADIUS_MM) -> np.ndarray:
     """The class of each output cell of a cube (``size`` mm wide) centred at ``cube_centre``."""
     n = size // STRIDE
     offs = (np.arange(n) * STRIDE + STRIDE / 2 - size / 2)  # cell centres in mm from the cube centre
@@ -37,7 +40,7 @@ def cell_targets(cube_centre: np.ndarray, size: int, spacing: np.ndarray, edits:
 
 def sample_cubes(vol: Volume, edits: list[dict], tumours: list[np.ndarray], lungs: np.ndarray,
                  rng: np.random.Generator, size: int = 64, n_random: int = 12, n_per_edit: int = 4,
-                 min_radius: float = 6.0):
+                 min_radius: float = MIN_TARGET_RADIUS_MM):
     """Cubes from one scan: around each edit (jittered), around real tumours, and random lung."""
     spacing = np.asarray(vol.spacing)
     centres = []
@@ -62,7 +65,7 @@ def sample_cubes(vol: Volume, edits: list[dict], tumours: list[np.ndarray], lung
 
 
 def cubes_from_source(src: Source, seed: int, inject: int = 2, remove: int = 1, per_scan: int = 3,
-                      size: int = 64, min_radius: float = 6.0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                      size: int = 64, min_radius: float = MIN_TARGET_RADIUS_MM) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Simulates edits on a source (in memory) and samples training cubes from every variant."""
     rng = np.random.default_rng([seed, 5])
     lungs = lung_mask(src.volume)

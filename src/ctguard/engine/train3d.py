@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctguard.data.cubes import MIN_TARGET_RADIUS_MM, cubes_from_source
 from ctguard.errors import InputError
 from ctguard.models.cube3d import CLASSES, TamperNet3D, normalise
 
@@ -32,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "remove": 2,
     "per_scan": 3,
     "cube": 64,
-    "target_min_radius": 6.0,  # mm: a cell is an edit's when its centre is within max(nodule radius, this) of the edit's centre
+    "target_min_radius": MIN_TARGET_RADIUS_MM,  # mm: a cell is an edit's when its centre is within max(nodule radius, this) of the edit's centre
     "width": 16,
     "epochs": 6,
     "batch_size": 16,
@@ -93,8 +94,6 @@ def _phantom(cfg: dict, seed: int):
 
 def _source_cubes(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     """One source's training cubes (a pool task: module level, so worker processes can run it)."""
-    from ctguard.data.cubes import cubes_from_source
-
     cfg, i, spec = job
     cx, cy = cubes_from_source(build_source(cfg, spec), cfg["seed"] * 7919 + i, cfg["inject"], cfg["remove"], cfg["per_scan"], cfg["cube"],
                                float(cfg["target_min_radius"]))
@@ -180,7 +179,12 @@ def check_inputs(cfg: dict) -> None:
         v = cfg.get(key)
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(n, (int, float)) and n > 0 for n in v)):
             raise InputError(f"the config's {key} should be three positive numbers (z, y, x), not {v!r}")
-    for key in ("real_series", "annotations", "init", "extra_cubes"):
+    check_paths(cfg, ("real_series", "annotations", "init", "extra_cubes"))
+
+
+def check_paths(cfg: dict, keys: tuple[str, ...]) -> None:
+    """That every path under ``keys`` (a path or a list of paths) exists, or a one-line error naming it."""
+    for key in keys:
         value = cfg.get(key) or []
         for path in value if isinstance(value, list) else [value]:
             if not Path(path).exists():

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctguard.engine.train3d import class_weights, fit, load_cubes, save_run
+from ctguard.engine.train3d import check_paths, class_weights, fit, load_cubes, save_run
 from ctguard.errors import InputError
 from ctguard.models.patch2d import CLASSES, STRIDE, TamperNet2D
 
@@ -58,9 +58,7 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     cfg = {**DEFAULTS, **cfg}
     if not cfg["cubes"]:
         raise InputError("no training cubes: list .npz files under `cubes:` (made by the tamper3d trainer)")
-    for path in cfg["cubes"]:  # all checked before the run folder is made
-        if not Path(path).is_file():
-            raise InputError("no such cube file (the config's cubes; in a config file, paths are relative to the project root)", path)
+    check_paths(cfg, ("cubes",))  # all checked before the run folder is made
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
