@@ -1,7 +1,7 @@
 """Held-out quality of a 3D tamper detector on simulated data (location and scan level).
 
 Usage:
-    python benchmarks/eval_tamper3d.py [--model PATH] [--threshold T] [--holdout A0002|A0001] [--phantoms N] [--varied [--opacities N]] [--out FILE]
+    python benchmarks/eval_tamper3d.py [--model PATH] [--threshold T] [--holdout A0002|A0001|lung1|lung2[,...]] [--phantoms N] [--varied [--opacities N]] [--out FILE]
 
 Held-out sources: both series of the held-out patient (with their real tumours) and N phantoms
 whose seeds were never used in training (5000+); with ``--varied`` each phantom has its own random
@@ -25,20 +25,38 @@ from sklearn.metrics import roc_auc_score
 from ctguard import io
 from ctguard.lung import lung_mask
 from ctguard.screen import load_detector, score_locations, screen_volume
-from ctguard.tamper.simulate import Source, phantom_source, tumours_from_voc, varied_phantom_source, variants
+from ctguard.tamper.simulate import Source, phantom_source, tumours_from, varied_phantom_source, variants
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/lung-pet-ct-dx"
+EXTRA = Path(__file__).resolve().parents[1] / "runs/extra-ct"  # benchmarks/fetch_extra_ct.py writes it
 PATIENTS = {
     "A0001": ["Lung_Dx-A0001/04-04-2007-NA-Chest-07990/2.000000-5mm-40805", "Lung_Dx-A0001/04-04-2007-NA-Chest-07990/3.000000-5mm-41315"],
     "A0002": ["Lung_Dx-A0002/04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834/2.000000-ThoraxRoutine  8.0.0  B70f-62919",
               "Lung_Dx-A0002/04-25-2007-NA-ThoraxAThoraxRoutine Adult-34834/3.000000-ThoraxRoutine  8.0.0  B40f-10983"],
 }
+EXTRA_PATIENTS = ("lung1", "lung2")  # PyRadiomics' two test chest CTs, each with a tumour label map
+
+
+def patient_sources(patient: str) -> list[Source]:
+    """A patient's scans with their known tumours: Lung-PET-CT-Dx's from ../shared/data, the extra
+    ones from runs/extra-ct."""
+    if patient in EXTRA_PATIENTS:
+        scan = EXTRA / f"{patient}_image.nrrd"
+        if not scan.is_file():
+            raise SystemExit(f"{scan}: not there; run python benchmarks/fetch_extra_ct.py first")
+        vol = io.read(scan)
+        return [Source(scan.name, vol, patient, tumours_from(vol, EXTRA / f"{patient}_label.nrrd"))]
+    out = []
+    for rel in PATIENTS[patient]:
+        vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)
+        out.append(Source(rel, vol, patient, tumours_from(vol, SHARED / "annotations")))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--holdout", default="A0002", choices=sorted(PATIENTS))
+    ap.add_argument("--holdout", default="A0002", help="held-out patients, comma-separated: A0001, A0002, lung1, lung2 (default: A0002)")
     ap.add_argument("--phantoms", type=int, default=6)
     ap.add_argument("--varied", action="store_true", help="phantoms under random scanner set-ups")
     ap.add_argument("--opacities", type=int, default=0, help="with --varied: up to N genuine hazy patches per phantom")
@@ -48,10 +66,10 @@ def main() -> None:
     det = load_detector(args.model)
     if args.threshold is not None:
         det.threshold = args.threshold
-    sources = []
-    for rel in PATIENTS[args.holdout]:
-        vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)
-        sources.append(Source(rel, vol, args.holdout, tumours_from_voc(vol, SHARED / "annotations")))
+    holdout = args.holdout.split(",")
+    if unknown := [p for p in holdout if p not in (*PATIENTS, *EXTRA_PATIENTS)]:
+        ap.error(f"unknown patients {unknown}: choose from {sorted(PATIENTS) + list(EXTRA_PATIENTS)}")
+    sources = [s for p in holdout for s in patient_sources(p)]
     sources += [varied_phantom_source(5000 + k, opacities=args.opacities) if args.varied else phantom_source(5000 + k)
                 for k in range(args.phantoms)]
     pos = {"injected": [], "removed": []}

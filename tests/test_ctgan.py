@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
-from ctguard.cli import main
 from ctguard.data.ctgan import class_counts, load_dataset, read_labels, scans_from_labels
 from ctguard.data.splits import kfold_by_patient, split_by_patient
 from ctguard.errors import InputError

@@ -190,6 +190,7 @@ def test_bad_inputs(tmp_path, capsys, small_chest):
     trunc = tmp_path / "trunc.dcm"
     trunc.write_bytes(Path(files[0]).read_bytes()[:5000])
     err = _expect_error(capsys, ["info", str(trunc)], "trunc.dcm")
+    assert "pixel data cannot be decoded" in err
     # Mixed orientations in one series.
     mixed = tmp_path / "mixed"
     shutil.copytree(tmp_path / "s", mixed)

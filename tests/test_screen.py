@@ -409,6 +409,16 @@ def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, cap
         err = capsys.readouterr().err.strip()
         assert rc == 2 and str(project.resolve() / "runs" / "base") in err and len(err.splitlines()) == 1
         assert not (tmp_path / "run").exists()
+    # real_scans: paths read from the project root too, each checked; a malformed list is named.
+    cfg.write_text("task: tamper3d\nphantoms: 2\nepochs: 1\nreal_scans:\n  - {scan: data/p1.nrrd, tumours: data/p1_label.nrrd}\n")
+    (project / "data").mkdir()
+    (project / "data" / "p1.nrrd").write_text("")
+    assert main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(project.resolve() / "data" / "p1_label.nrrd") in err and "does not exist" in err and len(err.splitlines()) == 1
+    cfg.write_text("task: tamper3d\nphantoms: 2\nepochs: 1\nreal_scans: [data/p1.nrrd]\n")
+    assert main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "real_scans should be a list of mappings" in capsys.readouterr().err and not (tmp_path / "run").exists()
     # A phantom shape that is no shape: named, before anything runs.
     cfg.write_text("task: tamper3d\nphantoms: 2\nphantom_shape: [0, 64, 64]\nepochs: 1\n")
     assert main(["train", "-q", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
@@ -439,9 +449,13 @@ def test_train_tamper3d_sources_and_workers():
     from ctguard.errors import InputError
 
     cfg = {**DEFAULTS, "seed": 4, "phantoms": 2, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
-           "real_series": ["a", "b"], "real_thick": [2], "real_repeats": 2}
-    assert source_specs(cfg) == [("phantom", 4000), ("phantom", 4001)] + [("series", "a", 1), ("series", "a", 2),
-                                                                          ("series", "b", 1), ("series", "b", 2)] * 2
+           "real_series": ["a", "b"], "annotations": "boxes", "real_thick": [2], "real_repeats": 2}
+    assert source_specs(cfg) == [("phantom", 4000), ("phantom", 4001)] + [("series", "a", 1, "boxes"), ("series", "a", 2, "boxes"),
+                                                                          ("series", "b", 1, "boxes"), ("series", "b", 2, "boxes")] * 2
+    # More patients, each with its own tumours, come after the series (so older configs keep their seeds).
+    more = {**cfg, "real_thick": [], "real_repeats": 1, "real_scans": [{"scan": "c.nrrd", "tumours": "c_label.nrrd"}, {"scan": "d.nii"}]}
+    assert source_specs(more)[2:] == [("series", "a", 1, "boxes"), ("series", "b", 1, "boxes"),
+                                      ("series", "c.nrrd", 1, "c_label.nrrd"), ("series", "d.nii", 1, None)]
     varied = {**cfg, "phantom_variety": True, "fixed_phantoms": 1, "real_series": []}
     assert source_specs(varied) == [("phantom", 4000), ("phantom", 4001), ("fixed phantom", 4002)]
     # Without variety, fixed phantoms are more of the same phantoms, not ignored.

@@ -178,3 +178,40 @@ def test_thick_slice_source_keeps_anatomy_in_place():
     assert t1.mask.shape == thick.volume.shape and t1.mask.any()
     with pytest.raises(InputError):
         thick_slice_source(src, 30)
+
+
+def test_tumours_from_a_label_map(tmp_path, capsys):
+    """A segmentation label map on the scan's grid names its real tumours (for removals and TM
+    controls): `ctguard simulate --annotations LABELS.nrrd` erases the one it holds. A label map on
+    another grid is a one-line error naming it, and nothing is written."""
+    import json
+    from dataclasses import replace
+
+    from ctguard.tamper.simulate import phantom_source, tumours_from, tumours_from_labelmap
+
+    src = phantom_source(11, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6), with_tumour=True)
+    (truth,) = src.tumours
+    scan, labels = tmp_path / "scan.nrrd", tmp_path / "scan_label.nrrd"
+    io.write_itk(src.volume, scan)
+    io.write_itk(replace(src.volume, hu=truth.mask.astype(np.float32) * 3), labels)  # any non-zero label
+    vol = io.read(scan)
+    (t,) = tumours_from(vol, labels)
+    assert np.array_equal(t.mask, truth.mask) and np.allclose(t.voxel, np.argwhere(truth.mask).mean(0))
+    assert abs(t.diameter_mm - 2 * 0.6 * truth.diameter_mm) < 10  # the phantom's mask is a ball of 0.6 x its diameter + 1 mm
+    assert tumours_from(vol, None) == []
+
+    out = tmp_path / "sim"
+    assert main(["simulate", str(scan), "--annotations", str(labels), "--inject", "0", "--remove", "1", "--out", str(out), "-q", "--seed", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (fb,) = [s for s in manifest["scans"] if s["label"] == "FB"]
+    (edit,) = fb["edits"]
+    assert edit["kind"] == "removed" and np.allclose(edit["voxel"], t.voxel)
+    assert {s["label"] for s in manifest["scans"]} == {"TM", "FB"}  # the control is known to hold a real tumour
+
+    io.write_itk(replace(src.volume, hu=truth.mask[:, :, :90].astype(np.float32)), labels)
+    assert main(["simulate", str(scan), "--annotations", str(labels), "--out", str(tmp_path / "sim2"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(labels) in err and "voxel grid" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "sim2").exists()
+    with pytest.raises(InputError, match="voxel grid"):
+        tumours_from_labelmap(vol, labels)

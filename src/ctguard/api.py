@@ -67,19 +67,21 @@ def simulate(
         remove: FB copies per source that has a known tumour. Defaults to 1.
         per_scan: nodules per FM copy. Defaults to 1.
         phantoms: also use this many phantom chests (seeded from ``seed``). Defaults to 0.
-        annotations: a folder of PASCAL-VOC XML tumour boxes named by SOPInstanceUID. Defaults to None.
+        annotations: the sources' known real tumours: a folder of PASCAL-VOC XML boxes named by
+            SOPInstanceUID, or a label-map file (NRRD/NIfTI/MHD) on the scan's voxel grid, whose
+            connected non-zero regions are the tumours. Defaults to None.
         seed: random seed. Defaults to 0.
         sizes: injected nodule diameter range (mm). Defaults to (6, 20).
 
     Returns:
         The manifest written beside the labels.
     """
-    from ctguard.tamper.simulate import Source, phantom_source, simulate as _simulate, tumours_from_voc
+    from ctguard.tamper.simulate import Source, phantom_source, simulate as _simulate, tumours_from
 
     sources = []
     for path in inputs:
         vol = load(path, progress=progress)
-        tumours = tumours_from_voc(vol, annotations) if annotations else []
+        tumours = tumours_from(vol, annotations)
         patient = vol.meta.get("patient_id") or Path(path).name
         sources.append(Source(str(path), vol, patient, tumours))
     sources += [phantom_source(seed * 1000 + k) for k in range(phantoms)]

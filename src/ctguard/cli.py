@@ -119,6 +119,11 @@ def _load_config(path: str | None) -> dict:
             cfg[key] = [resolve(p) for p in cfg[key]]
         elif cfg.get(key):
             cfg[key] = resolve(cfg[key])
+    if cfg.get("real_scans") is not None:  # a list of {scan: PATH, tumours: PATH}
+        scans = cfg["real_scans"]
+        if not (isinstance(scans, list) and all(isinstance(e, dict) and e.get("scan") for e in scans)):
+            raise InputError("the config's real_scans should be a list of mappings with a scan (and optionally tumours) path", path)
+        cfg["real_scans"] = [{k: resolve(v) if k in ("scan", "tumours") and v else v for k, v in e.items()} for e in scans]
     return cfg
 
 
@@ -281,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, default=1, metavar="N", help="FB copies per scan with a known tumour (default: 1)")
     p.add_argument("--per-scan", type=int, default=1, metavar="K", help="nodules injected into each FM copy (default: 1)")
     p.add_argument("--phantoms", type=int, default=0, metavar="N", help="also tamper with N phantom chests")
-    p.add_argument("--annotations", metavar="DIR", help="PASCAL-VOC tumour boxes named by SOPInstanceUID (known real tumours)")
+    p.add_argument("--annotations", metavar="DIR|FILE", help="known real tumours: a folder of PASCAL-VOC boxes named by SOPInstanceUID, or a label map (NRRD/NIfTI) on the scan's grid")
     p.add_argument("--sizes", default="6,20", metavar="MIN,MAX", help="injected nodule diameters in mm (default: 6,20)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_simulate)

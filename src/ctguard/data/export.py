@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctguard.data.ctgan import Scan, load_dataset
+from ctguard.data.ctgan import load_dataset
 from ctguard.data.splits import split_by_patient
 from ctguard.errors import InputError
 

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "real_series": [],  # DICOM folders of the training patients
     "real_thick": [],  # also each real series with slices this many times thicker (averaged), e.g. [2]
     "annotations": None,  # their tumour boxes (PASCAL-VOC XML by SOPInstanceUID)
+    "real_scans": [],  # more training patients, each with its own tumours: [{scan: PATH, tumours: LABEL_MAP_OR_VOC_DIR}]
     "inject": 2,
     "remove": 2,
     "per_scan": 3,
@@ -57,30 +58,37 @@ DEFAULTS: dict[str, Any] = {
 
 def source_specs(cfg: dict) -> list[tuple]:
     """What the training scans are made from, in order: ``("phantom", seed)``, ``("fixed phantom",
-    seed)`` (the one set-up, beside varied ones) and ``("series", path, factor)`` (a real series,
-    ``factor`` times thicker when above 1). A source's place in this list seeds its edits."""
+    seed)`` (the one set-up, beside varied ones) and ``("series", path, factor, tumours)`` (a real
+    scan, ``factor`` times thicker when above 1, and where its tumours are written). A source's
+    place in this list seeds its edits."""
     base = cfg["seed"] * 1000 if cfg.get("phantom_seed_base") is None else int(cfg["phantom_seed_base"])
     specs: list[tuple] = [("phantom", base + k) for k in range(cfg["phantoms"])]
     # Their seeds follow the other phantoms'; without phantom_variety they are simply more phantoms.
     specs += [("fixed phantom", base + cfg["phantoms"] + k) for k in range(int(cfg.get("fixed_phantoms") or 0))]
     for _ in range(int(cfg.get("real_repeats") or 1)):
-        for path in cfg["real_series"]:
-            specs += [("series", str(path), 1)] + [("series", str(path), int(f)) for f in cfg.get("real_thick") or []]
+        for path, tumours in real_scans(cfg):
+            specs += [("series", path, 1, tumours)] + [("series", path, int(f), tumours) for f in cfg.get("real_thick") or []]
     return specs
+
+
+def real_scans(cfg: dict) -> list[tuple[str, str | None]]:
+    """The training patients' scans and where each one's tumours are written: ``real_series`` with
+    the shared ``annotations``, then ``real_scans`` with their own."""
+    out = [(str(p), cfg.get("annotations")) for p in cfg.get("real_series") or []]
+    return out + [(str(e["scan"]), e.get("tumours")) for e in cfg.get("real_scans") or []]
 
 
 def build_source(cfg: dict, spec: tuple):
     """The scan (with its known real tumours) that a :func:`source_specs` entry stands for."""
     from ctguard import io
-    from ctguard.tamper.simulate import Source, thick_slice_source, tumours_from_voc
+    from ctguard.tamper.simulate import Source, thick_slice_source, tumours_from
 
     if spec[0] == "phantom":
         return _phantom(cfg, spec[1])
     if spec[0] == "fixed phantom":
         return _phantom({**cfg, "phantom_variety": False}, spec[1])
     vol = io.read(spec[1])
-    tumours = tumours_from_voc(vol, cfg["annotations"]) if cfg.get("annotations") else []
-    src = Source(spec[1], vol, vol.meta.get("patient_id", ""), tumours)
+    src = Source(spec[1], vol, vol.meta.get("patient_id", ""), tumours_from(vol, spec[3]))
     return thick_slice_source(src, spec[2]) if spec[2] > 1 else src
 
 
@@ -180,6 +188,7 @@ def check_inputs(cfg: dict) -> None:
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(n, (int, float)) and n > 0 for n in v)):
             raise InputError(f"the config's {key} should be three positive numbers (z, y, x), not {v!r}")
     check_paths(cfg, ("real_series", "annotations", "init", "extra_cubes"))
+    check_paths({"real_scans": [p for e in cfg.get("real_scans") or [] for p in (e["scan"], e.get("tumours")) if p]}, ("real_scans",))
 
 
 def check_paths(cfg: dict, keys: tuple[str, ...]) -> None:
@@ -325,7 +334,7 @@ def _clean_scan(job: tuple):
     from ctguard.lung import lung_mask
 
     cfg, spec = job
-    vol = build_source({**cfg, "annotations": None}, spec).volume  # mining needs no tumour boxes
+    vol = build_source(cfg, (*spec[:3], None)).volume  # mining needs no tumours
     return vol, lung_mask(vol)
 
 
@@ -346,8 +355,8 @@ def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool
     size, half = cfg["cube"], cfg["cube"] // 2
     n_cells = size // 8
     specs = [("phantom", cfg["seed"] * 1000 + 500 + round_ * 100 + k) for k in range(int(cfg["hard_phantoms"]))]
-    specs += [("series", str(p), 1) for p in cfg["real_series"]]
-    specs += [("series", str(p), int(f)) for p in cfg["real_series"] for f in cfg.get("real_thick") or []]
+    specs += [("series", p, 1, None) for p, _ in real_scans(cfg)]
+    specs += [("series", p, int(f), None) for p, _ in real_scans(cfg) for f in cfg.get("real_thick") or []]
     scans = (pool.imap if pool is not None else map)(_clean_scan, [(cfg, spec) for spec in specs])
     xs = []
     for vol, lungs in tqdm(scans, total=len(specs), desc="mine hard negatives", disable=not progress):

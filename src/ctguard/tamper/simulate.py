@@ -92,6 +92,40 @@ def tumours_from_voc(vol: Volume, annotations: str | Path) -> list[Tumour]:
     return out
 
 
+def tumours_from_labelmap(vol: Volume, labelmap: str | Path) -> list[Tumour]:
+    """Real tumours from a segmentation label map (NRRD, NIfTI, MHD) on the scan's own voxel grid:
+    every connected non-zero region of 10 voxels or more is one tumour, its mask that region.
+
+    Raises:
+        InputError: the label map cannot be read, or lies on another grid than the scan.
+    """
+    lab = io.read(labelmap)
+    if lab.shape != vol.shape or not np.allclose(lab.spacing, vol.spacing, rtol=1e-3):
+        raise InputError(f"the label map is {list(lab.shape)} voxels of {[round(s, 3) for s in lab.spacing]} mm, the scan "
+                         f"{list(vol.shape)} of {[round(s, 3) for s in vol.spacing]} mm: it must lie on the scan's voxel grid", labelmap)
+    labels, n = ndimage.label(lab.hu > 0, structure=np.ones((3, 3, 3), bool))
+    out = []
+    for i in range(1, n + 1):
+        mask = labels == i
+        if mask.sum() < 10:
+            continue
+        pts = np.argwhere(mask)
+        centre = pts.mean(0)
+        diameter = 2 * float(np.max(np.linalg.norm((pts - centre) * np.asarray(vol.spacing), axis=1)))
+        out.append(Tumour(centre, diameter, mask))
+    return out
+
+
+def tumours_from(vol: Volume, annotations: str | Path | None) -> list[Tumour]:
+    """The scan's known real tumours: from a folder of PASCAL-VOC boxes (:func:`tumours_from_voc`),
+    a label-map file (:func:`tumours_from_labelmap`), or none without ``annotations``."""
+    if not annotations:
+        return []
+    if Path(annotations).is_dir():
+        return tumours_from_voc(vol, annotations)
+    return tumours_from_labelmap(vol, annotations)
+
+
 def phantom_source(seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9), with_tumour: bool | None = None,
                    noise_hu: float = 20.0, grain: float = 0.7, opacities: int = 0) -> Source:
     """A phantom chest as a simulation source; about half have one genuine nodule (a TM control)."""
