@@ -1,6 +1,6 @@
 """Bundles a trained detector (3D, or 2D with --name tamper2d) into the package with its model card.
 
-Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d] [--patients TEXT]
+Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d] [--patients TEXT] [--held-out TEXT]
        python benchmarks/bundle_tamper3d.py --metrics-only EVAL_JSON ... [--name tamper3d|tamper2d]
 Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card) and NAME.onnx (the
 network for onnxruntime). With --metrics-only, the bundled card's measurements are replaced by the
@@ -22,7 +22,11 @@ ARCH = {"tamper3d": "TamperNet3D: 5 Conv3d blocks (3 stride-2, 1 dilated), 3-cla
         "tamper2d": "TamperNet2D: 7 Conv2d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, one axial slice at 1 mm"}
 
 
-def main(run_dir: str, evals: list[str], threshold: float, version: str, name: str = "tamper3d", patients: str | None = None) -> None:
+HELD_OUT = "Lung-PET-CT-Dx A0002 (both series, another scanner) + unseen phantoms (seeds 5000+)"
+
+
+def main(run_dir: str, evals: list[str], threshold: float, version: str, name: str = "tamper3d", patients: str | None = None,
+         held_out: str = HELD_OUT) -> None:
     run = Path(run_dir)
     ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     summary = json.loads((run / "summary.json").read_text())
@@ -41,7 +45,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                            f"{ckpt['config'].get('hard_phantoms')} clean phantoms (seeds 500+) and A0001's own series"
                            if ckpt["config"].get("hard_rounds") else ""),
         },
-        "held_out": "Lung-PET-CT-Dx A0002 (both series, another scanner) + unseen phantoms (seeds 5000+)",
+        "held_out": held_out,
         "metrics": card_metrics(evals),
         "train_seconds": summary["train_seconds"],
         "data_seconds": summary["data_seconds"],
@@ -60,8 +64,9 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
 
 
 def card_metrics(evals: list[str]) -> list[dict]:
-    """The evaluations as the card keeps them: without the per-edit and per-place lists."""
-    return [{k: v for k, v in json.loads(Path(e).read_text()).items() if k not in ("edits", "untouched_above_half")} for e in evals]
+    """The evaluations as the card keeps them: without the per-edit, per-place and per-scan lists."""
+    lists = ("edits", "untouched_above_half", "clean_scans_findings")
+    return [{k: v for k, v in json.loads(Path(e).read_text()).items() if k not in lists} for e in evals]
 
 
 def update_metrics(evals: list[str], name: str = "tamper3d") -> None:
@@ -86,8 +91,9 @@ if __name__ == "__main__":
     ap.add_argument("--version", default="0.1")
     ap.add_argument("--name", default="tamper3d", choices=sorted(ARCH))
     ap.add_argument("--patients", default=None, help="what the training data were, for the card")
+    ap.add_argument("--held-out", default=HELD_OUT, help="what the evaluations held out, for the card")
     a = ap.parse_args()
     if a.metrics_only:
         update_metrics([a.run_dir, *a.evals], a.name)
         raise SystemExit(0)
-    main(a.run_dir, a.evals, a.threshold, a.version, a.name, a.patients)
+    main(a.run_dir, a.evals, a.threshold, a.version, a.name, a.patients, a.held_out)

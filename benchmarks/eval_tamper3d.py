@@ -78,7 +78,7 @@ def main() -> None:
     per_kind_found = {"injected": [0, 0], "removed": [0, 0]}
     sweep = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
     clean_finding_scores, edit_hit_scores, scan_scores = [], [], {"clean": [], "tampered": []}
-    edit_rows, neg_rows = [], []  # every edit and untouched place: where, on what scan, and what the detector said
+    edit_rows, neg_rows, clean_rows = [], [], []  # every edit, untouched place and clean scan: where, and what the detector said
     for i, src in enumerate(sources):
         rng = np.random.default_rng([123, i])
         name = src.name.split("/")[-1]  # the series folder, or phantom-<seed>
@@ -91,6 +91,9 @@ def main() -> None:
             if label in ("TB", "TM"):
                 clean_scans += 1
                 false_findings += sum(f["score"] >= det.threshold for f in result["findings"])
+                clean_rows.append({"source": name, "label": label, "false_findings": [
+                    {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]}
+                    for f in result["findings"] if f["score"] >= det.threshold]})
                 clean_finding_scores += [f["score"] for f in result["findings"]]
                 pts = np.argwhere(lungs[:, ::4, ::4]) * np.array([1, 4, 4])
                 places = [pts[j] for j in rng.integers(len(pts), size=10)] + [t.voxel for t in src.tumours]
@@ -135,6 +138,7 @@ def main() -> None:
                   for t in sweep},
         "median_screen_seconds": round(float(np.median(times)), 2),
         "edits": edit_rows,
+        "clean_scans_findings": clean_rows,
         "untouched_above_half": sorted([r for r in neg_rows if r["p_tampered"] >= 0.5], key=lambda r: -r["p_tampered"]),
     }
     print(json.dumps(report, indent=2))
