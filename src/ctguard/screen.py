@@ -21,7 +21,7 @@ from ctguard.models.grid import STRIDE, normalise_array, softmax
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
-THRESHOLD = 0.5  # a finding's tamper probability needed to report it (see docs/model-card.md)
+THRESHOLD = 0.5  # a finding's tamper probability needed to report it, where a model has no card (the bundled ones carry theirs)
 NMS_MM = 24.0
 MARGIN_MM = 8.0
 MIN_EXTENT_MM = 24.0
