@@ -119,11 +119,9 @@ def _load_config(path: str | None) -> dict:
             cfg[key] = [resolve(p) for p in cfg[key]]
         elif cfg.get(key):
             cfg[key] = resolve(cfg[key])
-    if cfg.get("real_scans") is not None:  # a list of {scan: PATH, tumours: PATH}
-        scans = cfg["real_scans"]
-        if not (isinstance(scans, list) and all(isinstance(e, dict) and e.get("scan") for e in scans)):
-            raise InputError("the config's real_scans should be a list of mappings with a scan (and optionally tumours) path", path)
-        cfg["real_scans"] = [{k: resolve(v) if k in ("scan", "tumours") and v else v for k, v in e.items()} for e in scans]
+    if isinstance(cfg.get("real_scans"), list):  # [{scan: PATH, tumours: PATH}]; the trainer checks the shape
+        cfg["real_scans"] = [{k: resolve(v) if k in ("scan", "tumours") and isinstance(v, str) else v for k, v in e.items()}
+                             if isinstance(e, dict) else e for e in cfg["real_scans"]]
     return cfg
 
 

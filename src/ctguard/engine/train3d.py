@@ -187,8 +187,11 @@ def check_inputs(cfg: dict) -> None:
         v = cfg.get(key)
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(n, (int, float)) and n > 0 for n in v)):
             raise InputError(f"the config's {key} should be three positive numbers (z, y, x), not {v!r}")
+    scans = cfg.get("real_scans") or []
+    if not (isinstance(scans, list) and all(isinstance(e, dict) and isinstance(e.get("scan"), str) for e in scans)):
+        raise InputError(f"the config's real_scans should be a list of mappings with a scan (and optionally tumours) path, not {scans!r}")
     check_paths(cfg, ("real_series", "annotations", "init", "extra_cubes"))
-    check_paths({"real_scans": [p for e in cfg.get("real_scans") or [] for p in (e["scan"], e.get("tumours")) if p]}, ("real_scans",))
+    check_paths({"real_scans": [p for e in scans for p in (e["scan"], e.get("tumours")) if p]}, ("real_scans",))
 
 
 def check_paths(cfg: dict, keys: tuple[str, ...]) -> None:
@@ -334,7 +337,7 @@ def _clean_scan(job: tuple):
     from ctguard.lung import lung_mask
 
     cfg, spec = job
-    vol = build_source(cfg, (*spec[:3], None)).volume  # mining needs no tumours
+    vol = build_source(cfg, spec).volume  # the mining specs name no tumours: none are read
     return vol, lung_mask(vol)
 
 
