@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ctguard import io
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.screen import load_detector2d, score_locations_2d, screen_slice
-from ctguard.tamper.simulate import Source, phantom_source, tumours_from_voc, variants
+from ctguard.tamper.simulate import phantom_source, variants
 from ctguard.volume import Volume
-from eval_tamper3d import PATIENTS, SHARED  # benchmarks/ is the script's folder, so on sys.path
+from eval_tamper3d import patient_sources  # benchmarks/ is the script's folder, so on sys.path
 
 
 
@@ -42,10 +41,7 @@ def main() -> None:
     det = load_detector2d(args.model)
     if args.threshold is not None:
         det.threshold = args.threshold
-    sources = []
-    for rel in PATIENTS["A0002"]:
-        vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)
-        sources.append(Source(rel, vol, "A0002", tumours_from_voc(vol, SHARED / "annotations")))
+    sources = patient_sources("A0002")
     sources += [phantom_source(5000 + k) for k in range(args.phantoms)]
     pos = {"injected": [], "removed": []}
     neg, found, clean_slices, false_findings, no_lungs = [], {"injected": [0, 0], "removed": [0, 0]}, 0, 0, 0

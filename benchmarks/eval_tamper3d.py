@@ -90,10 +90,10 @@ def main() -> None:
             scan_scores["clean" if label in ("TB", "TM") else "tampered"].append(result["score"])
             if label in ("TB", "TM"):
                 clean_scans += 1
-                false_findings += sum(f["score"] >= det.threshold for f in result["findings"])
-                clean_rows.append({"source": name, "label": label, "false_findings": [
-                    {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]}
-                    for f in result["findings"] if f["score"] >= det.threshold]})
+                wrong = [{"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]}
+                         for f in result["findings"] if f["score"] >= det.threshold]
+                false_findings += len(wrong)
+                clean_rows.append({"source": name, "label": label, "false_findings": wrong})
                 clean_finding_scores += [f["score"] for f in result["findings"]]
                 pts = np.argwhere(lungs[:, ::4, ::4]) * np.array([1, 4, 4])
                 places = [pts[j] for j in rng.integers(len(pts), size=10)] + [t.voxel for t in src.tumours]

@@ -22,12 +22,11 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval_tamper3d import PATIENTS, SHARED  # noqa: E402
+from eval_tamper3d import patient_sources  # noqa: E402
 
-from ctguard import io  # noqa: E402
 from ctguard.screen import STRIDE, load_detector, screen_volume  # noqa: E402
 from ctguard.tamper.cube import cut  # noqa: E402
-from ctguard.tamper.simulate import Source, tumours_from_voc, variants, varied_phantom_source  # noqa: E402
+from ctguard.tamper.simulate import variants, varied_phantom_source  # noqa: E402
 
 
 def rescore(vol, det, loc, cube_mm: int = 64) -> tuple[float, float]:
@@ -54,10 +53,7 @@ def main() -> None:
     ap.add_argument("--phantoms", type=int, default=4)
     args = ap.parse_args()
     det = load_detector(args.model)
-    sources = []
-    for rel in PATIENTS["A0002"]:
-        vol = io.read(SHARED / "Lung-PET-CT-Dx" / rel)
-        sources.append(Source(rel, vol, "A0002", tumours_from_voc(vol, SHARED / "annotations")))
+    sources = patient_sources("A0002")
     sources += [varied_phantom_source(5000 + k) for k in range(args.phantoms)]
     pos, neg = [], []  # (heatmap score, cube score, flip-averaged score)
     for i, src in enumerate(sources):

@@ -119,9 +119,10 @@ def _load_config(path: str | None) -> dict:
             cfg[key] = [resolve(p) for p in cfg[key]]
         elif cfg.get(key):
             cfg[key] = resolve(cfg[key])
-    if isinstance(cfg.get("real_scans"), list):  # [{scan: PATH, tumours: PATH}]; the trainer checks the shape
-        cfg["real_scans"] = [{k: resolve(v) if k in ("scan", "tumours") and isinstance(v, str) else v for k, v in e.items()}
-                             if isinstance(e, dict) else e for e in cfg["real_scans"]]
+    for entry in cfg["real_scans"] if isinstance(cfg.get("real_scans"), list) else []:  # [{scan: PATH, tumours: PATH}]
+        for key in ("scan", "tumours"):  # the trainer checks the shape; here only paths are resolved
+            if isinstance(entry, dict) and isinstance(entry.get(key), str):
+                entry[key] = resolve(entry[key])
     return cfg
 
 

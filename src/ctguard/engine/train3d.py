@@ -358,8 +358,8 @@ def mine_hard_negatives(model: nn.Module, cfg: dict, round_: int, progress: bool
     size, half = cfg["cube"], cfg["cube"] // 2
     n_cells = size // 8
     specs = [("phantom", cfg["seed"] * 1000 + 500 + round_ * 100 + k) for k in range(int(cfg["hard_phantoms"]))]
-    specs += [("series", p, 1, None) for p, _ in real_scans(cfg)]
-    specs += [("series", p, int(f), None) for p, _ in real_scans(cfg) for f in cfg.get("real_thick") or []]
+    paths = [p for p, _ in real_scans(cfg)]
+    specs += [("series", p, 1, None) for p in paths] + [("series", p, int(f), None) for p in paths for f in cfg.get("real_thick") or []]
     scans = (pool.imap if pool is not None else map)(_clean_scan, [(cfg, spec) for spec in specs])
     xs = []
     for vol, lungs in tqdm(scans, total=len(specs), desc="mine hard negatives", disable=not progress):

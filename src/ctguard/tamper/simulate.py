@@ -84,12 +84,15 @@ def tumours_from_voc(vol: Volume, annotations: str | Path) -> list[Tumour]:
             continue
         lab, k = ndimage.label(mask)
         sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, k + 1))
-        mask = lab == (int(np.argmax(sizes)) + 1)
-        pts = np.argwhere(mask)
-        centre = pts.mean(0)
-        diameter = 2 * float(np.max(np.linalg.norm((pts - centre) * np.asarray(vol.spacing), axis=1)))
-        out.append(Tumour(centre, diameter, mask))
+        out.append(tumour_of(lab == (int(np.argmax(sizes)) + 1), vol.spacing))
     return out
+
+
+def tumour_of(mask: np.ndarray, spacing) -> Tumour:
+    """The tumour a mask outlines: its centroid, and twice the farthest voxel's distance from it."""
+    pts = np.argwhere(mask)
+    centre = pts.mean(0)
+    return Tumour(centre, 2 * float(np.max(np.linalg.norm((pts - centre) * np.asarray(spacing), axis=1))), mask)
 
 
 def tumours_from_labelmap(vol: Volume, labelmap: str | Path) -> list[Tumour]:
@@ -104,16 +107,8 @@ def tumours_from_labelmap(vol: Volume, labelmap: str | Path) -> list[Tumour]:
         raise InputError(f"the label map is {list(lab.shape)} voxels of {[round(s, 3) for s in lab.spacing]} mm, the scan "
                          f"{list(vol.shape)} of {[round(s, 3) for s in vol.spacing]} mm: it must lie on the scan's voxel grid", labelmap)
     labels, n = ndimage.label(lab.hu > 0, structure=np.ones((3, 3, 3), bool))
-    out = []
-    for i in range(1, n + 1):
-        mask = labels == i
-        if mask.sum() < 10:
-            continue
-        pts = np.argwhere(mask)
-        centre = pts.mean(0)
-        diameter = 2 * float(np.max(np.linalg.norm((pts - centre) * np.asarray(vol.spacing), axis=1)))
-        out.append(Tumour(centre, diameter, mask))
-    return out
+    masks = (labels == i for i in range(1, n + 1))
+    return [tumour_of(m, vol.spacing) for m in masks if m.sum() >= 10]
 
 
 def tumours_from(vol: Volume, annotations: str | Path | None) -> list[Tumour]:
