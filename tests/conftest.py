@@ -9,6 +9,7 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LUNG_PET_CT = SHARED / "lung-pet-ct-dx"
 CTGAN_LABELS = SHARED / "ctgan-labels"
+LIDC = SHARED / "lidc-idri"
 SERIES = {
     "A0001-L": LUNG_PET_CT / "Lung-PET-CT-Dx/Lung_Dx-A0001/04-04-2007-NA-Chest-07990/2.000000-5mm-40805",
     "A0001-B": LUNG_PET_CT / "Lung-PET-CT-Dx/Lung_Dx-A0001/04-04-2007-NA-Chest-07990/3.000000-5mm-41315",
@@ -35,6 +36,15 @@ def lung_pet_ct() -> Path:
 def real_series() -> dict[str, Path]:
     _require_shared()
     return SERIES
+
+
+@pytest.fixture(scope="session")
+def lidc() -> Path:
+    """LIDC-IDRI's four patients (JPEG 2000 series, nodule label maps, three LIDC XML files)."""
+    if not LIDC.is_dir():
+        _require_shared()
+        pytest.skip(f"{LIDC} is not there")
+    return LIDC
 
 
 @pytest.fixture(scope="session")

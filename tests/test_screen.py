@@ -71,6 +71,27 @@ def test_locations_scores(tampered, tmp_path):
     assert float(got[1]["p_removed"]) > 0.9  # the removal's centre
 
 
+def test_locations_combine_with_the_whole_scan(tampered, tmp_path, monkeypatch, capsys):
+    """--locations with --json screens the whole scan too, from one read of it; --scores-out
+    without --locations is refused rather than ignored."""
+    from ctguard import io
+
+    root, truth, _ = tampered
+    locs = tmp_path / "locs.csv"
+    locs.write_text("z,y,x\n" + "".join("{},{},{}\n".format(*(round(v) for v in t["voxel"])) for t in truth))
+    reads = []
+    real_read = io.read
+    monkeypatch.setattr(io, "read", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    out, js = tmp_path / "scores.csv", tmp_path / "result.json"
+    assert main(["screen", str(root / "tampered"), "--locations", str(locs), "--scores-out", str(out), "--json", str(js), "-q"]) == 0
+    assert len(reads) == 1
+    assert len(list(csv.DictReader(out.read_text().splitlines()))) == len(truth)
+    result = json.loads(js.read_text())
+    assert result["verdict"] == "tampered" and result["findings"]
+    assert main(["screen", str(root / "tampered"), "--scores-out", str(out), "-q"]) == 2
+    assert "--scores-out is where --locations writes" in capsys.readouterr().err
+
+
 class _CentreDetector:
     """A stand-in detector with the training targets' geometry: a cell is "injected" when the
     voxels at its centre (the middle 2x2x2 of its 8 mm) are bright, as a cell's target is set by
@@ -382,7 +403,7 @@ def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, cap
     """A config two folders deep (benchmarks/experiments/) reads its data paths from the project
     root, like one in configs/; a missing real series is a one-line error before any simulating,
     and no model is written."""
-    from ctguard.cli import config_root
+    from ctguard.api import config_root
 
     project = tmp_path / "project"
     (project / "benchmarks" / "experiments").mkdir(parents=True)
@@ -440,22 +461,27 @@ def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, cap
 
 
 def test_train_tamper3d_sources_and_workers():
-    """Sources come in a fixed order (their place seeds their edits); real series repeat with
+    """Sources come in a fixed order, each seeded by what it is; real series repeat with
     ``real_repeats``; one-set-up phantoms can join varied ones; worker processes make exactly the cubes one process makes; a GPU asked for
     where there is none is refused by name."""
     import torch
 
-    from ctguard.engine.train3d import DEFAULTS, _device, _pool, build_source, make_cubes, source_specs
+    from ctguard.engine.train3d import DEFAULTS, _device, _pool, build_source, make_cubes, source_specs, spec_seed
     from ctguard.errors import InputError
 
     cfg = {**DEFAULTS, "seed": 4, "phantoms": 2, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
            "real_series": ["a", "b"], "annotations": "boxes", "real_thick": [2], "real_repeats": 2}
-    assert source_specs(cfg) == [("phantom", 4000), ("phantom", 4001)] + [("series", "a", 1, "boxes"), ("series", "a", 2, "boxes"),
-                                                                          ("series", "b", 1, "boxes"), ("series", "b", 2, "boxes")] * 2
-    # More patients, each with its own tumours, come after the series (so older configs keep their seeds).
+    assert source_specs(cfg) == [("phantom", 4000), ("phantom", 4001)] + [
+        ("series", path, factor, "boxes", r) for r in (0, 1) for path in ("a", "b") for factor in (1, 2)]
+    # More patients, each with its own tumours, come after the series.
     more = {**cfg, "real_thick": [], "real_repeats": 1, "real_scans": [{"scan": "c.nrrd", "tumours": "c_label.nrrd"}, {"scan": "d.nii"}]}
-    assert source_specs(more)[2:] == [("series", "a", 1, "boxes"), ("series", "b", 1, "boxes"),
-                                      ("series", "c.nrrd", 1, "c_label.nrrd"), ("series", "d.nii", 1, None)]
+    assert source_specs(more)[2:] == [("series", "a", 1, "boxes", 0), ("series", "b", 1, "boxes", 0),
+                                      ("series", "c.nrrd", 1, "c_label.nrrd", 0), ("series", "d.nii", 1, None, 0)]
+    # A source's edits are seeded by what it is, not by its place among the others: a run on
+    # fewer patients (a cross-validation fold) gives the sources it keeps the same edits.
+    fewer = {**more, "real_series": ["b"]}
+    assert spec_seed(more, ("series", "/x/b", 1, "boxes", 0)) == spec_seed(fewer, ("series", "/y/b", 1, "boxes", 0))
+    assert len({spec_seed(more, s) for s in source_specs(more)}) == len(source_specs(more))
     varied = {**cfg, "phantom_variety": True, "fixed_phantoms": 1, "real_series": []}
     assert source_specs(varied) == [("phantom", 4000), ("phantom", 4001), ("fixed phantom", 4002)]
     # Without variety, fixed phantoms are more of the same phantoms, not ignored.

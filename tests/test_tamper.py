@@ -215,3 +215,81 @@ def test_tumours_from_a_label_map(tmp_path, capsys):
     assert not (tmp_path / "sim2").exists()
     with pytest.raises(InputError, match="voxel grid"):
         tumours_from_labelmap(vol, labels)
+
+
+def test_lung_depth_on_its_box_is_the_whole_grid_transform(chest):
+    from scipy import ndimage
+
+    from ctguard.lung import lung_depth
+
+    lungs = lung_mask(chest)
+    assert np.allclose(lung_depth(chest, lungs), ndimage.distance_transform_edt(lungs, sampling=chest.spacing))
+    touching = lungs.copy()
+    touching[0] = touching[1]  # lungs reaching the first slice: the scan's edge is not outside them
+    assert np.allclose(lung_depth(chest, touching), ndimage.distance_transform_edt(touching, sampling=chest.spacing))
+
+
+def test_edit_families(chest):
+    """Every family edits only within its blending radius, injections never darken, removals over
+    healthy places change them, and a moved tumour carries the tumour's own voxels."""
+    from ctguard.tamper.simulate import phantom_source, variants
+
+    src = phantom_source(11, shape=(48, 112, 112), spacing=(3.0, 3.0, 3.0), with_tumour=True)
+    out = list(variants(src, 5, inject=2, remove=2, per_scan=2, inject_families=("drawn", "moved"), remove_families=("fill", "clone"),
+                        healthy=2))
+    assert [label for label, _, _ in out] == ["TM", "FM", "FM", "FB", "FB", "FB", "FB"]
+    families = [[(e.extra["family"], e.extra.get("target")) for e in edits] for _, _, edits in out[1:]]
+    assert families == [[("drawn", None)] * 2, [("moved", None)] * 2, [("fill", "tumour")], [("clone", "tumour")],
+                        [("fill", "healthy")] * 2, [("clone", "healthy")] * 2]
+    t = src.tumours[0]
+    for label, vol, edits in out[1:]:
+        diff = vol.hu - src.volume.hu
+        near = np.zeros(vol.shape, bool)
+        for e in edits:
+            near |= _dist_mm(vol, np.asarray(e.voxel)) < e.radius_mm
+            assert np.abs(diff[_dist_mm(vol, np.asarray(e.voxel)) <= 3.0]).max() > 0, f"{e.extra} left its centre untouched"
+        assert np.all(diff[~near] == 0), f"{edits[0].extra} changed a voxel beyond its blending radius"
+        if label == "FM":
+            assert np.all(diff >= 0)
+    # The moved tumour is the tumour: its core HU reappear at the new place.
+    moved = out[2][2][0]
+    assert moved.nodule_type == "moved" and np.allclose(moved.extra["from_voxel"], t.voxel)
+    core = src.volume.hu[tuple(np.rint(t.voxel).astype(int))]
+    assert abs(out[2][1].hu[tuple(np.rint(moved.voxel).astype(int))] - core) < 150
+    # A healthy in-painting leaves parenchyma-level HU at the place, whatever was there.
+    for e in out[5][2] + out[6][2]:
+        assert out[5 if e in out[5][2] else 6][1].hu[_dist_mm(chest, np.asarray(e.voxel)) <= 2.0].mean() < -600
+
+
+def test_unknown_family_is_refused():
+    from ctguard.engine.train3d import DEFAULTS, check_inputs
+    from ctguard.tamper.simulate import phantom_source, variants
+
+    with pytest.raises(InputError, match="inject families should be .*drawn"):
+        next(variants(phantom_source(1, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)), 0, 1, 0, inject_families=("gan",)))
+    with pytest.raises(InputError, match="the config's remove families"):
+        check_inputs({**DEFAULTS, "remove_families": ["blur"]})
+
+
+def test_lidc_xml_nodules_match_the_label_map(lidc, tmp_path, capsys):
+    """Every outlined nodule of an LIDC read message is found, as the union of its readers'
+    outlines (Dice >= 0.9 with the collection's label map); an XML of another series is refused by
+    name, and simulate writes nothing then."""
+    from ctguard.tamper.simulate import tumours_from
+
+    folder = next((lidc / "LIDC-IDRI-0003").glob("*/*"))
+    xml = next(folder.glob("*.xml"))
+    vol = io.read(folder)
+    labels = io.read(lidc / "LIDC-IDRI-0003" / "nodules.nrrd").hu.astype(int)
+    tumours = tumours_from(vol, xml)
+    assert len(tumours) == labels.max() == 3
+    for k in range(1, 4):
+        ref = labels == k
+        dice = max(2 * (t.mask & ref).sum() / (t.mask.sum() + ref.sum()) for t in tumours)
+        assert dice >= 0.9, f"nodule {k}: Dice {dice:.3f}"
+    other = next((lidc / "LIDC-IDRI-0001").glob("*/*/*.xml"))
+    with pytest.raises(InputError, match="annotates series .* not this scan's"):
+        tumours_from(vol, other)
+    out = tmp_path / "sim"
+    assert main(["simulate", str(folder), "--annotations", str(other), "--out", str(out), "-q"]) == 2
+    assert "annotates series" in capsys.readouterr().err and not out.exists()

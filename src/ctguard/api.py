@@ -175,19 +175,20 @@ def screen(
     return result
 
 
-def score_locations(path: str | Path, locations_csv: str | Path, scores_out: str | Path, model: str | None = None,
+def score_locations(path: str | Path | Volume, locations_csv: str | Path, scores_out: str | Path, model: str | None = None,
                     series_uid: str | None = None) -> list[dict[str, Any]]:
     """Scores given places (``z,y,x`` CSV, or a CT-GAN labels file) and writes them with probabilities.
 
+    ``path`` may be a scan already read (:func:`load`), so that one read serves this and :func:`screen`.
     Each output row repeats the input row and adds ``p_injected``, ``p_removed`` and
     ``p_tampered = p_injected + p_removed`` (``1 - p_genuine``).
     """
     import csv
 
-    from ctguard.errors import InputError
     from ctguard.screen import load_detector, score_locations as _score
 
-    vol = load(path, series_uid=series_uid)
+    vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
+    path = vol.meta.get("root", "volume") if isinstance(path, Volume) else path
     rows = list(csv.DictReader(Path(locations_csv).read_text().splitlines()))
     if not rows:
         raise InputError("no rows", locations_csv)
@@ -260,6 +261,47 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
     echo(f"JSON: {out / 'result.json'}")
     echo(f"HTML report: {out / 'report' / 'index.html'}")
     return {"result": result, "truth": truth, "matched": matched, "json": str(out / "result.json"), "report": str(out / "report" / "index.html")}
+
+
+def config_root(path: str | Path) -> Path:
+    """What relative data paths in a config are relative to: the project root, the nearest folder
+    above the config that holds a pyproject.toml (configs/x.yaml and benchmarks/experiments/x.yaml
+    alike); for a config outside any project, the folder above the config's."""
+    folder = Path(path).resolve().parent
+    return next((d for d in (folder, *folder.parents) if (d / "pyproject.toml").is_file()), folder.parent)
+
+
+# Keys of a config that hold paths (a path or a list of paths): relative ones are read from the project root.
+CONFIG_PATHS = ("real_series", "annotations", "data", "init", "cache", "source_cache", "extra_cubes", "cubes", "weights")
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """A YAML training config, its relative paths read from the project root (:func:`config_root`)."""
+    import yaml
+
+    if not path:
+        return {}
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"cannot read config ({e.__class__.__name__}: {e})", path) from None
+    if not isinstance(cfg, dict):
+        raise InputError("config must be a YAML mapping", path)
+    base = config_root(path)
+
+    def resolve(p) -> str:
+        return str(p) if Path(p).is_absolute() else str((base / p).resolve())
+
+    for key in CONFIG_PATHS:
+        if isinstance(cfg.get(key), list):
+            cfg[key] = [resolve(p) for p in cfg[key]]
+        elif cfg.get(key):
+            cfg[key] = resolve(cfg[key])
+    for entry in cfg["real_scans"] if isinstance(cfg.get("real_scans"), list) else []:  # [{scan: PATH, tumours: PATH}]
+        for key in ("scan", "tumours"):  # the trainer checks the shape; here only paths are resolved
+            if isinstance(entry, dict) and isinstance(entry.get(key), str):
+                entry[key] = resolve(entry[key])
+    return cfg
 
 
 def train(config: dict[str, Any], out_dir: str | Path = "runs/train", progress: bool = True, echo=print, resume: bool = False) -> dict[str, Any]:

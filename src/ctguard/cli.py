@@ -66,13 +66,21 @@ def cmd_simulate(args) -> int:
 def cmd_screen(args) -> int:
     from ctguard import api
 
+    scan = args.input
+    if args.scores_out and not args.locations:
+        raise InputError("--scores-out is where --locations writes its scores: give --locations CSV too")
     if args.locations:
         if not args.scores_out:
             raise InputError("--locations needs --scores-out FILE")
-        rows = api.score_locations(args.input, args.locations, args.scores_out, model=args.model, series_uid=args.series)
-        print(f"scored {len(rows)} places -> {args.scores_out}")
-        return 0
-    result = api.screen(args.input, json_out=args.json, report_dir=args.report, model=args.model,
+        # With --json, --report or --threshold the whole scan is screened as well, from the same read.
+        whole = args.json is not None or args.report is not None or args.threshold is not None
+        scan = api.load(args.input, series_uid=args.series) if whole else args.input
+        rows = api.score_locations(scan, args.locations, args.scores_out, model=args.model, series_uid=args.series)
+        if args.json != "-":
+            print(f"scored {len(rows)} places -> {args.scores_out}")
+        if not whole:
+            return 0
+    result = api.screen(scan, json_out=args.json, report_dir=args.report, model=args.model,
                         series_uid=args.series, threshold=args.threshold, progress=not args.quiet)
     if args.json == "-":
         return 0
@@ -84,46 +92,6 @@ def cmd_screen(args) -> int:
     if args.report:
         print(f"report: {Path(args.report) / 'index.html'}")
     return 0
-
-
-def config_root(path: str | Path) -> Path:
-    """What relative data paths in a config are relative to: the project root, the nearest folder
-    above the config that holds a pyproject.toml (configs/x.yaml and benchmarks/experiments/x.yaml
-    alike); for a config outside any project, the folder above the config's."""
-    folder = Path(path).resolve().parent
-    return next((d for d in (folder, *folder.parents) if (d / "pyproject.toml").is_file()), folder.parent)
-
-
-# Keys of a config that hold paths (a path or a list of paths): relative ones are read from the project root.
-CONFIG_PATHS = ("real_series", "annotations", "data", "init", "cache", "extra_cubes", "cubes", "weights")
-
-
-def _load_config(path: str | None) -> dict:
-    import yaml
-
-    if not path:
-        return {}
-    try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"cannot read config ({e.__class__.__name__}: {e})", path) from None
-    if not isinstance(cfg, dict):
-        raise InputError("config must be a YAML mapping", path)
-    base = config_root(path)
-
-    def resolve(p) -> str:
-        return str(p) if Path(p).is_absolute() else str((base / p).resolve())
-
-    for key in CONFIG_PATHS:
-        if isinstance(cfg.get(key), list):
-            cfg[key] = [resolve(p) for p in cfg[key]]
-        elif cfg.get(key):
-            cfg[key] = resolve(cfg[key])
-    for entry in cfg["real_scans"] if isinstance(cfg.get("real_scans"), list) else []:  # [{scan: PATH, tumours: PATH}]
-        for key in ("scan", "tumours"):  # the trainer checks the shape; here only paths are resolved
-            if isinstance(entry, dict) and isinstance(entry.get(key), str):
-                entry[key] = resolve(entry[key])
-    return cfg
 
 
 TRAIN_FLAGS = ("epochs", "seed", "batch_size", "lr", "model", "data", "steps_per_epoch", "unfreeze", "weights", "image_size", "patience",
@@ -145,7 +113,7 @@ def cmd_train(args) -> int:
     _exit_on_sigterm()
     if not args.config and not (args.data and args.model):
         raise InputError("give --config FILE, or --data DIR and --model NAME")
-    cfg = _load_config(args.config)
+    cfg = api.load_config(args.config)
     for key in TRAIN_FLAGS:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
@@ -166,7 +134,7 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     from ctguard import api
 
-    cfg = _load_config(args.config)
+    cfg = api.load_config(args.config)
     for key in ("epochs", "seed", "batch_size", "lr", "steps_per_epoch", "image_size", "unfreeze", "patience"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)

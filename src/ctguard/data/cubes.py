@@ -65,13 +65,14 @@ def sample_cubes(vol: Volume, edits: list[dict], tumours: list[np.ndarray], lung
 
 
 def cubes_from_source(src: Source, seed: int, inject: int = 2, remove: int = 1, per_scan: int = 3,
-                      size: int = 64, min_radius: float = MIN_TARGET_RADIUS_MM) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Simulates edits on a source (in memory) and samples training cubes from every variant."""
+                      size: int = 64, min_radius: float = MIN_TARGET_RADIUS_MM, families: dict | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Simulates edits on a source (in memory) and samples training cubes from every variant;
+    ``families``: :func:`ctguard.tamper.simulate.variants`' family arguments."""
     rng = np.random.default_rng([seed, 5])
     lungs = lung_mask(src.volume)
     xs, ys = [], []
     tumours = [t.voxel for t in src.tumours]
-    for label, vol, edits in variants(src, seed, inject, remove, per_scan):
+    for label, vol, edits in variants(src, seed, inject, remove, per_scan, **(families or {})):
         e = [x.to_dict() for x in edits]
         # In a removal copy, the erased tumour is no longer a genuine one.
         kept = [t for t in tumours if not any(np.allclose(t, d["voxel"]) for d in e)]

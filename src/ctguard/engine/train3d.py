@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
     "inject": 2,
     "remove": 2,
     "per_scan": 3,
+    "inject_families": ["drawn"],  # how FM copies are made, in turn: drawn (analytic nodules), moved (a real tumour of the scan moved)
+    "remove_families": ["fill"],  # how removals are in-painted, in turn: fill (normalised convolution + texture), clone (healthy lung pasted)
+    "healthy": 0,  # FB copies per source that in-paint healthy places (parenchyma, vessels, pleura), per_scan each
     "cube": 64,
     "target_min_radius": MIN_TARGET_RADIUS_MM,  # mm: a cell is an edit's when its centre is within max(nodule radius, this) of the edit's centre
     "width": 16,
@@ -44,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "workers": 1,  # processes that simulate sources and make clean scans at once (each holds a scan or two in memory)
     "real_repeats": 1,  # each real series (and its thicker versions) simulated this many times, with fresh seeds
     "cache": None,  # an .npz to keep the simulated cubes in between runs
+    "source_cache": None,  # a folder keeping each source's cubes apart (runs of other patient sets, e.g. cross-validation folds, reuse them)
     "extra_cubes": [],  # more cube files (.npz with x, y) to train on: an earlier run's cubes and hard negatives
     "init": None,  # start from this checkpoint's weights (e.g. to add hard-negative rounds to a trained model)
     "hard_rounds": 0,  # rounds of hard-negative mining: screen clean scans, add cubes at false findings, train on
@@ -65,10 +71,18 @@ def source_specs(cfg: dict) -> list[tuple]:
     specs: list[tuple] = [("phantom", base + k) for k in range(cfg["phantoms"])]
     # Their seeds follow the other phantoms'; without phantom_variety they are simply more phantoms.
     specs += [("fixed phantom", base + cfg["phantoms"] + k) for k in range(int(cfg.get("fixed_phantoms") or 0))]
-    for _ in range(int(cfg.get("real_repeats") or 1)):
+    for rep in range(int(cfg.get("real_repeats") or 1)):
         for path, tumours in real_scans(cfg):
-            specs += [("series", path, 1, tumours)] + [("series", path, int(f), tumours) for f in cfg.get("real_thick") or []]
+            specs += [("series", path, 1, tumours, rep)] + [("series", path, int(f), tumours, rep) for f in cfg.get("real_thick") or []]
     return specs
+
+
+def spec_seed(cfg: dict, spec: tuple) -> int:
+    """The seed of a source's edits: from the phantom's seed, or from the real scan's file name,
+    slab factor and repeat, so that a source gets the same edits whichever other sources a run has."""
+    if spec[0] != "series":
+        return int(cfg["seed"]) * 7919 + int(spec[1])
+    return int(cfg["seed"]) * 7919 + zlib.crc32(f"{Path(spec[1]).name}|{spec[2]}|{spec[4]}".encode()) % 1_000_003
 
 
 def real_scans(cfg: dict) -> list[tuple[str, str | None]]:
@@ -100,12 +114,35 @@ def _phantom(cfg: dict, seed: int):
     return phantom_source(seed, tuple(cfg["phantom_shape"]), tuple(cfg["phantom_spacing"]))
 
 
+SIMULATION_KEYS = ("seed", "inject", "remove", "per_scan", "cube", "target_min_radius", "inject_families", "remove_families", "healthy",
+                   "phantom_variety", "phantom_opacities", "phantom_shape", "phantom_spacing")
+
+
 def _source_cubes(job: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """One source's training cubes (a pool task: module level, so worker processes can run it)."""
-    cfg, i, spec = job
-    cx, cy = cubes_from_source(build_source(cfg, spec), cfg["seed"] * 7919 + i, cfg["inject"], cfg["remove"], cfg["per_scan"], cfg["cube"],
-                               float(cfg["target_min_radius"]))
-    return np.stack(cx).astype(np.float32), np.stack(cy)
+    """One source's training cubes (a pool task: module level, so worker processes can run it),
+    from ``source_cache`` when a run with the same simulation settings made them already."""
+    cfg, spec = job
+    cached = None
+    if cfg.get("source_cache"):
+        what = {k: cfg.get(k) for k in SIMULATION_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)]}
+        key = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        cached = Path(cfg["source_cache"]) / f"{key}.npz"
+        if cached.is_file():
+            return load_cubes(cached)
+    cx, cy = cubes_from_source(build_source(cfg, spec), spec_seed(cfg, spec), cfg["inject"], cfg["remove"], cfg["per_scan"], cfg["cube"],
+                               float(cfg["target_min_radius"]), families=_families(cfg))
+    # Whole HU in int16: half the memory of float32, and truncating the fraction is far below CT noise.
+    x, y = np.stack(cx).astype(np.int16), np.stack(cy)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp.npz")
+        np.savez(tmp, x=x, y=y)
+        tmp.replace(cached)
+    return x, y
+
+
+def _families(cfg: dict) -> dict:
+    return {"inject_families": tuple(cfg["inject_families"]), "remove_families": tuple(cfg["remove_families"]), "healthy": int(cfg["healthy"])}
 
 
 def make_cubes(cfg: dict, pool=None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +153,7 @@ def make_cubes(cfg: dict, pool=None, progress: bool = True) -> tuple[np.ndarray,
     specs = source_specs(cfg)
     if not specs:
         raise InputError("nothing to train on: no phantoms, no real_series and no cache file of cubes")
-    jobs = [(cfg, i, spec) for i, spec in enumerate(specs)]
+    jobs = [(cfg, spec) for spec in specs]
     done = (pool.imap if pool is not None else map)(_source_cubes, jobs)
     parts = list(tqdm(done, total=len(jobs), desc="simulate + cut cubes", disable=not progress))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -190,6 +227,12 @@ def check_inputs(cfg: dict) -> None:
     scans = cfg.get("real_scans") or []
     if not (isinstance(scans, list) and all(isinstance(e, dict) and isinstance(e.get("scan"), str) for e in scans)):
         raise InputError(f"the config's real_scans should be a list of mappings with a scan (and optionally tumours) path, not {scans!r}")
+    from ctguard.tamper.families import check_families
+
+    try:
+        check_families(cfg["inject_families"], cfg["remove_families"])
+    except InputError as e:
+        raise InputError(f"the config's {e.problem}") from None
     check_paths(cfg, ("real_series", "annotations", "init", "extra_cubes"))
     check_paths({"real_scans": [p for e in scans for p in (e["scan"], e.get("tumours")) if p]}, ("real_scans",))
 

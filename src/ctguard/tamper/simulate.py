@@ -25,11 +25,11 @@ from ctguard import __version__
 from ctguard import io
 from ctguard.data.ctgan import KAGGLE_DIRS
 from ctguard.errors import InputError
-from ctguard.lung import lung_mask, parenchyma_sites, pleural_sites
+from ctguard.lung import lung_depth, lung_mask, parenchyma_sites, pleural_sites
 from ctguard.tamper.base import Edit
 from ctguard.tamper.inject import NoduleInjector
 from ctguard.tamper.nodules import NODULE_TYPES, NoduleSpec
-from ctguard.tamper.remove import LesionRemover
+from ctguard.tamper.remove import LesionRemover, grow_lesion
 from ctguard.volume import Volume
 
 
@@ -113,11 +113,16 @@ def tumours_from_labelmap(vol: Volume, labelmap: str | Path) -> list[Tumour]:
 
 def tumours_from(vol: Volume, annotations: str | Path | None) -> list[Tumour]:
     """The scan's known real tumours: from a folder of PASCAL-VOC boxes (:func:`tumours_from_voc`),
-    a label-map file (:func:`tumours_from_labelmap`), or none without ``annotations``."""
+    an LIDC-IDRI annotation XML (:mod:`ctguard.io.lidc`: each nodule the union of its readers'
+    outlines), a label-map file (:func:`tumours_from_labelmap`), or none without ``annotations``."""
     if not annotations:
         return []
     if Path(annotations).is_dir():
         return tumours_from_voc(vol, annotations)
+    from ctguard.io import lidc
+
+    if lidc.is_lidc_xml(annotations):
+        return [tumour_of(m, vol.spacing) for m in lidc.nodules(vol, annotations)]
     return tumours_from_labelmap(vol, annotations)
 
 
@@ -201,8 +206,11 @@ def _sample_spec(rng: np.random.Generator, sizes: tuple[float, float]) -> Nodule
 
 
 def inject_random(vol: Volume, lungs: np.ndarray, rng: np.random.Generator, n: int = 1,
-                  sizes: tuple[float, float] = (6.0, 20.0), avoid: list[np.ndarray] | None = None) -> tuple[Volume, list[Edit]]:
-    """Injects ``n`` nodules of random types and sizes at sampled parenchyma sites, 30 mm apart."""
+                  sizes: tuple[float, float] = (6.0, 20.0), avoid: list[np.ndarray] | None = None,
+                  depth: np.ndarray | None = None) -> tuple[Volume, list[Edit]]:
+    """Injects ``n`` nodules of random types and sizes at sampled parenchyma sites, 30 mm apart
+    (``depth``: the lungs' :func:`ctguard.lung.lung_depth`, computed here when not given)."""
+    depth = lung_depth(vol, lungs) if depth is None else depth
     edits: list[Edit] = []
     taken = [np.asarray(a, float) for a in (avoid or [])]
     spacing = np.asarray(vol.spacing)
@@ -210,7 +218,8 @@ def inject_random(vol: Volume, lungs: np.ndarray, rng: np.random.Generator, n: i
         for _attempt in range(30):
             spec = _sample_spec(rng, sizes)
             radius = spec.diameter_mm / 2
-            sites = pleural_sites(vol, lungs, radius) if spec.kind == "juxta-pleural" else parenchyma_sites(vol, lungs, radius + 3.0)
+            sites = (pleural_sites(vol, lungs, radius, depth) if spec.kind == "juxta-pleural"
+                     else parenchyma_sites(vol, lungs, radius + 3.0, depth=depth))
             if len(sites) == 0:
                 continue
             site = sites[rng.integers(len(sites))].astype(float)
@@ -234,20 +243,54 @@ def remove_tumour(vol: Volume, tumour: Tumour, rng: np.random.Generator) -> tupl
 
 
 def variants(src: Source, seed: int, inject: int, remove: int, per_scan: int = 1,
-             sizes: tuple[float, float] = (6.0, 20.0)) -> Iterator[tuple[str, Volume, list[Edit]]]:
-    """The labelled scans made from one source: ``(label, volume, edits)``; the control first."""
+             sizes: tuple[float, float] = (6.0, 20.0), inject_families: tuple[str, ...] | list[str] = ("drawn",),
+             remove_families: tuple[str, ...] | list[str] = ("fill",), healthy: int = 0) -> Iterator[tuple[str, Volume, list[Edit]]]:
+    """The labelled scans made from one source: ``(label, volume, edits)``; the control first.
+
+    FM copy ``k`` is made by injection family ``inject_families[k % n]`` (``moved`` falls back to
+    ``drawn`` on a scan without an outlined tumour), FB copy ``k`` of a real tumour by removal family
+    ``remove_families[k % n]``, and ``healthy`` more FB copies each in-paint ``per_scan`` healthy
+    places (see :mod:`ctguard.tamper.families`). The defaults make what the simulator always made."""
+    from ctguard.tamper.families import check_families, inject_moved, movable, remove_healthy, remover
+
+    check_families(inject_families, remove_families)
     yield ("TM" if src.tumours else "TB"), src.volume, []
     lungs = lung_mask(src.volume)
     if not lungs.any():
         raise InputError(f"no lungs found in {src.name}")
+    depth = lung_depth(src.volume, lungs) if inject or healthy or "clone" in remove_families else None
+    avoid = [t.voxel for t in src.tumours]
     for k in range(inject):
         rng = np.random.default_rng([seed, 1, k])
-        vol, edits = inject_random(src.volume, lungs, rng, per_scan, sizes, avoid=[t.voxel for t in src.tumours])
+        family = inject_families[k % len(inject_families)]
+        moved = None
+        if family == "moved" and movable(src.tumours, src.volume.spacing):
+            try:
+                moved = inject_moved(src.volume, lungs, depth, src.tumours, rng, per_scan, avoid=avoid)
+            except InputError:  # no place in this scan's lungs for its tumours: drawn nodules instead
+                pass
+        if moved is None:
+            vol, edits = inject_random(src.volume, lungs, rng, per_scan, sizes, avoid=avoid, depth=depth)
+            for e in edits:
+                e.extra = {**e.extra, "family": "drawn"}
+        else:
+            vol, edits = moved
         yield "FM", vol, edits
     for k in range(remove if src.tumours else 0):
         rng = np.random.default_rng([seed, 2, k])
-        vol, edit = remove_tumour(src.volume, src.tumours[k % len(src.tumours)], rng)
+        family = remove_families[k % len(remove_families)]
+        tumour = src.tumours[k % len(src.tumours)]
+        if family == "fill":
+            vol, edit = remove_tumour(src.volume, tumour, rng)
+        else:
+            mask = tumour.mask if tumour.mask is not None else grow_lesion(src.volume, np.asarray(tumour.voxel, float), tumour.diameter_mm / 2 + 4.0)
+            vol, edit = remover(family, src.volume, mask, depth, rng, np.asarray(tumour.voxel, float))(src.volume, tumour.voxel, rng)
+        edit.extra = {**edit.extra, "family": family, "target": "tumour"}
         yield "FB", vol, [edit]
+    for k in range(healthy):
+        rng = np.random.default_rng([seed, 3, k])
+        vol, edits = remove_healthy(src.volume, depth, rng, per_scan, remove_families[k % len(remove_families)], avoid=avoid)
+        yield "FB", vol, edits
 
 
 def _write_scan(vol: Volume, folder: Path, uuid: str, seed: int) -> None:
