@@ -1,10 +1,14 @@
 """Bundles a trained detector (3D, or 2D with --name tamper2d) into the package with its model card.
 
-Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d] [--patients TEXT] [--held-out TEXT]
+Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d]
+                                            [--patients TEXT] [--held-out TEXT] [--cv CV_JSON] [--threshold-rule TEXT]
        python benchmarks/bundle_tamper3d.py --metrics-only EVAL_JSON ... [--name tamper3d|tamper2d]
 Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card) and NAME.onnx (the
-network for onnxruntime). With --metrics-only, the bundled card's measurements are replaced by the
-given evaluations (re-measured after a change to how they are measured); the network is unchanged.
+network for onnxruntime). The card lists every training patient of the run's config (with its
+collection, licence and vendor), and with --cv the cross-validation table of its recipe
+(benchmarks/cross_validate.py). Paths in the card and the checkpoint are written relative to the
+project root: nothing of the machine that trained it. With --metrics-only, the bundled card's
+measurements are replaced by the given evaluations; the network is unchanged.
 """
 
 from __future__ import annotations
@@ -22,13 +26,44 @@ ARCH = {"tamper3d": "TamperNet3D: 5 Conv3d blocks (3 stride-2, 1 dilated), 3-cla
         "tamper2d": "TamperNet2D: 7 Conv2d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, one axial slice at 1 mm"}
 
 
-HELD_OUT = "Lung-PET-CT-Dx A0002 (both series, another scanner) + unseen phantoms (seeds 5000+)"
+HELD_OUT = "none: trained on every patient; see cross_validation for held-out results of the same recipe"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable(value):
+    """A config with every absolute path made relative to the project root (``../shared/...`` for
+    the shared data beside it), so that no path of the training machine is shipped."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        for base, prefix in ((ROOT, ""), (ROOT.parent, "../")):
+            if path.is_relative_to(base):
+                return prefix + str(path.relative_to(base))
+        return path.name
+    return value
+
+
+def training_patients(cfg: dict) -> list[dict]:
+    """Each real training patient once, with its collection, licence and vendor and how many of its
+    scans were used."""
+    out: dict[str, dict] = {}
+    for e in cfg.get("real_scans") or []:
+        name = e.get("patient") or Path(e["scan"]).name
+        row = out.setdefault(name, {"patient": name, **{k: e.get(k) for k in ("collection", "licence", "vendor")}, "scans": 0})
+        row["scans"] += 1
+    for path in cfg.get("real_series") or []:
+        out.setdefault(Path(path).name, {"patient": Path(path).name, "scans": 1})
+    return list(out.values())
 
 
 def main(run_dir: str, evals: list[str], threshold: float, version: str, name: str = "tamper3d", patients: str | None = None,
-         held_out: str = HELD_OUT) -> None:
+         held_out: str = HELD_OUT, cv: str | None = None, threshold_rule: str | None = None) -> None:
     run = Path(run_dir)
     ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    ckpt["config"] = portable(ckpt["config"])
     summary = json.loads((run / "summary.json").read_text())
     card = {
         "name": name,
@@ -37,15 +72,15 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         "threshold": threshold,
         "architecture": (f"the mean of {len(ckpt['config']['members'])} networks' class probabilities, each a " + ARCH[name]
                          if ckpt["config"].get("members") else ARCH[name]),
+        "threshold_rule": threshold_rule,
         "training_data": {
             "config": ckpt["config"],
             "examples": summary.get("cubes", summary.get("slices")),
-            "patients": patients or "Lung-PET-CT-Dx A0001 (both series) + phantoms seeds 0-9 (simulated CT-GAN-style edits)"
-                        + (f"; hard negatives mined from {ckpt['config'].get('hard_rounds')} rounds of "
-                           f"{ckpt['config'].get('hard_phantoms')} clean phantoms (seeds 500+) and A0001's own series"
-                           if ckpt["config"].get("hard_rounds") else ""),
+            "patients": training_patients(ckpt["config"]) or patients,
+            "description": patients,
         },
         "held_out": held_out,
+        "cross_validation": _cv(cv),
         "metrics": card_metrics(evals),
         "train_seconds": summary["train_seconds"],
         "data_seconds": summary["data_seconds"],
@@ -61,6 +96,15 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
     load = load_detector2d if name == "tamper2d" else load_detector
     export_onnx(load(str(dst / f"{name}.pt")).torch_net(), dst / f"{name}.onnx")
     print(f"bundled {run / 'model.pt'} -> {dst / f'{name}.pt'}")
+
+
+def _cv(path: str | None) -> dict | None:
+    """The cross-validation's per-fold and pooled rows (benchmarks/cross_validate.py's cv.json)."""
+    if not path:
+        return None
+    cv = json.loads(Path(path).read_text())
+    return {"command": "python benchmarks/cross_validate.py", "folds": [{k: f[k] for k in ("fold", "held_out", "unseen", "train_seconds", "row")}
+                                                                     for f in cv["folds"]], "pooled": cv["pooled"]["row"]}
 
 
 def card_metrics(evals: list[str]) -> list[dict]:
@@ -92,8 +136,10 @@ if __name__ == "__main__":
     ap.add_argument("--name", default="tamper3d", choices=sorted(ARCH))
     ap.add_argument("--patients", default=None, help="what the training data were, for the card")
     ap.add_argument("--held-out", default=HELD_OUT, help="what the evaluations held out, for the card")
+    ap.add_argument("--cv", default=None, help="the recipe's cross-validation (cv.json of benchmarks/cross_validate.py), for the card")
+    ap.add_argument("--threshold-rule", default=None, help="how the threshold was chosen, for the card")
     a = ap.parse_args()
     if a.metrics_only:
         update_metrics([a.run_dir, *a.evals], a.name)
         raise SystemExit(0)
-    main(a.run_dir, a.evals, a.threshold, a.version, a.name, a.patients, a.held_out)
+    main(a.run_dir, a.evals, a.threshold, a.version, a.name, a.patients, a.held_out, a.cv, a.threshold_rule)

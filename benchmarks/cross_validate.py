@@ -1,7 +1,9 @@
 """Cross-validation of the 3D detector's recipe by patient, with two trivial baselines beside it.
 
 Usage:
-    python benchmarks/cross_validate.py [--config configs/tamper3d.yaml] [--out runs/cv] [--folds 0,1,2,3] [--md FILE] [--json FILE]
+    python benchmarks/cross_validate.py [--config configs/tamper3d.yaml] [--out runs/cv] [--folds 0,1,2,3] [--2d] [--md FILE] [--json FILE]
+    python benchmarks/cross_validate.py --model M [--model2d M2] --skip PATIENTS --out DIR   (a detector trained elsewhere)
+    python benchmarks/cross_validate.py --threshold-of RUN                                  (the folds' threshold rule on every patient)
 
 The recipe (a training config whose ``real_scans`` entries each name their ``patient``) is trained
 once per fold without the fold's held-out patients; each fold is then tested on those patients
@@ -35,8 +37,9 @@ from sklearn.metrics import roc_auc_score
 
 from ctguard import api, io
 from ctguard.lung import lung_depth, lung_mask
-from ctguard.screen import load_detector, score_locations, screen_volume
+from ctguard.screen import load_detector, load_detector2d, score_locations, score_locations_2d, screen_volume
 from ctguard.tamper.simulate import Source, tumours_from, varied_phantom_source, variants
+from ctguard.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two held-out patients a fold; every patient held out once; each training side keeps GE and Philips.
@@ -129,8 +132,9 @@ def negatives(src: Source, lungs: np.ndarray, depth: np.ndarray, rng: np.random.
     return out
 
 
-def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int) -> dict:
-    """Every measurement of one fold on its held-out patients (see the module's docstring)."""
+def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) -> dict:
+    """Every measurement of one fold on its held-out patients (see the module's docstring); with
+    ``det2`` (a 2D slice detector) each place is also scored on the single axial slice through it."""
     places, clean, edits_found, lesion_calls, times = [], [], [], [], []
     thr = det.threshold
     for i, src in enumerate(s for entries in held_out.values() for s in sources_of(entries)):
@@ -160,8 +164,13 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int) -> dict:
             p = score_locations(vol, det, np.asarray([w for _, w in where], float))
             for (what, w), pw in zip(where, p):
                 family = next((e.extra.get("family") for e in edits if np.allclose(e.voxel, w)), None)
-                places.append({"patient": src.patient, "what": what, "family": family, "p_injected": float(pw[1]), "p_removed": float(pw[2]),
-                               "p_tampered": float(pw[1] + pw[2]), "mean_hu": mean_hu(vol, w), "smoothness": texture_smoothness(vol, w)})
+                row = {"patient": src.patient, "what": what, "family": family, "p_injected": float(pw[1]), "p_removed": float(pw[2]),
+                       "p_tampered": float(pw[1] + pw[2]), "mean_hu": mean_hu(vol, w), "smoothness": texture_smoothness(vol, w)}
+                if det2 is not None:
+                    z = int(np.clip(np.rint(w[0]), 0, vol.shape[0] - 1))
+                    one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
+                    row["p2d_tampered"] = float(score_locations_2d(one, det2, np.asarray([(0.0, *w[1:])]))[0, 1:].sum())
+                places.append(row)
     return {"places": places, "clean_scans": clean, "edits": edits_found, "real_lesions": lesion_calls,
             "median_screen_seconds": round(float(np.median(times)), 2)}
 
@@ -187,6 +196,8 @@ def summarise(ev: dict, threshold: float | None = None) -> dict:
         row[f"auc_{kind}"] = _auc([p["p_tampered"] for p in pos], [p["p_tampered"] for p in neg])
         row[f"auc_{kind}_mean_hu"] = _auc([p["mean_hu"] for p in pos], [p["mean_hu"] for p in neg])
         row[f"auc_{kind}_smoothness"] = _auc([p["smoothness"] for p in pos], [p["smoothness"] for p in neg])
+        if pos and all("p2d_tampered" in p for p in pos + neg):
+            row[f"auc_{kind}_2d"] = _auc([p["p2d_tampered"] for p in pos], [p["p2d_tampered"] for p in neg])
         for family in sorted({p["family"] for p in pos if p["family"]}):
             row[f"auc_{kind}_{family}"] = _auc([p["p_tampered"] for p in pos if p["family"] == family], [p["p_tampered"] for p in neg])
     row["n_untouched"] = len(neg)
@@ -203,7 +214,8 @@ def summarise(ev: dict, threshold: float | None = None) -> dict:
 
 def markdown(folds: list[dict], pooled: dict) -> str:
     cols = [("held out", None), ("thr", "threshold"), ("AUC inj", "auc_injected"), ("mean-HU inj", "auc_injected_mean_hu"),
-            ("AUC rem", "auc_removed"), ("smooth rem", "auc_removed_smoothness"), ("false/clean scan", "false_findings_per_clean_scan"),
+            ("AUC rem", "auc_removed"), ("smooth rem", "auc_removed_smoothness"), ("2D inj", "auc_injected_2d"), ("2D rem", "auc_removed_2d"),
+            ("false/clean scan", "false_findings_per_clean_scan"),
             ("edits found", "edits_found_right_kind"), ("lesions called inj", "real_lesions_called_injected")]
     lines = ["| fold | " + " | ".join(c for c, _ in cols) + " |", "| --- " * (len(cols) + 1) + "|"]
     for k, f in enumerate(folds + [pooled]):
@@ -227,11 +239,22 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs/tamper3d.yaml"))
     ap.add_argument("--out", default=str(ROOT / "runs/cv"))
     ap.add_argument("--folds", default=",".join(str(k) for k in range(len(FOLDS))), help="which folds to run (default: all)")
+    ap.add_argument("--2d", dest="with_2d", action="store_true",
+                    help="also train each fold's 2D slice detector (configs/tamper2d.yaml on the fold's cubes) and score every place on its slice")
+    ap.add_argument("--model", default=None, help="evaluate this detector (at its card's threshold) on each fold's held-out patients instead of training")
+    ap.add_argument("--model2d", default=None, help="with --model: a 2D slice detector to score each place's slice with too")
+    ap.add_argument("--skip", default="", help="with --model: patients it was trained on, left out of the test (comma-separated)")
+    ap.add_argument("--threshold-of", default=None, metavar="RUN",
+                    help="only choose the threshold of a run trained on every patient of the config, by the folds' rule, and print it")
     ap.add_argument("--json", default=None, help="also write the pooled results here")
     ap.add_argument("--md", default=None, help="also write the Markdown table here")
     args = ap.parse_args()
     cfg = api.load_config(args.config)
     by_patient = patient_scans(cfg)
+    if args.threshold_of:
+        calib = choose_threshold(load_detector(str(Path(args.threshold_of) / "model.pt")), cfg, by_patient)
+        print(json.dumps(calib, indent=2))
+        return
     every = sorted(p for f in FOLDS for p in f["held_out"])
     if every != sorted(by_patient):
         raise SystemExit(f"the folds hold out {every}, the config has {sorted(by_patient)}")
@@ -240,8 +263,10 @@ def main() -> None:
     for k in range(len(FOLDS)):
         fold_dir = out / f"fold{k}"
         fold = FOLDS[k]
-        if str(k) in args.folds.split(","):
-            run_fold(cfg, by_patient, fold, k, fold_dir)
+        if str(k) in args.folds.split(",") and args.model:
+            fixed_model_fold(args.model, args.model2d, by_patient, fold, k, fold_dir, set(args.skip.split(",")))
+        elif str(k) in args.folds.split(","):
+            run_fold(cfg, by_patient, fold, k, fold_dir, args.with_2d)
         if (fold_dir / "eval.json").is_file():
             results.append(json.loads((fold_dir / "eval.json").read_text()))
     if not results:
@@ -260,19 +285,58 @@ def main() -> None:
     print(md)
 
 
-def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path) -> None:
+def train_2d(fold_cfg: dict, fold_dir: Path, k: int):
+    """The fold's 2D slice detector, trained as configs/tamper2d.yaml trains the bundled one: on
+    the axial slices of the 3D run's cubes (its sources' and its hard negatives)."""
+    import yaml
+
+    from ctguard.engine.train3d import DEFAULTS, make_cubes
+
+    run = fold_dir / "2d"
+    if not (run / "model.pt").is_file():
+        cubes = fold_dir / "cubes.npz"
+        x, y = make_cubes({**DEFAULTS, **fold_cfg}, progress=False)  # from the source cache the 3D run filled
+        np.savez(cubes, x=x, y=y)
+        del x, y
+        cfg2 = yaml.safe_load((ROOT / "configs/tamper2d.yaml").read_text())
+        cfg2["cubes"] = [str(cubes)] + [str(p) for p in sorted(fold_dir.glob("hard_round*.npz"))]
+        try:
+            api.train(cfg2, run, progress=False, echo=lambda m: print(f"fold {k} 2D: {m}", flush=True))
+        finally:
+            cubes.unlink()
+    return load_detector2d(str(run / "model.pt"))
+
+
+def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, fold: dict, k: int, fold_dir: Path, skip: set[str]) -> None:
+    """A detector trained elsewhere, at its own threshold, on the fold's held-out patients (those
+    it never trained on): the same measurements, for comparison."""
+    held = {p: by_patient[p] for p in fold["held_out"] if p not in skip}
+    if not held:
+        return
+    det = load_detector(model)
+    ev = evaluate_fold(det, held, k, load_detector2d(model2d) if model2d else None)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    result = {"fold": k, "held_out": sorted(held), "training_patients": None, "unseen": [], "train_seconds": None, "peak_rss_gb": None,
+              "threshold": {"threshold": det.threshold, "from": "the model card"}, "eval": ev}
+    (fold_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"fold {k} ({det.name} {det.version}): " + json.dumps(summarise(ev, det.threshold)), flush=True)
+
+
+def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:
     import resource
 
     training = {p: e for p, e in by_patient.items() if p not in fold["held_out"]}
-    fold_cfg = {**cfg, **fold["unseen_family"], "real_scans": [e for entries in training.values() for e in entries]}
+    # The full run's cube file holds every patient's cubes: a fold makes its own (from the source cache).
+    fold_cfg = {**cfg, **fold["unseen_family"], "real_scans": [e for entries in training.values() for e in entries], "cache": None}
     unseen = [f for key, fams in fold["unseen_family"].items() for f in (cfg.get(key) or []) if f not in fams]
     if not (fold_dir / "model.pt").is_file():
         api.train(fold_cfg, fold_dir, progress=False, echo=lambda m: print(f"fold {k}: {m}", flush=True))
     det = load_detector(str(fold_dir / "model.pt"))
+    det2 = train_2d(fold_cfg, fold_dir, k) if with_2d else None
     calib = choose_threshold(det, fold_cfg, training)
     det.threshold = calib["threshold"]
     print(f"fold {k}: threshold {det.threshold} (from {calib['scans']} clean scans of its training patients and phantoms)", flush=True)
-    ev = evaluate_fold(det, {p: by_patient[p] for p in fold["held_out"]}, k)
+    ev = evaluate_fold(det, {p: by_patient[p] for p in fold["held_out"]}, k, det2)
     summary = json.loads((fold_dir / "summary.json").read_text())
     result = {"fold": k, "held_out": fold["held_out"], "training_patients": sorted(training), "unseen": unseen,
               "train_seconds": round(summary["train_seconds"] + summary["data_seconds"], 1),

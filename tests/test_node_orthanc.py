@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -82,9 +83,9 @@ def _start_orthanc(tmp: Path, http: int, dicom: int) -> subprocess.Popen:
     return proc
 
 
-def _start_node(tmp: Path, port: int, orthanc_dicom: int, threshold: float) -> subprocess.Popen:
+def _start_node(tmp: Path, port: int, orthanc_dicom: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ctguard.cli", "node", "--port", str(port), "--forward", f"ORTHANC@127.0.0.1:{orthanc_dicom}",
-           "--spool", str(tmp / "spool"), "--settle", "1", "--allow", "SCANNER", "--threshold", f"{threshold:.6f}"]
+           "--spool", str(tmp / "spool"), "--settle", "1", "--allow", "SCANNER"]
     proc = subprocess.Popen(cmd, stdout=open(tmp / "node.log", "a"), stderr=subprocess.STDOUT)
 
     def up():
@@ -95,7 +96,7 @@ def _start_node(tmp: Path, port: int, orthanc_dicom: int, threshold: float) -> s
     return proc
 
 
-def test_node_between_scanner_and_orthanc(tmp_path, tampered):
+def test_node_between_scanner_and_orthanc(tmp_path, real_series):
     _need(_orthanc() is not None, "Orthanc is not installed (apt-get install orthanc)")
     _need(shutil.which("unshare") is not None, "no unshare (util-linux)")
     if not INSIDE:
@@ -111,23 +112,22 @@ def test_node_between_scanner_and_orthanc(tmp_path, tampered):
 
     from ctguard import api, io
 
-    root, _, _ = tampered
-    # The node's routing is under test here, not the detector. The bundled detector still raises
-    # false findings on clean phantoms (issue 7), so the node runs with a threshold between the two
-    # series' scan scores, as measured here; that the tampered one scores higher is itself checked.
-    clean_score = api.screen(root / "clean")["score"]
-    fake_score = api.screen(root / "tampered")["score"]
-    assert fake_score > clean_score
-    threshold = (clean_score + fake_score) / 2
-    clean = sorted((root / "clean").iterdir())
-    fake = sorted((root / "tampered").iterdir())
+    from ctguard.lung import lung_mask
+    from ctguard.tamper.simulate import inject_random
+
+    # A real, untouched series (Lung-PET-CT-Dx A0001, Philips, 5 mm) and a copy of it with two
+    # nodules injected, under new UIDs; the node runs with the bundled detector's own threshold.
+    clean = sorted(real_series["A0001-L"].iterdir())
+    vol = io.read(real_series["A0001-L"])
+    fake_vol, _ = inject_random(vol, lung_mask(vol), np.random.default_rng(7), n=2, sizes=(12.0, 18.0))
+    fake = io.write_series(fake_vol, tmp_path / "tampered", uid_seed="fake")
     clean_uid = str(pydicom.dcmread(clean[0]).SeriesInstanceUID)
     fake_uid = str(pydicom.dcmread(fake[0]).SeriesInstanceUID)
     http, dicom, node_port = free_port(), free_port(), free_port()
     orthanc = node = None
     try:
         # 1. Orthanc is down when the clean series arrives: the node screens it and keeps retrying.
-        node = _start_node(tmp_path, node_port, dicom, threshold)
+        node = _start_node(tmp_path, node_port, dicom)
         assert send(node_port, clean) == [0] * len(clean)
         _wait(lambda: "not confirmed" in (tmp_path / "node.log").read_text(), 60, "a failed forward")
         assert not [a for a in _audit(tmp_path / "spool") if a.get("series_uid") == clean_uid]
@@ -153,12 +153,12 @@ def test_node_between_scanner_and_orthanc(tmp_path, tampered):
         assert _series_in_orthanc(http, fake_uid) == []
 
         # 3. The node is killed in the middle of a series and restarted: nothing acknowledged is lost.
-        third = io.write_series(io.read(root / "clean"), tmp_path / "third", uid_seed="third")
+        third = io.write_series(vol, tmp_path / "third", uid_seed="third")
         third_uid = str(pydicom.dcmread(third[0]).SeriesInstanceUID)
         assert send(node_port, third[:40]) == [0] * 40
         node.send_signal(signal.SIGKILL)
         node.wait(10)
-        node = _start_node(tmp_path, node_port, dicom, threshold)
+        node = _start_node(tmp_path, node_port, dicom)
         assert send(node_port, third[40:]) == [0] * (len(third) - 40)
         entry = _wait(lambda: [a for a in _audit(tmp_path / "spool") if a.get("series_uid") == third_uid], 90, "the third series")[0]
         assert entry["instances"] == len(third) and entry["action"] == "forwarded"

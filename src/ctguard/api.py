@@ -103,6 +103,8 @@ def screen(
     truth: list[dict] | None = None,
     on_stage=None,
     viewer_dir: str | Path | None = None,
+    dicom_out: str | Path | None = None,
+    dicom_seg: bool = False,
 ) -> dict[str, Any]:
     """Screens a whole scan for CT-GAN-style edits: where, and how (injected or removed).
 
@@ -118,6 +120,10 @@ def screen(
         on_stage: called with each stage's name as it starts (``read``, ``lungs``, ...).
         viewer_dir: also write the scan and heatmap for the slice viewer here
             (:func:`ctguard.report.slices.save_viewer`).
+        dicom_out: write the results as DICOM objects in the scan's study here
+            (:mod:`ctguard.report.dicom_objects`): a TID 1500 SR, and for a tampered scan (or with
+            ``dicom_seg``) a fractional Segmentation of the tamper probability. DICOM series only.
+        dicom_seg: write the Segmentation for a clean scan too.
 
     Returns:
         The result dict documented in docs/DESIGN.md (verdict, score, findings, ...).
@@ -150,6 +156,10 @@ def screen(
         detector = load_detector(model)
     stage("read")
     name = str(path) if not isinstance(path, Volume) else vol.meta.get("root", "volume")
+    if dicom_out is not None:
+        from ctguard.report import dicom_objects
+
+        sources = dicom_objects.source_datasets(vol)  # refused before screening when the input is not a DICOM series
     try:
         if single:
             result, heat, _ = screen_slice(vol, detector, name, threshold=threshold, stage=stage)
@@ -157,7 +167,8 @@ def screen(
             result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
         if on_stage is not None:
             on_stage("report")
-        overlay = heat.tampered_on_voxels(vol.shape) if report_dir is not None or viewer_dir is not None else None
+        want_seg = dicom_out is not None and (dicom_seg or result["verdict"] == "tampered")
+        overlay = heat.tampered_on_voxels(vol.shape) if report_dir is not None or viewer_dir is not None or want_seg else None
         if report_dir is not None:
             from ctguard.report.html import write_report
 
@@ -166,6 +177,11 @@ def screen(
             from ctguard.report.slices import save_viewer
 
             save_viewer(vol, overlay, viewer_dir)
+        if dicom_out is not None:
+            result["dicom"] = {"sr": str(dicom_objects.write_sr(result, vol, dicom_out, sources))}
+            if want_seg:
+                with_pixels = dicom_objects.source_datasets(vol, with_pixels=True)
+                result["dicom"]["seg"] = str(dicom_objects.write_seg(result, vol, overlay, dicom_out, with_pixels))
         stage("report")
     finally:
         bar.close()

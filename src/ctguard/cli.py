@@ -73,15 +73,18 @@ def cmd_screen(args) -> int:
         if not args.scores_out:
             raise InputError("--locations needs --scores-out FILE")
         # With --json, --report or --threshold the whole scan is screened as well, from the same read.
-        whole = args.json is not None or args.report is not None or args.threshold is not None
+        whole = args.json is not None or args.report is not None or args.threshold is not None or args.dicom_out is not None
         scan = api.load(args.input, series_uid=args.series) if whole else args.input
         rows = api.score_locations(scan, args.locations, args.scores_out, model=args.model, series_uid=args.series)
         if args.json != "-":
             print(f"scored {len(rows)} places -> {args.scores_out}")
         if not whole:
             return 0
+    if args.dicom_seg and not args.dicom_out:
+        raise InputError("--dicom-seg writes the Segmentation into --dicom-out DIR: give --dicom-out too")
     result = api.screen(scan, json_out=args.json, report_dir=args.report, model=args.model,
-                        series_uid=args.series, threshold=args.threshold, progress=not args.quiet)
+                        series_uid=args.series, threshold=args.threshold, progress=not args.quiet,
+                        dicom_out=args.dicom_out, dicom_seg=args.dicom_seg)
     if args.json == "-":
         return 0
     print(f"{args.input}: {result['verdict'].upper()} (tamper score {result['score']:.3f}, {result['elapsed_s']:.1f} s)")
@@ -91,6 +94,8 @@ def cmd_screen(args) -> int:
         print(f"  warning: {w}")
     if args.report:
         print(f"report: {Path(args.report) / 'index.html'}")
+    for what, path in (result.get("dicom") or {}).items():
+        print(f"DICOM {what.upper()}: {path}")
     return 0
 
 
@@ -264,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="write the HTML report here")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector: tamper3d (bundled, default) or a checkpoint")
     p.add_argument("--threshold", type=float, default=None, help="minimum tamper probability of a finding (default: the model's)")
-    p.add_argument("--locations", metavar="CSV", help="score these places instead (z,y,x or a CT-GAN labels file)")
+    p.add_argument("--dicom-out", metavar="DIR", help="write the results as DICOM objects of the scan's study here: a TID 1500 SR, and a "
+                   "tamper-probability Segmentation when tampered (DICOM series input)")
+    p.add_argument("--dicom-seg", action="store_true", help="with --dicom-out: write the Segmentation for a clean scan too")
+    p.add_argument("--locations", metavar="CSV", help="score these places (z,y,x or a CT-GAN labels file); with --json, --report or "
+                   "--dicom-out the whole scan is screened too")
     p.add_argument("--scores-out", metavar="CSV", help="where --locations writes its scores")
     _add_read_options(p)
     p.set_defaults(func=cmd_screen)
