@@ -62,6 +62,15 @@ def test_zipped_series_gives_verdict_and_findings(client, tampered):
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get(doc["links"]["slice"].replace("{z}", "999")).status_code == 404
     assert client.get(f"/api/jobs/{doc['job']}/report/..%2F..%2Fout%2Fresult.json").status_code == 404
+    # A DICOM series gets its results as DICOM objects too: the SR and, tampered, the SEG.
+    import pydicom
+
+    for key, modality in (("sr", "SR"), ("seg", "SEG")):
+        got = client.get(doc["links"][key])
+        assert got.status_code == 200 and got.headers["content-type"] == "application/dicom"
+        assert pydicom.dcmread(_io.BytesIO(got.content)).Modality == modality
+    assert "dicom" not in doc  # no server path in the result
+    assert client.get(f"/api/jobs/{doc['job']}/dicom/..%2Fresult.json").status_code == 404
     # The upload itself is gone once screened; only the results stay.
     job_dir = next(p for p in client.work.iterdir() if (p / "out").is_dir() and p.name and (p / "out" / "result.json").is_file())
     assert not (job_dir / "upload").exists()

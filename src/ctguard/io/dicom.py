@@ -470,7 +470,7 @@ def write_series(
             ds.Manufacturer = "ctguard"
             ds.ReferringPhysicianName = ""
             ds.SeriesDescription = series_description
-            ds.PatientName = patient_id
+            ds.PatientName = f"{patient_id}^"  # a family name alone (PS3.5 6.2: the caret says there is no given name)
             ds.PatientID = patient_id
             ds.PatientBirthDate = ""
             ds.PatientSex = ""

@@ -146,8 +146,13 @@ def create_app(settings: WebSettings | None = None):
         def on_stage(name: str) -> None:
             job.stage = name
 
-        result = api.screen(job.input, json_out=job.out / "result.json", report_dir=job.out / "report", model=settings.model,
-                            on_stage=on_stage, viewer_dir=job.out / "viewer")
+        on_stage("read")
+        scan = api.load(job.input)
+        # A DICOM series also gets its results as DICOM objects (SR; SEG when tampered) to download.
+        dicom = job.out / "dicom" if scan.meta.get("kind") == "dicom-series" else None
+        result = api.screen(scan, json_out=job.out / "result.json", report_dir=job.out / "report", model=settings.model,
+                            on_stage=on_stage, viewer_dir=job.out / "viewer", dicom_out=dicom)
+        result.pop("dicom", None)  # the server's paths: the job's links name them instead
         result["input"] = job.name  # never the server's temporary path
         (job.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         job.stage = "done"
@@ -209,6 +214,14 @@ def create_app(settings: WebSettings | None = None):
             raise HTTPException(404, f"no report file {name}")
         return FileResponse(path)
 
+    @app.get("/api/jobs/{job_id}/dicom/{name}")
+    def job_dicom(job_id: str, name: str):
+        job = get_job(job_id)
+        path = job.out / "dicom" / name
+        if job.status != "done" or name not in DICOM_RESULTS or not path.is_file():
+            raise HTTPException(404, f"no DICOM result {name}")
+        return FileResponse(path, media_type="application/dicom", filename=f"ctguard-{job_id}-{name.removeprefix('ctguard-')}")
+
     @app.get("/api/jobs/{job_id}/slices/{z}.png")
     def job_slice(job_id: str, z: int, overlay: bool = True):
         job = get_job(job_id)
@@ -228,6 +241,9 @@ def create_app(settings: WebSettings | None = None):
 
 class _BusyResponse(Exception):
     pass
+
+
+DICOM_RESULTS = ("ctguard-sr.dcm", "ctguard-seg.dcm")  # what screen --dicom-out writes
 
 
 def _check_kind(path: Path) -> None:

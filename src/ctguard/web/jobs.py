@@ -43,6 +43,9 @@ class Job:
             d["result"] = self.result
             d["links"] = {"json": f"/api/jobs/{self.id}/result.json", "report": f"/api/jobs/{self.id}/report/index.html",
                           "slice": f"/api/jobs/{self.id}/slices/{{z}}.png"}
+            for key, name in (("sr", "ctguard-sr.dcm"), ("seg", "ctguard-seg.dcm")):  # DICOM series only; SEG when tampered
+                if (self.out / "dicom" / name).is_file():
+                    d["links"][key] = f"/api/jobs/{self.id}/dicom/{name}"
         return d
 
 

@@ -80,6 +80,11 @@ function render(j) {
   $("meta").textContent = `${j.name} · ${res.shape.join(" × ")} voxels (z, y, x) · spacing ${res.spacing_mm.map((s) => s.toFixed(2)).join(" × ")} mm · model ${res.model.name} ${res.model.version} · ${res.elapsed_s.toFixed(1)} s`;
   $("json-link").href = j.links.json;
   $("report-link").href = j.links.report;
+  for (const key of ["sr", "seg"]) {  // DICOM results: a DICOM series only, the SEG when tampered
+    const a = $(`${key}-link`);
+    if (j.links[key]) a.href = j.links[key];
+    a.hidden = !j.links[key];
+  }
   const warn = (res.warnings || []).join(" ");
   $("warnings").textContent = warn ? `Warnings: ${warn}` : "";
   show($("warnings"), !!warn);
