@@ -85,7 +85,7 @@ def _start_orthanc(tmp: Path, http: int, dicom: int) -> subprocess.Popen:
 
 def _start_node(tmp: Path, port: int, orthanc_dicom: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ctguard.cli", "node", "--port", str(port), "--forward", f"ORTHANC@127.0.0.1:{orthanc_dicom}",
-           "--spool", str(tmp / "spool"), "--settle", "1", "--allow", "SCANNER"]
+           "--spool", str(tmp / "spool"), "--settle", "1", "--allow", "SCANNER", "--send-results"]
     proc = subprocess.Popen(cmd, stdout=open(tmp / "node.log", "a"), stderr=subprocess.STDOUT)
 
     def up():
@@ -142,6 +142,16 @@ def test_node_between_scanner_and_orthanc(tmp_path, real_series):
             sent = pydicom.dcmread(by_sop[str(got.SOPInstanceUID)])
             assert got == sent and got.PixelData == sent.PixelData
         assert not list((tmp_path / "spool" / "series").iterdir())  # deleted only after Orthanc confirmed all
+        # The results followed the series: Orthanc's study holds the CT series and ctguard's SR, which says "clean".
+        from ctguard.report.dicom_objects import read_sr
+
+        assert entry["results"] == ["ctguard-sr.dcm"]
+        study = [h for h in _rest(http, "/tools/lookup", str(pydicom.dcmread(clean[0]).StudyInstanceUID).encode()) if h["Type"] == "Study"]
+        series = [_rest(http, f"/series/{sid}") for sid in _rest(http, f"/studies/{study[0]['ID']}")["Series"]]
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["CT", "SR"]
+        sr = next(s for s in series if s["MainDicomTags"]["Modality"] == "SR")
+        (tmp_path / "sr.dcm").write_bytes(_rest(http, f"/instances/{sr['Instances'][0]}/file"))
+        assert read_sr(tmp_path / "sr.dcm")["verdict"] == "clean"
 
         # 2. The tampered series is held in quarantine, with its report, and never reaches Orthanc.
         assert send(node_port, fake) == [0] * len(fake)
@@ -150,6 +160,7 @@ def test_node_between_scanner_and_orthanc(tmp_path, real_series):
         held = Path(entry["folder"])
         assert len(list(held.glob("*.dcm"))) == len(fake) and (held / "report" / "index.html").is_file()
         assert json.loads((held / "result.json").read_text())["verdict"] == "tampered"
+        assert sorted(p.name for p in (held / "dicom").iterdir()) == ["ctguard-seg.dcm", "ctguard-sr.dcm"]  # kept with it
         assert _series_in_orthanc(http, fake_uid) == []
 
         # 3. The node is killed in the middle of a series and restarted: nothing acknowledged is lost.

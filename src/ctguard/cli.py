@@ -216,7 +216,7 @@ def cmd_node(args) -> int:
     cfg = NodeConfig(spool=Path(args.spool), ae_title=args.ae_title, host=args.host, port=args.port,
                      forward=Destination.parse(args.forward) if args.forward else None, on_tampered=args.on_tampered,
                      on_error=args.on_error, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
-                     model=args.model, threshold=args.threshold, tls=tls)
+                     model=args.model, threshold=args.threshold, tls=tls, send_results=args.send_results)
     node = Node(cfg)
     dest = f"forwarding to {cfg.forward.ae_title}@{cfg.forward.host}:{cfg.forward.port}" if cfg.forward else "no destination (keeps series)"
     print(f"ctguard node {cfg.ae_title} listening on {cfg.host}:{cfg.port}{' (TLS)' if tls else ''}; {dest}; "
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward", metavar="AE@HOST:PORT", help="the PACS to forward screened series to")
     p.add_argument("--on-tampered", choices=("hold", "forward"), default="hold",
                    help="hold a tampered series in quarantine (default) or forward it and alert")
+    p.add_argument("--send-results", action="store_true",
+                   help="forward each series' results as DICOM (its SR, and SEG when tampered) after it; a held series keeps them in quarantine")
     p.add_argument("--on-error", choices=("forward", "hold"), default="forward",
                    help="a CT series that cannot be screened (e.g. no lungs in view): forward (default) or hold")
     p.add_argument("--spool", default="ctguard-spool", metavar="DIR", help="spool, quarantine and audit log (default: ./ctguard-spool)")

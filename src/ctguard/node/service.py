@@ -66,6 +66,7 @@ class NodeConfig:
     retry_first_s: float = 2.0
     retry_max_s: float = 120.0
     tls: tuple[str, str, str | None] | None = None  # (cert, key, CA for client certificates)
+    send_results: bool = False  # the results as DICOM (SR; SEG when tampered) follow a forwarded series; a held one keeps them
 
 
 class Node:
@@ -172,7 +173,7 @@ class Node:
             try:
                 t = time.time()
                 result = api.screen(folder, json_out=work / "result.json", report_dir=work / "report", model=self.cfg.model,
-                                    threshold=self.cfg.threshold)
+                                    threshold=self.cfg.threshold, dicom_out=work / "dicom" if self.cfg.send_results else None)
                 state.update(verdict=result["verdict"], score=result["score"], findings=len(result["findings"]),
                              screen_s=round(time.time() - t, 2))
             except InputError as e:
@@ -192,8 +193,12 @@ class Node:
         if verdict == "tampered":
             log.warning("ALERT: series %s screened TAMPERED (score %s); forwarding by policy", uid, state.get("score"))
         self._forward_until_confirmed(uid, files)
+        results = sorted((folder / ".screen" / "dicom").glob("*.dcm")) if self.cfg.send_results else []
+        if results:  # after the series, so that a viewer finds the images its SR and SEG refer to
+            self._forward_until_confirmed(uid, results)
         self.spool.audit(calling_ae=state.get("calling_ae"), study_uid=state.get("study_uid"), series_uid=uid, instances=len(files),
-                         verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title)
+                         verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title,
+                         results=[p.name for p in results])
         if verdict == "tampered":  # keep the evidence of a forwarded alert
             dest = self.spool.root / "quarantine" / (folder.name + ".alert")
             shutil.rmtree(dest, ignore_errors=True)
@@ -211,7 +216,7 @@ class Node:
         files = self.spool.instances(uid)
         folder.rename(dest)  # atomic: the series is either in the spool or here
         screen = dest / ".screen"
-        for name in ("result.json", "report"):
+        for name in ("result.json", "report", "dicom"):
             if (screen / name).exists():
                 (screen / name).rename(dest / name)
         shutil.rmtree(screen, ignore_errors=True)
