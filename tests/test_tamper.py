@@ -293,3 +293,104 @@ def test_lidc_xml_nodules_match_the_label_map(lidc, tmp_path, capsys):
     out = tmp_path / "sim"
     assert main(["simulate", str(folder), "--annotations", str(other), "--out", str(out), "-q"]) == 2
     assert "annotates series" in capsys.readouterr().err and not out.exists()
+
+
+def _spheres_series(tmp_path):
+    """A phantom chest written as DICOM with two spheres' centres and radii (mm) to outline."""
+    from ctguard.data.phantom import make_chest
+
+    vol = make_chest((40, 128, 128), (2.0, 1.5, 1.5), seed=3)
+    files = io.write_series(vol, tmp_path / "series", uid_seed="spheres")
+    vol = io.read(tmp_path / "series")
+    spheres = [(np.array([20.0, 60.0, 40.0]), 12.0), (np.array([24.0, 70.0, 90.0]), 8.0)]
+    return vol, files, spheres
+
+
+def _sphere_mask(vol, centre, radius):
+    zz, yy, xx = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(vol.shape, centre, vol.spacing)], indexing="ij")
+    return np.sqrt(zz**2 + yy**2 + xx**2) <= radius
+
+
+def _rtstruct(vol, files, spheres, path, names=("GTV-1", "GTV-2"), series_uid=None):
+    """An RT Structure Set outlining each sphere slice by slice (64-point polygons in patient mm)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "RTSTRUCT", src.PatientID, src.StudyInstanceUID, generate_uid()
+    ref_series = Dataset()
+    ref_series.SeriesInstanceUID = series_uid or src.SeriesInstanceUID
+    study = Dataset()
+    study.RTReferencedSeriesSequence = Sequence([ref_series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = src.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = Sequence([study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+    rois, contours = [], []
+    for number, ((centre, radius), name) in enumerate(zip(spheres, names), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, src.FrameOfReferenceUID
+        rois.append(roi)
+        items = []
+        for z in range(vol.shape[0]):
+            dz = (z - centre[0]) * vol.spacing[0]
+            if abs(dz) > radius:
+                continue
+            r = np.sqrt(radius**2 - dz**2)
+            t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+            pts = [vol.voxel_to_world((z, centre[1] + r * np.sin(a) / vol.spacing[1], centre[2] + r * np.cos(a) / vol.spacing[2])) for a in t]
+            c = Dataset()
+            c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", len(pts)
+            c.ContourData = [round(float(v), 4) for p in pts for v in p]
+            items.append(c)
+        rc = Dataset()
+        rc.ReferencedROINumber, rc.ContourSequence = number, Sequence(items)
+        contours.append(rc)
+    ds.StructureSetROISequence, ds.ROIContourSequence = Sequence(rois), Sequence(contours)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_tumours_from_rtstruct_and_seg(tmp_path, capsys):
+    """RTSTRUCT contours are rasterised on the series' grid (Dice >= 0.95 with the spheres they
+    outline), ROIs are chosen by name, and a DICOM SEG of the same masks reads back exactly; a
+    structure set of another series, or naming no matching ROI, is refused by name."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from ctguard.tamper.simulate import tumours_from
+
+    vol, files, spheres = _spheres_series(tmp_path)
+    rt = _rtstruct(vol, files, spheres, tmp_path / "rt.dcm", names=("GTV-1", "gtv 2"))
+    tumours = tumours_from(vol, rt)
+    assert len(tumours) == 2
+    for t, (centre, radius) in zip(tumours, spheres):
+        truth = _sphere_mask(vol, centre, radius)
+        assert 2 * (t.mask & truth).sum() / (t.mask.sum() + truth.sum()) >= 0.95
+        assert np.allclose(t.voxel, centre, atol=0.5)
+    assert len(tumours_from(vol, _rtstruct(vol, files, spheres, tmp_path / "rt2.dcm", names=("GTV-1", "Lung")))) == 1
+    with pytest.raises(InputError, match=r"names no ROI matching 'PTV\*' \(its ROIs: GTV-1, gtv 2\)"):
+        tumours_from(vol, rt, roi="PTV*")
+    other = _rtstruct(vol, files, spheres, tmp_path / "other.dcm", series_uid="1.2.3.4")
+    with pytest.raises(InputError, match="outlines series 1.2.3.4, not this scan's"):
+        tumours_from(vol, other)
+    assert main(["simulate", str(tmp_path / "series"), "--annotations", str(other), "--out", str(tmp_path / "sim"), "-q"]) == 2
+    assert "outlines series 1.2.3.4" in capsys.readouterr().err and not (tmp_path / "sim").exists()
+    # The same spheres as a DICOM SEG (written by highdicom) read back voxel for voxel.
+    sources = [pydicom.dcmread(f) for f in vol.meta["files"]]  # in the volume's slice order, as the masks
+    masks = np.stack([_sphere_mask(vol, c, r) for c, r in spheres], -1).astype(np.uint8)
+    algorithm = hd.AlgorithmIdentificationSequence(name="test", family=codes.DCM.ArtificialIntelligence, version="1")
+    segments = [hd.seg.SegmentDescription(k + 1, f"tumour {k + 1}", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm,
+                                          "AUTOMATIC", algorithm) for k in range(2)]
+    seg = hd.seg.Segmentation(sources, masks, "BINARY", segments, hd.UID(), 2, hd.UID(), 1, "test", "test", "1", "1")
+    seg.save_as(tmp_path / "seg.dcm")
+    from_seg = tumours_from(vol, tmp_path / "seg.dcm")
+    assert len(from_seg) == 2
+    for t, (centre, radius) in zip(from_seg, spheres):
+        assert np.array_equal(t.mask, _sphere_mask(vol, centre, radius))

@@ -57,6 +57,7 @@ def simulate(
     sizes: tuple[float, float] = (6.0, 20.0),
     progress: bool = True,
     echo=None,
+    roi: str = "GTV*",
 ) -> dict:
     """Makes a labelled CT-GAN-layout dataset of deepfakes from real scans and/or phantoms.
 
@@ -67,11 +68,13 @@ def simulate(
         remove: FB copies per source that has a known tumour. Defaults to 1.
         per_scan: nodules per FM copy. Defaults to 1.
         phantoms: also use this many phantom chests (seeded from ``seed``). Defaults to 0.
-        annotations: the sources' known real tumours: a folder of PASCAL-VOC XML boxes named by
-            SOPInstanceUID, or a label-map file (NRRD/NIfTI/MHD) on the scan's voxel grid, whose
-            connected non-zero regions are the tumours. Defaults to None.
+        annotations: the sources' known real tumours (:func:`ctguard.tamper.simulate.tumours_from`):
+            a folder of PASCAL-VOC XML boxes named by SOPInstanceUID, an LIDC-IDRI XML, a DICOM
+            RTSTRUCT or SEG of the series, or a label-map file (NRRD/NIfTI/MHD) on the scan's voxel
+            grid, whose connected non-zero regions are the tumours. Defaults to None.
         seed: random seed. Defaults to 0.
         sizes: injected nodule diameter range (mm). Defaults to (6, 20).
+        roi: which RTSTRUCT ROIs are tumours, by name (a pattern, case-insensitive). Defaults to ``GTV*``.
 
     Returns:
         The manifest written beside the labels.
@@ -81,7 +84,7 @@ def simulate(
     sources = []
     for path in inputs:
         vol = load(path, progress=progress)
-        tumours = tumours_from(vol, annotations)
+        tumours = tumours_from(vol, annotations, roi=roi)
         patient = vol.meta.get("patient_id") or Path(path).name
         sources.append(Source(str(path), vol, patient, tumours))
     sources += [phantom_source(seed * 1000 + k) for k in range(phantoms)]

@@ -58,7 +58,7 @@ def cmd_simulate(args) -> int:
 
     lo, _, hi = args.sizes.partition(",")
     api.simulate(args.inputs, args.out, inject=args.inject, remove=args.remove, per_scan=args.per_scan,
-                 phantoms=args.phantoms, annotations=args.annotations, seed=args.seed,
+                 phantoms=args.phantoms, annotations=args.annotations, seed=args.seed, roi=args.roi,
                  sizes=(float(lo), float(hi or lo)), progress=not args.quiet, echo=print)
     return 0
 
@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, default=1, metavar="N", help="FB copies per scan with a known tumour (default: 1)")
     p.add_argument("--per-scan", type=int, default=1, metavar="K", help="nodules injected into each FM copy (default: 1)")
     p.add_argument("--phantoms", type=int, default=0, metavar="N", help="also tamper with N phantom chests")
-    p.add_argument("--annotations", metavar="DIR|FILE", help="known real tumours: a folder of PASCAL-VOC boxes named by SOPInstanceUID, or a label map (NRRD/NIfTI) on the scan's grid")
+    p.add_argument("--annotations", metavar="DIR|FILE", help="known real tumours: a folder of PASCAL-VOC boxes named by SOPInstanceUID, "
+                   "an LIDC-IDRI XML, a DICOM RTSTRUCT or SEG of the series, or a label map (NRRD/NIfTI) on the scan's grid")
+    p.add_argument("--roi", default="GTV*", metavar="PATTERN", help="with an RTSTRUCT: the ROIs that are tumours, by name (default: GTV*)")
     p.add_argument("--sizes", default="6,20", metavar="MIN,MAX", help="injected nodule diameters in mm (default: 6,20)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_simulate)

@@ -74,8 +74,9 @@ def reader_masks(vol: Volume, path: str | Path) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-def outline_to_region(points: list[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
-    """The pixels inside a closed outline of pixel centres ``(x, y)``, the outline's own pixels included."""
+def outline_to_region(points: list[tuple[float, float]], shape: tuple[int, int], include_outline: bool = True) -> np.ndarray:
+    """The pixels inside a closed outline through pixel positions ``(x, y)``; with ``include_outline``
+    the outline's own pixels too (LIDC's edge maps are the nodule's boundary pixels)."""
     xy = np.asarray(points, dtype=float)
     region = np.zeros(shape, dtype=bool)
     x0, y0 = np.maximum(np.floor(xy.min(0)).astype(int), 0)
@@ -83,6 +84,8 @@ def outline_to_region(points: list[tuple[int, int]], shape: tuple[int, int]) -> 
     yy, xx = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
     inside = Polygon(xy).contains_points(np.column_stack([xx.ravel(), yy.ravel()])).reshape(xx.shape)
     region[y0 : y1 + 1, x0 : x1 + 1] = inside
+    if not include_outline:
+        return region
     ok = (xy[:, 0] >= 0) & (xy[:, 0] < shape[1]) & (xy[:, 1] >= 0) & (xy[:, 1] < shape[0])
     region[xy[ok, 1].astype(int), xy[ok, 0].astype(int)] = True
     return region
