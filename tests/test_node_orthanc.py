@@ -110,7 +110,7 @@ def test_node_between_scanner_and_orthanc(tmp_path, real_series):
         assert "PASSED" in r.stdout and "SKIPPED" not in r.stdout, r.stdout[-2000:]
         return
 
-    from ctguard import api, io
+    from ctguard import io
 
     from ctguard.lung import lung_mask
     from ctguard.tamper.simulate import inject_random

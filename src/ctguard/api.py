@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ctguard import io
+from ctguard.errors import InputError
 from ctguard.volume import Volume
 
 
@@ -89,7 +90,6 @@ def simulate(
         sources.append(Source(str(path), vol, patient, tumours))
     sources += [phantom_source(seed * 1000 + k) for k in range(phantoms)]
     if not sources:
-        from ctguard.errors import InputError
 
         raise InputError("nothing to simulate from: give scans or --phantoms N")
     return _simulate(sources, out_dir, inject, remove, per_scan, seed, sizes, progress, echo)
@@ -348,7 +348,6 @@ def _forget_failed_run(out: Path) -> None:
 
 
 def _train(task: str, config: dict[str, Any], out_dir: Path, progress: bool, echo, resume: bool) -> dict[str, Any]:
-    from ctguard.errors import InputError
 
     if task == "tamper3d":
         from ctguard.engine.train3d import train as train3d
@@ -405,7 +404,6 @@ def predict(images: list[str | Path], model: str | Path | None = None) -> list[d
     from ctguard.data.folder import Item, load_images
     from ctguard.engine.evaluate import predict_arrays
     from ctguard.engine.train2d import load_classifier
-    from ctguard.errors import InputError
 
     if model is None:
         bundled = Path(__file__).parent / "weights" / "classifier.pt"

@@ -21,7 +21,6 @@ import numpy as np
 from scipy import ndimage
 
 from ctguard.errors import InputError
-from ctguard.lung import lung_depth
 from ctguard.tamper.base import Edit
 from ctguard.tamper.cube import Cube, apply_edit, check_inside, cut
 from ctguard.tamper.remove import MAX_REMOVAL_MM, LesionRemover
