@@ -90,7 +90,6 @@ def simulate(
         sources.append(Source(str(path), vol, patient, tumours))
     sources += [phantom_source(seed * 1000 + k) for k in range(phantoms)]
     if not sources:
-
         raise InputError("nothing to simulate from: give scans or --phantoms N")
     return _simulate(sources, out_dir, inject, remove, per_scan, seed, sizes, progress, echo)
 
