@@ -85,6 +85,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         "train_seconds": summary["train_seconds"],
         "data_seconds": summary["data_seconds"],
     }
+    card = portable(card)  # the evaluations name their model files too
     ckpt["card"] = card
     dst = Path(__file__).resolve().parents[1] / "src/ctguard/weights"
     dst.mkdir(parents=True, exist_ok=True)

@@ -213,24 +213,26 @@ def summarise(ev: dict, threshold: float | None = None) -> dict:
 
 
 def markdown(folds: list[dict], pooled: dict) -> str:
-    cols = [("held out", None), ("thr", "threshold"), ("AUC inj", "auc_injected"), ("mean-HU inj", "auc_injected_mean_hu"),
+    """The per-fold and pooled table, then location AUC by edit family (columns without values left out)."""
+    cols = [("held out", None), ("threshold", "threshold"), ("AUC inj", "auc_injected"), ("mean-HU inj", "auc_injected_mean_hu"),
             ("AUC rem", "auc_removed"), ("smooth rem", "auc_removed_smoothness"), ("2D inj", "auc_injected_2d"), ("2D rem", "auc_removed_2d"),
-            ("false/clean scan", "false_findings_per_clean_scan"),
+            ("false/clean scan", "false_findings_per_clean_scan"), ("clean flagged", "clean_scans_flagged"),
             ("edits found", "edits_found_right_kind"), ("lesions called inj", "real_lesions_called_injected")]
+    rows = folds + [pooled]
+    cols = [c for c in cols if c[1] is None or c[1] == "threshold" or any(r["row"].get(c[1]) is not None for r in rows)]
     lines = ["| fold | " + " | ".join(c for c, _ in cols) + " |", "| --- " * (len(cols) + 1) + "|"]
-    for k, f in enumerate(folds + [pooled]):
-        name = "pooled" if k == len(folds) else str(f["fold"])
-        held = "all" if k == len(folds) else ", ".join(f["held_out"])
-        vals = [held] + [str(f["row"].get(key)) for _, key in cols[1:]]
-        lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    fam = sorted({k for f in folds + [pooled] for k in f["row"] if k.count("_") >= 2 and k.startswith("auc_")
-                  and k.split("_", 2)[2] in ("drawn", "moved", "fill", "clone")})
-    lines += ["", "Location AUC by edit family (each against the same untouched places; * = a family the fold never trained on):", "",
-              "| fold | " + " | ".join(fam) + " |", "| --- " * (len(fam) + 1) + "|"]
-    for k, f in enumerate(folds + [pooled]):
-        unseen = set(f.get("unseen", []))
-        cells = [f"{f['row'].get(c)}{'*' if c.split('_', 2)[2] in unseen else ''}" for c in fam]
-        lines.append(f"| {'pooled' if k == len(folds) else f['fold']} | " + " | ".join(cells) + " |")
+    for r in rows:
+        pooled_row = r is pooled
+        held = "all" if pooled_row else ", ".join(r["held_out"])
+        vals = [held] + ["per fold" if pooled_row and key == "threshold" else str(r["row"].get(key)) for _, key in cols[1:]]
+        lines.append(f"| {'pooled' if pooled_row else r['fold']} | " + " | ".join(vals) + " |")
+    families = [("injected", "drawn"), ("injected", "moved"), ("removed", "fill"), ("removed", "clone")]
+    lines += ["", "Location AUC by edit family, each against the same untouched places (* a family the fold did not train on):", "",
+              "| fold | " + " | ".join(f"{k} {f}" for k, f in families) + " |", "| --- " * (len(families) + 1) + "|"]
+    for r in rows:
+        unseen = set(r.get("unseen", []))
+        cells = [f"{r['row'].get(f'auc_{k}_{f}')}{'*' if f in unseen else ''}" for k, f in families]
+        lines.append(f"| {'pooled' if r is pooled else r['fold']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +240,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs/tamper3d.yaml"))
     ap.add_argument("--out", default=str(ROOT / "runs/cv"))
-    ap.add_argument("--folds", default=",".join(str(k) for k in range(len(FOLDS))), help="which folds to run (default: all)")
+    ap.add_argument("--folds", default=",".join(str(k) for k in range(len(FOLDS))),
+                    help="which folds to run (default: all); folds already evaluated in OUT are pooled either way ('none': only pool)")
     ap.add_argument("--2d", dest="with_2d", action="store_true",
                     help="also train each fold's 2D slice detector (configs/tamper2d.yaml on the fold's cubes) and score every place on its slice")
     ap.add_argument("--model", default=None, help="evaluate this detector (at its card's threshold) on each fold's held-out patients instead of training")

@@ -568,3 +568,23 @@ def test_sigterm_stops_a_training_run_and_its_workers(tmp_path):
     while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(p) for p in workers)
+
+
+def test_bundled_detectors_name_no_path_of_a_machine():
+    """The bundled cards and checkpoints hold no absolute path (of the machine that trained them)."""
+    import torch
+
+    weights = Path(__file__).resolve().parents[1] / "src" / "ctguard" / "weights"
+
+    def strings(v):
+        if isinstance(v, dict):
+            return [s for x in v.values() for s in strings(x)]
+        if isinstance(v, (list, tuple)):
+            return [s for x in v for s in strings(x)]
+        return [v] if isinstance(v, str) else []
+
+    for name in ("tamper3d", "tamper2d"):
+        card = json.loads((weights / f"{name}.json").read_text())
+        ckpt = torch.load(weights / f"{name}.pt", map_location="cpu", weights_only=True)
+        found = [s for s in strings(card) + strings(ckpt["config"]) + strings(ckpt.get("card", {})) if s.startswith(("/", "~"))]
+        assert not found, f"{name}: {found[:3]}"
