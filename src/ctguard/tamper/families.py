@@ -23,7 +23,7 @@ from scipy import ndimage
 from ctguard.errors import InputError
 from ctguard.tamper.base import Edit
 from ctguard.tamper.cube import Cube, apply_edit, check_inside, cut
-from ctguard.tamper.remove import MAX_REMOVAL_MM, LesionRemover
+from ctguard.tamper.remove import MAX_REMOVAL_MM, LesionRemover, mask_extent_mm
 from ctguard.volume import Volume
 
 INJECT_FAMILIES = ("drawn", "moved")
@@ -82,10 +82,7 @@ class CloneRemover:
     def __call__(self, vol: Volume, centre: np.ndarray, rng: np.random.Generator) -> tuple[Volume, Edit]:
         centre = np.asarray(centre, dtype=float)
         check_inside(vol, centre)
-        pts = np.argwhere(self.mask)
-        if not len(pts):
-            raise InputError("the removal mask is empty")
-        extent = float(np.max(np.linalg.norm((pts - centre) * np.asarray(vol.spacing), axis=1))) + 1.0
+        extent = mask_extent_mm(self.mask, centre, vol.spacing, "the removal mask")
         if 2 * extent > MAX_REMOVAL_MM:
             raise InputError(f"the region at {tuple(int(v) for v in centre)} (z, y, x) reaches {2 * extent:.0f} mm across; at most {MAX_REMOVAL_MM:.0f} mm can be removed")
         blend = extent + 6.0
@@ -126,10 +123,7 @@ class MovedTumourInjector:
         centre = np.asarray(centre, dtype=float)
         check_inside(vol, centre)
         src = np.asarray(self.source, float)
-        pts = np.argwhere(self.mask)
-        if not len(pts):
-            raise InputError("the tumour's mask is empty")
-        extent = float(np.max(np.linalg.norm((pts - src) * np.asarray(vol.spacing), axis=1))) + 1.0
+        extent = mask_extent_mm(self.mask, src, vol.spacing, "the tumour's mask")
         if extent > MAX_MOVED_MM:
             raise InputError(f"the tumour at {tuple(int(v) for v in src)} (z, y, x) reaches {extent:.0f} mm from its centre; at most {MAX_MOVED_MM:.0f} mm can be moved")
         blend = extent + 4.0
@@ -195,14 +189,7 @@ def remove_healthy(vol: Volume, depth: np.ndarray, rng: np.random.Generator, n: 
 
 def movable(tumours: list, spacing) -> list:
     """The tumours that can be moved whole: outlined, and reaching at most MAX_MOVED_MM from their centre."""
-    out = []
-    for t in tumours:
-        if t.mask is None:
-            continue
-        pts = np.argwhere(t.mask)
-        if len(pts) and np.max(np.linalg.norm((pts - np.asarray(t.voxel)) * np.asarray(spacing), axis=1)) + 1.0 <= MAX_MOVED_MM:
-            out.append(t)
-    return out
+    return [t for t in tumours if t.mask is not None and t.mask.any() and mask_extent_mm(t.mask, t.voxel, spacing) <= MAX_MOVED_MM]
 
 
 def inject_moved(vol: Volume, lungs: np.ndarray, depth: np.ndarray, tumours: list, rng: np.random.Generator, n: int,

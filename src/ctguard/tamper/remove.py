@@ -49,6 +49,18 @@ def grow_lesion(vol: Volume, centre: np.ndarray, max_radius_mm: float = 35.0, th
     return mask
 
 
+def mask_extent_mm(mask: np.ndarray, centre: np.ndarray, spacing, what: str = "the mask") -> float:
+    """How far (mm) the mask reaches from ``centre``, plus 1 mm for the voxel's own half-width and rounding.
+
+    Raises:
+        InputError: the mask is empty.
+    """
+    pts = np.argwhere(mask)
+    if not len(pts):
+        raise InputError(f"{what} is empty")
+    return float(np.max(np.linalg.norm((pts - np.asarray(centre, float)) * np.asarray(spacing), axis=1))) + 1.0
+
+
 @dataclass
 class LesionRemover:
     """Erases the lesion in ``mask`` (or grown from the centre) with CT-GAN-style Gaussian blending.
@@ -67,10 +79,7 @@ class LesionRemover:
         if self.mask is not None and self.mask.shape != vol.shape:
             raise InputError(f"the removal mask has shape {self.mask.shape}, the scan {vol.shape}")
         mask = self.mask if self.mask is not None else grow_lesion(vol, centre, self.max_radius_mm)
-        if not mask.any():
-            raise InputError("the removal mask is empty")
-        pts = np.argwhere(mask)
-        extent = float(np.max(np.linalg.norm((pts - centre) * np.asarray(vol.spacing), axis=1))) + 1.0
+        extent = mask_extent_mm(mask, centre, vol.spacing, "the removal mask")
         if 2 * extent > MAX_REMOVAL_MM:
             raise InputError(f"the lesion at {tuple(int(v) for v in centre)} (z, y, x) reaches {2 * extent:.0f} mm across; at most {MAX_REMOVAL_MM:.0f} mm can be removed")
         blend = extent + 6.0
