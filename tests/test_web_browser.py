@@ -81,6 +81,10 @@ def test_upload_in_a_real_browser(server, tampered):
             rows = page.locator("#findings tbody tr")
             assert rows.count() >= 1
             assert rows.first.locator(".tag").inner_text() in ("injected", "removed")
+            # A DICOM series: the SR and, tampered, the SEG are offered for download beside the JSON.
+            for key in ("sr", "seg"):
+                link = page.locator(f"#{key}-link")
+                assert link.is_visible() and f"/dicom/ctguard-{key}.dcm" in link.get_attribute("href")
             page.wait_for_function("document.getElementById('slice').complete && document.getElementById('slice').naturalWidth === 192")
             # Keyboard: the slider moves the slice and the image follows.
             z0 = int(page.locator("#z").input_value())
