@@ -331,8 +331,8 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
     Each place is scored by the detector's cell centred on it, in a ``cube_mm`` cube around it. A
     cell was trained to say "tampered" when an edit's centre lies within the edit's radius (at
     least 6 mm) of the cell's centre; a place at a corner of cells is 6.9 mm from each of theirs,
-    so reading the cells around a place instead (the mean of the central 2x2x2, until session 7) missed
-    small edits there.
+    so reading the cells around a place instead (the mean of the central 2x2x2) would miss small
+    edits there.
     """
     from ctguard.tamper.cube import cut
 
