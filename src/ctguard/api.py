@@ -107,6 +107,7 @@ def screen(
     viewer_dir: str | Path | None = None,
     dicom_out: str | Path | None = None,
     dicom_seg: bool = False,
+    trust: str | Path | None = None,
 ) -> dict[str, Any]:
     """Screens a whole scan for CT-GAN-style edits: where, and how (injected or removed).
 
@@ -126,6 +127,10 @@ def screen(
             (:mod:`ctguard.report.dicom_objects`): a TID 1500 SR, and for a tampered scan (or with
             ``dicom_seg``) a fractional Segmentation of the tamper probability. DICOM series only.
         dicom_seg: write the Segmentation for a clean scan too.
+        trust: PEM certificates to judge the signers of a signed DICOM series by (see
+            :func:`verify`). A DICOM series' signatures are always checked and reported
+            (``result["signatures"]``); an invalid one is a finding of kind ``signature`` and makes
+            the verdict tampered, whatever the detector says.
 
     Returns:
         The result dict documented in docs/DESIGN.md (verdict, score, findings, ...).
@@ -167,6 +172,8 @@ def screen(
             result, heat, _ = screen_slice(vol, detector, name, threshold=threshold, stage=stage)
         else:
             result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
+        if vol.meta.get("kind") == "dicom-series" and vol.meta.get("files"):
+            _add_signature_finding(result, vol, signature_status(vol.meta["files"], trust))
         if on_stage is not None:
             on_stage("report")
         want_seg = dicom_out is not None and (dicom_seg or result["verdict"] == "tampered")
@@ -191,6 +198,24 @@ def screen(
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _add_signature_finding(result: dict[str, Any], vol: Volume, signatures: dict[str, Any]) -> None:
+    """Signature status into a screening result; instances whose signature fails are one finding."""
+    result["signatures"] = signatures
+    bad = signatures["invalid_instances"]
+    if not bad:
+        return
+    slices = sorted(b["slice"] for b in bad)
+    voxel = [float(np.median(slices)), (vol.shape[1] - 1) / 2, (vol.shape[2] - 1) / 2]
+    result["findings"].insert(0, {
+        "kind": "signature", "score": 1.0, "voxel": [round(v, 1) for v in voxel],
+        "world_mm": [round(float(v), 2) for v in vol.voxel_to_world(voxel)],
+        "radius_mm": round(float((slices[-1] - slices[0] + 1) * vol.spacing[0] / 2), 1),
+        "instances": len(bad), "reason": bad[0]["reason"],
+    })
+    result["verdict"], result["score"] = "tampered", 1.0
+    result["warnings"].append(f"{len(bad)} of {signatures['instances']} instances fail their digital signature: {bad[0]['reason']}")
 
 
 def score_locations(path: str | Path | Volume, locations_csv: str | Path, scores_out: str | Path, model: str | None = None,
@@ -415,3 +440,117 @@ def predict(images: list[str | Path], model: str | Path | None = None) -> list[d
     prob = predict_arrays(net, arrays, net.spec.mean, net.spec.std)
     return [{"image": str(p), "label": ck["classes"][int(pr.argmax())], "probability": float(pr.max()),
              "probabilities": {c: float(v) for c, v in zip(ck["classes"], pr)}, "model": ck["model_name"]} for p, pr in zip(images, prob)]
+
+
+def _dicom_inputs(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
+    """``(file, path relative to an output folder)`` of every DICOM file among the inputs: a file as
+    itself, a folder's files (any depth) under the folder's name. A named file that is not DICOM is an
+    error; a folder's non-DICOM files (a DICOMDIR's siblings, notes) are left out."""
+    from ctguard.signatures import read_dicom
+
+    out: list[tuple[Path, Path]] = []
+    for given in inputs:
+        p = Path(given)
+        if p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
+                if _looks_dicom(f):
+                    out.append((f, Path(p.resolve().name) / f.relative_to(p)))
+        elif p.is_file():
+            read_dicom(p)  # a one-line error now, before anything is written
+            out.append((p, Path(p.name)))
+        else:
+            raise InputError("no such file or folder", p)
+    if not out:
+        raise InputError("no DICOM files in " + ", ".join(str(i) for i in inputs))
+    return out
+
+
+def _looks_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def sign(inputs: list[str | Path], key: str | Path, cert: str | Path, out_dir: str | Path, mac: str = "SHA256",
+         progress: bool = False) -> list[dict[str, Any]]:
+    """Adds a DICOM Digital Signature (PS3.15 Base RSA profile) to every instance, written under ``out_dir``.
+
+    Each instance gets one more signature over every signable element, PixelData included, with
+    the signer's certificate; nothing else in it changes. Existing files in ``out_dir`` are never
+    overwritten: a clash is refused before anything is written.
+
+    Returns:
+        One dict per instance: ``input``, ``output``, ``signature_uid``.
+    """
+    from tqdm import tqdm
+
+    from ctguard.node.spool import write_durably
+    from ctguard.signatures import Signer, read_dicom, sign_dataset
+
+    signer = Signer.load(key, cert, mac)
+    files = _dicom_inputs(inputs)
+    root = Path(out_dir)
+    targets = [root / rel for _, rel in files]
+    clash = next((t for t in targets if t.exists()), None)
+    if clash is not None:
+        raise InputError("already exists (ctguard sign does not overwrite; choose another --out)", clash)
+    if len(set(targets)) != len(targets):
+        raise InputError("two inputs would be written to the same file under --out (inputs with the same name)", out_dir)
+    import io as _io
+
+    rows = []
+    for (src, _), dst in tqdm(list(zip(files, targets)), desc="sign", unit="file", disable=not progress):
+        ds = read_dicom(src)
+        uid = sign_dataset(ds, signer)
+        buf = _io.BytesIO()
+        ds.save_as(buf, enforce_file_format=False)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(dst, buf.getvalue())
+        rows.append({"input": str(src), "output": str(dst), "signature_uid": uid})
+    return rows
+
+
+def verify(inputs: list[str | Path], trust: str | Path | None = None, json_out: str | Path | None = None) -> dict[str, Any]:
+    """Checks the DICOM Digital Signatures of every instance: unsigned, valid or invalid (and why).
+
+    Args:
+        inputs: DICOM files or folders.
+        trust: a PEM file of trusted certificates (signers or the CAs that issued them). Without
+            it, a signature is valid when its MAC and certificate dates hold, and ``trusted`` is
+            ``None``: who signed is reported but not judged.
+        json_out: write the result JSON here.
+
+    Returns:
+        ``{"instances": [...], "series": [...]}``: per instance its status, reason and signatures
+        (signer, time, MAC algorithm, elements covered, elements present but not covered); per
+        series the counts.
+    """
+    import json
+
+    from ctguard.signatures import load_certificates, summarize, verify_file
+
+    anchors = load_certificates(trust) if trust is not None else None
+    checks = [verify_file(f, anchors) for f, _ in _dicom_inputs(inputs)]
+    result = {"trust": None if trust is None else str(trust), "instances": [c.as_dict() for c in checks], "series": summarize(checks)}
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def signature_status(files: list[str | Path], trust: str | Path | None = None) -> dict[str, Any]:
+    """The signatures of a screened series, as ``screen`` and ``audit`` report them: the status of the
+    series (unsigned, valid, invalid, partly signed), the counts, the signers, and each invalid
+    instance with its slice index and reason."""
+    from ctguard.signatures import load_certificates, summarize, verify_file
+
+    anchors = load_certificates(trust) if trust is not None else None
+    checks = [verify_file(f, anchors) for f in files]
+    summary = summarize(checks, by_series=False)[0]
+    summary["trust_checked"] = trust is not None
+    summary["invalid_instances"] = [{"slice": i, "sop_instance_uid": c.sop_instance_uid, "reason": c.reason}
+                                    for i, c in enumerate(checks) if c.status == "invalid"]
+    return summary

@@ -84,7 +84,7 @@ def cmd_screen(args) -> int:
         raise InputError("--dicom-seg writes the Segmentation into --dicom-out DIR: give --dicom-out too")
     result = api.screen(scan, json_out=args.json, report_dir=args.report, model=args.model,
                         series_uid=args.series, threshold=args.threshold, progress=not args.quiet,
-                        dicom_out=args.dicom_out, dicom_seg=args.dicom_seg)
+                        dicom_out=args.dicom_out, dicom_seg=args.dicom_seg, trust=args.trust)
     if args.json == "-":
         return 0
     print(f"{args.input}: {result['verdict'].upper()} (tamper score {result['score']:.3f}, {result['elapsed_s']:.1f} s)")
@@ -92,10 +92,45 @@ def cmd_screen(args) -> int:
         print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm")
     for w in result["warnings"]:
         print(f"  warning: {w}")
+    if result.get("signatures"):
+        sig = result["signatures"]
+        print(f"  signatures: {sig['status']} ({sig['valid']} valid, {sig['invalid']} invalid, {sig['unsigned']} unsigned"
+              f"{'; signers ' + '; '.join(sig['signers']) if sig['signers'] else ''})")
     if args.report:
         print(f"report: {Path(args.report) / 'index.html'}")
     for what, path in (result.get("dicom") or {}).items():
         print(f"DICOM {what.upper()}: {path}")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from ctguard import api
+
+    rows = api.sign(args.inputs, args.key, args.cert, args.out, mac=args.mac, progress=not args.quiet)
+    print(f"signed {len(rows)} instance{'s' if len(rows) != 1 else ''} -> {args.out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ctguard import api
+
+    result = api.verify(args.inputs, trust=args.trust, json_out=args.json)
+    if args.json == "-":
+        return 0
+    for inst in result["instances"]:
+        line = f"{inst['path']}: {inst['status'].upper()}"
+        if inst["reason"]:
+            line += f" ({inst['reason']})"
+        for sig in inst["signatures"]:
+            if sig["status"] == "valid":
+                trust = {None: "signer not checked (no --trust)", True: "trusted", False: "not trusted"}[sig["trusted"]]
+                line += f"; signed by {sig['signer']} at {sig['time']}, {sig['mac_algorithm']}, {sig['elements_signed']} elements, {trust}"
+                if sig["elements_not_covered"]:
+                    line += f"; not covered: {' '.join(sig['elements_not_covered'])}"
+        print(line)
+    for s in result["series"]:
+        print(f"series {s['series_instance_uid']}: {s['status'].upper()}: {s['instances']} instances, {s['valid']} valid, "
+              f"{s['invalid']} invalid, {s['unsigned']} unsigned")
     return 0
 
 
@@ -277,8 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--locations", metavar="CSV", help="score these places (z,y,x or a CT-GAN labels file); with --json, --report or "
                    "--dicom-out the whole scan is screened too")
     p.add_argument("--scores-out", metavar="CSV", help="where --locations writes its scores")
+    p.add_argument("--trust", metavar="PEM", help="judge the signers of a signed series by these certificates (signers or their CAs)")
     _add_read_options(p)
     p.set_defaults(func=cmd_screen)
+
+    p = add("sign", "add a DICOM Digital Signature (PS3.15 Base RSA profile) to each instance; nothing else in it changes")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (any depth)")
+    p.add_argument("--key", required=True, metavar="KEY.pem", help="the signer's RSA private key (PEM, unencrypted)")
+    p.add_argument("--cert", required=True, metavar="CERT.pem", help="the signer's X.509 certificate (PEM), embedded in each signature")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the signed files go (a folder input keeps its layout); never overwrites")
+    p.add_argument("--mac", default="SHA256", choices=("SHA256", "SHA384", "SHA512"), help="MAC algorithm (default: SHA256)")
+    p.set_defaults(func=cmd_sign)
+
+    p = add("verify", "check the DICOM Digital Signatures of each instance: unsigned, valid or invalid, and why")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (any depth)")
+    p.add_argument("--trust", metavar="PEM", help="trusted certificates (the signers', or the CAs that issued them)")
+    p.add_argument("--json", metavar="FILE", help="write the result JSON here (- for stdout)")
+    p.set_defaults(func=cmd_verify)
 
     p = add("train", "train a model from a YAML config and/or flags (flags override it); the resolved config is saved")
     p.add_argument("--config", metavar="FILE", help="YAML config, e.g. configs/tamper3d.yaml or configs/paper-cnn.yaml")

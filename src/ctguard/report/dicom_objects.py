@@ -16,6 +16,7 @@ new series. The kinds and measurements use a private coding scheme, ``99CTGUARD`
 | ``CLEAN`` / ``TAMPERED`` | the verdict's values |
 | ``TAMPER-KIND`` | Kind of edit (a finding's qualitative evaluation) |
 | ``INJECTED`` / ``REMOVED`` | Injected lesion / Removed lesion (in-painted tissue) |
+| ``SIGNATURE-INVALID`` | Instances whose DICOM digital signature fails (a finding's kind) |
 | ``TAMPER-PROB`` | Tamper probability (a finding's, or the scan's highest) |
 """
 
@@ -47,6 +48,7 @@ CODES = {
     "kind": ("TAMPER-KIND", "Kind of edit"),
     "injected": ("INJECTED", "Injected lesion"),
     "removed": ("REMOVED", "Removed lesion (in-painted tissue)"),
+    "signature": ("SIGNATURE-INVALID", "Instances whose digital signature fails"),
     "probability": ("TAMPER-PROB", "Tamper probability"),
 }
 
