@@ -43,7 +43,7 @@ def _rest(port: int, path: str, data: bytes | None = None):
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST" if data is not None else "GET")
     with urllib.request.urlopen(req, timeout=10) as r:
         body = r.read()
-    return body if path.endswith("/file") else json.loads(body)
+    return body if path.endswith(("/file", "/modify")) else json.loads(body)
 
 
 def _wait(cond, timeout: float, what: str):
@@ -83,9 +83,9 @@ def _start_orthanc(tmp: Path, http: int, dicom: int) -> subprocess.Popen:
     return proc
 
 
-def _start_node(tmp: Path, port: int, orthanc_dicom: int) -> subprocess.Popen:
+def _start_node(tmp: Path, port: int, orthanc_dicom: int, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ctguard.cli", "node", "--port", str(port), "--forward", f"ORTHANC@127.0.0.1:{orthanc_dicom}",
-           "--spool", str(tmp / "spool"), "--settle", "1", "--allow", "SCANNER", "--send-results"]
+           "--spool", str(tmp / "spool"), "--settle", "1", "--allow", "SCANNER", "--send-results", *extra]
     proc = subprocess.Popen(cmd, stdout=open(tmp / "node.log", "a"), stderr=subprocess.STDOUT)
 
     def up():
@@ -174,6 +174,39 @@ def test_node_between_scanner_and_orthanc(tmp_path, real_series):
         entry = _wait(lambda: [a for a in _audit(tmp_path / "spool") if a.get("series_uid") == third_uid], 90, "the third series")[0]
         assert entry["instances"] == len(third) and entry["action"] == "forwarded"
         assert len(_series_in_orthanc(http, third_uid)) == len(third)
+
+        # 4. A node that signs on arrival: what Orthanc stores verifies (ctguard and DCMTK's dcmsign);
+        #    an instance changed in Orthanc afterwards does not.
+        from test_signatures import _cert
+
+        from ctguard.signatures import load_certificates, verify_file
+
+        key, cert = _cert(tmp_path, "ctguard node")[:2]
+        node.terminate()
+        node.wait(10)
+        node = _start_node(tmp_path, node_port, dicom, "--sign", str(key), str(cert))
+        fourth = io.write_series(vol, tmp_path / "fourth", uid_seed="fourth")
+        fourth_uid = str(pydicom.dcmread(fourth[0]).SeriesInstanceUID)
+        assert send(node_port, fourth) == [0] * len(fourth)
+        entry = _wait(lambda: [a for a in _audit(tmp_path / "spool") if a.get("series_uid") == fourth_uid], 90, "the signed series")[0]
+        assert entry["action"] == "forwarded"
+        ids = _series_in_orthanc(http, fourth_uid)
+        assert len(ids) == len(fourth)
+        trust = load_certificates(cert)
+        for i, oid in enumerate(ids):
+            stored = tmp_path / f"stored-{i}.dcm"
+            stored.write_bytes(_rest(http, f"/instances/{oid}/file"))
+            check = verify_file(stored, trust)
+            assert check.status == "valid" and check.signatures[0].signer == "CN=ctguard node", check.reason
+        if shutil.which("dcmsign"):
+            run = subprocess.run(["dcmsign", "--verify", "--add-cert-file", str(cert), str(tmp_path / "stored-0.dcm")], capture_output=True, text=True)
+            assert run.returncode == 0 and "Signature Verification : OK" in run.stdout + run.stderr, run.stderr
+        changed = tmp_path / "changed.dcm"  # Orthanc's own modification of a stored instance
+        changed.write_bytes(_rest(http, f"/instances/{ids[0]}/modify", json.dumps({"Replace": {"PatientName": "CHANGED^IN^PACS"}, "Force": True,
+                                                                                      "KeepSource": True}).encode()))
+        assert str(pydicom.dcmread(changed).PatientName) == "CHANGED^IN^PACS"
+        check = verify_file(changed, trust)
+        assert check.status == "invalid" and check.reason.startswith("MAC mismatch"), check.reason
     except AssertionError as e:
         log = (tmp_path / "node.log").read_text() if (tmp_path / "node.log").exists() else ""
         raise AssertionError(f"{e}\n--- node log ---\n{log[-3000:]}\n--- audit ---\n{_audit(tmp_path / 'spool')}") from None

@@ -229,8 +229,47 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise InputError(f"the web app needs its extras: pip install 'ctguard[web]' ({e.name} is missing)") from None
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024**2))
-    settings = WebSettings(limits=limits, workers=args.workers, queue=args.queue, model=args.model)
-    serve(args.host, args.port, settings, log_level="warning" if args.quiet else "info")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputError("TLS needs both --tls-cert and --tls-key")
+    for path in (args.tls_cert, args.tls_key):
+        if path and not Path(path).is_file():
+            raise InputError("no such file", path)
+    if args.retain <= 0:
+        raise InputError(f"--retain {args.retain}: results must be kept for some time (hours > 0)")
+    settings = WebSettings(limits=limits, workers=args.workers, queue=args.queue, model=args.model,
+                           users=Path(args.users) if args.users else None, retain_hours=args.retain,
+                           audit_log=Path(args.audit_log) if args.audit_log else None)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    serve(args.host, args.port, settings, log_level="warning" if args.quiet else "info", tls=tls)
+    return 0
+
+
+def cmd_users(args) -> int:
+    import getpass
+
+    from ctguard.web import auth
+
+    if args.action == "list":
+        for u in auth.list_users(args.users):
+            print(f"{u['name']}: {'password' if u['password'] else 'no password'}, {len(u['tokens'])} token(s) {' '.join(u['tokens'])}".rstrip())
+        return 0
+    if not args.name:
+        raise InputError(f"users {args.action} needs a NAME")
+    if args.action == "remove":
+        auth.remove_user(args.users, args.name)
+        print(f"removed {args.name} from {args.users}")
+        return 0
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif not args.token or args.password:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise InputError("the two passwords differ")
+    token = auth.add_user(args.users, args.name, password=password, token=args.token)
+    print(f"{args.name} in {args.users}" + (" (password set)" if password is not None else ""))
+    if token:
+        print(f"API token (shown once; send it as 'Authorization: Bearer <token>'): {token}")
     return 0
 
 
@@ -251,11 +290,12 @@ def cmd_node(args) -> int:
     cfg = NodeConfig(spool=Path(args.spool), ae_title=args.ae_title, host=args.host, port=args.port,
                      forward=Destination.parse(args.forward) if args.forward else None, on_tampered=args.on_tampered,
                      on_error=args.on_error, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
-                     model=args.model, threshold=args.threshold, tls=tls, send_results=args.send_results)
+                     model=args.model, threshold=args.threshold, tls=tls, send_results=args.send_results,
+                     sign=tuple(args.sign) if args.sign else None)
     node = Node(cfg)
     dest = f"forwarding to {cfg.forward.ae_title}@{cfg.forward.host}:{cfg.forward.port}" if cfg.forward else "no destination (keeps series)"
     print(f"ctguard node {cfg.ae_title} listening on {cfg.host}:{cfg.port}{' (TLS)' if tls else ''}; {dest}; "
-          f"tampered: {cfg.on_tampered}; spool {cfg.spool}", flush=True)
+          f"tampered: {cfg.on_tampered}; {'signing as ' + node.signer.subject + '; ' if node.signer else ''}spool {cfg.spool}", flush=True)
     try:
         node.start(block=True)
     except OSError as e:
@@ -402,7 +442,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=4, help="uploads that may wait for a worker before 429 (default: 4)")
     p.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MB (default: 2048)")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
+    p.add_argument("--users", metavar="FILE", help="require a login: the users file of `ctguard users add` (needed off loopback)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (needed off loopback)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--retain", type=float, default=24.0, metavar="HOURS", help="delete a job's results this long after (default: 24)")
+    p.add_argument("--audit-log", metavar="FILE", help="JSON lines of every upload, view, deletion and refused login "
+                   "(default: audit.jsonl in the server's work folder)")
     p.set_defaults(func=cmd_serve)
+
+    p = add("users", "manage the web page's users file: hashed passwords and API tokens")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("name", nargs="?", help="user name (add, remove)")
+    p.add_argument("--users", required=True, metavar="FILE", help="the users file (created with mode 0600)")
+    p.add_argument("--token", action="store_true", help="add: make a new API token (printed once)")
+    p.add_argument("--password", action="store_true", help="add with --token: set a password too (prompted)")
+    p.add_argument("--password-stdin", action="store_true", help="add: read the password from the first line of stdin")
+    p.set_defaults(func=cmd_users)
 
     p = add("node", "a DICOM node (C-STORE SCP) that screens every CT series before forwarding it to the PACS")
     p.add_argument("--ae-title", default="CTGUARD", help="this node's AE title (default: CTGUARD)")
@@ -420,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", metavar="AE,...", help="accept associations only from these calling AE titles")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
     p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--sign", nargs=2, metavar=("KEY", "CERT"), help="sign every instance on arrival (DICOM Digital Signature, "
+                   "Base RSA profile) with this PEM key and certificate, before screening and forwarding")
     p.add_argument("--tls-cert", metavar="PEM", help="TLS: this node's certificate")
     p.add_argument("--tls-key", metavar="PEM", help="TLS: its private key")
     p.add_argument("--tls-ca", metavar="PEM", help="TLS: require client certificates signed by this CA")

@@ -5,7 +5,8 @@ series is complete when nothing new has arrived for ``settle_s``. It is then scr
 :func:`ctguard.api.screen` and, by policy, forwarded (C-STORE SCU, one association per series,
 retried with back-off until the destination confirms every instance) or held in quarantine with
 its JSON and HTML report. Other storage classes pass through unscreened. Every decision is a line
-in ``audit.jsonl``. On start, every series left in the spool resumes where it stopped.
+in ``audit.jsonl``. With ``sign``, every instance gets a DICOM Digital Signature on arrival, before
+it is spooled, so that what the PACS stores can be checked with ``ctguard verify`` ever after. On start, every series left in the spool resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class NodeConfig:
     retry_max_s: float = 120.0
     tls: tuple[str, str, str | None] | None = None  # (cert, key, CA for client certificates)
     send_results: bool = False  # the results as DICOM (SR; SEG when tampered) follow a forwarded series; a held one keeps them
+    sign: tuple[str, str] | None = None  # (key PEM, certificate PEM): sign every instance on arrival (PS3.15 Base RSA)
 
 
 class Node:
@@ -82,6 +84,11 @@ class Node:
         self.threads: list[threading.Thread] = []
         self._passthrough_next = 0.0
         self._passthrough_delay = cfg.retry_first_s
+        self.signer = None
+        if cfg.sign:
+            from ctguard.signatures import Signer
+
+            self.signer = Signer.load(*cfg.sign)  # a bad key or certificate stops the node before it listens
 
     # -- receiving -------------------------------------------------------------------------
     def handle_store(self, event) -> int:
@@ -98,13 +105,22 @@ class Node:
         write_file_meta_info(buf, event.file_meta, enforce_standard=True)
         buf.write(event.request.DataSet.getvalue())  # the dataset exactly as sent
         data = buf.getvalue()
+        if self.signer is not None:  # signed before it is spooled, screened or forwarded: what reaches the PACS carries it
+            from ctguard.errors import InputError
+            from ctguard.signatures import sign_bytes
+
+            try:
+                data = sign_bytes(data, self.signer, name=sop_uid)
+            except (InputError, ValueError, TypeError) as e:
+                return self._refuse(event, f"cannot sign the instance: {e}", 0xC211)
         calling = event.assoc.requestor.ae_title
         if sop_class not in SCREENED_CLASSES:
             self.spool.store_passthrough(sop_uid, data)
             self.spool.audit(calling_ae=calling, sop_class=sop_class, sop_instance_uid=sop_uid, instances=1, verdict="not screened",
                              action="pass-through")
             return 0x0000
-        meta = {"calling_ae": calling, "study_uid": str(ds.get("StudyInstanceUID", "")), "first_received": time.time()}
+        meta = {"calling_ae": calling, "study_uid": str(ds.get("StudyInstanceUID", "")), "first_received": time.time(),
+                "signed_by": self.signer.subject if self.signer is not None else None}
         self.spool.store_instance(series_uid, sop_uid, data, meta)
         with self.lock:
             self.last_seen[series_uid] = time.time()

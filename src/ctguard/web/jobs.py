@@ -31,6 +31,7 @@ class Job:
     finished: float | None = None
     future: Future | None = None
     input: Path | None = None  # what is screened: a file or folder under upload/
+    owner: str = "anonymous"  # the user who uploaded it: nobody else sees it
 
     @property
     def out(self) -> Path:
@@ -50,20 +51,34 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, root: Path, workers: int = 1, queue: int = 4, keep: int = 50):
+    """Jobs and their files. A finished job's results are deleted ``retain_s`` after it finished
+    (a sweeper thread checks every few seconds), or sooner when more than ``keep`` are finished;
+    ``on_delete(job, what, reason)`` hears of every deletion (the audit log)."""
+
+    def __init__(self, root: Path, workers: int = 1, queue: int = 4, keep: int = 50, retain_s: float = 24 * 3600,
+                 on_delete: Callable[[Job, str, str], None] | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctguard-job")
         self.slots = threading.BoundedSemaphore(workers + queue)
         self.keep = keep
+        self.retain_s = retain_s
+        self.on_delete = on_delete or (lambda job, what, reason: None)
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, daemon=True, name="ctguard-job-sweeper")
+        self._sweeper.start()
 
-    def reserve(self) -> Job:
+    def _sweep(self) -> None:
+        while not self._stop.wait(min(30.0, max(self.retain_s / 4, 0.2))):
+            self._expire()
+
+    def reserve(self, owner: str = "anonymous") -> Job:
         """A new job with a slot in the pool, or :class:`Busy`."""
         if not self.slots.acquire(blocking=False):
             raise Busy()
-        job = Job(uuid.uuid4().hex[:16], "", self.root / uuid.uuid4().hex[:16])
+        job = Job(uuid.uuid4().hex[:16], "", self.root / uuid.uuid4().hex[:16], owner=owner)
         job.folder.mkdir(parents=True)
         (job.folder / "upload").mkdir()
         with self.lock:
@@ -93,26 +108,38 @@ class JobManager:
             finally:
                 job.finished = time.time()
                 remove_tree(job.folder / "upload")  # the uploaded scan is not kept
+                self.on_delete(job, "upload", "screened")
                 self.slots.release()
                 self._expire()
 
         job.future = self.pool.submit(run)
         return job.future
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, if it exists and (when ``owner`` is given) belongs to ``owner``."""
         with self.lock:
-            return self.jobs.get(job_id)
+            job = self.jobs.get(job_id)
+        return job if job is not None and (owner is None or job.owner == owner) else None
+
+    def of(self, owner: str) -> list[Job]:
+        with self.lock:
+            return sorted((j for j in self.jobs.values() if j.owner == owner), key=lambda j: j.created)
 
     def _expire(self) -> None:
+        now = time.time()
         with self.lock:
             done = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.finished)
-            old = done[: max(len(done) - self.keep, 0)]
-            for j in old:
+            surplus = {j.id for j in done[: max(len(done) - self.keep, 0)]}
+            old = [(j, "retention" if now - j.finished >= self.retain_s else "too many jobs") for j in done
+                   if j.id in surplus or now - j.finished >= self.retain_s]
+            for j, _ in old:
                 self.jobs.pop(j.id, None)
-        for j in old:
+        for j, reason in old:
             remove_tree(j.folder)
+            self.on_delete(j, "results", reason)
 
     def shutdown(self) -> None:
+        self._stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
