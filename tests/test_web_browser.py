@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -37,20 +38,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+def _start(tmp_path, *extra: str):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ctguard.cli", "serve", "-q", "--port", str(port)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "ctguard.cli", "serve", "-q", "--port", str(port), *extra], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
             urllib.request.urlopen(url + "/api/health", timeout=1)
             break
+        except urllib.error.HTTPError:  # 401: up, and asking for a login
+            break
         except OSError:
             if proc.poll() is not None:
                 pytest.fail(f"server exited: {proc.stdout.read()}")
             time.sleep(0.1)
+    return url, proc
+
+
+@pytest.fixture
+def server(tmp_path):
+    url, proc = _start(tmp_path)
     yield url
     proc.terminate()
     proc.wait(10)
@@ -98,3 +106,44 @@ def test_upload_in_a_real_browser(server, tampered):
         finally:
             browser.close()
     assert (ARTIFACTS / "web_tampered.png").stat().st_size > 10_000
+
+
+def test_the_page_behind_a_login(tmp_path, tampered):
+    """With a users file the browser gets 401 until it logs in (HTTP Basic, as a browser asks for
+    it); logged in, the page screens a series as without one."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need(False, "playwright is not installed (pip install playwright)")
+    chromium = _chromium()
+    _need(chromium is not None, "no chromium on PATH (apt-get install chromium)")
+    from ctguard.web.auth import add_user
+
+    add_user(tmp_path / "users.json", "radiologist", password="a good password")
+    url, proc = _start(tmp_path, "--users", str(tmp_path / "users.json"))
+    root, _, _ = tampered
+    files = [str(p) for p in sorted((root / "tampered").iterdir())]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+            try:
+                def status(**credentials) -> int:
+                    try:
+                        return browser.new_context(**credentials).new_page().goto(url).status
+                    except Exception as e:  # headless Chromium gives up on a refused login instead of showing the 401
+                        assert "ERR_INVALID_AUTH_CREDENTIALS" in str(e)
+                        return 401
+
+                assert status() == 401
+                assert status(http_credentials={"username": "radiologist", "password": "not it"}) == 401
+                page = browser.new_context(http_credentials={"username": "radiologist", "password": "a good password"}).new_page()
+                assert page.goto(url).status == 200
+                page.set_input_files("#files", files)
+                page.get_by_role("button", name="Screen").click()
+                page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+                assert page.locator("#verdict").inner_text() == "Tampered"
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
