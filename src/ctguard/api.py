@@ -554,3 +554,93 @@ def signature_status(files: list[str | Path], trust: str | Path | None = None) -
     summary["invalid_instances"] = [{"slice": i, "sop_instance_uid": c.sop_instance_uid, "reason": c.reason}
                                     for i, c in enumerate(checks) if c.status == "invalid"]
     return summary
+
+
+def audit(source: str | Path, results: str | Path, model: str | None = None, threshold: float | None = None, workers: int = 1,
+          engine: str = "local", address: str | None = None, trust: str | Path | None = None, progress: bool = False,
+          echo=print) -> dict[str, Any]:
+    """Screens every CT series of an archive (a folder tree of DICOM, NIfTI, NRRD, MHD) into SQLite.
+
+    One row per series (``ctguard.audit.store``): UIDs, patient, description, slices, verdict,
+    score, findings, signature status, model and version, pixel hash, time taken, error. Re-running
+    skips every series already screened with the same pixels and model version; a killed run loses
+    at most the series in flight. A series that cannot be screened is an error row with its reason.
+
+    Args:
+        source: the folder tree.
+        results: the SQLite file (created, or resumed).
+        workers: processes (local engine) or tasks in parallel (Ray).
+        engine: ``local`` (a process pool) or ``ray`` (``address``: a running cluster; default a local one).
+
+    Returns:
+        Counts: ``series``, ``screened``, ``skipped``, ``tampered``, ``clean``, ``error``, ``seconds``.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from ctguard.audit import engines
+    from ctguard.audit.sources import folder_series
+    from ctguard.audit.store import open_results
+    from ctguard.audit.work import screen_series
+
+    if engine not in engines.ENGINES:
+        raise InputError(f"--engine {engine!r}: one of {', '.join(engines.ENGINES)}")
+    if workers < 1:
+        raise InputError(f"--workers {workers}: at least 1")
+    if address and engine != "ray":
+        raise InputError("--address is the Ray cluster's: give --engine ray too")
+    from ctguard.screen import load_detector
+
+    load_detector(model)  # a bad --model is one line now, not an error row per series
+    t0 = time.time()
+    refs = list(folder_series(source))
+    store = open_results(results)
+    counts = {"series": len(refs), "screened": 0, "skipped": 0, "tampered": 0, "clean": 0, "error": 0}
+    args = (model, threshold, str(Path(results).resolve()), None if trust is None else str(trust))
+    bar = tqdm(total=len(refs), desc="audit", unit="series", disable=not progress)
+    try:
+        for row in engines.ENGINES[engine](refs, screen_series, args, workers, address=address):
+            bar.update(1)
+            if row.get("skipped"):
+                counts["skipped"] += 1
+                continue
+            store.put(row)  # one transaction per series, by the driver only
+            counts["screened"] += 1
+            counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+            if row["verdict"] != "clean":
+                bar.write(f"{row['verdict'].upper()}: {row.get('description') or ''} {row['key']}"
+                          + (f" ({row['error']})" if row.get("error") else f" (score {row['score']:.3f})"))
+    finally:
+        bar.close()
+        store.close()
+    counts["seconds"] = round(time.time() - t0, 1)
+    return counts
+
+
+def audit_report(results: str | Path, out_dir: str | Path, reports: bool = False, model: str | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """The HTML page and CSV of an audit's results; with ``reports`` each flagged series is screened
+    again from where it was read and gets its own HTML report, linked from the page."""
+    from tqdm import tqdm
+
+    from ctguard.audit import report
+    from ctguard.audit.store import open_results
+
+    store = open_results(results, must_exist=True)
+    try:
+        rows = store.rows()
+    finally:
+        store.close()
+    links = {}
+    if reports:
+        flagged = [r for r in rows if r["verdict"] == "tampered"]
+        for i, r in enumerate(tqdm(flagged, desc="reports", disable=not progress)):
+            folder = Path(out_dir) / "series" / f"{i:05d}"
+            try:
+                screen(r["source"], report_dir=folder, model=model, series_uid=r["series_uid"])
+                links[r["key"]] = f"series/{i:05d}/index.html"
+            except InputError as e:  # moved or deleted since the audit: the page says so
+                r["error"] = f"no report: {e}"
+    paths = report.write(rows, out_dir, links)
+    return {"series": len(rows), "reports": len(links), **{k: str(v) for k, v in paths.items()}}

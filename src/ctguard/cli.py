@@ -134,6 +134,24 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from ctguard import api
+
+    counts = api.audit(args.source, args.results, model=args.model, threshold=args.threshold, workers=args.workers, engine=args.engine,
+                       address=args.address, trust=args.trust, progress=not args.quiet)
+    print(f"{counts['series']} series: {counts['screened']} screened, {counts['skipped']} already in {args.results}; "
+          f"{counts['tampered']} tampered, {counts['clean']} clean, {counts['error']} errors ({counts['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_audit_report(args) -> int:
+    from ctguard import api
+
+    out = api.audit_report(args.results, args.out, reports=args.reports, model=args.model, progress=not args.quiet)
+    print(f"{out['series']} series -> {out['html']} and {out['csv']}" + (f"; {out['reports']} series reports" if args.reports else ""))
+    return 0
+
+
 TRAIN_FLAGS = ("epochs", "seed", "batch_size", "lr", "model", "data", "steps_per_epoch", "unfreeze", "weights", "image_size", "patience",
                "workers")
 
@@ -355,6 +373,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", metavar="PEM", help="judge the signers of a signed series by these certificates (signers or their CAs)")
     _add_read_options(p)
     p.set_defaults(func=cmd_screen)
+
+    p = add("audit", "screen every CT series of an archive (a folder tree) into SQLite; resumable")
+    p.add_argument("source", help="a folder tree of DICOM series (any layout) and NIfTI/NRRD/MHD files")
+    p.add_argument("--results", required=True, metavar="FILE.sqlite", help="the results (created, or resumed: screened series are skipped)")
+    p.add_argument("--workers", type=int, default=1, help="series screened at once (default: 1)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"), help="a local process pool (default) or Ray")
+    p.add_argument("--address", metavar="ADDR", help="with --engine ray: the cluster (default: start a local one)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--trust", metavar="PEM", help="judge the signers of signed series by these certificates")
+    p.set_defaults(func=cmd_audit)
+
+    p = add("audit-report", "an audit's results as an HTML page (flagged first, score histogram) and CSV")
+    p.add_argument("results", metavar="FILE.sqlite")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--reports", action="store_true", help="screen each flagged series again for its own HTML report, linked from the page")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="with --reports: the detector (default: the bundled one)")
+    p.set_defaults(func=cmd_audit_report)
 
     p = add("sign", "add a DICOM Digital Signature (PS3.15 Base RSA profile) to each instance; nothing else in it changes")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (any depth)")

@@ -162,6 +162,23 @@ def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[di
                     float(card.get("threshold", THRESHOLD)), card, None, dims)
 
 
+_LOADED: dict[tuple, Detector] = {}
+
+
+def _cached(name_or_path: str | None, load: Callable[[], Detector], dims: int) -> Detector:
+    """One load per process of each detector file (an archive audit screens thousands of series with
+    one); a file changed on disk is loaded afresh."""
+    path = Path(name_or_path) if name_or_path not in (None, DEFAULT_MODEL, "tamper2d") else None
+    try:
+        stamp = path.stat().st_mtime_ns if path is not None else 0
+    except OSError:
+        return load()  # missing: let the loader say so
+    key = (dims, str(name_or_path), stamp)
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return _LOADED[key]
+
+
 def load_detector(name_or_path: str | None = None) -> Detector:
     """Loads the bundled 3D detector (default) or a checkpoint written by ``ctguard train``.
 
@@ -173,7 +190,7 @@ def load_detector(name_or_path: str | None = None) -> Detector:
 
         return build_net(cfg)
 
-    return _load(name_or_path, DEFAULT_MODEL, "tamper3d", build, "3D")
+    return _cached(name_or_path, lambda: _load(name_or_path, DEFAULT_MODEL, "tamper3d", build, "3D"), 3)
 
 
 def _lung_box(vol: Volume, lungs: np.ndarray) -> tuple[slice, ...]:
@@ -365,7 +382,7 @@ def load_detector2d(name_or_path: str | None = None) -> Detector:
 
         return TamperNet2D(int(cfg.get("width", 32)))
 
-    return _load(name_or_path, DEFAULT_MODEL_2D, "tamper2d", build, "2D")
+    return _cached(name_or_path, lambda: _load(name_or_path, DEFAULT_MODEL_2D, "tamper2d", build, "2D"), 2)
 
 
 def as_ct_slice(vol: Volume) -> Volume:

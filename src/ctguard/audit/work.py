@@ -1,0 +1,96 @@
+"""The per-series work of an archive audit, the same on every engine: hash the pixels, skip what the
+results already hold, screen, and return the row (the driver alone writes it)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ctguard.audit.sources import SeriesRef
+from ctguard.errors import InputError
+
+
+def pixel_hash(ref: SeriesRef) -> str:
+    """SHA-256 of the series' pixel data as stored (PixelData of each instance, in SOPInstanceUID
+    order), or of the whole file for a NIfTI/NRRD/MHD volume."""
+    import pydicom
+
+    h = hashlib.sha256()
+    if ref.kind == "itk":
+        with open(ref.files[0], "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+    parts = []
+    for path in ref.files:
+        ds = pydicom.dcmread(path)
+        parts.append((str(ds.get("SOPInstanceUID", path)), bytes(ds.get("PixelData", b"") or b"")))
+    for _, data in sorted(parts):
+        h.update(data)
+    return h.hexdigest()
+
+
+def _row(ref: SeriesRef, **values: Any) -> dict[str, Any]:
+    return {"key": ref.key, "study_uid": ref.study_uid, "series_uid": ref.series_uid, "patient_id": ref.patient_id,
+            "description": ref.description, "source": ref.extra.get("source") or (os.path.dirname(ref.files[0]) if ref.kind == "dicom" else ref.files[0]),
+            "slices": len(ref.files) if ref.kind == "dicom" else None, **values}
+
+
+def screen_series(ref: SeriesRef, model: str | None, threshold: float | None, results_path: str | None,
+                  trust: str | None = None) -> dict[str, Any]:
+    """One series: ``{"skipped": True, ...}`` when the results hold it already, else its row (an
+    error row with a one-line reason when it cannot be screened: never an exception)."""
+    from ctguard import api
+    from ctguard.screen import load_detector
+
+    t0 = time.time()
+    detector = load_detector(model)  # once per process (cached)
+    ident = {"model": detector.name, "model_version": str(detector.version)}
+    if ref.error:
+        return _row(ref, **ident, pixel_hash="", verdict="error", error=ref.error, seconds=0.0)
+    try:
+        digest = pixel_hash(ref)
+    except Exception as e:  # a file that cannot be read to the end
+        return _row(ref, **ident, pixel_hash="", verdict="error", error=f"cannot read the pixel data ({e.__class__.__name__}: {e})",
+                    seconds=round(time.time() - t0, 2))
+    if results_path:
+        from ctguard.audit.store import Results
+
+        res = Results(results_path)
+        try:
+            if res.done(ref.key, digest, ident["model_version"]):
+                return {"skipped": True, "key": ref.key}
+        finally:
+            res.close()
+    _maybe_die_for_a_test(ref)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ctguard-audit-") as tmp:
+            if ref.kind == "dicom":  # the series' files, wherever they are, as one folder of links
+                for i, f in enumerate(ref.files):
+                    os.symlink(os.path.abspath(f), Path(tmp) / f"{i:06d}.dcm")
+                target = tmp
+            else:
+                target = ref.files[0]
+            result = api.screen(target, model=model, threshold=threshold, trust=trust, series_uid=ref.series_uid if ref.kind == "dicom" else None)
+    except InputError as e:
+        return _row(ref, **ident, pixel_hash=digest, verdict="error", error=e.problem, seconds=round(time.time() - t0, 2))
+    except Exception as e:  # anything else: this series' error row, the audit goes on
+        return _row(ref, **ident, pixel_hash=digest, verdict="error", error=f"{e.__class__.__name__}: {e}", seconds=round(time.time() - t0, 2))
+    return _row(ref, **ident, pixel_hash=digest, verdict=result["verdict"], score=result["score"], findings=result["findings"],
+                signatures=result.get("signatures"), slices=result["shape"][0], seconds=round(time.time() - t0, 2))
+
+
+def _maybe_die_for_a_test(ref: SeriesRef) -> None:
+    """Tests of worker death: with CTGUARD_AUDIT_DIE_ON=<key>:<marker file>, the first worker to
+    screen that series kills itself (the marker says it happened)."""
+    spec = os.environ.get("CTGUARD_AUDIT_DIE_ON")
+    if not spec:
+        return
+    key, _, marker = spec.rpartition(":")
+    if key == ref.key and marker and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(137)

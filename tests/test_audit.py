@@ -1,0 +1,153 @@
+"""Auditing an archive: series found in any folder layout, one SQLite row each, resumable after a
+SIGKILL without a duplicate, error rows instead of a stop, a dead worker's series retried, the report."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ctguard.cli import main
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Four small phantom CT series laid out as archives are: two in one folder, one split over two
+    folders, one in a folder of its own; an MR series, a corrupt DICOM file and a NIfTI volume."""
+    from ctguard import io
+    from ctguard.data.phantom import make_chest
+
+    root = tmp_path_factory.mktemp("archive") / "pacs-export"
+    vols = [make_chest((24, 96, 96), (5.0, 3.6, 3.6), seed=s) for s in (71, 72, 73, 74)]
+    io.write_series(vols[0], root / "mixed", uid_seed="a")
+    io.write_series(vols[1], root / "mixed-b", uid_seed="b")
+    for f in (root / "mixed-b").iterdir():  # two series in one folder
+        f.rename(root / "mixed" / f"b-{f.name}")
+    (root / "mixed-b").rmdir()
+    split = io.write_series(vols[2], root / "study" / "part1", uid_seed="c")
+    (root / "study" / "part2").mkdir()
+    for f in split[12:]:  # one series over two folders
+        f.rename(root / "study" / "part2" / f.name)
+    io.write_series(vols[3], root / "deep" / "er" / "still", uid_seed="d")
+    mr = io.write_series(vols[0], root / "mr", uid_seed="mr")
+    for f in mr:
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f, enforce_file_format=False)
+    (root / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+    io.write_itk(vols[1], root / "volumes" / "chest.nii.gz")
+    (root / "notes.txt").write_text("not a scan")
+    return root
+
+
+def _rows(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT key, verdict, slices, error, model_version FROM series ORDER BY key").fetchall()
+    finally:
+        con.close()
+
+
+def test_audit_a_folder_tree_resume_and_report(archive, tmp_path, capsys):
+    db = tmp_path / "results.sqlite"
+    assert main(["audit", str(archive), "--results", str(db), "--workers", "2", "-q"]) == 0
+    assert "7 series: 7 screened, 0 already" in capsys.readouterr().out
+    rows = _rows(db)
+    assert len(rows) == 7
+    by_verdict = {}
+    for key, verdict, slices, error, _ in rows:
+        by_verdict.setdefault(verdict, []).append((key, slices, error))
+    assert len(by_verdict.get("clean", [])) + len(by_verdict.get("tampered", [])) == 5  # four DICOM series and the NIfTI
+    assert sorted(s for _, s, _ in by_verdict.get("clean", []) + by_verdict.get("tampered", []) if s) == [24] * 5  # the split one whole
+    errors = {Path(k).name if "/" in k else k: e for k, _, e in by_verdict["error"]}
+    assert any("not a CT series (modality MR)" in e for e in errors.values())
+    assert any("unreadable DICOM header" in e for e in errors.values())
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    row = con.execute("SELECT study_uid, series_uid, patient_id, pixel_hash, model, seconds, findings, signatures FROM series "
+                      "WHERE verdict != 'error' LIMIT 1").fetchone()
+    con.close()
+    assert row[0] and row[1] and len(row[3]) == 64 and row[4] and row[5] > 0 and row[6] is not None and '"status": "unsigned"' in row[7]
+
+    # A second run skips every screened series and tries the errors again (still errors, not duplicated).
+    assert main(["audit", str(archive), "--results", str(db), "-q"]) == 0
+    assert "5 already in" in capsys.readouterr().out and len(_rows(db)) == 7
+
+    # Changed pixels are a new series to screen; the old row stays for the record.
+    target = sorted((archive / "deep" / "er" / "still").glob("*.dcm"))[5]
+    keep = target.read_bytes()
+    try:
+        ds = pydicom.dcmread(target)
+        arr = ds.pixel_array.copy()
+        arr[40:44, 40:44] += 300
+        ds.PixelData = arr.tobytes()
+        ds.save_as(target, enforce_file_format=False)
+        assert main(["audit", str(archive), "--results", str(db), "-q"]) == 0
+        assert "4 already in" in capsys.readouterr().out and len(_rows(db)) == 8
+    finally:
+        target.write_bytes(keep)
+
+    out = tmp_path / "report"
+    assert main(["audit-report", str(db), "--out", str(out), "-q"]) == 0
+    page = (out / "index.html").read_text()
+    assert "8 series" in page and "histogram of tamper scores" in page and "not a CT series" in page
+    lines = (out / "series.csv").read_text().splitlines()
+    assert len(lines) == 9 and lines[0].startswith("verdict,score,key")
+
+
+def test_a_killed_audit_loses_only_what_was_in_flight(archive, tmp_path):
+    db = tmp_path / "results.sqlite"
+    cmd = [sys.executable, "-m", "ctguard.cli", "audit", str(archive), "--results", str(db), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it as soon as a first series is committed
+        if db.exists():
+            try:
+                if _rows(db):
+                    break
+            except sqlite3.Error:
+                pass
+        if proc.poll() is not None:
+            pytest.fail(f"the audit ended before it could be killed: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    first = _rows(db)
+    assert 1 <= len(first) < 7
+    assert main(["audit", str(archive), "--results", str(db), "-q"]) == 0
+    rows = _rows(db)
+    assert len(rows) == 7 and len({r[0] for r in rows}) == 7  # every series once
+    assert set(first) <= set(rows)
+
+
+def test_a_series_whose_worker_dies_is_retried(archive, tmp_path, monkeypatch, capsys):
+    from ctguard.audit.sources import folder_series
+
+    victim = next(r.key for r in folder_series(archive) if r.kind == "dicom" and not r.error)
+    marker = tmp_path / "died"
+    monkeypatch.setenv("CTGUARD_AUDIT_DIE_ON", f"{victim}:{marker}")
+    db = tmp_path / "results.sqlite"
+    assert main(["audit", str(archive), "--results", str(db), "--workers", "2", "-q"]) == 0
+    assert marker.exists()  # a worker did die on it
+    rows = {k: v for k, v, *_ in _rows(db)}
+    assert len(rows) == 7 and rows[victim] in ("clean", "tampered")
+
+
+def test_audit_bad_arguments_are_one_line(archive, tmp_path, capsys):
+    for argv, words in ((["--workers", "0"], "at least 1"), (["--address", "auto"], "give --engine ray"),
+                        (["--model", str(tmp_path / "nope.pt")], "nope.pt")):
+        assert main(["audit", str(archive), "--results", str(tmp_path / "r.sqlite"), *argv, "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+    assert main(["audit", str(tmp_path / "missing"), "--results", str(tmp_path / "r.sqlite"), "-q"]) == 2
+    (tmp_path / "junk.sqlite").write_text("not a database at all, " * 100)
+    assert main(["audit-report", str(tmp_path / "junk.sqlite"), "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "not a ctguard audit results file" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
