@@ -151,3 +151,35 @@ def test_audit_bad_arguments_are_one_line(archive, tmp_path, capsys):
     assert main(["audit-report", str(tmp_path / "junk.sqlite"), "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "not a ctguard audit results file" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_ray_engine_gives_the_local_rows_and_retries_a_dead_worker(archive, tmp_path, monkeypatch):
+    """A local Ray cluster (2 CPUs): the same rows as the local engine, and a series whose worker
+    process is killed mid-series is screened again by another."""
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Ray (pip install 'ctguard[ray]')")
+        pytest.skip("Ray is not installed (pip install 'ctguard[ray]')")
+    local_db, ray_db = tmp_path / "local.sqlite", tmp_path / "ray.sqlite"
+    assert main(["audit", str(archive), "--results", str(local_db), "-q"]) == 0
+    from ctguard.audit.sources import folder_series
+
+    victim = next(r.key for r in folder_series(archive) if r.kind == "dicom" and not r.error)
+    marker = tmp_path / "died"
+    monkeypatch.setenv("CTGUARD_AUDIT_DIE_ON", f"{victim}:{marker}")
+    try:
+        assert main(["audit", str(archive), "--results", str(ray_db), "--engine", "ray", "--workers", "2", "-q"]) == 0
+    finally:
+        ray.shutdown()
+    assert marker.exists()
+
+    def rows(db):
+        con = sqlite3.connect(db)
+        try:
+            return sorted(con.execute("SELECT key, pixel_hash, verdict, round(score, 4), slices, error, model_version FROM series").fetchall())
+        finally:
+            con.close()
+
+    assert rows(ray_db) == rows(local_db)
