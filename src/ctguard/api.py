@@ -559,7 +559,8 @@ def signature_status(files: list[str | Path], trust: str | Path | None = None) -
 def audit(source: str | Path, results: str | Path, model: str | None = None, threshold: float | None = None, workers: int = 1,
           engine: str = "local", address: str | None = None, trust: str | Path | None = None, progress: bool = False,
           echo=print) -> dict[str, Any]:
-    """Screens every CT series of an archive (a folder tree of DICOM, NIfTI, NRRD, MHD) into SQLite.
+    """Screens every CT series of an archive (a folder tree of DICOM, NIfTI, NRRD, MHD, or a PACS
+    through DICOMweb) into SQLite.
 
     One row per series (``ctguard.audit.store``): UIDs, patient, description, slices, verdict,
     score, findings, signature status, model and version, pixel hash, time taken, error. Re-running
@@ -567,7 +568,8 @@ def audit(source: str | Path, results: str | Path, model: str | None = None, thr
     at most the series in flight. A series that cannot be screened is an error row with its reason.
 
     Args:
-        source: the folder tree.
+        source: the folder tree, or a PACS as ``dicomweb+http://host:port/prefix`` (QIDO-RS lists
+            its CT series, WADO-RS retrieves each; ``user:password@`` in the URL for HTTP Basic).
         results: the SQLite file (created, or resumed).
         workers: processes (local engine) or tasks in parallel (Ray).
         engine: ``local`` (a process pool) or ``ray`` (``address``: a running cluster; default a local one).
@@ -580,7 +582,7 @@ def audit(source: str | Path, results: str | Path, model: str | None = None, thr
     from tqdm import tqdm
 
     from ctguard.audit import engines
-    from ctguard.audit.sources import folder_series
+    from ctguard.audit.sources import series_of
     from ctguard.audit.store import open_results
     from ctguard.audit.work import screen_series
 
@@ -594,7 +596,7 @@ def audit(source: str | Path, results: str | Path, model: str | None = None, thr
 
     load_detector(model)  # a bad --model is one line now, not an error row per series
     t0 = time.time()
-    refs = list(folder_series(source))
+    refs = list(series_of(source))
     store = open_results(results)
     counts = {"series": len(refs), "screened": 0, "skipped": 0, "tampered": 0, "clean": 0, "error": 0}
     args = (model, threshold, str(Path(results).resolve()), None if trust is None else str(trust))
@@ -638,9 +640,19 @@ def audit_report(results: str | Path, out_dir: str | Path, reports: bool = False
         for i, r in enumerate(tqdm(flagged, desc="reports", disable=not progress)):
             folder = Path(out_dir) / "series" / f"{i:05d}"
             try:
-                screen(r["source"], report_dir=folder, model=model, series_uid=r["series_uid"])
+                if str(r["source"]).startswith("dicomweb+"):  # from the PACS again
+                    import tempfile
+
+                    from ctguard.audit.sources import SeriesRef
+                    from ctguard.audit.work import _retrieve
+
+                    with tempfile.TemporaryDirectory(prefix="ctguard-wado-") as tmp:
+                        ref = SeriesRef(r["key"], "dicomweb", [], r["study_uid"], r["series_uid"], extra={"url": r["source"]})
+                        screen(_retrieve(ref, Path(tmp)).files[0].rsplit("/", 1)[0], report_dir=folder, model=model)
+                else:
+                    screen(r["source"], report_dir=folder, model=model, series_uid=r["series_uid"])
                 links[r["key"]] = f"series/{i:05d}/index.html"
-            except InputError as e:  # moved or deleted since the audit: the page says so
-                r["error"] = f"no report: {e}"
+            except Exception as e:  # moved, deleted or unreachable since the audit: the page says so
+                r["error"] = f"no report: {e.problem if isinstance(e, InputError) else e.__class__.__name__}"
     paths = report.write(rows, out_dir, links)
     return {"series": len(rows), "reports": len(links), **{k: str(v) for k, v in paths.items()}}

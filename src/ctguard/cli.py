@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_screen)
 
     p = add("audit", "screen every CT series of an archive (a folder tree) into SQLite; resumable")
-    p.add_argument("source", help="a folder tree of DICOM series (any layout) and NIfTI/NRRD/MHD files")
+    p.add_argument("source", help="a folder tree of DICOM series (any layout) and NIfTI/NRRD/MHD files, or a PACS: "
+                   "dicomweb+http://host:port/prefix")
     p.add_argument("--results", required=True, metavar="FILE.sqlite", help="the results (created, or resumed: screened series are skipped)")
     p.add_argument("--workers", type=int, default=1, help="series screened at once (default: 1)")
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="a local process pool (default) or Ray")

@@ -1,5 +1,6 @@
 """What an archive audit screens: every CT series under a folder tree, found by SeriesInstanceUID
-(several series in one folder, one series over several folders), and every NIfTI/NRRD/MHD file."""
+(several series in one folder, one series over several folders), and every NIfTI/NRRD/MHD file;
+or every CT series of a PACS through DICOMweb (QIDO-RS lists them, WADO-RS retrieves each)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class SeriesRef:
     volume), its files, and what its headers said."""
 
     key: str
-    kind: str  # "dicom" or "itk"
+    kind: str  # "dicom", "itk" or "dicomweb" (retrieved by the worker)
     files: list[str]
     study_uid: str | None = None
     series_uid: str | None = None
@@ -27,6 +28,58 @@ class SeriesRef:
     modality: str | None = None
     error: str | None = None  # known before screening: unreadable headers, not CT
     extra: dict = field(default_factory=dict)
+
+
+def dicomweb_client(url: str):
+    """A DICOMweb client for ``dicomweb+http(s)://[user:password@]host:port/prefix``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        from dicomweb_client.api import DICOMwebClient
+        from dicomweb_client.session_utils import create_session, create_session_from_user_pass
+    except ImportError:
+        raise InputError("a DICOMweb source needs dicomweb-client: pip install 'ctguard[dicomweb]'") from None
+    parts = urlsplit(url.removeprefix("dicomweb+"))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"{url!r}: expected dicomweb+http://host:port/prefix (or dicomweb+https://)")
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    session = create_session_from_user_pass(parts.username, parts.password or "") if parts.username else create_session()
+    return DICOMwebClient(urlunsplit((parts.scheme, netloc, parts.path, "", "")), session=session)
+
+
+def _tag(record: dict, tag: str) -> str | None:
+    value = (record.get(tag) or {}).get("Value") or [None]
+    return None if value[0] is None else str(value[0])
+
+
+def dicomweb_series(url: str, page: int = 500) -> Iterator[SeriesRef]:
+    """Every CT series a DICOMweb server lists (QIDO-RS, ``Modality=CT``, in pages of ``page``);
+    each is retrieved (WADO-RS) by the worker that screens it."""
+    client = dicomweb_client(url)
+    offset, refs = 0, []
+    while True:
+        try:
+            found = client.search_for_series(search_filters={"Modality": "CT"}, offset=offset, limit=page)
+        except Exception as e:  # connection refused, 401, not a DICOMweb server
+            raise InputError(f"cannot list the series ({e.__class__.__name__}: {str(e)[:200]})", url) from None
+        for rec in found:
+            uid = _tag(rec, "0020000E")
+            if uid:
+                n = _tag(rec, "00201209")
+                refs.append(SeriesRef(uid, "dicomweb", [], _tag(rec, "0020000D"), uid, _tag(rec, "00100020"), _tag(rec, "0008103E"), "CT",
+                                      extra={"source": url.split("@")[-1] if "@" in url else url, "url": url,
+                                             "instances": int(n) if n and n.isdigit() else None}))
+        if len(found) < page:
+            break
+        offset += len(found)
+    yield from sorted({r.key: r for r in refs}.values(), key=lambda r: r.key)
+
+
+def series_of(source: str | Path) -> Iterator[SeriesRef]:
+    """The series of a folder tree or of a DICOMweb server (``dicomweb+http://...``)."""
+    if str(source).startswith("dicomweb+"):
+        return dicomweb_series(str(source))
+    return folder_series(source)
 
 
 def _is_dicom(path: Path) -> bool:

@@ -44,7 +44,6 @@ def screen_series(ref: SeriesRef, model: str | None, threshold: float | None, re
                   trust: str | None = None) -> dict[str, Any]:
     """One series: ``{"skipped": True, ...}`` when the results hold it already, else its row (an
     error row with a one-line reason when it cannot be screened: never an exception)."""
-    from ctguard import api
     from ctguard.screen import load_detector
 
     t0 = time.time()
@@ -52,6 +51,39 @@ def screen_series(ref: SeriesRef, model: str | None, threshold: float | None, re
     ident = {"model": detector.name, "model_version": str(detector.version)}
     if ref.error:
         return _row(ref, **ident, pixel_hash="", verdict="error", error=ref.error, seconds=0.0)
+    if ref.kind == "dicomweb":
+        with tempfile.TemporaryDirectory(prefix="ctguard-wado-") as tmp:
+            try:
+                local = _retrieve(ref, Path(tmp))
+            except Exception as e:  # the PACS refused or broke off: this series' error row
+                return _row(ref, **ident, pixel_hash="", verdict="error", error=f"cannot retrieve the series ({e.__class__.__name__}: {str(e)[:200]})",
+                            seconds=round(time.time() - t0, 2))
+            row = _screen_local(local, model, threshold, results_path, trust, ident, t0)
+            if not row.get("skipped"):
+                row.update(source=ref.extra.get("source"), slices=row.get("slices") or len(local.files))
+            return row
+    return _screen_local(ref, model, threshold, results_path, trust, ident, t0)
+
+
+def _retrieve(ref: SeriesRef, folder: Path) -> SeriesRef:
+    """WADO-RS: the series' instances into ``folder``; the same series, now as local files."""
+    from ctguard.audit.sources import dicomweb_client
+
+    client = dicomweb_client(ref.extra["url"])
+    files = []
+    for i, ds in enumerate(client.retrieve_series(ref.study_uid, ref.series_uid)):
+        path = folder / f"{i:06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(str(path))
+    if not files:
+        raise ValueError("the server returned no instances")
+    return SeriesRef(ref.key, "dicom", files, ref.study_uid, ref.series_uid, ref.patient_id, ref.description, ref.modality,
+                     extra=dict(ref.extra))
+
+
+def _screen_local(ref: SeriesRef, model, threshold, results_path, trust, ident: dict, t0: float) -> dict[str, Any]:
+    from ctguard import api
+
     try:
         digest = pixel_hash(ref)
     except Exception as e:  # a file that cannot be read to the end
