@@ -1,7 +1,7 @@
 """Load test of the DICOM node in front of a real Orthanc: S concurrent senders of N slices each.
 
 Usage (as root, or where `unshare -n` works; Orthanc from `apt-get install orthanc`):
-    python benchmarks/node_load.py [--senders 4] [--slices 200]
+    python benchmarks/node_load.py [--senders 4] [--slices 200] [--workers 2] [--associations 4]
 
 Runs itself inside a private network namespace with only loopback (Orthanc 1.10 listens on every
 interface). Writes S phantom series of N 512x512 slices, starts Orthanc and `ctguard node`
@@ -47,7 +47,8 @@ def inside(args) -> None:
     http, dicom, node_port = free_port(), free_port(), free_port()
     orthanc = _start_orthanc(tmp, http, dicom)
     node = subprocess.Popen([sys.executable, "-m", "ctguard.cli", "node", "-q", "--port", str(node_port), "--forward",
-                             f"ORTHANC@127.0.0.1:{dicom}", "--spool", str(tmp / "spool"), "--settle", "2", "--on-tampered", "forward"],
+                             f"ORTHANC@127.0.0.1:{dicom}", "--spool", str(tmp / "spool"), "--settle", "2", "--on-tampered", "forward",
+                             "--workers", str(args.workers), "--associations", str(args.associations)],
                             stdout=open(tmp / "node.log", "w"), stderr=subprocess.STDOUT)
     time.sleep(3)
     started, sent_done = {}, {}
@@ -87,6 +88,7 @@ def inside(args) -> None:
     n = args.senders * args.slices
     out = {
         "senders": args.senders, "slices_per_series": args.slices, "instances": n,
+        "node_workers": args.workers, "node_associations": args.associations,
         "instances_in_orthanc": total, "every_instance_once": total == n,
         "send_seconds": round(max(sent_done.values()) - t0, 1),
         "end_to_end_seconds": round(max(arrived.values()) - t0, 1),
@@ -102,11 +104,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2, help="the node's --workers")
+    ap.add_argument("--associations", type=int, default=4, help="the node's --associations")
     args = ap.parse_args()
     if os.environ.get("CTGUARD_NETNS") == "1":
         return inside(args)
     cmd = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, __file__,
-           "--senders", str(args.senders), "--slices", str(args.slices)]
+           "--senders", str(args.senders), "--slices", str(args.slices),
+           "--workers", str(args.workers), "--associations", str(args.associations)]
     raise SystemExit(subprocess.call(cmd, env={**os.environ, "CTGUARD_NETNS": "1"}))
 
 

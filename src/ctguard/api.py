@@ -177,7 +177,9 @@ def screen(
         if on_stage is not None:
             on_stage("report")
         want_seg = dicom_out is not None and (dicom_seg or result["verdict"] == "tampered")
-        overlay = heat.tampered_on_voxels(vol.shape) if report_dir is not None or viewer_dir is not None or want_seg else None
+        # The heatmap on every voxel (a second per 50 M voxels): for the report's figures of findings, the viewer, the SEG.
+        need = (report_dir is not None and result["findings"]) or viewer_dir is not None or want_seg
+        overlay = heat.tampered_on_voxels(vol.shape) if need else None
         if report_dir is not None:
             from ctguard.report.html import write_report
 

@@ -309,7 +309,9 @@ def cmd_node(args) -> int:
                      forward=Destination.parse(args.forward) if args.forward else None, on_tampered=args.on_tampered,
                      on_error=args.on_error, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
                      model=args.model, threshold=args.threshold, tls=tls, send_results=args.send_results,
-                     sign=tuple(args.sign) if args.sign else None)
+                     sign=tuple(args.sign) if args.sign else None, workers=args.workers, associations=args.associations)
+    if args.workers < 1 or args.associations < 1:
+        raise InputError("--workers and --associations need at least 1")
     node = Node(cfg)
     dest = f"forwarding to {cfg.forward.ae_title}@{cfg.forward.host}:{cfg.forward.port}" if cfg.forward else "no destination (keeps series)"
     print(f"ctguard node {cfg.ae_title} listening on {cfg.host}:{cfg.port}{' (TLS)' if tls else ''}; {dest}; "
@@ -512,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", metavar="AE,...", help="accept associations only from these calling AE titles")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
     p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--workers", type=int, default=2, help="series screened and forwarded at once (default: 2)")
+    p.add_argument("--associations", type=int, default=4, help="parallel associations forwarding one series (default: 4)")
     p.add_argument("--sign", nargs=2, metavar=("KEY", "CERT"), help="sign every instance on arrival (DICOM Digital Signature, "
                    "Base RSA profile) with this PEM key and certificate, before screening and forwarding")
     p.add_argument("--tls-cert", metavar="PEM", help="TLS: this node's certificate")

@@ -169,10 +169,11 @@ def _cached(name_or_path: str | None, load: Callable[[], Detector], dims: int) -
     """One load per process of each detector file (an archive audit screens thousands of series with
     one); a file changed on disk is loaded afresh."""
     path = Path(name_or_path) if name_or_path not in (None, DEFAULT_MODEL, "tamper2d") else None
-    try:
-        stamp = path.stat().st_mtime_ns if path is not None else 0
-    except OSError:
+    if path is not None and not path.is_file():
         return load()  # missing: let the loader say so
+    # The checkpoint, its ONNX export and its card: a change to any of them is a new detector.
+    stamp = tuple(p.stat().st_mtime_ns if p.is_file() else None for p in (path, path.with_suffix(".onnx"), path.with_suffix(".json"))) \
+        if path is not None else ()
     key = (dims, str(name_or_path), stamp)
     if key not in _LOADED:
         _LOADED[key] = load()
@@ -229,10 +230,17 @@ class Heatmap:
         """``1 - p(genuine)`` resampled onto the scan's voxel grid (0 outside the screened box)."""
         out = np.zeros(shape, dtype=np.float32)
         sub = tuple(s.stop - s.start for s in self.box)
-        p = 1.0 - self.probs[0]
-        coords = np.meshgrid(*[((np.arange(n) * sp) - (STRIDE - 1) / 2.0) / STRIDE for n, sp in zip(sub, self.spacing)], indexing="ij", sparse=True)
-        grid = np.broadcast_arrays(*coords)
-        out[self.box] = ndimage.map_coordinates(p, grid, order=1, mode="nearest")
+        p = (1.0 - self.probs[0]).astype(np.float32)
+        # Trilinear on a tensor-product grid is three 1D linear interpolations, one axis after the
+        # other (the same values as map_coordinates(order=1, mode="nearest"), in less than half the time).
+        for axis, (n, sp) in enumerate(zip(sub, self.spacing)):
+            c = np.clip(((np.arange(n) * sp) - (STRIDE - 1) / 2.0) / STRIDE, 0, p.shape[axis] - 1)
+            i0 = np.floor(c).astype(np.intp)
+            i1 = np.minimum(i0 + 1, p.shape[axis] - 1)
+            w = (c - i0).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+            a, b = np.take(p, i0, axis=axis), np.take(p, i1, axis=axis)
+            p = a + (b - a) * w
+        out[self.box] = p
         return out
 
 

@@ -17,19 +17,16 @@ CSV_COLUMNS = ("verdict", "score", "key", "study_uid", "series_uid", "patient_id
 
 
 def _histogram(scores: list[float]) -> str:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 2.6), dpi=100)
+    fig = Figure(figsize=(6, 2.6), dpi=100)
+    ax = fig.subplots()
     ax.hist(scores, bins=20, range=(0, 1), color="#4a6fa5")
     ax.set_xlabel("tamper score")
     ax.set_ylabel("series")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 

@@ -2,10 +2,11 @@
 
 Received CT instances are spooled (on disk before "stored" is answered) and grouped by series; a
 series is complete when nothing new has arrived for ``settle_s``. It is then screened with
-:func:`ctguard.api.screen` and, by policy, forwarded (C-STORE SCU, one association per series,
-retried with back-off until the destination confirms every instance) or held in quarantine with
+:func:`ctguard.api.screen` and, by policy, forwarded (C-STORE SCU over ``associations`` parallel
+associations, retried with back-off until the destination confirms every instance) or held in quarantine with
 its JSON and HTML report. Other storage classes pass through unscreened. Every decision is a line
-in ``audit.jsonl``. With ``sign``, every instance gets a DICOM Digital Signature on arrival, before
+in ``audit.jsonl``. ``workers`` series are screened and forwarded at once (a series is only ever in
+one worker's hands). With ``sign``, every instance gets a DICOM Digital Signature on arrival, before
 it is spooled, so that what the PACS stores can be checked with ``ctguard verify`` ever after. On start, every series left in the spool resumes where it stopped.
 """
 
@@ -69,6 +70,8 @@ class NodeConfig:
     tls: tuple[str, str, str | None] | None = None  # (cert, key, CA for client certificates)
     send_results: bool = False  # the results as DICOM (SR; SEG when tampered) follow a forwarded series; a held one keeps them
     sign: tuple[str, str] | None = None  # (key PEM, certificate PEM): sign every instance on arrival (PS3.15 Base RSA)
+    workers: int = 2  # settled series screened and forwarded at once
+    associations: int = 4  # parallel associations that forward one series
 
 
 class Node:
@@ -84,6 +87,8 @@ class Node:
         self.threads: list[threading.Thread] = []
         self._passthrough_next = 0.0
         self._passthrough_delay = cfg.retry_first_s
+        self._passthrough_lock = threading.Lock()  # one worker forwards the pass-through folder at a time
+        self._associations = threading.BoundedSemaphore(max(1, cfg.associations))  # to the destination, node-wide
         self.signer = None
         if cfg.sign:
             from ctguard.signatures import Signer
@@ -262,36 +267,63 @@ class Node:
         raise RuntimeError("node stopping; series stays in the spool")
 
     def _send(self, files: list[Path]) -> list[Path]:
-        """C-STORE of ``files`` on one association; returns those not confirmed."""
+        """C-STORE of ``files`` over up to ``associations`` parallel associations (contiguous
+        shares, in order); returns those not confirmed."""
+        k = max(1, min(self.cfg.associations, len(files) // 16 or 1))
+        if k == 1:
+            return self._send_one(files)
+        from concurrent.futures import ThreadPoolExecutor
+
+        size = -(-len(files) // k)
+        shares = [files[i:i + size] for i in range(0, len(files), size)]
+        with ThreadPoolExecutor(len(shares), thread_name_prefix="ctguard-forward") as pool:
+            left = list(pool.map(self._send_one, shares))
+        return [f for share in left for f in share]
+
+    def _send_one(self, files: list[Path]) -> list[Path]:
+        """C-STORE of ``files`` on one association (one of ``associations`` node-wide); returns
+        those not confirmed: an association refused, aborted or timed out fails what it had left."""
         from pydicom import dcmread
         from pynetdicom import AE
 
         dest = self.cfg.forward
-        datasets = []
-        for f in files:
-            ds = dcmread(f)
-            datasets.append((f, ds))
+        datasets = [(f, dcmread(f)) for f in files]
         ae = AE(ae_title=self.cfg.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}):
             ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if not assoc.is_established:
-            return files
-        failed = []
-        try:
-            for f, ds in datasets:
-                status = assoc.send_c_store(ds)
-                if not status or int(getattr(status, "Status", 0xFFFF)) not in (0x0000, 0xB000, 0xB007, 0xB006):
-                    failed.append(f)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        with self._associations:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            if not assoc.is_established:
+                return files
+            failed = []
+            try:
+                for i, (f, ds) in enumerate(datasets):
+                    if not assoc.is_established:  # aborted or timed out: the rest waits for the next attempt
+                        failed.extend(g for g, _ in datasets[i:])
+                        break
+                    try:
+                        status = assoc.send_c_store(ds)
+                    except (RuntimeError, OSError, ValueError) as e:
+                        log.warning("C-STORE of %s failed: %s", f.name, e)
+                        failed.extend(g for g, _ in datasets[i:])
+                        break
+                    if not status or int(getattr(status, "Status", 0xFFFF)) not in (0x0000, 0xB000, 0xB007, 0xB006):
+                        failed.append(f)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
         return failed
 
     def _forward_passthrough(self) -> None:
-        if self.cfg.forward is None:
+        if self.cfg.forward is None or not self._passthrough_lock.acquire(blocking=False):
             return
+        try:
+            self._forward_passthrough_locked()
+        finally:
+            self._passthrough_lock.release()
+
+    def _forward_passthrough_locked(self) -> None:
         files = sorted((self.spool.root / "passthrough").glob("*.dcm"))
         if not files:
             return
@@ -341,8 +373,8 @@ class Node:
             if ca:
                 ssl_context.verify_mode = ssl.CERT_REQUIRED
                 ssl_context.load_verify_locations(ca)
-        for target in (self._assembler, self._worker):
-            t = threading.Thread(target=target, daemon=True, name=f"ctguard-node-{target.__name__.strip('_')}")
+        for i, target in enumerate([self._assembler] + [self._worker] * max(1, self.cfg.workers)):
+            t = threading.Thread(target=target, daemon=True, name=f"ctguard-node-{target.__name__.strip('_')}-{i}")
             t.start()
             self.threads.append(t)
         self.server = ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context)

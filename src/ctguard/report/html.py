@@ -46,10 +46,7 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
     Returns:
         The path of ``index.html``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: its global state is not safe in threads (the node, the web page)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +54,8 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
     cards = []
     for i, f in enumerate(result["findings"][:MAX_FIGURES], start=1):
         views = _crop_views(vol, heat_vox, f["voxel"])
-        fig, axes = plt.subplots(1, len(views), figsize=(3.2 * len(views), 3.4), squeeze=False)
+        fig = Figure(figsize=(3.2 * len(views), 3.4))
+        axes = fig.subplots(1, len(views), squeeze=False)
         for ax, (name, img, heat, aspect) in zip(axes[0], views):
             ax.imshow(img, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect, interpolation="bilinear")
             masked = np.ma.masked_less(heat, 0.3)
@@ -68,7 +66,6 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
         fig.tight_layout()
         png = f"finding_{i}.png"
         fig.savefig(out / png, dpi=90)
-        plt.close(fig)
         cards.append((f, png))
     verdict = result["verdict"]
     colour = "#b00020" if verdict == "tampered" else "#1b5e20"
