@@ -2,7 +2,6 @@
 orthanc-dicomweb), inside a private network namespace as in test_node_orthanc."""
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 
-from test_node_orthanc import INSIDE, _need, _orthanc, _rest, _wait  # noqa: E402
+from test_node_orthanc import INSIDE, _need, _orthanc, _rest, _start_orthanc  # noqa: E402
 from test_node import free_port  # noqa: E402
 
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -39,19 +38,8 @@ def test_audit_orthanc_over_dicomweb(tmp_path):
     from ctguard.data.phantom import make_chest
 
     http = free_port()
-    cfg = {"Name": "ctguard-test", "StorageDirectory": str(tmp_path / "db"), "IndexDirectory": str(tmp_path / "db"), "HttpPort": http,
-           "DicomPort": free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [PLUGIN],
-           "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (tmp_path / "orthanc.json").write_text(json.dumps(cfg))
-    orthanc = subprocess.Popen([_orthanc(), str(tmp_path / "orthanc.json")], stdout=open(tmp_path / "orthanc.log", "w"), stderr=subprocess.STDOUT)
+    orthanc = _start_orthanc(tmp_path, http, free_port(), Plugins=[PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
     try:
-        def up():
-            try:
-                return _rest(http, "/system")
-            except OSError:
-                return None
-
-        _wait(up, 30, "Orthanc")
         uids = []
         for seed, modality in ((81, "CT"), (82, "CT"), (83, "MR")):
             files = io.write_series(make_chest((24, 96, 96), (5.0, 3.6, 3.6), seed=seed), tmp_path / f"s{seed}", uid_seed=f"w{seed}")

@@ -66,10 +66,11 @@ def _series_in_orthanc(port: int, series_uid: str) -> list[str]:
     return _rest(port, f"/series/{hits[0]['ID']}")["Instances"] if hits else []
 
 
-def _start_orthanc(tmp: Path, http: int, dicom: int) -> subprocess.Popen:
+def _start_orthanc(tmp: Path, http: int, dicom: int, **extra) -> subprocess.Popen:
+    """Orthanc on loopback ports, its database under ``tmp``; ``extra``: more of its configuration (plugins)."""
     cfg = {"Name": "ctguard-test", "StorageDirectory": str(tmp / "orthanc-db"), "IndexDirectory": str(tmp / "orthanc-db"),
            "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-           "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True}
+           "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, **extra}
     (tmp / "orthanc.json").write_text(json.dumps(cfg))
     proc = subprocess.Popen([_orthanc(), str(tmp / "orthanc.json")], stdout=open(tmp / "orthanc.log", "w"), stderr=subprocess.STDOUT)
 

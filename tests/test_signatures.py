@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataelem import RawDataElement
 
 from ctguard import signatures as S
 from ctguard.cli import main

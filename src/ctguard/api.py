@@ -455,7 +455,7 @@ def _dicom_inputs(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
         p = Path(given)
         if p.is_dir():
             for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
-                if _looks_dicom(f):
+                if io.is_dicom_file(f):
                     out.append((f, Path(p.resolve().name) / f.relative_to(p)))
         elif p.is_file():
             read_dicom(p)  # a one-line error now, before anything is written
@@ -465,15 +465,6 @@ def _dicom_inputs(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
     if not out:
         raise InputError("no DICOM files in " + ", ".join(str(i) for i in inputs))
     return out
-
-
-def _looks_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def sign(inputs: list[str | Path], key: str | Path, cert: str | Path, out_dir: str | Path, mac: str = "SHA256",
@@ -559,8 +550,7 @@ def signature_status(files: list[str | Path], trust: str | Path | None = None) -
 
 
 def audit(source: str | Path, results: str | Path, model: str | None = None, threshold: float | None = None, workers: int = 1,
-          engine: str = "local", address: str | None = None, trust: str | Path | None = None, progress: bool = False,
-          echo=print) -> dict[str, Any]:
+          engine: str = "local", address: str | None = None, trust: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Screens every CT series of an archive (a folder tree of DICOM, NIfTI, NRRD, MHD, or a PACS
     through DICOMweb) into SQLite.
 
@@ -612,7 +602,7 @@ def audit(source: str | Path, results: str | Path, model: str | None = None, thr
             store.put(row)  # one transaction per series, by the driver only
             counts["screened"] += 1
             counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
-            if row["verdict"] != "clean":
+            if row["verdict"] != "clean" and progress:  # named as found, above the bar
                 bar.write(f"{row['verdict'].upper()}: {row.get('description') or ''} {row['key']}"
                           + (f" ({row['error']})" if row.get("error") else f" (score {row['score']:.3f})"))
     finally:

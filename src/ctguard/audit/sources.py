@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctguard.errors import InputError
+from ctguard.io.dicom import is_dicom_file
 
 ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -82,15 +83,6 @@ def series_of(source: str | Path) -> Iterator[SeriesRef]:
     return folder_series(source)
 
 
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
 def folder_series(root: str | Path) -> Iterator[SeriesRef]:
     """Every series under ``root`` (any depth), in a stable order (by key).
 
@@ -109,7 +101,7 @@ def folder_series(root: str | Path) -> Iterator[SeriesRef]:
         if name.endswith(ITK_SUFFIXES):
             volumes.append(SeriesRef(str(path), "itk", [str(path)], description=path.name))
             continue
-        if not _is_dicom(path):
+        if not is_dicom_file(path):
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[

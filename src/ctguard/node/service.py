@@ -287,7 +287,9 @@ class Node:
         from pynetdicom import AE
 
         dest = self.cfg.forward
-        datasets = [(f, dcmread(f)) for f in files]
+        # Headers only, for the presentation contexts: each instance goes out as the bytes on disk
+        # (pynetdicom sends a file's encoded data set as it is, without decoding and encoding it again).
+        datasets = [(f, dcmread(f, stop_before_pixels=True)) for f in files]
         ae = AE(ae_title=self.cfg.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}):
@@ -303,7 +305,7 @@ class Node:
                         failed.extend(g for g, _ in datasets[i:])
                         break
                     try:
-                        status = assoc.send_c_store(ds)
+                        status = assoc.send_c_store(f)
                     except (RuntimeError, OSError, ValueError) as e:
                         log.warning("C-STORE of %s failed: %s", f.name, e)
                         failed.extend(g for g, _ in datasets[i:])
