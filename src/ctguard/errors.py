@@ -17,3 +17,6 @@ class InputError(ValueError):
         self.problem = problem
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):  # from a worker process (the node's screeners, the audit's pool) intact
+        return (type(self), (self.problem, self.path))
