@@ -48,6 +48,15 @@ def dicomweb_client(url: str):
     return DICOMwebClient(urlunsplit((parts.scheme, netloc, parts.path, "", "")), session=session)
 
 
+def _without_credentials(url: str) -> str:
+    """The URL as the results may keep it: ``user:password@`` taken out, the scheme kept."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
 def _tag(record: dict, tag: str) -> str | None:
     value = (record.get(tag) or {}).get("Value") or [None]
     return None if value[0] is None else str(value[0])
@@ -68,7 +77,7 @@ def dicomweb_series(url: str, page: int = 500) -> Iterator[SeriesRef]:
             if uid:
                 n = _tag(rec, "00201209")
                 refs.append(SeriesRef(uid, "dicomweb", [], _tag(rec, "0020000D"), uid, _tag(rec, "00100020"), _tag(rec, "0008103E"), "CT",
-                                      extra={"source": url.split("@")[-1] if "@" in url else url, "url": url,
+                                      extra={"source": _without_credentials(url), "url": url,
                                              "instances": int(n) if n and n.isdigit() else None}))
         if len(found) < page:
             break
