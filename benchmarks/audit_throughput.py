@@ -111,7 +111,7 @@ def _stages(folder: Path) -> dict[str, float]:
         out["network_s"] = time.time() - t
         t = time.time()
         result = _result(vol, det, heat, det.threshold, str(folder), [], time.time())
-        api._add_signature_finding(result, vol, api.signature_status(vol.meta["files"]))
+        api._add_signature_finding(result, vol, api.signature_status(vol.meta["files"], signed=vol.meta.get("signed")))
         out["findings_and_signatures_s"] = time.time() - t
         t = time.time()
         with tempfile.TemporaryDirectory() as tmp:

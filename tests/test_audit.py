@@ -3,7 +3,6 @@ SIGKILL without a duplicate, error rows instead of a stop, a dead worker's serie
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -150,7 +149,6 @@ def test_audit_bad_arguments_are_one_line(archive, tmp_path, capsys):
     (tmp_path / "junk.sqlite").write_text("not a database at all, " * 100)
     assert main(["audit-report", str(tmp_path / "junk.sqlite"), "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "not a ctguard audit results file" in capsys.readouterr().err
-    shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
 def test_ray_engine_gives_the_local_rows_and_retries_a_dead_worker(archive, tmp_path, monkeypatch):

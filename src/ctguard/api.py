@@ -173,7 +173,7 @@ def screen(
         else:
             result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
         if vol.meta.get("kind") == "dicom-series" and vol.meta.get("files"):
-            _add_signature_finding(result, vol, signature_status(vol.meta["files"], trust))
+            _add_signature_finding(result, vol, signature_status(vol.meta["files"], trust, vol.meta.get("signed")))
         if on_stage is not None:
             on_stage("report")
         want_seg = dicom_out is not None and (dicom_seg or result["verdict"] == "tampered")
@@ -448,8 +448,6 @@ def _dicom_inputs(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
     """``(file, path relative to an output folder)`` of every DICOM file among the inputs: a file as
     itself, a folder's files (any depth) under the folder's name. A named file that is not DICOM is an
     error; a folder's non-DICOM files (a DICOMDIR's siblings, notes) are left out."""
-    from ctguard.signatures import read_dicom
-
     out: list[tuple[Path, Path]] = []
     for given in inputs:
         p = Path(given)
@@ -458,7 +456,8 @@ def _dicom_inputs(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
                 if io.is_dicom_file(f):
                     out.append((f, Path(p.resolve().name) / f.relative_to(p)))
         elif p.is_file():
-            read_dicom(p)  # a one-line error now, before anything is written
+            if not io.is_dicom_file(p):  # a one-line error now, before anything is written
+                raise InputError("not a DICOM file (no DICM prefix and file meta information)", p)
             out.append((p, Path(p.name)))
         else:
             raise InputError("no such file or folder", p)
@@ -481,7 +480,7 @@ def sign(inputs: list[str | Path], key: str | Path, cert: str | Path, out_dir: s
     from tqdm import tqdm
 
     from ctguard.node.spool import write_durably
-    from ctguard.signatures import Signer, read_dicom, sign_dataset
+    from ctguard.signatures import Signer, signed_file
 
     signer = Signer.load(key, cert, mac)
     files = _dicom_inputs(inputs)
@@ -492,16 +491,11 @@ def sign(inputs: list[str | Path], key: str | Path, cert: str | Path, out_dir: s
         raise InputError("already exists (ctguard sign does not overwrite; choose another --out)", clash)
     if len(set(targets)) != len(targets):
         raise InputError("two inputs would be written to the same file under --out (inputs with the same name)", out_dir)
-    import io as _io
-
     rows = []
     for (src, _), dst in tqdm(list(zip(files, targets)), desc="sign", unit="file", disable=not progress):
-        ds = read_dicom(src)
-        uid = sign_dataset(ds, signer)
-        buf = _io.BytesIO()
-        ds.save_as(buf, enforce_file_format=False)
+        data, uid = signed_file(src, signer)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(dst, buf.getvalue())
+        write_durably(dst, data)
         rows.append({"input": str(src), "output": str(dst), "signature_uid": uid})
     return rows
 
@@ -534,14 +528,16 @@ def verify(inputs: list[str | Path], trust: str | Path | None = None, json_out: 
     return result
 
 
-def signature_status(files: list[str | Path], trust: str | Path | None = None) -> dict[str, Any]:
+def signature_status(files: list[str | Path], trust: str | Path | None = None, signed: list[bool] | None = None) -> dict[str, Any]:
     """The signatures of a screened series, as ``screen`` and ``audit`` report them: the status of the
     series (unsigned, valid, invalid, partly signed), the counts, the signers, and each invalid
-    instance with its slice index and reason."""
-    from ctguard.signatures import load_certificates, summarize, verify_file
+    instance with its slice index and reason. ``signed``: which files carry a signature, when the
+    reader already knows (``Volume.meta["signed"]``); only those are read again to verify."""
+    from ctguard.signatures import InstanceCheck, load_certificates, summarize, verify_file
 
     anchors = load_certificates(trust) if trust is not None else None
-    checks = [verify_file(f, anchors) for f in files]
+    checks = [verify_file(f, anchors) if signed is None or signed[i] else InstanceCheck(str(f), None, None, "unsigned", [])
+              for i, f in enumerate(files)]
     summary = summarize(checks, by_series=False)[0]
     summary["trust_checked"] = trust is not None
     summary["invalid_instances"] = [{"slice": i, "sop_instance_uid": c.sop_instance_uid, "reason": c.reason}

@@ -18,7 +18,6 @@ as read (pydicom keeps an element it was not asked to decode as the bytes it rea
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import struct
 from collections.abc import Iterable
@@ -47,7 +46,6 @@ _NOT_IN_ITEM_MAC = {0x04000115, 0x04000120, 0x04000305, 0x04000310}
 _ITEM = b"\xfe\xff\x00\xe0"
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0"
 _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-MAC_ALGORITHMS = {"SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512", "SHA1": "sha1", "RIPEMD160": "ripemd160", "MD5": "md5"}
 SIGNING_ALGORITHMS = ("SHA256", "SHA384", "SHA512")  # what ctguard signs with; it verifies any the platform hashes
 
 
@@ -58,25 +56,24 @@ def signable(tag: int) -> bool:
     return tag not in (0x00080001, MAC_PARAMETERS, 0xFFFCFFFC, 0xFFFEE00D, 0xFFFEE0DD)
 
 
-def _hasher(name: str):
-    try:
-        return hashlib.new(MAC_ALGORITHMS[name])
-    except (KeyError, ValueError):
-        return None
-
-
 def _crypto_hash(name: str):
+    """The ``cryptography`` hash of a MAC Algorithm defined term, or None where this platform has none."""
     from cryptography.hazmat.primitives import hashes
 
-    return {"SHA256": hashes.SHA256, "SHA384": hashes.SHA384, "SHA512": hashes.SHA512, "SHA1": hashes.SHA1,
-            "MD5": hashes.MD5}.get(name, lambda: None)()
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    cls = {"SHA256": hashes.SHA256, "SHA384": hashes.SHA384, "SHA512": hashes.SHA512, "SHA1": hashes.SHA1, "MD5": hashes.MD5,
+           "RIPEMD160": getattr(hashes, "RIPEMD160", None)}.get(name)
+    if cls is None:
+        return None
+    try:
+        hashes.Hash(cls())  # RIPEMD-160 is out of OpenSSL 3's default provider
+    except UnsupportedAlgorithm:
+        return None
+    return cls()
 
 
 # ------------------------------------------------------------------ the byte stream of the MAC
-
-
-def _element(ds: Dataset, tag: int) -> DataElement | RawDataElement:
-    return ds.get_item(tag)
 
 
 def _vr(ds: Dataset, elem: DataElement | RawDataElement) -> str:
@@ -93,8 +90,8 @@ def _resolved(ds: Dataset, elem: DataElement) -> DataElement:
     return correct_ambiguous_vr_element(elem, ds, True) if " or " in str(elem.VR) else elem
 
 
-def _leaf_bytes(ds: Dataset, tag: int, vr: str, elem: DataElement | RawDataElement, little: bool) -> bytes:
-    if isinstance(elem, RawDataElement) and little and elem.length != 0xFFFFFFFF:
+def _leaf_bytes(ds: Dataset, tag: int, vr: str, elem: DataElement | RawDataElement) -> bytes:
+    if isinstance(elem, RawDataElement):  # as read (little endian: read_dicom refuses big-endian files)
         value = bytes(elem.value or b"")
     else:  # decoded (or changed) by someone: pydicom encodes it
         fp = DicomBytesIO()
@@ -122,26 +119,26 @@ def _encapsulated(tag: int, value: bytes) -> Iterable[bytes]:
     yield _SEQUENCE_END
 
 
-def _dataset_stream(ds: Dataset, tags: Iterable[int] | None, little: bool) -> Iterable[bytes]:
+def _dataset_stream(ds: Dataset, tags: Iterable[int] | None) -> Iterable[bytes]:
     wanted = None if tags is None else set(tags)
     for tag in sorted(int(t) for t in ds.keys()):
         if not signable(tag) or (wanted is not None and tag not in wanted):
             continue
-        elem = _element(ds, tag)
+        elem = ds.get_item(tag)
         vr = _vr(ds, elem)
         if vr == "UN":
             continue
         if vr == "SQ":
-            items = ds[tag].value if isinstance(elem, DataElement) else convert_raw_data_element(elem, ds=ds).value
+            items = (elem if isinstance(elem, DataElement) else convert_raw_data_element(elem, ds=ds)).value
             yield struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\0\0"
             for item in items:
                 yield _ITEM
-                yield from _dataset_stream(item, None, little)
+                yield from _dataset_stream(item, None)
             yield _SEQUENCE_END
         elif tag == PIXEL_DATA and _is_encapsulated(elem):
             yield from _encapsulated(tag, bytes(elem.value))
         else:
-            yield _leaf_bytes(ds, tag, vr, elem, little)
+            yield _leaf_bytes(ds, tag, vr, elem)
 
 
 def _is_encapsulated(elem) -> bool:
@@ -152,17 +149,18 @@ def _is_encapsulated(elem) -> bool:
 
 def mac_stream(ds: Dataset, signature_item: Dataset, tags: Iterable[int] | None = None) -> Iterable[bytes]:
     """The bytes a signature's MAC is computed over, in order (also what ``dcmsign --dump`` writes)."""
-    little = not getattr(ds, "_ctguard_big_endian", False)
-    yield from _dataset_stream(ds, tags, little)
+    yield from _dataset_stream(ds, tags)
     item_tags = [int(t) for t in signature_item.keys() if int(t) not in _NOT_IN_ITEM_MAC]
-    yield from _dataset_stream(signature_item, item_tags, True)
+    yield from _dataset_stream(signature_item, item_tags)
 
 
 def _digest(ds: Dataset, signature_item: Dataset, algorithm: str, tags: Iterable[int] | None) -> bytes:
-    h = _hasher(algorithm)
+    from cryptography.hazmat.primitives import hashes
+
+    h = hashes.Hash(_crypto_hash(algorithm))
     for chunk in mac_stream(ds, signature_item, tags):
         h.update(chunk)
-    return h.digest()
+    return h.finalize()
 
 
 def _mac_transfer_syntax(ds: Dataset) -> str:
@@ -258,7 +256,7 @@ def sign_dataset(ds: Dataset, signer: Signer, when: dt.datetime | None = None) -
 
     when = when or dt.datetime.now(dt.timezone.utc)
     mac_id = _free_mac_id(ds)
-    tags = [int(t) for t in sorted(ds.keys()) if signable(int(t)) and _vr(ds, _element(ds, int(t))) != "UN"]
+    tags = [int(t) for t in sorted(ds.keys()) if signable(int(t)) and _vr(ds, ds.get_item(int(t))) != "UN"]
     item = Dataset()
     item.add_new(0x04000005, "US", mac_id)  # MAC ID Number
     item.add_new(0x04000100, "UI", generate_uid())  # Digital Signature UID
@@ -298,13 +296,18 @@ def read_dicom(data: bytes | str | Path, name: str | None = None) -> Dataset:
     return ds
 
 
-def sign_bytes(data: bytes, signer: Signer, name: str = "instance") -> bytes:
-    """A DICOM file's bytes, signed: the same file with one more signature."""
+def signed_file(data: bytes | str | Path, signer: Signer, name: str | None = None) -> tuple[bytes, str]:
+    """A DICOM file (bytes or path), signed: the same file with one more signature, and its UID."""
     ds = read_dicom(data, name)
-    sign_dataset(ds, signer)
+    uid = sign_dataset(ds, signer)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=False)
-    return out.getvalue()
+    return out.getvalue(), uid
+
+
+def sign_bytes(data: bytes, signer: Signer, name: str = "instance") -> bytes:
+    """A DICOM file's bytes, signed: the same file with one more signature."""
+    return signed_file(data, signer, name)[0]
 
 
 # ------------------------------------------------------------------ verifying
@@ -408,7 +411,7 @@ def verify_dataset(ds: Dataset, trust: list | None = None) -> list[SignatureChec
             if missing:
                 check.reason = f"signed element {_tag_text(missing[0])} is gone" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 continue
-        if _hasher(check.mac_algorithm) is None or _crypto_hash(check.mac_algorithm) is None:
+        if _crypto_hash(check.mac_algorithm) is None:
             check.reason = f"MAC algorithm {check.mac_algorithm!r} is not supported here"
             continue
         public = cert.public_key()

@@ -47,12 +47,6 @@ class Results:
         self.db.executescript(SCHEMA)
         self.db.commit()
 
-    def done(self, key: str, pixel_hash: str, model_version: str) -> bool:
-        """Screened already (not an error) with these pixels and this model version."""
-        row = self.db.execute("SELECT verdict FROM series WHERE key=? AND pixel_hash=? AND model_version=?",
-                              (key, pixel_hash, model_version)).fetchone()
-        return row is not None and row[0] != "error"
-
     def put(self, row: dict[str, Any]) -> None:
         """One series' row, in its own transaction (replacing an earlier error row of the same series)."""
         values = dict(row)
@@ -79,6 +73,23 @@ class Results:
 
     def close(self) -> None:
         self.db.close()
+
+
+def already_screened(path: str | Path, key: str, pixel_hash: str, model_version: str) -> bool:
+    """:meth:`Results.done`, for a worker: a read-only connection (the driver alone writes), nothing
+    created; a results file not there yet holds nothing."""
+    try:
+        db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:
+        return False
+    try:
+        row = db.execute("SELECT verdict FROM series WHERE key=? AND pixel_hash=? AND model_version=?",
+                         (key, pixel_hash, model_version)).fetchone()
+    except sqlite3.OperationalError:  # no table yet
+        return False
+    finally:
+        db.close()
+    return row is not None and row[0] != "error"
 
 
 def open_results(path: str | Path, must_exist: bool = False) -> Results:

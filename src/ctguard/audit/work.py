@@ -90,14 +90,10 @@ def _screen_local(ref: SeriesRef, model, threshold, results_path, trust, ident: 
         return _row(ref, **ident, pixel_hash="", verdict="error", error=f"cannot read the pixel data ({e.__class__.__name__}: {e})",
                     seconds=round(time.time() - t0, 2))
     if results_path:
-        from ctguard.audit.store import Results
+        from ctguard.audit.store import already_screened
 
-        res = Results(results_path)
-        try:
-            if res.done(ref.key, digest, ident["model_version"]):
-                return {"skipped": True, "key": ref.key}
-        finally:
-            res.close()
+        if already_screened(results_path, ref.key, digest, ident["model_version"]):
+            return {"skipped": True, "key": ref.key}
     _maybe_die_for_a_test(ref)
     try:
         with tempfile.TemporaryDirectory(prefix="ctguard-audit-") as tmp:

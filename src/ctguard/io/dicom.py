@@ -242,6 +242,7 @@ def read_series(
         "root": str(folder),
         "files": [str(p) for p, _ in kept],
         "sop_instance_uids": [str(getattr(ds, "SOPInstanceUID", "")) for _, ds in kept],
+        "signed": [0xFFFAFFFA in ds for _, ds in kept],  # carries a Digital Signatures Sequence (checked by screen)
         "series": summary,
         "warnings": warnings,
     }

@@ -129,9 +129,13 @@ class JobManager:
         now = time.time()
         with self.lock:
             done = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.finished)
-            surplus = {j.id for j in done[: max(len(done) - self.keep, 0)]}
-            old = [(j, "retention" if now - j.finished >= self.retain_s else "too many jobs") for j in done
-                   if j.id in surplus or now - j.finished >= self.retain_s]
+            surplus = len(done) - self.keep  # the oldest beyond ``keep`` go too
+            old = []
+            for k, j in enumerate(done):
+                if now - j.finished >= self.retain_s:
+                    old.append((j, "retention"))
+                elif k < surplus:
+                    old.append((j, "too many jobs"))
             for j, _ in old:
                 self.jobs.pop(j.id, None)
         for j, reason in old:
