@@ -36,6 +36,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from ctguard import api, io
+from ctguard.engine.train_verifier import near, negatives
 from ctguard.lung import lung_depth, lung_mask
 from ctguard.screen import load_detector, load_detector2d, score_locations, score_locations_2d, screen_volume
 from ctguard.tamper.simulate import Source, tumours_from, varied_phantom_source, variants
@@ -119,19 +120,6 @@ def choose_threshold(det, cfg: dict, training: dict[str, list[dict]]) -> dict:
     return {"threshold": float(chosen), "scans": len(scores), "false_findings_per_scan": {str(t): round(v, 3) for t, v in per_t.items()}}
 
 
-def negatives(src: Source, lungs: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
-    """Untouched places of a clean scan: 10 random lung places, 10 dense ones (vessels, airway walls,
-    the hilum: lung voxels above -300 HU, 5 mm or more deep) and every real lesion."""
-    out = []
-    lung_pts = np.argwhere(depth[:, ::2, ::2] >= 3.0) * np.array([1, 2, 2])
-    out += [("lung", lung_pts[j].astype(float)) for j in rng.integers(len(lung_pts), size=10)]
-    dense = np.argwhere((depth >= 5.0) & (src.volume.hu > -300))
-    if len(dense):
-        out += [("dense", dense[j].astype(float)) for j in rng.integers(len(dense), size=10)]
-    out += [("real lesion", np.asarray(t.voxel, float)) for t in src.tumours]
-    return out
-
-
 def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) -> dict:
     """Every measurement of one fold on its held-out patients (see the module's docstring); with
     ``det2`` (a 2D slice detector) each place is also scored on the single axial slice through it."""
@@ -161,11 +149,14 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                     hit = max((f["score"] for f in found if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)), default=0.0)
                     edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
                                         "found": hit >= thr})
-            p = score_locations(vol, det, np.asarray([w for _, w in where], float))
-            for (what, w), pw in zip(where, p):
+            at = np.asarray([w for _, w in where], float)
+            p = score_locations(vol, det, at, lungs=lungs)
+            p_net = score_locations(vol, det, at, stage2=False) if det.verifier is not None else p
+            for (what, w), pw, pn in zip(where, p, p_net):
                 family = next((e.extra.get("family") for e in edits if np.allclose(e.voxel, w)), None)
                 row = {"patient": src.patient, "what": what, "family": family, "p_injected": float(pw[1]), "p_removed": float(pw[2]),
-                       "p_tampered": float(pw[1] + pw[2]), "mean_hu": mean_hu(vol, w), "smoothness": texture_smoothness(vol, w)}
+                       "p_tampered": float(pw[1] + pw[2]), "p_network": float(pn[1] + pn[2]),
+                       "mean_hu": mean_hu(vol, w), "smoothness": texture_smoothness(vol, w)}
                 if det2 is not None:
                     z = int(np.clip(np.rint(w[0]), 0, vol.shape[0] - 1))
                     one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
@@ -176,7 +167,7 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
 
 
 def _near(f: dict, voxel, diameter_mm: float, vol) -> bool:
-    return float(np.linalg.norm((np.asarray(f["voxel"]) - np.asarray(voxel)) * np.asarray(vol.spacing))) <= 10 + diameter_mm / 2
+    return near(f["voxel"], voxel, diameter_mm, vol.spacing)
 
 
 def _auc(pos: list[float], neg: list[float]) -> float | None:
@@ -194,6 +185,8 @@ def summarise(ev: dict, threshold: float | None = None) -> dict:
         pos = [p for p in places if p["what"] == kind]
         row[f"n_{kind}"] = len(pos)
         row[f"auc_{kind}"] = _auc([p["p_tampered"] for p in pos], [p["p_tampered"] for p in neg])
+        if pos and all("p_network" in p for p in pos + neg):
+            row[f"auc_{kind}_network"] = _auc([p["p_network"] for p in pos], [p["p_network"] for p in neg])
         row[f"auc_{kind}_mean_hu"] = _auc([p["mean_hu"] for p in pos], [p["mean_hu"] for p in neg])
         row[f"auc_{kind}_smoothness"] = _auc([p["smoothness"] for p in pos], [p["smoothness"] for p in neg])
         if pos and all("p2d_tampered" in p for p in pos + neg):
@@ -214,8 +207,9 @@ def summarise(ev: dict, threshold: float | None = None) -> dict:
 
 def markdown(folds: list[dict], pooled: dict) -> str:
     """The per-fold and pooled table, then location AUC by edit family (columns without values left out)."""
-    cols = [("held out", None), ("threshold", "threshold"), ("AUC inj", "auc_injected"), ("mean-HU inj", "auc_injected_mean_hu"),
-            ("AUC rem", "auc_removed"), ("smooth rem", "auc_removed_smoothness"), ("2D inj", "auc_injected_2d"), ("2D rem", "auc_removed_2d"),
+    cols = [("held out", None), ("threshold", "threshold"), ("AUC inj", "auc_injected"), ("network inj", "auc_injected_network"),
+            ("mean-HU inj", "auc_injected_mean_hu"), ("AUC rem", "auc_removed"), ("network rem", "auc_removed_network"),
+            ("smooth rem", "auc_removed_smoothness"), ("2D inj", "auc_injected_2d"), ("2D rem", "auc_removed_2d"),
             ("false/clean scan", "false_findings_per_clean_scan"), ("clean flagged", "clean_scans_flagged"),
             ("edits found", "edits_found_right_kind"), ("lesions called inj", "real_lesions_called_injected")]
     rows = folds + [pooled]
@@ -332,13 +326,29 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
     # The full run's cube file holds every patient's cubes: a fold makes its own (from the source cache).
     fold_cfg = {**cfg, **fold["unseen_family"], "real_scans": [e for entries in training.values() for e in entries], "cache": None}
     unseen = [f for key, fams in fold["unseen_family"].items() for f in (cfg.get(key) or []) if f not in fams]
+    echo = lambda m: print(f"fold {k}: {m}", flush=True)  # noqa: E731
     if not (fold_dir / "model.pt").is_file():
-        api.train(fold_cfg, fold_dir, progress=False, echo=lambda m: print(f"fold {k}: {m}", flush=True))
+        api.train(fold_cfg, fold_dir, progress=False, echo=echo)
+    elif fold_cfg.get("verifier") and not (fold_dir / "model.verifier.npz").is_file():
+        # A fold whose network was trained before the recipe had a second stage: fit only that.
+        from ctguard.engine.train3d import _pool, train_second_stage
+
+        pool = _pool(fold_cfg)
+        try:
+            train_second_stage(fold_cfg, fold_dir, pool, echo)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
     det = load_detector(str(fold_dir / "model.pt"))
     det2 = train_2d(fold_cfg, fold_dir, k) if with_2d else None
-    calib = choose_threshold(det, fold_cfg, training)
-    det.threshold = calib["threshold"]
-    print(f"fold {k}: threshold {det.threshold} (from {calib['scans']} clean scans of its training patients and phantoms)", flush=True)
+    if det.verifier is not None:  # chosen by the second stage on its training patients, out of patient
+        calib = {"threshold": det.threshold, "from": det.verifier.meta.get("threshold_rule")}
+    else:
+        calib = choose_threshold(det, fold_cfg, training)
+        det.threshold = calib["threshold"]
+        calib["from"] = f"{calib['scans']} clean scans of its training patients and phantoms"
+    print(f"fold {k}: threshold {det.threshold} ({calib['from']})", flush=True)
     ev = evaluate_fold(det, {p: by_patient[p] for p in fold["held_out"]}, k, det2)
     summary = json.loads((fold_dir / "summary.json").read_text())
     result = {"fold": k, "held_out": fold["held_out"], "training_patients": sorted(training), "unseen": unseen,

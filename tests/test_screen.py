@@ -588,3 +588,53 @@ def test_bundled_detectors_name_no_path_of_a_machine():
         ckpt = torch.load(weights / f"{name}.pt", map_location="cpu", weights_only=True)
         found = [s for s in strings(card) + strings(ckpt["config"]) + strings(ckpt.get("card", {})) if s.startswith(("/", "~"))]
         assert not found, f"{name}: {found[:3]}"
+
+
+def test_train_tamper3d_with_a_second_stage(tmp_path):
+    """A tiny recipe with ``verifier: true``: the network, then the second stage fitted on fresh
+    edits of its sources; the run's detector re-scores its candidates with it, at the stage's own
+    out-of-patient threshold, and the saved trees give sklearn's probabilities."""
+    from ctguard.screen import load_detector, score_locations, screen_volume
+    from ctguard.verifier import Verifier, feature_names
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
+           "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6}
+    summary = api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
+    report = json.loads((tmp_path / "run" / "verifier.json").read_text())
+    assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 2 and len(report["groups"]) == 2
+    v = Verifier.load(tmp_path / "run" / "model.verifier.npz")
+    assert len(v.meta["names"]) == len(feature_names()) + 3 and len(v.feature) == 10 * 3  # 10 stages of 3 classes
+    det = load_detector(str(tmp_path / "run" / "model.pt"))
+    assert det.verifier is not None and det.threshold == report["threshold"]
+    vol = phantom_source(9, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    result, _, _ = screen_volume(vol, det, threshold=0.0)
+    net, _, _ = screen_volume(vol, det, threshold=0.0, stage2=False)
+    assert result["model"]["second_stage"] and "second_stage" not in net["model"]
+    assert result["findings"] and all("network_score" in f for f in result["findings"])
+    by_place = {tuple(f["voxel"]): f["score"] for f in net["findings"]}
+    assert all(by_place[tuple(f["voxel"])] == f["network_score"] for f in result["findings"])  # the same candidates, re-scored
+    places = np.asarray([f["voxel"] for f in result["findings"][:3]], float)
+    p2 = score_locations(vol, det, places)
+    assert np.allclose(p2.sum(1), 1, atol=1e-5)
+    assert np.allclose(1 - p2[:, 0], [f["score"] for f in result["findings"][:3]], atol=2e-3)  # the same stage at the same places
+    assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
+
+
+def test_verifier_trees_match_sklearn(tmp_path):
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from ctguard.errors import InputError
+    from ctguard.verifier import Verifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 1)
+    clf = GradientBoostingClassifier(n_estimators=20, max_depth=3, subsample=0.8, random_state=0).fit(x, y)
+    path = Verifier.from_sklearn(clf, x, {"threshold": 0.9}).save(tmp_path / "v.npz")
+    v = Verifier.load(path)
+    assert v.meta == {"threshold": 0.9} and np.abs(v.probabilities(x) - clf.predict_proba(x)).max() < 1e-5
+    (tmp_path / "bad.npz").write_bytes(b"junk")
+    with pytest.raises(InputError, match="not a ctguard verifier"):
+        Verifier.load(tmp_path / "bad.npz")

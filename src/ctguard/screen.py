@@ -42,6 +42,7 @@ class Detector:
     session: Any = None  # an onnxruntime session of the same network
     dims: int = 3  # 3: the volume detector on 1 mm blocks; 2: the slice detector on 1 mm planes
     load_net: Callable[[], Any] | None = field(default=None, repr=False)  # builds ``net`` from its checkpoint
+    verifier: Any = None  # the second stage (ctguard.verifier.Verifier) that re-scores the network's candidates, if any
 
     def torch_net(self):
         """The PyTorch network, read from its checkpoint on first use (screening on onnxruntime never
@@ -140,6 +141,18 @@ def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[di
     A checkpoint with its .onnx beside runs on onnxruntime (its card from the .json beside it) and
     reads the checkpoint only if the PyTorch network is asked for; PyTorch runs it where
     CTGUARD_RUNTIME=torch, or where there is no .onnx or no onnxruntime."""
+    det = _load_network(name_or_path, default, arch, build, label)
+    verifier = Path(det.path).with_suffix(".verifier.npz")
+    if det.dims == 3 and verifier.is_file():
+        from ctguard.verifier import Verifier
+
+        det.verifier = Verifier.load(verifier)
+        if "threshold" not in det.card:  # a run of ctguard train: the second stage's own threshold
+            det.threshold = float(det.verifier.meta.get("threshold", det.threshold))
+    return det
+
+
+def _load_network(name_or_path: str | None, default: str, arch: str, build: Callable[[dict], Any], label: str) -> Detector:
     dims = 2 if arch == "tamper2d" else 3
     if name_or_path in (None, DEFAULT_MODEL, default):
         path = Path(str(resources.files("ctguard") / "weights" / f"{default}.pt"))
@@ -172,7 +185,8 @@ def _cached(name_or_path: str | None, load: Callable[[], Detector], dims: int) -
     if path is not None and not path.is_file():
         return load()  # missing: let the loader say so
     # The checkpoint, its ONNX export and its card: a change to any of them is a new detector.
-    stamp = tuple(p.stat().st_mtime_ns if p.is_file() else None for p in (path, path.with_suffix(".onnx"), path.with_suffix(".json"))) \
+    stamp = tuple(p.stat().st_mtime_ns if p.is_file() else None
+                  for p in (path, path.with_suffix(".onnx"), path.with_suffix(".json"), path.with_suffix(".verifier.npz"))) \
         if path is not None else ()
     key = (dims, str(name_or_path), stamp)
     if key not in _LOADED:
@@ -303,8 +317,10 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str
 
 
 def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progress: bool = False,
-                  threshold: float | None = None, stage: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Heatmap, np.ndarray]:
-    """Screens a volume. Returns ``(result JSON, heatmap, lung mask)``."""
+                  threshold: float | None = None, stage: Callable[[str], None] | None = None,
+                  stage2: bool = True) -> tuple[dict[str, Any], Heatmap, np.ndarray]:
+    """Screens a volume. Returns ``(result JSON, heatmap, lung mask)``. A detector with a second
+    stage re-scores the network's candidates with it (``stage2=False``: the network alone)."""
     t0 = time.time()
     check_screenable(vol)
     thr = detector.threshold if threshold is None else threshold
@@ -318,20 +334,53 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
     heat = heatmap(vol, detector, lungs)
     if stage:
         stage("findings")
-    return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0), heat, lungs
+    verifier = detector.verifier if stage2 else None
+    return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0, lungs, verifier), heat, lungs
 
 
-def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float) -> dict[str, Any]:
+def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier, threshold: float) -> list[dict[str, Any]]:
+    """The second stage on the network's candidates: each re-scored at the scan's own voxels
+    (:mod:`ctguard.verifier`), its kind the stage's; those at ``threshold`` or above, best first.
+    The network's own score stays in ``network_score``."""
+    from ctguard.verifier import network_features, place_features, scan_noise
+
+    if not candidates:
+        return []
+    noise = scan_noise(vol, lungs)
+    x = np.stack([place_features(vol, np.asarray(f["voxel"], float), noise) for f in candidates])
+    p_net = np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in candidates])
+    if verifier.meta.get("uses_network", True):
+        x = np.hstack([x, network_features(p_net)])
+    p = verifier.probabilities(x)
+    out = []
+    for f, pv in zip(candidates, p):
+        score = float(1.0 - pv[0])
+        out.append({**f, "kind": "injected" if pv[1] >= pv[2] else "removed", "score": round(score, 4),
+                    "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4), "network_score": f["score"]})
+    return sorted((f for f in out if f["score"] >= threshold), key=lambda f: -f["score"])
+
+
+def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float,
+            lungs: np.ndarray | None = None, verifier=None) -> dict[str, Any]:
     """The screening JSON of docs/DESIGN.md."""
-    findings = findings_from(heat, vol, thr)
+    if verifier is not None and lungs is not None:
+        cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), thr)
+        candidates = findings_from(heat, vol, cand_thr)[: int(verifier.meta.get("max_candidates", 40))]
+        scored = verify_findings(vol, lungs, candidates, verifier, 0.0)
+        findings = [f for f in scored if f["score"] >= thr]
+        score = max((f["score"] for f in scored), default=0.0)
+    else:
+        findings = findings_from(heat, vol, thr)
+        score = round(float((1.0 - heat.probs[0]).max()), 4)
     return {
         "input": input_name,
         "shape": list(vol.shape),
         "spacing_mm": [round(float(s), 6) for s in vol.spacing],
         "verdict": "tampered" if findings else "clean",
-        "score": round(float((1.0 - heat.probs[0]).max()), 4),
+        "score": score,
         "findings": findings,
-        "model": {"name": detector.name, "version": detector.version, "threshold": thr},
+        "model": {"name": detector.name, "version": detector.version, "threshold": thr,
+                  **({"second_stage": True} if verifier is not None and lungs is not None else {})},
         "warnings": warnings,
         "elapsed_s": round(time.time() - t0, 3),
     }
@@ -350,8 +399,11 @@ def _middle_cell(block_mm: int) -> tuple[int, float]:
     return mid, mid * STRIDE + (STRIDE - 1) / 2.0 - block_mm // 2
 
 
-def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube_mm: int = LOCATION_MM) -> np.ndarray:
-    """``(n, 3)`` probabilities ``p_genuine, p_injected, p_removed`` at given voxels ``(z, y, x)``.
+def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube_mm: int = LOCATION_MM,
+                    stage2: bool = True, lungs: np.ndarray | None = None) -> np.ndarray:
+    """``(n, 3)`` probabilities ``p_genuine, p_injected, p_removed`` at given voxels ``(z, y, x)``:
+    the network's, re-scored by the detector's second stage where it has one (``stage2=False``: the
+    network's alone; ``lungs``: the scan's lung mask, made here when not given).
 
     Each place is scored by the detector's cell centred on it, in a ``cube_mm`` cube around it. A
     cell was trained to say "tampered" when an edit's centre lies within the edit's radius (at
@@ -370,6 +422,14 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
             raise InputError(f"location {tuple(loc)} (z, y, x) is outside the scan {vol.shape}")
         cube = cut(vol, loc - shift_mm / spacing, cube_mm // 2).hu[:cube_mm, :cube_mm, :cube_mm]
         out[i] = detector.probabilities(cube)[:, mid, mid, mid]
+    if stage2 and detector.verifier is not None and len(locations):
+        from ctguard.verifier import network_features, place_features, scan_noise
+
+        noise = scan_noise(vol, lung_mask(vol) if lungs is None else lungs)
+        x = np.stack([place_features(vol, np.asarray(loc, float), noise) for loc in locations])
+        if detector.verifier.meta.get("uses_network", True):
+            x = np.hstack([x, network_features(out)])
+        out = detector.verifier.probabilities(x)
     return out
 
 

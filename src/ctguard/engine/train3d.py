@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ctguard.data.cubes import MIN_TARGET_RADIUS_MM, cubes_from_source
+from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, fit_verifier
 from ctguard.errors import InputError
 from ctguard.models.cube3d import CLASSES, TamperNet3D, normalise
 
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "hard_epochs": 6,
     "hard_lr": 0.001,
     "hard_round_offset": 0,  # a continuation run mines fresh phantoms: rounds are numbered from here
+    **VERIFIER_DEFAULTS,  # the second stage, fitted after the network when ``verifier`` is true
 }
 
 
@@ -298,7 +300,20 @@ def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, ech
             x, y = np.concatenate([x, hx.astype(np.int16)]), np.concatenate([y, hy])
         history += [{**row, "cubes": len(x)}
                     for row in fit(model, x, y, cfg["hard_epochs"], cfg["hard_lr"], cfg, progress, weights, first_epoch=len(history))]
-    return save_run(out, model, cfg, "tamper3d", history, {"cubes": len(x)}, t0, t_data, echo, "making data")
+    n_cubes = len(x)
+    del x, y  # the second stage needs none of the cubes' memory
+    summary = save_run(out, model, cfg, "tamper3d", history, {"cubes": n_cubes}, t0, t_data, echo, "making data")
+    if cfg.get("verifier"):
+        summary["verifier"] = train_second_stage(cfg, out, pool, echo, progress)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_second_stage(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
+    """Fits the second stage on the network in ``out`` (see :mod:`ctguard.engine.train_verifier`);
+    the summary of it."""
+    report = fit_verifier({**DEFAULTS, **cfg}, out, pool, echo, progress)
+    return {k: report[k] for k in ("threshold", "rows", "sources", "seconds")}
 
 
 def save_run(out: Path, model: nn.Module, cfg: dict, arch: str, history: list[dict], sizes: dict, t0: float, t_data: float, echo,

@@ -1,0 +1,175 @@
+"""Fitting the second stage (:mod:`ctguard.verifier`) on a trained 3D network's candidates.
+
+For every training source (the run's real scans and a few fresh varied phantoms) it simulates new
+edits of every family with seeds the network never trained on, and makes rows:
+- the edits' centres and, on the untouched scan, untouched places (random lung, dense places such
+  as vessels and airway walls, every real lesion), with the network's probabilities there;
+- the network's candidates on every scan (its findings at ``candidate_threshold``), each an edit's
+  when it lies near one.
+Each row is :func:`ctguard.verifier.place_features` plus the network's probabilities. Gradient-
+boosted trees are fitted on all rows; the operating threshold is chosen on out-of-patient scores
+(each patient's rows scored by trees fitted without that patient): the lowest of a grid giving at
+most ``max_false`` candidates over threshold per untouched scan.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctguard.errors import InputError
+from ctguard.verifier import Verifier, feature_names, network_features, place_features, scan_noise
+
+LABELS = {"injected": 1, "removed": 2}
+GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
+VERIFIER_DEFAULTS = {
+    "verifier": False,  # fit the second stage after the network (ctguard.verifier)
+    "verifier_phantoms": 4,  # fresh varied phantoms beside the real scans
+    "verifier_inject": 2,  # injected copies per source (2 edits each, the families in turn)
+    "verifier_remove": 3,  # at most this many removals of real tumours per source
+    "verifier_healthy": 2,  # copies with healthy places in-painted
+    "verifier_candidate_threshold": 0.3,
+    "verifier_max_candidates": 40,
+    "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
+    "verifier_trees": 300,
+    "verifier_depth": 4,
+    "verifier_rate": 0.05,
+}
+SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
+
+
+def negatives(src, lungs: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """Untouched places of a clean scan: 10 random lung places, 10 dense ones (vessels, airway walls,
+    the hilum: lung voxels above -300 HU, 5 mm or more deep) and every real lesion."""
+    out = []
+    lung_pts = np.argwhere(depth[:, ::2, ::2] >= 3.0) * np.array([1, 2, 2])
+    out += [("lung", lung_pts[j].astype(float)) for j in rng.integers(len(lung_pts), size=10)]
+    dense = np.argwhere((depth >= 5.0) & (src.volume.hu > -300))
+    if len(dense):
+        out += [("dense", dense[j].astype(float)) for j in rng.integers(len(dense), size=10)]
+    out += [("real lesion", np.asarray(t.voxel, float)) for t in src.tumours]
+    return out
+
+
+def near(voxel, centre, diameter_mm: float, spacing) -> bool:
+    """Whether a finding at ``voxel`` is that of an edit or lesion at ``centre`` (within 10 mm of its rim)."""
+    return float(np.linalg.norm((np.asarray(voxel) - np.asarray(centre)) * np.asarray(spacing))) <= 10 + diameter_mm / 2
+
+
+def source_rows(job: tuple) -> dict:
+    """The rows of one source (a pool task): ``x``, ``y`` (0 untouched, 1 injected, 2 removed),
+    ``scan`` (which copy), ``clean`` (a candidate on the untouched copy) and ``group`` (the patient)."""
+    from ctguard.engine.train3d import build_source, spec_seed
+    from ctguard.lung import lung_depth, lung_mask
+    from ctguard.screen import load_detector, score_locations, screen_volume
+    from ctguard.tamper.simulate import variants
+
+    cfg, spec, model_path = job
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    det = load_detector(model_path)
+    src = build_source(cfg, spec)
+    seed = spec_seed(cfg, spec) + SEED_OFFSET
+    lungs = lung_mask(src.volume)
+    depth = lung_depth(src.volume, lungs)
+    rng = np.random.default_rng([seed, 5])
+    xs, ys, scans, clean = [], [], [], []
+    counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
+              "healthy": int(cfg["verifier_healthy"])}
+    for k, (_, vol, edits) in enumerate(variants(src, seed, per_scan=2, inject_families=tuple(cfg["inject_families"]),
+                                                 remove_families=tuple(cfg["remove_families"]), **counts)):
+        noise = scan_noise(vol, lungs)
+        if edits:
+            where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
+        else:
+            where = negatives(src, lungs, depth, rng)
+        probs = score_locations(vol, det, np.asarray([p for _, p in where], float), stage2=False)
+        for (what, p), pr in zip(where, probs):
+            xs.append(np.concatenate([place_features(vol, p, noise), network_features(pr)[0]]))
+            ys.append(LABELS.get(what, 0))
+            scans.append(k)
+            clean.append(False)
+        result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
+        for f in result["findings"][: int(cfg["verifier_max_candidates"])]:
+            hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
+            pr = np.array([1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]])
+            xs.append(np.concatenate([place_features(vol, np.asarray(f["voxel"], float), noise), network_features(pr)[0]]))
+            ys.append(LABELS[hit.kind] if hit is not None else 0)
+            scans.append(k)
+            clean.append(not edits)
+    # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
+    group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
+    return {"x": np.asarray(xs, np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
+            "clean": np.asarray(clean, bool), "group": group, "source": str(spec[1])}
+
+
+def verifier_specs(cfg: dict) -> list[tuple]:
+    """The sources the second stage learns from: every real scan of the run, and fresh varied phantoms."""
+    from ctguard.engine.train3d import real_scans
+
+    base = int(cfg["seed"]) * 1000 + 900
+    return [("phantom", base + k) for k in range(int(cfg["verifier_phantoms"]))] + \
+           [("series", p, 1, t, 0) for p, t in real_scans(cfg)]
+
+
+def _gb(cfg: dict):
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    return GradientBoostingClassifier(n_estimators=int(cfg["verifier_trees"]), max_depth=int(cfg["verifier_depth"]),
+                                      learning_rate=float(cfg["verifier_rate"]), subsample=0.8, min_samples_leaf=20, max_features=0.5,
+                                      random_state=int(cfg["seed"]))
+
+
+def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
+    """The lowest GRID threshold giving at most ``max_false`` candidates over it per untouched scan."""
+    for t in GRID:
+        if (scores[clean] >= t).sum() / max(n_clean_scans, 1) <= max_false:
+            return float(t)
+    return float(GRID[-1])
+
+
+def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
+    """Fits the second stage on the run in ``out`` (its ``model.pt``); writes ``model.verifier.npz``
+    and ``verifier.json`` (rows, threshold, out-of-patient scores); returns the latter."""
+    from sklearn.model_selection import GroupKFold
+    from tqdm import tqdm
+
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    t0 = time.time()
+    specs = verifier_specs(cfg)
+    jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs]
+    parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
+                      disable=not progress))
+    x = np.concatenate([p["x"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts]).astype(int)
+    groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
+    clean = np.concatenate([p["clean"] for p in parts])
+    n_clean = len(parts)  # one untouched copy per source
+    t_rows = time.time() - t0
+    echo(f"second stage: {len(y)} rows from {len(parts)} sources ({int((y == 1).sum())} injected, {int((y == 2).sum())} removed; "
+         f"{t_rows:.0f} s)")
+    if set(np.unique(y)) != {0, 1, 2}:
+        raise InputError(f"the second stage needs untouched, injected and removed rows; it has only classes {sorted(set(y.tolist()))}")
+    n_groups = len(set(groups))
+    if n_groups < 2:
+        raise InputError("the second stage needs sources of at least two patients (or phantoms) to choose its threshold out of patient")
+    oof = np.zeros(len(y))
+    for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(x, y, groups):
+        clf = _gb(cfg).fit(x[tr], y[tr])
+        genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
+        oof[te] = 1.0 - clf.predict_proba(x[te])[:, genuine] if genuine is not None else 1.0
+    threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
+    clf = _gb(cfg).fit(x, y)
+    meta = {"names": feature_names() + ["log_p_injected", "log_p_removed", "log_p_genuine"], "uses_network": True,
+            "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
+            "threshold": threshold, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
+                              "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
+    Verifier.from_sklearn(clf, x, meta).save(out / "model.verifier.npz")
+    per_t = {str(t): round(float((oof[clean] >= t).sum() / n_clean), 3) for t in GRID}
+    report = {**meta, "seconds": round(time.time() - t0, 1), "rows_seconds": round(t_rows, 1), "false_per_clean_scan_oof": per_t}
+    (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
+    echo(f"second stage: threshold {threshold} (out-of-patient), {time.time() - t0:.0f} s; wrote {out / 'model.verifier.npz'}")
+    return report

@@ -1,0 +1,177 @@
+"""The second stage: a place's texture at the scan's own voxels, measured against the scan's own noise.
+
+The network sees every scan resampled to 1 mm, which blurs the very noise texture that blending and
+in-painting disturb. The second stage looks again at each candidate place on the scan's own grid:
+radial profiles around the place (HU level and spread, in-plane and through-plane high-pass
+residual, gradient, dense fraction), each residual as a log ratio to the scan's own noise in its
+parenchyma, so that a sharp and a smooth kernel, or two vendors, read alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ctguard.errors import InputError
+from ctguard.volume import Volume
+
+BINS_MM = (0.0, 3.0, 6.0, 9.0, 12.0, 16.0, 20.0, 24.0)  # radial shells around a place
+REACH_MM = BINS_MM[-1]
+PER_BIN = ("hu_mean", "hu_std", "res_xy", "res_z", "grad", "dense")
+
+
+def feature_names() -> list[str]:
+    """The names of :func:`place_features`' columns, in order."""
+    names = [f"{what}_{int(a)}_{int(b)}" for a, b in zip(BINS_MM[:-1], BINS_MM[1:]) for what in PER_BIN]
+    names += ["log_slice_mm", "log_pixel_mm", "log_noise_xy", "log_noise_z"]
+    inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
+    return names + [f"{what}_{a}_vs_{outer}" for a in (inner, rim) for what in PER_BIN]
+
+
+def _residuals(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane and through-plane high-pass residuals (a Gaussian of one voxel subtracted)."""
+    r_xy = hu - ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest")
+    r_z = hu - ndimage.gaussian_filter1d(hu, 1.0, axis=0, mode="nearest") if hu.shape[0] > 2 else np.zeros_like(hu)
+    return r_xy, r_z
+
+
+def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float, float]:
+    """The scan's own noise: median absolute in-plane and through-plane residual over parenchyma
+    (lung voxels below -600 HU) of ``slices`` evenly spaced slabs of three slices."""
+    zs = np.flatnonzero(lungs.any(axis=(1, 2)))
+    if len(zs) < 3:
+        return 1.0, 1.0
+    picks = np.unique(np.linspace(zs[1], zs[-2], slices).astype(int))
+    xy, z = [], []
+    for k in picks:
+        slab = vol.hu[k - 1 : k + 2].astype(np.float32)
+        r_xy, r_z = _residuals(slab)
+        where = lungs[k - 1 : k + 2] & (slab < -600)
+        where[[0, -1]] = False  # the slab's middle slice only: its through-plane residual sees both neighbours
+        if where.any():
+            xy.append(np.abs(r_xy[where]))
+            z.append(np.abs(r_z[where]))
+    if not xy:
+        return 1.0, 1.0
+    return float(np.median(np.concatenate(xy))) + 1e-3, float(np.median(np.concatenate(z))) + 1e-3
+
+
+def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
+    """The radial profiles around ``place`` (voxel ``(z, y, x)``), see the module's docstring."""
+    spacing = np.asarray(vol.spacing, float)
+    r = np.ceil(REACH_MM / spacing).astype(int) + 1
+    c = np.rint(np.asarray(place, float)).astype(int)
+    lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, vol.shape)
+    hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
+    axes = [(np.arange(a, b) - p) * s for a, b, p, s in zip(lo, hi, place, spacing)]
+    dist = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
+    r_xy, r_z = _residuals(hu)
+    grads = np.gradient(hu, *spacing) if min(hu.shape) > 1 else [np.zeros_like(hu)] * 3
+    grad = np.sqrt(sum(g**2 for g in grads))
+    n_xy, n_z = noise
+    out = []
+    for a, b in zip(BINS_MM[:-1], BINS_MM[1:]):
+        m = (dist >= a) & (dist < b)
+        if not m.any():  # a shell thinner than the slices near the centre: take the nearest voxels
+            m = dist <= max(b, float(dist.min()) + 1e-3)
+        h = hu[m]
+        out += [h.mean(), h.std(), np.log((np.median(np.abs(r_xy[m])) + 1e-3) / n_xy),
+                np.log((np.median(np.abs(r_z[m])) + 1e-3) / n_z), np.log1p(grad[m].mean()), (h > -400).mean()]
+    out += [np.log(spacing[0]), np.log(spacing[1:].mean()), np.log(n_xy), np.log(n_z)]
+    # Contrasts: the place (0-9 mm) and its rim (9-16 mm) against the surroundings (16-24 mm).
+    b = np.asarray(out[: 6 * (len(BINS_MM) - 1)], np.float64).reshape(len(BINS_MM) - 1, len(PER_BIN))
+    out += list(b[:3].mean(0) - b[5:].mean(0)) + list(b[3:5].mean(0) - b[5:].mean(0))
+    return np.asarray(out, dtype=np.float32)
+
+
+def network_features(p: np.ndarray) -> np.ndarray:
+    """The network's class probabilities ``(n, 3)`` at the places as the second stage reads them."""
+    p = np.asarray(p, np.float32).reshape(-1, 3)
+    return np.log(np.concatenate([p[:, 1:], p[:, :1]], axis=1) + 1e-4)
+
+
+@dataclass
+class Verifier:
+    """Gradient-boosted trees over :func:`place_features` (and the network's probabilities) that
+    re-score the network's candidates. Saved as an ``.npz`` of plain arrays (no pickle); run with
+    numpy alone."""
+
+    feature: np.ndarray  # (trees, nodes) the feature each node splits on
+    split: np.ndarray  # (trees, nodes) go left where the feature is <= this
+    left: np.ndarray  # (trees, nodes) child indices; -1 at a leaf
+    right: np.ndarray
+    value: np.ndarray  # (trees, nodes) a leaf's contribution to its class's raw score
+    tree_class: np.ndarray  # (trees,) the class each tree adds to
+    baseline: np.ndarray  # (3,) raw scores before any tree
+    rate: float
+    meta: dict = field(default_factory=dict)  # names, uses_network, candidate_threshold, max_candidates, threshold, fit details
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x``."""
+        x = np.nan_to_num(np.asarray(x, np.float32), nan=0.0, posinf=1e6, neginf=-1e6)
+        n = len(x)
+        raw = np.tile(self.baseline.astype(np.float64), (n, 1))
+        rows = np.arange(n)
+        for t in range(len(self.feature)):
+            node = np.zeros(n, dtype=np.intp)
+            while True:
+                inner = self.left[t, node] >= 0
+                if not inner.any():
+                    break
+                f = self.feature[t, node]
+                go_left = x[rows, np.maximum(f, 0)] <= self.split[t, node]
+                node = np.where(inner, np.where(go_left, self.left[t, node], self.right[t, node]), node)
+            raw[:, self.tree_class[t]] += self.rate * self.value[t, node]
+        raw -= raw.max(axis=1, keepdims=True)
+        e = np.exp(raw)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        np.savez_compressed(path, feature=self.feature, split=self.split, left=self.left, right=self.right, value=self.value,
+                            tree_class=self.tree_class, baseline=self.baseline, rate=np.float64(self.rate),
+                            meta=np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Verifier":
+        """Reads a saved verifier, or a one-line error naming the file."""
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                arrays = {k: d[k] for k in ("feature", "split", "left", "right", "value", "tree_class", "baseline", "rate", "meta")}
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise InputError(f"not a ctguard verifier (.npz of trees): {e.__class__.__name__}", path) from None
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        rate = float(arrays.pop("rate"))
+        return cls(**arrays, rate=rate, meta=meta)
+
+    @classmethod
+    def from_sklearn(cls, clf, x_probe: np.ndarray, meta: dict) -> "Verifier":
+        """From a fitted three-class ``sklearn.ensemble.GradientBoostingClassifier`` (its public tree
+        arrays; the constant start is recovered from ``decision_function`` on one row)."""
+        trees, classes = [], []
+        for stage in clf.estimators_:
+            for k, est in enumerate(stage):
+                trees.append(est.tree_)
+                classes.append(k)
+        width = max(t.node_count for t in trees)
+
+        def pad(get, fill, dtype):
+            out = np.full((len(trees), width), fill, dtype=dtype)
+            for i, t in enumerate(trees):
+                out[i, : t.node_count] = get(t)
+            return out
+
+        v = cls(feature=pad(lambda t: t.feature, -1, np.int16), split=pad(lambda t: t.threshold, 0.0, np.float32),
+                left=pad(lambda t: t.children_left, -1, np.int16), right=pad(lambda t: t.children_right, -1, np.int16),
+                value=pad(lambda t: t.value[:, 0, 0], 0.0, np.float32), tree_class=np.asarray(classes, np.int8),
+                baseline=np.zeros(3), rate=float(clf.learning_rate), meta=meta)
+        probe = np.asarray(x_probe[:1], np.float32)
+        trees_only = np.log(v.probabilities(probe)[0].astype(np.float64))  # softmax of the trees' sums, up to a constant
+        v.baseline = (clf.decision_function(probe)[0] - trees_only).astype(np.float64)
+        v.baseline -= v.baseline.mean()
+        return v
