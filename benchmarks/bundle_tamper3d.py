@@ -3,8 +3,9 @@
 Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d]
                                             [--patients TEXT] [--held-out TEXT] [--cv CV_JSON] [--threshold-rule TEXT]
        python benchmarks/bundle_tamper3d.py --metrics-only EVAL_JSON ... [--name tamper3d|tamper2d]
-Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card) and NAME.onnx (the
-network for onnxruntime). The card lists every training patient of the run's config (with its
+Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card), NAME.onnx (the
+network for onnxruntime) and, for a run with a second stage, NAME.verifier.npz (its trees; the
+card's threshold is then the stage's own unless --threshold is given). The card lists every training patient of the run's config (with its
 collection, licence and vendor), and with --cv the cross-validation table of its recipe
 (benchmarks/cross_validate.py). Paths in the card and the checkpoint are written relative to the
 project root: nothing of the machine that trained it. With --metrics-only, the bundled card's
@@ -20,7 +21,6 @@ from pathlib import Path
 import torch
 
 from ctguard import __version__
-
 
 ARCH = {"tamper3d": "TamperNet3D: 5 Conv3d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, 1 mm isotropic input",
         "tamper2d": "TamperNet2D: 7 Conv2d blocks (3 stride-2, 1 dilated), 3-class head at 8 mm stride, one axial slice at 1 mm"}
@@ -85,10 +85,29 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         "train_seconds": summary["train_seconds"],
         "data_seconds": summary["data_seconds"],
     }
-    card = portable(card)  # the evaluations name their model files too
-    ckpt["card"] = card
     dst = Path(__file__).resolve().parents[1] / "src/ctguard/weights"
     dst.mkdir(parents=True, exist_ok=True)
+    stage = run / "model.verifier.npz"
+    if stage.is_file():  # the second stage goes beside the network; the card says how it was fitted
+        from ctguard.verifier import Verifier
+
+        v = Verifier.load(stage)
+        card["second_stage"] = {"what": "gradient-boosted trees over the texture around each candidate at the scan's own voxels "
+                                        "(ctguard.verifier), re-scoring the network's findings from "
+                                        f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
+                                "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
+                                "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],
+                                "seconds": summary.get("verifier", {}).get("seconds")}
+        if threshold is None:
+            card["threshold"] = v.meta["threshold"]
+            card["threshold_rule"] = threshold_rule or v.meta["threshold_rule"]
+        (dst / f"{name}.verifier.npz").write_bytes(stage.read_bytes())
+    elif (dst / f"{name}.verifier.npz").is_file():
+        (dst / f"{name}.verifier.npz").unlink()  # a network without a second stage replaces one with
+    if card["threshold"] is None:
+        raise SystemExit("give --threshold: the run has no second stage whose threshold the card could take")
+    card = portable(card)  # the evaluations name their model files too
+    ckpt["card"] = card
     torch.save(ckpt, dst / f"{name}.pt")
     (dst / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
     # The same network for onnxruntime, which screening prefers and needs where PyTorch is not installed.
@@ -132,7 +151,7 @@ if __name__ == "__main__":
     ap.add_argument("run_dir", help="the run to bundle (with --metrics-only: the first evaluation)")
     ap.add_argument("evals", nargs="*")
     ap.add_argument("--metrics-only", action="store_true", help="only replace the bundled card's measurements")
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--threshold", type=float, default=None, help="the operating threshold (default: the run's second stage's)")
     ap.add_argument("--version", default="0.1")
     ap.add_argument("--name", default="tamper3d", choices=sorted(ARCH))
     ap.add_argument("--patients", default=None, help="what the training data were, for the card")

@@ -38,8 +38,19 @@ from sklearn.metrics import roc_auc_score
 from ctguard import api, io
 from ctguard.engine.train_verifier import near, negatives
 from ctguard.lung import lung_depth, lung_mask
-from ctguard.screen import load_detector, load_detector2d, score_locations, score_locations_2d, screen_volume
-from ctguard.tamper.simulate import Source, tumours_from, varied_phantom_source, variants
+from ctguard.screen import (
+    load_detector,
+    load_detector2d,
+    score_locations,
+    score_locations_2d,
+    screen_volume,
+)
+from ctguard.tamper.simulate import (
+    Source,
+    tumours_from,
+    variants,
+    varied_phantom_source,
+)
 from ctguard.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +337,7 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
     # The full run's cube file holds every patient's cubes: a fold makes its own (from the source cache).
     fold_cfg = {**cfg, **fold["unseen_family"], "real_scans": [e for entries in training.values() for e in entries], "cache": None}
     unseen = [f for key, fams in fold["unseen_family"].items() for f in (cfg.get(key) or []) if f not in fams]
-    echo = lambda m: print(f"fold {k}: {m}", flush=True)  # noqa: E731
+    echo = lambda m: print(f"fold {k}: {m}", flush=True)
     if not (fold_dir / "model.pt").is_file():
         api.train(fold_cfg, fold_dir, progress=False, echo=echo)
     elif fold_cfg.get("verifier") and not (fold_dir / "model.verifier.npz").is_file():

@@ -40,7 +40,7 @@ def job(args: tuple) -> str:
 
     from ctguard.lung import lung_depth, lung_mask
     from ctguard.screen import load_detector, score_locations, screen_volume
-    from ctguard.tamper.simulate import varied_phantom_source, variants
+    from ctguard.tamper.simulate import variants, varied_phantom_source
     from ctguard.verifier import place_features, scan_noise
 
     kind, key, cv_dir, all_dir, out_dir, cfg_path = args

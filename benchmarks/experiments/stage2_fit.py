@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from cross_validate import FOLDS, GRID, MAX_FALSE  # noqa: E402
+from cross_validate import FOLDS, GRID, MAX_FALSE
 
 LABEL = {"injected": 1, "removed": 2}
 NO_THRESHOLD = False

@@ -342,12 +342,11 @@ def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, A
     """The second stage on the network's candidates: each re-scored at the scan's own voxels
     (:mod:`ctguard.verifier`), its kind the stage's; those at ``threshold`` or above, best first.
     The network's own score stays in ``network_score``."""
-    from ctguard.verifier import network_features, place_features, scan_noise
+    from ctguard.verifier import features_at, network_features, scan_noise
 
     if not candidates:
         return []
-    noise = scan_noise(vol, lungs)
-    x = np.stack([place_features(vol, np.asarray(f["voxel"], float), noise) for f in candidates])
+    x = features_at(vol, np.asarray([f["voxel"] for f in candidates], float), scan_noise(vol, lungs))
     p_net = np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in candidates])
     if verifier.meta.get("uses_network", True):
         x = np.hstack([x, network_features(p_net)])
@@ -423,10 +422,9 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
         cube = cut(vol, loc - shift_mm / spacing, cube_mm // 2).hu[:cube_mm, :cube_mm, :cube_mm]
         out[i] = detector.probabilities(cube)[:, mid, mid, mid]
     if stage2 and detector.verifier is not None and len(locations):
-        from ctguard.verifier import network_features, place_features, scan_noise
+        from ctguard.verifier import features_at, network_features, scan_noise
 
-        noise = scan_noise(vol, lung_mask(vol) if lungs is None else lungs)
-        x = np.stack([place_features(vol, np.asarray(loc, float), noise) for loc in locations])
+        x = features_at(vol, locations, scan_noise(vol, lung_mask(vol) if lungs is None else lungs))
         if detector.verifier.meta.get("uses_network", True):
             x = np.hstack([x, network_features(out)])
         out = detector.verifier.probabilities(x)

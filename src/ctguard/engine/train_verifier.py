@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
-from ctguard.verifier import Verifier, feature_names, network_features, place_features, scan_noise
+from ctguard.verifier import (
+    Verifier,
+    feature_names,
+    network_features,
+    place_features,
+    scan_noise,
+)
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
