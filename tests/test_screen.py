@@ -599,11 +599,12 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
 
     cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
            "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
-           "verifier": True, "verifier_phantoms": 2, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
            "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6}
     summary = api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
     report = json.loads((tmp_path / "run" / "verifier.json").read_text())
-    assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 2 and len(report["groups"]) == 2
+    assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 3 and len(report["groups"]) == 3
+    assert len(list((tmp_path / "run" / "verifier_rows").glob("*.npz"))) == 3  # each source's rows, kept for a later fit
     v = Verifier.load(tmp_path / "run" / "model.verifier.npz")
     assert len(v.meta["names"]) == len(feature_names()) + 3 and len(v.feature) == 10 * 3  # 10 stages of 3 classes
     det = load_detector(str(tmp_path / "run" / "model.pt"))

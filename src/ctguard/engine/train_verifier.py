@@ -34,6 +34,7 @@ GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95
 VERIFIER_DEFAULTS = {
     "verifier": False,  # fit the second stage after the network (ctguard.verifier)
     "verifier_phantoms": 4,  # fresh varied phantoms beside the real scans
+    "verifier_fixed_phantoms": 2,  # and fresh phantoms of the one set-up (phantom_shape, phantom_spacing), as the demo's
     "verifier_inject": 2,  # injected copies per source (2 edits each, the families in turn)
     "verifier_remove": 3,  # at most this many removals of real tumours per source
     "verifier_healthy": 2,  # copies with healthy places in-painted
@@ -65,16 +66,40 @@ def near(voxel, centre, diameter_mm: float, spacing) -> bool:
     return float(np.linalg.norm((np.asarray(voxel) - np.asarray(centre)) * np.asarray(spacing))) <= 10 + diameter_mm / 2
 
 
+ROW_KEYS = ("seed", "inject_families", "remove_families", "phantom_variety", "phantom_opacities", "phantom_shape", "phantom_spacing",
+            "verifier_inject", "verifier_remove", "verifier_healthy", "verifier_candidate_threshold", "verifier_max_candidates")
+
+
 def source_rows(job: tuple) -> dict:
-    """The rows of one source (a pool task): ``x``, ``y`` (0 untouched, 1 injected, 2 removed),
-    ``scan`` (which copy), ``clean`` (a candidate on the untouched copy) and ``group`` (the patient)."""
+    """One source's rows (a pool task), kept in the run's ``verifier_rows/`` under a key of the
+    source, the settings that make its rows and the network's weights: a second fit with more
+    sources computes only theirs."""
+    import hashlib
+
+    cfg, spec, model_path = job
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    what = {k: cfg.get(k) for k in ROW_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)],
+                                                "network": hashlib.sha1(Path(model_path).read_bytes()).hexdigest(), "features": feature_names()}
+    cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
+    if cached.is_file():
+        with np.load(cached, allow_pickle=False) as d:
+            return {k: d[k] for k in ("x", "y", "scan", "clean")} | {"group": str(d["group"]), "source": str(d["source"])}
+    rows = _source_rows(cfg, spec, model_path)
+    cached.parent.mkdir(exist_ok=True)
+    tmp = cached.with_suffix(".tmp.npz")
+    np.savez(tmp, **rows)
+    tmp.replace(cached)
+    return rows
+
+
+def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
+    """The rows of one source: ``x``, ``y`` (0 untouched, 1 injected, 2 removed), ``scan`` (which
+    copy), ``clean`` (a candidate on the untouched copy) and ``group`` (the patient)."""
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_depth, lung_mask
     from ctguard.screen import load_detector, score_locations, screen_volume
     from ctguard.tamper.simulate import variants
 
-    cfg, spec, model_path = job
-    cfg = {**VERIFIER_DEFAULTS, **cfg}
     det = load_detector(model_path)
     src = build_source(cfg, spec)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
@@ -117,6 +142,7 @@ def verifier_specs(cfg: dict) -> list[tuple]:
 
     base = int(cfg["seed"]) * 1000 + 900
     return [("phantom", base + k) for k in range(int(cfg["verifier_phantoms"]))] + \
+           [("fixed phantom", base + 50 + k) for k in range(int(cfg["verifier_fixed_phantoms"]))] + \
            [("series", p, 1, t, 0) for p, t in real_scans(cfg)]
 
 
