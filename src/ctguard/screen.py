@@ -334,7 +334,7 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
     heat = heatmap(vol, detector, lungs)
     if stage:
         stage("findings")
-    verifier = detector.verifier if stage2 else None
+    verifier = getattr(detector, "verifier", None) if stage2 else None
     return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0, lungs, verifier), heat, lungs
 
 
@@ -421,13 +421,14 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
             raise InputError(f"location {tuple(loc)} (z, y, x) is outside the scan {vol.shape}")
         cube = cut(vol, loc - shift_mm / spacing, cube_mm // 2).hu[:cube_mm, :cube_mm, :cube_mm]
         out[i] = detector.probabilities(cube)[:, mid, mid, mid]
-    if stage2 and detector.verifier is not None and len(locations):
+    verifier = getattr(detector, "verifier", None) if stage2 else None  # any object with probabilities() is a detector here
+    if verifier is not None and len(locations):
         from ctguard.verifier import features_at, network_features, scan_noise
 
         x = features_at(vol, locations, scan_noise(vol, lung_mask(vol) if lungs is None else lungs))
-        if detector.verifier.meta.get("uses_network", True):
+        if verifier.meta.get("uses_network", True):
             x = np.hstack([x, network_features(out)])
-        out = detector.verifier.probabilities(x)
+        out = verifier.probabilities(x)
     return out
 
 
