@@ -161,8 +161,8 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                     edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
                                         "found": hit >= thr})
             at = np.asarray([w for _, w in where], float)
-            p = score_locations(vol, det, at, lungs=lungs)
-            p_net = score_locations(vol, det, at, stage2=False) if det.verifier is not None else p
+            p_net = score_locations(vol, det, at, stage2=False)  # the network once; its second stage on those
+            p = det.verifier.score_places(vol, at, p_net, lungs) if det.verifier is not None else p_net
             for (what, w), pw, pn in zip(where, p, p_net):
                 family = next((e.extra.get("family") for e in edits if np.allclose(e.voxel, w)), None)
                 row = {"patient": src.patient, "what": what, "family": family, "p_injected": float(pw[1]), "p_removed": float(pw[2]),

@@ -338,25 +338,22 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
     return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0, lungs, verifier), heat, lungs
 
 
-def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier, threshold: float) -> list[dict[str, Any]]:
-    """The second stage on the network's candidates: each re-scored at the scan's own voxels
-    (:mod:`ctguard.verifier`), its kind the stage's; those at ``threshold`` or above, best first.
-    The network's own score stays in ``network_score``."""
-    from ctguard.verifier import features_at, network_features, scan_noise
+def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
+    """``(n, 3)`` the network's probabilities genuine, injected, removed at its findings' peaks."""
+    return np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in findings]).reshape(-1, 3)
 
+
+def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier) -> list[dict[str, Any]]:
+    """The second stage on the network's candidates: each re-scored at the scan's own voxels
+    (:mod:`ctguard.verifier`), its kind the stage's, best first. The network's own score stays in
+    ``network_score``."""
     if not candidates:
         return []
-    x = features_at(vol, np.asarray([f["voxel"] for f in candidates], float), scan_noise(vol, lungs))
-    p_net = np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in candidates])
-    if verifier.meta.get("uses_network", True):
-        x = np.hstack([x, network_features(p_net)])
-    p = verifier.probabilities(x)
-    out = []
-    for f, pv in zip(candidates, p):
-        score = float(1.0 - pv[0])
-        out.append({**f, "kind": "injected" if pv[1] >= pv[2] else "removed", "score": round(score, 4),
-                    "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4), "network_score": f["score"]})
-    return sorted((f for f in out if f["score"] >= threshold), key=lambda f: -f["score"])
+    p = verifier.score_places(vol, np.asarray([f["voxel"] for f in candidates], float), finding_probabilities(candidates), lungs)
+    out = [{**f, "kind": "injected" if pv[1] >= pv[2] else "removed", "score": round(float(1.0 - pv[0]), 4),
+            "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4), "network_score": f["score"]}
+           for f, pv in zip(candidates, p)]
+    return sorted(out, key=lambda f: -f["score"])
 
 
 def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float,
@@ -365,7 +362,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
     if verifier is not None and lungs is not None:
         cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), thr)
         candidates = findings_from(heat, vol, cand_thr)[: int(verifier.meta.get("max_candidates", 40))]
-        scored = verify_findings(vol, lungs, candidates, verifier, 0.0)
+        scored = verify_findings(vol, lungs, candidates, verifier)
         findings = [f for f in scored if f["score"] >= thr]
         score = max((f["score"] for f in scored), default=0.0)
     else:
@@ -423,12 +420,7 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
         out[i] = detector.probabilities(cube)[:, mid, mid, mid]
     verifier = getattr(detector, "verifier", None) if stage2 else None  # any object with probabilities() is a detector here
     if verifier is not None and len(locations):
-        from ctguard.verifier import features_at, network_features, scan_noise
-
-        x = features_at(vol, locations, scan_noise(vol, lung_mask(vol) if lungs is None else lungs))
-        if verifier.meta.get("uses_network", True):
-            x = np.hstack([x, network_features(out)])
-        out = verifier.probabilities(x)
+        out = verifier.score_places(vol, np.asarray(locations, float), out, lung_mask(vol) if lungs is None else lungs)
     return out
 
 

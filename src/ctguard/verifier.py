@@ -120,6 +120,14 @@ def network_features(p: np.ndarray) -> np.ndarray:
     return np.log(np.concatenate([p[:, 1:], p[:, :1]], axis=1) + 1e-4)
 
 
+def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
+                 with_network: bool = True, threads: int = 2) -> np.ndarray:
+    """The second stage's rows at ``places``: :func:`place_features`, then (``with_network``) the
+    network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores."""
+    x = features_at(vol, places, noise, threads)
+    return np.hstack([x, network_features(p_network)]) if with_network else x
+
+
 @dataclass
 class Verifier:
     """Gradient-boosted trees over :func:`place_features` (and the network's probabilities) that
@@ -155,6 +163,12 @@ class Verifier:
         raw -= raw.max(axis=1, keepdims=True)
         e = np.exp(raw)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+        """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
+        gave ``p_network``."""
+        x = stage_inputs(vol, places, p_network, scan_noise(vol, lungs), self.meta.get("uses_network", True))
+        return self.probabilities(x)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -21,13 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
-from ctguard.verifier import (
-    Verifier,
-    feature_names,
-    network_features,
-    place_features,
-    scan_noise,
-)
+from ctguard.verifier import Verifier, feature_names, scan_noise, stage_inputs
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
@@ -97,7 +91,12 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     copy), ``clean`` (a candidate on the untouched copy) and ``group`` (the patient)."""
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_depth, lung_mask
-    from ctguard.screen import load_detector, score_locations, screen_volume
+    from ctguard.screen import (
+        finding_probabilities,
+        load_detector,
+        score_locations,
+        screen_volume,
+    )
     from ctguard.tamper.simulate import variants
 
     det = load_detector(model_path)
@@ -116,23 +115,23 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
             where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
         else:
             where = negatives(src, lungs, depth, rng)
-        probs = score_locations(vol, det, np.asarray([p for _, p in where], float), stage2=False)
-        for (what, p), pr in zip(where, probs):
-            xs.append(np.concatenate([place_features(vol, p, noise), network_features(pr)[0]]))
-            ys.append(LABELS.get(what, 0))
-            scans.append(k)
-            clean.append(False)
+        at = np.asarray([p for _, p in where], float)
+        xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1))
+        ys += [LABELS.get(what, 0) for what, _ in where]
+        scans += [k] * len(where)
+        clean += [False] * len(where)
         result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
-        for f in result["findings"][: int(cfg["verifier_max_candidates"])]:
+        found = result["findings"][: int(cfg["verifier_max_candidates"])]
+        if found:
+            xs.append(stage_inputs(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), noise, threads=1))
+        for f in found:
             hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
-            pr = np.array([1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]])
-            xs.append(np.concatenate([place_features(vol, np.asarray(f["voxel"], float), noise), network_features(pr)[0]]))
             ys.append(LABELS[hit.kind] if hit is not None else 0)
             scans.append(k)
             clean.append(not edits)
     # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
-    return {"x": np.asarray(xs, np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
+    return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
             "clean": np.asarray(clean, bool), "group": group, "source": str(spec[1])}
 
 
