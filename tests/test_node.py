@@ -132,6 +132,44 @@ def test_restart_resumes_a_spooled_series(tmp_path, tampered):
         n.stop()
 
 
+def test_instances_arriving_while_a_series_is_screened_get_it_screened_again_whole(tmp_path, tampered, monkeypatch):
+    """A sender that pauses longer than the settle time: the part received so far is being screened
+    when the rest arrives. That screening is dropped; the whole series is screened and decided once."""
+    import threading
+
+    from ctguard import api
+
+    root, _, _ = tampered
+    fake = sorted((root / "tampered").iterdir())
+    real_screen, seen = api.screen, []
+    started, more_sent = threading.Event(), threading.Event()
+
+    def screen(folder, **kw):
+        seen.append(len(list(Path(folder).glob("*.dcm"))))
+        if len(seen) == 1:
+            started.set()
+            assert more_sent.wait(60)
+        return real_screen(folder, **kw)
+
+    monkeypatch.setattr(api, "screen", screen)
+    n = Node(NodeConfig(spool=tmp_path / "spool", port=free_port(), settle_s=0.3))
+    n.start()
+    try:
+        assert send(n.cfg.port, fake[:30]) == [0] * 30
+        assert started.wait(60)
+        assert send(n.cfg.port, fake[30:]) == [0] * (len(fake) - 30)
+        more_sent.set()
+        wait_for(lambda: n.spool.read_audit())
+        time.sleep(1.0)  # a second decision, had there been one, would be in the log by now
+        (entry,) = n.spool.read_audit()
+        assert seen[0] == 30 and seen[-1] == len(fake) and len(seen) == 2
+        assert entry["instances"] == len(fake) and entry["verdict"] == "tampered" and entry["action"] == "held"
+        assert len(list(Path(entry["folder"]).glob("*.dcm"))) == len(fake)
+        assert n.spool.pending() == []
+    finally:
+        n.stop()
+
+
 def test_tls_echo_and_store(tmp_path, small_chest):
     """With --tls-cert/--tls-key the node speaks DICOM over TLS; a plain association gets nowhere."""
     import shutil

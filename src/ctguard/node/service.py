@@ -81,7 +81,8 @@ class Node:
         self.last_seen: dict[str, float] = {}  # series UID -> time of the last instance
         self.lock = threading.Lock()
         self.ready: queue.Queue[str] = queue.Queue()
-        self.queued: set[str] = set()
+        self.queued: set[str] = set()  # in the ready queue or in a worker's hands
+        self.again: set[str] = set()  # settled again while in a worker's hands: queued once more after
         self.stop_event = threading.Event()
         self.server = None
         self.threads: list[threading.Thread] = []
@@ -153,7 +154,8 @@ class Node:
 
     def _enqueue(self, uid: str) -> None:
         with self.lock:
-            if uid in self.queued:
+            if uid in self.queued:  # in a worker's hands now: it goes back to the queue when that worker is done
+                self.again.add(uid)
                 return
             self.queued.add(uid)
         self.ready.put(uid)
@@ -171,23 +173,35 @@ class Node:
                 log.exception("series %s failed; it stays in the spool", uid)
             finally:
                 with self.lock:
-                    self.queued.discard(uid)
+                    again = uid in self.again
+                    self.again.discard(uid)
+                    if not again:
+                        self.queued.discard(uid)
+                if again:
+                    self.ready.put(uid)
 
     def process(self, uid: str) -> None:
-        """Screens a complete series (if not yet screened) and carries out the policy."""
+        """Screens a complete series (if not yet screened) and carries out the policy. Instances
+        that arrive while it is screened make it wait to settle and be screened again, whole;
+        while the decision is carried out (forwarded, held) new instances of it wait (see
+        :meth:`Spool.series_lock`)."""
         from ctguard import api
         from ctguard.errors import InputError
 
         with self.lock:
             if uid in self.last_seen:  # more instances arrived: wait for the series to settle again
                 return
+        writes = self.spool.writes(uid)
         state = self.spool.state(uid)
         folder = self.spool.series_dir(uid)
         files = self.spool.instances(uid)
         if not files:
-            shutil.rmtree(folder, ignore_errors=True)
+            with self.spool.series_lock(uid):
+                if not self.spool.instances(uid):
+                    shutil.rmtree(folder, ignore_errors=True)
             return
-        if state.get("status") == "receiving":
+        screened = state.get("status") == "receiving"
+        if screened:
             work = folder / ".screen"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
@@ -200,8 +214,18 @@ class Node:
             except InputError as e:
                 state.update(verdict="error", score=None, error=e.problem)
             state.update(status="screened", instances=len(files))
-            self.spool.save_state(uid, state)
-            log.info("series %s: %s (score %s, %d instances)", uid, state["verdict"], state.get("score"), len(files))
+        with self.spool.series_lock(uid):
+            if self.spool.writes(uid) != writes or self.spool.instances(uid) != files:
+                log.info("series %s: %d instance(s) arrived while it was screened; screening it again when it settles", uid,
+                         max(self.spool.writes(uid) - writes, 1))
+                return  # its state is still "receiving"; the instance that arrived set it settling again
+            if screened:
+                self.spool.save_state(uid, state)
+                log.info("series %s: %s (score %s, %d instances)", uid, state["verdict"], state.get("score"), len(files))
+            self._carry_out(uid, state, folder, files)
+
+    def _carry_out(self, uid: str, state: dict[str, Any], folder: Path, files: list[Path]) -> None:
+        """The policy for a screened series: held, kept, or forwarded (then removed from the spool)."""
         verdict = state["verdict"]
         hold = (verdict == "tampered" and self.cfg.on_tampered == "hold") or (verdict == "error" and self.cfg.on_error == "hold")
         if hold or self.cfg.forward is None:

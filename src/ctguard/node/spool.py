@@ -49,18 +49,41 @@ class Spool:
         for d in ("series", "passthrough", "quarantine"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self._audit_lock = threading.Lock()
+        self._series_locks: dict[str, threading.Lock] = {}
+        self._writes: dict[str, int] = {}  # instances written per series since start
+        self._locks_lock = threading.Lock()
+
+    def series_lock(self, series_uid: str) -> threading.Lock:
+        """The lock that storing an instance of the series and deciding on the series both hold:
+        no instance is written into a folder that is being forwarded, deleted or moved."""
+        with self._locks_lock:
+            return self._series_locks.setdefault(safe_uid(series_uid), threading.Lock())
+
+    def writes(self, series_uid: str) -> int:
+        """How many instances of the series this spool has written since it started: a series
+        whose count changed while it was screened was screened without them."""
+        return self._writes.get(safe_uid(series_uid), 0)
 
     def series_dir(self, series_uid: str) -> Path:
         return self.root / "series" / safe_uid(series_uid)
 
     def store_instance(self, series_uid: str, sop_uid: str, data: bytes, meta: dict[str, Any]) -> Path:
-        folder = self.series_dir(series_uid)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "state.json").exists():
-            self.save_state(series_uid, {"status": "receiving", "series_uid": series_uid, **meta})
-        path = folder / f"{safe_uid(sop_uid)}.dcm"
-        write_durably(path, data)
-        return path
+        """Writes a received instance into its series' folder. While a series is being decided on
+        (see :meth:`series_lock`) the write waits; once the decision is carried out the folder is
+        gone and the instance starts a new batch of the series. An instance that finds its series
+        screened but not yet carried out (a node stopped mid-forward) sends the series back to
+        ``receiving``: it is screened again, with this instance, before anything more leaves."""
+        with self.series_lock(series_uid):
+            folder = self.series_dir(series_uid)
+            folder.mkdir(parents=True, exist_ok=True)
+            state = self.state(series_uid)
+            if state.get("status") != "receiving":
+                kept = {k: state[k] for k in meta if k in state}  # a new series: its first instance's meta
+                self.save_state(series_uid, {"status": "receiving", "series_uid": series_uid, **meta, **kept})
+            path = folder / f"{safe_uid(sop_uid)}.dcm"
+            write_durably(path, data)
+            self._writes[safe_uid(series_uid)] = self.writes(series_uid) + 1
+            return path
 
     def store_passthrough(self, sop_uid: str, data: bytes) -> Path:
         path = self.root / "passthrough" / f"{safe_uid(sop_uid)}.dcm"
