@@ -367,6 +367,28 @@ def test_train_tamper3d_tiny_run(tmp_path):
     assert heat_onnx.probs.shape == heat_torch.probs.shape and np.abs(heat_onnx.probs - heat_torch.probs).max() < 1e-4
 
 
+def test_a_cube_cache_of_another_recipe_is_made_again(tmp_path):
+    """The run's ``cache`` file is used only for the sources and simulation settings it was made
+    with: a changed recipe (here one more phantom) makes its cubes again instead of training on
+    the old ones."""
+    from ctguard.engine.train3d import DEFAULTS, cubes_key, source_specs
+
+    cfg = {"task": "tamper3d", "seed": 3, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8, "hard_rounds": 0,
+           "cache": str(tmp_path / "cubes.npz")}
+    api.train(cfg, tmp_path / "one", progress=False, echo=lambda *_: None)
+    with np.load(tmp_path / "cubes.npz") as d:
+        one = len(d["x"])
+        assert str(d["key"]) == cubes_key({**DEFAULTS, **cfg}, source_specs({**DEFAULTS, **cfg}))
+    said = []
+    summary = api.train({**cfg, "phantoms": 2}, tmp_path / "two", progress=False, echo=said.append)
+    assert any("making them again" in m for m in said)
+    with np.load(tmp_path / "cubes.npz") as d:
+        assert len(d["x"]) > one and summary["cubes"] == len(d["x"])
+    assert cubes_key({**DEFAULTS, **cfg}, source_specs({**DEFAULTS, **cfg})) != cubes_key({**DEFAULTS, **cfg, "inject": 2},
+                                                                                         source_specs({**DEFAULTS, **cfg}))
+
+
 def test_train_tamper2d_on_cube_slices(tmp_path, capsys):
     """The 2D detector trains on axial slices of 3D cubes, each with the targets of the cell row it
     lies in; a cube file that is not one is a one-line error, and the failed run leaves no folder."""

@@ -126,8 +126,7 @@ def _source_cubes(job: tuple) -> tuple[np.ndarray, np.ndarray]:
     cfg, spec = job
     cached = None
     if cfg.get("source_cache"):
-        what = {k: cfg.get(k) for k in SIMULATION_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)]}
-        key = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = cubes_key(cfg, [spec])
         cached = Path(cfg["source_cache"]) / f"{key}.npz"
         if cached.is_file():
             return load_cubes(cached)
@@ -141,6 +140,16 @@ def _source_cubes(job: tuple) -> tuple[np.ndarray, np.ndarray]:
         np.savez(tmp, x=x, y=y)
         tmp.replace(cached)
     return x, y
+
+
+def cubes_key(cfg: dict, specs: list[tuple]) -> str:
+    """What a set of sources' cubes depend on (the simulation settings and the sources, by file
+    name), hashed: the key of a source in ``source_cache`` and of the run's whole ``cache`` file."""
+    what = {k: cfg.get(k) for k in SIMULATION_KEYS} | {"spec": [[Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)]
+                                                                for spec in specs]}
+    if len(specs) == 1:  # one source's key as source_cache has always named it
+        what["spec"] = what["spec"][0]
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _families(cfg: dict) -> dict:
@@ -248,6 +257,15 @@ def check_paths(cfg: dict, keys: tuple[str, ...]) -> None:
                 raise InputError(f"does not exist (the config's {key}; in a config file, paths are relative to the project root)", path)
 
 
+def _cache_key(path: Path) -> str | None:
+    """The :func:`cubes_key` a run's cube cache was written with (None: an older file without one)."""
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return str(d["key"]) if "key" in d.files else None
+    except (OSError, ValueError, EOFError):
+        return None
+
+
 def load_cubes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """A cube file (``.npz`` with ``x``, blocks in HU, and ``y``, their cell classes), or a clear error."""
     try:
@@ -265,12 +283,17 @@ def load_cubes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, echo) -> dict:
     t0 = time.time()
     cache = Path(cfg["cache"]) if cfg.get("cache") else None
-    if cache is not None and cache.is_file():
+    key = cubes_key(cfg, source_specs(cfg))
+    if cache is not None and cache.is_file() and _cache_key(cache) == key:
         x, y = load_cubes(cache)
     else:
+        if cache is not None and cache.is_file():
+            echo(f"{cache} holds the cubes of other sources or simulation settings: making them again")
         x, y = make_cubes(cfg, pool, progress)
         if cache is not None:
-            np.savez(cache, x=x, y=y)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, x=x, y=y, key=np.asarray(key))
+            tmp.replace(cache)
     # Cubes are kept as whole HU in int16 (half the memory of float32; truncating the fraction is
     # far below CT noise), and every file is added in one concatenation.
     xs, ys = [x.astype(np.int16)], [y.astype(np.int64)]
