@@ -258,11 +258,13 @@ def check_paths(cfg: dict, keys: tuple[str, ...]) -> None:
 
 
 def _cache_key(path: Path) -> str | None:
-    """The :func:`cubes_key` a run's cube cache was written with (None: an older file without one)."""
+    """The :func:`cubes_key` a run's cube cache was written with (None: an older file without one);
+    a file that is not a cube file is the one-line error of :func:`load_cubes`, never overwritten."""
     try:
         with np.load(path, allow_pickle=False) as d:
             return str(d["key"]) if "key" in d.files else None
     except (OSError, ValueError, EOFError):
+        load_cubes(path)  # raises the InputError that names the file and what it is not
         return None
 
 
