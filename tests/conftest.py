@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -78,15 +77,11 @@ def mini_dataset(tmp_path_factory):
 def tampered(tmp_path_factory):
     """A phantom (unseen seed) with one injection and one removal, written as DICOM, and its clean twin."""
     from ctguard import io
-    from ctguard.lung import lung_mask
-    from ctguard.tamper.simulate import inject_random, phantom_source, remove_tumour
+    from ctguard.tamper.simulate import phantom_source, tampered_phantom
 
     root = tmp_path_factory.mktemp("screen")
-    src = phantom_source(4242, with_tumour=True)
-    rng = np.random.default_rng(1)
-    vol, inj = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
-    vol, rem = remove_tumour(vol, src.tumours[0], rng)
+    vol, edits = tampered_phantom(4242, 1)
     io.write_series(vol, root / "tampered", uid_seed="t")
     clean = phantom_source(4343, with_tumour=False).volume
     io.write_series(clean, root / "clean", uid_seed="c")
-    return root, [e.to_dict() for e in inj + [rem]], vol.spacing
+    return root, [e.to_dict() for e in edits], vol.spacing

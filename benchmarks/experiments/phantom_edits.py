@@ -15,17 +15,8 @@ import argparse
 
 import numpy as np
 
-from ctguard.lung import lung_mask
 from ctguard.screen import load_detector, screen_volume
-from ctguard.tamper.simulate import inject_random, phantom_source, remove_tumour
-
-
-def tampered(seed: int, edit_seed: int):
-    src = phantom_source(seed, with_tumour=True)
-    rng = np.random.default_rng(edit_seed)
-    vol, inj = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
-    vol, rem = remove_tumour(vol, src.tumours[0], rng)
-    return vol, inj + [rem]
+from ctguard.tamper.simulate import phantom_source, tampered_phantom
 
 
 def main() -> None:
@@ -35,8 +26,8 @@ def main() -> None:
     a = ap.parse_args()
     det = load_detector(a.model)
     print(f"{a.model}: threshold {det.threshold}" + (" (network only)" if a.network_only else ""))
-    cases = [("demo (2026)", *tampered(2026, 2026)), ("tests (4242)", *tampered(4242, 1))]
-    cases += [(f"seed {s}", *tampered(s, s)) for s in (5011, 5012, 5013, 5014)]
+    cases = [("demo (2026)", *tampered_phantom(2026, 2026)), ("tests (4242)", *tampered_phantom(4242, 1))]
+    cases += [(f"seed {s}", *tampered_phantom(s, s)) for s in (5011, 5012, 5013, 5014)]
     found = 0
     for name, vol, truth in cases:
         result, _, _ = screen_volume(vol, det, threshold=0.0, stage2=not a.network_only)

@@ -25,7 +25,7 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from cross_validate import EVAL_SEED, FOLDS, patient_scans, sources_of  # noqa: E402
+from cross_validate import EVAL_SEED, FOLDS, _neighbourhood, patient_scans, sources_of  # noqa: E402
 
 from ctguard import api  # noqa: E402
 from ctguard.lung import lung_mask  # noqa: E402
@@ -37,18 +37,14 @@ def recentre(vol, voxel: np.ndarray, kind: str, radius_mm: float = 10.0) -> np.n
     """The densest point (``injected``) or the point of weakest in-plane fine texture (``removed``)
     within ``radius_mm`` of ``voxel``, on the scan's own voxels."""
     sp = np.asarray(vol.spacing)
-    r = np.ceil(radius_mm / sp).astype(int)
-    c = np.rint(voxel).astype(int)
-    lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, vol.shape)
-    hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
-    grid = np.meshgrid(*[(np.arange(a, b) - p) * s for a, b, p, s in zip(lo, hi, voxel, sp)], indexing="ij")
-    ball = np.sqrt(sum(g**2 for g in grid)) <= radius_mm
+    box, ball, _ = _neighbourhood(vol, voxel, radius_mm)
+    hu = vol.hu[box].astype(np.float32)
     if kind == "injected":
         m = ndimage.gaussian_filter(hu, 2.5 / sp)
     else:
         m = -ndimage.gaussian_filter(np.abs(hu - ndimage.gaussian_filter(hu, (0, 1, 1))), 3 / sp)
     m[~ball] = -np.inf
-    return lo + np.array(np.unravel_index(np.argmax(m), m.shape))
+    return np.array([b.start for b in box]) + np.array(np.unravel_index(np.argmax(m), m.shape))
 
 
 def stage_scores(det, vol, lungs, places: np.ndarray, probs: np.ndarray) -> np.ndarray:

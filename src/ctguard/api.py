@@ -276,19 +276,15 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
     import shutil
     import time
 
-    from ctguard.lung import lung_mask
-    from ctguard.tamper.simulate import inject_random, phantom_source, remove_tumour
+    from ctguard.tamper.simulate import tampered_phantom
 
     t0 = time.time()
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    src = phantom_source(seed, with_tumour=True)
-    rng = np.random.default_rng(seed)
-    vol, injected = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
-    vol, removed = remove_tumour(vol, src.tumours[0], rng)
-    truth = [e.to_dict() for e in injected + [removed]]
+    vol, edits = tampered_phantom(seed, seed)
+    truth = [e.to_dict() for e in edits]
     echo(f"phantom chest {vol.shape} voxels at {vol.spacing} mm; tampered: "
          + "; ".join(f"{t['kind']} {t['diameter_mm']:.0f} mm at voxel {[round(v) for v in t['voxel']]}" for t in truth))
     io.write_series(vol, out / "tampered-scan", patient_id=f"DEMO-{seed}", uid_seed=f"demo-{seed}")

@@ -285,7 +285,7 @@ def load_cubes(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, echo) -> dict:
     t0 = time.time()
     cache = Path(cfg["cache"]) if cfg.get("cache") else None
-    key = cubes_key(cfg, source_specs(cfg))
+    key = cubes_key(cfg, source_specs(cfg)) if cache is not None else None
     if cache is not None and cache.is_file() and _cache_key(cache) == key:
         x, y = load_cubes(cache)
     else:

@@ -215,9 +215,9 @@ class Node:
                 state.update(verdict="error", score=None, error=e.problem)
             state.update(status="screened", instances=len(files))
         with self.spool.series_lock(uid):
-            if self.spool.writes(uid) != writes or self.spool.instances(uid) != files:
+            if self.spool.writes(uid) != writes:
                 log.info("series %s: %d instance(s) arrived while it was screened; screening it again when it settles", uid,
-                         max(self.spool.writes(uid) - writes, 1))
+                         self.spool.writes(uid) - writes)
                 return  # its state is still "receiving"; the instance that arrived set it settling again
             if screened:
                 self.spool.save_state(uid, state)

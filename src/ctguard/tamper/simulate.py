@@ -249,6 +249,17 @@ def remove_tumour(vol: Volume, tumour: Tumour, rng: np.random.Generator) -> tupl
     return remover(vol, tumour.voxel, rng)
 
 
+def tampered_phantom(seed: int, edit_seed: int) -> tuple[Volume, list[Edit]]:
+    """A phantom chest of the one set-up with one nodule of 10-16 mm injected and its own tumour
+    removed: the scan ``ctguard demo`` screens (``edit_seed`` = ``seed``) and the tests' tampered
+    phantom. Returns the volume and its edits (the injection first)."""
+    src = phantom_source(seed, with_tumour=True)
+    rng = np.random.default_rng(edit_seed)
+    vol, injected = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
+    vol, removed = remove_tumour(vol, src.tumours[0], rng)
+    return vol, injected + [removed]
+
+
 def variants(src: Source, seed: int, inject: int, remove: int, per_scan: int = 1,
              sizes: tuple[float, float] = (6.0, 20.0), inject_families: tuple[str, ...] | list[str] = ("drawn",),
              remove_families: tuple[str, ...] | list[str] = ("fill",), healthy: int = 0) -> Iterator[tuple[str, Volume, list[Edit]]]:
