@@ -205,3 +205,41 @@ def test_tls_echo_and_store(tmp_path, small_chest):
         assert not plain.associate("127.0.0.1", port, ae_title="CTGUARD").is_established
     finally:
         n.stop()
+
+
+def test_a_late_part_of_a_decided_series_is_held_not_screened_alone(tmp_path, tampered, monkeypatch):
+    """Instances arriving after their series was decided (the sender paused longer than the settle
+    time) are held as a late part by default, never screened on their own (a few slices would be an
+    "error", forwarded by --on-error's default); --on-late screen screens them alone."""
+    from ctguard import api
+
+    root, _, _ = tampered
+    clean = sorted((root / "clean").iterdir())
+    calls = []
+    real_screen = api.screen
+    monkeypatch.setattr(api, "screen", lambda folder, **kw: calls.append(folder) or real_screen(folder, **kw))
+    n = Node(NodeConfig(spool=tmp_path / "spool", port=free_port(), settle_s=0.3))
+    n.start()
+    try:
+        assert send(n.cfg.port, clean[:-3]) == [0] * (len(clean) - 3)
+        wait_for(lambda: n.spool.read_audit())
+        assert send(n.cfg.port, clean[-3:]) == [0] * 3  # the rest, after the decision
+        wait_for(lambda: len(n.spool.read_audit()) >= 2)
+        first, late = n.spool.read_audit()
+        assert first["instances"] == len(clean) - 3 and first["action"] in ("accepted", "held")
+        assert late["action"] == "held-late" and late["verdict"] == "late" and late["instances"] == 3
+        assert "arrived after the series was decided" in late["reason"] and len(calls) == 1
+        held = Path(late["folder"])
+        assert held.parent.name == "quarantine" and len(list(held.glob("*.dcm"))) == 3
+        assert n.spool.decided(first["series_uid"])["instances"] == len(clean)
+        assert n.spool.pending() == []
+    finally:
+        n.stop()
+    n = Node(NodeConfig(spool=tmp_path / "spool", port=free_port(), settle_s=0.3, on_late="screen"))
+    n.start()
+    try:
+        assert send(n.cfg.port, clean[:2]) == [0] * 2
+        wait_for(lambda: len(n.spool.read_audit()) >= 3)
+        assert n.spool.read_audit()[-1]["verdict"] == "error" and len(calls) == 2  # screened alone: two slices are no scan
+    finally:
+        n.stop()

@@ -307,7 +307,7 @@ def cmd_node(args) -> int:
         tls = (args.tls_cert, args.tls_key, args.tls_ca)
     cfg = NodeConfig(spool=Path(args.spool), ae_title=args.ae_title, host=args.host, port=args.port,
                      forward=Destination.parse(args.forward) if args.forward else None, on_tampered=args.on_tampered,
-                     on_error=args.on_error, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
+                     on_error=args.on_error, on_late=args.on_late, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
                      model=args.model, threshold=args.threshold, tls=tls, send_results=args.send_results,
                      sign=tuple(args.sign) if args.sign else None, workers=args.workers, associations=args.associations)
     if args.workers < 1 or args.associations < 1:
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward each series' results as DICOM (its SR, and SEG when tampered) after it; a held series keeps them in quarantine")
     p.add_argument("--on-error", choices=("forward", "hold"), default="forward",
                    help="a CT series that cannot be screened (e.g. no lungs in view): forward (default) or hold")
+    p.add_argument("--on-late", choices=("hold", "screen"), default="hold",
+                   help="instances of a series that arrive after it was decided (the sender paused longer than --settle): "
+                        "hold them in quarantine (default) or screen them on their own")
     p.add_argument("--spool", default="ctguard-spool", metavar="DIR", help="spool, quarantine and audit log (default: ./ctguard-spool)")
     p.add_argument("--settle", type=float, default=5.0, metavar="S", help="a series is complete after S seconds without a new instance")
     p.add_argument("--allow", metavar="AE,...", help="accept associations only from these calling AE titles")

@@ -5,6 +5,12 @@ in-painting disturb. The second stage looks again at each candidate place on the
 radial profiles around the place (HU level and spread, in-plane and through-plane high-pass
 residual, gradient, dense fraction), each residual as a log ratio to the scan's own noise in its
 parenchyma, so that a sharp and a smooth kernel, or two vendors, read alike.
+
+The network's cells are 8 mm wide, so its candidate often sits several millimetres off the edit,
+where the profiles no longer describe it. A stage fitted with ``recentre`` therefore also looks at
+two places near each candidate found on the image itself (:func:`recentred`: the densest point,
+where an injected nodule's core would be, and the point of weakest fine texture, where an
+in-painting would be) and keeps the best-scoring of the three.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from ctguard.volume import Volume
 BINS_MM = (0.0, 3.0, 6.0, 9.0, 12.0, 16.0, 20.0, 24.0)  # radial shells around a place
 REACH_MM = BINS_MM[-1]
 PER_BIN = ("hu_mean", "hu_std", "res_xy", "res_z", "grad", "dense")
+RECENTRE_MM = 10.0  # how far from a candidate :func:`recentred` looks
+PLACES_PER_CANDIDATE = 3  # with recentring: the candidate, its densest point, its smoothest point
 
 
 def feature_names() -> list[str]:
@@ -30,6 +38,42 @@ def feature_names() -> list[str]:
     names += ["log_slice_mm", "log_pixel_mm", "log_noise_xy", "log_noise_z"]
     inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
     return names + [f"{what}_{a}_vs_{outer}" for a in (inner, rim) for what in PER_BIN]
+
+
+def neighbourhood(vol: Volume, place: np.ndarray, radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """The box of voxels around ``place`` (voxel ``(z, y, x)``) that holds a ball of ``radius_mm``,
+    the ball's mask in that box and every voxel's distance (mm) from the place."""
+    spacing = np.asarray(vol.spacing, float)
+    r = np.ceil(radius_mm / spacing).astype(int)
+    c = np.rint(np.asarray(place, float)).astype(int)
+    lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, vol.shape)
+    axes = [(np.arange(a, b) - p) * s for a, b, p, s in zip(lo, hi, place, spacing)]
+    dist = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), dist <= radius_mm, dist
+
+
+def recentred(vol: Volume, place: np.ndarray, radius_mm: float = RECENTRE_MM) -> np.ndarray:
+    """``(2, 3)`` two voxels within ``radius_mm`` of ``place`` on the scan's own grid: the densest
+    point (HU smoothed over 2.5 mm) and the point of weakest in-plane fine texture (the absolute
+    high-pass residual smoothed over 3 mm)."""
+    spacing = np.asarray(vol.spacing, float)
+    box, ball, _ = neighbourhood(vol, place, radius_mm)
+    hu = vol.hu[box].astype(np.float32)
+    dense = ndimage.gaussian_filter(hu, 2.5 / spacing, mode="nearest")
+    smooth = -ndimage.gaussian_filter(np.abs(hu - ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest")), 3.0 / spacing,
+                                      mode="nearest")
+    lo = np.array([b.start for b in box])
+    out = []
+    for m in (dense, smooth):
+        m[~ball] = -np.inf
+        out.append(lo + np.array(np.unravel_index(int(np.argmax(m)), m.shape)))
+    return np.asarray(out, float)
+
+
+def with_recentred(vol: Volume, places: np.ndarray) -> np.ndarray:
+    """``(n * 3, 3)``: each place followed by its two :func:`recentred` places."""
+    places = np.asarray(places, float).reshape(-1, 3)
+    return np.concatenate([np.vstack([p[None], recentred(vol, p)]) for p in places]) if len(places) else places
 
 
 def _residuals(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +186,7 @@ class Verifier:
     tree_class: np.ndarray  # (trees,) the class each tree adds to
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
-    meta: dict = field(default_factory=dict)  # names, uses_network, candidate_threshold, max_candidates, threshold, fit details
+    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, candidate_threshold, max_candidates, threshold, fit details
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x``."""
@@ -166,9 +210,25 @@ class Verifier:
 
     def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
-        gave ``p_network``."""
-        x = stage_inputs(vol, places, p_network, scan_noise(vol, lungs), self.meta.get("uses_network", True))
-        return self.probabilities(x)
+        gave ``p_network``; a stage fitted with ``recentre`` gives each place the probabilities of the
+        best-scoring of it and its two :func:`recentred` places (each with the place's ``p_network``)."""
+        return self.score_places_where(vol, places, p_network, lungs)[0]
+
+    def score_places_where(self, vol: Volume, places: np.ndarray, p_network: np.ndarray,
+                           lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score_places` and ``(n, 3)`` the voxel each place's probabilities were read at."""
+        places = np.asarray(places, float).reshape(-1, 3)
+        p_network = np.asarray(p_network, np.float32).reshape(-1, 3)
+        noise = scan_noise(vol, lungs)
+        uses_network = self.meta.get("uses_network", True)
+        if not self.meta.get("recentre") or not len(places):
+            return self.probabilities(stage_inputs(vol, places, p_network, noise, uses_network)), places
+        k = PLACES_PER_CANDIDATE
+        at = with_recentred(vol, places)
+        p = self.probabilities(stage_inputs(vol, at, np.repeat(p_network, k, axis=0), noise, uses_network)).reshape(-1, k, 3)
+        best = np.argmax(1.0 - p[:, :, 0], axis=1)
+        rows = np.arange(len(places))
+        return p[rows, best], at.reshape(-1, k, 3)[rows, best]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -6,7 +6,9 @@ series is complete when nothing new has arrived for ``settle_s``. It is then scr
 associations, retried with back-off until the destination confirms every instance) or held in quarantine with
 its JSON and HTML report. Other storage classes pass through unscreened. Every decision is a line
 in ``audit.jsonl``. ``workers`` series are screened and forwarded at once (a series is only ever in
-one worker's hands). With ``sign``, every instance gets a DICOM Digital Signature on arrival, before
+one worker's hands). Instances of a series that arrive after its decision was carried out (a
+sender that paused longer than ``settle_s``) cannot be screened with the rest, which has left:
+they are held as a late part (``on_late="hold"``) or screened on their own. With ``sign``, every instance gets a DICOM Digital Signature on arrival, before
 it is spooled, so that what the PACS stores can be checked with ``ctguard verify`` ever after. On start, every series left in the spool resumes where it stopped.
 """
 
@@ -62,6 +64,7 @@ class NodeConfig:
     on_tampered: str = "hold"  # hold | forward (and alert)
     on_error: str = "forward"  # a CT series that cannot be screened (no lungs in view, ...): forward | hold
     settle_s: float = 5.0
+    on_late: str = "hold"  # instances of a series already decided: hold | screen (on their own)
     allow: list[str] = field(default_factory=list)  # calling AE titles; empty: any
     model: str | None = None
     threshold: float | None = None
@@ -201,6 +204,14 @@ class Node:
                     shutil.rmtree(folder, ignore_errors=True)
             return
         screened = state.get("status") == "receiving"
+        earlier = self.spool.decided(uid)
+        if screened and earlier is not None and self.cfg.on_late == "hold":
+            # A part of a series cannot be screened alone (a few slices, and an attacker's edit
+            # would go out as an "error" by --on-error): held for a person to look at.
+            screened = False
+            state.update(status="screened", verdict="late", score=None, instances=len(files),
+                         error=f"{len(files)} instance(s) arrived after the series was decided ({earlier.get('action')}, "
+                               f"{earlier.get('instances')} instances); a part of a series is not screened on its own")
         if screened:
             work = folder / ".screen"
             shutil.rmtree(work, ignore_errors=True)
@@ -219,7 +230,7 @@ class Node:
                 log.info("series %s: %d instance(s) arrived while it was screened; screening it again when it settles", uid,
                          self.spool.writes(uid) - writes)
                 return  # its state is still "receiving"; the instance that arrived set it settling again
-            if screened:
+            if screened or state.get("verdict") == "late":
                 self.spool.save_state(uid, state)
                 log.info("series %s: %s (score %s, %d instances)", uid, state["verdict"], state.get("score"), len(files))
             self._carry_out(uid, state, folder, files)
@@ -227,10 +238,11 @@ class Node:
     def _carry_out(self, uid: str, state: dict[str, Any], folder: Path, files: list[Path]) -> None:
         """The policy for a screened series: held, kept, or forwarded (then removed from the spool)."""
         verdict = state["verdict"]
-        hold = (verdict == "tampered" and self.cfg.on_tampered == "hold") or (verdict == "error" and self.cfg.on_error == "hold")
+        hold = (verdict == "tampered" and self.cfg.on_tampered == "hold") or (verdict == "error" and self.cfg.on_error == "hold") \
+            or verdict == "late"
         if hold or self.cfg.forward is None:
             if hold:
-                self._quarantine(uid, state)
+                self._quarantine(uid, state, action="held-late" if verdict == "late" else "held")
             else:
                 self._keep(uid, state)
             return
@@ -244,6 +256,7 @@ class Node:
         self.spool.audit(calling_ae=state.get("calling_ae"), study_uid=state.get("study_uid"), series_uid=uid, instances=len(files),
                          verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title,
                          results=[p.name for p in results])
+        self.spool.mark_decided(uid, verdict=verdict, action=action, instances=len(files))
         if verdict == "tampered":  # keep the evidence of a forwarded alert
             dest = self.spool.root / "quarantine" / (folder.name + ".alert")
             shutil.rmtree(dest, ignore_errors=True)
@@ -266,8 +279,10 @@ class Node:
                 (screen / name).rename(dest / name)
         shutil.rmtree(screen, ignore_errors=True)
         self.spool.audit(calling_ae=state.get("calling_ae"), study_uid=state.get("study_uid"), series_uid=uid, instances=len(files),
-                         verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest))
-        if action == "held":
+                         verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
+                         **({"reason": state["error"]} if state.get("verdict") == "late" else {}))
+        self.spool.mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
+        if action in ("held", "held-late"):
             log.warning("series %s held in quarantine: %s", uid, dest)
 
     def _keep(self, uid: str, state: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ Layout under the spool root::
     series/<series_uid>/state.json       {"status": receiving|screened|forwarding, "verdict", ...}
     passthrough/<sop_uid>.dcm            other storage classes, forwarded unscreened
     quarantine/<series_uid>/             held series: instances, result.json, report/
+    decided/<series_uid>.json            each decided series' last decision (verdict, action, instances, time)
     audit.jsonl                          one JSON line per decision, append-only
 """
 
@@ -46,7 +47,7 @@ def write_durably(path: Path, data: bytes) -> None:
 class Spool:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        for d in ("series", "passthrough", "quarantine"):
+        for d in ("series", "passthrough", "quarantine", "decided"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self._audit_lock = threading.Lock()
         self._series_locks: dict[str, threading.Lock] = {}
@@ -107,6 +108,20 @@ class Spool:
             if d.is_dir() and (d / "state.json").is_file():
                 out.append(json.loads((d / "state.json").read_text())["series_uid"])
         return out
+
+    def mark_decided(self, series_uid: str, **record: Any) -> None:
+        """Remembers that the series was decided (forwarded, held or accepted): a later instance of
+        it is a late part, not a series of its own."""
+        before = self.decided(series_uid) or {}
+        record = {"series_uid": series_uid, "time": time.time(), **record,
+                  "instances": int(record.get("instances", 0)) + int(before.get("instances", 0))}
+        write_durably(self.root / "decided" / f"{safe_uid(series_uid)}.json", (json.dumps(record) + "\n").encode())
+
+    def decided(self, series_uid: str) -> dict[str, Any] | None:
+        """The series' last decision (:meth:`mark_decided`; its ``instances`` summed over every
+        decided part), or None."""
+        p = self.root / "decided" / f"{safe_uid(series_uid)}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
 
     def audit(self, **entry: Any) -> None:
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, sort_keys=False) + "\n"
