@@ -628,7 +628,7 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 3 and len(report["groups"]) == 3
     assert len(list((tmp_path / "run" / "verifier_rows").glob("*.npz"))) == 3  # each source's rows, kept for a later fit
     v = Verifier.load(tmp_path / "run" / "model.verifier.npz")
-    assert len(v.meta["names"]) == len(feature_names()) + 3 and len(v.feature) == 10 * 3  # 10 stages of 3 classes
+    assert v.meta["recentre"] and len(v.meta["names"]) == len(feature_names(recentre=True)) + 3 and len(v.feature) == 10 * 3  # 10 stages of 3 classes
     det = load_detector(str(tmp_path / "run" / "model.pt"))
     assert det.verifier is not None and det.threshold == report["threshold"]
     vol = phantom_source(9, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
@@ -689,27 +689,31 @@ def test_recentred_finds_a_nodules_core_and_an_in_paintings_smooth_place():
     assert all(np.linalg.norm((p - (15, 70, 10)) * spacing) <= 10.0 + 1e-6 for p in far)  # never beyond its reach
 
 
-def test_a_recentring_stage_scores_each_place_by_the_best_of_its_three(tmp_path):
-    """A stage with ``recentre`` in its card reads every place at the place and its two recentred
-    ones and keeps the highest tamper probability; without it, the place alone."""
-    from ctguard.verifier import Verifier, feature_names, scan_noise, stage_inputs, with_recentred
-
-    rng = np.random.default_rng(0)
-    n_in = len(feature_names()) + 3
-    x = rng.normal(size=(300, n_in)).astype(np.float32)
-    y = (x[:, 0] > 0.5).astype(int) + (x[:, 1] > 1.0)
+def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one_row():
+    """With ``recentre`` a row holds the place's profiles, those at its densest and its smoothest
+    point nearby (less the per-scan columns) and how far those are; a stage fitted so scores on them."""
     from sklearn.ensemble import GradientBoostingClassifier
 
-    clf = GradientBoostingClassifier(n_estimators=10, max_depth=2, random_state=0).fit(x, y)
+    from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, features_at, place_features, recentred, scan_noise, stage_inputs
+
     vol = phantom_source(2, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
     lungs = lung_mask(vol)
-    places = np.argwhere(lungs)[::997][:5].astype(float)
+    noise = scan_noise(vol, lungs)
+    places = np.argwhere(lungs)[::997][:4].astype(float)
+    plain, wide = features_at(vol, places, noise), features_at(vol, places, noise, recentre=True)
+    names = feature_names(recentre=True)
+    assert wide.shape == (4, len(names)) and len(names) == 3 * len(feature_names()) - 2 * len(SCAN_COLUMNS) + 2
+    assert np.allclose(wide[:, : plain.shape[1]], plain)
+    own = [k for k, n in enumerate(feature_names()) if n not in SCAN_COLUMNS]
+    for row, p in zip(wide, places):
+        dense, smooth = recentred(vol, p)
+        assert np.allclose(row[names.index("hu_mean_0_3@dense")], place_features(vol, dense, noise)[0])
+        assert np.allclose(row[plain.shape[1] + len(own) : -2], place_features(vol, smooth, noise)[own])
+        assert np.isclose(row[-2], np.linalg.norm((dense - p) * np.asarray(vol.spacing)), atol=1e-4) and 0 <= row[-1] <= 10.0 + 1e-4
     p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
-    plain = Verifier.from_sklearn(clf, x, {"uses_network": True})
-    moving = Verifier.from_sklearn(clf, x, {"uses_network": True, "recentre": True})
-    one = plain.score_places(vol, places, p_net, lungs)
-    three = plain.probabilities(stage_inputs(vol, with_recentred(vol, places), np.repeat(p_net, 3, 0), scan_noise(vol, lungs))).reshape(-1, 3, 3)
-    assert np.allclose(one, three[:, 0], atol=1e-6)
-    best, where = moving.score_places_where(vol, places, p_net, lungs)
-    assert np.allclose(1 - best[:, 0], (1 - three[:, :, 0]).max(1), atol=1e-6)
-    assert all(any(np.allclose(w, c) for c in cands) for w, cands in zip(where, with_recentred(vol, places).reshape(-1, 3, 3)))
+    x = stage_inputs(vol, places, p_net, noise, recentre=True)
+    rng = np.random.default_rng(0)
+    xs = np.vstack([x, (x[None] + rng.normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
+    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
+    v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True})
+    assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)

@@ -7,10 +7,10 @@ residual, gradient, dense fraction), each residual as a log ratio to the scan's 
 parenchyma, so that a sharp and a smooth kernel, or two vendors, read alike.
 
 The network's cells are 8 mm wide, so its candidate often sits several millimetres off the edit,
-where the profiles no longer describe it. A stage fitted with ``recentre`` therefore also looks at
-two places near each candidate found on the image itself (:func:`recentred`: the densest point,
-where an injected nodule's core would be, and the point of weakest fine texture, where an
-in-painting would be) and keeps the best-scoring of the three.
+where the profiles no longer describe it. A stage fitted with ``recentre`` therefore also reads the
+profiles at two places near each candidate found on the image itself (:func:`recentred`: the
+densest point, where an injected nodule's core would be, and the point of weakest fine texture,
+where an in-painting would be), and how far they are, in the same row.
 """
 
 from __future__ import annotations
@@ -29,15 +29,20 @@ BINS_MM = (0.0, 3.0, 6.0, 9.0, 12.0, 16.0, 20.0, 24.0)  # radial shells around a
 REACH_MM = BINS_MM[-1]
 PER_BIN = ("hu_mean", "hu_std", "res_xy", "res_z", "grad", "dense")
 RECENTRE_MM = 10.0  # how far from a candidate :func:`recentred` looks
-PLACES_PER_CANDIDATE = 3  # with recentring: the candidate, its densest point, its smoothest point
+SCAN_COLUMNS = ("log_slice_mm", "log_pixel_mm", "log_noise_xy", "log_noise_z")  # the same at every place of a scan
 
 
-def feature_names() -> list[str]:
-    """The names of :func:`place_features`' columns, in order."""
+def feature_names(recentre: bool = False) -> list[str]:
+    """The names of :func:`place_features`' columns, in order; with ``recentre`` those of
+    :func:`features_at`'s wider rows."""
     names = [f"{what}_{int(a)}_{int(b)}" for a, b in zip(BINS_MM[:-1], BINS_MM[1:]) for what in PER_BIN]
-    names += ["log_slice_mm", "log_pixel_mm", "log_noise_xy", "log_noise_z"]
+    names += list(SCAN_COLUMNS)
     inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
-    return names + [f"{what}_{a}_vs_{outer}" for a in (inner, rim) for what in PER_BIN]
+    names += [f"{what}_{a}_vs_{outer}" for a in (inner, rim) for what in PER_BIN]
+    if recentre:
+        own = [n for n in names if n not in SCAN_COLUMNS]
+        names += [f"{n}@{at}" for at in ("dense", "smooth") for n in own] + ["dense_offset_mm", "smooth_offset_mm"]
+    return names
 
 
 def neighbourhood(vol: Volume, place: np.ndarray, radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
@@ -144,10 +149,19 @@ def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -
     return np.asarray(out, dtype=np.float32)
 
 
-def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2) -> np.ndarray:
+def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
+                recentre: bool = False) -> np.ndarray:
     """:func:`place_features` at every place ``(n, 3)``, over ``threads`` threads (the filters and
-    medians run outside the GIL for much of their time)."""
+    medians run outside the GIL for much of their time). With ``recentre`` each row goes on with the
+    profiles at the place's two :func:`recentred` places (less :data:`SCAN_COLUMNS`) and their
+    distances (mm) from it."""
     places = np.asarray(places, float).reshape(-1, 3)
+    if recentre:
+        at = with_recentred(vol, places)
+        f = features_at(vol, at, noise, threads).reshape(len(places), 3, -1)
+        own = np.array([n not in SCAN_COLUMNS for n in feature_names()])
+        offsets = np.linalg.norm((at.reshape(-1, 3, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
+        return np.hstack([f[:, 0], f[:, 1][:, own], f[:, 2][:, own], offsets]).astype(np.float32)
     if threads > 1 and len(places) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -165,10 +179,10 @@ def network_features(p: np.ndarray) -> np.ndarray:
 
 
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
-                 with_network: bool = True, threads: int = 2) -> np.ndarray:
-    """The second stage's rows at ``places``: :func:`place_features`, then (``with_network``) the
+                 with_network: bool = True, threads: int = 2, recentre: bool = False) -> np.ndarray:
+    """The second stage's rows at ``places``: :func:`features_at`, then (``with_network``) the
     network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores."""
-    x = features_at(vol, places, noise, threads)
+    x = features_at(vol, places, noise, threads, recentre)
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
@@ -210,25 +224,10 @@ class Verifier:
 
     def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
-        gave ``p_network``; a stage fitted with ``recentre`` gives each place the probabilities of the
-        best-scoring of it and its two :func:`recentred` places (each with the place's ``p_network``)."""
-        return self.score_places_where(vol, places, p_network, lungs)[0]
-
-    def score_places_where(self, vol: Volume, places: np.ndarray, p_network: np.ndarray,
-                           lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`score_places` and ``(n, 3)`` the voxel each place's probabilities were read at."""
-        places = np.asarray(places, float).reshape(-1, 3)
-        p_network = np.asarray(p_network, np.float32).reshape(-1, 3)
-        noise = scan_noise(vol, lungs)
-        uses_network = self.meta.get("uses_network", True)
-        if not self.meta.get("recentre") or not len(places):
-            return self.probabilities(stage_inputs(vol, places, p_network, noise, uses_network)), places
-        k = PLACES_PER_CANDIDATE
-        at = with_recentred(vol, places)
-        p = self.probabilities(stage_inputs(vol, at, np.repeat(p_network, k, axis=0), noise, uses_network)).reshape(-1, k, 3)
-        best = np.argmax(1.0 - p[:, :, 0], axis=1)
-        rows = np.arange(len(places))
-        return p[rows, best], at.reshape(-1, k, 3)[rows, best]
+        gave ``p_network``."""
+        x = stage_inputs(vol, places, p_network, scan_noise(vol, lungs), self.meta.get("uses_network", True),
+                         recentre=self.meta.get("recentre", False))
+        return self.probabilities(x)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

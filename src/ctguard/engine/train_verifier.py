@@ -6,12 +6,11 @@ edits of every family with seeds the network never trained on, and makes rows:
   as vessels and airway walls, every real lesion), with the network's probabilities there;
 - the network's candidates on every scan (its findings at ``candidate_threshold``), each an edit's
   when it lies near one.
-Each row is :func:`ctguard.verifier.place_features` plus the network's probabilities. With
-``verifier_recentre`` every place also gives the rows of its two :func:`ctguard.verifier.recentred`
-places (same label, same network probabilities), as screening scores them; a place's score is the
-best of its rows. Gradient-boosted trees are fitted on all rows; the operating threshold is chosen
-on out-of-patient scores (each patient's rows scored by trees fitted without that patient): the
-lowest of a grid giving at most ``max_false`` candidates over threshold per untouched scan.
+Each row is :func:`ctguard.verifier.place_features` (with ``verifier_recentre``, also at the two
+places :func:`ctguard.verifier.recentred` finds near it) plus the network's probabilities. Gradient-
+boosted trees are fitted on all rows; the operating threshold is chosen on out-of-patient scores
+(each patient's rows scored by trees fitted without that patient): the lowest of a grid giving at
+most ``max_false`` candidates over threshold per untouched scan.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
-from ctguard.verifier import PLACES_PER_CANDIDATE, Verifier, feature_names, scan_noise, stage_inputs, with_recentred
+from ctguard.verifier import Verifier, feature_names, scan_noise, stage_inputs
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
@@ -37,7 +36,7 @@ VERIFIER_DEFAULTS = {
     "verifier_candidate_threshold": 0.3,
     "verifier_max_candidates": 40,
     "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
-    "verifier_recentre": False,  # also score each place at its densest and its smoothest point nearby (ctguard.verifier.recentred)
+    "verifier_recentre": False,  # rows also read at each place's densest and smoothest point nearby (ctguard.verifier.recentred)
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
@@ -64,8 +63,7 @@ def near(voxel, centre, diameter_mm: float, spacing) -> bool:
 
 
 ROW_KEYS = ("seed", "inject_families", "remove_families", "phantom_variety", "phantom_opacities", "phantom_shape", "phantom_spacing",
-            "verifier_inject", "verifier_remove", "verifier_healthy", "verifier_candidate_threshold", "verifier_max_candidates",
-            "verifier_recentre")
+            "verifier_inject", "verifier_remove", "verifier_healthy", "verifier_candidate_threshold", "verifier_max_candidates")
 
 
 def source_rows(job: tuple) -> dict:
@@ -77,11 +75,12 @@ def source_rows(job: tuple) -> dict:
     cfg, spec, model_path = job
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     what = {k: cfg.get(k) for k in ROW_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)],
-                                                "network": hashlib.sha1(Path(model_path).read_bytes()).hexdigest(), "features": feature_names()}
+                                                "network": hashlib.sha1(Path(model_path).read_bytes()).hexdigest(),
+                                                "features": feature_names(bool(cfg["verifier_recentre"]))}  # recentring: other features
     cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as d:
-            return {k: d[k] for k in ("x", "y", "scan", "clean", "place")} | {"group": str(d["group"]), "source": str(d["source"])}
+            return {k: d[k] for k in ("x", "y", "scan", "clean")} | {"group": str(d["group"]), "source": str(d["source"])}
     rows = _source_rows(cfg, spec, model_path)
     cached.parent.mkdir(exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
@@ -92,8 +91,7 @@ def source_rows(job: tuple) -> dict:
 
 def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     """The rows of one source: ``x``, ``y`` (0 untouched, 1 injected, 2 removed), ``scan`` (which
-    copy), ``clean`` (a candidate on the untouched copy), ``place`` (the place a row scores: with
-    recentring three rows a place) and ``group`` (the patient)."""
+    copy), ``clean`` (a candidate on the untouched copy) and ``group`` (the patient)."""
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_depth, lung_mask
     from ctguard.screen import (
@@ -111,20 +109,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
     recentre = bool(cfg["verifier_recentre"])
-    k_rows = PLACES_PER_CANDIDATE if recentre else 1
-    xs, ys, scans, clean, place = [], [], [], [], []
-
-    def add(vol, at, p_network, noise, labels, k, on_clean):
-        if recentre:
-            at, p_network = with_recentred(vol, at), np.repeat(np.asarray(p_network, np.float32).reshape(-1, 3), k_rows, axis=0)
-        xs.append(stage_inputs(vol, at, p_network, noise, threads=1))
-        first = place[-1] + 1 if place else 0
-        for j, label in enumerate(labels):
-            ys.extend([label] * k_rows)
-            scans.extend([k] * k_rows)
-            clean.extend([on_clean] * k_rows)
-            place.extend([first + j] * k_rows)
-
+    xs, ys, scans, clean = [], [], [], []
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
               "healthy": int(cfg["verifier_healthy"])}
     for k, (_, vol, edits) in enumerate(variants(src, seed, per_scan=2, inject_families=tuple(cfg["inject_families"]),
@@ -135,17 +120,24 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         else:
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
-        add(vol, at, score_locations(vol, det, at, stage2=False), noise, [LABELS.get(what, 0) for what, _ in where], k, False)
+        xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre))
+        ys += [LABELS.get(what, 0) for what, _ in where]
+        scans += [k] * len(where)
+        clean += [False] * len(where)
         result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
         found = result["findings"][: int(cfg["verifier_max_candidates"])]
         if found:
-            hits = [next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None) for f in found]
-            add(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), noise,
-                [LABELS[h.kind] if h is not None else 0 for h in hits], k, not edits)
+            xs.append(stage_inputs(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), noise, threads=1,
+                                   recentre=recentre))
+        for f in found:
+            hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
+            ys.append(LABELS[hit.kind] if hit is not None else 0)
+            scans.append(k)
+            clean.append(not edits)
     # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
     return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
-            "clean": np.asarray(clean, bool), "place": np.asarray(place, np.int32), "group": group, "source": str(spec[1])}
+            "clean": np.asarray(clean, bool), "group": group, "source": str(spec[1])}
 
 
 def verifier_specs(cfg: dict) -> list[tuple]:
@@ -164,13 +156,6 @@ def _gb(cfg: dict):
     return GradientBoostingClassifier(n_estimators=int(cfg["verifier_trees"]), max_depth=int(cfg["verifier_depth"]),
                                       learning_rate=float(cfg["verifier_rate"]), subsample=0.8, min_samples_leaf=20, max_features=0.5,
                                       random_state=int(cfg["seed"]))
-
-
-def best_of_place(scores: np.ndarray, place: np.ndarray) -> np.ndarray:
-    """The highest of ``scores`` over each place's rows (``place``: each row's place, 0 to n - 1)."""
-    out = np.full(int(place.max()) + 1 if len(place) else 0, -np.inf)
-    np.maximum.at(out, place, scores)
-    return out
 
 
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
@@ -197,10 +182,6 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     y = np.concatenate([p["y"] for p in parts]).astype(int)
     groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
     clean = np.concatenate([p["clean"] for p in parts])
-    # Which place each row scores, over all sources (with recentring a place has three rows).
-    _, place = np.unique(np.concatenate([np.stack([np.full(len(p["y"]), i), p["place"]], 1) for i, p in enumerate(parts)]),
-                         axis=0, return_inverse=True)
-    place = place.reshape(-1)
     n_clean = len(parts)  # one untouched copy per source
     t_rows = time.time() - t0
     echo(f"second stage: {len(y)} rows from {len(parts)} sources ({int((y == 1).sum())} injected, {int((y == 2).sum())} removed; "
@@ -215,11 +196,10 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         clf = _gb(cfg).fit(x[tr], y[tr])
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(x[te])[:, genuine] if genuine is not None else 1.0
-    oof, clean = best_of_place(oof, place), best_of_place(clean.astype(float), place) > 0
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = _gb(cfg).fit(x, y)
-    meta = {"names": feature_names() + ["log_p_injected", "log_p_removed", "log_p_genuine"], "uses_network": True,
-            "recentre": bool(cfg["verifier_recentre"]), "places": int(place.max()) + 1,
+    meta = {"names": feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"],
+            "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
