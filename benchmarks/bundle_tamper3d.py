@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold T] [--version V] [--name tamper3d|tamper2d]
                                             [--patients TEXT] [--held-out TEXT] [--cv CV_JSON] [--threshold-rule TEXT]
+                                            [--provenance TEXT]
        python benchmarks/bundle_tamper3d.py --metrics-only EVAL_JSON ... [--name tamper3d|tamper2d]
 Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card), NAME.onnx (the
 network for onnxruntime) and, for a run with a second stage, NAME.verifier.npz (its trees; the
@@ -60,7 +61,7 @@ def training_patients(cfg: dict) -> list[dict]:
 
 
 def main(run_dir: str, evals: list[str], threshold: float, version: str, name: str = "tamper3d", patients: str | None = None,
-         held_out: str = HELD_OUT, cv: str | None = None, threshold_rule: str | None = None) -> None:
+         held_out: str = HELD_OUT, cv: str | None = None, threshold_rule: str | None = None, provenance: str | None = None) -> None:
     run = Path(run_dir)
     ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     ckpt["config"] = portable(ckpt["config"])
@@ -84,6 +85,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         "metrics": card_metrics(evals),
         "train_seconds": summary["train_seconds"],
         "data_seconds": summary["data_seconds"],
+        **({"provenance": provenance} if provenance else {}),
     }
     dst = Path(__file__).resolve().parents[1] / "src/ctguard/weights"
     dst.mkdir(parents=True, exist_ok=True)
@@ -159,8 +161,9 @@ if __name__ == "__main__":
     ap.add_argument("--held-out", default=HELD_OUT, help="what the evaluations held out, for the card")
     ap.add_argument("--cv", default=None, help="the recipe's cross-validation (cv.json of benchmarks/cross_validate.py), for the card")
     ap.add_argument("--threshold-rule", default=None, help="how the threshold was chosen, for the card")
+    ap.add_argument("--provenance", default=None, help="how the run was made (commands, times), for the card")
     a = ap.parse_args()
     if a.metrics_only:
         update_metrics([a.run_dir, *a.evals], a.name)
         raise SystemExit(0)
-    main(a.run_dir, a.evals, a.threshold, a.version, a.name, a.patients, a.held_out, a.cv, a.threshold_rule)
+    main(a.run_dir, a.evals, a.threshold, a.version, a.name, a.patients, a.held_out, a.cv, a.threshold_rule, a.provenance)
