@@ -51,6 +51,7 @@ from ctguard.tamper.simulate import (
     variants,
     varied_phantom_source,
 )
+from ctguard.verifier import neighbourhood
 from ctguard.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,14 +104,7 @@ def texture_smoothness(vol, place: np.ndarray, inner_mm: float = 6.0, outer_mm: 
     return float(np.log((np.median(np.abs(shell)) + 1e-3) / (np.median(np.abs(inner)) + 1e-3)))
 
 
-def _neighbourhood(vol, place: np.ndarray, radius_mm: float):
-    spacing = np.asarray(vol.spacing)
-    r = np.ceil(radius_mm / spacing).astype(int)
-    c = np.rint(place).astype(int)
-    lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, vol.shape)
-    grid = np.meshgrid(*[(np.arange(a, b) - p) * s for a, b, p, s in zip(lo, hi, place, spacing)], indexing="ij")
-    dist = np.sqrt(sum(g**2 for g in grid))
-    return tuple(slice(a, b) for a, b in zip(lo, hi)), dist <= radius_mm, dist
+_neighbourhood = neighbourhood  # the box, ball and distances around a place (ctguard.verifier)
 
 
 def choose_threshold(det, cfg: dict, training: dict[str, list[dict]]) -> dict:

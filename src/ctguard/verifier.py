@@ -156,6 +156,8 @@ def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], thr
     profiles at the place's two :func:`recentred` places (less :data:`SCAN_COLUMNS`) and their
     distances (mm) from it."""
     places = np.asarray(places, float).reshape(-1, 3)
+    if recentre and not len(places):
+        return np.zeros((0, len(feature_names(recentre=True))), np.float32)
     if recentre:
         at = with_recentred(vol, places)
         f = features_at(vol, at, noise, threads).reshape(len(places), 3, -1)
