@@ -231,7 +231,7 @@ def test_a_late_part_of_a_decided_series_is_held_not_screened_alone(tmp_path, ta
         assert "arrived after the series was decided" in late["reason"] and len(calls) == 1
         held = Path(late["folder"])
         assert held.parent.name == "quarantine" and len(list(held.glob("*.dcm"))) == 3
-        assert n.spool.decided(first["series_uid"])["instances"] == len(clean)
+        wait_for(lambda: n.spool.decided(first["series_uid"])["instances"] == len(clean), 10)  # written after the audit line
         assert n.spool.pending() == []
     finally:
         n.stop()
