@@ -88,7 +88,7 @@ def sources_of(entries: list[dict]) -> list[Source]:
 
 def mean_hu(vol, place: np.ndarray, radius_mm: float = 5.0) -> float:
     """Mean HU of a ball around ``place`` on the scan's own voxels."""
-    box, ball, _ = _neighbourhood(vol, place, radius_mm)
+    box, ball, _ = neighbourhood(vol, place, radius_mm)
     return float(vol.hu[box][ball].mean())
 
 
@@ -96,15 +96,12 @@ def texture_smoothness(vol, place: np.ndarray, inner_mm: float = 6.0, outer_mm: 
     """How much smoother the place is than its surroundings at the scan's own resolution: the log
     ratio of the in-plane high-pass residual's spread in a 10-20 mm shell to that in a 6 mm ball
     (in-painting and blending smooth the fine noise that the kernel gives every voxel)."""
-    box, ball, dist = _neighbourhood(vol, place, outer_mm)
+    box, ball, dist = neighbourhood(vol, place, outer_mm)
     hu = vol.hu[box].astype(np.float32)
     residual = hu - ndimage.gaussian_filter(hu, (0, 1.0, 1.0))
     inner = residual[dist <= inner_mm]
     shell = residual[(dist >= 10.0) & (dist <= outer_mm)]
     return float(np.log((np.median(np.abs(shell)) + 1e-3) / (np.median(np.abs(inner)) + 1e-3)))
-
-
-_neighbourhood = neighbourhood  # the box, ball and distances around a place (ctguard.verifier)
 
 
 def choose_threshold(det, cfg: dict, training: dict[str, list[dict]]) -> dict:

@@ -21,30 +21,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from cross_validate import EVAL_SEED, FOLDS, _neighbourhood, patient_scans, sources_of  # noqa: E402
+from cross_validate import EVAL_SEED, FOLDS, patient_scans, sources_of  # noqa: E402
 
 from ctguard import api  # noqa: E402
 from ctguard.lung import lung_mask  # noqa: E402
 from ctguard.screen import finding_probabilities, load_detector, score_locations, screen_volume  # noqa: E402
 from ctguard.tamper.simulate import variants  # noqa: E402
-
-
-def recentre(vol, voxel: np.ndarray, kind: str, radius_mm: float = 10.0) -> np.ndarray:
-    """The densest point (``injected``) or the point of weakest in-plane fine texture (``removed``)
-    within ``radius_mm`` of ``voxel``, on the scan's own voxels."""
-    sp = np.asarray(vol.spacing)
-    box, ball, _ = _neighbourhood(vol, voxel, radius_mm)
-    hu = vol.hu[box].astype(np.float32)
-    if kind == "injected":
-        m = ndimage.gaussian_filter(hu, 2.5 / sp)
-    else:
-        m = -ndimage.gaussian_filter(np.abs(hu - ndimage.gaussian_filter(hu, (0, 1, 1))), 3 / sp)
-    m[~ball] = -np.inf
-    return np.array([b.start for b in box]) + np.array(np.unravel_index(np.argmax(m), m.shape))
+from ctguard.verifier import recentred  # noqa: E402
 
 
 def stage_scores(det, vol, lungs, places: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -71,7 +57,7 @@ def main() -> None:
         at = np.asarray([f["voxel"] for f in cands], float)
         probs = finding_probabilities(cands)
         if not edits:
-            moved = np.concatenate([at] + [[recentre(vol, v, k) for v in at] for k in ("injected", "removed")]).astype(float)
+            moved = np.concatenate([at, *np.stack([recentred(vol, v) for v in at], axis=1)])  # as found, densest, smoothest
             s = stage_scores(det, vol, lungs, moved, np.concatenate([probs] * 3)).reshape(3, -1)
             print("untouched scan, top candidates: as found", np.round(np.sort(s[0])[::-1][:5], 3),
                   "| best of the three places", np.round(np.sort(s.max(0))[::-1][:5], 3))
@@ -81,7 +67,7 @@ def main() -> None:
         for e, sc in zip(edits, at_centre):
             j = int(np.argmin([np.linalg.norm((v - e.voxel) * sp) for v in at]))
             d = float(np.linalg.norm((at[j] - e.voxel) * sp))
-            moved = np.asarray([at[j], recentre(vol, at[j], "injected"), recentre(vol, at[j], "removed")], float)
+            moved = np.vstack([at[j : j + 1], recentred(vol, at[j])])
             s = stage_scores(det, vol, lungs, moved, np.repeat(probs[j : j + 1], 3, 0))
             print(f"{e.kind} {e.extra.get('family')} over {e.extra.get('target', 'lung')}: at its centre {sc:.3f}; "
                   f"nearest candidate {d:.1f} mm off {s[0]:.3f}; re-centred as injection {s[1]:.3f}, as removal {s[2]:.3f}")

@@ -45,11 +45,13 @@ def feature_names(recentre: bool = False) -> list[str]:
     return names
 
 
-def neighbourhood(vol: Volume, place: np.ndarray, radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
-    """The box of voxels around ``place`` (voxel ``(z, y, x)``) that holds a ball of ``radius_mm``,
-    the ball's mask in that box and every voxel's distance (mm) from the place."""
+def neighbourhood(vol: Volume, place: np.ndarray, radius_mm: float,
+                  margin: int = 0) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """The box of voxels around ``place`` (voxel ``(z, y, x)``) that holds a ball of ``radius_mm``
+    (and ``margin`` voxels more each way), the ball's mask in that box and every voxel's distance
+    (mm) from the place."""
     spacing = np.asarray(vol.spacing, float)
-    r = np.ceil(radius_mm / spacing).astype(int)
+    r = np.ceil(radius_mm / spacing).astype(int) + margin
     c = np.rint(np.asarray(place, float)).astype(int)
     lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, vol.shape)
     axes = [(np.arange(a, b) - p) * s for a, b, p, s in zip(lo, hi, place, spacing)]
@@ -116,12 +118,8 @@ def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float,
 def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
     """The radial profiles around ``place`` (voxel ``(z, y, x)``), see the module's docstring."""
     spacing = np.asarray(vol.spacing, float)
-    r = np.ceil(REACH_MM / spacing).astype(int) + 1
-    c = np.rint(np.asarray(place, float)).astype(int)
-    lo, hi = np.maximum(c - r, 0), np.minimum(c + r + 1, vol.shape)
-    hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
-    axes = [(np.arange(a, b) - p) * s for a, b, p, s in zip(lo, hi, place, spacing)]
-    dist = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
+    box, _, dist = neighbourhood(vol, place, REACH_MM, margin=1)
+    hu = vol.hu[box].astype(np.float32)
     r_xy, r_z = _residuals(hu)
     grads = np.gradient(hu, *spacing) if min(hu.shape) > 1 else [np.zeros_like(hu)] * 3
     grad = np.sqrt(sum(g**2 for g in grads))
@@ -156,14 +154,14 @@ def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], thr
     profiles at the place's two :func:`recentred` places (less :data:`SCAN_COLUMNS`) and their
     distances (mm) from it."""
     places = np.asarray(places, float).reshape(-1, 3)
-    if recentre and not len(places):
-        return np.zeros((0, len(feature_names(recentre=True))), np.float32)
     if recentre:
+        if not len(places):
+            return np.zeros((0, len(feature_names(recentre=True))), np.float32)
         at = with_recentred(vol, places)
         f = features_at(vol, at, noise, threads).reshape(len(places), 3, -1)
-        own = np.array([n not in SCAN_COLUMNS for n in feature_names()])
+        own = [k for k, n in enumerate(feature_names()) if n not in SCAN_COLUMNS]
         offsets = np.linalg.norm((at.reshape(-1, 3, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
-        return np.hstack([f[:, 0], f[:, 1][:, own], f[:, 2][:, own], offsets]).astype(np.float32)
+        return np.hstack([f[:, 0], f[:, 1, own], f[:, 2, own], offsets]).astype(np.float32)
     if threads > 1 and len(places) > 1:
         from concurrent.futures import ThreadPoolExecutor
 

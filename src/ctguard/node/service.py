@@ -203,12 +203,12 @@ class Node:
                 if not self.spool.instances(uid):
                     shutil.rmtree(folder, ignore_errors=True)
             return
-        screened = state.get("status") == "receiving"
         earlier = self.spool.decided(uid)
-        if screened and earlier is not None and self.cfg.on_late == "hold":
-            # A part of a series cannot be screened alone (a few slices, and an attacker's edit
-            # would go out as an "error" by --on-error): held for a person to look at.
-            screened = False
+        # A part of a series cannot be screened alone (a few slices, and an attacker's edit would
+        # go out as an "error" by --on-error): held for a person to look at.
+        late = state.get("status") == "receiving" and earlier is not None and self.cfg.on_late == "hold"
+        screened = state.get("status") == "receiving" and not late
+        if late:
             state.update(status="screened", verdict="late", score=None, instances=len(files),
                          error=f"{len(files)} instance(s) arrived after the series was decided ({earlier.get('action')}, "
                                f"{earlier.get('instances')} instances); a part of a series is not screened on its own")
@@ -230,7 +230,7 @@ class Node:
                 log.info("series %s: %d instance(s) arrived while it was screened; screening it again when it settles", uid,
                          self.spool.writes(uid) - writes)
                 return  # its state is still "receiving"; the instance that arrived set it settling again
-            if screened or state.get("verdict") == "late":
+            if screened or late:
                 self.spool.save_state(uid, state)
                 log.info("series %s: %s (score %s, %d instances)", uid, state["verdict"], state.get("score"), len(files))
             self._carry_out(uid, state, folder, files)
