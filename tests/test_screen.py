@@ -717,3 +717,62 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
     v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True})
     assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
+
+
+def test_a_ring_stage_reads_the_far_surroundings_past_a_wide_in_painting():
+    """With ``ring`` a row goes on with an in-plane ring 24-40 mm out and every shell's contrast
+    against it: an in-painting that smooths everything within 26 mm leaves the profiles' own
+    contrast flat, the ring's contrast shows it; a place at a corner with no ring in the scan
+    takes its outer shells instead; a stage fitted so scores on those rows."""
+    from scipy import ndimage
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from ctguard.verifier import (
+        REACH_MM,
+        RING_MM,
+        Verifier,
+        feature_names,
+        features_at,
+        place_features,
+        ring_profile,
+        scan_noise,
+        stage_inputs,
+    )
+    from ctguard.volume import Volume
+
+    rng = np.random.default_rng(4)
+    spacing = (2.0, 0.8, 0.8)
+    hu = (-850 + 30 * rng.normal(size=(40, 140, 140))).astype(np.float32)
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(hu.shape, spacing)], indexing="ij")
+    centre = np.array([20.0, 70.0, 70.0])
+    r = np.sqrt((z - 40.0) ** 2 + (y - 56.0) ** 2 + (x - 56.0) ** 2)
+    smoothed = ndimage.gaussian_filter(hu, (0.0, 2.0, 2.0))
+    hu[r <= 26] = smoothed[r <= 26]  # the fine noise gone out to 26 mm
+    vol = Volume(hu, spacing)
+    noise = (float(np.median(np.abs(hu - ndimage.gaussian_filter(hu, (0, 1, 1))))), 1.0)
+    names, plain_names = feature_names(ring=True), feature_names()
+    row = place_features(vol, centre, noise, ring=True)
+    assert len(row) == len(names) and np.allclose(row[: len(plain_names)], place_features(vol, centre, noise))
+    assert abs(row[plain_names.index("res_xy_0-9_vs_16-24")]) < 0.3  # the profiles' own surroundings smoothed too
+    assert row[names.index("res_xy_0-9_vs_ring24-40")] < -1.0  # against the untouched ring, far smoother
+    assert row[names.index("res_xy_ring24-40")] > -0.3  # the ring reads the scan's own noise
+    # The ring's voxels: in-plane 24-40 mm out, on the place's slice and those within 3 mm of it.
+    far = ring_profile(vol, centre, noise)
+    d = np.sqrt((y[19:22] - 56.0) ** 2 + (x[19:22] - 56.0) ** 2)
+    assert np.isclose(far[0], hu[19:22][(d >= REACH_MM) & (d < RING_MM)].mean(), atol=0.05)
+    corner = np.array([20.0, 0.0, 0.0])
+    small = Volume(hu[:, :20, :20], spacing)  # 16 mm square: no ring within the scan
+    assert ring_profile(small, corner, noise) is None
+    edge = place_features(small, corner, noise, ring=True)
+    outer = [edge[names.index(f"hu_mean_{a}_{b}")] for a, b in ((16, 20), (20, 24))]
+    assert np.isclose(edge[names.index("hu_mean_ring24-40")], np.mean(outer), atol=1e-2)
+    assert np.isclose(edge[names.index("hu_mean_16-24_vs_ring24-40")], 0.0, atol=1e-2)
+    wide = features_at(vol, centre[None], noise, recentre=True, ring=True)
+    assert wide.shape == (1, len(feature_names(recentre=True, ring=True)))
+    assert np.allclose(wide[0, : len(names)], row)
+    lungs = hu < -500
+    rows = stage_inputs(vol, centre[None], np.array([[0.5, 0.2, 0.3]], np.float32), scan_noise(vol, lungs), ring=True)
+    xs = (rows + rng.normal(scale=0.1, size=(90, rows.shape[1]))).astype(np.float32)
+    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
+    v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "ring": True})
+    assert np.allclose(v.score_places(vol, centre[None], np.array([[0.5, 0.2, 0.3]], np.float32), lungs), clf.predict_proba(rows), atol=1e-5)
