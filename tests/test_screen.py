@@ -49,10 +49,13 @@ def test_bundled_detector_finds_injection(tampered):
     assert "Verdict: tampered" in page
 
 
-def test_clean_phantom_screens_clean(tampered):
+def test_clean_phantom_screens_clean(tampered, tmp_path):
     root, _, _ = tampered
-    result = api.screen(root / "clean")
+    result = api.screen(root / "clean", report_dir=tmp_path / "clean-report", report_tampered_only=True)
     assert result["verdict"] == "clean" and result["findings"] == []
+    assert not (tmp_path / "clean-report").exists()  # the node's setting: no report of a clean series
+    api.screen(root / "tampered", report_dir=tmp_path / "tampered-report", report_tampered_only=True)
+    assert (tmp_path / "tampered-report" / "index.html").is_file()
 
 
 def test_locations_scores(tampered, tmp_path):

@@ -108,6 +108,7 @@ def screen(
     dicom_out: str | Path | None = None,
     dicom_seg: bool = False,
     trust: str | Path | None = None,
+    report_tampered_only: bool = False,
 ) -> dict[str, Any]:
     """Screens a whole scan for CT-GAN-style edits: where, and how (injected or removed).
 
@@ -131,6 +132,8 @@ def screen(
             :func:`verify`). A DICOM series' signatures are always checked and reported
             (``result["signatures"]``); an invalid one is a finding of kind ``signature`` and makes
             the verdict tampered, whatever the detector says.
+        report_tampered_only: write the HTML report only when the verdict is tampered (the DICOM
+            node, which keeps no report of a clean series it forwards).
 
     Returns:
         The result dict documented in docs/DESIGN.md (verdict, score, findings, ...).
@@ -177,6 +180,8 @@ def screen(
         if on_stage is not None:
             on_stage("report")
         want_seg = dicom_out is not None and (dicom_seg or result["verdict"] == "tampered")
+        if report_tampered_only and result["verdict"] != "tampered":
+            report_dir = None
         # The heatmap on every voxel (a second per 50 M voxels): for the report's figures of findings, the viewer, the SEG.
         need = (report_dir is not None and result["findings"]) or viewer_dir is not None or want_seg
         overlay = heat.tampered_on_voxels(vol.shape) if need else None

@@ -218,8 +218,10 @@ class Node:
             work.mkdir()
             try:
                 t = time.time()
+                # A clean series that is forwarded leaves the spool with its report: write none for it.
                 result = api.screen(folder, json_out=work / "result.json", report_dir=work / "report", model=self.cfg.model,
-                                    threshold=self.cfg.threshold, dicom_out=work / "dicom" if self.cfg.send_results else None)
+                                    threshold=self.cfg.threshold, dicom_out=work / "dicom" if self.cfg.send_results else None,
+                                    report_tampered_only=self.cfg.forward is not None)
                 state.update(verdict=result["verdict"], score=result["score"], findings=len(result["findings"]),
                              screen_s=round(time.time() - t, 2))
             except InputError as e:
