@@ -97,7 +97,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         card["second_stage"] = {"what": "gradient-boosted trees over the texture around each candidate at the scan's own voxels "
                                         "(ctguard.verifier), re-scoring the network's findings from "
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
-                                "recentre": bool(v.meta.get("recentre", False)), "ring": bool(v.meta.get("ring", False)),
+                                "recentre": bool(v.meta.get("recentre", False)),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],
                                 "seconds": summary.get("verifier", {}).get("seconds")}

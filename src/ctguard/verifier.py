@@ -11,12 +11,6 @@ where the profiles no longer describe it. A stage fitted with ``recentre`` there
 profiles at two places near each candidate found on the image itself (:func:`recentred`: the
 densest point, where an injected nodule's core would be, and the point of weakest fine texture,
 where an in-painting would be), and how far they are, in the same row.
-
-A removal in-paints the lesion and a margin around it (the blend reaches 6 mm past a 14 mm radius for
-a 28 mm tumour), so the profiles' outer shells (16-24 mm) may be in-painted too and the contrasts
-between place and surroundings vanish. A stage fitted with ``ring`` also reads an in-plane ring
-beyond the profiles' reach (24-40 mm, on the slices within a few millimetres of the place: the far
-surroundings at a small cost) and the contrasts of every shell against it.
 """
 
 from __future__ import annotations
@@ -35,22 +29,16 @@ BINS_MM = (0.0, 3.0, 6.0, 9.0, 12.0, 16.0, 20.0, 24.0)  # radial shells around a
 REACH_MM = BINS_MM[-1]
 PER_BIN = ("hu_mean", "hu_std", "res_xy", "res_z", "grad", "dense")
 RECENTRE_MM = 10.0  # how far from a candidate :func:`recentred` looks
-RING_MM = 40.0  # the outer edge of the in-plane ring read with ``ring`` (from REACH_MM)
-RING_SLAB_MM = 3.0  # the ring's slices: those within this of the place (at least the place's own)
 SCAN_COLUMNS = ("log_slice_mm", "log_pixel_mm", "log_noise_xy", "log_noise_z")  # the same at every place of a scan
 
 
-def feature_names(recentre: bool = False, ring: bool = False) -> list[str]:
-    """The names of :func:`place_features`' columns, in order (with ``ring``, the ring's columns
-    last); with ``recentre`` those of :func:`features_at`'s wider rows."""
+def feature_names(recentre: bool = False) -> list[str]:
+    """The names of :func:`place_features`' columns, in order; with ``recentre`` those of
+    :func:`features_at`'s wider rows."""
     names = [f"{what}_{int(a)}_{int(b)}" for a, b in zip(BINS_MM[:-1], BINS_MM[1:]) for what in PER_BIN]
     names += list(SCAN_COLUMNS)
     inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
     names += [f"{what}_{a}_vs_{outer}" for a in (inner, rim) for what in PER_BIN]
-    if ring:
-        far = f"ring{int(REACH_MM)}-{int(RING_MM)}"
-        names += [f"{what}_{far}" for what in PER_BIN]
-        names += [f"{what}_{a}_vs_{far}" for a in (inner, rim, outer) for what in PER_BIN]
     if recentre:
         own = [n for n in names if n not in SCAN_COLUMNS]
         names += [f"{n}@{at}" for at in ("dense", "smooth") for n in own] + ["dense_offset_mm", "smooth_offset_mm"]
@@ -127,48 +115,15 @@ def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float,
     return float(np.median(np.concatenate(xy))) + 1e-3, float(np.median(np.concatenate(z))) + 1e-3
 
 
-def _stats(h: np.ndarray, ax: np.ndarray, az: np.ndarray, g: np.ndarray, noise: tuple[float, float]) -> list[float]:
-    """The :data:`PER_BIN` values of a set of voxels: HU, residuals (against the scan's noise),
-    gradient and dense fraction."""
-    n_xy, n_z = noise
-    return [h.mean(), h.std(), np.log((np.median(ax) + 1e-3) / n_xy), np.log((np.median(az) + 1e-3) / n_z),
-            np.log1p(g.mean()), (h > -400).mean()]
-
-
-def ring_profile(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -> np.ndarray | None:
-    """The :data:`PER_BIN` values over an in-plane ring from :data:`REACH_MM` to :data:`RING_MM`
-    around ``place``, on the slices within :data:`RING_SLAB_MM` of it (at least its own slice), or
-    ``None`` where none of the ring lies in the scan."""
-    spacing = np.asarray(vol.spacing, float)
-    c = np.rint(np.asarray(place, float)).astype(int)
-    half = max(int(RING_SLAB_MM // spacing[0]), 0)
-    z0, z1 = max(c[0] - half, 0), min(c[0] + half + 1, vol.shape[0])
-    pad0, pad1 = min(z0, 2), min(vol.shape[0] - z1, 2)  # neighbours for the through-plane residual
-    r = np.ceil(RING_MM / spacing[1:]).astype(int) + 4  # and a margin wider than the in-plane Gaussian
-    lo, hi = np.maximum(c[1:] - r, 0), np.minimum(c[1:] + r + 1, vol.shape[1:])
-    hu = vol.hu[z0 - pad0 : z1 + pad1, lo[0] : hi[0], lo[1] : hi[1]].astype(np.float32)
-    r_xy, r_z = _residuals(hu)
-    grads = np.gradient(hu, *spacing) if min(hu.shape) > 1 else [np.zeros_like(hu)] * 3
-    grad = np.sqrt(sum(gr**2 for gr in grads))
-    keep = slice(pad0, hu.shape[0] - pad1)
-    yy = (np.arange(lo[0], hi[0]) - place[1]) * spacing[1]
-    xx = (np.arange(lo[1], hi[1]) - place[2]) * spacing[2]
-    d = np.sqrt(yy[:, None] ** 2 + xx[None, :] ** 2)
-    m = np.broadcast_to((d >= REACH_MM) & (d < RING_MM), hu[keep].shape)
-    if not m.any():
-        return None
-    return np.asarray(_stats(hu[keep][m], np.abs(r_xy[keep][m]), np.abs(r_z[keep][m]), grad[keep][m], noise), np.float64)
-
-
-def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float], ring: bool = False) -> np.ndarray:
-    """The radial profiles around ``place`` (voxel ``(z, y, x)``), see the module's docstring; with
-    ``ring``, then :func:`ring_profile` and every shell's contrast against it."""
+def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
+    """The radial profiles around ``place`` (voxel ``(z, y, x)``), see the module's docstring."""
     spacing = np.asarray(vol.spacing, float)
     box, _, dist = neighbourhood(vol, place, REACH_MM, margin=1)
     hu = vol.hu[box].astype(np.float32)
     r_xy, r_z = _residuals(hu)
     grads = np.gradient(hu, *spacing) if min(hu.shape) > 1 else [np.zeros_like(hu)] * 3
     grad = np.sqrt(sum(g**2 for g in grads))
+    n_xy, n_z = noise
     # Every voxel within reach once, grouped by shell (a stable radix sort on the shell's index).
     within = dist < BINS_MM[-1]
     d, h_all, a_xy, a_z, g_all = dist[within], hu[within], np.abs(r_xy[within]), np.abs(r_z[within]), grad[within]
@@ -183,20 +138,17 @@ def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float], r
             h, ax, az, g = hu[m], np.abs(r_xy[m]), np.abs(r_z[m]), grad[m]
         else:
             h, ax, az, g = h_all[idx], a_xy[idx], a_z[idx], g_all[idx]
-        out += _stats(h, ax, az, g, noise)
-    out += [np.log(spacing[0]), np.log(spacing[1:].mean()), np.log(noise[0]), np.log(noise[1])]
+        out += [h.mean(), h.std(), np.log((np.median(ax) + 1e-3) / n_xy), np.log((np.median(az) + 1e-3) / n_z),
+                np.log1p(g.mean()), (h > -400).mean()]
+    out += [np.log(spacing[0]), np.log(spacing[1:].mean()), np.log(n_xy), np.log(n_z)]
     # Contrasts: the place (0-9 mm) and its rim (9-16 mm) against the surroundings (16-24 mm).
     b = np.asarray(out[: 6 * (len(BINS_MM) - 1)], np.float64).reshape(len(BINS_MM) - 1, len(PER_BIN))
     out += list(b[:3].mean(0) - b[5:].mean(0)) + list(b[3:5].mean(0) - b[5:].mean(0))
-    if ring:
-        far = ring_profile(vol, place, noise)
-        far = b[5:].mean(0) if far is None else far  # no ring in the scan: the outer shells stand for it
-        out += list(far) + [v for part in (b[:3], b[3:5], b[5:]) for v in part.mean(0) - far]
     return np.asarray(out, dtype=np.float32)
 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
-                recentre: bool = False, ring: bool = False) -> np.ndarray:
+                recentre: bool = False) -> np.ndarray:
     """:func:`place_features` at every place ``(n, 3)``, over ``threads`` threads (the filters and
     medians run outside the GIL for much of their time). With ``recentre`` each row goes on with the
     profiles at the place's two :func:`recentred` places (less :data:`SCAN_COLUMNS`) and their
@@ -204,20 +156,20 @@ def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], thr
     places = np.asarray(places, float).reshape(-1, 3)
     if recentre:
         if not len(places):
-            return np.zeros((0, len(feature_names(recentre=True, ring=ring))), np.float32)
+            return np.zeros((0, len(feature_names(recentre=True))), np.float32)
         at = with_recentred(vol, places)
-        f = features_at(vol, at, noise, threads, ring=ring).reshape(len(places), 3, -1)
-        own = [k for k, n in enumerate(feature_names(ring=ring)) if n not in SCAN_COLUMNS]
+        f = features_at(vol, at, noise, threads).reshape(len(places), 3, -1)
+        own = [k for k, n in enumerate(feature_names()) if n not in SCAN_COLUMNS]
         offsets = np.linalg.norm((at.reshape(-1, 3, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
         return np.hstack([f[:, 0], f[:, 1, own], f[:, 2, own], offsets]).astype(np.float32)
     if threads > 1 and len(places) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(threads) as pool:
-            rows = list(pool.map(lambda p: place_features(vol, p, noise, ring), places))
+            rows = list(pool.map(lambda p: place_features(vol, p, noise), places))
     else:
-        rows = [place_features(vol, p, noise, ring) for p in places]
-    return np.stack(rows) if rows else np.zeros((0, len(feature_names(ring=ring))), np.float32)
+        rows = [place_features(vol, p, noise) for p in places]
+    return np.stack(rows) if rows else np.zeros((0, len(feature_names())), np.float32)
 
 
 def network_features(p: np.ndarray) -> np.ndarray:
@@ -227,10 +179,10 @@ def network_features(p: np.ndarray) -> np.ndarray:
 
 
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
-                 with_network: bool = True, threads: int = 2, recentre: bool = False, ring: bool = False) -> np.ndarray:
+                 with_network: bool = True, threads: int = 2, recentre: bool = False) -> np.ndarray:
     """The second stage's rows at ``places``: :func:`features_at`, then (``with_network``) the
     network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores."""
-    x = features_at(vol, places, noise, threads, recentre, ring)
+    x = features_at(vol, places, noise, threads, recentre)
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
@@ -248,7 +200,7 @@ class Verifier:
     tree_class: np.ndarray  # (trees,) the class each tree adds to
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
-    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, ring, candidate_threshold, max_candidates, threshold, fit details
+    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, candidate_threshold, max_candidates, threshold, fit details
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x``."""
@@ -274,7 +226,7 @@ class Verifier:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
         gave ``p_network``."""
         x = stage_inputs(vol, places, p_network, scan_noise(vol, lungs), self.meta.get("uses_network", True),
-                         recentre=self.meta.get("recentre", False), ring=self.meta.get("ring", False))
+                         recentre=self.meta.get("recentre", False))
         return self.probabilities(x)
 
     def save(self, path: str | Path) -> Path:

@@ -37,7 +37,6 @@ VERIFIER_DEFAULTS = {
     "verifier_max_candidates": 40,
     "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
     "verifier_recentre": False,  # rows also read at each place's densest and smoothest point nearby (ctguard.verifier.recentred)
-    "verifier_ring": False,  # rows also read an in-plane ring 24-40 mm out (ctguard.verifier.ring_profile)
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
@@ -77,7 +76,7 @@ def source_rows(job: tuple) -> dict:
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     what = {k: cfg.get(k) for k in ROW_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)],
                                                 "network": hashlib.sha1(Path(model_path).read_bytes()).hexdigest(),
-                                                "features": feature_names(bool(cfg["verifier_recentre"]), bool(cfg["verifier_ring"]))}  # other features
+                                                "features": feature_names(bool(cfg["verifier_recentre"]))}  # recentring: other features
     cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as d:
@@ -109,7 +108,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
-    recentre, ring = bool(cfg["verifier_recentre"]), bool(cfg["verifier_ring"])
+    recentre = bool(cfg["verifier_recentre"])
     xs, ys, scans, clean = [], [], [], []
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
               "healthy": int(cfg["verifier_healthy"])}
@@ -121,8 +120,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         else:
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
-        xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
-                                ring=ring))
+        xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre))
         ys += [LABELS.get(what, 0) for what, _ in where]
         scans += [k] * len(where)
         clean += [False] * len(where)
@@ -130,7 +128,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         found = result["findings"][: int(cfg["verifier_max_candidates"])]
         if found:
             xs.append(stage_inputs(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), noise, threads=1,
-                                   recentre=recentre, ring=ring))
+                                   recentre=recentre))
         for f in found:
             hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
             ys.append(LABELS[hit.kind] if hit is not None else 0)
@@ -200,9 +198,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         oof[te] = 1.0 - clf.predict_proba(x[te])[:, genuine] if genuine is not None else 1.0
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = _gb(cfg).fit(x, y)
-    meta = {"names": feature_names(bool(cfg["verifier_recentre"]), bool(cfg["verifier_ring"])) +
-            ["log_p_injected", "log_p_removed", "log_p_genuine"],
-            "uses_network": True, "recentre": bool(cfg["verifier_recentre"]), "ring": bool(cfg["verifier_ring"]),
+    meta = {"names": feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"],
+            "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
