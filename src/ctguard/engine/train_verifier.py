@@ -33,6 +33,7 @@ VERIFIER_DEFAULTS = {
     "verifier_inject": 2,  # injected copies per source (2 edits each, the families in turn)
     "verifier_remove": 3,  # at most this many removals of real tumours per source
     "verifier_healthy": 2,  # copies with healthy places in-painted
+    "verifier_per_scan": 2,  # edits per injected or healthy-in-painted copy
     "verifier_candidate_threshold": 0.3,
     "verifier_max_candidates": 40,
     "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
@@ -63,7 +64,7 @@ def near(voxel, centre, diameter_mm: float, spacing) -> bool:
 
 
 ROW_KEYS = ("seed", "inject_families", "remove_families", "phantom_variety", "phantom_opacities", "phantom_shape", "phantom_spacing",
-            "verifier_inject", "verifier_remove", "verifier_healthy", "verifier_candidate_threshold", "verifier_max_candidates")
+            "verifier_inject", "verifier_remove", "verifier_healthy", "verifier_per_scan", "verifier_candidate_threshold", "verifier_max_candidates")
 
 
 def source_rows(job: tuple) -> dict:
@@ -112,7 +113,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     xs, ys, scans, clean = [], [], [], []
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
               "healthy": int(cfg["verifier_healthy"])}
-    for k, (_, vol, edits) in enumerate(variants(src, seed, per_scan=2, inject_families=tuple(cfg["inject_families"]),
+    for k, (_, vol, edits) in enumerate(variants(src, seed, per_scan=int(cfg["verifier_per_scan"]), inject_families=tuple(cfg["inject_families"]),
                                                  remove_families=tuple(cfg["remove_families"]), **counts)):
         noise = scan_noise(vol, lungs)
         if edits:
