@@ -660,6 +660,12 @@ def test_verifier_trees_match_sklearn(tmp_path):
     path = Verifier.from_sklearn(clf, x, {"threshold": 0.9}).save(tmp_path / "v.npz")
     v = Verifier.load(path)
     assert v.meta == {"threshold": 0.9} and np.abs(v.probabilities(x) - clf.predict_proba(x)).max() < 1e-5
+    # Trees fitted on some columns of a row (the scan's own columns left out) read whole rows.
+    cols = np.array([0, 2, 5])
+    part = GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=0).fit(x[:, cols], y)
+    v = Verifier.from_sklearn(part, x, {}, columns=cols)
+    assert set(v.feature[v.feature >= 0].tolist()) <= {0, 2, 5} and 2 in v.feature
+    assert np.abs(v.probabilities(x) - part.predict_proba(x[:, cols])).max() < 1e-5
     (tmp_path / "bad.npz").write_bytes(b"junk")
     with pytest.raises(InputError, match="not a ctguard verifier"):
         Verifier.load(tmp_path / "bad.npz")

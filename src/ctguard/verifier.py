@@ -249,9 +249,11 @@ class Verifier:
         return cls(**arrays, rate=rate, meta=meta)
 
     @classmethod
-    def from_sklearn(cls, clf, x_probe: np.ndarray, meta: dict) -> Verifier:
+    def from_sklearn(cls, clf, x_probe: np.ndarray, meta: dict, columns: np.ndarray | None = None) -> Verifier:
         """From a fitted three-class ``sklearn.ensemble.GradientBoostingClassifier`` (its public tree
-        arrays; the constant start is recovered from ``decision_function`` on one row)."""
+        arrays; the constant start is recovered from ``decision_function`` on one row). ``clf`` was
+        fitted on ``x[:, columns]`` (all of a row when None); the trees read whole rows ``x``."""
+        columns = np.arange(x_probe.shape[1]) if columns is None else np.asarray(columns)
         trees, classes = [], []
         for stage in clf.estimators_:
             for k, est in enumerate(stage):
@@ -265,12 +267,12 @@ class Verifier:
                 out[i, : t.node_count] = get(t)
             return out
 
-        v = cls(feature=pad(lambda t: t.feature, -1, np.int16), split=pad(lambda t: t.threshold, 0.0, np.float32),
+        v = cls(feature=pad(lambda t: np.where(t.feature >= 0, columns[np.maximum(t.feature, 0)], -1), -1, np.int16), split=pad(lambda t: t.threshold, 0.0, np.float32),
                 left=pad(lambda t: t.children_left, -1, np.int16), right=pad(lambda t: t.children_right, -1, np.int16),
                 value=pad(lambda t: t.value[:, 0, 0], 0.0, np.float32), tree_class=np.asarray(classes, np.int8),
                 baseline=np.zeros(3), rate=float(clf.learning_rate), meta=meta)
         probe = np.asarray(x_probe[:1], np.float32)
         trees_only = np.log(v.probabilities(probe)[0].astype(np.float64))  # softmax of the trees' sums, up to a constant
-        v.baseline = (clf.decision_function(probe)[0] - trees_only).astype(np.float64)
+        v.baseline = (clf.decision_function(probe[:, columns])[0] - trees_only).astype(np.float64)
         v.baseline -= v.baseline.mean()
         return v

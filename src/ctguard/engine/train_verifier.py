@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
-from ctguard.verifier import Verifier, feature_names, scan_noise, stage_inputs
+from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, scan_noise, stage_inputs
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
@@ -38,6 +38,7 @@ VERIFIER_DEFAULTS = {
     "verifier_max_candidates": 40,
     "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
     "verifier_recentre": False,  # rows also read at each place's densest and smoothest point nearby (ctguard.verifier.recentred)
+    "verifier_scan_columns": True,  # the trees may split on the scan's own slice and pixel size and noise (ctguard.verifier.SCAN_COLUMNS)
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
@@ -192,20 +193,25 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     n_groups = len(set(groups))
     if n_groups < 2:
         raise InputError("the second stage needs sources of at least two patients (or phantoms) to choose its threshold out of patient")
+    names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
+    # Without the scan's own columns the trees cannot tell one training scan from another by its
+    # slice thickness or noise; they still read every residual as a ratio to that noise.
+    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
+    fit_x = x[:, columns]
     oof = np.zeros(len(y))
-    for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(x, y, groups):
-        clf = _gb(cfg).fit(x[tr], y[tr])
+    for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(fit_x, y, groups):
+        clf = _gb(cfg).fit(fit_x[tr], y[tr])
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
-        oof[te] = 1.0 - clf.predict_proba(x[te])[:, genuine] if genuine is not None else 1.0
+        oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
-    clf = _gb(cfg).fit(x, y)
-    meta = {"names": feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"],
+    clf = _gb(cfg).fit(fit_x, y)
+    meta = {"names": names, "scan_columns": bool(cfg["verifier_scan_columns"]),
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
-    Verifier.from_sklearn(clf, x, meta).save(out / "model.verifier.npz")
+    Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
     per_t = {str(t): round(float((oof[clean] >= t).sum() / n_clean), 3) for t in GRID}
     report = {**meta, "seconds": round(time.time() - t0, 1), "rows_seconds": round(t_rows, 1), "false_per_clean_scan_oof": per_t}
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
