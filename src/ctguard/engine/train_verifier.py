@@ -30,7 +30,7 @@ VERIFIER_DEFAULTS = {
     "verifier": False,  # fit the second stage after the network (ctguard.verifier)
     "verifier_phantoms": 4,  # fresh varied phantoms beside the real scans
     "verifier_fixed_phantoms": 2,  # and fresh phantoms of the one set-up (phantom_shape, phantom_spacing), as the demo's
-    "verifier_inject": 2,  # injected copies per source (2 edits each, the families in turn)
+    "verifier_inject": 2,  # injected copies per source (verifier_per_scan edits each, the families in turn)
     "verifier_remove": 3,  # at most this many removals of real tumours per source
     "verifier_healthy": 2,  # copies with healthy places in-painted
     "verifier_per_scan": 2,  # edits per injected or healthy-in-painted copy
@@ -196,7 +196,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
     # Without the scan's own columns the trees cannot tell one training scan from another by its
     # slice thickness or noise; they still read every residual as a ratio to that noise.
-    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
+    scan_columns = bool(cfg["verifier_scan_columns"])
+    columns = np.asarray([k for k, n in enumerate(names) if scan_columns or n not in SCAN_COLUMNS])
     fit_x = x[:, columns]
     oof = np.zeros(len(y))
     for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(fit_x, y, groups):
@@ -205,7 +206,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = _gb(cfg).fit(fit_x, y)
-    meta = {"names": names, "scan_columns": bool(cfg["verifier_scan_columns"]),
+    meta = {"names": names, "scan_columns": scan_columns,
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
