@@ -652,10 +652,10 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
 
 
 def test_verifier_trees_match_sklearn(tmp_path):
-    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
 
     from ctguard.errors import InputError
-    from ctguard.verifier import Verifier
+    from ctguard.verifier import Verifier, float32_at_or_below
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 8)).astype(np.float32)
@@ -670,6 +670,16 @@ def test_verifier_trees_match_sklearn(tmp_path):
     v = Verifier.from_sklearn(part, x, {}, columns=cols)
     assert set(v.feature[v.feature >= 0].tolist()) <= {0, 2, 5} and 2 in v.feature
     assert np.abs(v.probabilities(x) - part.predict_proba(x[:, cols])).max() < 1e-5
+    # Histogram trees (leaf values already scaled by the rate), on some columns of a row too.
+    hist = HistGradientBoostingClassifier(max_iter=30, max_depth=3, max_leaf_nodes=8, max_features=0.5, early_stopping=False,
+                                          random_state=0).fit(x[:, cols], y)
+    v = Verifier.load(Verifier.from_sklearn(hist, x, {}, columns=cols).save(tmp_path / "h.npz"))
+    assert v.rate == 1.0 and set(v.feature[v.feature >= 0].tolist()) == {0, 2, 5}
+    assert np.abs(v.probabilities(x) - hist.predict_proba(x[:, cols])).max() < 1e-5
+    # A float64 split is stored as the largest float32 at or below it: 0.1 rounds up to float32(0.1),
+    # which is above 0.1 and must go right, as in sklearn.
+    split = float32_at_or_below(np.array([0.1, 0.5]))
+    assert split[1] == 0.5 and split[0] < np.float32(0.1) and split[0] == np.nextafter(np.float32(0.1), np.float32(0))
     (tmp_path / "bad.npz").write_bytes(b"junk")
     with pytest.raises(InputError, match="not a ctguard verifier"):
         Verifier.load(tmp_path / "bad.npz")

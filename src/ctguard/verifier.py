@@ -251,28 +251,50 @@ class Verifier:
     @classmethod
     def from_sklearn(cls, clf, x_probe: np.ndarray, meta: dict, columns: np.ndarray | None = None) -> Verifier:
         """From a fitted three-class ``sklearn.ensemble.GradientBoostingClassifier`` (its public tree
-        arrays; the constant start is recovered from ``decision_function`` on one row). ``clf`` was
-        fitted on ``x[:, columns]`` (all of a row when None); the trees read whole rows ``x``."""
+        arrays) or ``HistGradientBoostingClassifier`` (its fitted predictors' node records); the
+        constant start is recovered from ``decision_function`` on one row. ``clf`` was fitted on
+        ``x[:, columns]`` (all of a row when None); the trees read whole rows ``x``."""
         columns = np.arange(x_probe.shape[1]) if columns is None else np.asarray(columns)
-        trees, classes = [], []
-        for stage in clf.estimators_:
-            for k, est in enumerate(stage):
-                trees.append(est.tree_)
-                classes.append(k)
-        width = max(t.node_count for t in trees)
+        if hasattr(clf, "estimators_"):
+            trees = [(est.tree_.feature, est.tree_.threshold, est.tree_.children_left, est.tree_.children_right, est.tree_.value[:, 0, 0])
+                     for stage in clf.estimators_ for est in stage]
+            classes = [k for stage in clf.estimators_ for k in range(len(stage))]
+            rate = float(clf.learning_rate)
+        else:  # histogram trees: leaf values already carry the learning rate; no missing values reach them (rows are nan_to_num'ed)
+            trees, classes = [], []
+            for step in clf._predictors:
+                for k, pred in enumerate(step):
+                    n = pred.nodes
+                    if n["is_categorical"].any():
+                        raise ValueError("categorical splits are not supported")
+                    leaf = n["is_leaf"].astype(bool)
+                    trees.append((np.where(leaf, -2, n["feature_idx"]), n["num_threshold"], np.where(leaf, -1, n["left"].astype(np.int64)),
+                                  np.where(leaf, -1, n["right"].astype(np.int64)), n["value"]))
+                    classes.append(k)
+            rate = 1.0
+        width = max(len(t[0]) for t in trees)
 
-        def pad(get, fill, dtype):
+        def pad(i, fill, dtype, f=lambda a: a):
             out = np.full((len(trees), width), fill, dtype=dtype)
-            for i, t in enumerate(trees):
-                out[i, : t.node_count] = get(t)
+            for j, t in enumerate(trees):
+                out[j, : len(t[i])] = f(np.asarray(t[i]))
             return out
 
-        v = cls(feature=pad(lambda t: np.where(t.feature >= 0, columns[np.maximum(t.feature, 0)], -1), -1, np.int16), split=pad(lambda t: t.threshold, 0.0, np.float32),
-                left=pad(lambda t: t.children_left, -1, np.int16), right=pad(lambda t: t.children_right, -1, np.int16),
-                value=pad(lambda t: t.value[:, 0, 0], 0.0, np.float32), tree_class=np.asarray(classes, np.int8),
-                baseline=np.zeros(3), rate=float(clf.learning_rate), meta=meta)
+        v = cls(feature=pad(0, -1, np.int16, lambda f: np.where(f >= 0, columns[np.maximum(f, 0)], -1)),
+                split=pad(1, 0.0, np.float32, float32_at_or_below), left=pad(2, -1, np.int16), right=pad(3, -1, np.int16),
+                value=pad(4, 0.0, np.float32), tree_class=np.asarray(classes, np.int8), baseline=np.zeros(3), rate=rate, meta=meta)
         probe = np.asarray(x_probe[:1], np.float32)
         trees_only = np.log(v.probabilities(probe)[0].astype(np.float64))  # softmax of the trees' sums, up to a constant
         v.baseline = (clf.decision_function(probe[:, columns])[0] - trees_only).astype(np.float64)
         v.baseline -= v.baseline.mean()
         return v
+
+
+def float32_at_or_below(split: np.ndarray) -> np.ndarray:
+    """The largest float32 at or below each float64 split, so that ``x <= split`` is the same test
+    for every float32 ``x`` (plain rounding may round a split up onto the next value of ``x``)."""
+    s = np.asarray(split, np.float64)
+    out = s.astype(np.float32)
+    up = out.astype(np.float64) > s
+    out[up] = np.nextafter(out[up], np.float32(-np.inf))
+    return out

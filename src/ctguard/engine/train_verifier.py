@@ -39,6 +39,7 @@ VERIFIER_DEFAULTS = {
     "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
     "verifier_recentre": False,  # rows also read at each place's densest and smoothest point nearby (ctguard.verifier.recentred)
     "verifier_scan_columns": True,  # the trees may split on the scan's own slice and pixel size and noise (ctguard.verifier.SCAN_COLUMNS)
+    "verifier_boosting": "classic",  # classic: GradientBoostingClassifier; histogram: HistGradientBoostingClassifier (same trees' depth, far faster fits)
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
@@ -153,8 +154,18 @@ def verifier_specs(cfg: dict) -> list[tuple]:
 
 
 def _gb(cfg: dict):
-    from sklearn.ensemble import GradientBoostingClassifier
+    """The second stage's classifier: classic or histogram gradient boosting (``verifier_boosting``),
+    300 trees of depth 4 at rate 0.05 by default, each tree seeing half the columns."""
+    from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
 
+    kind = cfg["verifier_boosting"]
+    if kind == "histogram":
+        depth = int(cfg["verifier_depth"])
+        return HistGradientBoostingClassifier(max_iter=int(cfg["verifier_trees"]), max_depth=depth, max_leaf_nodes=2**depth,
+                                              learning_rate=float(cfg["verifier_rate"]), min_samples_leaf=20, l2_regularization=1.0,
+                                              max_features=0.5, early_stopping=False, random_state=int(cfg["seed"]))
+    if kind != "classic":
+        raise InputError(f"verifier_boosting must be classic or histogram, not {kind!r}")
     return GradientBoostingClassifier(n_estimators=int(cfg["verifier_trees"]), max_depth=int(cfg["verifier_depth"]),
                                       learning_rate=float(cfg["verifier_rate"]), subsample=0.8, min_samples_leaf=20, max_features=0.5,
                                       random_state=int(cfg["seed"]))
@@ -175,6 +186,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     from tqdm import tqdm
 
     cfg = {**VERIFIER_DEFAULTS, **cfg}
+    _gb(cfg)  # a wrong verifier_boosting fails before the rows are made
     t0 = time.time()
     specs = verifier_specs(cfg)
     jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs]
@@ -198,7 +210,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     # slice thickness or noise; they still read every residual as a ratio to that noise.
     scan_columns = bool(cfg["verifier_scan_columns"])
     columns = np.asarray([k for k, n in enumerate(names) if scan_columns or n not in SCAN_COLUMNS])
-    fit_x = x[:, columns]
+    fit_x = np.nan_to_num(x[:, columns].astype(np.float32), nan=0.0, posinf=1e6, neginf=-1e6)  # as Verifier.probabilities reads rows
     oof = np.zeros(len(y))
     for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(fit_x, y, groups):
         clf = _gb(cfg).fit(fit_x[tr], y[tr])
@@ -206,7 +218,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = _gb(cfg).fit(fit_x, y)
-    meta = {"names": names, "scan_columns": scan_columns,
+    meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
