@@ -618,6 +618,7 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     """A tiny recipe with ``verifier: true``: the network, then the second stage fitted on fresh
     edits of its sources; the run's detector re-scores its candidates with it, at the stage's own
     out-of-patient threshold, and the saved trees give sklearn's probabilities."""
+    from ctguard.errors import InputError
     from ctguard.screen import load_detector, score_locations, screen_volume
     from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names
 
@@ -625,13 +626,17 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
            "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
            "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
            "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True, "verifier_per_scan": 2,
-           "verifier_scan_columns": False}
+           "verifier_scan_columns": False, "verifier_boosting": "histogram"}
+    with pytest.raises(InputError, match="verifier_boosting must be classic or histogram, not 'forest'"):
+        api.train({**cfg, "verifier_boosting": "forest"}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
     summary = api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
     report = json.loads((tmp_path / "run" / "verifier.json").read_text())
     assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 3 and len(report["groups"]) == 3
     assert len(list((tmp_path / "run" / "verifier_rows").glob("*.npz"))) == 3  # each source's rows, kept for a later fit
     v = Verifier.load(tmp_path / "run" / "model.verifier.npz")
     assert v.meta["recentre"] and len(v.meta["names"]) == len(feature_names(recentre=True)) + 3 and len(v.feature) == 10 * 3  # 10 stages of 3 classes
+    assert v.meta["boosting"] == "histogram" and v.rate == 1.0  # histogram trees' leaves carry the rate
     # Trees blind to the scan's own columns (slice, pixel size, noise) never split on them.
     scan_cols = [v.meta["names"].index(n) for n in SCAN_COLUMNS]
     assert not v.meta["scan_columns"] and not np.isin(v.feature, scan_cols).any() and (v.feature >= 0).any()

@@ -244,6 +244,8 @@ def check_inputs(cfg: dict) -> None:
         check_families(cfg["inject_families"], cfg["remove_families"])
     except InputError as e:
         raise InputError(f"the config's {e.problem}") from None
+    if cfg.get("verifier") and cfg.get("verifier_boosting", "classic") not in ("classic", "histogram"):
+        raise InputError(f"the config's verifier_boosting must be classic or histogram, not {cfg['verifier_boosting']!r}")
     check_paths(cfg, ("real_series", "annotations", "init", "extra_cubes"))
     check_paths({"real_scans": [p for e in scans for p in (e["scan"], e.get("tumours")) if p]}, ("real_scans",))
 

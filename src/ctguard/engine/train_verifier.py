@@ -186,7 +186,6 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     from tqdm import tqdm
 
     cfg = {**VERIFIER_DEFAULTS, **cfg}
-    _gb(cfg)  # a wrong verifier_boosting fails before the rows are made
     t0 = time.time()
     specs = verifier_specs(cfg)
     jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs]
