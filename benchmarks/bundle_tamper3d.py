@@ -97,7 +97,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         card["second_stage"] = {"what": "gradient-boosted trees over the texture around each candidate at the scan's own voxels "
                                         "(ctguard.verifier), re-scoring the network's findings from "
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
-                                "recentre": bool(v.meta.get("recentre", False)),
+                                "recentre": bool(v.meta.get("recentre", False)), "scan_columns": bool(v.meta.get("scan_columns", True)),
+                                "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],
                                 "seconds": summary.get("verifier", {}).get("seconds")}
