@@ -260,7 +260,9 @@ class Verifier:
                      for stage in clf.estimators_ for est in stage]
             classes = [k for stage in clf.estimators_ for k in range(len(stage))]
             rate = float(clf.learning_rate)
-        else:  # histogram trees: leaf values already carry the learning rate; no missing values reach them (rows are nan_to_num'ed)
+        else:  # histogram trees (read from scikit-learn's fitted predictors, a private attribute: the test
+            # test_verifier_trees_match_sklearn checks every version CI installs); leaf values already carry
+            # the learning rate; no missing values reach them (rows are nan_to_num'ed before fitting and scoring)
             trees, classes = [], []
             for step in clf._predictors:
                 for k, pred in enumerate(step):
