@@ -204,7 +204,7 @@ class Verifier:
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x``."""
-        x = np.nan_to_num(np.asarray(x, np.float32), nan=0.0, posinf=1e6, neginf=-1e6)
+        x = finite_rows(x)
         n = len(x)
         raw = np.tile(self.baseline.astype(np.float64), (n, 1))
         rows = np.arange(n)
@@ -262,16 +262,14 @@ class Verifier:
             rate = float(clf.learning_rate)
         else:  # histogram trees (read from scikit-learn's fitted predictors, a private attribute: the test
             # test_verifier_trees_match_sklearn checks every version CI installs); leaf values already carry
-            # the learning rate; no missing values reach them (rows are nan_to_num'ed before fitting and scoring)
+            # the learning rate; no missing values reach them (rows pass through finite_rows to fit and to score)
             trees, classes = [], []
             for step in clf._predictors:
                 for k, pred in enumerate(step):
                     n = pred.nodes
-                    if n["is_categorical"].any():
-                        raise ValueError("categorical splits are not supported")
                     leaf = n["is_leaf"].astype(bool)
-                    trees.append((np.where(leaf, -2, n["feature_idx"]), n["num_threshold"], np.where(leaf, -1, n["left"].astype(np.int64)),
-                                  np.where(leaf, -1, n["right"].astype(np.int64)), n["value"]))
+                    feature, left, right = (np.where(leaf, -1, n[key].astype(np.int64)) for key in ("feature_idx", "left", "right"))
+                    trees.append((feature, n["num_threshold"], left, right, n["value"]))
                     classes.append(k)
             rate = 1.0
         width = max(len(t[0]) for t in trees)
@@ -290,6 +288,12 @@ class Verifier:
         v.baseline = (clf.decision_function(probe[:, columns])[0] - trees_only).astype(np.float64)
         v.baseline -= v.baseline.mean()
         return v
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """Feature rows as the trees are fitted on and read them: float32, NaN as 0 and infinities as
+    +-1e6 (so no missing value ever reaches a tree)."""
+    return np.nan_to_num(np.asarray(x, np.float32), nan=0.0, posinf=1e6, neginf=-1e6)
 
 
 def float32_at_or_below(split: np.ndarray) -> np.ndarray:

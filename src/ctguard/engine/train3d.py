@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ctguard.data.cubes import MIN_TARGET_RADIUS_MM, cubes_from_source
-from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, fit_verifier
+from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier, fit_verifier
 from ctguard.errors import InputError
 from ctguard.models.cube3d import CLASSES, TamperNet3D, normalise
 
@@ -244,8 +244,8 @@ def check_inputs(cfg: dict) -> None:
         check_families(cfg["inject_families"], cfg["remove_families"])
     except InputError as e:
         raise InputError(f"the config's {e.problem}") from None
-    if cfg.get("verifier") and cfg.get("verifier_boosting", "classic") not in ("classic", "histogram"):
-        raise InputError(f"the config's verifier_boosting must be classic or histogram, not {cfg['verifier_boosting']!r}")
+    if cfg.get("verifier"):
+        boosting_classifier({**VERIFIER_DEFAULTS, **cfg})  # a wrong verifier_boosting is refused before anything runs
     check_paths(cfg, ("real_series", "annotations", "init", "extra_cubes"))
     check_paths({"real_scans": [p for e in scans for p in (e["scan"], e.get("tumours")) if p]}, ("real_scans",))
 

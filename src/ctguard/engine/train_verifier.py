@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
-from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, scan_noise, stage_inputs
+from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, finite_rows, scan_noise, stage_inputs
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
@@ -153,7 +153,7 @@ def verifier_specs(cfg: dict) -> list[tuple]:
            [("series", p, 1, t, 0) for p, t in real_scans(cfg)]
 
 
-def _gb(cfg: dict):
+def boosting_classifier(cfg: dict):
     """The second stage's classifier: classic or histogram gradient boosting (``verifier_boosting``),
     300 trees of depth 4 at rate 0.05 by default, each tree seeing half the columns."""
     from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
@@ -165,7 +165,7 @@ def _gb(cfg: dict):
                                               learning_rate=float(cfg["verifier_rate"]), min_samples_leaf=20, l2_regularization=1.0,
                                               max_features=0.5, early_stopping=False, random_state=int(cfg["seed"]))
     if kind != "classic":
-        raise InputError(f"verifier_boosting must be classic or histogram, not {kind!r}")
+        raise InputError(f"the config's verifier_boosting must be classic or histogram, not {kind!r}")
     return GradientBoostingClassifier(n_estimators=int(cfg["verifier_trees"]), max_depth=int(cfg["verifier_depth"]),
                                       learning_rate=float(cfg["verifier_rate"]), subsample=0.8, min_samples_leaf=20, max_features=0.5,
                                       random_state=int(cfg["seed"]))
@@ -209,14 +209,14 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     # slice thickness or noise; they still read every residual as a ratio to that noise.
     scan_columns = bool(cfg["verifier_scan_columns"])
     columns = np.asarray([k for k, n in enumerate(names) if scan_columns or n not in SCAN_COLUMNS])
-    fit_x = np.nan_to_num(x[:, columns].astype(np.float32), nan=0.0, posinf=1e6, neginf=-1e6)  # as Verifier.probabilities reads rows
+    fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     oof = np.zeros(len(y))
     for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(fit_x, y, groups):
-        clf = _gb(cfg).fit(fit_x[tr], y[tr])
+        clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr])
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
-    clf = _gb(cfg).fit(fit_x, y)
+    clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
