@@ -20,9 +20,18 @@ def _found(result, t, spacing):
     return t["kind"] in {f["kind"] for f in near}
 
 
-def test_bundled_detector_finds_removal(tampered):
-    root, truth, spacing = tampered
-    assert _found(api.screen(root / "tampered"), truth[1], spacing)
+def test_bundled_detector_finds_a_real_tumour_removed(real_series, lung_pet_ct):
+    """A real series with its tumour in-painted (Lung-PET-CT-Dx A0001, one of the bundled detector's
+    training patients, edited here with a seed of its own) is tampered, with a removal over the
+    tumour; the untouched series is clean, at the card's threshold."""
+    from ctguard.tamper.simulate import remove_tumour, tumours_from
+
+    vol = io.read(real_series["A0001-L"])
+    assert api.screen(vol)["verdict"] == "clean"
+    edited, edit = remove_tumour(vol, tumours_from(vol, lung_pet_ct / "annotations")[0], np.random.default_rng(1))
+    result = api.screen(edited)
+    assert result["verdict"] == "tampered" and result["model"]["second_stage"]
+    assert _found(result, edit.to_dict(), vol.spacing)
 
 
 def test_bundled_detector_finds_injection(tampered):
@@ -174,10 +183,21 @@ def test_screen_bad_inputs(tmp_path, capsys, tampered):
     assert "not a loadable checkpoint" in capsys.readouterr().err
 
 
-def test_demo_detects(tmp_path, capsys):
+def test_demo_ranks_its_edits_first(tmp_path, capsys):
+    """The demo's two edits are the two highest-scoring places of its phantom, each of its right
+    kind; each is called found exactly when it is over the detector's threshold."""
     out = api.demo(tmp_path / "demo", progress=False)
-    assert all(out["matched"]), out
+    assert sorted(n["rank"] for n in out["nearest"]) == [1, 2], out["nearest"]
+    assert [n["kind"] for n in out["nearest"]] == [t["kind"] for t in out["truth"]]
+    thr = out["result"]["model"]["threshold"]
+    assert out["matched"] == [n["score"] >= thr for n in out["nearest"]]
+    assert out["result"]["verdict"] == ("tampered" if any(out["matched"]) else "clean")
     assert Path(out["report"]).is_file() and Path(out["json"]).is_file()
+    doc = json.loads(Path(out["json"]).read_text())
+    assert len(doc["findings"]) + len(doc["under_threshold"]) >= 2
+    assert all(f["score"] < thr for f in doc["under_threshold"])
+    printed = capsys.readouterr().out
+    assert printed.count("FOUND") + printed.count("MISSED") == 2
 
 
 def test_lung_mask_of_a_single_slice(real_series):

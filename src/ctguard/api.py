@@ -273,10 +273,13 @@ def score_locations(path: str | Path | Volume, locations_csv: str | Path, scores
 
 def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool = True, echo=print) -> dict[str, Any]:
     """The main job on an embedded default: a phantom chest, one nodule injected and one removed,
-    screened by the bundled detector; prints findings beside the truth; writes JSON and HTML report.
+    screened by the bundled detector; prints each edit beside the place that scored highest near it
+    (a finding, or one of the highest places under the threshold); writes JSON and HTML report.
 
     Returns:
-        ``{"result": screening JSON, "truth": edits, "matched": [...], "json": path, "report": path}``.
+        ``{"result": screening JSON, "truth": edits, "matched": [found at the threshold with its
+        kind, per edit], "nearest": [{"rank", "kind", "score", "mm"} or None, per edit], "json": path,
+        "report": path}``.
     """
     import shutil
     import time
@@ -295,18 +298,30 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
     io.write_series(vol, out / "tampered-scan", patient_id=f"DEMO-{seed}", uid_seed=f"demo-{seed}")
     result = screen(out / "tampered-scan", json_out=out / "result.json", report_dir=out / "report", progress=progress, truth=truth)
     matched = []
+    places = result["findings"] + result.get("under_threshold", [])  # best first
+    thr = result["model"]["threshold"]
+
+    def mm_to(t: dict, f: dict) -> float:
+        return float(np.linalg.norm((np.asarray(f["voxel"]) - t["voxel"]) * np.asarray(vol.spacing)))
+
+    nearest = []  # per edit: the best-scored place near it (a finding or one under the threshold), and its rank
     for t in truth:
-        best = min(result["findings"], key=lambda f: np.linalg.norm((np.asarray(f["voxel"]) - t["voxel"]) * np.asarray(vol.spacing)), default=None)
-        d = None if best is None else float(np.linalg.norm((np.asarray(best["voxel"]) - t["voxel"]) * np.asarray(vol.spacing)))
-        ok = best is not None and d <= 10.0 + t["diameter_mm"] / 2 and best["kind"] == t["kind"]
+        near = [(rank, f) for rank, f in enumerate(places, start=1) if mm_to(t, f) <= 10.0 + t["diameter_mm"] / 2]
+        rank, best = near[0] if near else (None, None)
+        ok = best is not None and best["score"] >= thr and best["kind"] == t["kind"]
         matched.append(ok)
-        where = "not found" if best is None else f"nearest finding: {best['kind']} (score {best['score']:.2f}) {d:.1f} mm away"
+        nearest.append(None if best is None else {"rank": rank, "kind": best["kind"], "score": best["score"], "mm": round(mm_to(t, best), 1)})
+        if best is None:
+            where = "no finding, nor any of the highest places under the threshold, there"
+        else:
+            what = "finding" if best["score"] >= thr else f"place #{rank} by score, under the threshold {thr:.2f}"
+            where = f"{what}: {best['kind']} (score {best['score']:.2f}) {mm_to(t, best):.1f} mm away"
         echo(f"  truth {t['kind']:8s} at {[round(v) for v in t['voxel']]}: {where} -> {'FOUND' if ok else 'MISSED'}")
     echo(f"verdict: {result['verdict']} (score {result['score']:.3f}), {len(result['findings'])} finding(s), "
          f"screened in {result['elapsed_s']:.1f} s; demo total {time.time() - t0:.1f} s")
     echo(f"JSON: {out / 'result.json'}")
     echo(f"HTML report: {out / 'report' / 'index.html'}")
-    return {"result": result, "truth": truth, "matched": matched, "json": str(out / "result.json"), "report": str(out / "report" / "index.html")}
+    return {"result": result, "truth": truth, "matched": matched, "nearest": nearest, "json": str(out / "result.json"), "report": str(out / "report" / "index.html")}
 
 
 def config_root(path: str | Path) -> Path:

@@ -280,6 +280,9 @@ def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice
     return Heatmap(probs, box, vol.spacing)
 
 
+UNDER_SHOWN = 5  # the highest places under the threshold the result lists, for a reader to review
+
+
 def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str, Any]]:
     """Local maxima of the tamper probability, with non-maximum suppression over NMS_MM."""
     p_t = 1.0 - heat.probs[0]
@@ -367,6 +370,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
         score = max((f["score"] for f in scored), default=0.0)
     else:
         findings = findings_from(heat, vol, thr)
+        scored = findings_from(heat, vol, min(0.3, thr))
         score = round(float((1.0 - heat.probs[0]).max()), 4)
     return {
         "input": input_name,
@@ -375,6 +379,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
         "verdict": "tampered" if findings else "clean",
         "score": score,
         "findings": findings,
+        "under_threshold": [f for f in scored if f["score"] < thr][:UNDER_SHOWN],
         "model": {"name": detector.name, "version": detector.version, "threshold": thr,
                   **({"second_stage": True} if verifier is not None and lungs is not None else {})},
         "warnings": warnings,

@@ -75,6 +75,14 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
         f"<td>{f['radius_mm']:.0f}</td></tr>"
         for i, f in enumerate(result["findings"], start=1)
     ) or '<tr><td colspan="6">No finding above the threshold.</td></tr>'
+    under = result.get("under_threshold") or []
+    under_html = "" if not under else (
+        "<h2>Highest places under the threshold</h2><p class=\"muted\">Not findings: the places that scored highest "
+        "below the operating threshold, for a reader who wants to look further.</p><table><thead><tr><th>kind</th><th>score</th>"
+        "<th>voxel z, y, x</th><th>world x, y, z (LPS mm)</th></tr></thead><tbody>"
+        + "".join(f"<tr><td>{html.escape(f['kind'])}</td><td>{f['score']:.3f}</td><td>{', '.join(f'{v:.0f}' for v in f['voxel'])}</td>"
+                  f"<td>{', '.join(f'{v:.1f}' for v in f['world_mm'])}</td></tr>" for f in under)
+        + "</tbody></table>")
     truth_html = ""
     if truth:
         truth_rows = "".join(
@@ -108,6 +116,7 @@ figure {{ margin: 1rem 0; }} img {{ max-width: 100%; }}
 {f'<ul class="muted">{warnings}</ul>' if warnings else ''}
 <h2>Findings</h2>
 <table><thead><tr><th>#</th><th>kind</th><th>score</th><th>voxel z, y, x</th><th>world x, y, z (LPS mm)</th><th>radius mm</th></tr></thead><tbody>{rows}</tbody></table>
+{under_html}
 {truth_html}
 {figures}
 <p class="muted">Heatmap: probability that tissue was edited (shown above 0.3). Lung window W1500/L-600.
