@@ -142,6 +142,17 @@ def test_the_page_behind_a_login(tmp_path, tampered):
                 page.get_by_role("button", name="Screen").click()
                 page.wait_for_selector("#result:not([hidden])", timeout=120_000)
                 assert page.locator("#verdict").inner_text() == "Tampered"
+                # The clean twin: no finding, and the page says the threshold and the highest place under it.
+                from ctguard.screen import load_detector
+
+                assert page.goto(url).status == 200
+                page.set_input_files("#files", [str(f) for f in sorted((root / "clean").iterdir())])
+                page.get_by_role("button", name="Screen").click()
+                page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+                assert page.locator("#verdict").inner_text() == "Clean"
+                said = page.locator("#no-findings").inner_text()
+                assert said.startswith(f"No place scored above the threshold ({load_detector().threshold:.2f}).") and "The highest under it:" in said
+                assert not page.locator("#findings").is_visible()
             finally:
                 browser.close()
     finally:
