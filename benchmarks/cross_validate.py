@@ -139,7 +139,8 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
             found = [f for f in result["findings"] if f["score"] >= thr]
             if not edits:
                 clean.append({"patient": src.patient, "scan": src.name, "false_findings": [
-                    {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]} for f in found]})
+                    {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]} for f in found],
+                    "candidate_scores": [round(float(f["score"]), 4) for f in result["findings"]]})  # from 0.3: the curve below
                 where = negatives(src, lungs, depth, rng)
                 for t in src.tumours:
                     near = [f for f in found if f["kind"] == "injected" and _near(f, t.voxel, t.diameter_mm, vol)]
@@ -148,9 +149,10 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
             else:
                 where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
                 for e in edits:
-                    hit = max((f["score"] for f in found if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)), default=0.0)
+                    hit = max((f["score"] for f in result["findings"] if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)),
+                              default=0.0)
                     edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
-                                        "found": hit >= thr})
+                                        "found": hit >= thr, "score": round(float(hit), 4)})
             at = np.asarray([w for _, w in where], float)
             p_net = score_locations(vol, det, at, stage2=False)  # the network once; its second stage on those
             p = det.verifier.score_places(vol, at, p_net, lungs) if det.verifier is not None else p_net
@@ -204,7 +206,25 @@ def summarise(ev: dict, threshold: float | None = None) -> dict:
     row["edits_found_right_kind"] = f"{sum(e['found'] for e in found)}/{len(found)}"
     row["edits_found_fraction"] = round(sum(e["found"] for e in found) / max(len(found), 1), 3)
     row["real_lesions_called_injected"] = f"{sum(r['called_injected'] for r in ev['real_lesions'])}/{len(ev['real_lesions'])}"
+    curve = operating_curve(ev)
+    if curve:
+        row["operating_curve"] = curve
     return row
+
+
+CURVE = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+
+
+def operating_curve(ev: dict) -> list[dict] | None:
+    """Edits found with their right kind and false findings per clean scan at other thresholds than
+    the fold's own (on the held-out scans: for reading the trade-off, not for choosing a threshold).
+    Only for evaluations that kept every candidate's score."""
+    if not ev["edits"] or any("score" not in e for e in ev["edits"]) or any("candidate_scores" not in c for c in ev["clean_scans"]):
+        return None
+    n_clean = max(len(ev["clean_scans"]), 1)
+    return [{"threshold": t, "edits_found_fraction": round(sum(e["score"] >= t for e in ev["edits"]) / len(ev["edits"]), 3),
+             "false_findings_per_clean_scan": round(sum(s >= t for c in ev["clean_scans"] for s in c["candidate_scores"]) / n_clean, 3)}
+            for t in CURVE]
 
 
 def markdown(folds: list[dict], pooled: dict) -> str:
@@ -229,6 +249,12 @@ def markdown(folds: list[dict], pooled: dict) -> str:
         unseen = set(r.get("unseen", []))
         cells = [f"{r['row'].get(f'auc_{k}_{f}')}{'*' if f in unseen else ''}" for k, f in families]
         lines.append(f"| {'pooled' if r is pooled else r['fold']} | " + " | ".join(cells) + " |")
+    curve = pooled["row"].get("operating_curve")
+    if curve:
+        lines += ["", "Pooled, at other thresholds than the folds' own (held-out scans; for reading the trade-off only):", "",
+                  "| threshold | " + " | ".join(str(c["threshold"]) for c in curve) + " |", "| --- " * (len(curve) + 1) + "|",
+                  "| edits found | " + " | ".join(str(c["edits_found_fraction"]) for c in curve) + " |",
+                  "| false findings per clean scan | " + " | ".join(str(c["false_findings_per_clean_scan"]) for c in curve) + " |"]
     return "\n".join(lines) + "\n"
 
 
