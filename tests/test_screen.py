@@ -196,6 +196,9 @@ def test_demo_ranks_its_edits_first(tmp_path, capsys):
     doc = json.loads(Path(out["json"]).read_text())
     assert len(doc["findings"]) + len(doc["under_threshold"]) >= 2
     assert all(f["score"] < thr for f in doc["under_threshold"])
+    page = Path(out["report"]).read_text()
+    assert ("Highest places under the threshold" in page) == bool(doc["under_threshold"])
+    assert all(f"{f['score']:.3f}" in page for f in doc["under_threshold"])
     printed = capsys.readouterr().out
     assert printed.count("FOUND") + printed.count("MISSED") == 2
 
