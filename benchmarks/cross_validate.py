@@ -122,50 +122,60 @@ def choose_threshold(det, cfg: dict, training: dict[str, list[dict]]) -> dict:
     return {"threshold": float(chosen), "scans": len(scores), "false_findings_per_scan": {str(t): round(v, 3) for t, v in per_t.items()}}
 
 
+def held_out_copies(held_out: dict[str, list[dict]], fold: int):
+    """Every copy the fold is tested on: for each held-out scan (``i``, its :class:`Source`), its
+    untouched copy and its copies with edits of every family, seeded by the fold and the scan (seeds
+    no training run uses). Yields ``(i, src, label, vol, edits)``."""
+    for i, src in enumerate(s for entries in held_out.values() for s in sources_of(entries)):
+        for label, vol, edits in variants(src, EVAL_SEED + 1000 * fold + i, inject=4, remove=len(src.tumours), per_scan=2,
+                                          inject_families=("drawn", "moved"), remove_families=("fill", "clone"), healthy=2):
+            yield i, src, label, vol, edits
+
+
 def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) -> dict:
     """Every measurement of one fold on its held-out patients (see the module's docstring); with
     ``det2`` (a 2D slice detector) each place is also scored on the single axial slice through it."""
     places, clean, edits_found, lesion_calls, times = [], [], [], [], []
     thr = det.threshold
-    for i, src in enumerate(s for entries in held_out.values() for s in sources_of(entries)):
-        rng = np.random.default_rng([EVAL_SEED, fold, i])
-        lungs = lung_mask(src.volume)
-        depth = lung_depth(src.volume, lungs)
-        for label, vol, edits in variants(src, EVAL_SEED + 1000 * fold + i, inject=4, remove=len(src.tumours), per_scan=2,
-                                          inject_families=("drawn", "moved"), remove_families=("fill", "clone"), healthy=2):
-            t0 = time.time()
-            result, _, _ = screen_volume(vol, det, threshold=0.3)
-            times.append(time.time() - t0)
-            found = [f for f in result["findings"] if f["score"] >= thr]
-            if not edits:
-                clean.append({"patient": src.patient, "scan": src.name, "false_findings": [
-                    {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]} for f in found],
-                    "candidate_scores": [round(float(f["score"]), 4) for f in result["findings"]]})  # from 0.3: the curve below
-                where = negatives(src, lungs, depth, rng)
-                for t in src.tumours:
-                    near = [f for f in found if f["kind"] == "injected" and _near(f, t.voxel, t.diameter_mm, vol)]
-                    lesion_calls.append({"patient": src.patient, "voxel": [round(float(v), 1) for v in t.voxel],
-                                         "diameter_mm": round(t.diameter_mm, 1), "called_injected": bool(near)})
-            else:
-                where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
-                for e in edits:
-                    hit = max((f["score"] for f in result["findings"] if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)),
-                              default=0.0)
-                    edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
-                                        "found": hit >= thr, "score": round(float(hit), 4)})
-            at = np.asarray([w for _, w in where], float)
-            p_net = score_locations(vol, det, at, stage2=False)  # the network once; its second stage on those
-            p = det.verifier.score_places(vol, at, p_net, lungs) if det.verifier is not None else p_net
-            for (what, w), pw, pn in zip(where, p, p_net):
-                family = next((e.extra.get("family") for e in edits if np.allclose(e.voxel, w)), None)
-                row = {"patient": src.patient, "what": what, "family": family, "p_injected": float(pw[1]), "p_removed": float(pw[2]),
-                       "p_tampered": float(pw[1] + pw[2]), "p_network": float(pn[1] + pn[2]),
-                       "mean_hu": mean_hu(vol, w), "smoothness": texture_smoothness(vol, w)}
-                if det2 is not None:
-                    z = int(np.clip(np.rint(w[0]), 0, vol.shape[0] - 1))
-                    one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
-                    row["p2d_tampered"] = float(score_locations_2d(one, det2, np.asarray([(0.0, *w[1:])]))[0, 1:].sum())
-                places.append(row)
+    source = None  # the held-out scan of the copies now: its own rng, lung mask and depth
+    for i, src, label, vol, edits in held_out_copies(held_out, fold):
+        if source is None or source[0] != i:
+            lungs = lung_mask(src.volume)
+            source = (i, np.random.default_rng([EVAL_SEED, fold, i]), lungs, lung_depth(src.volume, lungs))
+        _, rng, lungs, depth = source
+        t0 = time.time()
+        result, _, _ = screen_volume(vol, det, threshold=0.3)
+        times.append(time.time() - t0)
+        found = [f for f in result["findings"] if f["score"] >= thr]
+        if not edits:
+            clean.append({"patient": src.patient, "scan": src.name, "false_findings": [
+                {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]} for f in found],
+                "candidate_scores": [round(float(f["score"]), 4) for f in result["findings"]]})  # from 0.3: the curve below
+            where = negatives(src, lungs, depth, rng)
+            for t in src.tumours:
+                near = [f for f in found if f["kind"] == "injected" and _near(f, t.voxel, t.diameter_mm, vol)]
+                lesion_calls.append({"patient": src.patient, "voxel": [round(float(v), 1) for v in t.voxel],
+                                     "diameter_mm": round(t.diameter_mm, 1), "called_injected": bool(near)})
+        else:
+            where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
+            for e in edits:
+                hit = max((f["score"] for f in result["findings"] if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)),
+                          default=0.0)
+                edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
+                                    "found": hit >= thr, "score": round(float(hit), 4)})
+        at = np.asarray([w for _, w in where], float)
+        p_net = score_locations(vol, det, at, stage2=False)  # the network once; its second stage on those
+        p = det.verifier.score_places(vol, at, p_net, lungs) if det.verifier is not None else p_net
+        for (what, w), pw, pn in zip(where, p, p_net):
+            family = next((e.extra.get("family") for e in edits if np.allclose(e.voxel, w)), None)
+            row = {"patient": src.patient, "what": what, "family": family, "p_injected": float(pw[1]), "p_removed": float(pw[2]),
+                   "p_tampered": float(pw[1] + pw[2]), "p_network": float(pn[1] + pn[2]),
+                   "mean_hu": mean_hu(vol, w), "smoothness": texture_smoothness(vol, w)}
+            if det2 is not None:
+                z = int(np.clip(np.rint(w[0]), 0, vol.shape[0] - 1))
+                one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
+                row["p2d_tampered"] = float(score_locations_2d(one, det2, np.asarray([(0.0, *w[1:])]))[0, 1:].sum())
+            places.append(row)
     return {"places": places, "clean_scans": clean, "edits": edits_found, "real_lesions": lesion_calls,
             "median_screen_seconds": round(float(np.median(times)), 2)}
 

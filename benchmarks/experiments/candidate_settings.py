@@ -21,13 +21,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cross_validate as cv  # noqa: E402
 
-import ctguard.screen as screening  # noqa: E402
 from ctguard import api  # noqa: E402
 from ctguard.lung import lung_mask  # noqa: E402
-from ctguard.screen import findings_from, heatmap, load_detector, verify_findings  # noqa: E402
-from ctguard.tamper.simulate import variants  # noqa: E402
+from ctguard.screen import NMS_MM, findings_from, heatmap, load_detector, verify_findings  # noqa: E402
 
-SETTINGS = [(24.0, 40), (16.0, 40), (12.0, 40), (24.0, 80), (12.0, 80)]  # (NMS mm, cap); the first is screening's own
+SETTINGS = [(NMS_MM, 40), (16.0, 40), (12.0, 40), (NMS_MM, 80), (12.0, 80)]  # (NMS mm, cap); the first is screening's own
 
 
 def main() -> None:
@@ -42,29 +40,23 @@ def main() -> None:
     thr = det.threshold
     res = {s: {"found": 0, "edits": 0, "false": [], "candidates": []} for s in SETTINGS}
     held = {p: by_patient[p] for p in cv.FOLDS[args.fold]["held_out"]}
-    own, copies = screening.NMS_MM, 0
-    try:
-        for i, src in enumerate(s for entries in held.values() for s in cv.sources_of(entries)):
-            for _, vol, edits in variants(src, cv.EVAL_SEED + 1000 * args.fold + i, inject=4, remove=len(src.tumours), per_scan=2,
-                                          inject_families=("drawn", "moved"), remove_families=("fill", "clone"), healthy=2):
-                copies += 1
-                if args.limit is not None and copies > args.limit:
-                    break
-                lungs = lung_mask(vol)
-                heat = heatmap(vol, det, lungs)
-                for nms, cap in SETTINGS:
-                    screening.NMS_MM = nms  # findings_from reads it at each call
-                    candidates = findings_from(heat, vol, 0.3)[:cap]
-                    hits = [f for f in verify_findings(vol, lungs, candidates, det.verifier) if f["score"] >= thr]
-                    r = res[(nms, cap)]
-                    r["candidates"].append(len(candidates))
-                    if not edits:
-                        r["false"].append(len(hits))
-                    for e in edits:
-                        r["edits"] += 1
-                        r["found"] += any(f["kind"] == e.kind and cv._near(f, e.voxel, e.diameter_mm, vol) for f in hits)
-    finally:
-        screening.NMS_MM = own
+    copies = 0
+    for _, _, _, vol, edits in cv.held_out_copies(held, args.fold):
+        copies += 1
+        if args.limit is not None and copies > args.limit:
+            break
+        lungs = lung_mask(vol)
+        heat = heatmap(vol, det, lungs)
+        for nms, cap in SETTINGS:
+            candidates = findings_from(heat, vol, 0.3, nms_mm=nms)[:cap]
+            hits = [f for f in verify_findings(vol, lungs, candidates, det.verifier) if f["score"] >= thr]
+            r = res[(nms, cap)]
+            r["candidates"].append(len(candidates))
+            if not edits:
+                r["false"].append(len(hits))
+            for e in edits:
+                r["edits"] += 1
+                r["found"] += any(f["kind"] == e.kind and cv._near(f, e.voxel, e.diameter_mm, vol) for f in hits)
     out = [{"nms_mm": nms, "cap": cap, "edits_found": f"{r['found']}/{r['edits']}", "clean_scans": len(r["false"]),
             "false_findings_per_clean_scan": round(sum(r["false"]) / max(len(r["false"]), 1), 3),
             "median_candidates": float(np.median(r["candidates"]))} for (nms, cap), r in res.items()]

@@ -29,7 +29,6 @@ import cross_validate as cv  # noqa: E402
 from ctguard import api  # noqa: E402
 from ctguard.lung import lung_mask  # noqa: E402
 from ctguard.screen import findings_from, heatmap, load_detector, score_locations, verify_findings  # noqa: E402
-from ctguard.tamper.simulate import variants  # noqa: E402
 
 
 def main() -> None:
@@ -45,28 +44,26 @@ def main() -> None:
     thr = det.threshold
     rows, copies = [], 0
     held = {p: by_patient[p] for p in cv.FOLDS[args.fold]["held_out"]}
-    for i, src in enumerate(s for entries in held.values() for s in cv.sources_of(entries)):
-        for _, vol, edits in variants(src, cv.EVAL_SEED + 1000 * args.fold + i, inject=4, remove=len(src.tumours), per_scan=2,
-                                      inject_families=("drawn", "moved"), remove_families=("fill", "clone"), healthy=2):
-            if not edits:
-                continue
-            copies += 1
-            if args.limit is not None and copies > args.limit:
-                break
-            lungs = lung_mask(vol)
-            candidates = findings_from(heatmap(vol, det, lungs), vol, 0.3)
-            scored = verify_findings(vol, lungs, candidates[:cap], det.verifier)
-            at = np.asarray([e.voxel for e in edits], float)
-            p_net = score_locations(vol, det, at, stage2=False)
-            p_stage = det.verifier.score_places(vol, at, p_net, lungs)
-            for e, pn, ps in zip(edits, p_net, p_stage):
-                rank = next((r for r, c in enumerate(candidates) if cv._near(c, e.voxel, e.diameter_mm, vol)), None)
-                best = max((f for f in scored if cv._near(f, e.voxel, e.diameter_mm, vol)), key=lambda f: f["score"], default=None)
-                rows.append({"patient": src.patient, "kind": e.kind, "family": e.extra.get("family"), "diameter_mm": round(e.diameter_mm, 1),
-                             "network_at_centre": round(float(pn[1] + pn[2]), 4), "stage_at_centre": round(float(ps[1] + ps[2]), 4),
-                             "stage_kind_at_centre": "injected" if ps[1] >= ps[2] else "removed",
-                             "candidates": len(candidates), "candidate_rank": rank,
-                             "stage_at_candidate": None if best is None else best["score"], "stage_kind_at_candidate": None if best is None else best["kind"]})
+    for _, src, _, vol, edits in cv.held_out_copies(held, args.fold):
+        if not edits:
+            continue
+        copies += 1
+        if args.limit is not None and copies > args.limit:
+            break
+        lungs = lung_mask(vol)
+        candidates = findings_from(heatmap(vol, det, lungs), vol, 0.3)
+        scored = verify_findings(vol, lungs, candidates[:cap], det.verifier)
+        at = np.asarray([e.voxel for e in edits], float)
+        p_net = score_locations(vol, det, at, stage2=False)
+        p_stage = det.verifier.score_places(vol, at, p_net, lungs)
+        for e, pn, ps in zip(edits, p_net, p_stage):
+            rank = next((r for r, c in enumerate(candidates) if cv._near(c, e.voxel, e.diameter_mm, vol)), None)
+            best = max((f for f in scored if cv._near(f, e.voxel, e.diameter_mm, vol)), key=lambda f: f["score"], default=None)
+            rows.append({"patient": src.patient, "kind": e.kind, "family": e.extra.get("family"), "diameter_mm": round(e.diameter_mm, 1),
+                         "network_at_centre": round(float(pn[1] + pn[2]), 4), "stage_at_centre": round(float(ps[1] + ps[2]), 4),
+                         "stage_kind_at_centre": "injected" if ps[1] >= ps[2] else "removed",
+                         "candidates": len(candidates), "candidate_rank": rank,
+                         "stage_at_candidate": None if best is None else best["score"], "stage_kind_at_candidate": None if best is None else best["kind"]})
     n = len(rows)
     at_centre = [r for r in rows if r["stage_at_centre"] >= thr and r["stage_kind_at_centre"] == r["kind"]]
     found = [r for r in rows if (r["stage_at_candidate"] or 0.0) >= thr and r["stage_kind_at_candidate"] == r["kind"]]

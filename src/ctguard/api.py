@@ -284,6 +284,7 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
     import shutil
     import time
 
+    from ctguard.engine.train_verifier import near
     from ctguard.tamper.simulate import tampered_phantom
 
     t0 = time.time()
@@ -306,8 +307,8 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
 
     nearest = []  # per edit: the best-scored place near it (a finding or one under the threshold), and its rank
     for t in truth:
-        near = [(rank, f) for rank, f in enumerate(places, start=1) if mm_to(t, f) <= 10.0 + t["diameter_mm"] / 2]
-        rank, best = near[0] if near else (None, None)
+        hits = [(rank, f) for rank, f in enumerate(places, start=1) if near(f["voxel"], t["voxel"], t["diameter_mm"], vol.spacing)]
+        rank, best = hits[0] if hits else (None, None)
         ok = best is not None and best["score"] >= thr and best["kind"] == t["kind"]
         matched.append(ok)
         nearest.append(None if best is None else {"rank": rank, "kind": best["kind"], "score": best["score"], "mm": round(mm_to(t, best), 1)})

@@ -283,8 +283,8 @@ def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice
 UNDER_SHOWN = 5  # the highest places under the threshold the result lists, for a reader to review
 
 
-def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str, Any]]:
-    """Local maxima of the tamper probability, with non-maximum suppression over NMS_MM."""
+def findings_from(heat: Heatmap, vol: Volume, threshold: float, nms_mm: float = NMS_MM) -> list[dict[str, Any]]:
+    """Local maxima of the tamper probability, with non-maximum suppression over ``nms_mm``."""
     p_t = 1.0 - heat.probs[0]
     peaks = (p_t == ndimage.maximum_filter(p_t, size=3)) & (p_t >= threshold)
     cand = sorted((tuple(c) for c in np.argwhere(peaks)), key=lambda c: -p_t[c])
@@ -292,7 +292,7 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float) -> list[dict[str
     kept_mm: list[np.ndarray] = []
     for c in cand:
         c_arr = np.asarray(c)
-        if any(np.linalg.norm((c_arr - k) * STRIDE) < NMS_MM for k in kept_mm):
+        if any(np.linalg.norm((c_arr - k) * STRIDE) < nms_mm for k in kept_mm):
             continue
         kept_mm.append(c_arr)
         lo = np.maximum(c_arr - 1, 0)
