@@ -229,3 +229,11 @@ def test_linear_resampling_matches_scipy_trilinear(spacing, new, shape):
     same = resample_array(hu, new, new, shape=shape and hu.shape)  # nothing to resample: a copy, never hu itself
     same[...] = 0
     assert hu.any()
+    # Into a given array (the screener resamples into a view of the network's padded input): the same
+    # voxels, written there and nowhere else.
+    pad = np.full([n + 3 for n in want], 7.0, dtype=np.float32)
+    view = pad[: want[0], : want[1], : want[2]]
+    assert resample_array(hu, spacing, new, shape=shape, out=view) is view
+    assert np.array_equal(view, got) and (pad[want[0] :] == 7).all() and (pad[:, want[1] :] == 7).all() and (pad[:, :, want[2] :] == 7).all()
+    with pytest.raises(ValueError, match="out must be"):
+        resample_array(hu, spacing, new, shape=want, out=np.zeros((2, 2, 2), np.float32))

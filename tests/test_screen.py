@@ -10,6 +10,7 @@ import pytest
 
 from ctguard import api, io
 from ctguard.cli import main
+from ctguard.data.phantom import make_chest
 from ctguard.lung import lung_mask
 from ctguard.tamper.simulate import phantom_source
 
@@ -737,6 +738,29 @@ def test_recentred_finds_a_nodules_core_and_an_in_paintings_smooth_place():
     assert np.linalg.norm((smooth - (15, 55, 55)) * spacing) <= 4.0
     far = recentred(vol, np.array([15.0, 70.0, 10.0]))
     assert all(np.linalg.norm((p - (15, 70, 10)) * spacing) <= 10.0 + 1e-6 for p in far)  # never beyond its reach
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 0.7, 0.7), (5.0, 0.78, 0.78), (2.5, 0.66, 0.66)])
+def test_stage_profiles_inside_the_scan_are_the_box_rule_bit_for_bit(spacing):
+    """The second stage reads a place inside the scan at its ball's voxels only (a shared layout,
+    central differences); that gives the very values the box of the place gives, shell by shell and
+    in the same order (so the trees see the features they were fitted on), at integer and
+    fractional places; a place whose box leaves the scan takes the box rule."""
+    from ctguard.verifier import _shell_values, _shell_values_interior
+
+    shape = (60, 150, 150) if spacing[0] < 2 else (30, 150, 150)
+    vol = make_chest(shape, spacing, seed=3)
+    rng = np.random.default_rng(0)
+    lo = np.ceil(25.0 / np.asarray(spacing)) + 2
+    inside = rng.uniform(lo, np.asarray(shape) - 1 - lo, (8, 3))
+    places = np.vstack([inside, np.rint(inside[:3]), np.round(inside[3:6], 1)])
+    sp = np.asarray(spacing, float)
+    for p in places:
+        fast, box = _shell_values_interior(vol, p, sp), _shell_values(vol, p, sp)
+        assert fast is not None and len(fast) == len(box) == 7
+        for a, b in zip(fast, box):
+            assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+    assert _shell_values_interior(vol, np.array([2.0, 75.0, 75.0]), sp) is None  # its box leaves the scan
 
 
 def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one_row():

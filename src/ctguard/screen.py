@@ -53,11 +53,15 @@ class Detector:
             self.net = self.load_net()
         return self.net
 
-    def probabilities(self, hu_1mm: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded to a multiple of 8);
-        ``(3, y/8, x/8)`` for a 2D detector and a 1 mm plane."""
-        x = np.full([n + (-n) % STRIDE for n in hu_1mm.shape], -1000.0, dtype=np.float32)
-        x[tuple(slice(0, n) for n in hu_1mm.shape)] = hu_1mm
+    def probabilities(self, hu_1mm: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        """Class probabilities ``(3, z/8, y/8, x/8)`` for a 1 mm block (padded with air to a multiple
+        of 8); ``(3, y/8, x/8)`` for a 2D detector and a 1 mm plane. ``overwrite``: a float32 block
+        already a multiple of 8 may be normalised in place (no copy of a whole scan's block)."""
+        if overwrite and hu_1mm.dtype == np.float32 and hu_1mm.flags.c_contiguous and not any(n % STRIDE for n in hu_1mm.shape):
+            x = hu_1mm
+        else:
+            x = padded_block(hu_1mm.shape)
+            x[tuple(slice(0, n) for n in hu_1mm.shape)] = hu_1mm
         x = normalise_array(x, out=x)[None, None]
         if self.session is not None:
             logits = self.session.run(None, {"hu": x})[0]
@@ -68,6 +72,15 @@ class Detector:
             with torch.inference_mode():  # on the network's device (a GPU while training on one)
                 logits = net(torch.from_numpy(x).to(next(net.parameters()).device)).cpu().numpy()
         return softmax(logits, axis=1)[0]
+
+
+def padded_block(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 block of ``shape`` rounded up to a multiple of the detector's stride, air (-1000 HU)
+    in the rounding; the caller fills ``block[:shape]``."""
+    x = np.empty([n + (-n) % STRIDE for n in shape], dtype=np.float32)
+    for axis, n in enumerate(shape):  # only the rounding is written here: a scan's block is hundreds of MB
+        x[(slice(None),) * axis + (slice(n, None),)] = -1000.0
+    return x
 
 
 def export_onnx(net, path: str | Path) -> Path:
@@ -262,13 +275,15 @@ def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice
     """The detector's probabilities over ``box`` (default: the lungs and an 8 mm margin) at 1 mm;
     cells with no lung are genuine."""
     box = _lung_box(vol, lungs) if box is None else box
-    block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))
     lung_1mm = resample_nearest(lungs[box], vol.spacing, (1.0, 1.0, 1.0))
     if detector.dims == 2:  # a single slice: its first 1 mm plane, one cell deep
-        block, lung_1mm = block[:1], lung_1mm[:1]
+        block = resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0))
+        lung_1mm = lung_1mm[:1]
         probs = detector.probabilities(block[0])[:, None]
-    else:
-        probs = detector.probabilities(block)
+    else:  # resampled straight into the network's padded input
+        block = padded_block(lung_1mm.shape)
+        resample_array(vol.hu[box], vol.spacing, (1.0, 1.0, 1.0), out=block[tuple(slice(0, n) for n in lung_1mm.shape)])
+        probs = detector.probabilities(block, overwrite=True)
     # Only lung counts: cells with no lung voxel are genuine by definition.
     pad = [(0, (-n) % STRIDE) for n in lung_1mm.shape]
     lung_1mm = np.pad(lung_1mm, pad)

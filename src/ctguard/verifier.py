@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +119,34 @@ def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float,
 def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
     """The radial profiles around ``place`` (voxel ``(z, y, x)``), see the module's docstring."""
     spacing = np.asarray(vol.spacing, float)
+    place = np.asarray(place, float)
+    shells = _shell_values_interior(vol, place, spacing)
+    if shells is None:
+        shells = _shell_values(vol, place, spacing)
+    n_xy, n_z = noise
+    out = []
+    for h, ax, az, g in shells:
+        out += [h.mean(), h.std(), np.log((np.median(ax) + 1e-3) / n_xy), np.log((np.median(az) + 1e-3) / n_z),
+                np.log1p(g.mean()), (h > -400).mean()]
+    out += [np.log(spacing[0]), np.log(spacing[1:].mean()), np.log(n_xy), np.log(n_z)]
+    # Contrasts: the place (0-9 mm) and its rim (9-16 mm) against the surroundings (16-24 mm).
+    b = np.asarray(out[: 6 * (len(BINS_MM) - 1)], np.float64).reshape(len(BINS_MM) - 1, len(PER_BIN))
+    out += list(b[:3].mean(0) - b[5:].mean(0)) + list(b[3:5].mean(0) - b[5:].mean(0))
+    return np.asarray(out, dtype=np.float32)
+
+
+Shells = list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # per shell: HU, |in-plane residual|, |through-plane residual|, gradient
+
+
+def _shell_values(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells:
+    """The values :func:`place_features` reduces, shell by shell: filtered over the box of
+    :func:`neighbourhood` (its edges as ``mode="nearest"`` sees them), every voxel within reach once,
+    in the box's order within its shell."""
     box, _, dist = neighbourhood(vol, place, REACH_MM, margin=1)
     hu = vol.hu[box].astype(np.float32)
     r_xy, r_z = _residuals(hu)
     grads = np.gradient(hu, *spacing) if min(hu.shape) > 1 else [np.zeros_like(hu)] * 3
     grad = np.sqrt(sum(g**2 for g in grads))
-    n_xy, n_z = noise
     # Every voxel within reach once, grouped by shell (a stable radix sort on the shell's index).
     within = dist < BINS_MM[-1]
     d, h_all, a_xy, a_z, g_all = dist[within], hu[within], np.abs(r_xy[within]), np.abs(r_z[within]), grad[within]
@@ -135,16 +158,53 @@ def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -
         idx = order[ends[k] : ends[k + 1]]
         if not len(idx):  # a shell thinner than the slices near the centre: take the nearest voxels
             m = dist <= max(b, float(dist.min()) + 1e-3)
-            h, ax, az, g = hu[m], np.abs(r_xy[m]), np.abs(r_z[m]), grad[m]
+            out.append((hu[m], np.abs(r_xy[m]), np.abs(r_z[m]), grad[m]))
         else:
-            h, ax, az, g = h_all[idx], a_xy[idx], a_z[idx], g_all[idx]
-        out += [h.mean(), h.std(), np.log((np.median(ax) + 1e-3) / n_xy), np.log((np.median(az) + 1e-3) / n_z),
-                np.log1p(g.mean()), (h > -400).mean()]
-    out += [np.log(spacing[0]), np.log(spacing[1:].mean()), np.log(n_xy), np.log(n_z)]
-    # Contrasts: the place (0-9 mm) and its rim (9-16 mm) against the surroundings (16-24 mm).
-    b = np.asarray(out[: 6 * (len(BINS_MM) - 1)], np.float64).reshape(len(BINS_MM) - 1, len(PER_BIN))
-    out += list(b[:3].mean(0) - b[5:].mean(0)) + list(b[3:5].mean(0) - b[5:].mean(0))
-    return np.asarray(out, dtype=np.float32)
+            out.append((h_all[idx], a_xy[idx], a_z[idx], g_all[idx]))
+    return out
+
+
+@lru_cache(maxsize=8)
+def _ball_layout(shape: tuple[int, int, int], offset: tuple[float, float, float],
+                 spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a place ``offset`` voxels from the centre voxel of a box of ``shape``: the flat indices
+    of the box's voxels within reach (in the box's order), their stable order by shell, and where
+    each shell starts in that order (the same grouping :func:`_shell_values` makes)."""
+    axes = [(np.arange(n) - n // 2 - o) * s for n, o, s in zip(shape, offset, spacing)]
+    dist = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
+    flat = np.flatnonzero(dist < BINS_MM[-1])
+    shell = (np.searchsorted(BINS_MM, dist.ravel()[flat], side="right") - 1).astype(np.int8)
+    order = np.argsort(shell, kind="stable")
+    ends = np.searchsorted(shell[order], np.arange(len(BINS_MM)), side="left")
+    return flat.astype(np.intp), order.astype(np.intp), ends
+
+
+def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells | None:
+    """:func:`_shell_values`, bit for bit, for a place whose box lies inside the scan and has a
+    voxel in every shell (None otherwise), in about two thirds of the time: the residuals and the
+    gradient are read at the voxels within reach only (the box's central differences, as
+    ``np.gradient`` takes them inside an array), and the layout of the ball is shared by places
+    with the same offset from their voxel (the re-centred places: all of them)."""
+    r = np.ceil(REACH_MM / spacing).astype(int) + 1
+    c = np.rint(place).astype(int)
+    lo, hi = c - r, c + r + 1
+    if np.any(lo < 0) or np.any(hi > np.asarray(vol.shape)):
+        return None
+    shape = tuple(int(n) for n in hi - lo)
+    flat, order, ends = _ball_layout(shape, tuple(float(o) for o in place - c), tuple(float(s) for s in spacing))
+    if np.any(np.diff(ends) == 0):  # a shell thinner than the slices: the box's rule for it
+        return None
+    hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
+    f = hu.ravel()
+    h_all = f[flat]
+    a_xy = np.abs(h_all - ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest").ravel()[flat])
+    a_z = np.abs(h_all - ndimage.gaussian_filter1d(hu, 1.0, axis=0, mode="nearest").ravel()[flat])
+    g2: np.ndarray | int = 0
+    for step, s in zip((shape[1] * shape[2], shape[2], 1), spacing):
+        g = ((f[flat + step] - f[flat - step]) / (2.0 * np.float64(s))).astype(np.float32)
+        g2 = g2 + g**2
+    g_all = np.sqrt(g2)
+    return [(h_all[i], a_xy[i], a_z[i], g_all[i]) for i in (order[ends[k] : ends[k + 1]] for k in range(len(BINS_MM) - 1))]
 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,

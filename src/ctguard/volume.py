@@ -90,6 +90,7 @@ def resample_array(
     new_spacing: tuple[float, ...],
     order: int = 1,
     shape: tuple[int, ...] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resamples a 3D array from one voxel size to another (voxel centres aligned at index 0).
 
@@ -99,17 +100,20 @@ def resample_array(
         new_spacing: the wanted voxel size (mm).
         order: spline order. Defaults to 1.
         shape: the output shape; defaults to the extent divided by the new spacing.
+        out: a float32 array of that shape to write into (linear only), instead of a new one.
 
     Returns:
-        float32 array.
+        float32 array (``out`` where given).
     """
     spacing_arr = np.asarray(spacing, dtype=float)
     new_arr = np.asarray(new_spacing, dtype=float)
     if shape is None:
-        shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(a.shape, spacing_arr, new_arr))
+        shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(a.shape, spacing_arr, new_arr)) if out is None else out.shape
     step = new_arr / spacing_arr  # source voxels per output voxel
+    if out is not None and (order != 1 or tuple(out.shape) != tuple(shape) or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 of shape {tuple(shape)}, and order 1")
     if order == 1:
-        return _linear_zoom(a, step, shape)
+        return _linear_zoom(a, step, shape, out)
     # affine_transform with a diagonal matrix is a separable, memory-light zoom.
     return ndimage.affine_transform(
         a.astype(np.float32, copy=False), step, output_shape=shape, order=order, mode="nearest"
@@ -135,27 +139,32 @@ def _lerp_axis(a: np.ndarray, axis: int, step: float, m: int) -> np.ndarray:
 SLAB = 16  # slices resampled in-plane at a time: a slab's arrays stay in the CPU's cache
 
 
-def _linear_zoom(a: np.ndarray, step: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _linear_zoom(a: np.ndarray, step: np.ndarray, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
     """Trilinear resampling as 1D linear interpolations, one axis at a time (an axis-aligned grid
     makes it separable): output voxel ``i`` reads source coordinate ``i * step``, clamped at the
     edges, as ``affine_transform(order=1, mode="nearest")`` does (the same values to float32
     rounding, tested) and 4-5x faster: in-plane a slab of slices at a time, then between slices one
-    output slice at a time. An axis whose size and spacing stay is left alone."""
+    output slice at a time. An axis whose size and spacing stay is left alone. Into ``out`` where given."""
     a32 = a.astype(np.float32, copy=False)
     nz = a.shape[0]
     plane = a32
+    z_stays = shape[0] == nz and step[0] == 1.0
     # The in-plane axes that change, the one that shrinks more first: the second pass has less to read.
     axes = sorted((k for k in (1, 2) if shape[k] != a.shape[k] or step[k] != 1.0), key=lambda k: shape[k] / a.shape[k])
     if axes:
-        plane = np.empty((nz, *shape[1:]), dtype=np.float32)
+        plane = out if z_stays and out is not None else np.empty((nz, *shape[1:]), dtype=np.float32)
         for z0 in range(0, nz, SLAB):
             part = a32[z0 : z0 + SLAB]
             for k in axes:
                 part = _lerp_axis(part, k, step[k], shape[k])
             plane[z0 : z0 + SLAB] = part
-    if shape[0] == nz and step[0] == 1.0:
+    if z_stays:
+        if out is not None:
+            if plane is not out:
+                out[...] = plane
+            return out
         return plane if plane is not a else plane.copy()
-    out = np.empty(shape, dtype=np.float32)
+    out = np.empty(shape, dtype=np.float32) if out is None else out
     i0, i1, w = _linear_weights(nz, step[0], shape[0])
     for k in range(shape[0]):
         lo = plane[i0[k]]
