@@ -288,7 +288,9 @@ def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice
     pad = [(0, (-n) % STRIDE) for n in lung_1mm.shape]
     lung_1mm = np.pad(lung_1mm, pad)
     g = tuple(n // STRIDE for n in lung_1mm.shape)
-    in_lung = lung_1mm.reshape(g[0], STRIDE, g[1], STRIDE, g[2], STRIDE).any(axis=(1, 3, 5))
+    # Over z and y first, where each reduced run is a whole row long, then over x (any() over a 6D
+    # view whose innermost run is one cell wide is 20x slower).
+    in_lung = lung_1mm.reshape(g[0], STRIDE, g[1], STRIDE, g[2] * STRIDE).any(axis=(1, 3)).reshape(*g, STRIDE).any(axis=-1)
     probs = probs[:, : g[0], : g[1], : g[2]]
     probs[1:, ~in_lung] = 0.0
     probs[0, ~in_lung] = 1.0

@@ -78,10 +78,22 @@ def recentred(vol: Volume, place: np.ndarray, radius_mm: float = RECENTRE_MM) ->
     return np.asarray(out, float)
 
 
-def with_recentred(vol: Volume, places: np.ndarray) -> np.ndarray:
+def with_recentred(vol: Volume, places: np.ndarray, threads: int = 1) -> np.ndarray:
     """``(n * 3, 3)``: each place followed by its two :func:`recentred` places."""
     places = np.asarray(places, float).reshape(-1, 3)
-    return np.concatenate([np.vstack([p[None], recentred(vol, p)]) for p in places]) if len(places) else places
+    return np.concatenate([np.vstack([p[None], r]) for p, r in zip(places, _map(lambda p: recentred(vol, p), places, threads))]) \
+        if len(places) else places
+
+
+def _map(fn, items, threads: int) -> list:
+    """``[fn(x) for x in items]``, over ``threads`` threads (the filters, sorts and medians here run
+    outside the GIL for much of their time)."""
+    if threads > 1 and len(items) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(fn, items))
+    return [fn(x) for x in items]
 
 
 def _residuals(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,11 +116,13 @@ def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float,
     box = (slice(max(ys[0] - 6, 0), ys[-1] + 7), slice(max(xs[0] - 6, 0), xs[-1] + 7))
     xy, z = [], []
     for k in picks:
+        # The slab's middle slice only: its through-plane residual sees both neighbours (the
+        # in-plane one, slice by slice, is that of the middle slice alone).
         slab = vol.hu[k - 1 : k + 2, box[0], box[1]].astype(np.float32)
-        r_xy, r_z = _residuals(slab)
-        where = lungs[k - 1 : k + 2, box[0], box[1]] & (slab < -600)
-        where[[0, -1]] = False  # the slab's middle slice only: its through-plane residual sees both neighbours
+        where = lungs[k, box[0], box[1]] & (slab[1] < -600)
         if where.any():
+            r_xy = slab[1] - ndimage.gaussian_filter(slab[1], 1.0, mode="nearest")
+            r_z = slab[1] - ndimage.gaussian_filter1d(slab, 1.0, axis=0, mode="nearest")[1]
             xy.append(np.abs(r_xy[where]))
             z.append(np.abs(r_z[where]))
     if not xy:
@@ -126,7 +140,7 @@ def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -
     n_xy, n_z = noise
     out = []
     for h, ax, az, g in shells:
-        out += [h.mean(), h.std(), np.log((np.median(ax) + 1e-3) / n_xy), np.log((np.median(az) + 1e-3) / n_z),
+        out += [h.mean(), h.std(), np.log((_median_in_place(ax) + 1e-3) / n_xy), np.log((_median_in_place(az) + 1e-3) / n_z),
                 np.log1p(g.mean()), (h > -400).mean()]
     out += [np.log(spacing[0]), np.log(spacing[1:].mean()), np.log(n_xy), np.log(n_z)]
     # Contrasts: the place (0-9 mm) and its rim (9-16 mm) against the surroundings (16-24 mm).
@@ -135,7 +149,20 @@ def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -
     return np.asarray(out, dtype=np.float32)
 
 
-Shells = list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # per shell: HU, |in-plane residual|, |through-plane residual|, gradient
+def _median_in_place(x: np.ndarray) -> np.floating:
+    """``np.median`` of a 1D array of finite values, the same number, partitioning ``x`` itself (no
+    copy, no search for NaN): the mean of the middle one or two order statistics."""
+    h = len(x) // 2
+    if len(x) % 2:
+        x.partition(h)
+        return x[h : h + 1].mean()
+    x.partition([h - 1, h])
+    return x[h - 1 : h + 1].mean()
+
+
+# Per shell: HU, |in-plane residual|, |through-plane residual|, gradient (the residuals' arrays may be
+# reordered in place by the caller).
+Shells = list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def _shell_values(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells:
@@ -181,10 +208,10 @@ def _ball_layout(shape: tuple[int, int, int], offset: tuple[float, float, float]
 
 def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells | None:
     """:func:`_shell_values`, bit for bit, for a place whose box lies inside the scan and has a
-    voxel in every shell (None otherwise), in about two thirds of the time: the residuals and the
-    gradient are read at the voxels within reach only (the box's central differences, as
-    ``np.gradient`` takes them inside an array), and the layout of the ball is shared by places
-    with the same offset from their voxel (the re-centred places: all of them)."""
+    voxel in every shell (None otherwise), with less work: the residuals and the gradient are read
+    at the voxels within reach only (the box's central differences, as ``np.gradient`` takes them
+    inside an array), and the layout of the ball is shared by places with the same offset from
+    their voxel (the re-centred places: all of them)."""
     r = np.ceil(REACH_MM / spacing).astype(int) + 1
     c = np.rint(place).astype(int)
     lo, hi = c - r, c + r + 1
@@ -204,7 +231,8 @@ def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) 
         g = ((f[flat + step] - f[flat - step]) / (2.0 * np.float64(s))).astype(np.float32)
         g2 = g2 + g**2
     g_all = np.sqrt(g2)
-    return [(h_all[i], a_xy[i], a_z[i], g_all[i]) for i in (order[ends[k] : ends[k + 1]] for k in range(len(BINS_MM) - 1))]
+    h_all, a_xy, a_z, g_all = h_all[order], a_xy[order], a_z[order], g_all[order]  # shell after shell
+    return [(h_all[a:b], a_xy[a:b], a_z[a:b], g_all[a:b]) for a, b in zip(ends[:-1], ends[1:])]
 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
@@ -217,18 +245,12 @@ def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], thr
     if recentre:
         if not len(places):
             return np.zeros((0, len(feature_names(recentre=True))), np.float32)
-        at = with_recentred(vol, places)
+        at = with_recentred(vol, places, threads)
         f = features_at(vol, at, noise, threads).reshape(len(places), 3, -1)
         own = [k for k, n in enumerate(feature_names()) if n not in SCAN_COLUMNS]
         offsets = np.linalg.norm((at.reshape(-1, 3, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
         return np.hstack([f[:, 0], f[:, 1, own], f[:, 2, own], offsets]).astype(np.float32)
-    if threads > 1 and len(places) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            rows = list(pool.map(lambda p: place_features(vol, p, noise), places))
-    else:
-        rows = [place_features(vol, p, noise) for p in places]
+    rows = _map(lambda p: place_features(vol, p, noise), places, threads)
     return np.stack(rows) if rows else np.zeros((0, len(feature_names())), np.float32)
 
 
@@ -267,17 +289,19 @@ class Verifier:
         x = finite_rows(x)
         n = len(x)
         raw = np.tile(self.baseline.astype(np.float64), (n, 1))
-        rows = np.arange(n)
+        # Every row down every tree at once, a level at a time; then the leaves added tree by tree.
+        trees, rows = np.arange(len(self.feature))[:, None], np.arange(n)[None, :]
+        node = np.zeros((len(self.feature), n), dtype=np.intp)
+        while True:
+            left = self.left[trees, node]
+            inner = left >= 0
+            if not inner.any():
+                break
+            go_left = x[rows, np.maximum(self.feature[trees, node], 0)] <= self.split[trees, node]
+            node = np.where(inner, np.where(go_left, left, self.right[trees, node]), node)
+        leaves = self.value[trees, node]
         for t in range(len(self.feature)):
-            node = np.zeros(n, dtype=np.intp)
-            while True:
-                inner = self.left[t, node] >= 0
-                if not inner.any():
-                    break
-                f = self.feature[t, node]
-                go_left = x[rows, np.maximum(f, 0)] <= self.split[t, node]
-                node = np.where(inner, np.where(go_left, self.left[t, node], self.right[t, node]), node)
-            raw[:, self.tree_class[t]] += self.rate * self.value[t, node]
+            raw[:, self.tree_class[t]] += self.rate * leaves[t]
         raw -= raw.max(axis=1, keepdims=True)
         e = np.exp(raw)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
