@@ -100,10 +100,10 @@ def lung_mask(vol: Volume, threshold: float = -400.0, close_mm: float = 6.0, min
     if step > 1 or step_z > 1:
         small = Volume(vol.hu[::step_z, ::step, ::step], (vol.spacing[0] * step_z, vol.spacing[1] * step, vol.spacing[2] * step))
         coarse = lung_mask(small, threshold, close_mm, min_volume_ml)
-        # Each coarse voxel back to its step_z x step x step block, written once; the result is a
-        # view of the scan's shape into that (at most step - 1 voxels larger) array.
-        # Rows widened first, then copied whole (a broadcast whose innermost run is `step` voxels
-        # long is several times slower).
+        # Each coarse voxel back to its step_z x step x step block, written once (its rows widened
+        # first, then copied whole: a broadcast whose innermost run is `step` voxels long is several
+        # times slower); the result is a view of the scan's shape into that (at most step - 1 voxels
+        # larger) array.
         nz, ny, nx = coarse.shape
         rows = np.repeat(coarse, step, axis=2) if step > 1 else coarse
         full = np.empty((nz * step_z, ny * step, nx * step), dtype=bool)
