@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/cross_validate.py [--config configs/tamper3d.yaml] [--out runs/cv] [--folds 0,1,2,3] [--2d] [--md FILE] [--json FILE]
+                                        [--with EARLIER.json]   (pool folds evaluated in another run)
     python benchmarks/cross_validate.py --model M [--model2d M2] --skip PATIENTS --out DIR   (a detector trained elsewhere)
     python benchmarks/cross_validate.py --threshold-of RUN                                  (the folds' threshold rule on every patient)
 
@@ -283,6 +284,9 @@ def main() -> None:
                     help="only choose the threshold of a run trained on every patient of the config, by the folds' rule, and print it")
     ap.add_argument("--json", default=None, help="also write the pooled results here")
     ap.add_argument("--md", default=None, help="also write the Markdown table here")
+    ap.add_argument("--with", dest="earlier", action="append", default=[], metavar="JSON",
+                    help="also pool the folds of an earlier report (a cv.json or its copy in docs/) that carry their places, "
+                         "where --out has no eval.json of that fold")
     args = ap.parse_args()
     cfg = api.load_config(args.config)
     by_patient = patient_scans(cfg)
@@ -304,12 +308,20 @@ def main() -> None:
             run_fold(cfg, by_patient, fold, k, fold_dir, args.with_2d)
         if (fold_dir / "eval.json").is_file():
             results.append(json.loads((fold_dir / "eval.json").read_text()))
+    for path in args.earlier:
+        have = {r["fold"] for r in results}
+        for f in json.loads(Path(path).read_text())["folds"]:
+            if f["fold"] not in have and "eval" in f:
+                results.append({**{k: f.get(k) for k in ("fold", "held_out", "unseen", "train_seconds", "peak_rss_gb")},
+                                "threshold": {"threshold": f["row"]["threshold"]}, "eval": f["eval"]})
+    results.sort(key=lambda r: r["fold"])
     if not results:
         raise SystemExit("no fold has been evaluated yet")
     pooled_ev = {key: [x for r in results for x in r["eval"][key]] for key in ("places", "clean_scans", "edits", "real_lesions")}
     folds = [{"fold": r["fold"], "held_out": r["held_out"], "unseen": r["unseen"], "train_seconds": r["train_seconds"],
-              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]["threshold"])} for r in results]
-    pooled = {"fold": "pooled", "held_out": every, "unseen": [], "row": summarise(pooled_ev)}
+              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]["threshold"]),
+              "eval": r["eval"]} for r in results]  # the places too, so that a later report can pool this fold (--with)
+    pooled = {"fold": "pooled", "held_out": sorted(p for r in results for p in r["held_out"]), "unseen": [], "row": summarise(pooled_ev)}
     report = {"config": Path(args.config).name, "folds": folds, "pooled": pooled, "max_false_for_threshold": MAX_FALSE}
     (out / "cv.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(folds, pooled)
