@@ -250,7 +250,7 @@ def markdown(folds: list[dict], pooled: dict) -> str:
     lines = ["| fold | " + " | ".join(c for c, _ in cols) + " |", "| --- " * (len(cols) + 1) + "|"]
     for r in rows:
         pooled_row = r is pooled
-        held = "all" if pooled_row else ", ".join(r["held_out"])
+        held = f"folds {', '.join(str(f['fold']) for f in folds)} ({len(r['held_out'])} patients)" if pooled_row else ", ".join(r["held_out"])
         vals = [held] + ["per fold" if pooled_row and key == "threshold" else str(r["row"].get(key)) for _, key in cols[1:]]
         lines.append(f"| {'pooled' if pooled_row else r['fold']} | " + " | ".join(vals) + " |")
     families = [("injected", "drawn"), ("injected", "moved"), ("removed", "fill"), ("removed", "clone")]
@@ -323,6 +323,7 @@ def main() -> None:
               "eval": r["eval"]} for r in results]  # the places too, so that a later report can pool this fold (--with)
     pooled = {"fold": "pooled", "held_out": sorted(p for r in results for p in r["held_out"]), "unseen": [], "row": summarise(pooled_ev)}
     report = {"config": Path(args.config).name, "folds": folds, "pooled": pooled, "max_false_for_threshold": MAX_FALSE}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "cv.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(folds, pooled)
     (out / "cv.md").write_text(md)
