@@ -123,6 +123,13 @@ def choose_threshold(det, cfg: dict, training: dict[str, list[dict]]) -> dict:
     return {"threshold": float(chosen), "scans": len(scores), "false_findings_per_scan": {str(t): round(v, 3) for t, v in per_t.items()}}
 
 
+def split_fold(by_patient: dict[str, list[dict]], k: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Fold ``k``'s training patients and its held-out ones (in the fold's order, which seeds their
+    test copies), each with its config entries."""
+    held = FOLDS[k]["held_out"]
+    return {p: e for p, e in by_patient.items() if p not in held}, {p: by_patient[p] for p in held}
+
+
 def held_out_copies(held_out: dict[str, list[dict]], fold: int):
     """Every copy the fold is tested on: for each held-out scan (``i``, its :class:`Source`), its
     untouched copy and its copies with edits of every family, seeded by the fold and the scan (seeds
@@ -303,7 +310,7 @@ def main() -> None:
         fold_dir = out / f"fold{k}"
         fold = FOLDS[k]
         if str(k) in args.folds.split(",") and args.model:
-            fixed_model_fold(args.model, args.model2d, by_patient, fold, k, fold_dir, set(args.skip.split(",")))
+            fixed_model_fold(args.model, args.model2d, by_patient, k, fold_dir, set(args.skip.split(",")))
         elif str(k) in args.folds.split(","):
             run_fold(cfg, by_patient, fold, k, fold_dir, args.with_2d)
         if (fold_dir / "eval.json").is_file():
@@ -355,10 +362,10 @@ def train_2d(fold_cfg: dict, fold_dir: Path, k: int):
     return load_detector2d(str(run / "model.pt"))
 
 
-def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, fold: dict, k: int, fold_dir: Path, skip: set[str]) -> None:
+def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, k: int, fold_dir: Path, skip: set[str]) -> None:
     """A detector trained elsewhere, at its own threshold, on the fold's held-out patients (those
     it never trained on): the same measurements, for comparison."""
-    held = {p: by_patient[p] for p in fold["held_out"] if p not in skip}
+    held = {p: e for p, e in split_fold(by_patient, k)[1].items() if p not in skip}
     if not held:
         return
     det = load_detector(model)
@@ -373,7 +380,7 @@ def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, fold: di
 def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:
     import resource
 
-    training = {p: e for p, e in by_patient.items() if p not in fold["held_out"]}
+    training, held = split_fold(by_patient, k)
     # The full run's cube file holds every patient's cubes: a fold makes its own (from the source cache).
     fold_cfg = {**cfg, **fold["unseen_family"], "real_scans": [e for entries in training.values() for e in entries], "cache": None}
     unseen = [f for key, fams in fold["unseen_family"].items() for f in (cfg.get(key) or []) if f not in fams]
@@ -400,7 +407,7 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
         det.threshold = calib["threshold"]
         calib["from"] = f"{calib['scans']} clean scans of its training patients and phantoms"
     print(f"fold {k}: threshold {det.threshold} ({calib['from']})", flush=True)
-    ev = evaluate_fold(det, {p: by_patient[p] for p in fold["held_out"]}, k, det2)
+    ev = evaluate_fold(det, held, k, det2)
     summary = json.loads((fold_dir / "summary.json").read_text())
     result = {"fold": k, "held_out": fold["held_out"], "training_patients": sorted(training), "unseen": unseen,
               "train_seconds": round(summary["train_seconds"] + summary["data_seconds"], 1),

@@ -39,7 +39,7 @@ def main() -> None:
     det = load_detector(str(Path(args.run) / "model.pt"))
     thr = det.threshold
     res = {s: {"found": 0, "edits": 0, "false": [], "candidates": []} for s in SETTINGS}
-    held = {p: by_patient[p] for p in cv.FOLDS[args.fold]["held_out"]}
+    _, held = cv.split_fold(by_patient, args.fold)
     copies = 0
     for _, _, _, vol, edits in cv.held_out_copies(held, args.fold):
         copies += 1

@@ -37,12 +37,11 @@ def main() -> None:
     args = ap.parse_args()
     cfg = api.load_config(args.config)
     by_patient = cv.patient_scans(cfg)
-    fold = cv.FOLDS[args.fold]
-    training = {p: e for p, e in by_patient.items() if p not in fold["held_out"]}
+    training, held = cv.split_fold(by_patient, args.fold)
     det = dataclasses.replace(load_detector(str(Path(args.run) / "model.pt")), verifier=None)  # a copy: the loaded one stays cached as is
     calib = cv.choose_threshold(det, cfg, training)
     det.threshold = calib["threshold"]
-    ev = cv.evaluate_fold(det, {p: by_patient[p] for p in fold["held_out"]}, args.fold)
+    ev = cv.evaluate_fold(det, held, args.fold)
     row = cv.summarise(ev, det.threshold)
     print(json.dumps({"fold": args.fold, "threshold": calib, "row": row}, indent=1))
     if args.out:

@@ -43,7 +43,7 @@ def main() -> None:
     cap = int(det.verifier.meta.get("max_candidates", 40))
     thr = det.threshold
     rows, copies = [], 0
-    held = {p: by_patient[p] for p in cv.FOLDS[args.fold]["held_out"]}
+    _, held = cv.split_fold(by_patient, args.fold)
     for _, src, _, vol, edits in cv.held_out_copies(held, args.fold):
         if not edits:
             continue

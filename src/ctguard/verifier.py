@@ -81,8 +81,10 @@ def recentred(vol: Volume, place: np.ndarray, radius_mm: float = RECENTRE_MM) ->
 def with_recentred(vol: Volume, places: np.ndarray, threads: int = 1) -> np.ndarray:
     """``(n * 3, 3)``: each place followed by its two :func:`recentred` places."""
     places = np.asarray(places, float).reshape(-1, 3)
-    return np.concatenate([np.vstack([p[None], r]) for p, r in zip(places, _map(lambda p: recentred(vol, p), places, threads))]) \
-        if len(places) else places
+    if not len(places):
+        return places
+    near = _map(lambda p: recentred(vol, p), places, threads)
+    return np.concatenate([np.vstack([p[None], r]) for p, r in zip(places, near)])
 
 
 def _map(fn, items, threads: int) -> list:
@@ -96,11 +98,19 @@ def _map(fn, items, threads: int) -> list:
     return [fn(x) for x in items]
 
 
+def _smooth_xy(hu: np.ndarray) -> np.ndarray:
+    """``hu`` (z, y, x) smoothed in-plane by a Gaussian of one voxel: what the in-plane residual subtracts."""
+    return ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest")
+
+
+def _smooth_z(hu: np.ndarray) -> np.ndarray:
+    """``hu`` (z, y, x) smoothed through-plane by a Gaussian of one slice: what the through-plane residual subtracts."""
+    return ndimage.gaussian_filter1d(hu, 1.0, axis=0, mode="nearest")
+
+
 def _residuals(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """In-plane and through-plane high-pass residuals (a Gaussian of one voxel subtracted)."""
-    r_xy = hu - ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest")
-    r_z = hu - ndimage.gaussian_filter1d(hu, 1.0, axis=0, mode="nearest") if hu.shape[0] > 2 else np.zeros_like(hu)
-    return r_xy, r_z
+    return hu - _smooth_xy(hu), hu - _smooth_z(hu) if hu.shape[0] > 2 else np.zeros_like(hu)
 
 
 def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float, float]:
@@ -121,8 +131,8 @@ def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float,
         slab = vol.hu[k - 1 : k + 2, box[0], box[1]].astype(np.float32)
         where = lungs[k, box[0], box[1]] & (slab[1] < -600)
         if where.any():
-            r_xy = slab[1] - ndimage.gaussian_filter(slab[1], 1.0, mode="nearest")
-            r_z = slab[1] - ndimage.gaussian_filter1d(slab, 1.0, axis=0, mode="nearest")[1]
+            r_xy = slab[1] - _smooth_xy(slab[1:2])[0]
+            r_z = slab[1] - _smooth_z(slab)[1]
             xy.append(np.abs(r_xy[where]))
             z.append(np.abs(r_z[where]))
     if not xy:
@@ -174,12 +184,10 @@ def _shell_values(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells
     r_xy, r_z = _residuals(hu)
     grads = np.gradient(hu, *spacing) if min(hu.shape) > 1 else [np.zeros_like(hu)] * 3
     grad = np.sqrt(sum(g**2 for g in grads))
-    # Every voxel within reach once, grouped by shell (a stable radix sort on the shell's index).
+    # Every voxel within reach once, grouped by shell.
     within = dist < BINS_MM[-1]
-    d, h_all, a_xy, a_z, g_all = dist[within], hu[within], np.abs(r_xy[within]), np.abs(r_z[within]), grad[within]
-    shell = (np.searchsorted(BINS_MM, d, side="right") - 1).astype(np.int8)
-    order = np.argsort(shell, kind="stable")
-    ends = np.searchsorted(shell[order], np.arange(len(BINS_MM)), side="left")
+    h_all, a_xy, a_z, g_all = hu[within], np.abs(r_xy[within]), np.abs(r_z[within]), grad[within]
+    order, ends = _by_shell(dist[within])
     out = []
     for k, b in enumerate(BINS_MM[1:]):
         idx = order[ends[k] : ends[k + 1]]
@@ -191,6 +199,14 @@ def _shell_values(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells
     return out
 
 
+def _by_shell(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels at distances ``d`` (mm, all within reach) grouped by shell: their stable order by shell
+    (a radix sort on the shell's index) and where each shell starts in it (``ends[k]:ends[k + 1]``)."""
+    shell = (np.searchsorted(BINS_MM, d, side="right") - 1).astype(np.int8)
+    order = np.argsort(shell, kind="stable")
+    return order, np.searchsorted(shell[order], np.arange(len(BINS_MM)), side="left")
+
+
 @lru_cache(maxsize=8)
 def _ball_layout(shape: tuple[int, int, int], offset: tuple[float, float, float],
                  spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,9 +216,7 @@ def _ball_layout(shape: tuple[int, int, int], offset: tuple[float, float, float]
     axes = [(np.arange(n) - n // 2 - o) * s for n, o, s in zip(shape, offset, spacing)]
     dist = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
     flat = np.flatnonzero(dist < BINS_MM[-1])
-    shell = (np.searchsorted(BINS_MM, dist.ravel()[flat], side="right") - 1).astype(np.int8)
-    order = np.argsort(shell, kind="stable")
-    ends = np.searchsorted(shell[order], np.arange(len(BINS_MM)), side="left")
+    order, ends = _by_shell(dist.ravel()[flat])
     return flat.astype(np.intp), order.astype(np.intp), ends
 
 
@@ -224,8 +238,8 @@ def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) 
     hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
     f = hu.ravel()
     h_all = f[flat]
-    a_xy = np.abs(h_all - ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest").ravel()[flat])
-    a_z = np.abs(h_all - ndimage.gaussian_filter1d(hu, 1.0, axis=0, mode="nearest").ravel()[flat])
+    a_xy = np.abs(h_all - _smooth_xy(hu).ravel()[flat])  # _residuals' values at these voxels
+    a_z = np.abs(h_all - _smooth_z(hu).ravel()[flat])
     g2: np.ndarray | int = 0
     for step, s in zip((shape[1] * shape[2], shape[2], 1), spacing):
         g = ((f[flat + step] - f[flat - step]) / (2.0 * np.float64(s))).astype(np.float32)
