@@ -130,6 +130,22 @@ def split_fold(by_patient: dict[str, list[dict]], k: int) -> tuple[dict[str, lis
     return {p: e for p, e in by_patient.items() if p not in held}, {p: by_patient[p] for p in held}
 
 
+def fold_run_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of an experiment on one fold's run of this script: FOLD, RUN (its folder, e.g.
+    runs/cv/fold2) and ``--config`` (the recipe whose patients the folds split)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("fold", type=int)
+    ap.add_argument("run")
+    ap.add_argument("--config", default=str(ROOT / "configs/tamper3d.yaml"))
+    return ap
+
+
+def fold_of(args: argparse.Namespace) -> tuple[dict, dict[str, list[dict]], dict[str, list[dict]]]:
+    """``(config, training patients, held-out patients)`` of ``args.fold`` under ``args.config``."""
+    cfg = api.load_config(args.config)
+    return (cfg, *split_fold(patient_scans(cfg), args.fold))
+
+
 def held_out_copies(held_out: dict[str, list[dict]], fold: int):
     """Every copy the fold is tested on: for each held-out scan (``i``, its :class:`Source`), its
     untouched copy and its copies with edits of every family, seeded by the fold and the scan (seeds

@@ -4,12 +4,11 @@ or closer apart (non-maximum suppression) and more or fewer of them go to the se
 cap). Evaluation only: the stage's rows and threshold stay as trained.
 
 Usage:
-    python benchmarks/experiments/candidate_settings.py FOLD RUN [--out FILE] [--limit N]
+    python benchmarks/experiments/candidate_settings.py FOLD RUN [--config configs/tamper3d.yaml] [--out FILE] [--limit N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cross_validate as cv  # noqa: E402
 
-from ctguard import api  # noqa: E402
 from ctguard.lung import lung_mask  # noqa: E402
 from ctguard.screen import NMS_MM, findings_from, heatmap, load_detector, verify_findings  # noqa: E402
 
@@ -29,17 +27,14 @@ SETTINGS = [(NMS_MM, 40), (16.0, 40), (12.0, 40), (NMS_MM, 80), (12.0, 80)]  # (
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("fold", type=int)
-    ap.add_argument("run")
+    ap = cv.fold_run_parser(__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--limit", type=int, default=None, help="only the first N copies of the held-out scans (a quick look)")
     args = ap.parse_args()
-    by_patient = cv.patient_scans(api.load_config(ROOT / "configs/tamper3d.yaml"))
+    _, _, held = cv.fold_of(args)
     det = load_detector(str(Path(args.run) / "model.pt"))
     thr = det.threshold
     res = {s: {"found": 0, "edits": 0, "false": [], "candidates": []} for s in SETTINGS}
-    _, held = cv.split_fold(by_patient, args.fold)
     copies = 0
     for _, _, _, vol, edits in cv.held_out_copies(held, args.fold):
         copies += 1

@@ -36,10 +36,10 @@ from scipy import ndimage  # noqa: E402
 
 from ctguard import api  # noqa: E402
 from ctguard.lung import lung_depth, lung_mask  # noqa: E402
-from ctguard.screen import load_detector, screen_volume  # noqa: E402
+from ctguard.screen import load_detector  # noqa: E402
 from ctguard.tamper.cube import cut  # noqa: E402
 from ctguard.tamper.families import inject_moved, movable  # noqa: E402
-from ctguard.verifier import neighbourhood  # noqa: E402
+from ctguard.verifier import _smooth_xy, neighbourhood  # noqa: E402
 from ctguard.volume import Volume  # noqa: E402
 
 
@@ -139,8 +139,7 @@ def fine_texture(vol: Volume, place: np.ndarray, radius_mm: float = 4.0) -> floa
     own voxels) in a ball around ``place``: a copy resampled onto the scan keeps less of it."""
     box, _, dist = neighbourhood(vol, np.asarray(place, float), radius_mm + 3.0)
     hu = vol.hu[box].astype(np.float32)
-    residual = hu - ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest")
-    return float(np.median(np.abs(residual[dist <= radius_mm])))
+    return float(np.median(np.abs((hu - _smooth_xy(hu))[dist <= radius_mm])))
 
 
 COPY_TEXTURE = 0.6  # fine-texture correlation over which two places are one copied from the other
@@ -177,9 +176,12 @@ def candidate_pairs(cfg: dict, a) -> None:
     """The copy rule (:func:`find_copies`) on a detector's candidates (network at 0.3, at most 40,
     re-scored by its second stage): every pair's similarity, on each scan's clean copy and on a copy
     with two tumours moved (a pair is a true copy when it joins a moved tumour and its donor)."""
-    from ctguard.screen import findings_from, verify_findings
+    from ctguard.engine.train_verifier import near
+    from ctguard.screen import findings_from, heatmap, verify_findings
 
     det = load_detector(a.model)
+    cand_thr = float(det.verifier.meta.get("candidate_threshold", 0.3))  # the candidates screening gives the stage
+    cap = int(det.verifier.meta.get("max_candidates", 40))
     keep = set(filter(None, a.patients.split(",")))
     rows = []
     for i, entry in enumerate(cfg["real_scans"]):
@@ -190,16 +192,14 @@ def candidate_pairs(cfg: dict, a) -> None:
             continue
         lungs = lung_mask(src.volume)
         depth = lung_depth(src.volume, lungs)
-        moved = inject_moved(src.volume, lungs, depth, src.tumours, np.random.default_rng([950_000, i, 9]), 2,
-                             avoid=[t.voxel for t in src.tumours])
-        for label, vol, edits in [("clean", src.volume, []), ("moved", *moved)]:
-            _, heat, lungs_v = screen_volume(vol, det, threshold=0.3, stage2=False)
-            scored = verify_findings(vol, lungs_v, findings_from(heat, vol, 0.3)[:40], det.verifier)
+        moved_vol, edits = inject_moved(src.volume, lungs, depth, src.tumours, np.random.default_rng([950_000, i, 9]), 2,
+                                        avoid=[t.voxel for t in src.tumours])
+        for label, vol, vol_lungs, vol_edits in [("clean", src.volume, lungs, []), ("moved", moved_vol, lung_mask(moved_vol), edits)]:
+            scored = verify_findings(vol, vol_lungs, findings_from(heatmap(vol, det, vol_lungs), vol, cand_thr)[:cap], det.verifier)
             for pair in find_copies(vol, scored, min_texture=-1.0):
-                ends = [np.asarray(scored[pair[k]]["voxel"]) for k in ("copy", "source")]
-                true = any(min(np.linalg.norm((p - np.asarray(e.voxel)) * vol.spacing) for p in ends) <= 10 + e.diameter_mm / 2 and
-                           min(np.linalg.norm((p - np.asarray(e.extra["from_voxel"])) * vol.spacing) for p in ends) <= 10 + e.diameter_mm / 2
-                           for e in edits)
+                ends = [scored[pair[k]]["voxel"] for k in ("copy", "source")]
+                true = any(any(near(p, e.voxel, e.diameter_mm, vol.spacing) for p in ends) and
+                           any(near(p, e.extra["from_voxel"], e.diameter_mm, vol.spacing) for p in ends) for e in vol_edits)
                 rows.append({"patient": src.patient, "scan": label, "true_copy": bool(true), "similarity": pair["similarity"]})
         print(src.patient, [r for r in rows if r["patient"] == src.patient and (r["true_copy"] or r["similarity"] >= COPY_TEXTURE)], flush=True)
     for true in (True, False):

@@ -13,7 +13,6 @@ network and its stage), it says what the second stage gains or loses at the oper
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -24,20 +23,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cross_validate as cv  # noqa: E402
 
-from ctguard import api  # noqa: E402
 from ctguard.screen import load_detector  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("fold", type=int)
-    ap.add_argument("run")
-    ap.add_argument("--config", default=str(ROOT / "configs/tamper3d.yaml"))
+    ap = cv.fold_run_parser(__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="also write the threshold's calibration and the evaluation here (JSON)")
     args = ap.parse_args()
-    cfg = api.load_config(args.config)
-    by_patient = cv.patient_scans(cfg)
-    training, held = cv.split_fold(by_patient, args.fold)
+    cfg, training, held = cv.fold_of(args)
     det = dataclasses.replace(load_detector(str(Path(args.run) / "model.pt")), verifier=None)  # a copy: the loaded one stays cached as is
     calib = cv.choose_threshold(det, cfg, training)
     det.threshold = calib["threshold"]

@@ -1,7 +1,7 @@
 """Where a fold's held-out edits get lost between the network and the finding.
 
 Usage:
-    python benchmarks/experiments/where_edits_are_lost.py FOLD RUN [--out FILE] [--limit N]
+    python benchmarks/experiments/where_edits_are_lost.py FOLD RUN [--config configs/tamper3d.yaml] [--out FILE] [--limit N]
 
 RUN is the fold's run of benchmarks/cross_validate.py (its network and second stage, e.g.
 runs/cv/fold0). The fold's held-out patients are edited exactly as cross_validate.py edits them
@@ -14,7 +14,6 @@ threshold at the candidate though it would score them over it at the centre.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,24 +25,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cross_validate as cv  # noqa: E402
 
-from ctguard import api  # noqa: E402
 from ctguard.lung import lung_mask  # noqa: E402
 from ctguard.screen import findings_from, heatmap, load_detector, score_locations, verify_findings  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("fold", type=int)
-    ap.add_argument("run")
+    ap = cv.fold_run_parser(__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write every edit's row here (JSON)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N copies of the held-out scans (a quick look)")
     args = ap.parse_args()
-    by_patient = cv.patient_scans(api.load_config(ROOT / "configs/tamper3d.yaml"))
+    _, _, held = cv.fold_of(args)
     det = load_detector(str(Path(args.run) / "model.pt"))
     cap = int(det.verifier.meta.get("max_candidates", 40))
     thr = det.threshold
     rows, copies = [], 0
-    _, held = cv.split_fold(by_patient, args.fold)
     for _, src, _, vol, edits in cv.held_out_copies(held, args.fold):
         if not edits:
             continue
