@@ -1,0 +1,58 @@
+"""benchmarks/compare_runs.py: two cross-validation runs compared place by place."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "benchmarks" / "compare_runs.py")
+compare_runs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare_runs)
+
+
+def _report(path: Path, fold: int, scores: dict[str, list[float]], found: list[bool]) -> Path:
+    places = []
+    for what, ss in scores.items():
+        for i, s in enumerate(ss):
+            places.append({"patient": "p", "what": what, "family": "drawn" if what == "injected" else None,
+                           "mean_hu": -800.0 + i + 100 * len(what), "smoothness": 0.1 * i, "p_tampered": s})
+    edits = [{"kind": "injected", "family": "drawn", "found": f} for f in found]
+    path.write_text(json.dumps({"folds": [{"fold": fold, "eval": {"places": places, "edits": edits}}]}))
+    return path
+
+
+def test_auc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s, y = np.round(rng.random(25), 1), (rng.random(25) < 0.4).astype(int)
+        if 0 < y.sum() < len(y):
+            assert compare_runs.auc(s, y) == pytest.approx(roc_auc_score(y, s))
+
+
+def test_paired_comparison_of_two_runs(tmp_path):
+    untouched = [0.1, 0.2, 0.3, 0.6]
+    a = _report(tmp_path / "a.json", 2, {"injected": [0.5, 0.9], "lung": untouched}, [False, True])
+    # B ranks the first injection over every untouched place; its places listed in another order
+    b = _report(tmp_path / "b.json", 2, {"lung": untouched, "injected": [0.7, 0.9]}, [True, True])
+    (row,) = compare_runs.compare(str(a), str(b), boot=200)
+    assert row["injected"]["a"] == pytest.approx(0.875) and row["injected"]["b"] == pytest.approx(1.0)
+    assert row["injected"]["b_minus_a"] == pytest.approx(0.125)
+    lo, hi = row["injected"]["interval_95"]
+    assert lo <= 0.125 + 1e-9 and hi >= 0.0
+    assert row["removed"] is None
+    assert row["edits_found"] == {"edits": 2, "a": 1, "b": 2, "both": 1, "a_only": 0, "b_only": 1}
+    assert "| 2 | 0.875 | 1.0 |" in compare_runs.markdown([row])
+
+
+def test_runs_on_other_places_are_refused(tmp_path):
+    a = _report(tmp_path / "a.json", 2, {"injected": [0.5], "lung": [0.1, 0.2]}, [True])
+    b = _report(tmp_path / "b.json", 2, {"injected": [0.5], "lung": [0.1]}, [True])
+    with pytest.raises(SystemExit, match="not tested on the same places"):
+        compare_runs.compare(str(a), str(b), boot=10)
+    c = _report(tmp_path / "c.json", 3, {"injected": [0.5], "lung": [0.1]}, [True])
+    with pytest.raises(SystemExit, match="no fold"):
+        compare_runs.compare(str(a), str(c), boot=10)
