@@ -640,8 +640,8 @@ def test_bundled_detectors_name_no_path_of_a_machine():
 
 def test_train_tamper3d_with_a_second_stage(tmp_path):
     """A tiny recipe with ``verifier: true``: the network, then the second stage fitted on fresh
-    edits of its sources; the run's detector re-scores its candidates with it, at the stage's own
-    out-of-patient threshold, and the saved trees give sklearn's probabilities."""
+    edits of its sources, blended with the network's probabilities; the run's detector re-scores its
+    candidates with it, at the stage's own out-of-patient threshold."""
     from ctguard.errors import InputError
     from ctguard.screen import load_detector, score_locations, screen_volume
     from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names
@@ -650,10 +650,14 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
            "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
            "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
            "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True, "verifier_per_scan": 2,
-           "verifier_scan_columns": False, "verifier_boosting": "histogram"}
+           "verifier_scan_columns": False, "verifier_boosting": "histogram", "verifier_blend": 0.5}
     with pytest.raises(InputError, match="verifier_boosting must be classic or histogram, not 'forest'"):
         api.train({**cfg, "verifier_boosting": "forest"}, tmp_path / "bad", progress=False, echo=lambda *_: None)
     assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    for bad in (1.5, "half"):
+        with pytest.raises(InputError, match=f"verifier_blend must be a number from 0 to 1, not {bad!r}"):
+            api.train({**cfg, "verifier_blend": bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "bad" / "model.pt").exists()
     summary = api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
     report = json.loads((tmp_path / "run" / "verifier.json").read_text())
     assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 3 and len(report["groups"]) == 3
@@ -661,6 +665,7 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     v = Verifier.load(tmp_path / "run" / "model.verifier.npz")
     assert v.meta["recentre"] and len(v.meta["names"]) == len(feature_names(recentre=True)) + 3 and len(v.feature) == 10 * 3  # 10 stages of 3 classes
     assert v.meta["boosting"] == "histogram" and v.rate == 1.0  # histogram trees' leaves carry the rate
+    assert v.meta["blend_network"] == 0.5  # its scores: the mean of the trees' and the network's probabilities
     # Trees blind to the scan's own columns (slice, pixel size, noise) never split on them.
     scan_cols = [v.meta["names"].index(n) for n in SCAN_COLUMNS]
     assert not v.meta["scan_columns"] and not np.isin(v.feature, scan_cols).any() and (v.feature >= 0).any()
@@ -791,3 +796,7 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
     v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True})
     assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
+    # Blended with the network: a quarter of the network's probabilities, three quarters of the trees'.
+    v.meta["blend_network"] = 0.25
+    blended = v.score_places(vol, places, p_net, lungs)
+    assert np.allclose(blended, 0.75 * clf.predict_proba(x) + 0.25 * p_net, atol=1e-5) and np.allclose(blended.sum(1), 1, atol=1e-5)

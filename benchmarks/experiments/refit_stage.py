@@ -6,8 +6,10 @@ Usage:
 Copies the network of RUN (``model.pt``, ``model.onnx``, its hard-negative rounds, ``config.json``,
 ``summary.json``) into OUT and fits the second stage there exactly as ``ctguard train`` does after
 the network, with the config's ``verifier*`` settings (the network's own settings are kept from
-RUN). ``summary.json`` of OUT gets the new stage's summary. For trying stage settings without
-training the network again (about 32 of the recipe's 45 minutes here).
+RUN). ``summary.json`` of OUT gets the new stage's summary. RUN's rows (``verifier_rows/``) are
+copied too, so settings that do not change the rows (the trees', ``verifier_blend``) fit in a minute
+or two. For trying stage settings without training the network again (about 32 of the recipe's 45
+minutes here).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     for f in ["model.pt", "model.onnx", "config.json", "summary.json", "history.csv"] + [p.name for p in run.glob("hard_round*.npz")]:
         if (run / f).is_file():
             shutil.copy(run / f, out / f)
+    if (run / "verifier_rows").is_dir():  # each source's rows, keyed by the network and the settings that make them: reused where those match
+        shutil.copytree(run / "verifier_rows", out / "verifier_rows", dirs_exist_ok=True)
     stage = {k: v for k, v in api.load_config(a.config).items() if k.startswith("verifier")}
     cfg = {**json.loads((run / "config.json").read_text()), **stage}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -282,6 +282,13 @@ def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: 
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
+def blend(p_trees: np.ndarray, p_network: np.ndarray, w: float) -> np.ndarray:
+    """``(1 - w) * p_trees + w * p_network``, both ``(n, 3)`` probabilities (``p_trees`` itself at ``w`` 0)."""
+    if not w:
+        return p_trees
+    return ((1.0 - w) * np.asarray(p_trees, np.float64) + w * np.asarray(p_network, np.float64).reshape(-1, 3)).astype(np.float32)
+
+
 @dataclass
 class Verifier:
     """Gradient-boosted trees over :func:`place_features` (and the network's probabilities) that
@@ -322,10 +329,11 @@ class Verifier:
 
     def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
-        gave ``p_network``."""
+        gave ``p_network``: the trees', or with ``blend_network`` w in the meta ``(1 - w)`` times the
+        trees' plus ``w`` times the network's."""
         x = stage_inputs(vol, places, p_network, scan_noise(vol, lungs), self.meta.get("uses_network", True),
                          recentre=self.meta.get("recentre", False))
-        return self.probabilities(x)
+        return blend(self.probabilities(x), p_network, float(self.meta.get("blend_network", 0.0)))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ctguard.data.cubes import MIN_TARGET_RADIUS_MM, cubes_from_source
-from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier, fit_verifier
+from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, check_stage_config, fit_verifier
 from ctguard.errors import InputError
 from ctguard.models.cube3d import CLASSES, TamperNet3D, normalise
 
@@ -245,7 +245,7 @@ def check_inputs(cfg: dict) -> None:
     except InputError as e:
         raise InputError(f"the config's {e.problem}") from None
     if cfg.get("verifier"):
-        boosting_classifier({**VERIFIER_DEFAULTS, **cfg})  # a wrong verifier_boosting is refused before anything runs
+        check_stage_config(cfg)  # a wrong verifier_boosting or verifier_blend is refused before anything runs
     check_paths(cfg, ("real_series", "annotations", "init", "extra_cubes"))
     check_paths({"real_scans": [p for e in scans for p in (e["scan"], e.get("tumours")) if p]}, ("real_scans",))
 

@@ -43,6 +43,7 @@ VERIFIER_DEFAULTS = {
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
+    "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
 }
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
 
@@ -171,6 +172,24 @@ def boosting_classifier(cfg: dict):
                                       random_state=int(cfg["seed"]))
 
 
+def blend_weight(cfg: dict) -> float:
+    """The config's ``verifier_blend``, or a one-line error when it is not a weight from 0 to 1."""
+    try:
+        w = float(cfg["verifier_blend"])
+    except (TypeError, ValueError):
+        w = float("nan")
+    if not 0.0 <= w <= 1.0:
+        raise InputError(f"the config's verifier_blend must be a number from 0 to 1, not {cfg['verifier_blend']!r}")
+    return w
+
+
+def check_stage_config(cfg: dict) -> None:
+    """Refuses a wrong ``verifier_boosting`` or ``verifier_blend`` before anything is trained."""
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    boosting_classifier(cfg)
+    blend_weight(cfg)
+
+
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
     """The lowest GRID threshold giving at most ``max_false`` candidates over it per untouched scan."""
     for t in GRID:
@@ -215,12 +234,15 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr])
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
+    w = blend_weight(cfg)
+    if w:  # blended with the network's probability of "genuine" at each row's place (its last column, a log)
+        oof = (1.0 - w) * oof + w * (1.0 - np.clip(np.exp(x[:, names.index("log_p_genuine")].astype(np.float64)) - 1e-4, 0.0, 1.0))
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
-            "threshold": threshold, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold": threshold, "blend_network": w, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
