@@ -773,7 +773,17 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     point nearby (less the per-scan columns) and how far those are; a stage fitted so scores on them."""
     from sklearn.ensemble import GradientBoostingClassifier
 
-    from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, features_at, place_features, recentred, scan_noise, stage_inputs
+    from ctguard.verifier import (
+        SCAN_COLUMNS,
+        Verifier,
+        feature_names,
+        features_at,
+        network_probabilities,
+        place_features,
+        recentred,
+        scan_noise,
+        stage_inputs,
+    )
 
     vol = phantom_source(2, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
     lungs = lung_mask(vol)
@@ -796,6 +806,7 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
     v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True})
     assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
+    assert np.allclose(network_probabilities(x[:, -3:]), p_net, atol=1e-6)  # the rows' network columns read back
     # Blended with the network: a quarter of the network's probabilities, three quarters of the trees'.
     v.meta["blend_network"] = 0.25
     blended = v.score_places(vol, places, p_net, lungs)

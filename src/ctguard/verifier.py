@@ -268,10 +268,20 @@ def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], thr
     return np.stack(rows) if rows else np.zeros((0, len(feature_names())), np.float32)
 
 
+NETWORK_EPS = 1e-4  # added to the network's probabilities before their log
+
+
 def network_features(p: np.ndarray) -> np.ndarray:
-    """The network's class probabilities ``(n, 3)`` at the places as the second stage reads them."""
+    """The network's class probabilities ``(n, 3)`` at the places as the second stage reads them:
+    the logs of ``injected, removed, genuine`` (the rows' last three columns)."""
     p = np.asarray(p, np.float32).reshape(-1, 3)
-    return np.log(np.concatenate([p[:, 1:], p[:, :1]], axis=1) + 1e-4)
+    return np.log(np.concatenate([p[:, 1:], p[:, :1]], axis=1) + NETWORK_EPS)
+
+
+def network_probabilities(f: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`network_features`: ``(n, 3)`` probabilities ``genuine, injected, removed``."""
+    p = np.clip(np.exp(np.asarray(f, np.float64).reshape(-1, 3)) - NETWORK_EPS, 0.0, 1.0)
+    return p[:, [2, 0, 1]]
 
 
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],

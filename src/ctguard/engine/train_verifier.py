@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
-from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, finite_rows, scan_noise, stage_inputs
+from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, finite_rows, network_probabilities, scan_noise, stage_inputs
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
@@ -235,8 +235,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     w = blend_weight(cfg)
-    if w:  # blended with the network's probability of "genuine" at each row's place (its last column, a log)
-        oof = (1.0 - w) * oof + w * (1.0 - np.clip(np.exp(x[:, names.index("log_p_genuine")].astype(np.float64)) - 1e-4, 0.0, 1.0))
+    if w:  # blended as screening blends them: with the network's probabilities at each row's place (its last three columns)
+        oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, -3:])[:, 0])
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
