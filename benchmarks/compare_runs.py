@@ -8,8 +8,9 @@ Each fold evaluated in both is tested on the same copies (the evaluation's seeds
 and the scan only), so every place is scored by both detectors: the comparison is paired. For each
 such fold and for the folds pooled it prints the location AUC of A and of B (injected and removed,
 each against the same untouched places), B - A with a 95% bootstrap interval (places resampled
-within each class, both detectors on the same draw), and the edits each finds at its own threshold:
-found by both, by A only, by B only.
+within each class, both detectors on the same draw), the edits each finds at its own threshold
+(found by both, by A only, by B only), and the clean held-out scans each flags and the real
+lesions each calls injected.
 
 The interval is the spread from which places happened to be drawn, not from training: two trainings
 of the same recipe on this CPU differ by up to 0.05 AUC on a fold (docs/benchmarks.md).
@@ -86,30 +87,42 @@ def compare_edits(a: dict, b: dict) -> dict:
             "a_only": int((fa & ~fb).sum()), "b_only": int((fb & ~fa).sum())}
 
 
+def operating_point(ev: dict) -> dict:
+    """Clean held-out scans flagged and real lesions called injected, at the run's own thresholds."""
+    return {"clean_flagged": sum(bool(c["false_findings"]) for c in ev.get("clean_scans", [])), "clean_scans": len(ev.get("clean_scans", [])),
+            "lesions_called_injected": sum(r["called_injected"] for r in ev.get("real_lesions", [])),
+            "lesions": len(ev.get("real_lesions", []))}
+
+
 def compare(a_path: str, b_path: str, boot: int = 2000, seed: int = 0) -> list[dict]:
     fa, fb = folds_of(a_path), folds_of(b_path)
     common = sorted(set(fa) & set(fb))
     if not common:
         raise SystemExit(f"no fold is evaluated with its places in both {a_path} and {b_path}")
     rng = np.random.default_rng(seed)
-    rows, pooled_a, pooled_b, edits_a, edits_b = [], [], [], [], []
+    keys = ("places", "edits", "clean_scans", "real_lesions")
+    rows, pooled_a, pooled_b = [], {k: [] for k in keys}, {k: [] for k in keys}
     for k in common:
         pa, pb = paired_places(fa[k], fb[k], k)
-        pooled_a += pa
-        pooled_b += pb
-        edits_a += fa[k]["edits"]
-        edits_b += fb[k]["edits"]
-        rows.append({"fold": k, **{kind: compare_auc(pa, pb, kind, rng, boot) for kind in ("injected", "removed")},
-                     "edits_found": compare_edits(fa[k], fb[k])})
+        for pooled, ev, places in ((pooled_a, fa[k], pa), (pooled_b, fb[k], pb)):
+            pooled["places"] += places
+            for key in keys[1:]:
+                pooled[key] += ev.get(key, [])
+        rows.append(_row(k, pa, pb, fa[k], fb[k], rng, boot))
     if len(common) > 1:
-        rows.append({"fold": "pooled", **{kind: compare_auc(pooled_a, pooled_b, kind, rng, boot) for kind in ("injected", "removed")},
-                     "edits_found": compare_edits({"edits": edits_a}, {"edits": edits_b})})
+        rows.append(_row("pooled", pooled_a["places"], pooled_b["places"], pooled_a, pooled_b, rng, boot))
     return rows
 
 
+def _row(fold, pa: list[dict], pb: list[dict], ea: dict, eb: dict, rng: np.random.Generator, boot: int) -> dict:
+    return {"fold": fold, **{kind: compare_auc(pa, pb, kind, rng, boot) for kind in ("injected", "removed")},
+            "edits_found": compare_edits(ea, eb), "a": operating_point(ea), "b": operating_point(eb)}
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| fold | AUC inj A | B | B - A (95%) | AUC rem A | B | B - A (95%) | edits found A | B | A only | B only |",
-             "| --- " * 11 + "|"]
+    lines = ["| fold | AUC inj A | B | B - A (95%) | AUC rem A | B | B - A (95%) | edits found A | B | A only | B only "
+             "| clean flagged A | B | lesions called inj A | B |",
+             "| --- " * 15 + "|"]
     for r in rows:
         cells = [str(r["fold"])]
         for kind in ("injected", "removed"):
@@ -118,6 +131,8 @@ def markdown(rows: list[dict]) -> str:
                                                       f"{c['b_minus_a']:+.3f} ({c['interval_95'][0]:+.3f}, {c['interval_95'][1]:+.3f})"]
         e = r["edits_found"]
         cells += [f"{e['a']}/{e['edits']}", f"{e['b']}/{e['edits']}", str(e["a_only"]), str(e["b_only"])]
+        cells += [f"{r[x]['clean_flagged']}/{r[x]['clean_scans']}" for x in "ab"]
+        cells += [f"{r[x]['lesions_called_injected']}/{r[x]['lesions']}" for x in "ab"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
