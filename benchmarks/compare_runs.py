@@ -30,10 +30,13 @@ UNTOUCHED = ("lung", "dense", "real lesion")
 
 def folds_of(path: str) -> dict[int, dict]:
     """``{fold: evaluation}`` of a cv.json (folds that kept their places) or of one eval.json."""
-    report = json.loads(Path(path).read_text())
-    if "folds" in report:
-        return {f["fold"]: f["eval"] for f in report["folds"] if "eval" in f}
-    return {report["fold"]: report["eval"]}
+    try:
+        report = json.loads(Path(path).read_text())
+        if "folds" in report:
+            return {f["fold"]: f["eval"] for f in report["folds"] if "eval" in f}
+        return {report["fold"]: report["eval"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a report of benchmarks/cross_validate.py ({e.__class__.__name__}: {e})") from None
 
 
 def _key(p: dict) -> tuple:
@@ -45,8 +48,10 @@ def paired_places(a: dict, b: dict, fold: int) -> tuple[list[dict], list[dict]]:
     ka, kb = [_key(p) for p in a["places"]], [_key(p) for p in b["places"]]
     if sorted(ka) != sorted(kb):
         raise SystemExit(f"fold {fold}: the two runs were not tested on the same places (another config or evaluation seeds?)")
-    order_b = {k: i for i, k in enumerate(kb)}
-    return a["places"], [b["places"][order_b[k]] for k in ka]
+    order_b: dict[tuple, list[int]] = {}
+    for i, k in enumerate(kb):
+        order_b.setdefault(k, []).append(i)
+    return a["places"], [b["places"][order_b[k].pop(0)] for k in ka]  # places alike by key are paired in their order
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

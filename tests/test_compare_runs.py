@@ -60,6 +60,9 @@ def test_runs_on_other_places_are_refused(tmp_path):
     b = _report(tmp_path / "b.json", 2, {"injected": [0.5], "lung": [0.1]}, [True])
     with pytest.raises(SystemExit, match="not tested on the same places"):
         compare_runs.compare(str(a), str(b), boot=10)
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(SystemExit, match="bad.json: not a report of benchmarks/cross_validate.py"):
+        compare_runs.compare(str(tmp_path / "bad.json"), str(a), boot=10)
     c = _report(tmp_path / "c.json", 3, {"injected": [0.5], "lung": [0.1]}, [True])
     with pytest.raises(SystemExit, match="no fold"):
         compare_runs.compare(str(a), str(c), boot=10)
