@@ -662,6 +662,12 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     report = json.loads((tmp_path / "run" / "verifier.json").read_text())
     assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 3 and len(report["groups"]) == 3
     assert len(list((tmp_path / "run" / "verifier_rows").glob("*.npz"))) == 3  # each source's rows, kept for a later fit
+    # The untouched scans' highest candidates out of patient, which set the threshold: each from one of the groups, best first.
+    highest = report["highest_clean_candidates_oof"]
+    assert highest and all(h["group"] in report["groups"] for h in highest)
+    assert [h["score"] for h in highest] == sorted((h["score"] for h in highest), reverse=True)
+    over = sum(h["score"] >= report["threshold"] for h in highest)
+    assert over / report["sources"] <= 0.1 or report["threshold"] == max(float(t) for t in report["false_per_clean_scan_oof"])
     v = Verifier.load(tmp_path / "run" / "model.verifier.npz")
     assert v.meta["recentre"] and len(v.meta["names"]) == len(feature_names(recentre=True)) + 3 and len(v.feature) == 10 * 3  # 10 stages of 3 classes
     assert v.meta["boosting"] == "histogram" and v.rate == 1.0  # histogram trees' leaves carry the rate
