@@ -67,6 +67,7 @@ GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95
 MAX_FALSE = 0.1  # false findings per clean scan the threshold allows on the training patients
 CALIBRATION_PHANTOMS = 6  # clean varied phantoms of seeds 6000+ beside the training patients' scans
 EVAL_SEED = 900_000  # no training run seeds edits here
+UNTOUCHED = ("lung", "dense", "real lesion")  # the places' "what" that an edit is ranked against
 
 
 def patient_scans(cfg: dict) -> dict[str, list[dict]]:
@@ -217,7 +218,7 @@ def _auc(pos: list[float], neg: list[float]) -> float | None:
 def summarise(ev: dict, threshold: float | None = None) -> dict:
     """The table row of one fold (or of all folds pooled)."""
     places = ev["places"]
-    neg = [p for p in places if p["what"] in ("lung", "dense", "real lesion")]
+    neg = [p for p in places if p["what"] in UNTOUCHED]
     row: dict = {"threshold": threshold}
     for kind in ("injected", "removed"):
         pos = [p for p in places if p["what"] == kind]

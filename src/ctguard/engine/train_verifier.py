@@ -246,9 +246,10 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
-    per_t = {str(t): round(float((oof[clean] >= t).sum() / n_clean), 3) for t in GRID}
-    top = np.argsort(-oof[clean], kind="stable")[:5]  # the untouched scans' candidates that set the threshold
-    highest = [{"group": str(groups[clean][i]), "score": round(float(oof[clean][i]), 4)} for i in top]
+    clean_oof, clean_groups = oof[clean], groups[clean]
+    per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
+    top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
+    highest = [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]
     report = {**meta, "seconds": round(time.time() - t0, 1), "rows_seconds": round(t_rows, 1), "false_per_clean_scan_oof": per_t,
               "highest_clean_candidates_oof": highest}
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
