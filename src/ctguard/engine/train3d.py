@@ -99,21 +99,20 @@ def build_source(cfg: dict, spec: tuple):
     from ctguard import io
     from ctguard.tamper.simulate import Source, thick_slice_source, tumours_from
 
-    if spec[0] == "phantom":
-        return _phantom(cfg, spec[1])
-    if spec[0] == "fixed phantom":
-        return _phantom({**cfg, "phantom_variety": False}, spec[1])
+    if spec[0] in ("phantom", "fixed phantom"):  # (kind, seed) or (kind, seed, False): the same chest without its own nodule
+        with_tumour = None if len(spec) < 3 else bool(spec[2])
+        return _phantom({**cfg, "phantom_variety": False} if spec[0] == "fixed phantom" else cfg, spec[1], with_tumour)
     vol = io.read(spec[1])
     src = Source(spec[1], vol, vol.meta.get("patient_id", ""), tumours_from(vol, spec[3]))
     return thick_slice_source(src, spec[2]) if spec[2] > 1 else src
 
 
-def _phantom(cfg: dict, seed: int):
+def _phantom(cfg: dict, seed: int, with_tumour: bool | None = None):
     from ctguard.tamper.simulate import phantom_source, varied_phantom_source
 
     if cfg.get("phantom_variety"):
-        return varied_phantom_source(seed, opacities=int(cfg.get("phantom_opacities") or 0))
-    return phantom_source(seed, tuple(cfg["phantom_shape"]), tuple(cfg["phantom_spacing"]))
+        return varied_phantom_source(seed, with_tumour=with_tumour, opacities=int(cfg.get("phantom_opacities") or 0))
+    return phantom_source(seed, tuple(cfg["phantom_shape"]), tuple(cfg["phantom_spacing"]), with_tumour=with_tumour)
 
 
 SIMULATION_KEYS = ("seed", "inject", "remove", "per_scan", "cube", "target_min_radius", "inject_families", "remove_families", "healthy",

@@ -43,6 +43,7 @@ VERIFIER_DEFAULTS = {
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
+    "verifier_phantom_lesions": True,  # the stage's phantoms keep their own drawn nodules (as genuine lesions); false: the same chests without
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
 }
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
@@ -149,8 +150,11 @@ def verifier_specs(cfg: dict) -> list[tuple]:
     from ctguard.engine.train3d import real_scans
 
     base = int(cfg["seed"]) * 1000 + 900
-    return [("phantom", base + k) for k in range(int(cfg["verifier_phantoms"]))] + \
-           [("fixed phantom", base + 50 + k) for k in range(int(cfg["verifier_fixed_phantoms"]))] + \
+    # Without their own nodules: a phantom's genuine nodule is drawn by the renderer the drawn-injection
+    # family uses, so it is no real lesion for the stage to learn from or to set the threshold.
+    own = () if cfg["verifier_phantom_lesions"] else (False,)
+    return [("phantom", base + k, *own) for k in range(int(cfg["verifier_phantoms"]))] + \
+           [("fixed phantom", base + 50 + k, *own) for k in range(int(cfg["verifier_fixed_phantoms"]))] + \
            [("series", p, 1, t, 0) for p, t in real_scans(cfg)]
 
 
@@ -198,10 +202,26 @@ def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, 
     return float(GRID[-1])
 
 
+def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each row's stage score (1 - P(genuine), blended with the network's as ``verifier_blend``
+    says) from trees fitted without its patient: grouped folds, at most five. ``x``: the rows as
+    made (the network's probabilities in the last three columns); ``fit_x``: the columns the trees read."""
+    from sklearn.model_selection import GroupKFold
+
+    oof = np.zeros(len(y))
+    for tr, te in GroupKFold(n_splits=min(5, len(set(groups.tolist())))).split(fit_x, y, groups):
+        clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr])
+        genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
+        oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
+    w = blend_weight(cfg)
+    if w:  # blended as screening blends them: with the network's probabilities at each row's place (its last three columns)
+        oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, -3:])[:, 0])
+    return oof
+
+
 def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
     """Fits the second stage on the run in ``out`` (its ``model.pt``); writes ``model.verifier.npz``
     and ``verifier.json`` (rows, threshold, out-of-patient scores); returns the latter."""
-    from sklearn.model_selection import GroupKFold
     from tqdm import tqdm
 
     cfg = {**VERIFIER_DEFAULTS, **cfg}
@@ -229,20 +249,13 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     scan_columns = bool(cfg["verifier_scan_columns"])
     columns = np.asarray([k for k, n in enumerate(names) if scan_columns or n not in SCAN_COLUMNS])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
-    oof = np.zeros(len(y))
-    for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(fit_x, y, groups):
-        clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr])
-        genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
-        oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
-    w = blend_weight(cfg)
-    if w:  # blended as screening blends them: with the network's probabilities at each row's place (its last three columns)
-        oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, -3:])[:, 0])
+    oof = out_of_patient_scores(cfg, x, fit_x, y, groups)
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
-            "threshold": threshold, "blend_network": w, "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold": threshold, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
