@@ -691,6 +691,26 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
 
 
+def test_second_stage_phantoms_without_their_own_nodules():
+    """``verifier_phantom_lesions: false``: the stage's phantoms are the same chests (same seeds,
+    same edits' seeds) without the nodule drawn by the injection family's renderer; the real scans
+    are untouched by the setting."""
+    from ctguard.engine.train3d import DEFAULTS, build_source, spec_seed
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, verifier_specs
+
+    cfg = {**DEFAULTS, **VERIFIER_DEFAULTS, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6], "phantom_variety": False,
+           "verifier_phantoms": 3, "verifier_fixed_phantoms": 3}
+    kept, bare = verifier_specs(cfg), verifier_specs({**cfg, "verifier_phantom_lesions": False})
+    assert [s[:2] for s in kept] == [s[:2] for s in bare] and all(s[2:] == (False,) for s in bare)
+    assert [spec_seed(cfg, s) for s in kept] == [spec_seed(cfg, s) for s in bare]
+    with_nodule = next(s for s in kept if build_source(cfg, s).tumours)  # about half the phantoms have one
+    a, b = build_source(cfg, with_nodule), build_source(cfg, (*with_nodule, False))
+    assert len(a.tumours) == 1 and not b.tumours
+    differ = np.argwhere(a.volume.hu != b.volume.hu)
+    t = a.tumours[0]  # only the nodule's place differs: its soft edge, spicules and the scanner's blur stay within a diameter and two voxels of its centre
+    assert len(differ) and np.linalg.norm((differ - t.voxel) * a.volume.spacing, axis=1).max() <= t.diameter_mm + 2 * max(a.volume.spacing)
+
+
 def test_verifier_trees_match_sklearn(tmp_path):
     from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
 
