@@ -691,24 +691,31 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
 
 
-def test_second_stage_phantoms_without_their_own_nodules():
-    """``verifier_phantom_lesions: false``: the stage's phantoms are the same chests (same seeds,
-    same edits' seeds) without the nodule drawn by the injection family's renderer; the real scans
-    are untouched by the setting."""
+def test_second_stage_phantoms_with_and_without_their_own_nodules():
+    """``verifier_phantom_lesions``: the stage's phantoms are the same chests (same seeds, same
+    edits' seeds) with a genuine nodule in about half of them (some), in each (all) or in none; the
+    real scans are untouched by the setting; another value is refused in one line."""
     from ctguard.engine.train3d import DEFAULTS, build_source, spec_seed
-    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, verifier_specs
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, check_stage_config, verifier_specs
+    from ctguard.errors import InputError
 
     cfg = {**DEFAULTS, **VERIFIER_DEFAULTS, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6], "phantom_variety": False,
            "verifier_phantoms": 3, "verifier_fixed_phantoms": 3}
-    kept, bare = verifier_specs(cfg), verifier_specs({**cfg, "verifier_phantom_lesions": False})
-    assert [s[:2] for s in kept] == [s[:2] for s in bare] and all(s[2:] == (False,) for s in bare)
-    assert [spec_seed(cfg, s) for s in kept] == [spec_seed(cfg, s) for s in bare]
-    with_nodule = next(s for s in kept if build_source(cfg, s).tumours)  # about half the phantoms have one
+    specs = {v: verifier_specs({**cfg, "verifier_phantom_lesions": v}) for v in ("some", "all", "none")}
+    assert specs["some"] == verifier_specs(cfg)  # the default
+    assert all([s[:2] for s in specs[v]] == [s[:2] for s in specs["some"]] for v in specs)
+    assert [spec_seed(cfg, s) for s in specs["all"]] == [spec_seed(cfg, s) for s in specs["some"]] == [spec_seed(cfg, s) for s in specs["none"]]
+    counts = {v: [len(build_source(cfg, s).tumours) for s in specs[v]] for v in specs}
+    assert counts["all"] == [1] * 6 and counts["none"] == [0] * 6 and 0 < sum(counts["some"]) < 6
+    with_nodule = next(s for s in specs["some"] if build_source(cfg, s).tumours)
     a, b = build_source(cfg, with_nodule), build_source(cfg, (*with_nodule, False))
     assert len(a.tumours) == 1 and not b.tumours
     differ = np.argwhere(a.volume.hu != b.volume.hu)
     t = a.tumours[0]  # only the nodule's place differs: its soft edge, spicules and the scanner's blur stay within a diameter and two voxels of its centre
     assert len(differ) and np.linalg.norm((differ - t.voxel) * a.volume.spacing, axis=1).max() <= t.diameter_mm + 2 * max(a.volume.spacing)
+    for bad in (False, "half"):
+        with pytest.raises(InputError, match=f"verifier_phantom_lesions must be one of some, all, none, not {bad!r}"):
+            check_stage_config({**cfg, "verifier_phantom_lesions": bad})
 
 
 def test_verifier_trees_match_sklearn(tmp_path):

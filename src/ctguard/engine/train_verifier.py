@@ -43,7 +43,7 @@ VERIFIER_DEFAULTS = {
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
-    "verifier_phantom_lesions": True,  # the stage's phantoms keep their own drawn nodules (as genuine lesions); false: the same chests without
+    "verifier_phantom_lesions": "some",  # genuine nodules of the stage's phantoms: some (about half have one), all (each has one), none
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
 }
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
@@ -150,12 +150,23 @@ def verifier_specs(cfg: dict) -> list[tuple]:
     from ctguard.engine.train3d import real_scans
 
     base = int(cfg["seed"]) * 1000 + 900
-    # Without their own nodules: a phantom's genuine nodule is drawn by the renderer the drawn-injection
-    # family uses, so it is no real lesion for the stage to learn from or to set the threshold.
-    own = () if cfg["verifier_phantom_lesions"] else (False,)
+    # The same chests whatever the setting; "all" and "none" decide whether each has its own genuine nodule
+    # (drawn by the renderer of the drawn-injection family, under the scanner's blur and noise).
+    own = phantom_lesions(cfg)
     return [("phantom", base + k, *own) for k in range(int(cfg["verifier_phantoms"]))] + \
            [("fixed phantom", base + 50 + k, *own) for k in range(int(cfg["verifier_fixed_phantoms"]))] + \
            [("series", p, 1, t, 0) for p, t in real_scans(cfg)]
+
+
+PHANTOM_LESIONS = {"some": (), "all": (True,), "none": (False,)}
+
+
+def phantom_lesions(cfg: dict) -> tuple:
+    """What the config's ``verifier_phantom_lesions`` adds to a phantom's spec, or a one-line error."""
+    value = cfg["verifier_phantom_lesions"]
+    if not isinstance(value, str) or value not in PHANTOM_LESIONS:
+        raise InputError(f"the config's verifier_phantom_lesions must be one of {', '.join(PHANTOM_LESIONS)}, not {value!r}")
+    return PHANTOM_LESIONS[value]
 
 
 def boosting_classifier(cfg: dict):
@@ -188,10 +199,11 @@ def blend_weight(cfg: dict) -> float:
 
 
 def check_stage_config(cfg: dict) -> None:
-    """Refuses a wrong ``verifier_boosting`` or ``verifier_blend`` before anything is trained."""
+    """Refuses a wrong ``verifier_boosting``, ``verifier_blend`` or ``verifier_phantom_lesions`` before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
+    phantom_lesions(cfg)
 
 
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
