@@ -66,7 +66,7 @@ def main() -> None:
         lesions = [(float(np.linalg.norm((voxel - np.asarray(t.voxel)) * sp)), float(t.diameter_mm)) for t in src.tumours]
         dist, diam = min(lesions) if lesions else (None, None)
         entry = {"group": str(groups[i]), "source": specs[k][0] + " " + Path(str(specs[k][1])).name[-24:], "score": round(float(oof[i]), 4),
-                 "network": f.get("kind"), "network_p": round(float(f.get("probability", 0.0)), 3), "voxel": [round(v, 1) for v in voxel.tolist()],
+                 "network": f.get("kind"), "network_score": round(float(f["score"]), 3), "voxel": [round(v, 1) for v in voxel.tolist()],
                  "lesion_mm": None if dist is None else round(dist, 1), "lesion_diameter_mm": diam,
                  "on_lesion": dist is not None and dist <= 10 + diam / 2}
         out.append(entry)

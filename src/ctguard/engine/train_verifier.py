@@ -214,14 +214,16 @@ def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, 
     return float(GRID[-1])
 
 
-def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> np.ndarray:
     """Each row's stage score (1 - P(genuine), blended with the network's as ``verifier_blend``
-    says) from trees fitted without its patient: grouped folds, at most five. ``x``: the rows as
-    made (the network's probabilities in the last three columns); ``fit_x``: the columns the trees read."""
-    from sklearn.model_selection import GroupKFold
+    says) from trees fitted without its patient: ``folds`` grouped folds (0: one fit for each
+    patient or phantom left out). ``x``: the rows as made (the network's probabilities in the last
+    three columns); ``fit_x``: the columns the trees read."""
+    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
 
     oof = np.zeros(len(y))
-    for tr, te in GroupKFold(n_splits=min(5, len(set(groups.tolist())))).split(fit_x, y, groups):
+    split = LeaveOneGroupOut() if folds == 0 else GroupKFold(n_splits=min(folds, len(set(groups.tolist()))))
+    for tr, te in split.split(fit_x, y, groups):
         clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr])
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
