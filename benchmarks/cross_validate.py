@@ -178,9 +178,11 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                 "candidate_scores": [round(float(f["score"]), 4) for f in result["findings"]]})  # from 0.3: the curve below
             where = negatives(src, lungs, depth, rng)
             for t in src.tumours:
-                near = [f for f in found if f["kind"] == "injected" and _near(f, t.voxel, t.diameter_mm, vol)]
+                # Its highest "injected" candidate from 0.3 (kept for reading the report at other thresholds).
+                hit = max((f["score"] for f in result["findings"] if f["kind"] == "injected" and _near(f, t.voxel, t.diameter_mm, vol)),
+                          default=0.0)
                 lesion_calls.append({"patient": src.patient, "voxel": [round(float(v), 1) for v in t.voxel],
-                                     "diameter_mm": round(t.diameter_mm, 1), "called_injected": bool(near)})
+                                     "diameter_mm": round(t.diameter_mm, 1), "called_injected": hit >= thr, "score": round(float(hit), 4)})
         else:
             where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
             for e in edits:

@@ -8,9 +8,9 @@ its directory's name ``foldK``) the stage's training rows are scored out of pati
 folds (5: as the fit does) or one fit for each patient or phantom left out (0), the threshold is
 chosen by the fit's rule, and the fold's held-out results in REPORT (a ``cross_validate.py`` report
 of those very runs, which keeps every edit's best score and every clean scan's candidates) are read
-at it: edits found with their right kind, false findings and clean scans flagged. Only the threshold
-changes; the trees screening the held-out scans are the same. Real lesions called injected are not
-in the report at other thresholds and are not counted.
+at it: edits found with their right kind, false findings and clean scans flagged, and real lesions
+called injected where the report keeps each lesion's highest "injected" candidate. Only the
+threshold changes; the trees screening the held-out scans are the same.
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def threshold(run: Path, folds: int) -> float:
 
 def at(ev: dict, t: float) -> dict:
     false = [sum(s >= t for s in c["candidate_scores"]) for c in ev["clean_scans"]]
-    return {"edits_found": sum(e["score"] >= t for e in ev["edits"]), "edits": len(ev["edits"]), "false_findings": sum(false),
-            "clean_flagged": sum(f > 0 for f in false), "clean_scans": len(false)}
+    out = {"edits_found": sum(e["score"] >= t for e in ev["edits"]), "edits": len(ev["edits"]), "false_findings": sum(false),
+           "clean_flagged": sum(f > 0 for f in false), "clean_scans": len(false)}
+    if all("score" in r for r in ev["real_lesions"]):  # reports that keep each lesion's highest "injected" candidate
+        out |= {"lesions_called_injected": sum(r["score"] >= t for r in ev["real_lesions"]), "lesions": len(ev["real_lesions"])}
+    return out
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ VERIFIER_DEFAULTS = {
     "verifier_depth": 4,
     "verifier_rate": 0.05,
     "verifier_phantom_lesions": "some",  # genuine nodules of the stage's phantoms: some (about half have one), all (each has one), none
+    "verifier_oof_folds": 5,  # the out-of-patient scores that choose the threshold: this many grouped folds, or 0: one fit per patient (or phantom) left out
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
 }
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
@@ -198,12 +199,21 @@ def blend_weight(cfg: dict) -> float:
     return w
 
 
+def oof_folds(cfg: dict) -> int:
+    """The config's ``verifier_oof_folds`` (0, or 2 and more), or a one-line error."""
+    value = cfg["verifier_oof_folds"]
+    if isinstance(value, bool) or not isinstance(value, int) or value == 1 or value < 0:
+        raise InputError(f"the config's verifier_oof_folds must be 0 (one fit per patient left out) or a whole number from 2, not {value!r}")
+    return value
+
+
 def check_stage_config(cfg: dict) -> None:
-    """Refuses a wrong ``verifier_boosting``, ``verifier_blend`` or ``verifier_phantom_lesions`` before anything is trained."""
+    """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions`` or ``verifier_oof_folds`` before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
     phantom_lesions(cfg)
+    oof_folds(cfg)
 
 
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
@@ -263,13 +273,13 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     scan_columns = bool(cfg["verifier_scan_columns"])
     columns = np.asarray([k for k, n in enumerate(names) if scan_columns or n not in SCAN_COLUMNS])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
-    oof = out_of_patient_scores(cfg, x, fit_x, y, groups)
+    oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=oof_folds(cfg))
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
-            "threshold": threshold, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold": threshold, "oof_folds": oof_folds(cfg), "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
