@@ -718,6 +718,30 @@ def test_second_stage_phantoms_with_and_without_their_own_nodules():
             check_stage_config({**cfg, "verifier_phantom_lesions": bad})
 
 
+def test_out_of_patient_scores_one_fit_per_patient_left_out():
+    """``verifier_oof_folds: 0``: each patient's rows are scored by trees fitted on every other
+    patient's rows (the same numbers as fitting them by hand); 5 grouped folds differ; a value that
+    is no such number is refused in one line."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier, check_stage_config, out_of_patient_scores
+    from ctguard.errors import InputError
+
+    cfg = {**VERIFIER_DEFAULTS, "seed": 0, "verifier_boosting": "histogram", "verifier_trees": 20}
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.array([f"patient {k}" for k in range(7)]), 30)
+    x = rng.normal(size=(len(groups), 6)).astype(np.float32)
+    y = np.where(x[:, 0] > 0.8, 1, np.where(x[:, 1] > 0.8, 2, 0))
+    x[:, -3:] = np.log(np.full((len(y), 3), 1 / 3) + 1e-4)  # the network's columns (unused without a blend)
+    got = out_of_patient_scores(cfg, x, x, y, groups, folds=0)
+    for g in np.unique(groups):
+        held = groups == g
+        clf = boosting_classifier(cfg).fit(x[~held], y[~held])
+        assert np.allclose(got[held], 1 - clf.predict_proba(x[held])[:, list(clf.classes_).index(0)])
+    assert not np.allclose(got, out_of_patient_scores(cfg, x, x, y, groups, folds=5))
+    for bad in (1, -1, "5", True, 2.5):
+        with pytest.raises(InputError, match=f"verifier_oof_folds must be 0 .* not {re.escape(repr(bad))}"):
+            check_stage_config({**cfg, "verifier_oof_folds": bad})
+
+
 def test_verifier_trees_match_sklearn(tmp_path):
     from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
 
