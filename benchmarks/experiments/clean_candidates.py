@@ -19,15 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ctguard.engine.train3d import DEFAULTS, build_source
-from ctguard.engine.train_verifier import (
-    VERIFIER_DEFAULTS,
-    out_of_patient_scores,
-    source_rows,
-    verifier_specs,
-)
+from ctguard.engine.train3d import build_source
+from ctguard.engine.train_verifier import joined_rows, out_of_patient_scores, run_rows, tree_columns
 from ctguard.screen import load_detector, screen_volume
-from ctguard.verifier import SCAN_COLUMNS, feature_names, finite_rows
+from ctguard.verifier import finite_rows
 
 
 def main() -> None:
@@ -37,17 +32,11 @@ def main() -> None:
     ap.add_argument("--json")
     a = ap.parse_args()
     run = Path(a.run)
-    cfg = {**DEFAULTS, **VERIFIER_DEFAULTS, **json.loads((run / "config.json").read_text())}
-    specs = verifier_specs(cfg)
-    parts = [source_rows((cfg, spec, str(run / "model.pt"))) for spec in specs]
-    x = np.concatenate([p["x"] for p in parts])
-    y = np.concatenate([p["y"] for p in parts]).astype(int)
-    groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
-    clean = np.concatenate([p["clean"] for p in parts])
+    cfg, specs, parts = run_rows(run)
+    x, y, groups, clean = joined_rows(parts)
     source = np.concatenate([[k] * len(p["y"]) for k, p in enumerate(parts)])
     within = np.concatenate([np.cumsum(p["clean"]) - 1 for p in parts])  # a clean row's index among its source's candidates
-    names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
-    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
+    _, columns = tree_columns(cfg)
     oof = out_of_patient_scores(cfg, x, finite_rows(x[:, columns]), y, groups)
     rows = np.flatnonzero(clean)
     top = rows[np.argsort(-oof[rows], kind="stable")[: a.top]]

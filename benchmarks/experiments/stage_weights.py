@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
-from ctguard.engine.train3d import DEFAULTS
-from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier, choose_threshold, source_rows, verifier_specs
-from ctguard.verifier import SCAN_COLUMNS, feature_names, finite_rows
+from ctguard.engine.train_verifier import boosting_classifier, choose_threshold, joined_rows, run_rows, tree_columns
+from ctguard.verifier import finite_rows
 
 PLACES_PER_CLEAN_SCAN = 20  # ctguard.engine.train_verifier.negatives: 10 random lung places and 10 dense ones, then every lesion
 
@@ -43,16 +42,11 @@ def main() -> None:
     ap.add_argument("--clean-weights", default="1")
     a = ap.parse_args()
     run = Path(a.run)
-    cfg = {**DEFAULTS, **VERIFIER_DEFAULTS, **json.loads((run / "config.json").read_text())}
-    parts = [source_rows((cfg, spec, str(run / "model.pt"))) for spec in verifier_specs(cfg)]
-    x = np.concatenate([p["x"] for p in parts])
-    y = np.concatenate([p["y"] for p in parts]).astype(int)
-    groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
-    clean = np.concatenate([p["clean"] for p in parts])
+    cfg, _, parts = run_rows(run)
+    x, y, groups, clean = joined_rows(parts)
     lesion = np.concatenate([lesion_rows(p) for p in parts])
     real = ~np.char.startswith(groups.astype(str), "phantom ")
-    names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
-    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
+    _, columns = tree_columns(cfg)
     fit_x = finite_rows(x[:, columns])
     print(f"{len(y)} rows, {int(lesion.sum())} lesion rows ({int((lesion & real).sum())} real), {int(clean.sum())} clean candidates")
     for w in (float(v) for v in a.weights.split(",")):

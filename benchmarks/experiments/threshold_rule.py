@@ -20,22 +20,15 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 
-from ctguard.engine.train3d import DEFAULTS
-from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, choose_threshold, out_of_patient_scores, source_rows, verifier_specs
-from ctguard.verifier import SCAN_COLUMNS, feature_names, finite_rows
+from ctguard.engine.train_verifier import choose_threshold, joined_rows, out_of_patient_scores, run_rows, tree_columns
+from ctguard.verifier import finite_rows
 
 
 def threshold(run: Path, folds: int) -> float:
-    cfg = {**DEFAULTS, **VERIFIER_DEFAULTS, **json.loads((run / "config.json").read_text())}
-    parts = [source_rows((cfg, spec, str(run / "model.pt"))) for spec in verifier_specs(cfg)]
-    x = np.concatenate([p["x"] for p in parts])
-    y = np.concatenate([p["y"] for p in parts]).astype(int)
-    groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
-    clean = np.concatenate([p["clean"] for p in parts])
-    names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
-    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
+    cfg, _, parts = run_rows(run)
+    x, y, groups, clean = joined_rows(parts)
+    _, columns = tree_columns(cfg)
     oof = out_of_patient_scores(cfg, x, finite_rows(x[:, columns]), y, groups, folds=folds)
     return choose_threshold(oof, clean, len(parts), float(cfg["verifier_max_false"]))
 

@@ -216,6 +216,33 @@ def check_stage_config(cfg: dict) -> None:
     oof_folds(cfg)
 
 
+def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sources' rows (:func:`source_rows`) as one table: ``x``, ``y``, each row's group (its
+    patient or phantom) and whether it is a candidate on an untouched copy."""
+    x = np.concatenate([p["x"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts]).astype(int)
+    groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
+    clean = np.concatenate([p["clean"] for p in parts])
+    return x, y, groups, clean
+
+
+def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
+    """A trained run's resolved config, its stage's sources and their rows (from ``verifier_rows/``
+    where kept, else made again): for studying a run's stage without fitting it."""
+    cfg = {**VERIFIER_DEFAULTS, **json.loads((Path(run) / "config.json").read_text())}
+    specs = verifier_specs(cfg)
+    return cfg, specs, [source_rows((cfg, spec, str(Path(run) / "model.pt"))) for spec in specs]
+
+
+def tree_columns(cfg: dict) -> tuple[list[str], np.ndarray]:
+    """The names of a row's columns and the indices of those the trees read: without the scan's own
+    columns (``verifier_scan_columns: false``) the trees cannot tell one training scan from another
+    by its slice thickness or noise; they still read every residual as a ratio to that noise."""
+    names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
+    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
+    return names, columns
+
+
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
     """The lowest GRID threshold giving at most ``max_false`` candidates over it per untouched scan."""
     for t in GRID:
@@ -254,10 +281,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs]
     parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
                       disable=not progress))
-    x = np.concatenate([p["x"] for p in parts])
-    y = np.concatenate([p["y"] for p in parts]).astype(int)
-    groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
-    clean = np.concatenate([p["clean"] for p in parts])
+    x, y, groups, clean = joined_rows(parts)
     n_clean = len(parts)  # one untouched copy per source
     t_rows = time.time() - t0
     echo(f"second stage: {len(y)} rows from {len(parts)} sources ({int((y == 1).sum())} injected, {int((y == 2).sum())} removed; "
@@ -267,11 +291,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     n_groups = len(set(groups))
     if n_groups < 2:
         raise InputError("the second stage needs sources of at least two patients (or phantoms) to choose its threshold out of patient")
-    names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
-    # Without the scan's own columns the trees cannot tell one training scan from another by its
-    # slice thickness or noise; they still read every residual as a ratio to that noise.
+    names, columns = tree_columns(cfg)
     scan_columns = bool(cfg["verifier_scan_columns"])
-    columns = np.asarray([k for k, n in enumerate(names) if scan_columns or n not in SCAN_COLUMNS])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=oof_folds(cfg))
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
