@@ -99,7 +99,7 @@ def build_source(cfg: dict, spec: tuple):
     from ctguard import io
     from ctguard.tamper.simulate import Source, thick_slice_source, tumours_from
 
-    if spec[0] in ("phantom", "fixed phantom"):  # (kind, seed) or (kind, seed, False): the same chest without its own nodule
+    if spec[0] in ("phantom", "fixed phantom"):  # (kind, seed), or (kind, seed, with_tumour): the same chest with or without its own nodule
         with_tumour = None if len(spec) < 3 else bool(spec[2])
         return _phantom({**cfg, "phantom_variety": False} if spec[0] == "fixed phantom" else cfg, spec[1], with_tumour)
     vol = io.read(spec[1])
