@@ -259,9 +259,21 @@ def operating_curve(ev: dict) -> list[dict] | None:
     if not ev["edits"] or any("score" not in e for e in ev["edits"]) or any("candidate_scores" not in c for c in ev["clean_scans"]):
         return None
     n_clean = max(len(ev["clean_scans"]), 1)
-    return [{"threshold": t, "edits_found_fraction": round(sum(e["score"] >= t for e in ev["edits"]) / len(ev["edits"]), 3),
-             "false_findings_per_clean_scan": round(sum(s >= t for c in ev["clean_scans"] for s in c["candidate_scores"]) / n_clean, 3)}
-            for t in CURVE]
+    return [{"threshold": t, "edits_found_fraction": round(c["edits_found"] / c["edits"], 3),
+             "false_findings_per_clean_scan": round(c["false_findings"] / n_clean, 3)}
+            for t in CURVE for c in [counts_at(ev, t)]]
+
+
+def counts_at(ev: dict, t: float) -> dict:
+    """What an evaluation that kept every candidate's score would give at threshold ``t``: edits
+    found with their right kind, false findings and clean scans flagged, and real lesions called
+    injected where each lesion's highest "injected" candidate was kept."""
+    false = [sum(s >= t for s in c["candidate_scores"]) for c in ev["clean_scans"]]
+    out = {"edits_found": sum(e["score"] >= t for e in ev["edits"]), "edits": len(ev["edits"]), "false_findings": sum(false),
+           "clean_flagged": sum(f > 0 for f in false), "clean_scans": len(false)}
+    if all("score" in r for r in ev["real_lesions"]):
+        out |= {"lesions_called_injected": sum(r["score"] >= t for r in ev["real_lesions"]), "lesions": len(ev["real_lesions"])}
+    return out
 
 
 def markdown(folds: list[dict], pooled: dict) -> str:

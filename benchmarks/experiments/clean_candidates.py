@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.engine.train3d import build_source
-from ctguard.engine.train_verifier import joined_rows, out_of_patient_scores, run_rows, tree_columns
+from ctguard.engine.train_verifier import joined_rows, near, out_of_patient_scores, run_rows, tree_columns
 from ctguard.screen import load_detector, screen_volume
 from ctguard.verifier import finite_rows
 
@@ -41,23 +41,24 @@ def main() -> None:
     rows = np.flatnonzero(clean)
     top = rows[np.argsort(-oof[rows], kind="stable")[: a.top]]
     det = load_detector(run / "model.pt")
-    found_by_source: dict[int, list] = {}
+    seen: dict[int, tuple] = {}  # each source built and screened once: its candidates as its rows were made
     out = []
     for i in top:
         k = int(source[i])
-        src = build_source(cfg, specs[k])
-        if k not in found_by_source:
+        if k not in seen:
+            src = build_source(cfg, specs[k])
             result, _, _ = screen_volume(src.volume, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
-            found_by_source[k] = result["findings"][: int(cfg["verifier_max_candidates"])]
-        f = found_by_source[k][int(within[i])]
+            seen[k] = src, result["findings"][: int(cfg["verifier_max_candidates"])]
+        src, found = seen[k]
+        f = found[int(within[i])]
         voxel = np.asarray(f["voxel"], float)
         sp = np.asarray(src.volume.spacing)
-        lesions = [(float(np.linalg.norm((voxel - np.asarray(t.voxel)) * sp)), float(t.diameter_mm)) for t in src.tumours]
-        dist, diam = min(lesions) if lesions else (None, None)
+        dists = [float(np.linalg.norm((voxel - np.asarray(t.voxel)) * sp)) for t in src.tumours]
+        lesion, dist = (src.tumours[int(np.argmin(dists))], min(dists)) if dists else (None, None)
         entry = {"group": str(groups[i]), "source": specs[k][0] + " " + Path(str(specs[k][1])).name[-24:], "score": round(float(oof[i]), 4),
                  "network": f.get("kind"), "network_score": round(float(f["score"]), 3), "voxel": [round(v, 1) for v in voxel.tolist()],
-                 "lesion_mm": None if dist is None else round(dist, 1), "lesion_diameter_mm": diam,
-                 "on_lesion": dist is not None and dist <= 10 + diam / 2}
+                 "lesion_mm": None if dist is None else round(dist, 1), "lesion_diameter_mm": None if lesion is None else float(lesion.diameter_mm),
+                 "on_lesion": lesion is not None and near(voxel, lesion.voxel, lesion.diameter_mm, sp)}
         out.append(entry)
         print(json.dumps(entry), flush=True)
     if a.json:

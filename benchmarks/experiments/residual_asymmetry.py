@@ -26,18 +26,16 @@ from ctguard.engine.train3d import DEFAULTS, build_source, real_scans
 from ctguard.engine.train_verifier import negatives
 from ctguard.lung import lung_depth, lung_mask
 from ctguard.tamper.simulate import variants
-from ctguard.verifier import REACH_MM, neighbourhood, scan_noise
+from ctguard.verifier import REACH_MM, _smooth_xy, neighbourhood, scan_noise
 
 SHELLS = ((0, 6), (6, 12), (12, 18), (18, 24), (0, 12), (6, 18))
 
 
 def lopsided(vol, place, noise_xy: float) -> list[float]:
     """Per shell: the share of negative residuals among those beyond 1.5 x the noise."""
-    from scipy import ndimage
-
     box, _, dist = neighbourhood(vol, place, REACH_MM, margin=4)
     hu = vol.hu[box].astype(np.float32)
-    r = hu - ndimage.gaussian_filter(hu, (0.0, 1.0, 1.0), mode="nearest")
+    r = hu - _smooth_xy(hu)  # the in-plane residual the stage's profiles read
     out = []
     for a, b in SHELLS:
         m = (dist >= a) & (dist < b)
@@ -64,7 +62,7 @@ def main() -> None:
         depth = lung_depth(src.volume, lungs)
         noise = scan_noise(src.volume, lungs)
         rng = np.random.default_rng(7)
-        for k, (_, vol, edits) in enumerate(variants(src, 12345, inject=a.copies, remove=0, per_scan=3, inject_families=("drawn", "moved"))):
+        for _, vol, edits in variants(src, 12345, inject=a.copies, remove=0, per_scan=3, inject_families=("drawn", "moved")):
             where = [(e.kind + " " + e.extra.get("family", ""), e.voxel) for e in edits] if edits else negatives(src, lungs, depth, rng)
             for what, p in where:
                 rows.append({"patient": src.patient, "what": what, "share": lopsided(vol, np.asarray(p, float), noise[0])})

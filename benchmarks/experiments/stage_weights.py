@@ -18,20 +18,25 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import GroupKFold
 
-from ctguard.engine.train_verifier import boosting_classifier, choose_threshold, joined_rows, run_rows, tree_columns
+from ctguard.engine.train_verifier import (
+    PLACES_EACH,
+    choose_threshold,
+    joined_rows,
+    oof_folds,
+    out_of_patient_scores,
+    run_rows,
+    tree_columns,
+)
 from ctguard.verifier import finite_rows
-
-PLACES_PER_CLEAN_SCAN = 20  # ctguard.engine.train_verifier.negatives: 10 random lung places and 10 dense ones, then every lesion
-
 
 def lesion_rows(part: dict) -> np.ndarray:
     """The rows of a source that are its untouched lesions: the untouched copy's places after its
-    random and dense ones."""
+    random and dense ones (:func:`ctguard.engine.train_verifier.negatives`; every source here has
+    dense places: vessels)."""
     own = np.flatnonzero((part["scan"] == 0) & ~part["clean"])
     out = np.zeros(len(part["y"]), bool)
-    out[own[PLACES_PER_CLEAN_SCAN:]] = True
+    out[own[2 * PLACES_EACH :]] = True
     return out
 
 
@@ -52,10 +57,7 @@ def main() -> None:
     for w in (float(v) for v in a.weights.split(",")):
         for c in (float(v) for v in a.clean_weights.split(",")):
             weight = np.where(lesion, w, 1.0) * np.where(clean, c, 1.0)
-            oof = np.zeros(len(y))
-            for tr, te in GroupKFold(n_splits=min(5, len(set(groups.tolist())))).split(fit_x, y, groups):
-                clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr], sample_weight=weight[tr])
-                oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, list(clf.classes_).index(0)]
+            oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=oof_folds(cfg), weight=weight)
             t = choose_threshold(oof, clean, len(parts), float(cfg["verifier_max_false"]))
             share = {f"{kind} {where}": round(float((oof[m] >= t).mean()), 3)
                      for kind, lab in (("injected", 1), ("removed", 2)) for where, r in (("real", real), ("phantom", ~real))

@@ -18,28 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
-
 
 from ctguard.engine.train_verifier import choose_threshold, joined_rows, out_of_patient_scores, run_rows, tree_columns
 from ctguard.verifier import finite_rows
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: cross_validate's reading of a report
+from cross_validate import counts_at  # noqa: E402
 
-def threshold(run: Path, folds: int) -> float:
+
+def thresholds(run: Path, folds: list[int]) -> dict[int, float]:
+    """The threshold the fit's rule chooses on the run's rows scored each way (rows read once)."""
     cfg, _, parts = run_rows(run)
     x, y, groups, clean = joined_rows(parts)
     _, columns = tree_columns(cfg)
-    oof = out_of_patient_scores(cfg, x, finite_rows(x[:, columns]), y, groups, folds=folds)
-    return choose_threshold(oof, clean, len(parts), float(cfg["verifier_max_false"]))
-
-
-def at(ev: dict, t: float) -> dict:
-    false = [sum(s >= t for s in c["candidate_scores"]) for c in ev["clean_scans"]]
-    out = {"edits_found": sum(e["score"] >= t for e in ev["edits"]), "edits": len(ev["edits"]), "false_findings": sum(false),
-           "clean_flagged": sum(f > 0 for f in false), "clean_scans": len(false)}
-    if all("score" in r for r in ev["real_lesions"]):  # reports that keep each lesion's highest "injected" candidate
-        out |= {"lesions_called_injected": sum(r["score"] >= t for r in ev["real_lesions"]), "lesions": len(ev["real_lesions"])}
-    return out
+    fit_x = finite_rows(x[:, columns])
+    return {f: choose_threshold(out_of_patient_scores(cfg, x, fit_x, y, groups, folds=f), clean, len(parts), float(cfg["verifier_max_false"]))
+            for f in folds}
 
 
 def main() -> None:
@@ -52,9 +48,8 @@ def main() -> None:
     totals: dict[int, dict] = {}
     for run in map(Path, a.runs):
         k = int(re.fullmatch(r"fold(\d+)", run.name).group(1))
-        for folds in (int(v) for v in a.folds.split(",")):
-            t = threshold(run, folds)
-            res = at(report[k]["eval"], t)
+        for folds, t in thresholds(run, [int(v) for v in a.folds.split(",")]).items():
+            res = counts_at(report[k]["eval"], t)
             print(json.dumps({"fold": k, "oof_folds": folds or "one per group", "threshold": t, "report_threshold": report[k]["row"]["threshold"], **res}),
                   flush=True)
             tot = totals.setdefault(folds, {})

@@ -48,6 +48,7 @@ VERIFIER_DEFAULTS = {
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
 }
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
+PLACES_EACH = 10  # random lung places, and dense places, on each untouched copy (then every lesion)
 
 
 def negatives(src, lungs: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
@@ -55,10 +56,10 @@ def negatives(src, lungs: np.ndarray, depth: np.ndarray, rng: np.random.Generato
     the hilum: lung voxels above -300 HU, 5 mm or more deep) and every real lesion."""
     out = []
     lung_pts = np.argwhere(depth[:, ::2, ::2] >= 3.0) * np.array([1, 2, 2])
-    out += [("lung", lung_pts[j].astype(float)) for j in rng.integers(len(lung_pts), size=10)]
+    out += [("lung", lung_pts[j].astype(float)) for j in rng.integers(len(lung_pts), size=PLACES_EACH)]
     dense = np.argwhere((depth >= 5.0) & (src.volume.hu > -300))
     if len(dense):
-        out += [("dense", dense[j].astype(float)) for j in rng.integers(len(dense), size=10)]
+        out += [("dense", dense[j].astype(float)) for j in rng.integers(len(dense), size=PLACES_EACH)]
     out += [("real lesion", np.asarray(t.voxel, float)) for t in src.tumours]
     return out
 
@@ -251,17 +252,19 @@ def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, 
     return float(GRID[-1])
 
 
-def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> np.ndarray:
+def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
+                          weight: np.ndarray | None = None) -> np.ndarray:
     """Each row's stage score (1 - P(genuine), blended with the network's as ``verifier_blend``
     says) from trees fitted without its patient: ``folds`` grouped folds (0: one fit for each
     patient or phantom left out). ``x``: the rows as made (the network's probabilities in the last
-    three columns); ``fit_x``: the columns the trees read."""
+    three columns); ``fit_x``: the columns the trees read; ``weight``: each row's weight in the fits
+    (None: all alike)."""
     from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
 
     oof = np.zeros(len(y))
     split = LeaveOneGroupOut() if folds == 0 else GroupKFold(n_splits=min(folds, len(set(groups.tolist()))))
     for tr, te in split.split(fit_x, y, groups):
-        clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr])
+        clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr], sample_weight=None if weight is None else weight[tr])
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     w = blend_weight(cfg)
@@ -294,13 +297,14 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     names, columns = tree_columns(cfg)
     scan_columns = bool(cfg["verifier_scan_columns"])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
-    oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=oof_folds(cfg))
+    folds = oof_folds(cfg)
+    oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=folds)
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
-            "threshold": threshold, "oof_folds": oof_folds(cfg), "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
