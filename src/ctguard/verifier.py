@@ -299,6 +299,18 @@ def blend(p_trees: np.ndarray, p_network: np.ndarray, w: float) -> np.ndarray:
     return ((1.0 - w) * np.asarray(p_trees, np.float64) + w * np.asarray(p_network, np.float64).reshape(-1, 3)).astype(np.float32)
 
 
+def kind_scores(p: np.ndarray, thresholds: dict, at: float) -> np.ndarray:
+    """``(n, 2)`` scores injected and removed from probabilities ``p`` ``(n, 3)`` (genuine, injected,
+    removed), each kind's mapped piecewise linearly so that its own operating threshold
+    (``thresholds["injected"]``, ``thresholds["removed"]``) lands on ``at``, 0 on 0 and 1 on 1: one
+    threshold then reads both kinds at their own operating points, and moving it moves both."""
+    p = np.asarray(p, np.float64).reshape(-1, 3)[:, 1:]
+    t = np.asarray([thresholds["injected"], thresholds["removed"]], np.float64)
+    low = at * p / t
+    high = at + (1.0 - at) * (p - t) / np.maximum(1.0 - t, 1e-9)
+    return np.clip(np.where(p < t, low, high), 0.0, 1.0)
+
+
 @dataclass
 class Verifier:
     """Gradient-boosted trees over :func:`place_features` (and the network's probabilities) that
