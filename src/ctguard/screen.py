@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import kind_scores
+from ctguard.verifier import stage_scores
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -371,12 +371,7 @@ def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, A
     if not candidates:
         return []
     p = verifier.score_places(vol, np.asarray([f["voxel"] for f in candidates], float), finding_probabilities(candidates), lungs)
-    by_kind = verifier.meta.get("kind_thresholds")
-    if by_kind:  # each kind at its own operating point: its probability mapped onto the stage's one threshold
-        s = kind_scores(p, by_kind, float(verifier.meta["threshold"]))
-        kinds, scores = np.where(s[:, 0] >= s[:, 1], "injected", "removed"), s.max(axis=1)
-    else:
-        kinds, scores = np.where(p[:, 1] >= p[:, 2], "injected", "removed"), 1.0 - p[:, 0]
+    scores, kinds = stage_scores(p, float(verifier.meta.get("threshold", 0.5)), verifier.meta.get("removed_threshold"))
     out = [{**f, "kind": str(k), "score": round(float(sc), 4), "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4),
             "network_score": f["score"]} for f, pv, k, sc in zip(candidates, p, kinds, scores)]
     return sorted(out, key=lambda f: -f["score"])

@@ -28,10 +28,10 @@ from ctguard.verifier import (
     blend,
     feature_names,
     finite_rows,
-    kind_scores,
     network_probabilities,
     scan_noise,
     stage_inputs,
+    stage_scores,
 )
 
 LABELS = {"injected": 1, "removed": 2}
@@ -56,7 +56,7 @@ VERIFIER_DEFAULTS = {
     "verifier_phantom_lesions": "some",  # genuine nodules of the stage's phantoms: some (about half have one), all (each has one), none
     "verifier_oof_folds": 5,  # the out-of-patient scores that choose the threshold: this many grouped folds, or 0: one fit per patient (or phantom) left out
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
-    "verifier_kind_thresholds": False,  # an operating threshold for each kind (P(injected), P(removed)) instead of one on 1 - P(genuine)
+    "verifier_removed_threshold": False,  # also report removals where P(removed) passes a lower threshold of its own, within the clean budget left
 }
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
 PLACES_EACH = 10  # random lung places, and dense places, on each untouched copy (then every lesion)
@@ -219,23 +219,23 @@ def oof_folds(cfg: dict) -> int:
     return value
 
 
-def kind_thresholds(cfg: dict) -> bool:
-    """The config's ``verifier_kind_thresholds`` (true or false), or a one-line error."""
-    value = cfg["verifier_kind_thresholds"]
+def removed_threshold(cfg: dict) -> bool:
+    """The config's ``verifier_removed_threshold`` (true or false), or a one-line error."""
+    value = cfg["verifier_removed_threshold"]
     if not isinstance(value, bool):
-        raise InputError(f"the config's verifier_kind_thresholds must be true or false, not {value!r}")
+        raise InputError(f"the config's verifier_removed_threshold must be true or false, not {value!r}")
     return value
 
 
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
-    ``verifier_oof_folds`` or ``verifier_kind_thresholds`` before anything is trained."""
+    ``verifier_oof_folds`` or ``verifier_removed_threshold`` before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
     phantom_lesions(cfg)
     oof_folds(cfg)
-    kind_thresholds(cfg)
+    removed_threshold(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -273,27 +273,16 @@ def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, 
     return float(GRID[-1])
 
 
-def choose_kind_thresholds(p: np.ndarray, y: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> tuple[float, float]:
-    """The pair of GRID thresholds on P(injected) and P(removed) (``p``: ``(n, 3)`` genuine,
-    injected, removed) under which the untouched scans' candidates (``clean``) give at most
-    ``max_false`` over either per untouched scan, and which puts the most edit rows (``y`` 1 or 2,
-    not ``clean``) over their own kind's threshold; of equals, the highest pair."""
-    grid = np.asarray(GRID)
-    over_c = p[clean][:, 1:, None] >= grid  # (clean rows, 2 kinds, grid)
-    edits = (y > 0) & ~clean
-    kinds = y[edits]
-    p_own = p[edits, kinds]  # each edit row's probability of its own kind
-    best = (-1, 0.0, 0.0)
-    for a, t_inj in enumerate(grid):
-        for b, t_rem in enumerate(grid):
-            if (over_c[:, 0, a] | over_c[:, 1, b]).sum() / max(n_clean_scans, 1) > max_false:
-                continue
-            found = int((p_own >= np.where(kinds == 1, t_inj, t_rem)).sum())
-            if found >= best[0]:
-                best = (found, float(t_inj), float(t_rem))
-    if best[0] < 0:
-        return float(grid[-1]), float(grid[-1])
-    return best[1], best[2]
+def choose_removed_threshold(p: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float, threshold: float) -> float:
+    """The lowest GRID threshold on P(removed), at most ``threshold``, under which the untouched
+    scans' candidates (``clean``; ``p``: ``(n, 3)`` genuine, injected, removed) over ``threshold`` on
+    1 - P(genuine) or over it on P(removed) stay at most ``max_false`` per untouched scan; ``threshold``
+    itself where no lower one does."""
+    over = 1.0 - p[clean, 0] >= threshold
+    for t in GRID:
+        if t <= threshold and (over | (p[clean, 2] >= t)).sum() / max(n_clean_scans, 1) <= max_false:
+            return float(t)
+    return float(threshold)
 
 
 def out_of_patient_probabilities(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
@@ -348,20 +337,19 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     p_oof = out_of_patient_probabilities(cfg, x, fit_x, y, groups, folds=folds)
     oof = 1.0 - p_oof[:, 0]
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
-    by_kind = {}
-    if kind_thresholds(cfg):  # each kind its own operating point; scores mapped so that each lands on the one threshold
-        t_inj, t_rem = choose_kind_thresholds(p_oof, y, clean, n_clean, float(cfg["verifier_max_false"]))
-        by_kind = {"kind_thresholds": {"injected": t_inj, "removed": t_rem}}
+    rem = {}
+    if removed_threshold(cfg):  # removals also at a lower operating point of their own, within the clean budget the threshold leaves
+        rem = {"removed_threshold": choose_removed_threshold(p_oof, clean, n_clean, float(cfg["verifier_max_false"]), threshold)}
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
-            "threshold": threshold, **by_kind, "oof_folds": folds, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold": threshold, **rem, "oof_folds": folds, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
-    if by_kind:  # the out-of-patient scores as screening will score (each kind's probability mapped onto the one threshold)
-        oof = kind_scores(p_oof, by_kind["kind_thresholds"], threshold).max(axis=1)
+    if rem:  # the out-of-patient scores as screening reads them (P(removed) mapped onto the threshold where higher)
+        oof = stage_scores(p_oof, threshold, rem["removed_threshold"])[0]
     clean_oof, clean_groups = oof[clean], groups[clean]
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
     top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
