@@ -689,63 +689,6 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert np.allclose(p2.sum(1), 1, atol=1e-5)
     assert np.allclose(1 - p2[:, 0], [f["score"] for f in result["findings"][:3]], atol=2e-3)  # the same stage at the same places
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
-    # Removals also at a lower operating point of their own (verifier_removed_threshold): the same
-    # rows, the trees fitted again; a finding's score is P(removed) mapped onto the threshold where higher.
-    import shutil
-
-    from ctguard.engine.train3d import train_second_stage
-    from ctguard.verifier import stage_scores
-
-    rem_run = tmp_path / "removed"
-    shutil.copytree(tmp_path / "run", rem_run)
-    (rem_run / "model.verifier.npz").unlink()
-    run_cfg = json.loads((rem_run / "config.json").read_text())
-    with pytest.raises(InputError, match="verifier_removed_threshold must be true or false, not 'yes'"):
-        train_second_stage({**run_cfg, "verifier_removed_threshold": "yes"}, rem_run)
-    both = train_second_stage({**run_cfg, "verifier_removed_threshold": True}, rem_run)
-    assert both["removed_threshold"] <= both["threshold"] == report["threshold"] and both["rows"] == report["rows"]
-    det2 = load_detector(str(rem_run / "model.pt"))
-    assert det2.verifier.meta["removed_threshold"] == both["removed_threshold"] and det2.threshold == both["threshold"]
-    res2, _, _ = screen_volume(vol, det2, threshold=0.0)
-    p = np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in res2["findings"]])
-    scores, kinds = stage_scores(p, both["threshold"], both["removed_threshold"])
-    assert len(p) and np.allclose([f["score"] for f in res2["findings"]], scores, atol=2e-3)
-    assert all(f["score"] >= g for f, g in zip(res2["findings"], 1 - p[:, 0] - 2e-3))  # never lower than without it
-    assert [f["kind"] for f in res2["findings"]] == list(kinds)
-
-
-def test_removed_threshold_spends_the_clean_budget_the_threshold_leaves():
-    """The lowest P(removed) threshold under which the untouched candidates over the one threshold
-    or over it stay within ``max_false`` per untouched scan; :func:`stage_scores` maps it onto the
-    one threshold and keeps every other score as it was."""
-    from ctguard.engine.train_verifier import choose_removed_threshold, choose_threshold
-    from ctguard.verifier import stage_scores
-
-    def rows(kind, ps):  # probabilities (genuine, injected, removed) with P(kind) = each of ps
-        out = np.zeros((len(ps), 3))
-        out[:, kind] = ps
-        out[:, 0] = 1 - out[:, kind]
-        return out
-
-    # Untouched candidates: three lesion-like "injected" ones (1 - P(genuine) 0.999, 0.988, 0.987) and
-    # "removed" ones at 0.93 and 0.85. Of 20 scans two may pass at 0.1 a scan; the threshold that
-    # keeps the third under it (0.99) lets only one pass, so one more may pass as a removal.
-    p = np.vstack([rows(1, [0.999, 0.988, 0.987]), rows(2, [0.93, 0.85])])
-    clean = np.ones(len(p), bool)
-    t = choose_threshold(1 - p[:, 0], clean, 20, 0.1)
-    assert t == 0.99
-    assert choose_removed_threshold(p, clean, 20, 0.1, t) == 0.9  # 0.93 passes, 0.85 does not
-    assert choose_removed_threshold(p, clean, 10, 0.1, t) == 0.95  # no room: just over every removal candidate (the grid steps from 0.9 to 0.95)
-    assert choose_removed_threshold(p, clean, 40, 0.1, t) == 0.5  # room for every candidate: the grid's lowest
-    q = np.vstack([rows(2, [0.0, 0.9, 0.95, 1.0]), rows(1, [0.97]), [[0.02, 0.49, 0.49]]])
-    scores, kinds = stage_scores(q, 0.985, 0.9)
-    assert np.allclose(scores[:4], [0.0, 0.985, 0.985 + 0.015 * 0.5, 1.0]) and list(kinds[:4]) == ["injected"] + ["removed"] * 3
-    assert np.isclose(scores[4], 0.97) and kinds[4] == "injected"  # an injection keeps its score
-    assert np.isclose(scores[5], 0.98) and kinds[5] == "injected"  # 1 - P(genuine) higher than P(removed) mapped (0.5369)
-    same, _ = stage_scores(q, 0.985)
-    assert np.allclose(same, 1 - q[:, 0])
-    grid = np.linspace(0, 1, 101)
-    assert (np.diff(stage_scores(rows(2, grid), 0.985, 0.9)[0]) > 0).all()  # the order of P(removed) kept
 
 
 def test_second_stage_phantoms_with_and_without_their_own_nodules():

@@ -18,7 +18,6 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import stage_scores
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -371,9 +370,9 @@ def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, A
     if not candidates:
         return []
     p = verifier.score_places(vol, np.asarray([f["voxel"] for f in candidates], float), finding_probabilities(candidates), lungs)
-    scores, kinds = stage_scores(p, float(verifier.meta.get("threshold", 0.5)), verifier.meta.get("removed_threshold"))
-    out = [{**f, "kind": str(k), "score": round(float(sc), 4), "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4),
-            "network_score": f["score"]} for f, pv, k, sc in zip(candidates, p, kinds, scores)]
+    out = [{**f, "kind": "injected" if pv[1] >= pv[2] else "removed", "score": round(float(1.0 - pv[0]), 4),
+            "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4), "network_score": f["score"]}
+           for f, pv in zip(candidates, p)]
     return sorted(out, key=lambda f: -f["score"])
 
 

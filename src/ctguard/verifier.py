@@ -299,23 +299,6 @@ def blend(p_trees: np.ndarray, p_network: np.ndarray, w: float) -> np.ndarray:
     return ((1.0 - w) * np.asarray(p_trees, np.float64) + w * np.asarray(p_network, np.float64).reshape(-1, 3)).astype(np.float32)
 
 
-def stage_scores(p: np.ndarray, threshold: float, removed_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each place's score and kind from the stage's probabilities ``p`` ``(n, 3)`` (genuine,
-    injected, removed): 1 - P(genuine), of the likelier kind. With ``removed_threshold`` (a lower
-    operating point for removals, chosen on the training patients), P(removed) mapped piecewise
-    linearly so that ``removed_threshold`` lands on ``threshold`` (0 on 0, 1 on 1); where that is
-    higher it is the score and the kind is "removed". One threshold then reads both operating
-    points, and moving it moves both."""
-    p = np.asarray(p, np.float64).reshape(-1, 3)
-    score = 1.0 - p[:, 0]
-    kind = np.where(p[:, 1] >= p[:, 2], "injected", "removed")
-    if removed_threshold is None:
-        return score, kind
-    t, at = float(removed_threshold), float(threshold)
-    rem = np.clip(np.where(p[:, 2] < t, at * p[:, 2] / max(t, 1e-9), at + (1.0 - at) * (p[:, 2] - t) / max(1.0 - t, 1e-9)), 0.0, 1.0)
-    return np.maximum(score, rem), np.where(rem > score, "removed", kind)
-
-
 @dataclass
 class Verifier:
     """Gradient-boosted trees over :func:`place_features` (and the network's probabilities) that

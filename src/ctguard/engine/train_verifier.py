@@ -22,17 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
-from ctguard.verifier import (
-    SCAN_COLUMNS,
-    Verifier,
-    blend,
-    feature_names,
-    finite_rows,
-    network_probabilities,
-    scan_noise,
-    stage_inputs,
-    stage_scores,
-)
+from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, finite_rows, network_probabilities, scan_noise, stage_inputs
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
@@ -56,7 +46,6 @@ VERIFIER_DEFAULTS = {
     "verifier_phantom_lesions": "some",  # genuine nodules of the stage's phantoms: some (about half have one), all (each has one), none
     "verifier_oof_folds": 5,  # the out-of-patient scores that choose the threshold: this many grouped folds, or 0: one fit per patient (or phantom) left out
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
-    "verifier_removed_threshold": False,  # also report removals where P(removed) passes a lower threshold of its own, within the clean budget left
 }
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
 PLACES_EACH = 10  # random lung places, and dense places, on each untouched copy (then every lesion)
@@ -219,23 +208,13 @@ def oof_folds(cfg: dict) -> int:
     return value
 
 
-def removed_threshold(cfg: dict) -> bool:
-    """The config's ``verifier_removed_threshold`` (true or false), or a one-line error."""
-    value = cfg["verifier_removed_threshold"]
-    if not isinstance(value, bool):
-        raise InputError(f"the config's verifier_removed_threshold must be true or false, not {value!r}")
-    return value
-
-
 def check_stage_config(cfg: dict) -> None:
-    """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
-    ``verifier_oof_folds`` or ``verifier_removed_threshold`` before anything is trained."""
+    """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions`` or ``verifier_oof_folds`` before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
     phantom_lesions(cfg)
     oof_folds(cfg)
-    removed_threshold(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -273,40 +252,25 @@ def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, 
     return float(GRID[-1])
 
 
-def choose_removed_threshold(p: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float, threshold: float) -> float:
-    """The lowest GRID threshold on P(removed), at most ``threshold``, under which the untouched
-    scans' candidates (``clean``; ``p``: ``(n, 3)`` genuine, injected, removed) over ``threshold`` on
-    1 - P(genuine) or over it on P(removed) stay at most ``max_false`` per untouched scan; ``threshold``
-    itself where no lower one does."""
-    over = 1.0 - p[clean, 0] >= threshold
-    for t in GRID:
-        if t <= threshold and (over | (p[clean, 2] >= t)).sum() / max(n_clean_scans, 1) <= max_false:
-            return float(t)
-    return float(threshold)
-
-
-def out_of_patient_probabilities(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
-                                 weight: np.ndarray | None = None) -> np.ndarray:
-    """Each row's stage probabilities ``(n, 3)`` genuine, injected, removed (blended with the
-    network's as ``verifier_blend`` says) from trees fitted without its patient: ``folds`` grouped
-    folds (0: one fit for each patient or phantom left out). ``x``: the rows as made (the network's
-    probabilities in the last three columns); ``fit_x``: the columns the trees read; ``weight``:
-    each row's weight in the fits (None: all alike)."""
+def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
+                          weight: np.ndarray | None = None) -> np.ndarray:
+    """Each row's stage score (1 - P(genuine), blended with the network's as ``verifier_blend``
+    says) from trees fitted without its patient: ``folds`` grouped folds (0: one fit for each
+    patient or phantom left out). ``x``: the rows as made (the network's probabilities in the last
+    three columns); ``fit_x``: the columns the trees read; ``weight``: each row's weight in the fits
+    (None: all alike)."""
     from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
 
-    oof = np.zeros((len(y), 3))
+    oof = np.zeros(len(y))
     split = LeaveOneGroupOut() if folds == 0 else GroupKFold(n_splits=min(folds, len(set(groups.tolist()))))
     for tr, te in split.split(fit_x, y, groups):
         clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr], sample_weight=None if weight is None else weight[tr])
-        oof[np.ix_(te, clf.classes_.astype(int))] = clf.predict_proba(fit_x[te])
-    # As screening blends them: with the network's probabilities at each row's place (its last three columns).
-    return blend(oof, network_probabilities(x[:, -3:]), blend_weight(cfg)).astype(np.float64)
-
-
-def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
-                          weight: np.ndarray | None = None) -> np.ndarray:
-    """Each row's stage score, 1 - P(genuine), of :func:`out_of_patient_probabilities`."""
-    return 1.0 - out_of_patient_probabilities(cfg, x, fit_x, y, groups, folds, weight)[:, 0]
+        genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
+        oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
+    w = blend_weight(cfg)
+    if w:  # blended as screening blends them: with the network's probabilities at each row's place (its last three columns)
+        oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, -3:])[:, 0])
+    return oof
 
 
 def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
@@ -334,22 +298,16 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     scan_columns = bool(cfg["verifier_scan_columns"])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     folds = oof_folds(cfg)
-    p_oof = out_of_patient_probabilities(cfg, x, fit_x, y, groups, folds=folds)
-    oof = 1.0 - p_oof[:, 0]
+    oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=folds)
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
-    rem = {}
-    if removed_threshold(cfg):  # removals also at a lower operating point of their own, within the clean budget the threshold leaves
-        rem = {"removed_threshold": choose_removed_threshold(p_oof, clean, n_clean, float(cfg["verifier_max_false"]), threshold)}
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
-            "threshold": threshold, **rem, "oof_folds": folds, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
-    if rem:  # the out-of-patient scores as screening reads them (P(removed) mapped onto the threshold where higher)
-        oof = stage_scores(p_oof, threshold, rem["removed_threshold"])[0]
     clean_oof, clean_groups = oof[clean], groups[clean]
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
     top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
