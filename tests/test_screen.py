@@ -718,6 +718,33 @@ def test_second_stage_phantoms_with_and_without_their_own_nodules():
             check_stage_config({**cfg, "verifier_phantom_lesions": bad})
 
 
+def test_second_stage_thicker_slice_sources(tmp_path):
+    """``verifier_thick``: each real series also as a thicker-slice source of the same patient (its
+    own edits' seed); one thicker than THICK_MAX_MM gives no rows (and needs no network); a wrong
+    value is refused in one line."""
+    from ctguard.engine.train3d import DEFAULTS, build_source, spec_seed
+    from ctguard.engine.train_verifier import THICK_MAX_MM, VERIFIER_DEFAULTS, check_stage_config, source_rows, verifier_specs
+    from ctguard.errors import InputError
+    from ctguard.io.itk import write_itk
+
+    vol = phantom_source(3, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    scan = write_itk(vol, tmp_path / "chest.nrrd")
+    cfg = {**DEFAULTS, **VERIFIER_DEFAULTS, "verifier_phantoms": 1, "verifier_fixed_phantoms": 0,
+           "real_scans": [{"patient": "P", "scan": str(scan)}], "verifier_thick": [2, 3]}
+    specs = verifier_specs(cfg)
+    assert [s[2] for s in specs if s[0] == "series"] == [1, 2, 3]
+    assert len({spec_seed(cfg, s) for s in specs}) == len(specs)  # each its own edits
+    thick = build_source(cfg, specs[2])
+    assert thick.volume.spacing[0] == 8.0 > THICK_MAX_MM and thick.volume.shape[0] == 20
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"not a network")  # never loaded
+    rows = source_rows((cfg, specs[2], str(tmp_path / "run" / "model.pt")))
+    assert len(rows["y"]) == 0 and rows["x"].shape[0] == 0 and rows["group"] == "chest.nrrd"  # the patient of the series (no PatientID: its file); past chest CT's slice range: no rows, no network read
+    for bad in ([1], 2, [2.5], [True]):
+        with pytest.raises(InputError, match=f"verifier_thick must be a list of whole numbers from 2 .* not {re.escape(repr(bad))}"):
+            check_stage_config({**cfg, "verifier_thick": bad})
+
+
 def test_out_of_patient_scores_one_fit_per_patient_left_out():
     """``verifier_oof_folds: 0``: each patient's rows are scored by trees fitted on every other
     patient's rows (the same numbers as fitting them by hand); 5 grouped folds differ; a value that

@@ -46,7 +46,9 @@ VERIFIER_DEFAULTS = {
     "verifier_phantom_lesions": "some",  # genuine nodules of the stage's phantoms: some (about half have one), all (each has one), none
     "verifier_oof_folds": 5,  # the out-of-patient scores that choose the threshold: this many grouped folds, or 0: one fit per patient (or phantom) left out
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
+    "verifier_thick": [],  # also each real series with slices this many times thicker (averaged slabs), where those stay within THICK_MAX_MM
 }
+THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
 PLACES_EACH = 10  # random lung places, and dense places, on each untouched copy (then every lesion)
 
@@ -109,8 +111,11 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     )
     from ctguard.tamper.simulate import variants
 
-    det = load_detector(model_path)
     src = build_source(cfg, spec)
+    if spec[0] == "series" and spec[2] > 1 and src.volume.spacing[0] > THICK_MAX_MM + 1e-6:  # thicker than chest CT is read: no rows
+        return {"x": np.zeros((0, len(feature_names(bool(cfg["verifier_recentre"]))) + 3), np.float32), "y": np.zeros(0, np.int8),
+                "scan": np.zeros(0, np.int16), "clean": np.zeros(0, bool), "group": src.patient or Path(str(spec[1])).name, "source": str(spec[1])}
+    det = load_detector(model_path)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
@@ -157,7 +162,16 @@ def verifier_specs(cfg: dict) -> list[tuple]:
     own = phantom_lesions(cfg)
     return [("phantom", base + k, *own) for k in range(int(cfg["verifier_phantoms"]))] + \
            [("fixed phantom", base + 50 + k, *own) for k in range(int(cfg["verifier_fixed_phantoms"]))] + \
-           [("series", p, 1, t, 0) for p, t in real_scans(cfg)]
+           [("series", p, 1, t, 0) for p, t in real_scans(cfg)] + \
+           [("series", p, f, t, 0) for f in thick_factors(cfg) for p, t in real_scans(cfg)]
+
+
+def thick_factors(cfg: dict) -> list[int]:
+    """The config's ``verifier_thick`` (whole numbers from 2), or a one-line error."""
+    value = cfg["verifier_thick"]
+    if not isinstance(value, list) or any(isinstance(f, bool) or not isinstance(f, int) or f < 2 for f in value):
+        raise InputError(f"the config's verifier_thick must be a list of whole numbers from 2 (slab factors), not {value!r}")
+    return value
 
 
 PHANTOM_LESIONS = {"some": (), "all": (True,), "none": (False,)}
@@ -209,12 +223,14 @@ def oof_folds(cfg: dict) -> int:
 
 
 def check_stage_config(cfg: dict) -> None:
-    """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions`` or ``verifier_oof_folds`` before anything is trained."""
+    """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
+    ``verifier_oof_folds`` or ``verifier_thick`` before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
     phantom_lesions(cfg)
     oof_folds(cfg)
+    thick_factors(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -284,6 +300,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs]
     parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
                       disable=not progress))
+    parts = [p for p in parts if len(p["y"])]  # a thicker-slice version past THICK_MAX_MM gives none
     x, y, groups, clean = joined_rows(parts)
     n_clean = len(parts)  # one untouched copy per source
     t_rows = time.time() - t0
