@@ -247,8 +247,9 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     """A trained run's resolved config, its stage's sources and their rows (from ``verifier_rows/``
     where kept, else made again): for studying a run's stage without fitting it."""
     cfg = {**VERIFIER_DEFAULTS, **json.loads((Path(run) / "config.json").read_text())}
-    specs = verifier_specs(cfg)
-    return cfg, specs, [source_rows((cfg, spec, str(Path(run) / "model.pt"))) for spec in specs]
+    made = [(spec, source_rows((cfg, spec, str(Path(run) / "model.pt")))) for spec in verifier_specs(cfg)]
+    made = [(spec, rows) for spec, rows in made if len(rows["y"])]  # as fit_verifier: a thicker-slice version past THICK_MAX_MM gives none
+    return cfg, [spec for spec, _ in made], [rows for _, rows in made]
 
 
 def tree_columns(cfg: dict) -> tuple[list[str], np.ndarray]:
