@@ -19,21 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cross_validate import counts_at  # noqa: E402
 
-from ctguard.engine.train_verifier import GRID  # noqa: E402
-
-
-def threshold_for(per_threshold: dict, budget: float) -> float:
-    """The lowest grid threshold whose false candidates per clean training scan are within ``budget``."""
-    for t in GRID:
-        if per_threshold[str(t)] <= budget + 1e-9:
-            return float(t)
-    return float(GRID[-1])
+from ctguard.engine.train_verifier import lowest_within  # noqa: E402
 
 
 def main() -> None:
@@ -50,13 +43,12 @@ def main() -> None:
         folds.append((pair, stage, ev))
     out = []
     for budget in (float(b) for b in a.budgets.split(",")):
-        total: dict[str, int] = {}
+        total: Counter = Counter()
         failing = []
         for pair, stage, ev in folds:
-            t = threshold_for(stage["false_per_clean_scan_oof"], budget)
+            t = lowest_within(lambda t: stage["false_per_clean_scan_oof"][str(t)], budget)  # the fit's rule on its own counts
             got = counts_at(ev, t)
-            for k, v in got.items():
-                total[k] = total.get(k, 0) + v
+            total.update(got)
             if got["clean_flagged"] or got.get("lesions_called_injected"):
                 failing.append({"fold": pair, "threshold": t, "clean_flagged": got["clean_flagged"],
                                 "lesions_called_injected": got.get("lesions_called_injected")})

@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from ctguard.engine.train_verifier import choose_threshold, joined_rows, out_of_patient_scores, run_rows, tree_columns
@@ -45,16 +46,14 @@ def main() -> None:
     ap.add_argument("--folds", default="5,0")
     a = ap.parse_args()
     report = {f["fold"]: f for f in json.loads(Path(a.report).read_text())["folds"]}
-    totals: dict[int, dict] = {}
+    totals: dict[int, Counter] = {}
     for run in map(Path, a.runs):
         k = int(re.fullmatch(r"fold(\d+)", run.name).group(1))
         for folds, t in thresholds(run, [int(v) for v in a.folds.split(",")]).items():
             res = counts_at(report[k]["eval"], t)
             print(json.dumps({"fold": k, "oof_folds": folds or "one per group", "threshold": t, "report_threshold": report[k]["row"]["threshold"], **res}),
                   flush=True)
-            tot = totals.setdefault(folds, {})
-            for key, v in res.items():
-                tot[key] = tot.get(key, 0) + v
+            totals.setdefault(folds, Counter()).update(res)
     for folds, tot in totals.items():
         print(json.dumps({"oof_folds": folds or "one per group", "pooled": tot}))
 

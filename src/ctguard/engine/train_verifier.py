@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,11 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     from ctguard.tamper.simulate import variants
 
     src = build_source(cfg, spec)
+    # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
+    group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
     if spec[0] == "series" and spec[2] > 1 and src.volume.spacing[0] > THICK_MAX_MM + 1e-6:  # thicker than chest CT is read: no rows
-        return {"x": np.zeros((0, len(feature_names(bool(cfg["verifier_recentre"]))) + 3), np.float32), "y": np.zeros(0, np.int8),
-                "scan": np.zeros(0, np.int16), "clean": np.zeros(0, bool), "group": src.patient or Path(str(spec[1])).name, "source": str(spec[1])}
+        return {"x": np.zeros((0, len(tree_columns(cfg)[0])), np.float32), "y": np.zeros(0, np.int8), "scan": np.zeros(0, np.int16),
+                "clean": np.zeros(0, bool), "group": group, "source": str(spec[1])}
     det = load_detector(model_path)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
     lungs = lung_mask(src.volume)
@@ -146,8 +149,6 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
             ys.append(LABELS[hit.kind] if hit is not None else 0)
             scans.append(k)
             clean.append(not edits)
-    # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
-    group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
     return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
             "clean": np.asarray(clean, bool), "group": group, "source": str(spec[1])}
 
@@ -243,13 +244,18 @@ def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return x, y, groups, clean
 
 
+def with_rows(specs: list[tuple], parts: list[dict]) -> tuple[list[tuple], list[dict]]:
+    """The sources that gave rows, and their rows (a thicker-slice version past THICK_MAX_MM gives none)."""
+    kept = [k for k, p in enumerate(parts) if len(p["y"])]
+    return [specs[k] for k in kept], [parts[k] for k in kept]
+
+
 def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
-    """A trained run's resolved config, its stage's sources and their rows (from ``verifier_rows/``
-    where kept, else made again): for studying a run's stage without fitting it."""
+    """A trained run's resolved config, its stage's sources that gave rows and their rows (from
+    ``verifier_rows/`` where kept, else made again): for studying a run's stage without fitting it."""
     cfg = {**VERIFIER_DEFAULTS, **json.loads((Path(run) / "config.json").read_text())}
-    made = [(spec, source_rows((cfg, spec, str(Path(run) / "model.pt")))) for spec in verifier_specs(cfg)]
-    made = [(spec, rows) for spec, rows in made if len(rows["y"])]  # as fit_verifier: a thicker-slice version past THICK_MAX_MM gives none
-    return cfg, [spec for spec, _ in made], [rows for _, rows in made]
+    specs = verifier_specs(cfg)
+    return cfg, *with_rows(specs, [source_rows((cfg, spec, str(Path(run) / "model.pt"))) for spec in specs])
 
 
 def tree_columns(cfg: dict) -> tuple[list[str], np.ndarray]:
@@ -263,8 +269,13 @@ def tree_columns(cfg: dict) -> tuple[list[str], np.ndarray]:
 
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
     """The lowest GRID threshold giving at most ``max_false`` candidates over it per untouched scan."""
+    return lowest_within(lambda t: (scores[clean] >= t).sum() / max(n_clean_scans, 1), max_false)
+
+
+def lowest_within(false_per_scan: Callable[[float], float], max_false: float) -> float:
+    """The lowest GRID threshold ``t`` with ``false_per_scan(t) <= max_false`` (the grid's top where none is)."""
     for t in GRID:
-        if (scores[clean] >= t).sum() / max(n_clean_scans, 1) <= max_false:
+        if false_per_scan(float(t)) <= max_false:
             return float(t)
     return float(GRID[-1])
 
@@ -301,7 +312,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs]
     parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
                       disable=not progress))
-    parts = [p for p in parts if len(p["y"])]  # a thicker-slice version past THICK_MAX_MM gives none
+    specs, parts = with_rows(specs, parts)
     x, y, groups, clean = joined_rows(parts)
     n_clean = len(parts)  # one untouched copy per source
     t_rows = time.time() - t0
