@@ -691,6 +691,90 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
 
 
+def test_second_stage_with_a_patch_cnn(tmp_path):
+    """``verifier_patches``: the stage's rows keep each place's native patch, a small CNN is trained
+    on them (out of patient for the threshold, then on all rows), exported as ONNX beside the trees,
+    and screening averages its probabilities with the trees' at the meta's weight."""
+    import dataclasses
+
+    from ctguard.errors import InputError
+    from ctguard.patches import CHANNELS, SIZE, PatchScorer, patches_at
+    from ctguard.screen import load_detector, score_locations
+    from ctguard.verifier import Verifier, blend, scan_noise
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
+           "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_per_scan": 2, "verifier_boosting": "histogram",
+           "verifier_patches": True, "verifier_patch_weight": 0.4, "verifier_patch_epochs": 1}
+    for key, bad, says in [("verifier_patches", "yes", "true or false"), ("verifier_patch_weight", 0, "over 0 and at most 1"),
+                           ("verifier_patch_weight", 1.5, "over 0 and at most 1"), ("verifier_patch_epochs", 0, "whole number from 1")]:
+        with pytest.raises(InputError, match=f"{key} must be (a number |a )?{says}.*not {re.escape(repr(bad))}"):
+            api.train({**cfg, key: bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    report = json.loads((run / "verifier.json").read_text())
+    assert report["patch_weight"] == 0.4 and report["patch_seconds"] > 0 and (run / "model.patches.onnx").is_file()
+    for f in (run / "verifier_rows").glob("*.npz"):  # every row with its patch
+        with np.load(f) as d:
+            assert d["patches"].shape == (len(d["y"]), CHANNELS, SIZE, SIZE) and d["patches"].dtype == np.float16
+    det = load_detector(str(run / "model.pt"))
+    assert isinstance(det.verifier.patches, PatchScorer)
+    vol = phantom_source(9, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    places = np.asarray([[20.0, 48.0, 30.0], [20.0, 40.0, 66.0], [0.0, 0.0, 0.0]])
+    p_net = score_locations(vol, det, places, stage2=False)
+    p = score_locations(vol, det, places)
+    trees = dataclasses.replace(det.verifier, meta={**det.verifier.meta, "patch_weight": 0.0}, patches=None)
+    lungs = lung_mask(vol)
+    p_trees = trees.score_places(vol, places, p_net, lungs)
+    p_cnn = det.verifier.patches.probabilities(patches_at(vol, places, scan_noise(vol, lungs)))
+    assert np.allclose(p.sum(1), 1, atol=1e-5) and np.allclose(p_cnn.sum(1), 1, atol=1e-5)
+    assert np.allclose(p, blend(p_trees, p_cnn, 0.4), atol=1e-6) and not np.allclose(p, p_trees)
+    (run / "model.patches.onnx").unlink()
+    with pytest.raises(InputError, match=r"needs its patch CNN beside it \(model.patches.onnx\)"):
+        Verifier.load(run / "model.verifier.npz")
+
+
+def test_patches_at_the_scans_own_voxels(tmp_path):
+    """A place's patch: HU / 400 on its own voxels, residuals in units of the scan's noise (zero on a
+    flat scan), the scan's edge repeated past it; the CNN's ONNX export gives the network's own
+    probabilities."""
+    import torch
+
+    from ctguard.engine.train_patches import augmented, patch_probabilities
+    from ctguard.models.patchnet import PatchNet, export_onnx
+    from ctguard.errors import InputError
+    from ctguard.patches import CHANNELS, CROP, SIZE, SLICES, PatchScorer, centre_crop, patches_at
+    from ctguard.volume import Volume
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-800, 20, (12, 64, 64)).astype(np.float32)
+    vol = Volume(hu, (2.0, 0.7, 0.7), (0.0, 0.0, 0.0), np.eye(3), {})
+    p = patches_at(vol, np.asarray([[6.0, 32.0, 32.0], [0.0, 0.0, 0.0]]), (20.0, 20.0)).astype(np.float32)
+    assert p.shape == (2, CHANNELS, SIZE, SIZE)
+    hu_ch, xy_ch = p[0, :SLICES], p[0, SLICES:2 * SLICES]
+    assert np.allclose(hu_ch[SLICES // 2, SIZE // 2, SIZE // 2], hu[6, 32, 32] / 400, atol=2e-3)  # float16
+    assert np.allclose(hu_ch[0], hu[4, 8:56, 8:56] / 400, atol=2e-3)
+    assert 0.5 < xy_ch.std() < 1.5  # the noise, in its own units
+    corner = p[1, :SLICES]
+    # The edge repeated: slices 0, 0, 0, 1, 2 (the place's slice 0), the first row and column over the patch's first half.
+    for k, z in enumerate((0, 0, 0, 1, 2)):
+        assert np.allclose(corner[k, : SIZE // 2 + 1, : SIZE // 2 + 1], hu[z, 0, 0] / 400, atol=2e-3)
+    flat = patches_at(Volume(np.full((12, 64, 64), -700.0, np.float32), (2.0, 0.7, 0.7), (0.0, 0.0, 0.0), np.eye(3), {}),
+                      np.asarray([[6.0, 32.0, 32.0]]), (20.0, 20.0))
+    assert np.all(flat[:, SLICES:] == 0) and np.allclose(flat[:, :SLICES], -700 / 400)
+    crops = augmented(p, np.random.default_rng(1))
+    assert crops.shape == (2, CHANNELS, CROP, CROP) and centre_crop(p).shape == crops.shape
+    torch.manual_seed(0)
+    net = PatchNet().eval()
+    export_onnx(net, tmp_path / "cnn.onnx")
+    assert np.allclose(PatchScorer(tmp_path / "cnn.onnx").probabilities(p), patch_probabilities(net, p), atol=1e-5)
+    (tmp_path / "other.onnx").write_bytes(b"not onnx")
+    with pytest.raises(InputError, match="not a loadable ONNX model"):
+        PatchScorer(tmp_path / "other.onnx")
+
+
 def test_second_stage_phantoms_with_and_without_their_own_nodules():
     """``verifier_phantom_lesions``: the stage's phantoms are the same chests (same seeds, same
     edits' seeds) with a genuine nodule in about half of them (some), in each (all) or in none; the

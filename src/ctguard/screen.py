@@ -199,7 +199,8 @@ def _cached(name_or_path: str | None, load: Callable[[], Detector], dims: int) -
         return load()  # missing: let the loader say so
     # The checkpoint, its ONNX export and its card: a change to any of them is a new detector.
     stamp = tuple(p.stat().st_mtime_ns if p.is_file() else None
-                  for p in (path, path.with_suffix(".onnx"), path.with_suffix(".json"), path.with_suffix(".verifier.npz"))) \
+                  for p in (path, path.with_suffix(".onnx"), path.with_suffix(".json"), path.with_suffix(".verifier.npz"),
+                            path.with_suffix(".patches.onnx"))) \
         if path is not None else ()
     key = (dims, str(name_or_path), stamp)
     if key not in _LOADED:

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -292,11 +293,12 @@ def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: 
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
-def blend(p_trees: np.ndarray, p_network: np.ndarray, w: float) -> np.ndarray:
-    """``(1 - w) * p_trees + w * p_network``, both ``(n, 3)`` probabilities (``p_trees`` itself at ``w`` 0)."""
+def blend(p: np.ndarray, q: np.ndarray, w: float) -> np.ndarray:
+    """``(1 - w) * p + w * q``, both ``(n, 3)`` probabilities (``p`` itself at ``w`` 0): the trees'
+    with the network's, or the stage's with the patch CNN's."""
     if not w:
-        return p_trees
-    return ((1.0 - w) * np.asarray(p_trees, np.float64) + w * np.asarray(p_network, np.float64).reshape(-1, 3)).astype(np.float32)
+        return p
+    return ((1.0 - w) * np.asarray(p, np.float64) + w * np.asarray(q, np.float64).reshape(-1, 3)).astype(np.float32)
 
 
 @dataclass
@@ -314,6 +316,7 @@ class Verifier:
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
     meta: dict = field(default_factory=dict)  # names, uses_network, recentre, candidate_threshold, max_candidates, threshold, fit details
+    patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x``."""
@@ -340,10 +343,17 @@ class Verifier:
     def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
         gave ``p_network``: the trees', or with ``blend_network`` w in the meta ``(1 - w)`` times the
-        trees' plus ``w`` times the network's."""
-        x = stage_inputs(vol, places, p_network, scan_noise(vol, lungs), self.meta.get("uses_network", True),
-                         recentre=self.meta.get("recentre", False))
-        return blend(self.probabilities(x), p_network, float(self.meta.get("blend_network", 0.0)))
+        trees' plus ``w`` times the network's; then, with ``patch_weight`` v, ``(1 - v)`` times that
+        plus ``v`` times the patch CNN's (:mod:`ctguard.patches`)."""
+        noise = scan_noise(vol, lungs)
+        x = stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False))
+        p = blend(self.probabilities(x), p_network, float(self.meta.get("blend_network", 0.0)))
+        v = float(self.meta.get("patch_weight", 0.0))
+        if v:
+            from ctguard.patches import patches_at
+
+            p = blend(p, self.patches.probabilities(patches_at(vol, places, noise)), v)
+        return p
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -362,7 +372,15 @@ class Verifier:
             raise InputError(f"not a ctguard verifier (.npz of trees): {e.__class__.__name__}", path) from None
         meta = json.loads(arrays.pop("meta").tobytes().decode())
         rate = float(arrays.pop("rate"))
-        return cls(**arrays, rate=rate, meta=meta)
+        verifier = cls(**arrays, rate=rate, meta=meta)
+        if float(meta.get("patch_weight", 0.0)):  # its patch CNN beside it: model.verifier.npz -> model.patches.onnx
+            from ctguard.patches import PatchScorer
+
+            cnn = Path(path).with_name(Path(path).name.removesuffix(".verifier.npz") + ".patches.onnx")
+            if not cnn.is_file():
+                raise InputError(f"this second stage needs its patch CNN beside it ({cnn.name}), which is missing", path)
+            verifier.patches = PatchScorer(cnn)
+        return verifier
 
     @classmethod
     def from_sklearn(cls, clf, x_probe: np.ndarray, meta: dict, columns: np.ndarray | None = None) -> Verifier:

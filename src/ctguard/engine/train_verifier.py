@@ -23,6 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.errors import InputError
+from ctguard.patches import CHANNELS as PATCH_CHANNELS
+from ctguard.patches import SIZE as PATCH_SIZE
+from ctguard.patches import SLICES as PATCH_SLICES
+from ctguard.patches import patches_at
 from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, finite_rows, network_probabilities, scan_noise, stage_inputs
 
 LABELS = {"injected": 1, "removed": 2}
@@ -48,6 +52,9 @@ VERIFIER_DEFAULTS = {
     "verifier_oof_folds": 5,  # the out-of-patient scores that choose the threshold: this many grouped folds, or 0: one fit per patient (or phantom) left out
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
     "verifier_thick": [],  # also each real series with slices this many times thicker (averaged slabs), where those stay within THICK_MAX_MM
+    "verifier_patches": False,  # also a small CNN on each place's native patch (ctguard.patches), averaged with the trees
+    "verifier_patch_weight": 0.5,  # with verifier_patches: the CNN's share of the stage's probabilities
+    "verifier_patch_epochs": 12,  # with verifier_patches: the CNN's passes over the rows
 }
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
@@ -87,10 +94,12 @@ def source_rows(job: tuple) -> dict:
     what = {k: cfg.get(k) for k in ROW_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)],
                                                 "network": hashlib.sha1(Path(model_path).read_bytes()).hexdigest(),
                                                 "features": feature_names(bool(cfg["verifier_recentre"]))}  # recentring: other features
+    if cfg["verifier_patches"]:  # rows with their patches (rows without them keep their key)
+        what["patches"] = [PATCH_SIZE, PATCH_SLICES]
     cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as d:
-            return {k: d[k] for k in ("x", "y", "scan", "clean")} | {"group": str(d["group"]), "source": str(d["source"])}
+            return {k: d[k] for k in d.files if k not in ("group", "source")} | {"group": str(d["group"]), "source": str(d["source"])}
     rows = _source_rows(cfg, spec, model_path)
     cached.parent.mkdir(exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
@@ -117,14 +126,16 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
     if spec[0] == "series" and spec[2] > 1 and src.volume.spacing[0] > THICK_MAX_MM + 1e-6:  # thicker than chest CT is read: no rows
         return {"x": np.zeros((0, len(tree_columns(cfg)[0])), np.float32), "y": np.zeros(0, np.int8), "scan": np.zeros(0, np.int16),
-                "clean": np.zeros(0, bool), "group": group, "source": str(spec[1])}
+                "clean": np.zeros(0, bool), "group": group, "source": str(spec[1])} | \
+            ({"patches": np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float16)} if cfg["verifier_patches"] else {})
     det = load_detector(model_path)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
     recentre = bool(cfg["verifier_recentre"])
-    xs, ys, scans, clean = [], [], [], []
+    xs, ys, scans, clean, patches = [], [], [], [], []
+    with_patches = bool(cfg["verifier_patches"])
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
               "healthy": int(cfg["verifier_healthy"])}
     for k, (_, vol, edits) in enumerate(variants(src, seed, per_scan=int(cfg["verifier_per_scan"]), inject_families=tuple(cfg["inject_families"]),
@@ -136,21 +147,26 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
         xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre))
+        if with_patches:
+            patches.append(patches_at(vol, at, noise))
         ys += [LABELS.get(what, 0) for what, _ in where]
         scans += [k] * len(where)
         clean += [False] * len(where)
         result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
         found = result["findings"][: int(cfg["verifier_max_candidates"])]
         if found:
-            xs.append(stage_inputs(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), noise, threads=1,
-                                   recentre=recentre))
+            at = np.asarray([f["voxel"] for f in found], float)
+            xs.append(stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre))
+            if with_patches:
+                patches.append(patches_at(vol, at, noise))
         for f in found:
             hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
             ys.append(LABELS[hit.kind] if hit is not None else 0)
             scans.append(k)
             clean.append(not edits)
     return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
-            "clean": np.asarray(clean, bool), "group": group, "source": str(spec[1])}
+            "clean": np.asarray(clean, bool), "group": group, "source": str(spec[1])} | \
+        ({"patches": np.concatenate(patches)} if with_patches else {})
 
 
 def verifier_specs(cfg: dict) -> list[tuple]:
@@ -215,6 +231,19 @@ def blend_weight(cfg: dict) -> float:
     return w
 
 
+def patch_weight(cfg: dict) -> float:
+    """The patch CNN's share of the stage's probabilities: ``verifier_patch_weight`` with
+    ``verifier_patches``, else 0; a one-line error for a wrong setting."""
+    on, w, epochs = cfg["verifier_patches"], cfg["verifier_patch_weight"], cfg["verifier_patch_epochs"]
+    if not isinstance(on, bool):
+        raise InputError(f"the config's verifier_patches must be true or false, not {on!r}")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < float(w) <= 1.0:
+        raise InputError(f"the config's verifier_patch_weight must be a number over 0 and at most 1, not {w!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InputError(f"the config's verifier_patch_epochs must be a whole number from 1, not {epochs!r}")
+    return float(w) if on else 0.0
+
+
 def oof_folds(cfg: dict) -> int:
     """The config's ``verifier_oof_folds`` (0, or 2 and more), or a one-line error."""
     value = cfg["verifier_oof_folds"]
@@ -225,13 +254,14 @@ def oof_folds(cfg: dict) -> int:
 
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
-    ``verifier_oof_folds`` or ``verifier_thick`` before anything is trained."""
+    ``verifier_oof_folds``, ``verifier_thick`` or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
     phantom_lesions(cfg)
     oof_folds(cfg)
     thick_factors(cfg)
+    patch_weight(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -328,12 +358,25 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     folds = oof_folds(cfg)
     oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=folds)
+    w_patch, t_patch = patch_weight(cfg), time.time()
+    if w_patch:  # the CNN's out-of-patient probabilities on the same splits, averaged in as screening averages them
+        from ctguard.engine.train3d import _device
+        from ctguard.engine.train_patches import fit_patch_net, out_of_patient_patch_probabilities
+        from ctguard.models.patchnet import export_onnx
+
+        patches, epochs, device = np.concatenate([p["patches"] for p in parts]), int(cfg["verifier_patch_epochs"]), _device(cfg)
+        p_oof = out_of_patient_patch_probabilities(patches, y, groups, epochs, int(cfg["seed"]), folds=folds, device=device)
+        oof = (1.0 - w_patch) * oof + w_patch * (1.0 - p_oof[:, 0])
+        export_onnx(fit_patch_net(patches, y, epochs, int(cfg["seed"]), device), out / "model.patches.onnx")
+        echo(f"second stage: the patch CNN out of patient and on all rows, {time.time() - t_patch:.0f} s; wrote {out / 'model.patches.onnx'}")
+    t_threshold = time.time()
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
-            "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
+            "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
+            "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
@@ -341,7 +384,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
     top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
     highest = [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]
-    report = {**meta, "seconds": round(time.time() - t0, 1), "rows_seconds": round(t_rows, 1), "false_per_clean_scan_oof": per_t,
+    report = {**meta, "seconds": round(time.time() - t0, 1), "rows_seconds": round(t_rows, 1),
+              **({"patch_seconds": round(t_threshold - t_patch, 1)} if w_patch else {}), "false_per_clean_scan_oof": per_t,
               "highest_clean_candidates_oof": highest}
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
     echo(f"second stage: threshold {threshold} (out-of-patient), {time.time() - t0:.0f} s; wrote {out / 'model.verifier.npz'}")
