@@ -6,7 +6,8 @@ Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold
        python benchmarks/bundle_tamper3d.py --metrics-only EVAL_JSON ... [--name tamper3d|tamper2d]
 Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card), NAME.onnx (the
 network for onnxruntime) and, for a run with a second stage, NAME.verifier.npz (its trees; the
-card's threshold is then the stage's own unless --threshold is given). The card lists every training patient of the run's config (with its
+card's threshold is then the stage's own unless --threshold is given) and, where the stage has a
+patch CNN (verifier_patches), NAME.patches.onnx. The card lists every training patient of the run's config (with its
 collection, licence and vendor), and with --cv the cross-validation table of its recipe
 (benchmarks/cross_validate.py). Paths in the card and the checkpoint are written relative to the
 project root: nothing of the machine that trained it. With --metrics-only, the bundled card's
@@ -101,13 +102,19 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],
-                                "seconds": summary.get("verifier", {}).get("seconds")}
+                                "seconds": summary.get("verifier", {}).get("seconds"),
+                                "patch_weight": float(v.meta.get("patch_weight", 0.0))}  # over 0: NAME.patches.onnx, a CNN averaged in
         if threshold is None:
             card["threshold"] = v.meta["threshold"]
             card["threshold_rule"] = threshold_rule or v.meta["threshold_rule"]
         (dst / f"{name}.verifier.npz").write_bytes(stage.read_bytes())
     elif (dst / f"{name}.verifier.npz").is_file():
         (dst / f"{name}.verifier.npz").unlink()  # a network without a second stage replaces one with
+    cnn = run / "model.patches.onnx"
+    if stage.is_file() and card["second_stage"]["patch_weight"]:
+        (dst / f"{name}.patches.onnx").write_bytes(cnn.read_bytes())
+    elif (dst / f"{name}.patches.onnx").is_file():
+        (dst / f"{name}.patches.onnx").unlink()  # a stage without the patch CNN replaces one with
     if card["threshold"] is None:
         raise SystemExit("give --threshold: the run has no second stage whose threshold the card could take")
     card = portable(card)  # the evaluations name their model files too

@@ -378,7 +378,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
-                              "scan, on out-of-patient scores (trees fitted without the scan's patient)"}
+                              f"scan, on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"}
     Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
     clean_oof, clean_groups = oof[clean], groups[clean]
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
