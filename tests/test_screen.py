@@ -642,6 +642,7 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     """A tiny recipe with ``verifier: true``: the network, then the second stage fitted on fresh
     edits of its sources, blended with the network's probabilities; the run's detector re-scores its
     candidates with it, at the stage's own out-of-patient threshold."""
+    from ctguard.engine.train_verifier import choose_threshold
     from ctguard.errors import InputError
     from ctguard.screen import load_detector, score_locations, screen_volume
     from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names
@@ -662,6 +663,9 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     report = json.loads((tmp_path / "run" / "verifier.json").read_text())
     assert summary["verifier"]["threshold"] == report["threshold"] and report["sources"] == 3 and len(report["groups"]) == 3
     assert len(list((tmp_path / "run" / "verifier_rows").glob("*.npz"))) == 3  # each source's rows, kept for a later fit
+    with np.load(tmp_path / "run" / "verifier_oof.npz") as oof:  # every row's out-of-patient score, which chose the threshold
+        assert choose_threshold(oof["score"], oof["clean"], report["sources"], 0.1) == report["threshold"] and "cnn" not in oof.files
+        assert len(oof["y"]) == report["rows"]
     # The untouched scans' highest candidates out of patient, which set the threshold: each from one of the groups, best first.
     highest = report["highest_clean_candidates_oof"]
     assert highest and all(h["group"] in report["groups"] for h in highest)
@@ -697,6 +701,7 @@ def test_second_stage_with_a_patch_cnn(tmp_path):
     and screening averages its probabilities with the trees' at the meta's weight."""
     import dataclasses
 
+    from ctguard.engine.train_verifier import choose_threshold
     from ctguard.errors import InputError
     from ctguard.patches import CHANNELS, SIZE, PatchScorer, patches_at
     from ctguard.screen import load_detector, score_locations
@@ -716,6 +721,10 @@ def test_second_stage_with_a_patch_cnn(tmp_path):
     api.train(cfg, run, progress=False, echo=lambda *_: None)
     report = json.loads((run / "verifier.json").read_text())
     assert report["patch_weight"] == 0.4 and report["patch_seconds"] > 0 and (run / "model.patches.onnx").is_file()
+    with np.load(run / "verifier_oof.npz") as oof:  # the threshold chosen on the average of the out-of-patient scores
+        assert np.allclose(oof["score"], 0.6 * oof["trees"] + 0.4 * oof["cnn"])
+        assert choose_threshold(oof["score"], oof["clean"], report["sources"], 0.1) == report["threshold"]
+        assert set(oof["group"].tolist()) == set(report["groups"]) and len(oof["y"]) == report["rows"]
     for f in (run / "verifier_rows").glob("*.npz"):  # every row with its patch
         with np.load(f) as d:
             assert d["patches"].shape == (len(d["y"]), CHANNELS, SIZE, SIZE) and d["patches"].dtype == np.float16

@@ -332,8 +332,10 @@ def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.nda
 
 
 def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
-    """Fits the second stage on the run in ``out`` (its ``model.pt``); writes ``model.verifier.npz``
-    and ``verifier.json`` (rows, threshold, out-of-patient scores); returns the latter."""
+    """Fits the second stage on the run in ``out`` (its ``model.pt``); writes ``model.verifier.npz``,
+    ``verifier.json`` (rows, threshold, out-of-patient counts; returned) and ``verifier_oof.npz``
+    (every row's out-of-patient score, the trees' and with ``verifier_patches`` the CNN's, its
+    label, patient and whether it is a clean copy's candidate)."""
     from tqdm import tqdm
 
     cfg = {**VERIFIER_DEFAULTS, **cfg}
@@ -357,8 +359,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     scan_columns = bool(cfg["verifier_scan_columns"])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     folds = oof_folds(cfg)
-    oof = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=folds)
-    w_patch, t_patch = patch_weight(cfg), time.time()
+    oof = oof_trees = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=folds)
+    w_patch, t_patch, kept = patch_weight(cfg), time.time(), {}
     if w_patch:  # the CNN's out-of-patient probabilities on the same splits, averaged in as screening averages them
         from ctguard.engine.train3d import _device
         from ctguard.engine.train_patches import fit_patch_net, out_of_patient_patch_probabilities
@@ -366,7 +368,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
 
         patches, epochs, device = np.concatenate([p["patches"] for p in parts]), int(cfg["verifier_patch_epochs"]), _device(cfg)
         p_oof = out_of_patient_patch_probabilities(patches, y, groups, epochs, int(cfg["seed"]), folds=folds, device=device)
-        oof = (1.0 - w_patch) * oof + w_patch * (1.0 - p_oof[:, 0])
+        kept["cnn"] = 1.0 - p_oof[:, 0]
+        oof = (1.0 - w_patch) * oof_trees + w_patch * kept["cnn"]
         export_onnx(fit_patch_net(patches, y, epochs, int(cfg["seed"]), device), out / "model.patches.onnx")
         echo(f"second stage: the patch CNN out of patient and on all rows, {time.time() - t_patch:.0f} s; wrote {out / 'model.patches.onnx'}")
     t_threshold = time.time()
@@ -388,5 +391,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
               **({"patch_seconds": round(t_threshold - t_patch, 1)} if w_patch else {}), "false_per_clean_scan_oof": per_t,
               "highest_clean_candidates_oof": highest}
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
+    # Every row's out-of-patient scores, for studying the threshold's rule without fitting again.
+    np.savez_compressed(out / "verifier_oof.npz", score=oof, trees=oof_trees, y=y, clean=clean, group=groups.astype(str), **kept)
     echo(f"second stage: threshold {threshold} (out-of-patient), {time.time() - t0:.0f} s; wrote {out / 'model.verifier.npz'}")
     return report
