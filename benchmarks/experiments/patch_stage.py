@@ -10,8 +10,8 @@ edits, untouched places and network candidates, the same labels), on its trainin
 the fold's network, on its held-out patients' scans too (seeds of the stage, never the network's).
 At every place it keeps the place's patch (:func:`ctguard.patches.patches_at`: 5 slices of 48 x 48
 pixels at the scan's own voxels, as HU and as the high-pass residuals divided by the scan's own
-noise) and the tree stage's row (from the run's cache for the training sources, made anew for the
-held-out ones).
+noise) and the tree stage's row: the rows ``verifier_patches`` makes, kept in RUN's
+``verifier_rows/`` (a refit of RUN with ``verifier_patches`` reuses its training sources' rows).
 
 ``fit`` trains the patch stage's CNN (:func:`ctguard.engine.train_patches.fit_patch_net`) on the
 training sources' patches and scores the held-out rows with it, with the fold's trees, and with the
@@ -36,33 +36,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ctguard.engine import train_verifier as tv  # noqa: E402
-from ctguard.patches import SIZE, patches_at  # noqa: E402
-
-_kept: list[np.ndarray] = []
-_real_inputs = tv.stage_inputs
-
-
-def _recording(features: bool):
-    def stage_inputs(vol, places, p_network, noise, with_network=True, threads=2, recentre=False):
-        _kept.append(patches_at(vol, places, noise))
-        if features:
-            return _real_inputs(vol, places, p_network, noise, with_network=with_network, threads=threads, recentre=recentre)
-        width = len(tv.feature_names(recentre)) + (3 if with_network else 0)
-        return np.zeros((len(places), width), np.float32)
-    return stage_inputs
-
+from ctguard.patches import SIZE  # noqa: E402
 
 def _source(job: tuple) -> dict:
+    """One source's rows with their patches (the stage's own row code with ``verifier_patches``, kept
+    in the run's ``verifier_rows/`` as ``ctguard train`` keeps them) and whether it is held out."""
     cfg, spec, model, held = job
-    _kept.clear()
-    tv.stage_inputs = _recording(features=held)
-    rows = tv._source_rows(cfg, spec, model)
-    tv.stage_inputs = _real_inputs
-    if not held:  # the tree rows of a training source: the run's own, from its cache
-        cached = tv.source_rows((cfg, spec, model))
-        assert np.array_equal(cached["y"], rows["y"]), f"{spec[1]}: rows differ from the run's"
-        rows["x"] = cached["x"]
-    return rows | {"patches": np.concatenate(_kept), "held": held}
+    return tv.source_rows(({**cfg, "verifier_patches": True}, spec, model)) | {"held": held}
 
 
 def collect(a) -> None:
@@ -83,8 +63,7 @@ def collect(a) -> None:
             if len(r["y"]):
                 np.savez(out / f"{k:03d}.npz", **{n: r[n] for n in ("x", "y", "scan", "clean", "patches", "group", "held")})
             print(f"{k + 1}/{len(jobs)} {r['group']} {len(r['y'])} rows, {time.time() - t0:.0f} s", flush=True)
-    (out / "fold.json").write_text(json.dumps({"fold": a.fold, "run": str(run), "threshold": json.loads(
-        (run / "verifier.json").read_text())["threshold"]}) + "\n")
+    (out / "fold.json").write_text(json.dumps({"fold": a.fold, "run": str(run)}) + "\n")
 
 
 def fit(a) -> None:
@@ -97,7 +76,7 @@ def fit(a) -> None:
     info = json.loads((out / "fold.json").read_text())
     parts = [dict(np.load(p, allow_pickle=False)) for p in sorted(out.glob("[0-9]*.npz"))]
 
-    def joined(ps):
+    def joined(ps):  # (the first version kept patches as (n, 3, 5, 48, 48): read alike)
         return (np.concatenate([p["patches"].reshape(len(p["y"]), -1, SIZE, SIZE) for p in ps]), np.concatenate([p["x"] for p in ps]),
                 np.concatenate([p["y"] for p in ps]).astype(int), np.concatenate([p["clean"] for p in ps]),
                 np.concatenate([[f"{k}"] * len(p["y"]) for k, p in enumerate(ps)]))

@@ -71,13 +71,12 @@ def patch_probabilities(net: PatchNet, patches: np.ndarray) -> np.ndarray:
 
 def out_of_patient_patch_probabilities(patches: np.ndarray, y: np.ndarray, groups: np.ndarray, epochs: int, seed: int, folds: int = 5,
                                        device: torch.device | None = None) -> np.ndarray:
-    """Each row's CNN probabilities from a CNN trained without its patient, on the same splits as
-    :func:`ctguard.engine.train_verifier.out_of_patient_scores` (``folds`` grouped folds; 0: one
-    fit for each patient or phantom left out)."""
-    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
+    """Each row's CNN probabilities from a CNN trained without its patient, on the trees' splits
+    (:func:`ctguard.engine.train_verifier.patient_splits`: ``folds`` grouped folds; 0: one fit for
+    each patient or phantom left out)."""
+    from ctguard.engine.train_verifier import patient_splits
 
     out = np.zeros((len(y), 3), np.float32)
-    split = LeaveOneGroupOut() if folds == 0 else GroupKFold(n_splits=min(folds, len(set(groups.tolist()))))
-    for k, (tr, te) in enumerate(split.split(patches[:, :1, 0, 0], y, groups)):
+    for k, (tr, te) in enumerate(patient_splits(groups, folds)):
         out[te] = patch_probabilities(fit_patch_net(patches[tr], y[tr], epochs, seed + 1 + k, device), patches[te])
     return out

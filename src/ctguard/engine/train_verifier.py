@@ -310,6 +310,16 @@ def lowest_within(false_per_scan: Callable[[float], float], max_false: float) ->
     return float(GRID[-1])
 
 
+def patient_splits(groups: np.ndarray, folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, test)`` row indices that keep each patient (or phantom) on one side: ``folds``
+    grouped folds, or 0: one split for each patient left out. The trees' and the patch CNN's
+    out-of-patient scores use the same splits."""
+    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
+
+    split = LeaveOneGroupOut() if folds == 0 else GroupKFold(n_splits=min(folds, len(set(groups.tolist()))))
+    return list(split.split(np.zeros(len(groups)), groups=groups))
+
+
 def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
                           weight: np.ndarray | None = None) -> np.ndarray:
     """Each row's stage score (1 - P(genuine), blended with the network's as ``verifier_blend``
@@ -317,11 +327,8 @@ def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.nda
     patient or phantom left out). ``x``: the rows as made (the network's probabilities in the last
     three columns); ``fit_x``: the columns the trees read; ``weight``: each row's weight in the fits
     (None: all alike)."""
-    from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
-
     oof = np.zeros(len(y))
-    split = LeaveOneGroupOut() if folds == 0 else GroupKFold(n_splits=min(folds, len(set(groups.tolist()))))
-    for tr, te in split.split(fit_x, y, groups):
+    for tr, te in patient_splits(groups, folds):
         clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr], sample_weight=None if weight is None else weight[tr])
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
@@ -360,19 +367,21 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     folds = oof_folds(cfg)
     oof = oof_trees = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=folds)
-    w_patch, t_patch, kept = patch_weight(cfg), time.time(), {}
+    w_patch, kept, timing = patch_weight(cfg), {}, {}
     if w_patch:  # the CNN's out-of-patient probabilities on the same splits, averaged in as screening averages them
         from ctguard.engine.train3d import _device
         from ctguard.engine.train_patches import fit_patch_net, out_of_patient_patch_probabilities
         from ctguard.models.patchnet import export_onnx
 
+        t_patch = time.time()
         patches, epochs, device = np.concatenate([p["patches"] for p in parts]), int(cfg["verifier_patch_epochs"]), _device(cfg)
         p_oof = out_of_patient_patch_probabilities(patches, y, groups, epochs, int(cfg["seed"]), folds=folds, device=device)
         kept["cnn"] = 1.0 - p_oof[:, 0]
         oof = (1.0 - w_patch) * oof_trees + w_patch * kept["cnn"]
         export_onnx(fit_patch_net(patches, y, epochs, int(cfg["seed"]), device), out / "model.patches.onnx")
-        echo(f"second stage: the patch CNN out of patient and on all rows, {time.time() - t_patch:.0f} s; wrote {out / 'model.patches.onnx'}")
-    t_threshold = time.time()
+        timing["patch_seconds"] = round(time.time() - t_patch, 1)
+        echo(f"second stage: the patch CNN out of patient and on all rows, {timing['patch_seconds']:.0f} s; "
+             f"wrote {out / 'model.patches.onnx'}")
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
@@ -388,7 +397,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
     highest = [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]
     report = {**meta, "seconds": round(time.time() - t0, 1), "rows_seconds": round(t_rows, 1),
-              **({"patch_seconds": round(t_threshold - t_patch, 1)} if w_patch else {}), "false_per_clean_scan_oof": per_t,
+              **timing, "false_per_clean_scan_oof": per_t,
               "highest_clean_candidates_oof": highest}
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
     # Every row's out-of-patient scores, for studying the threshold's rule without fitting again.
