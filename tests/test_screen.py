@@ -745,6 +745,64 @@ def test_second_stage_with_a_patch_cnn(tmp_path):
         Verifier.load(run / "model.verifier.npz")
 
 
+def test_second_stage_reads_places_against_the_scans_candidates(tmp_path):
+    """``verifier_scan_reference``: each row also less the median row of its scan copy's network
+    candidates, in training (rows say which are candidates) and in screening (a scan's candidates
+    against themselves); scoring other places needs the scan's reference."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, row_names, with_scan_reference
+    from ctguard.errors import InputError
+    from ctguard.screen import findings_from, finding_probabilities, heatmap, load_detector, score_locations, screen_volume
+    from ctguard.verifier import Verifier, finite_rows, scan_noise
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
+           "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_per_scan": 2, "verifier_boosting": "histogram",
+           "verifier_scan_reference": True}
+    with pytest.raises(InputError, match="verifier_scan_reference must be true or false, not 'yes'"):
+        api.train({**cfg, "verifier_scan_reference": "yes"}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    made = len(row_names({**VERIFIER_DEFAULTS, **cfg}))
+    parts = [dict(np.load(f)) for f in sorted((run / "verifier_rows").glob("*.npz"))]
+    assert len(parts) == 3
+    for part in parts:  # the clean copy's candidates are candidates; each copy's candidates follow its edits' and places' rows
+        assert part["candidate"].dtype == bool and part["candidate"][part["clean"]].all() and part["candidate"].any()
+        for k in np.unique(part["scan"]):
+            flags = part["candidate"][part["scan"] == k]
+            assert not flags[0] and (np.diff(flags.astype(int)) >= 0).all()
+    part = parts[0]
+    ref = with_scan_reference(part)["x"]
+    copy = part["scan"] == part["scan"][-1]
+    median = np.median(finite_rows(part["x"][copy & part["candidate"]]), axis=0)
+    assert ref.shape == (len(part["y"]), 2 * made) and np.allclose(ref[copy, :made], part["x"][copy])
+    assert np.allclose(ref[copy, made:], part["x"][copy] - median, atol=1e-4)
+    v = Verifier.load(run / "model.verifier.npz")
+    assert v.meta["scan_reference"] and len(v.meta["names"]) == 2 * made and v.meta["names"][made] == v.meta["names"][0] + "_vs_scan"
+    assert (v.feature >= made).any()  # the trees split on columns read against the scan
+
+    det = load_detector(str(run / "model.pt"))
+    vol = phantom_source(9, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    lungs = lung_mask(vol)
+    result, _, _ = screen_volume(vol, det, threshold=0.0)
+    cands = findings_from(heatmap(vol, det, lungs), vol, 0.0)[:6]
+    at, p_cands = np.asarray([f["voxel"] for f in cands], float), finding_probabilities(cands)
+    rows = finite_rows(v.rows(vol, at, p_cands, scan_noise(vol, lungs)))
+    by_hand = v.probabilities(np.hstack([rows, rows - np.median(rows, axis=0)]))
+    scores = {tuple(f["voxel"]): f["score"] for f in result["findings"]}
+    assert sorted(scores) == sorted(tuple(c["voxel"]) for c in cands)
+    assert np.allclose([scores[tuple(c["voxel"])] for c in cands], 1 - by_hand[:, 0], atol=1e-4)
+    places = np.asarray([[20.0, 48.0, 30.0], [20.0, 40.0, 66.0]])
+    p_net = score_locations(vol, det, places, stage2=False)
+    reference = np.median(rows, axis=0)
+    expect = v.probabilities(np.hstack([finite_rows(v.rows(vol, places, p_net, scan_noise(vol, lungs))),
+                                        finite_rows(v.rows(vol, places, p_net, scan_noise(vol, lungs))) - reference]))
+    assert np.allclose(score_locations(vol, det, places), expect, atol=1e-5)
+    with pytest.raises(ValueError, match="against the scan's candidates"):
+        v.score_places(vol, places, p_net, lungs)
+
+
 def test_patches_at_the_scans_own_voxels(tmp_path):
     """A place's patch: HU / 400 on its own voxels, residuals in units of the scan's noise (zero on a
     flat scan), the scan's edge repeated past it; the CNN's ONNX export gives the network's own

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ctguard.engine.train3d import build_source
-from ctguard.engine.train_verifier import joined_rows, near, out_of_patient_scores, run_rows, tree_columns
+from ctguard.engine.train_verifier import near, out_of_patient_scores, run_rows, stage_table, tree_columns
 from ctguard.screen import load_detector, screen_volume
 from ctguard.verifier import finite_rows
 
@@ -33,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     run = Path(a.run)
     cfg, specs, parts = run_rows(run)
-    x, y, groups, clean = joined_rows(parts)
+    x, y, groups, clean = stage_table(cfg, parts)
     source = np.concatenate([[k] * len(p["y"]) for k, p in enumerate(parts)])
     within = np.concatenate([np.cumsum(p["clean"]) - 1 for p in parts])  # a clean row's index among its source's candidates
     _, columns = tree_columns(cfg)

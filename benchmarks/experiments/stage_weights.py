@@ -22,10 +22,10 @@ import numpy as np
 from ctguard.engine.train_verifier import (
     PLACES_EACH,
     choose_threshold,
-    joined_rows,
     oof_folds,
     out_of_patient_scores,
     run_rows,
+    stage_table,
     tree_columns,
 )
 from ctguard.verifier import finite_rows
@@ -48,7 +48,7 @@ def main() -> None:
     a = ap.parse_args()
     run = Path(a.run)
     cfg, _, parts = run_rows(run)
-    x, y, groups, clean = joined_rows(parts)
+    x, y, groups, clean = stage_table(cfg, parts)
     lesion = np.concatenate([lesion_rows(p) for p in parts])
     real = ~np.char.startswith(groups.astype(str), "phantom ")
     _, columns = tree_columns(cfg)

@@ -22,7 +22,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ctguard.engine.train_verifier import choose_threshold, joined_rows, out_of_patient_scores, run_rows, tree_columns
+from ctguard.engine.train_verifier import choose_threshold, out_of_patient_scores, run_rows, stage_table, tree_columns
 from ctguard.verifier import finite_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: cross_validate's reading of a report
@@ -32,7 +32,7 @@ from cross_validate import counts_at  # noqa: E402
 def thresholds(run: Path, folds: list[int]) -> dict[int, float]:
     """The threshold the fit's rule chooses on the run's rows scored each way (rows read once)."""
     cfg, _, parts = run_rows(run)
-    x, y, groups, clean = joined_rows(parts)
+    x, y, groups, clean = stage_table(cfg, parts)
     _, columns = tree_columns(cfg)
     fit_x = finite_rows(x[:, columns])
     return {f: choose_threshold(out_of_patient_scores(cfg, x, fit_x, y, groups, folds=f), clean, len(parts), float(cfg["verifier_max_false"]))

@@ -370,7 +370,8 @@ def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, A
     ``network_score``."""
     if not candidates:
         return []
-    p = verifier.score_places(vol, np.asarray([f["voxel"] for f in candidates], float), finding_probabilities(candidates), lungs)
+    p = verifier.score_places(vol, np.asarray([f["voxel"] for f in candidates], float), finding_probabilities(candidates), lungs,
+                              candidates=True)
     out = [{**f, "kind": "injected" if pv[1] >= pv[2] else "removed", "score": round(float(1.0 - pv[0]), 4),
             "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4), "network_score": f["score"]}
            for f, pv in zip(candidates, p)]
@@ -443,8 +444,26 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
         out[i] = detector.probabilities(cube)[:, mid, mid, mid]
     verifier = getattr(detector, "verifier", None) if stage2 else None  # any object with probabilities() is a detector here
     if verifier is not None and len(locations):
-        out = verifier.score_places(vol, np.asarray(locations, float), out, lung_mask(vol) if lungs is None else lungs)
+        lungs = lung_mask(vol) if lungs is None else lungs
+        reference = stage_reference(vol, detector, lungs)
+        out = verifier.score_places(vol, np.asarray(locations, float), out, lungs, reference=reference, candidates=reference is None)
     return out
+
+
+def stage_reference(vol: Volume, detector: Detector, lungs: np.ndarray) -> np.ndarray | None:
+    """The scan's reference row for a second stage that reads places against the scan's own
+    candidates (``scan_reference`` in its meta): the median row of the candidates screening gives
+    it (the network's findings from the stage's ``candidate_threshold``, at most ``max_candidates``).
+    None where the detector's stage reads no reference, or the scan has no candidate (then the
+    places scored are their own reference, as a training copy without candidates is)."""
+    verifier = getattr(detector, "verifier", None)
+    if verifier is None or not verifier.meta.get("scan_reference"):
+        return None
+    heat = heatmap(vol, detector, lungs)
+    found = findings_from(heat, vol, float(verifier.meta.get("candidate_threshold", 0.3)))[: int(verifier.meta.get("max_candidates", 40))]
+    if not found:
+        return None
+    return verifier.reference(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), lungs)
 
 
 # -- a single slice or image: the 2D detector --------------------------------------------------

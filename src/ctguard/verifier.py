@@ -293,6 +293,20 @@ def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: 
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
+def scan_reference(rows: np.ndarray) -> np.ndarray:
+    """A scan's reference row: the median, column by column, of its candidates' rows (the network's
+    findings the stage re-scores), as the trees read them (:func:`finite_rows`)."""
+    return np.median(finite_rows(rows), axis=0)
+
+
+def scan_referenced(rows: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``rows`` with, after their own columns, each column less the scan's ``reference``
+    (:func:`scan_reference`): a place read against the scan's own candidates, so that a smooth
+    kernel's or a thick slab's whole texture is not taken for an edit."""
+    rows = finite_rows(rows)
+    return np.hstack([rows, rows - np.asarray(reference, np.float32)[None, :]])
+
+
 def blend(p: np.ndarray, q: np.ndarray, w: float) -> np.ndarray:
     """``(1 - w) * p + w * q``, both ``(n, 3)`` probabilities (``p`` itself at ``w`` 0): the trees'
     with the network's, or the stage's with the patch CNN's."""
@@ -340,13 +354,31 @@ class Verifier:
         e = np.exp(raw)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    def rows(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
+        """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan reference."""
+        return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False))
+
+    def reference(self, vol: Volume, candidates: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+        """The scan's reference row (:func:`scan_reference`) from its candidates ``candidates`` (voxels)
+        where the network gave ``p_network``; what a stage with ``scan_reference`` in its meta reads
+        each place against."""
+        return scan_reference(self.rows(vol, candidates, p_network, scan_noise(vol, lungs)))
+
+    def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray,
+                     reference: np.ndarray | None = None, candidates: bool = False) -> np.ndarray:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
         gave ``p_network``: the trees', or with ``blend_network`` w in the meta ``(1 - w)`` times the
         trees' plus ``w`` times the network's; then, with ``patch_weight`` v, ``(1 - v)`` times that
-        plus ``v`` times the patch CNN's (:mod:`ctguard.patches`)."""
+        plus ``v`` times the patch CNN's (:mod:`ctguard.patches`). A stage with ``scan_reference`` in
+        its meta reads each place against the scan's candidates: ``candidates=True`` where ``places``
+        are those candidates (screening), else their ``reference`` row (:meth:`reference`)."""
         noise = scan_noise(vol, lungs)
-        x = stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False))
+        x = self.rows(vol, places, p_network, noise)
+        if self.meta.get("scan_reference"):
+            if reference is None and not candidates:
+                raise ValueError("this second stage reads each place against the scan's candidates: pass their reference row "
+                                 "(ctguard.screen.stage_reference) or candidates=True")
+            x = scan_referenced(x, scan_reference(x) if reference is None else reference)
         p = blend(self.probabilities(x), p_network, float(self.meta.get("blend_network", 0.0)))
         v = float(self.meta.get("patch_weight", 0.0))
         if v:

@@ -27,7 +27,17 @@ from ctguard.patches import CHANNELS as PATCH_CHANNELS
 from ctguard.patches import SIZE as PATCH_SIZE
 from ctguard.patches import SLICES as PATCH_SLICES
 from ctguard.patches import patches_at
-from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names, finite_rows, network_probabilities, scan_noise, stage_inputs
+from ctguard.verifier import (
+    SCAN_COLUMNS,
+    Verifier,
+    feature_names,
+    finite_rows,
+    network_probabilities,
+    scan_noise,
+    scan_reference,
+    scan_referenced,
+    stage_inputs,
+)
 
 LABELS = {"injected": 1, "removed": 2}
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005), [0.996, 0.997, 0.998, 0.999]]), 3))
@@ -55,6 +65,7 @@ VERIFIER_DEFAULTS = {
     "verifier_patches": False,  # also a small CNN on each place's native patch (ctguard.patches), averaged with the trees
     "verifier_patch_weight": 0.5,  # with verifier_patches: the CNN's share of the stage's probabilities
     "verifier_patch_epochs": 12,  # with verifier_patches: the CNN's passes over the rows
+    "verifier_scan_reference": False,  # each row also less the median row of its scan's candidates (ctguard.verifier.scan_referenced)
 }
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
@@ -96,6 +107,8 @@ def source_rows(job: tuple) -> dict:
                                                 "features": feature_names(bool(cfg["verifier_recentre"]))}  # recentring: other features
     if cfg["verifier_patches"]:  # rows with their patches (rows without them keep their key)
         what["patches"] = [PATCH_SIZE, PATCH_SLICES]
+    if cfg["verifier_scan_reference"]:  # rows that say which are the network's candidates (rows without it keep their key)
+        what["candidate_flags"] = True
     cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as d:
@@ -110,7 +123,8 @@ def source_rows(job: tuple) -> dict:
 
 def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     """The rows of one source: ``x``, ``y`` (0 untouched, 1 injected, 2 removed), ``scan`` (which
-    copy), ``clean`` (a candidate on the untouched copy) and ``group`` (the patient)."""
+    copy), ``clean`` (a candidate on the untouched copy), ``candidate`` (one of the network's
+    candidates, as screening re-scores them) and ``group`` (the patient)."""
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_depth, lung_mask
     from ctguard.screen import (
@@ -125,8 +139,8 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
     if spec[0] == "series" and spec[2] > 1 and src.volume.spacing[0] > THICK_MAX_MM + 1e-6:  # thicker than chest CT is read: no rows
-        return {"x": np.zeros((0, len(tree_columns(cfg)[0])), np.float32), "y": np.zeros(0, np.int8), "scan": np.zeros(0, np.int16),
-                "clean": np.zeros(0, bool), "group": group, "source": str(spec[1])} | \
+        return {"x": np.zeros((0, len(row_names(cfg))), np.float32), "y": np.zeros(0, np.int8), "scan": np.zeros(0, np.int16),
+                "clean": np.zeros(0, bool), "candidate": np.zeros(0, bool), "group": group, "source": str(spec[1])} | \
             ({"patches": np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float16)} if cfg["verifier_patches"] else {})
     det = load_detector(model_path)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
@@ -134,7 +148,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
     recentre = bool(cfg["verifier_recentre"])
-    xs, ys, scans, clean, patches = [], [], [], [], []
+    xs, ys, scans, clean, patches, candidate = [], [], [], [], [], []
     with_patches = bool(cfg["verifier_patches"])
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
               "healthy": int(cfg["verifier_healthy"])}
@@ -152,6 +166,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         ys += [LABELS.get(what, 0) for what, _ in where]
         scans += [k] * len(where)
         clean += [False] * len(where)
+        candidate += [False] * len(where)
         result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
         found = result["findings"][: int(cfg["verifier_max_candidates"])]
         if found:
@@ -164,8 +179,9 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
             ys.append(LABELS[hit.kind] if hit is not None else 0)
             scans.append(k)
             clean.append(not edits)
+            candidate.append(True)
     return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
-            "clean": np.asarray(clean, bool), "group": group, "source": str(spec[1])} | \
+            "clean": np.asarray(clean, bool), "candidate": np.asarray(candidate, bool), "group": group, "source": str(spec[1])} | \
         ({"patches": np.concatenate(patches)} if with_patches else {})
 
 
@@ -254,7 +270,8 @@ def oof_folds(cfg: dict) -> int:
 
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
-    ``verifier_oof_folds``, ``verifier_thick`` or patch setting before anything is trained."""
+    ``verifier_oof_folds``, ``verifier_thick``, ``verifier_scan_reference`` or patch setting before
+    anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -262,6 +279,7 @@ def check_stage_config(cfg: dict) -> None:
     oof_folds(cfg)
     thick_factors(cfg)
     patch_weight(cfg)
+    scan_reference_on(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -272,6 +290,12 @@ def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
     clean = np.concatenate([p["clean"] for p in parts])
     return x, y, groups, clean
+
+
+def stage_table(cfg: dict, parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sources' rows as the trees are given them (:func:`joined_rows`; with
+    ``verifier_scan_reference``, each copy's rows read against its candidates first)."""
+    return joined_rows([with_scan_reference(p) for p in parts] if scan_reference_on(cfg) else parts)
 
 
 def with_rows(specs: list[tuple], parts: list[dict]) -> tuple[list[tuple], list[dict]]:
@@ -288,13 +312,43 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     return cfg, *with_rows(specs, [source_rows((cfg, spec, str(Path(run) / "model.pt"))) for spec in specs])
 
 
+def row_names(cfg: dict) -> list[str]:
+    """The names of a row's columns as made (:func:`ctguard.verifier.stage_inputs`)."""
+    return feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
+
+
 def tree_columns(cfg: dict) -> tuple[list[str], np.ndarray]:
-    """The names of a row's columns and the indices of those the trees read: without the scan's own
-    columns (``verifier_scan_columns: false``) the trees cannot tell one training scan from another
-    by its slice thickness or noise; they still read every residual as a ratio to that noise."""
-    names = feature_names(bool(cfg["verifier_recentre"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
-    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
-    return names, columns
+    """The names of the columns the trees are given and the indices of those they read: without the
+    scan's own columns (``verifier_scan_columns: false``) the trees cannot tell one training scan from
+    another by its slice thickness or noise; they still read every residual as a ratio to that
+    noise. With ``verifier_scan_reference`` each column comes twice: as made, then less the median
+    over the scan's candidates (``NAME_vs_scan``)."""
+    names = row_names(cfg)
+    columns = [k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS]
+    if scan_reference_on(cfg):
+        columns += [len(names) + k for k in columns]
+        names = names + [f"{n}_vs_scan" for n in names]
+    return names, np.asarray(columns)
+
+
+def scan_reference_on(cfg: dict) -> bool:
+    """The config's ``verifier_scan_reference``, or a one-line error when it is not true or false."""
+    on = cfg["verifier_scan_reference"]
+    if not isinstance(on, bool):
+        raise InputError(f"the config's verifier_scan_reference must be true or false, not {on!r}")
+    return on
+
+
+def with_scan_reference(part: dict) -> dict:
+    """A source's rows (:func:`source_rows`) with each copy's rows read against that copy's
+    candidates (:func:`ctguard.verifier.scan_referenced`), as screening reads a scan's candidates
+    against themselves; a copy without candidates is its own reference."""
+    x = np.zeros((len(part["y"]), 2 * part["x"].shape[1]), np.float32)
+    for k in np.unique(part["scan"]):
+        copy = part["scan"] == k
+        ref_rows = copy & part["candidate"]
+        x[copy] = scan_referenced(part["x"][copy], scan_reference(part["x"][ref_rows if ref_rows.any() else copy]))
+    return {**part, "x": x}
 
 
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
@@ -324,9 +378,9 @@ def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.nda
                           weight: np.ndarray | None = None) -> np.ndarray:
     """Each row's stage score (1 - P(genuine), blended with the network's as ``verifier_blend``
     says) from trees fitted without its patient: ``folds`` grouped folds (0: one fit for each
-    patient or phantom left out). ``x``: the rows as made (the network's probabilities in the last
-    three columns); ``fit_x``: the columns the trees read; ``weight``: each row's weight in the fits
-    (None: all alike)."""
+    patient or phantom left out). ``x``: the rows (:func:`stage_table`; the network's probabilities
+    in the last three of the columns as made); ``fit_x``: the columns the trees read; ``weight``:
+    each row's weight in the fits (None: all alike)."""
     oof = np.zeros(len(y))
     for tr, te in patient_splits(groups, folds):
         clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr], sample_weight=None if weight is None else weight[tr])
@@ -334,7 +388,8 @@ def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.nda
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     w = blend_weight(cfg)
     if w:  # blended as screening blends them: with the network's probabilities at each row's place (its last three columns)
-        oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, -3:])[:, 0])
+        made = len(row_names(cfg))
+        oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, made - 3:made])[:, 0])
     return oof
 
 
@@ -352,7 +407,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
                       disable=not progress))
     specs, parts = with_rows(specs, parts)
-    x, y, groups, clean = joined_rows(parts)
+    x, y, groups, clean = stage_table(cfg, parts)
     n_clean = len(parts)  # one untouched copy per source
     t_rows = time.time() - t0
     echo(f"second stage: {len(y)} rows from {len(parts)} sources ({int((y == 1).sum())} injected, {int((y == 2).sum())} removed; "
@@ -385,7 +440,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
-            "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
+            "uses_network": True, "recentre": bool(cfg["verifier_recentre"]), "scan_reference": scan_reference_on(cfg),
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
