@@ -112,11 +112,43 @@ def scan_reference(side: dict, values: np.ndarray) -> np.ndarray:
     return ref
 
 
+def parenchyma_features(patches: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """For ``paren``: in each ring, over parenchyma pixels only (under -600 HU; central three
+    slices), the median absolute in-plane and through-plane residual (in noise units), the share of
+    in-plane residuals under -1.5 and over +1.5 noise, and the parenchyma's share of the ring; then
+    each inner ring's less the outer ring's."""
+    masks = _ring_masks()
+    rows = []
+    for s in range(0, len(patches), chunk):
+        p = patches[s:s + chunk].astype(np.float32)
+        paren = p[:, 0, 1:4] * 400.0 < -600.0
+        r_xy, r_z = np.abs(p[:, 1, 1:4]), np.abs(p[:, 2, 1:4])
+        neg, pos = p[:, 1, 1:4] < -1.5, p[:, 1, 1:4] > 1.5
+        feats = []
+        for m in masks:
+            w = paren & m
+            n = w.sum(axis=(1, 2, 3)).astype(np.float32)
+            safe = np.maximum(n, 1.0)
+            med_xy = np.array([np.median(r_xy[i][w[i]]) if n[i] else 0.0 for i in range(len(p))], np.float32)
+            med_z = np.array([np.median(r_z[i][w[i]]) if n[i] else 0.0 for i in range(len(p))], np.float32)
+            f = [np.log(med_xy + 1e-2), np.log(med_z + 1e-2), (neg & w).sum(axis=(1, 2, 3)) / safe, (pos & w).sum(axis=(1, 2, 3)) / safe,
+                 n / (3.0 * m.sum())]
+            feats.append(np.stack(f, axis=1))
+        feats = np.stack(feats, axis=1)
+        inner = feats[:, :-1] - feats[:, -1:]
+        rows.append(np.concatenate([feats.reshape(len(p), -1), inner.reshape(len(p), -1)], axis=1))
+    return np.concatenate(rows)
+
+
 def columns(side: dict, cfg: dict, which: str) -> np.ndarray:
     _, cols = tv.tree_columns(cfg)
     base = tv.finite_rows(side["x"][:, cols]) if hasattr(tv, "finite_rows") else side["x"][:, cols]
     if which == "base":
         return base
+    if which == "paren":
+        if "paren" not in side:
+            side["paren"] = parenchyma_features(side["patches"])
+        return np.concatenate([base, side["paren"]], axis=1)
     if which == "scanref":  # beside each column, its value less its median over the same scan copy's network candidates
         return np.concatenate([base, base - scan_reference(side, base)], axis=1)
     if which.startswith("acf"):

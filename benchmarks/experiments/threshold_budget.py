@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/experiments/threshold_budget.py [--budgets 0.1,0.05,0] RUN,REPORT,FOLD [RUN,REPORT,FOLD ...]
+    python benchmarks/experiments/threshold_budget.py --rules budget,real,smooth RUN,REPORT,FOLD [...]
 
 Each fold's threshold is the lowest of the grid with at most ``verifier_max_false`` of its untouched
 training scans' candidates over it per scan, scored out of patient (``verifier.json``'s
@@ -12,6 +13,14 @@ edits found with their right kind, false findings and clean scans flagged, real 
 injected, summed over all the given folds, and which folds flag a clean scan or call a lesion
 injected. The folds of several variants of the recipe show how the rule itself holds up from one
 trained stage to the next.
+
+``--rules`` compares other rules at the budget ``verifier_max_false`` (0.1) on each stage's
+out-of-patient scores (``verifier_oof.npz`` in RUN):
+- ``budget``: the stage's own rule (candidates of every untouched training source);
+- ``real``: the same on the real patients' untouched scans only (the phantoms' candidates and
+  sources left out of the count);
+- ``smooth``: each clean candidate counted as the chance that its score passes ``t`` under a
+  logistic spread of 0.5 in logit units, so that no single candidate's score sets the threshold.
 """
 
 from __future__ import annotations
@@ -26,13 +35,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cross_validate import counts_at  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from ctguard.engine.train_verifier import lowest_within  # noqa: E402
+
+SPREAD = 0.5  # the smooth rule's logistic spread, logit units
+
+
+def rule_counts(rule: str, run: Path, stage: dict):
+    """The false candidates per clean training scan at ``t`` that ``rule`` counts, from RUN's
+    ``verifier_oof.npz``."""
+    with np.load(run / "verifier_oof.npz") as d:
+        score, clean, group = d["score"], d["clean"], d["group"]
+    phantom = np.char.startswith(group.astype(str), "phantom ")
+    n_phantoms = len(set(group[phantom].tolist()))  # each phantom is its own source
+    if rule == "budget":
+        return lambda t: float((score[clean] >= t).sum()) / stage["sources"]
+    if rule == "real":
+        real = clean & ~phantom
+        return lambda t: float((score[real] >= t).sum()) / max(stage["sources"] - n_phantoms, 1)
+    if rule == "smooth":
+        logit = np.log(np.clip(score[clean], 1e-6, 1 - 1e-6) / np.clip(1 - score[clean], 1e-6, 1))
+        return lambda t: float((1.0 / (1.0 + np.exp(-(logit - np.log(t / (1 - t))) / SPREAD))).sum()) / stage["sources"]
+    raise SystemExit(f"unknown rule {rule!r}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pairs", nargs="+", help="RUN,REPORT,FOLD: a fold's stage run, a report with its held-out evaluation, the fold")
     ap.add_argument("--budgets", default="0.1,0.05,0")
+    ap.add_argument("--rules", help="compare these rules (budget, real, smooth) at the budget 0.1 instead of budgets")
     ap.add_argument("--json", help="also write the table here")
     a = ap.parse_args()
     folds = []
@@ -42,17 +74,22 @@ def main() -> None:
         ev = {f["fold"]: f["eval"] for f in json.loads(Path(report).read_text())["folds"]}[int(fold)]
         folds.append((pair, stage, ev))
     out = []
-    for budget in (float(b) for b in a.budgets.split(",")):
+    settings = [("budget", float(b)) for b in a.budgets.split(",")] if not a.rules else [(r, 0.1) for r in a.rules.split(",")]
+    for rule, budget in settings:
         total: Counter = Counter()
-        failing = []
+        failing, thresholds = [], []
         for pair, stage, ev in folds:
-            t = lowest_within(lambda t: stage["false_per_clean_scan_oof"][str(t)], budget)  # the fit's rule on its own counts
+            if a.rules:
+                t = lowest_within(rule_counts(rule, Path(pair.split(",")[0]), stage), budget)
+            else:
+                t = lowest_within(lambda t: stage["false_per_clean_scan_oof"][str(t)], budget)  # the fit's rule on its own counts
+            thresholds.append(t)
             got = counts_at(ev, t)
             total.update(got)
             if got["clean_flagged"] or got.get("lesions_called_injected"):
                 failing.append({"fold": pair, "threshold": t, "clean_flagged": got["clean_flagged"],
                                 "lesions_called_injected": got.get("lesions_called_injected")})
-        row = {"budget": budget, "folds": len(folds), **total,
+        row = {"rule": rule, "budget": budget, "folds": len(folds), "thresholds": thresholds, **total,
                "false_per_clean_scan": round(total["false_findings"] / max(total["clean_scans"], 1), 3),
                "edits_found_share": round(total["edits_found"] / max(total["edits"], 1), 3), "failing": failing}
         out.append(row)
