@@ -12,7 +12,10 @@ removed rows against untouched places and clean candidates; the share of edits' 
 highest clean held-out candidate (what a threshold with no false finding there would find); and,
 at the threshold the training rows give by the stage's rule (out of patient on five grouped folds,
 at most ``verifier_max_false`` candidates over it per clean training source), the share of edits'
-rows over it and the clean held-out candidates over it.
+rows over it and the clean held-out candidates over it. Beside these, the patients' own lesions
+against injections: the scores of the held-out real lesions (each untouched copy's rows after its
+10 random and 10 dense places, before its candidates) and the share of injected copies' edit
+centres over the highest of them; and how many lesion rows and injected centres the trees learn from.
 
 Feature sets (added to the trees' columns):
 - ``base``: the stage's columns only (the recipe);
@@ -60,6 +63,27 @@ def load_fold(folder: Path) -> dict:
             "sources": len(ps),
         }
     return out
+
+
+def lesions_and_injected_centres(side: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of the real lesions' rows (each source's untouched copy: rows made in the order of
+    :func:`ctguard.engine.train_verifier.negatives`, the random and dense places first, then every
+    lesion, then the candidates) and of the injected copies' edit centres (the rows before their
+    candidates; at most ``verifier_per_scan`` (4) per copy)."""
+    lesion, centre = np.zeros(len(side["y"]), bool), np.zeros(len(side["y"]), bool)
+    for k in np.unique(side["source"]):
+        rows = np.flatnonzero(side["source"] == k)
+        cands = rows[side["clean"][rows]]
+        if not len(cands):
+            continue
+        untouched = side["scan"][cands[0]]
+        own = rows[side["scan"][rows] == untouched]
+        lesion[own[(own >= own[0] + 2 * tv.PLACES_EACH) & (own < cands[0])]] = True
+        for c in np.unique(side["scan"][rows]):
+            first = rows[side["scan"][rows] == c][:4]
+            if c != untouched:
+                centre[first[side["y"][first] == 1]] = True
+    return lesion, centre
 
 
 def _ring_masks() -> list[np.ndarray]:
@@ -190,11 +214,16 @@ def measure(cfg: dict, fold: dict, which: str) -> dict:
         return round(float(roc_auc_score(m[m | neg], score[m | neg])), 4)
 
     top_clean = float(score[clean].max(initial=0.0))
+    lesion, centre = lesions_and_injected_centres(te)
+    lesion_tr, centre_tr = lesions_and_injected_centres(tr)
     n_clean_scans = len(set(te["source"][clean].tolist())) or 1
     return {"features": which, "columns": int(xtr.shape[1]), "auc_injected": auc(y == 1), "auc_removed": auc(y == 2),
             "over_highest_clean": round(float((score[pos] > top_clean).mean()), 3), "threshold": threshold,
             "edits_over_threshold": round(float((score[pos] >= threshold).mean()), 3),
             "clean_over_threshold_per_scan": round(float((score[clean] >= threshold).sum() / n_clean_scans), 3),
+            "training_lesion_rows": int(lesion_tr.sum()), "training_injected_centres": int(centre_tr.sum()),
+            "held_out_lesion_scores": sorted(round(float(v), 3) for v in score[lesion]),
+            "injected_centres_over_highest_lesion": round(float((score[centre] > score[lesion].max(initial=0.0)).mean()), 3),
             "seconds": round(time.time() - t0, 1)}
 
 
