@@ -45,7 +45,7 @@ from ctguard.screen import (
     score_locations,
     score_locations_2d,
     screen_volume,
-    stage_reference,
+    stage_probabilities,
 )
 from ctguard.tamper.simulate import (
     Source,
@@ -193,11 +193,7 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                                     "found": hit >= thr, "score": round(float(hit), 4)})
         at = np.asarray([w for _, w in where], float)
         p_net = score_locations(vol, det, at, stage2=False)  # the network once; its second stage on those
-        if det.verifier is not None:  # (a stage that reads places against the scan's candidates gets them as screening does)
-            reference = stage_reference(vol, det, lungs)
-            p = det.verifier.score_places(vol, at, p_net, lungs, reference=reference, candidates=reference is None)
-        else:
-            p = p_net
+        p = stage_probabilities(vol, det, at, p_net, lungs) if det.verifier is not None else p_net
         for (what, w), pw, pn in zip(where, p, p_net):
             family = next((e.extra.get("family") for e in edits if np.allclose(e.voxel, w)), None)
             row = {"patient": src.patient, "what": what, "family": family, "p_injected": float(pw[1]), "p_removed": float(pw[2]),

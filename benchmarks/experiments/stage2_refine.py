@@ -28,14 +28,13 @@ from cross_validate import EVAL_SEED, FOLDS, patient_scans, sources_of  # noqa: 
 
 from ctguard import api  # noqa: E402
 from ctguard.lung import lung_mask  # noqa: E402
-from ctguard.screen import finding_probabilities, load_detector, score_locations, screen_volume, stage_reference  # noqa: E402
+from ctguard.screen import finding_probabilities, load_detector, score_locations, screen_volume, stage_probabilities  # noqa: E402
 from ctguard.tamper.simulate import variants  # noqa: E402
 from ctguard.verifier import recentred  # noqa: E402
 
 
 def stage_scores(det, vol, lungs, places: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    reference = stage_reference(vol, det, lungs)
-    return 1.0 - det.verifier.score_places(vol, places, probs, lungs, reference=reference, candidates=reference is None)[:, 0]
+    return 1.0 - stage_probabilities(vol, det, places, probs, lungs)[:, 0]
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cross_validate as cv  # noqa: E402
 
 from ctguard.lung import lung_mask  # noqa: E402
-from ctguard.screen import findings_from, heatmap, load_detector, score_locations, stage_reference, verify_findings  # noqa: E402
+from ctguard.screen import findings_from, heatmap, load_detector, score_locations, stage_probabilities, verify_findings  # noqa: E402
 
 
 def main() -> None:
@@ -50,8 +50,7 @@ def main() -> None:
         scored = verify_findings(vol, lungs, candidates[:cap], det.verifier)
         at = np.asarray([e.voxel for e in edits], float)
         p_net = score_locations(vol, det, at, stage2=False)
-        reference = stage_reference(vol, det, lungs)
-        p_stage = det.verifier.score_places(vol, at, p_net, lungs, reference=reference, candidates=reference is None)
+        p_stage = stage_probabilities(vol, det, at, p_net, lungs)
         for e, pn, ps in zip(edits, p_net, p_stage):
             rank = next((r for r, c in enumerate(candidates) if cv._near(c, e.voxel, e.diameter_mm, vol)), None)
             best = max((f for f in scored if cv._near(f, e.voxel, e.diameter_mm, vol)), key=lambda f: f["score"], default=None)

@@ -444,10 +444,16 @@ def score_locations(vol: Volume, detector: Detector, locations: np.ndarray, cube
         out[i] = detector.probabilities(cube)[:, mid, mid, mid]
     verifier = getattr(detector, "verifier", None) if stage2 else None  # any object with probabilities() is a detector here
     if verifier is not None and len(locations):
-        lungs = lung_mask(vol) if lungs is None else lungs
-        reference = stage_reference(vol, detector, lungs)
-        out = verifier.score_places(vol, np.asarray(locations, float), out, lungs, reference=reference, candidates=reference is None)
+        out = stage_probabilities(vol, detector, np.asarray(locations, float), out, lung_mask(vol) if lungs is None else lungs)
     return out
+
+
+def stage_probabilities(vol: Volume, detector: Detector, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` the detector's second stage at any ``places`` where its network gave
+    ``p_network``, each read against the scan's own candidates where the stage does so
+    (:func:`stage_reference`)."""
+    reference = stage_reference(vol, detector, lungs)
+    return detector.verifier.score_places(vol, places, p_network, lungs, reference=reference, candidates=reference is None)
 
 
 def stage_reference(vol: Volume, detector: Detector, lungs: np.ndarray) -> np.ndarray | None:

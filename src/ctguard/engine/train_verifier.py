@@ -387,7 +387,7 @@ def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.nda
         genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
         oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
     w = blend_weight(cfg)
-    if w:  # blended as screening blends them: with the network's probabilities at each row's place (its last three columns)
+    if w:  # blended as screening blends them: with the network's probabilities at each row's place (the last three columns as made)
         made = len(row_names(cfg))
         oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, made - 3:made])[:, 0])
     return oof
