@@ -19,7 +19,11 @@ lesions are too few; low ones, that the columns do not.
 ``--apply``: the two-class fit on the texture columns alone (no network column, so that it reads
 any fold's rows), trained on all these phantoms' rows, scores each given fold's held-out patients'
 stage rows (``patch_stage.py collect``): AUC of their injected centres against their real lesions,
-and the real lesions' scores.
+and the real lesions' scores. ``--second-look``: each fold's stage as the recipe fits it on its
+training rows, its P(injected) multiplied by that two-class fit's P(injected) (phantoms only, so out
+of patient for every real row); the score ``max(P(removed), P(injected) x q)``; its threshold chosen
+by the stage's rule on the training rows' out-of-patient scores; the held-out rows measured as
+``stage_features.py`` measures them, beside the stage alone.
 """
 
 from __future__ import annotations
@@ -44,6 +48,44 @@ from ctguard.verifier import Verifier, finite_rows  # noqa: E402
 SEED_BASE = 880_000  # phantoms no run's network or stage saw
 
 
+def second_look(folder: Path, nodule, texture: np.ndarray) -> dict:
+    """The fold's stage alone and with the phantom-trained genuine-or-injected fit ``nodule`` as a
+    second look at its injected probability, on the fold's held-out rows."""
+    from sklearn.metrics import roc_auc_score
+    from stage_features import load_fold
+
+    info = json.loads((folder / "fold.json").read_text())
+    cfg = {**tv.VERIFIER_DEFAULTS, **json.loads((ROOT / info["run"] / "config.json").read_text())}
+    fold = load_fold(folder)
+    tr, te = fold["train"], fold["test"]
+    _, cols = tv.tree_columns(cfg)
+    xtr, xte = finite_rows(tr["x"][:, cols]), finite_rows(te["x"][:, cols])
+    oof = np.zeros((len(tr["y"]), 3))
+    for a, b in tv.patient_splits(tr["group"], 5):
+        oof[b] = tv.boosting_classifier(cfg).fit(xtr[a], tr["y"][a]).predict_proba(xtr[b])
+    p_te = tv.boosting_classifier(cfg).fit(xtr, tr["y"]).predict_proba(xte)
+    q_tr = nodule.predict_proba(finite_rows(tr["x"][:, texture]))[:, 1]
+    q_te = nodule.predict_proba(finite_rows(te["x"][:, texture]))[:, 1]
+    lesion, centre = lesions_and_injected_centres(te)
+    res = {"rows": str(folder)}
+    for name, s_tr, s_te in (("stage", 1.0 - oof[:, 0], 1.0 - p_te[:, 0]),
+                             ("second_look", np.maximum(oof[:, 2], oof[:, 1] * q_tr), np.maximum(p_te[:, 2], p_te[:, 1] * q_te))):
+        t = tv.choose_threshold(s_tr, tr["clean"], tr["sources"], float(cfg["verifier_max_false"]))
+        y, clean = te["y"], te["clean"]
+        neg, pos = y == 0, y > 0
+        top = float(s_te[clean].max(initial=0.0))
+        n_clean = len(set(te["source"][clean].tolist())) or 1
+        res[name] = {"threshold": t,
+                     "auc_injected": round(float(roc_auc_score((y == 1)[(y == 1) | neg], s_te[(y == 1) | neg])), 4),
+                     "auc_removed": round(float(roc_auc_score((y == 2)[(y == 2) | neg], s_te[(y == 2) | neg])), 4),
+                     "over_highest_clean": round(float((s_te[pos] > top).mean()), 3),
+                     "edits_over_threshold": round(float((s_te[pos] >= t).mean()), 3),
+                     "clean_over_threshold_per_scan": round(float((s_te[clean] >= t).sum() / n_clean), 3),
+                     "real_lesions_over_threshold": int((s_te[lesion] >= t).sum()), "real_lesions": int(lesion.sum()),
+                     "injected_centres_over_threshold": round(float((s_te[centre] >= t).mean()), 3)}
+    return res
+
+
 def main() -> None:
     from sklearn.metrics import roc_auc_score
 
@@ -51,6 +93,7 @@ def main() -> None:
     ap.add_argument("run", help="a run with model.pt, its config.json and model.verifier.npz")
     ap.add_argument("--phantoms", type=int, default=40)
     ap.add_argument("--apply", nargs="*", default=[], help="folders of held-out stage rows (patch_stage.py collect) to score")
+    ap.add_argument("--second-look", action="store_true", help="with --apply: the stage with the two-class fit as a second look")
     ap.add_argument("--out")
     a = ap.parse_args()
     run = Path(a.run)
@@ -97,6 +140,8 @@ def main() -> None:
             out["applied"].append({"rows": folder, "lesions": int(les.sum()), "injected_centres": int(cen.sum()),
                                    "auc_injected_vs_real_lesions": round(float(roc_auc_score(cen[m], s[m])), 4) if les.any() else None,
                                    "real_lesion_scores": sorted(round(float(v), 3) for v in s[les])})
+    if a.second_look:
+        out["second_look"] = [second_look(Path(f), clf, texture) for f in a.apply]
     print(json.dumps(out), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
