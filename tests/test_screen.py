@@ -795,9 +795,8 @@ def test_second_stage_reads_places_against_the_scans_candidates(tmp_path):
     assert np.allclose([scores[tuple(c["voxel"])] for c in cands], 1 - by_hand[:, 0], atol=1e-4)
     places = np.asarray([[20.0, 48.0, 30.0], [20.0, 40.0, 66.0]])
     p_net = score_locations(vol, det, places, stage2=False)
-    reference = np.median(rows, axis=0)
-    expect = v.probabilities(np.hstack([finite_rows(v.rows(vol, places, p_net, scan_noise(vol, lungs))),
-                                        finite_rows(v.rows(vol, places, p_net, scan_noise(vol, lungs))) - reference]))
+    at_places = finite_rows(v.rows(vol, places, p_net, scan_noise(vol, lungs)))
+    expect = v.probabilities(np.hstack([at_places, at_places - np.median(rows, axis=0)]))
     assert np.allclose(score_locations(vol, det, places), expect, atol=1e-5)
     with pytest.raises(ValueError, match="against the scan's candidates"):
         v.score_places(vol, places, p_net, lungs)

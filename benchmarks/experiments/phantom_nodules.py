@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
 
-from stage_features import lesions_and_injected_centres  # noqa: E402
+from stage_features import fold_config, held_out_measures, lesions_and_injected_centres, load_fold  # noqa: E402
 
 from ctguard.engine import train_verifier as tv  # noqa: E402
 from ctguard.verifier import Verifier, finite_rows  # noqa: E402
@@ -48,15 +48,11 @@ from ctguard.verifier import Verifier, finite_rows  # noqa: E402
 SEED_BASE = 880_000  # phantoms no run's network or stage saw
 
 
-def second_look(folder: Path, nodule, texture: np.ndarray) -> dict:
+def second_look(folder: Path, fold: dict, nodule, texture: np.ndarray) -> dict:
     """The fold's stage alone and with the phantom-trained genuine-or-injected fit ``nodule`` as a
-    second look at its injected probability, on the fold's held-out rows."""
-    from sklearn.metrics import roc_auc_score
-    from stage_features import load_fold
-
-    info = json.loads((folder / "fold.json").read_text())
-    cfg = {**tv.VERIFIER_DEFAULTS, **json.loads((ROOT / info["run"] / "config.json").read_text())}
-    fold = load_fold(folder)
+    second look at its injected probability, on the fold's held-out rows (``fold``: its rows, from
+    ``folder``)."""
+    _, cfg = fold_config(folder)
     tr, te = fold["train"], fold["test"]
     _, cols = tv.tree_columns(cfg)
     xtr, xte = finite_rows(tr["x"][:, cols]), finite_rows(te["x"][:, cols])
@@ -66,23 +62,10 @@ def second_look(folder: Path, nodule, texture: np.ndarray) -> dict:
     p_te = tv.boosting_classifier(cfg).fit(xtr, tr["y"]).predict_proba(xte)
     q_tr = nodule.predict_proba(finite_rows(tr["x"][:, texture]))[:, 1]
     q_te = nodule.predict_proba(finite_rows(te["x"][:, texture]))[:, 1]
-    lesion, centre = lesions_and_injected_centres(te)
     res = {"rows": str(folder)}
     for name, s_tr, s_te in (("stage", 1.0 - oof[:, 0], 1.0 - p_te[:, 0]),
                              ("second_look", np.maximum(oof[:, 2], oof[:, 1] * q_tr), np.maximum(p_te[:, 2], p_te[:, 1] * q_te))):
-        t = tv.choose_threshold(s_tr, tr["clean"], tr["sources"], float(cfg["verifier_max_false"]))
-        y, clean = te["y"], te["clean"]
-        neg, pos = y == 0, y > 0
-        top = float(s_te[clean].max(initial=0.0))
-        n_clean = len(set(te["source"][clean].tolist())) or 1
-        res[name] = {"threshold": t,
-                     "auc_injected": round(float(roc_auc_score((y == 1)[(y == 1) | neg], s_te[(y == 1) | neg])), 4),
-                     "auc_removed": round(float(roc_auc_score((y == 2)[(y == 2) | neg], s_te[(y == 2) | neg])), 4),
-                     "over_highest_clean": round(float((s_te[pos] > top).mean()), 3),
-                     "edits_over_threshold": round(float((s_te[pos] >= t).mean()), 3),
-                     "clean_over_threshold_per_scan": round(float((s_te[clean] >= t).sum() / n_clean), 3),
-                     "real_lesions_over_threshold": int((s_te[lesion] >= t).sum()), "real_lesions": int(lesion.sum()),
-                     "injected_centres_over_threshold": round(float((s_te[centre] >= t).mean()), 3)}
+        res[name] = held_out_measures(s_te, tv.choose_threshold(s_tr, tr["clean"], tr["sources"], float(cfg["verifier_max_false"])), te)
     return res
 
 
@@ -129,19 +112,21 @@ def main() -> None:
         names, _ = tv.tree_columns(cfg)
         texture = np.asarray([k for k in cols if not names[k].startswith("log_p_")])
         clf = tv.boosting_classifier(cfg).fit(finite_rows(side["x"][both][:, texture]), truth.astype(int))
-        out["applied"] = []
+        out["applied"], looks = [], []
         for folder in a.apply:
-            from stage_features import load_fold
-
-            held = load_fold(Path(folder))["test"]
+            fold = load_fold(Path(folder))  # read once for both measures (its patches are about 0.6 GB)
+            held = fold["test"]
             les, cen = lesions_and_injected_centres(held)
             s = clf.predict_proba(finite_rows(held["x"][:, texture]))[:, 1]
             m = les | cen
             out["applied"].append({"rows": folder, "lesions": int(les.sum()), "injected_centres": int(cen.sum()),
                                    "auc_injected_vs_real_lesions": round(float(roc_auc_score(cen[m], s[m])), 4) if les.any() else None,
                                    "real_lesion_scores": sorted(round(float(v), 3) for v in s[les])})
-    if a.second_look:
-        out["second_look"] = [second_look(Path(f), clf, texture) for f in a.apply]
+            if a.second_look:
+                looks.append(second_look(Path(folder), fold, clf, texture))
+            del fold, held
+        if a.second_look:
+            out["second_look"] = looks
     print(json.dumps(out), flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

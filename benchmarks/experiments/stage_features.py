@@ -114,26 +114,37 @@ def acf_features(patches: np.ndarray, chunk: int = 512) -> np.ndarray:
                  (r2[..., m] ** 2).mean(axis=(1, 2)) / var**2,
                  np.log((fine[..., m] ** 2).mean(axis=(1, 2)) + 1e-3) - np.log((coarse[..., m] ** 2).mean(axis=(1, 2)) + 1e-3)]
             feats.append(np.stack(f, axis=1))
-        feats = np.stack(feats, axis=1)  # (n, rings, measures)
-        inner = feats[:, :-1] - feats[:, -1:]
-        rows.append(np.concatenate([feats.reshape(len(p), -1), inner.reshape(len(p), -1)], axis=1))
+        rows.append(_with_contrasts(feats))
     return np.concatenate(rows)
 
 
-def scan_reference(side: dict, values: np.ndarray) -> np.ndarray:
-    """Each row's reference: the median of ``values`` over the network's candidates (network's
+def _with_contrasts(feats: list[np.ndarray]) -> np.ndarray:
+    """Per-ring measures (a list over rings of ``(n, measures)``) as rows: every ring's, then each
+    inner ring's less the outer ring's."""
+    f = np.stack(feats, axis=1)  # (n, rings, measures)
+    return np.concatenate([f.reshape(len(f), -1), (f[:, :-1] - f[:, -1:]).reshape(len(f), -1)], axis=1)
+
+
+def medians_by(key: np.ndarray, values: np.ndarray, use: np.ndarray | None = None, at_least: int = 1) -> np.ndarray:
+    """Each row's median of ``values`` over the rows of its ``key`` (only those in ``use`` where it
+    leaves ``at_least`` of them)."""
+    ref = np.zeros_like(values)
+    for k in np.unique(key):
+        m = key == k
+        pick = m if use is None or (m & use).sum() < at_least else m & use
+        ref[m] = np.median(values[pick], axis=0)
+    return ref
+
+
+def candidate_medians(side: dict, values: np.ndarray) -> np.ndarray:
+    """For ``scanref``: each row's median of ``values`` over the network's candidates (network's
     P(not genuine) >= the stage's candidate threshold, 0.3) on the same copy of the same source, as
     screening would have them (all the copy's rows where it has fewer than 5 candidates)."""
     from ctguard.verifier import network_probabilities
 
     p_edit = 1.0 - network_probabilities(side["x"][:, -3:])[:, 0]
-    ref = np.zeros_like(values)
-    key = side["source"].astype(np.int64) * 10_000 + side["scan"].astype(np.int64)
-    for k in np.unique(key):
-        m = key == k
-        cand = m & (p_edit >= 0.3)
-        ref[m] = np.median(values[cand if cand.sum() >= 5 else m], axis=0)
-    return ref
+    copy = side["source"].astype(np.int64) * 10_000 + side["scan"].astype(np.int64)
+    return medians_by(copy, values, p_edit >= 0.3, at_least=5)
 
 
 def parenchyma_features(patches: np.ndarray, chunk: int = 512) -> np.ndarray:
@@ -158,15 +169,13 @@ def parenchyma_features(patches: np.ndarray, chunk: int = 512) -> np.ndarray:
             f = [np.log(med_xy + 1e-2), np.log(med_z + 1e-2), (neg & w).sum(axis=(1, 2, 3)) / safe, (pos & w).sum(axis=(1, 2, 3)) / safe,
                  n / (3.0 * m.sum())]
             feats.append(np.stack(f, axis=1))
-        feats = np.stack(feats, axis=1)
-        inner = feats[:, :-1] - feats[:, -1:]
-        rows.append(np.concatenate([feats.reshape(len(p), -1), inner.reshape(len(p), -1)], axis=1))
+        rows.append(_with_contrasts(feats))
     return np.concatenate(rows)
 
 
 def columns(side: dict, cfg: dict, which: str) -> np.ndarray:
     _, cols = tv.tree_columns(cfg)
-    base = tv.finite_rows(side["x"][:, cols]) if hasattr(tv, "finite_rows") else side["x"][:, cols]
+    base = tv.finite_rows(side["x"][:, cols])
     if which == "base":
         return base
     if which == "paren":
@@ -174,7 +183,7 @@ def columns(side: dict, cfg: dict, which: str) -> np.ndarray:
             side["paren"] = parenchyma_features(side["patches"])
         return np.concatenate([base, side["paren"]], axis=1)
     if which == "scanref":  # beside each column, its value less its median over the same scan copy's network candidates
-        return np.concatenate([base, base - scan_reference(side, base)], axis=1)
+        return np.concatenate([base, base - candidate_medians(side, base)], axis=1)
     if which.startswith("acf"):
         if "acf" not in side:
             side["acf"] = acf_features(side["patches"])
@@ -186,20 +195,43 @@ def columns(side: dict, cfg: dict, which: str) -> np.ndarray:
             extra = extra[:, :n_plain]
         elif which == "acf-scan":  # the values in the rings less their median over the source's rows (its scanner's own texture)
             plain = extra[:, :n_plain]
-            ref = np.zeros_like(plain)
-            for k in np.unique(side["source"]):
-                m = side["source"] == k
-                ref[m] = np.median(plain[m], axis=0)
-            extra = np.concatenate([plain, plain - ref], axis=1)
+            extra = np.concatenate([plain, plain - medians_by(side["source"], plain)], axis=1)
         elif which != "acf":
             raise SystemExit(f"unknown feature set {which!r}")
         return np.concatenate([base, extra], axis=1)
     raise SystemExit(f"unknown feature set {which!r}")
 
 
-def measure(cfg: dict, fold: dict, which: str) -> dict:
+def fold_config(folder: Path, overrides: dict | None = None) -> tuple[dict, dict]:
+    """A rows folder's ``fold.json`` and its run's resolved stage config (then ``overrides``)."""
+    info = json.loads((folder / "fold.json").read_text())
+    return info, {**tv.VERIFIER_DEFAULTS, **json.loads((ROOT / info["run"] / "config.json").read_text()), **(overrides or {})}
+
+
+def held_out_measures(score: np.ndarray, threshold: float, te: dict) -> dict:
+    """The held-out rows ``te`` scored ``score`` (1 - P(genuine), or another stage score), at the
+    training rows' ``threshold``: what the module's docstring lists."""
     from sklearn.metrics import roc_auc_score
 
+    y, clean = te["y"], te["clean"]
+    neg, pos = y == 0, y > 0
+
+    def auc(m):
+        return round(float(roc_auc_score(m[m | neg], score[m | neg])), 4)
+
+    lesion, centre = lesions_and_injected_centres(te)
+    n_clean_scans = len(set(te["source"][clean].tolist())) or 1
+    return {"auc_injected": auc(y == 1), "auc_removed": auc(y == 2), "threshold": threshold,
+            "over_highest_clean": round(float((score[pos] > score[clean].max(initial=0.0)).mean()), 3),
+            "edits_over_threshold": round(float((score[pos] >= threshold).mean()), 3),
+            "clean_over_threshold_per_scan": round(float((score[clean] >= threshold).sum() / n_clean_scans), 3),
+            "held_out_lesion_scores": sorted(round(float(v), 3) for v in score[lesion]),
+            "real_lesions_over_threshold": int((score[lesion] >= threshold).sum()),
+            "injected_centres_over_threshold": round(float((score[centre] >= threshold).mean()), 3),
+            "injected_centres_over_highest_lesion": round(float((score[centre] > score[lesion].max(initial=0.0)).mean()), 3)}
+
+
+def measure(cfg: dict, fold: dict, which: str) -> dict:
     tr, te = fold["train"], fold["test"]
     xtr, xte = columns(tr, cfg, which), columns(te, cfg, which)
     t0 = time.time()
@@ -207,23 +239,9 @@ def measure(cfg: dict, fold: dict, which: str) -> dict:
     threshold = tv.choose_threshold(oof, tr["clean"], tr["sources"], float(cfg["verifier_max_false"]))
     clf = tv.boosting_classifier(cfg).fit(xtr, tr["y"])
     score = 1.0 - clf.predict_proba(xte)[:, list(clf.classes_).index(0)]
-    y, clean = te["y"], te["clean"]
-    neg, pos = y == 0, y > 0
-
-    def auc(m):
-        return round(float(roc_auc_score(m[m | neg], score[m | neg])), 4)
-
-    top_clean = float(score[clean].max(initial=0.0))
-    lesion, centre = lesions_and_injected_centres(te)
     lesion_tr, centre_tr = lesions_and_injected_centres(tr)
-    n_clean_scans = len(set(te["source"][clean].tolist())) or 1
-    return {"features": which, "columns": int(xtr.shape[1]), "auc_injected": auc(y == 1), "auc_removed": auc(y == 2),
-            "over_highest_clean": round(float((score[pos] > top_clean).mean()), 3), "threshold": threshold,
-            "edits_over_threshold": round(float((score[pos] >= threshold).mean()), 3),
-            "clean_over_threshold_per_scan": round(float((score[clean] >= threshold).sum() / n_clean_scans), 3),
+    return {"features": which, "columns": int(xtr.shape[1]), **held_out_measures(score, threshold, te),
             "training_lesion_rows": int(lesion_tr.sum()), "training_injected_centres": int(centre_tr.sum()),
-            "held_out_lesion_scores": sorted(round(float(v), 3) for v in score[lesion]),
-            "injected_centres_over_highest_lesion": round(float((score[centre] > score[lesion].max(initial=0.0)).mean()), 3),
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -238,8 +256,7 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     results = []
     for folder in map(Path, a.folds):
-        info = json.loads((folder / "fold.json").read_text())
-        cfg = {**tv.VERIFIER_DEFAULTS, **json.loads((ROOT / info["run"] / "config.json").read_text()), **overrides}
+        info, cfg = fold_config(folder, overrides)
         fold = load_fold(folder)
         print(f"{folder}: train {len(fold['train']['y'])} rows, held out {len(fold['test']['y'])}", flush=True)
         for which in a.features.split(","):

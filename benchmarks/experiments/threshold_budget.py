@@ -37,26 +37,25 @@ from cross_validate import counts_at  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ctguard.engine.train_verifier import lowest_within  # noqa: E402
+from scipy.special import expit, logit  # noqa: E402
+
+from ctguard.engine.train_verifier import choose_threshold, lowest_within  # noqa: E402
 
 SPREAD = 0.5  # the smooth rule's logistic spread, logit units
 
 
-def rule_counts(rule: str, run: Path, stage: dict):
-    """The false candidates per clean training scan at ``t`` that ``rule`` counts, from RUN's
-    ``verifier_oof.npz``."""
-    with np.load(run / "verifier_oof.npz") as d:
-        score, clean, group = d["score"], d["clean"], d["group"]
-    phantom = np.char.startswith(group.astype(str), "phantom ")
-    n_phantoms = len(set(group[phantom].tolist()))  # each phantom is its own source
+def rule_threshold(rule: str, oof: dict, stage: dict, budget: float) -> float:
+    """The threshold ``rule`` gives at ``budget`` on a stage's out-of-patient scores ``oof`` (its
+    ``verifier_oof.npz``)."""
+    score, clean, group = oof["score"], oof["clean"], oof["group"].astype(str)
+    phantom = np.char.startswith(group, "phantom ")
     if rule == "budget":
-        return lambda t: float((score[clean] >= t).sum()) / stage["sources"]
-    if rule == "real":
-        real = clean & ~phantom
-        return lambda t: float((score[real] >= t).sum()) / max(stage["sources"] - n_phantoms, 1)
+        return choose_threshold(score, clean, stage["sources"], budget)
+    if rule == "real":  # each phantom is its own source
+        return choose_threshold(score, clean & ~phantom, max(stage["sources"] - len(set(group[phantom].tolist())), 1), budget)
     if rule == "smooth":
-        logit = np.log(np.clip(score[clean], 1e-6, 1 - 1e-6) / np.clip(1 - score[clean], 1e-6, 1))
-        return lambda t: float((1.0 / (1.0 + np.exp(-(logit - np.log(t / (1 - t))) / SPREAD))).sum()) / stage["sources"]
+        z = logit(np.clip(score[clean], 1e-6, 1 - 1e-6))
+        return lowest_within(lambda t: float(expit((z - logit(t)) / SPREAD).sum()) / stage["sources"], budget)
     raise SystemExit(f"unknown rule {rule!r}")
 
 
@@ -72,15 +71,16 @@ def main() -> None:
         run, report, fold = pair.split(",")
         stage = json.loads((Path(run) / "verifier.json").read_text())
         ev = {f["fold"]: f["eval"] for f in json.loads(Path(report).read_text())["folds"]}[int(fold)]
-        folds.append((pair, stage, ev))
+        oof = dict(np.load(Path(run) / "verifier_oof.npz")) if a.rules else None
+        folds.append((pair, stage, ev, oof))
     out = []
     settings = [("budget", float(b)) for b in a.budgets.split(",")] if not a.rules else [(r, 0.1) for r in a.rules.split(",")]
     for rule, budget in settings:
         total: Counter = Counter()
         failing, thresholds = [], []
-        for pair, stage, ev in folds:
+        for pair, stage, ev, oof in folds:
             if a.rules:
-                t = lowest_within(rule_counts(rule, Path(pair.split(",")[0]), stage), budget)
+                t = rule_threshold(rule, oof, stage, budget)
             else:
                 t = lowest_within(lambda t: stage["false_per_clean_scan_oof"][str(t)], budget)  # the fit's rule on its own counts
             thresholds.append(t)

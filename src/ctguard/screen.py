@@ -364,6 +364,13 @@ def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
     return np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in findings]).reshape(-1, 3)
 
 
+def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0) -> list[dict[str, Any]]:
+    """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
+    (or ``threshold`` where that is lower), at most its ``max_candidates``, best first."""
+    cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
+    return findings_from(heat, vol, cand_thr)[: int(verifier.meta.get("max_candidates", 40))]
+
+
 def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier) -> list[dict[str, Any]]:
     """The second stage on the network's candidates: each re-scored at the scan's own voxels
     (:mod:`ctguard.verifier`), its kind the stage's, best first. The network's own score stays in
@@ -382,8 +389,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
             lungs: np.ndarray | None = None, verifier=None) -> dict[str, Any]:
     """The screening JSON of docs/DESIGN.md."""
     if verifier is not None and lungs is not None:
-        cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), thr)
-        candidates = findings_from(heat, vol, cand_thr)[: int(verifier.meta.get("max_candidates", 40))]
+        candidates = stage_candidates(heat, vol, verifier, thr)
         scored = verify_findings(vol, lungs, candidates, verifier)
         findings = [f for f in scored if f["score"] >= thr]
         score = max((f["score"] for f in scored), default=0.0)
@@ -465,8 +471,7 @@ def stage_reference(vol: Volume, detector: Detector, lungs: np.ndarray) -> np.nd
     verifier = getattr(detector, "verifier", None)
     if verifier is None or not verifier.meta.get("scan_reference"):
         return None
-    heat = heatmap(vol, detector, lungs)
-    found = findings_from(heat, vol, float(verifier.meta.get("candidate_threshold", 0.3)))[: int(verifier.meta.get("max_candidates", 40))]
+    found = stage_candidates(heatmap(vol, detector, lungs), vol, verifier)
     if not found:
         return None
     return verifier.reference(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), lungs)
