@@ -802,6 +802,72 @@ def test_second_stage_reads_places_against_the_scans_candidates(tmp_path):
         v.score_places(vol, places, p_net, lungs)
 
 
+def test_second_stage_checks_injected_places_against_genuine_nodules(tmp_path):
+    """``verifier_nodule_check``: two-class trees (genuine nodule or injected), learnt from the
+    training sources' lesions and injections and from phantoms each with a genuine nodule, take the
+    "injected" share of a place's probabilities that they call genuine back to genuine, in the
+    threshold's out-of-patient scores and in screening; saved in the stage's file."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, nodule_specs, nodule_table
+    from ctguard.errors import InputError
+    from ctguard.screen import findings_from, finding_probabilities, heatmap, load_detector, screen_volume
+    from ctguard.verifier import Verifier, finite_rows, nodule_checked, scan_noise
+
+    p = np.array([[0.2, 0.7, 0.1], [0.5, 0.1, 0.4]], np.float32)
+    checked = nodule_checked(p, np.array([0.25, 1.0]))
+    assert np.allclose(checked, [[0.725, 0.175, 0.1], [0.5, 0.1, 0.4]]) and np.allclose(checked.sum(axis=1), 1)
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1,
+           "verifier_trees": 10, "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_per_scan": 2,
+           "verifier_boosting": "histogram", "verifier_nodule_check": True, "verifier_nodule_phantoms": 2}
+    for key, bad, says in (("verifier_nodule_check", "yes", "verifier_nodule_check must be true or false, not 'yes'"),
+                           ("verifier_nodule_phantoms", -1, "verifier_nodule_phantoms must be a whole number from 0, not -1")):
+        with pytest.raises(InputError, match=says):
+            api.train({**cfg, key: bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+        assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    specs = nodule_specs({**VERIFIER_DEFAULTS, **cfg})
+    assert specs == [("phantom", 5300, True), ("phantom", 5301, True)]
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    parts = [dict(np.load(f)) for f in sorted((run / "verifier_rows").glob("*.npz"))]
+    assert len(parts) == 5  # the stage's 3 sources and the check's 2 phantoms
+    for part in parts:  # a lesion row is on the untouched copy, never an edit
+        assert part["lesion"].dtype == bool and (part["y"][part["lesion"]] == 0).all()
+    nodule_phantoms = [q for q in parts if str(q["group"]) in ("phantom 5300", "phantom 5301")]
+    assert len(nodule_phantoms) == 2 and all(q["lesion"].any() for q in nodule_phantoms)  # each has its genuine nodule
+    rows, label = nodule_table(nodule_phantoms)
+    assert set(label.tolist()) == {0, 1} and rows.sum() == len(label)
+
+    v = Verifier.load(run / "model.verifier.npz")
+    assert v.meta["nodule_check"] and v.nodules is not None and v.nodules.baseline.shape == (2,)
+    assert v.nodules.meta["phantoms"] == 2 and v.nodules.meta["genuine"] >= 2 and v.nodules.meta["injected"] > 0
+    names = v.meta["names"]
+    assert not any(names[k].startswith("log_p_") for k in v.nodules.feature[v.nodules.feature >= 0])  # texture only
+    report = json.loads((run / "verifier.json").read_text())
+    assert report["nodule_check"] and report["nodule_rows"] == v.nodules.meta["rows"]
+    with np.load(run / "verifier_oof.npz") as d:  # the threshold's scores carry the check, out of patient
+        q, y, score, trees = d["nodule_check"], d["y"], d["score"], d["trees"]
+    assert q.shape == y.shape and ((q >= 0) & (q <= 1)).all() and (score <= trees + 1e-9).all() and (score < trees - 1e-6).any()
+
+    det = load_detector(str(run / "model.pt"))
+    vol = phantom_source(9, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    lungs = lung_mask(vol)
+    result, _, _ = screen_volume(vol, det, threshold=0.0)
+    cands = findings_from(heatmap(vol, det, lungs), vol, 0.0)[:6]
+    at = np.asarray([f["voxel"] for f in cands], float)
+    x = finite_rows(v.rows(vol, at, finding_probabilities(cands), scan_noise(vol, lungs)))
+    p_stage, q_at = v.probabilities(x), v.nodules.probabilities(x)[:, 1]
+    expect = 1 - (p_stage[:, 0] + p_stage[:, 1] * (1 - q_at))
+    scores = {tuple(f["voxel"]): f["score"] for f in result["findings"]}
+    assert np.allclose([scores[tuple(c["voxel"])] for c in cands], expect, atol=1e-4)
+    # A stage whose file lost the check's trees is refused by name.
+    with np.load(run / "model.verifier.npz") as d:
+        np.savez(tmp_path / "cut.verifier.npz", **{k: d[k] for k in d.files if not k.startswith("nodule_")})
+    with pytest.raises(InputError, match="nodule check but its trees are missing"):
+        Verifier.load(tmp_path / "cut.verifier.npz")
+
+
 def test_patches_at_the_scans_own_voxels(tmp_path):
     """A place's patch: HU / 400 on its own voxels, residuals in units of the scan's noise (zero on a
     flat scan), the scan's edge repeated past it; the CNN's ONNX export gives the network's own
@@ -944,6 +1010,15 @@ def test_verifier_trees_match_sklearn(tmp_path):
     v = Verifier.load(Verifier.from_sklearn(hist, x, {}, columns=cols).save(tmp_path / "h.npz"))
     assert v.rate == 1.0 and set(v.feature[v.feature >= 0].tolist()) == {0, 2, 5}
     assert np.abs(v.probabilities(x) - hist.predict_proba(x[:, cols])).max() < 1e-5
+    # Two classes (a nodule check's trees): every tree adds to the second class, sklearn's one raw score.
+    two = (x[:, 0] - x[:, 2] > 0.3).astype(int)
+    for clf in (GradientBoostingClassifier(n_estimators=20, max_depth=3, random_state=0).fit(x[:, cols], two),
+                HistGradientBoostingClassifier(max_iter=30, max_depth=3, early_stopping=False, random_state=0).fit(x[:, cols], two)):
+        v = Verifier.from_sklearn(clf, x, {}, columns=cols)
+        assert v.baseline.shape == (2,) and set(v.tree_class.tolist()) == {1}
+        p2 = v.probabilities(x)
+        assert p2.shape == (600, 2) and np.abs(p2 - clf.predict_proba(x[:, cols])).max() < 1e-5
+        assert 0.05 < p2[:, 1].mean() < 0.95 and ((p2[:, 1] > 0.5) == two).mean() > 0.9
     # A float64 split is stored as the largest float32 at or below it: 0.1 rounds up to float32(0.1),
     # which is above 0.1 and must go right, as in sklearn.
     split = float32_at_or_below(np.array([0.1, 0.5]))

@@ -315,6 +315,21 @@ def blend(p: np.ndarray, q: np.ndarray, w: float) -> np.ndarray:
     return ((1.0 - w) * np.asarray(p, np.float64) + w * np.asarray(q, np.float64).reshape(-1, 3)).astype(np.float32)
 
 
+def nodule_checked(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` probabilities ``p`` after a second look at their "injected" share: a place's
+    P(injected) times ``q``, its probability of being an injection rather than a genuine nodule, the
+    rest of that share moved to genuine; P(removed) as it was."""
+    p = np.asarray(p, np.float64).copy()
+    moved = p[:, 1] * (1.0 - np.clip(np.asarray(q, np.float64), 0.0, 1.0))
+    p[:, 1] -= moved
+    p[:, 0] += moved
+    return p.astype(np.float32)
+
+
+NODULE_PREFIX = "nodule_"  # the nodule check's arrays in the stage's .npz
+TREE_KEYS = ("feature", "split", "left", "right", "value", "tree_class", "baseline", "rate", "meta")
+
+
 @dataclass
 class Verifier:
     """Gradient-boosted trees over :func:`place_features` (and the network's probabilities) that
@@ -331,9 +346,11 @@ class Verifier:
     rate: float
     meta: dict = field(default_factory=dict)  # names, uses_network, recentre, candidate_threshold, max_candidates, threshold, fit details
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
+    nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x``."""
+        """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x`` (``(n, 2)``,
+        genuine and injected, for the two-class trees of a nodule check)."""
         x = finite_rows(x)
         n = len(x)
         raw = np.tile(self.baseline.astype(np.float64), (n, 1))
@@ -385,13 +402,21 @@ class Verifier:
             from ctguard.patches import patches_at
 
             p = blend(p, self.patches.probabilities(patches_at(vol, places, noise)), v)
+        if self.nodules is not None:  # a second look at the injected share: genuine nodule or injected?
+            p = nodule_checked(p, self.nodules.probabilities(x)[:, 1])
         return p
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The trees as plain arrays (what :meth:`save` writes)."""
+        return {"feature": self.feature, "split": self.split, "left": self.left, "right": self.right, "value": self.value,
+                "tree_class": self.tree_class, "baseline": self.baseline, "rate": np.float64(self.rate),
+                "meta": np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8)}
+
     def save(self, path: str | Path) -> Path:
+        """One ``.npz`` of plain arrays: the trees, and a nodule check's trees under ``nodule_``."""
         path = Path(path)
-        np.savez_compressed(path, feature=self.feature, split=self.split, left=self.left, right=self.right, value=self.value,
-                            tree_class=self.tree_class, baseline=self.baseline, rate=np.float64(self.rate),
-                            meta=np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8))
+        nodules = {} if self.nodules is None else {NODULE_PREFIX + k: v for k, v in self.nodules.arrays().items()}
+        np.savez_compressed(path, **self.arrays(), **nodules)
         return path
 
     @classmethod
@@ -399,13 +424,16 @@ class Verifier:
         """Reads a saved verifier, or a one-line error naming the file."""
         try:
             with np.load(path, allow_pickle=False) as d:
-                arrays = {k: d[k] for k in ("feature", "split", "left", "right", "value", "tree_class", "baseline", "rate", "meta")}
+                arrays = {k: d[k] for k in TREE_KEYS}
+                nodules = {k: d[NODULE_PREFIX + k] for k in TREE_KEYS} if NODULE_PREFIX + "feature" in d.files else None
         except (OSError, ValueError, KeyError, EOFError) as e:
             raise InputError(f"not a ctguard verifier (.npz of trees): {e.__class__.__name__}", path) from None
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-        rate = float(arrays.pop("rate"))
-        verifier = cls(**arrays, rate=rate, meta=meta)
-        if float(meta.get("patch_weight", 0.0)):  # its patch CNN beside it: model.verifier.npz -> model.patches.onnx
+        verifier = cls._from_arrays(arrays)
+        if verifier.meta.get("nodule_check"):
+            if nodules is None:
+                raise InputError("this second stage has a nodule check but its trees are missing from the file", path)
+            verifier.nodules = cls._from_arrays(nodules)
+        if float(verifier.meta.get("patch_weight", 0.0)):  # its patch CNN beside it: model.verifier.npz -> model.patches.onnx
             from ctguard.patches import PatchScorer
 
             cnn = Path(path).with_name(Path(path).name.removesuffix(".verifier.npz") + ".patches.onnx")
@@ -415,16 +443,25 @@ class Verifier:
         return verifier
 
     @classmethod
+    def _from_arrays(cls, arrays: dict[str, np.ndarray]) -> Verifier:
+        arrays = dict(arrays)
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        rate = float(arrays.pop("rate"))
+        return cls(**arrays, rate=rate, meta=meta)
+
+    @classmethod
     def from_sklearn(cls, clf, x_probe: np.ndarray, meta: dict, columns: np.ndarray | None = None) -> Verifier:
-        """From a fitted three-class ``sklearn.ensemble.GradientBoostingClassifier`` (its public tree
-        arrays) or ``HistGradientBoostingClassifier`` (its fitted predictors' node records); the
-        constant start is recovered from ``decision_function`` on one row. ``clf`` was fitted on
-        ``x[:, columns]`` (all of a row when None); the trees read whole rows ``x``."""
+        """From a fitted three-class (or two-class) ``sklearn.ensemble.GradientBoostingClassifier``
+        (its public tree arrays) or ``HistGradientBoostingClassifier`` (its fitted predictors' node
+        records); the constant start is recovered from ``decision_function`` on one row. ``clf`` was
+        fitted on ``x[:, columns]`` (all of a row when None); the trees read whole rows ``x``. Two
+        classes: every tree adds to the second class's raw score, the first's stays 0."""
         columns = np.arange(x_probe.shape[1]) if columns is None else np.asarray(columns)
+        n_classes = len(clf.classes_)
         if hasattr(clf, "estimators_"):
             trees = [(est.tree_.feature, est.tree_.threshold, est.tree_.children_left, est.tree_.children_right, est.tree_.value[:, 0, 0])
                      for stage in clf.estimators_ for est in stage]
-            classes = [k for stage in clf.estimators_ for k in range(len(stage))]
+            classes = [k + (n_classes == 2) for stage in clf.estimators_ for k in range(len(stage))]
             rate = float(clf.learning_rate)
         else:  # histogram trees (read from scikit-learn's fitted predictors, a private attribute: the test
             # test_verifier_trees_match_sklearn checks every version CI installs); leaf values already carry
@@ -436,7 +473,7 @@ class Verifier:
                     leaf = n["is_leaf"].astype(bool)
                     feature, left, right = (np.where(leaf, -1, n[key].astype(np.int64)) for key in ("feature_idx", "left", "right"))
                     trees.append((feature, n["num_threshold"], left, right, n["value"]))
-                    classes.append(k)
+                    classes.append(k + (n_classes == 2))
             rate = 1.0
         width = max(len(t[0]) for t in trees)
 
@@ -448,10 +485,14 @@ class Verifier:
 
         v = cls(feature=pad(0, -1, np.int16, lambda f: np.where(f >= 0, columns[np.maximum(f, 0)], -1)),
                 split=pad(1, 0.0, np.float32, float32_at_or_below), left=pad(2, -1, np.int16), right=pad(3, -1, np.int16),
-                value=pad(4, 0.0, np.float32), tree_class=np.asarray(classes, np.int8), baseline=np.zeros(3), rate=rate, meta=meta)
+                value=pad(4, 0.0, np.float32), tree_class=np.asarray(classes, np.int8), baseline=np.zeros(n_classes), rate=rate, meta=meta)
         probe = np.asarray(x_probe[:1], np.float32)
         trees_only = np.log(v.probabilities(probe)[0].astype(np.float64))  # softmax of the trees' sums, up to a constant
-        v.baseline = (clf.decision_function(probe[:, columns])[0] - trees_only).astype(np.float64)
+        decision = clf.decision_function(probe[:, columns])[0]
+        if n_classes == 2:  # the decision is the second class's raw score less the first's
+            v.baseline = np.array([0.0, decision - (trees_only[1] - trees_only[0])])
+        else:
+            v.baseline = (decision - trees_only).astype(np.float64)
         v.baseline -= v.baseline.mean()
         return v
 

@@ -33,6 +33,7 @@ from ctguard.verifier import (
     feature_names,
     finite_rows,
     network_probabilities,
+    nodule_checked,
     scan_noise,
     scan_reference,
     scan_referenced,
@@ -66,10 +67,13 @@ VERIFIER_DEFAULTS = {
     "verifier_patch_weight": 0.5,  # with verifier_patches: the CNN's share of the stage's probabilities
     "verifier_patch_epochs": 12,  # with verifier_patches: the CNN's passes over the rows
     "verifier_scan_reference": False,  # each row also less the median row of its scan's candidates (ctguard.verifier.scan_referenced)
+    "verifier_nodule_check": False,  # a second look at every place's P(injected): two-class trees, genuine nodule or injected (ctguard.verifier.nodule_checked)
+    "verifier_nodule_phantoms": 40,  # with verifier_nodule_check: fresh varied phantoms, each with a genuine nodule, that only the check learns from
 }
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
 PLACES_EACH = 10  # random lung places, and dense places, on each untouched copy (then every lesion)
+NODULE_PHANTOM_SEED = 300  # the nodule check's phantoms: seed x 1000 + 300 + k, apart from the network's (0-19, 500+) and the stage's (900+)
 
 
 def negatives(src, lungs: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
@@ -109,6 +113,8 @@ def source_rows(job: tuple) -> dict:
         what["patches"] = [PATCH_SIZE, PATCH_SLICES]
     if cfg["verifier_scan_reference"]:  # rows that say which are the network's candidates (rows without it keep their key)
         what["candidate_flags"] = True
+    if cfg["verifier_nodule_check"]:  # rows that say which are at genuine lesions (rows without it keep their key)
+        what["lesion_flags"] = True
     cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as d:
@@ -124,7 +130,8 @@ def source_rows(job: tuple) -> dict:
 def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     """The rows of one source: ``x``, ``y`` (0 untouched, 1 injected, 2 removed), ``scan`` (which
     copy), ``clean`` (a candidate on the untouched copy), ``candidate`` (one of the network's
-    candidates, as screening re-scores them) and ``group`` (the patient)."""
+    candidates, as screening re-scores them), ``lesion`` (at a genuine lesion of the untouched copy:
+    the lesion's centre, or a candidate near it) and ``group`` (the patient)."""
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_depth, lung_mask
     from ctguard.screen import (
@@ -140,7 +147,8 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
     if spec[0] == "series" and spec[2] > 1 and src.volume.spacing[0] > THICK_MAX_MM + 1e-6:  # thicker than chest CT is read: no rows
         return {"x": np.zeros((0, len(row_names(cfg))), np.float32), "y": np.zeros(0, np.int8), "scan": np.zeros(0, np.int16),
-                "clean": np.zeros(0, bool), "candidate": np.zeros(0, bool), "group": group, "source": str(spec[1])} | \
+                "clean": np.zeros(0, bool), "candidate": np.zeros(0, bool), "lesion": np.zeros(0, bool), "group": group,
+                "source": str(spec[1])} | \
             ({"patches": np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float16)} if cfg["verifier_patches"] else {})
     det = load_detector(model_path)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
@@ -148,7 +156,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
     recentre = bool(cfg["verifier_recentre"])
-    xs, ys, scans, clean, patches, candidate = [], [], [], [], [], []
+    xs, ys, scans, clean, patches, candidate, lesion = [], [], [], [], [], [], []
     with_patches = bool(cfg["verifier_patches"])
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
               "healthy": int(cfg["verifier_healthy"])}
@@ -167,6 +175,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         scans += [k] * len(where)
         clean += [False] * len(where)
         candidate += [False] * len(where)
+        lesion += [what == "real lesion" for what, _ in where]
         result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
         found = result["findings"][: int(cfg["verifier_max_candidates"])]
         if found:
@@ -180,8 +189,10 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
             scans.append(k)
             clean.append(not edits)
             candidate.append(True)
+            lesion.append(not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in src.tumours))
     return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
-            "clean": np.asarray(clean, bool), "candidate": np.asarray(candidate, bool), "group": group, "source": str(spec[1])} | \
+            "clean": np.asarray(clean, bool), "candidate": np.asarray(candidate, bool), "lesion": np.asarray(lesion, bool),
+            "group": group, "source": str(spec[1])} | \
         ({"patches": np.concatenate(patches)} if with_patches else {})
 
 
@@ -197,6 +208,35 @@ def verifier_specs(cfg: dict) -> list[tuple]:
            [("fixed phantom", base + 50 + k, *own) for k in range(int(cfg["verifier_fixed_phantoms"]))] + \
            [("series", p, 1, t, 0) for p, t in real_scans(cfg)] + \
            [("series", p, f, t, 0) for f in thick_factors(cfg) for p, t in real_scans(cfg)]
+
+
+def nodule_specs(cfg: dict) -> list[tuple]:
+    """The nodule check's own sources (``verifier_nodule_check``): fresh varied phantoms, each with a
+    genuine nodule drawn under the scanner's blur and noise, that only the check learns from."""
+    if not nodule_check_on(cfg):
+        return []
+    n = cfg["verifier_nodule_phantoms"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InputError(f"the config's verifier_nodule_phantoms must be a whole number from 0, not {n!r}")
+    return [("phantom", int(cfg["seed"]) * 1000 + NODULE_PHANTOM_SEED + k, True) for k in range(n)]
+
+
+def nodule_check_on(cfg: dict) -> bool:
+    """The config's ``verifier_nodule_check``, or a one-line error when it is not true or false."""
+    on = cfg["verifier_nodule_check"]
+    if not isinstance(on, bool):
+        raise InputError(f"the config's verifier_nodule_check must be true or false, not {on!r}")
+    return on
+
+
+def nodule_table(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a nodule check learns from, as a mask over the sources' joined rows, and their labels:
+    genuine lesions (0; their centres and the untouched copy's candidates near them) and injections
+    (1; edit centres and the candidates that found them)."""
+    lesion = np.concatenate([p["lesion"] for p in parts])
+    y = np.concatenate([p["y"] for p in parts])
+    rows = lesion | (y == 1)
+    return rows, (y[rows] == 1).astype(int)
 
 
 def thick_factors(cfg: dict) -> list[int]:
@@ -280,6 +320,7 @@ def check_stage_config(cfg: dict) -> None:
     thick_factors(cfg)
     patch_weight(cfg)
     scan_reference_on(cfg)
+    nodule_specs(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -376,21 +417,63 @@ def patient_splits(groups: np.ndarray, folds: int = 5) -> list[tuple[np.ndarray,
 
 def out_of_patient_scores(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
                           weight: np.ndarray | None = None) -> np.ndarray:
-    """Each row's stage score (1 - P(genuine), blended with the network's as ``verifier_blend``
-    says) from trees fitted without its patient: ``folds`` grouped folds (0: one fit for each
-    patient or phantom left out). ``x``: the rows (:func:`stage_table`; the network's probabilities
-    in the last three of the columns as made); ``fit_x``: the columns the trees read; ``weight``:
-    each row's weight in the fits (None: all alike)."""
-    oof = np.zeros(len(y))
+    """Each row's stage score, 1 - P(genuine) of :func:`out_of_patient_probabilities`."""
+    return 1.0 - out_of_patient_probabilities(cfg, x, fit_x, y, groups, folds, weight)[:, 0]
+
+
+def out_of_patient_probabilities(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
+                                 weight: np.ndarray | None = None) -> np.ndarray:
+    """Each row's ``(genuine, injected, removed)`` probabilities, blended with the network's as
+    ``verifier_blend`` says, from trees fitted without its patient: ``folds`` grouped folds (0: one
+    fit for each patient or phantom left out). ``x``: the rows (:func:`stage_table`; the network's
+    probabilities in the last three of the columns as made); ``fit_x``: the columns the trees read;
+    ``weight``: each row's weight in the fits (None: all alike)."""
+    p = np.zeros((len(y), 3))
     for tr, te in patient_splits(groups, folds):
         clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr], sample_weight=None if weight is None else weight[tr])
-        genuine = list(clf.classes_).index(0) if 0 in clf.classes_ else None
-        oof[te] = 1.0 - clf.predict_proba(fit_x[te])[:, genuine] if genuine is not None else 1.0
+        p[np.ix_(te, clf.classes_.astype(int))] = clf.predict_proba(fit_x[te])
     w = blend_weight(cfg)
     if w:  # blended as screening blends them: with the network's probabilities at each row's place (the last three columns as made)
         made = len(row_names(cfg))
-        oof = (1.0 - w) * oof + w * (1.0 - network_probabilities(x[:, made - 3:made])[:, 0])
-    return oof
+        p = (1.0 - w) * p + w * network_probabilities(x[:, made - 3:made])
+    return p
+
+
+def nodule_columns(cfg: dict) -> np.ndarray:
+    """The columns a nodule check reads: the trees' (:func:`tree_columns`) less the network's
+    probabilities, which call genuine nodules injected as readily as injections."""
+    names, columns = tree_columns(cfg)
+    return np.asarray([k for k in columns if not names[k].startswith("log_p_")])
+
+
+def fit_nodule_check(cfg: dict, parts: list[dict], nodule_parts: list[dict], x: np.ndarray, groups: np.ndarray,
+                     folds: int) -> tuple[Verifier, np.ndarray, int]:
+    """The nodule check (``verifier_nodule_check``): two-class trees of the stage's kind, genuine
+    nodule or injected, fitted on the training sources' genuine lesions and injections
+    (:func:`nodule_table`) and on those of the check's own phantoms (:func:`nodule_specs`). Returns
+    the trees, each stage row's P(injected rather than genuine) from trees fitted without its patient
+    (the same splits as the stage's; the phantoms in every fit) and the number of rows learnt from."""
+    columns = nodule_columns(cfg)
+    own, label = nodule_table(parts)
+    extra = [with_scan_reference(p) for p in nodule_parts] if scan_reference_on(cfg) else nodule_parts
+    extra = [p for p in extra if len(p["y"])]
+    ph_rows, ph_label = nodule_table(extra) if extra else (np.zeros(0, bool), np.zeros(0, int))
+    ph_x = finite_rows(np.concatenate([p["x"] for p in extra])[ph_rows][:, columns]) if extra else np.zeros((0, len(columns)), np.float32)
+    fit_x = finite_rows(x[:, columns])
+    if len(set(label.tolist()) | set(ph_label.tolist())) < 2:
+        raise InputError("the nodule check needs genuine lesions and injections among its rows; give it verifier_nodule_phantoms")
+    every = np.full(len(x), -1)
+    every[own] = label
+    q = np.ones(len(x))
+    for tr, te in patient_splits(groups, folds):
+        tr = tr[own[tr]]
+        trees = boosting_classifier(cfg).fit(np.concatenate([fit_x[tr], ph_x]), np.concatenate([every[tr], ph_label]))
+        q[te] = trees.predict_proba(fit_x[te])[:, list(trees.classes_).index(1)] if 1 in trees.classes_ else 0.0
+    all_x, all_y = np.concatenate([fit_x[own], ph_x]), np.concatenate([label, ph_label])
+    trees = boosting_classifier(cfg).fit(all_x, all_y)
+    meta = {"names": tree_columns(cfg)[0], "what": "genuine nodule (0) or injected (1)", "rows": int(len(all_y)),
+            "genuine": int((all_y == 0).sum()), "injected": int((all_y == 1).sum()), "phantoms": len(extra)}
+    return Verifier.from_sklearn(trees, x, meta, columns=columns), q, int(len(all_y))
 
 
 def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
@@ -402,10 +485,11 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
 
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     t0 = time.time()
-    specs = verifier_specs(cfg)
-    jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs]
+    specs, nodule_sources = verifier_specs(cfg), nodule_specs(cfg)
+    jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs + nodule_sources]
     parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
                       disable=not progress))
+    parts, nodule_parts = parts[: len(specs)], parts[len(specs):]
     specs, parts = with_rows(specs, parts)
     x, y, groups, clean = stage_table(cfg, parts)
     n_clean = len(parts)  # one untouched copy per source
@@ -421,7 +505,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     scan_columns = bool(cfg["verifier_scan_columns"])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     folds = oof_folds(cfg)
-    oof = oof_trees = out_of_patient_scores(cfg, x, fit_x, y, groups, folds=folds)
+    p_oof = out_of_patient_probabilities(cfg, x, fit_x, y, groups, folds=folds)
+    oof_trees = 1.0 - p_oof[:, 0]
     w_patch, kept, timing = patch_weight(cfg), {}, {}
     if w_patch:  # the CNN's out-of-patient probabilities on the same splits, averaged in as screening averages them
         from ctguard.engine.train3d import _device
@@ -430,23 +515,35 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
 
         t_patch = time.time()
         patches, epochs, device = np.concatenate([p["patches"] for p in parts]), int(cfg["verifier_patch_epochs"]), _device(cfg)
-        p_oof = out_of_patient_patch_probabilities(patches, y, groups, epochs, int(cfg["seed"]), folds=folds, device=device)
-        kept["cnn"] = 1.0 - p_oof[:, 0]
-        oof = (1.0 - w_patch) * oof_trees + w_patch * kept["cnn"]
+        p_cnn = out_of_patient_patch_probabilities(patches, y, groups, epochs, int(cfg["seed"]), folds=folds, device=device)
+        kept["cnn"] = 1.0 - p_cnn[:, 0]
+        p_oof = (1.0 - w_patch) * p_oof + w_patch * p_cnn
         export_onnx(fit_patch_net(patches, y, epochs, int(cfg["seed"]), device), out / "model.patches.onnx")
         timing["patch_seconds"] = round(time.time() - t_patch, 1)
         echo(f"second stage: the patch CNN out of patient and on all rows, {timing['patch_seconds']:.0f} s; "
              f"wrote {out / 'model.patches.onnx'}")
+    nodules = None
+    if nodule_sources:  # the second look at P(injected), out of patient as the trees are
+        t_nod = time.time()
+        nodules, kept["nodule_check"], timing["nodule_rows"] = fit_nodule_check(cfg, parts, nodule_parts, x, groups, folds)
+        p_oof = nodule_checked(p_oof, kept["nodule_check"])
+        timing["nodule_seconds"] = round(time.time() - t_nod, 1)
+        echo(f"second stage: the nodule check on {timing['nodule_rows']} rows ({len(nodule_parts)} phantoms with a genuine nodule "
+             f"beside the training sources' lesions), {timing['nodule_seconds']:.0f} s")
+    oof = 1.0 - p_oof[:, 0]
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]), "scan_reference": scan_reference_on(cfg),
+            "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               f"scan, on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"}
-    Verifier.from_sklearn(clf, x, meta, columns=columns).save(out / "model.verifier.npz")
+    stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
+    stage.nodules = nodules
+    stage.save(out / "model.verifier.npz")
     clean_oof, clean_groups = oof[clean], groups[clean]
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
     top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
