@@ -103,7 +103,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],
                                 "seconds": summary.get("verifier", {}).get("seconds"),
-                                "patch_weight": float(v.meta.get("patch_weight", 0.0))}  # over 0: NAME.patches.onnx, a CNN averaged in
+                                "patch_weight": float(v.meta.get("patch_weight", 0.0)),  # over 0: NAME.patches.onnx, a CNN averaged in
+                                "nodule_check": bool(v.meta.get("nodule_check", False))}  # two-class trees in the same .npz
         if threshold is None:
             card["threshold"] = v.meta["threshold"]
             card["threshold_rule"] = threshold_rule or v.meta["threshold_rule"]
