@@ -1,0 +1,68 @@
+"""Where the held-out edits' screening scores lie, from a cross-validation report alone.
+
+Usage:
+    python benchmarks/experiments/edit_scores.py REPORT.json [REPORT.json ...]
+
+For each edit of each fold (``benchmarks/cross_validate.py`` keeps, per edit, the highest score of
+a finding of its kind near it from 0.3, and at its centre the network's and the whole detector's
+probabilities): how many are found at the fold's threshold, how many have a finding of their kind
+from 0.3 but under the threshold, and how many have none; of the last, how many the detector would
+score over 0.9 at the edit's own centre (lost between the network's candidates and the place: the
+candidate is elsewhere or the stage reads it off-centre) and how many the network scores under 0.3
+there (never a candidate). By edit family and target, pooled over the folds of each report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def edits_with_places(report: dict) -> list[dict]:
+    """Every edit of every fold with its fold's threshold and its centre's probabilities (the
+    report's places of kind injected or removed, which follow the edits' order)."""
+    out = []
+    for fold in report["folds"]:
+        ev = fold.get("eval")
+        if ev is None:
+            raise SystemExit(f"fold {fold['fold']} of the report keeps no places; run cross_validate.py again for it")
+        at = [p for p in ev["places"] if p["what"] in ("injected", "removed")]
+        if len(at) != len(ev["edits"]):
+            raise SystemExit(f"fold {fold['fold']}: {len(ev['edits'])} edits but {len(at)} edit places")
+        out += [{**e, "fold": fold["fold"], "threshold": fold["row"]["threshold"], "network": p["p_network"], "stage": p["p_tampered"]}
+                for e, p in zip(ev["edits"], at)]
+    return out
+
+
+def breakdown(edits: list[dict]) -> dict:
+    """Counts by (kind, family, target) and in all."""
+    groups: dict = defaultdict(lambda: defaultdict(int))
+    for e in edits:
+        for key in ((e["kind"], e["family"], e["target"]), ("all",)):
+            g = groups[" ".join(str(k) for k in key)]
+            g["edits"] += 1
+            g["found"] += bool(e["found"])
+            g["under the threshold"] += (not e["found"]) and e["score"] > 0
+            none = e["score"] == 0
+            g["no finding from 0.3"] += none
+            g["  of which the detector >= 0.9 at the centre"] += none and e["stage"] >= 0.9
+            g["  of which the network < 0.3 at the centre"] += none and e["network"] < 0.3
+    return {k: dict(v) for k, v in sorted(groups.items())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("reports", nargs="+")
+    a = ap.parse_args()
+    for path in a.reports:
+        with open(path) as f:
+            table = breakdown(edits_with_places(json.load(f)))
+        columns = list(table["all"])
+        print(f"\n{path}\n| kind, family, target | " + " | ".join(columns) + " |\n| --- |" + " --- |" * len(columns))
+        for key, counts in table.items():
+            print(f"| {key} | " + " | ".join(str(counts.get(c, 0)) for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
