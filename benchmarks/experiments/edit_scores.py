@@ -9,29 +9,31 @@ probabilities): how many are found at the fold's threshold, how many have a find
 from 0.3 but under the threshold, and how many have none; of the last, how many the detector would
 score over 0.9 at the edit's own centre (lost between the network's candidates and the place: the
 candidate is elsewhere or the stage reads it off-centre) and how many the network scores under 0.3
-there (never a candidate). By edit family and target, pooled over the folds of each report.
+there (never a candidate). By edit family and target, pooled over the folds of each report that
+kept their places (a cv.json, or one fold's eval.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compare_runs import folds_of  # noqa: E402
 
 
-def edits_with_places(report: dict) -> list[dict]:
-    """Every edit of every fold with its fold's threshold and its centre's probabilities (the
-    report's places of kind injected or removed, which follow the edits' order)."""
+def edits_with_places(folds: dict[int, dict]) -> list[dict]:
+    """Every edit of every fold's evaluation (:func:`compare_runs.folds_of`) with its centre's
+    probabilities (the places of kind injected or removed, which follow the edits' order)."""
     out = []
-    for fold in report["folds"]:
-        ev = fold.get("eval")
-        if ev is None:
-            raise SystemExit(f"fold {fold['fold']} of the report keeps no places; run cross_validate.py again for it")
+    for fold, ev in folds.items():
         at = [p for p in ev["places"] if p["what"] in ("injected", "removed")]
         if len(at) != len(ev["edits"]):
-            raise SystemExit(f"fold {fold['fold']}: {len(ev['edits'])} edits but {len(at)} edit places")
-        out += [{**e, "fold": fold["fold"], "threshold": fold["row"]["threshold"], "network": p["p_network"], "stage": p["p_tampered"]}
-                for e, p in zip(ev["edits"], at)]
+            raise SystemExit(f"fold {fold}: {len(ev['edits'])} edits but {len(at)} edit places")
+        out += [{**e, "network": p["p_network"], "stage": p["p_tampered"]} for e, p in zip(ev["edits"], at)]
     return out
 
 
@@ -56,8 +58,7 @@ def main() -> None:
     ap.add_argument("reports", nargs="+")
     a = ap.parse_args()
     for path in a.reports:
-        with open(path) as f:
-            table = breakdown(edits_with_places(json.load(f)))
+        table = breakdown(edits_with_places(folds_of(path)))
         columns = list(table["all"])
         print(f"\n{path}\n| kind, family, target | " + " | ".join(columns) + " |\n| --- |" + " --- |" * len(columns))
         for key, counts in table.items():

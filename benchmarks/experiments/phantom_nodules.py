@@ -109,8 +109,7 @@ def main() -> None:
            "injected_scores_run_stage": np.round(np.quantile(stage[centre], [0.25, 0.5, 0.75]), 3).tolist(),
            "seconds": round(time.time() - t0, 1)}
     if a.apply:
-        names, _ = tv.tree_columns(cfg)
-        texture = np.asarray([k for k in cols if not names[k].startswith("log_p_")])
+        texture = tv.nodule_columns(cfg)  # the trees' columns less the network's probabilities
         clf = tv.boosting_classifier(cfg).fit(finite_rows(side["x"][both][:, texture]), truth.astype(int))
         out["applied"], looks = [], []
         for folder in a.apply:

@@ -222,11 +222,8 @@ def nodule_specs(cfg: dict) -> list[tuple]:
 
 
 def nodule_check_on(cfg: dict) -> bool:
-    """The config's ``verifier_nodule_check``, or a one-line error when it is not true or false."""
-    on = cfg["verifier_nodule_check"]
-    if not isinstance(on, bool):
-        raise InputError(f"the config's verifier_nodule_check must be true or false, not {on!r}")
-    return on
+    """The config's ``verifier_nodule_check`` (:func:`config_flag`)."""
+    return config_flag(cfg, "verifier_nodule_check")
 
 
 def nodule_table(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -287,12 +284,18 @@ def blend_weight(cfg: dict) -> float:
     return w
 
 
+def config_flag(cfg: dict, key: str) -> bool:
+    """The config's ``key``, or a one-line error when it is not true or false."""
+    on = cfg[key]
+    if not isinstance(on, bool):
+        raise InputError(f"the config's {key} must be true or false, not {on!r}")
+    return on
+
+
 def patch_weight(cfg: dict) -> float:
     """The patch CNN's share of the stage's probabilities: ``verifier_patch_weight`` with
     ``verifier_patches``, else 0; a one-line error for a wrong setting."""
-    on, w, epochs = cfg["verifier_patches"], cfg["verifier_patch_weight"], cfg["verifier_patch_epochs"]
-    if not isinstance(on, bool):
-        raise InputError(f"the config's verifier_patches must be true or false, not {on!r}")
+    on, w, epochs = config_flag(cfg, "verifier_patches"), cfg["verifier_patch_weight"], cfg["verifier_patch_epochs"]
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < float(w) <= 1.0:
         raise InputError(f"the config's verifier_patch_weight must be a number over 0 and at most 1, not {w!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -373,11 +376,8 @@ def tree_columns(cfg: dict) -> tuple[list[str], np.ndarray]:
 
 
 def scan_reference_on(cfg: dict) -> bool:
-    """The config's ``verifier_scan_reference``, or a one-line error when it is not true or false."""
-    on = cfg["verifier_scan_reference"]
-    if not isinstance(on, bool):
-        raise InputError(f"the config's verifier_scan_reference must be true or false, not {on!r}")
-    return on
+    """The config's ``verifier_scan_reference`` (:func:`config_flag`)."""
+    return config_flag(cfg, "verifier_scan_reference")
 
 
 def with_scan_reference(part: dict) -> dict:
@@ -447,18 +447,19 @@ def nodule_columns(cfg: dict) -> np.ndarray:
 
 
 def fit_nodule_check(cfg: dict, parts: list[dict], nodule_parts: list[dict], x: np.ndarray, groups: np.ndarray,
-                     folds: int) -> tuple[Verifier, np.ndarray, int]:
+                     folds: int) -> tuple[Verifier, np.ndarray]:
     """The nodule check (``verifier_nodule_check``): two-class trees of the stage's kind, genuine
     nodule or injected, fitted on the training sources' genuine lesions and injections
-    (:func:`nodule_table`) and on those of the check's own phantoms (:func:`nodule_specs`). Returns
-    the trees, each stage row's P(injected rather than genuine) from trees fitted without its patient
-    (the same splits as the stage's; the phantoms in every fit) and the number of rows learnt from."""
+    (:func:`nodule_table`) and on those of the check's own phantoms (:func:`nodule_specs`; their rows
+    read as the stage's are, :func:`stage_table`). Returns the trees (their meta says how many rows
+    they learnt from) and each stage row's P(injected rather than genuine) from trees fitted without
+    its patient (the same splits as the stage's; the phantoms in every fit)."""
     columns = nodule_columns(cfg)
     own, label = nodule_table(parts)
-    extra = [with_scan_reference(p) for p in nodule_parts] if scan_reference_on(cfg) else nodule_parts
-    extra = [p for p in extra if len(p["y"])]
-    ph_rows, ph_label = nodule_table(extra) if extra else (np.zeros(0, bool), np.zeros(0, int))
-    ph_x = finite_rows(np.concatenate([p["x"] for p in extra])[ph_rows][:, columns]) if extra else np.zeros((0, len(columns)), np.float32)
+    ph_x, ph_label = np.zeros((0, len(columns)), np.float32), np.zeros(0, int)
+    if nodule_parts:
+        ph_rows, ph_label = nodule_table(nodule_parts)
+        ph_x = finite_rows(stage_table(cfg, nodule_parts)[0][ph_rows][:, columns])
     fit_x = finite_rows(x[:, columns])
     if len(set(label.tolist()) | set(ph_label.tolist())) < 2:
         raise InputError("the nodule check needs genuine lesions and injections among its rows; give it verifier_nodule_phantoms")
@@ -472,8 +473,8 @@ def fit_nodule_check(cfg: dict, parts: list[dict], nodule_parts: list[dict], x: 
     all_x, all_y = np.concatenate([fit_x[own], ph_x]), np.concatenate([label, ph_label])
     trees = boosting_classifier(cfg).fit(all_x, all_y)
     meta = {"names": tree_columns(cfg)[0], "what": "genuine nodule (0) or injected (1)", "rows": int(len(all_y)),
-            "genuine": int((all_y == 0).sum()), "injected": int((all_y == 1).sum()), "phantoms": len(extra)}
-    return Verifier.from_sklearn(trees, x, meta, columns=columns), q, int(len(all_y))
+            "genuine": int((all_y == 0).sum()), "injected": int((all_y == 1).sum()), "phantoms": len(nodule_parts)}
+    return Verifier.from_sklearn(trees, x, meta, columns=columns), q
 
 
 def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
@@ -525,9 +526,9 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     nodules = None
     if nodule_sources:  # the second look at P(injected), out of patient as the trees are
         t_nod = time.time()
-        nodules, kept["nodule_check"], timing["nodule_rows"] = fit_nodule_check(cfg, parts, nodule_parts, x, groups, folds)
+        nodules, kept["nodule_check"] = fit_nodule_check(cfg, parts, nodule_parts, x, groups, folds)
         p_oof = nodule_checked(p_oof, kept["nodule_check"])
-        timing["nodule_seconds"] = round(time.time() - t_nod, 1)
+        timing["nodule_rows"], timing["nodule_seconds"] = nodules.meta["rows"], round(time.time() - t_nod, 1)
         echo(f"second stage: the nodule check on {timing['nodule_rows']} rows ({len(nodule_parts)} phantoms with a genuine nodule "
              f"beside the training sources' lesions), {timing['nodule_seconds']:.0f} s")
     oof = 1.0 - p_oof[:, 0]
