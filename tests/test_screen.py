@@ -868,6 +868,28 @@ def test_second_stage_checks_injected_places_against_genuine_nodules(tmp_path):
         Verifier.load(tmp_path / "cut.verifier.npz")
 
 
+def test_nodule_check_without_phantoms_learns_from_real_lesions_alone():
+    """With ``verifier_nodule_phantoms: 0`` the check learns from the training sources' genuine
+    lesions and injections alone, each patient's rows scored by trees fitted without it."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, fit_nodule_check, joined_rows, nodule_columns, row_names
+
+    cfg = {**VERIFIER_DEFAULTS, "seed": 0, "verifier_boosting": "histogram", "verifier_trees": 100, "verifier_nodule_check": True,
+           "verifier_nodule_phantoms": 0}
+    rng = np.random.default_rng(0)
+    width = len(row_names(cfg))
+    parts = []
+    for k in range(4):  # four patients: 30 injections (shifted texture), 10 genuine lesions, 20 other places
+        y = np.r_[np.ones(30, int), np.zeros(30, int)]
+        x = rng.normal(size=(60, width)).astype(np.float32)
+        x[:30, nodule_columns(cfg)] += 3.0
+        parts.append({"x": x, "y": y, "lesion": np.r_[np.zeros(30, bool), np.ones(10, bool), np.zeros(20, bool)], "group": f"p{k}"})
+    x, y, groups, _ = joined_rows([{**p, "clean": np.zeros(60, bool)} for p in parts])
+    trees, q = fit_nodule_check(cfg, parts, [], x, groups, folds=2)
+    assert trees.meta["phantoms"] == 0 and trees.meta["genuine"] == 40 and trees.meta["injected"] == 120 and trees.meta["rows"] == 160
+    lesion = np.concatenate([p["lesion"] for p in parts])
+    assert q.shape == (240,) and q[y == 1].mean() > 0.8 > 0.2 > q[lesion].mean()  # each patient's rows scored by trees fitted without it
+
+
 def test_patches_at_the_scans_own_voxels(tmp_path):
     """A place's patch: HU / 400 on its own voxels, residuals in units of the scan's noise (zero on a
     flat scan), the scan's edge repeated past it; the CNN's ONNX export gives the network's own

@@ -524,7 +524,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         echo(f"second stage: the patch CNN out of patient and on all rows, {timing['patch_seconds']:.0f} s; "
              f"wrote {out / 'model.patches.onnx'}")
     nodules = None
-    if nodule_sources:  # the second look at P(injected), out of patient as the trees are
+    if nodule_check_on(cfg):  # the second look at P(injected), out of patient as the trees are (on real lesions alone without phantoms)
         t_nod = time.time()
         nodules, kept["nodule_check"] = fit_nodule_check(cfg, parts, nodule_parts, x, groups, folds)
         p_oof = nodule_checked(p_oof, kept["nodule_check"])
