@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cross_validate as cv  # noqa: E402
 
 from ctguard.lung import lung_mask  # noqa: E402
-from ctguard.screen import finding_probabilities, findings_from, heatmap, load_detector  # noqa: E402
+from ctguard.screen import finding_probabilities, heatmap, load_detector, stage_candidates  # noqa: E402
 from ctguard.verifier import with_recentred  # noqa: E402
 
 RULES = ("candidate", "dense", "smooth", "best of three")
@@ -41,25 +41,21 @@ def main() -> None:
     args = ap.parse_args()
     _, _, held = cv.fold_of(args)
     det = load_detector(str(Path(args.run) / "model.pt"))
-    cap = int(det.verifier.meta.get("max_candidates", 40))
     copies = []
     for _, src, label, vol, edits in cv.held_out_copies(held, args.fold):
         lungs = lung_mask(vol)
-        cands = findings_from(heatmap(vol, det, lungs), vol, float(det.verifier.meta.get("candidate_threshold", 0.3)))[:cap]
-        if not cands:
-            copies.append({"patient": src.patient, "label": label, "edits": [], "candidates": []})
-            continue
-        at = np.asarray([f["voxel"] for f in cands], float)
-        three = with_recentred(vol, at, threads=2)  # each candidate, its densest, its smoothest point
-        p_net = np.repeat(finding_probabilities(cands), 3, axis=0)
-        p = det.verifier.score_places(vol, three, p_net, lungs, candidates=True).reshape(len(cands), 3, 3)
+        cands = stage_candidates(heatmap(vol, det, lungs), vol, det.verifier)  # as screening gives them to the stage
+        candidates = []
+        if cands:
+            at = np.asarray([f["voxel"] for f in cands], float)
+            three = with_recentred(vol, at, threads=2)  # each candidate, its densest, its smoothest point
+            p_net = np.repeat(finding_probabilities(cands), 3, axis=0)
+            p = det.verifier.score_places(vol, three, p_net, lungs, candidates=True).reshape(len(cands), 3, 3)
+            offsets = np.linalg.norm((three.reshape(-1, 3, 3)[:, 1:] - at[:, None]) * np.asarray(vol.spacing), axis=-1)
+            candidates = [{"p": np.round(pk, 4).tolist(), "offset_mm": np.round(o, 1).tolist()} for pk, o in zip(p, offsets)]
         edit_rows = [{"kind": e.kind, "family": e.extra.get("family"), "diameter_mm": round(e.diameter_mm, 1),
                       "near": [k for k, f in enumerate(cands) if cv._near(f, e.voxel, e.diameter_mm, vol)]} for e in edits]
-        lesion_near = [k for k, f in enumerate(cands) for t in src.tumours if cv._near(f, t.voxel, t.diameter_mm, vol)] if not edits else []
-        copies.append({"patient": src.patient, "label": label, "edits": edit_rows, "lesion_candidates": sorted(set(lesion_near)),
-                       "candidates": [{"p": np.round(p[k], 4).tolist(),
-                                       "offset_mm": [round(float(np.linalg.norm((three[3 * k + j] - three[3 * k]) * np.asarray(vol.spacing))), 1)
-                                                     for j in (1, 2)]} for k in range(len(cands))]})
+        copies.append({"patient": src.patient, "label": label, "edits": edit_rows, "candidates": candidates})
         print(f"{src.patient} {label}: {len(cands)} candidates, {len(edits)} edits", flush=True)
     table = summarise(copies)
     print(json.dumps(table, indent=1))
@@ -76,25 +72,23 @@ def rule_scores(c: dict, rule: str) -> tuple[float, str]:
 
 
 def summarise(copies: list[dict]) -> dict:
-    """For every rule and threshold: edits found with their kind, clean copies flagged, lesion copies flagged."""
+    """For every rule and threshold: edits found with their kind and clean copies flagged."""
     out = {}
     for rule in RULES:
+        scored = [[rule_scores(f, rule) for f in c["candidates"]] for c in copies]  # once a rule, for every threshold
         per_t = {}
         for t in THRESHOLDS:
             found = total = flagged = clean = 0
-            for c in copies:
-                scored = [rule_scores(f, rule) for f in c["candidates"]]
+            for c, s in zip(copies, scored):
                 if c["edits"]:
-                    for e in c["edits"]:
-                        total += 1
-                        found += any(scored[k][0] >= t and scored[k][1] == e["kind"] for k in e["near"])
+                    total += len(c["edits"])
+                    found += sum(any(s[k][0] >= t and s[k][1] == e["kind"] for k in e["near"]) for e in c["edits"])
                 else:
                     clean += 1
-                    flagged += any(s >= t for s, _ in scored)
+                    flagged += any(v >= t for v, _ in s)
             per_t[str(t)] = {"found": f"{found}/{total}", "clean_flagged": f"{flagged}/{clean}"}
         out[rule] = per_t
     return out
-
 
 if __name__ == "__main__":
     main()
