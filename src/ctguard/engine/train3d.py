@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ctguard.data.cubes import MIN_TARGET_RADIUS_MM, cubes_from_source
-from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, check_stage_config, fit_verifier
+from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, check_stage_config, cross_fit_groups, fit_verifier, without_patients
 from ctguard.errors import InputError
 from ctguard.models.cube3d import CLASSES, TamperNet3D, normalise
 
@@ -336,10 +336,32 @@ def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, ech
 
 
 def train_second_stage(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> dict:
-    """Fits the second stage on the network in ``out`` (see :mod:`ctguard.engine.train_verifier`);
-    the summary of it."""
-    report = fit_verifier({**DEFAULTS, **cfg}, out, pool, echo, progress)
-    return {k: report[k] for k in ("threshold", "rows", "sources", "seconds")}
+    """Fits the second stage on the network in ``out`` (see :mod:`ctguard.engine.train_verifier`),
+    after the cross-fit networks its rows need (``verifier_cross_fit``); the summary of it."""
+    cfg = {**DEFAULTS, **cfg}
+    t0 = time.time()
+    train_cross_fit_networks(cfg, out, pool, echo, progress)
+    t_cross = time.time() - t0
+    report = fit_verifier(cfg, out, pool, echo, progress)
+    return {k: report[k] for k in ("threshold", "rows", "sources", "seconds")} | ({"cross_fit_seconds": round(t_cross, 1)} if t_cross > 1 else {})
+
+
+def train_cross_fit_networks(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> None:
+    """With ``verifier_cross_fit`` k: k networks of the run's recipe, each without one group of the
+    training patients (:func:`ctguard.engine.train_verifier.cross_fit_groups`), in
+    ``out/cross_fit{g}/``; one whose config there is the same is kept, not trained again."""
+    device = _device(cfg)
+    for g, patients in enumerate(cross_fit_groups(cfg)):
+        sub, where = without_patients(cfg, patients), out / f"cross_fit{g}"
+        if (where / "model.pt").is_file() and json.loads((where / "config.json").read_text()) == json.loads(json.dumps(sub)):
+            echo(f"cross-fit network {g + 1} (without {', '.join(patients)}): kept from {where}")
+            continue
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "config.json").write_text(json.dumps(sub, indent=2) + "\n")
+        echo(f"cross-fit network {g + 1} of {len(cross_fit_groups(cfg))}: the recipe without {', '.join(patients)}")
+        torch.manual_seed(int(cfg["seed"]) + 1 + g)
+        np.random.seed(int(cfg["seed"]) + 1 + g)
+        _train(sub, where, device, pool, progress, lambda m, g=g: echo(f"  [cross-fit {g + 1}] {m}"))
 
 
 def save_run(out: Path, model: nn.Module, cfg: dict, arch: str, history: list[dict], sizes: dict, t0: float, t_data: float, echo,

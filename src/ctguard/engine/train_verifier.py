@@ -69,6 +69,7 @@ VERIFIER_DEFAULTS = {
     "verifier_scan_reference": False,  # each row also less the median row of its scan's candidates (ctguard.verifier.scan_referenced)
     "verifier_nodule_check": False,  # a second look at every place's P(injected): two-class trees, genuine nodule or injected (ctguard.verifier.nodule_checked)
     "verifier_nodule_phantoms": 40,  # with verifier_nodule_check: fresh varied phantoms, each with a genuine nodule, that only the check learns from
+    "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
 }
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
@@ -303,6 +304,57 @@ def patch_weight(cfg: dict) -> float:
     return float(w) if on else 0.0
 
 
+def cross_fit(cfg: dict) -> int:
+    """The config's ``verifier_cross_fit`` (0, or 2 and more), or a one-line error."""
+    value = cfg["verifier_cross_fit"]
+    if isinstance(value, bool) or not isinstance(value, int) or value == 1 or value < 0:
+        raise InputError(f"the config's verifier_cross_fit must be 0 (off) or a whole number from 2, not {value!r}")
+    return value
+
+
+def patient_of(entry: dict | str) -> str:
+    """A training scan's patient: its ``real_scans`` entry's ``patient``, else the scan's file name."""
+    if isinstance(entry, dict):
+        return str(entry.get("patient") or Path(entry["scan"]).name)
+    return Path(str(entry)).name
+
+
+def cross_fit_groups(cfg: dict) -> list[list[str]]:
+    """The training patients in ``verifier_cross_fit`` groups, dealt in turn in the config's order (so
+    that a config listing patients by vendor or collection puts each on both sides); [] when off."""
+    k = cross_fit(cfg)
+    if not k:
+        return []
+    patients = list(dict.fromkeys(patient_of(e) for e in (cfg.get("real_series") or []) + (cfg.get("real_scans") or [])))
+    if len(patients) < k:
+        raise InputError(f"the config's verifier_cross_fit ({k}) needs at least as many training patients; it has {len(patients)}")
+    return [patients[g::k] for g in range(k)]
+
+
+def without_patients(cfg: dict, patients: list[str]) -> dict:
+    """The run's config for a network trained without ``patients`` (a cross-fit network): no second
+    stage, no cube file of its own (the per-source cache serves it)."""
+    out = {**cfg, "verifier": False, "cache": None, "verifier_cross_fit": 0}
+    out["real_series"] = [p for p in cfg.get("real_series") or [] if patient_of(p) not in patients]
+    out["real_scans"] = [e for e in cfg.get("real_scans") or [] if patient_of(e) not in patients]
+    return out
+
+
+def stage_network(cfg: dict, out: Path, spec: tuple) -> str:
+    """The network whose probabilities and candidates a source's rows hold: with ``verifier_cross_fit``,
+    a real scan's rows come from the cross-fit network trained without its patient
+    (``out/cross_fit{g}/model.pt``), so that every training patient's rows see a network that never
+    saw the patient, as a held-out patient's scan does; phantoms' rows (fresh chests) and all rows
+    without it come from the run's own network."""
+    if spec[0] == "series":
+        entries = {str(p): patient_of(p) for p in cfg.get("real_series") or []} | \
+                  {str(e["scan"]): patient_of(e) for e in cfg.get("real_scans") or []}
+        for g, patients in enumerate(cross_fit_groups(cfg)):
+            if entries.get(str(spec[1])) in patients:
+                return str(out / f"cross_fit{g}" / "model.pt")
+    return str(out / "model.pt")
+
+
 def oof_folds(cfg: dict) -> int:
     """The config's ``verifier_oof_folds`` (0, or 2 and more), or a one-line error."""
     value = cfg["verifier_oof_folds"]
@@ -313,13 +365,14 @@ def oof_folds(cfg: dict) -> int:
 
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
-    ``verifier_oof_folds``, ``verifier_thick``, ``verifier_scan_reference`` or patch setting before
-    anything is trained."""
+    ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``
+    or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
     phantom_lesions(cfg)
     oof_folds(cfg)
+    cross_fit_groups(cfg)
     thick_factors(cfg)
     patch_weight(cfg)
     scan_reference_on(cfg)
@@ -353,7 +406,7 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     ``verifier_rows/`` where kept, else made again): for studying a run's stage without fitting it."""
     cfg = {**VERIFIER_DEFAULTS, **json.loads((Path(run) / "config.json").read_text())}
     specs = verifier_specs(cfg)
-    return cfg, *with_rows(specs, [source_rows((cfg, spec, str(Path(run) / "model.pt"))) for spec in specs])
+    return cfg, *with_rows(specs, [source_rows((cfg, spec, stage_network(cfg, Path(run), spec))) for spec in specs])
 
 
 def row_names(cfg: dict) -> list[str]:
@@ -487,7 +540,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     t0 = time.time()
     specs, nodule_sources = verifier_specs(cfg), nodule_specs(cfg)
-    jobs = [(cfg, spec, str(out / "model.pt")) for spec in specs + nodule_sources]
+    jobs = [(cfg, spec, stage_network(cfg, out, spec)) for spec in specs + nodule_sources]
     parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
                       disable=not progress))
     parts, nodule_parts = parts[: len(specs)], parts[len(specs):]
@@ -539,6 +592,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
+            "cross_fit": cross_fit_groups(cfg),
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
                               f"scan, on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"}
