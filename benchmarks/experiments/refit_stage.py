@@ -8,7 +8,8 @@ Copies the network of RUN (``model.pt``, ``model.onnx``, its hard-negative round
 the network, with the config's ``verifier*`` settings (the network's own settings are kept from
 RUN). ``summary.json`` of OUT gets the new stage's summary. RUN's rows (``verifier_rows/``) are
 copied too, so settings that do not change the rows (the trees', ``verifier_blend``) fit in a minute
-or two. For trying stage settings without training the network again (about 32 of the recipe's 45
+or two, and so are RUN's cross-fit networks (``verifier_cross_fit``): OUT trains only those its
+config asks for and RUN lacks. For trying stage settings without training the network again (about 32 of the recipe's 45
 minutes here).
 """
 
@@ -41,6 +42,8 @@ def main() -> None:
             shutil.copy(run / f, out / f)
     if (run / "verifier_rows").is_dir():  # each source's rows, keyed by the network and the settings that make them: reused where those match
         shutil.copytree(run / "verifier_rows", out / "verifier_rows", dirs_exist_ok=True)
+    for net in run.glob("cross_fit[0-9]*"):  # verifier_cross_fit's networks (with their rows): kept where the config asks for the same
+        shutil.copytree(net, out / net.name, dirs_exist_ok=True)
     stage = {k: v for k, v in api.load_config(a.config).items() if k.startswith("verifier")}
     cfg = {**json.loads((run / "config.json").read_text()), **stage}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
