@@ -740,8 +740,11 @@ def test_second_stage_rows_from_cross_fit_networks(tmp_path):
         source_rows((resolved, spec, net))  # found there, not made again
     assert sorted(run.glob("**/verifier_rows/*.npz")) == kept
     said = []
-    train_second_stage(resolved, run, echo=said.append)
+    train_second_stage({**resolved, "verifier_blend": 0.5}, run, echo=said.append)  # a stage setting: the same networks
     assert sum("kept from" in m for m in said) == 2 and not any("[cross-fit" in m for m in said)
+    said.clear()
+    train_second_stage({**resolved, "epochs": 2, "verifier_cross_fit": 3}, run, echo=said.append)  # three groups, another recipe: all anew
+    assert not any("kept from" in m for m in said) and (run / "cross_fit2" / "model.pt").is_file()
 
 
 def test_second_stage_with_a_patch_cnn(tmp_path):

@@ -346,14 +346,20 @@ def train_second_stage(cfg: dict, out: Path, pool=None, echo=print, progress: bo
     return {k: report[k] for k in ("threshold", "rows", "sources", "seconds")} | ({"cross_fit_seconds": round(t_cross, 1)} if t_cross > 1 else {})
 
 
+def network_settings(cfg: dict) -> dict:
+    """What a network depends on: a config less the second stage's settings (``verifier*``), as JSON reads it back."""
+    return {k: v for k, v in json.loads(json.dumps(cfg)).items() if not k.startswith("verifier")}
+
+
 def train_cross_fit_networks(cfg: dict, out: Path, pool=None, echo=print, progress: bool = False) -> None:
     """With ``verifier_cross_fit`` k: k networks of the run's recipe, each without one group of the
     training patients (:func:`ctguard.engine.train_verifier.cross_fit_groups`), in
-    ``out/cross_fit{g}/``; one whose config there is the same is kept, not trained again."""
+    ``out/cross_fit{g}/``; one whose config there is the same but for the second stage's settings is
+    kept, not trained again."""
     device = _device(cfg)
     for g, patients in enumerate(cross_fit_groups(cfg)):
         sub, where = without_patients(cfg, patients), out / f"cross_fit{g}"
-        if (where / "model.pt").is_file() and json.loads((where / "config.json").read_text()) == json.loads(json.dumps(sub)):
+        if (where / "model.pt").is_file() and network_settings(json.loads((where / "config.json").read_text())) == network_settings(sub):
             echo(f"cross-fit network {g + 1} (without {', '.join(patients)}): kept from {where}")
             continue
         where.mkdir(parents=True, exist_ok=True)
