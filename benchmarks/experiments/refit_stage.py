@@ -9,8 +9,8 @@ the network, with the config's ``verifier*`` settings (the network's own setting
 RUN). ``summary.json`` of OUT gets the new stage's summary. RUN's rows (``verifier_rows/``) are
 copied too, so settings that do not change the rows (the trees', ``verifier_blend``) fit in a minute
 or two, and so are RUN's cross-fit networks (``verifier_cross_fit``): OUT trains only those its
-config asks for and RUN lacks. For trying stage settings without training the network again (about 32 of the recipe's 45
-minutes here).
+config asks for and RUN lacks. For trying stage settings without training the network again
+(about 32 of the recipe's 45 minutes here).
 """
 
 from __future__ import annotations

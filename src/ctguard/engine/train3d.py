@@ -343,7 +343,8 @@ def train_second_stage(cfg: dict, out: Path, pool=None, echo=print, progress: bo
     train_cross_fit_networks(cfg, out, pool, echo, progress)
     t_cross = time.time() - t0
     report = fit_verifier(cfg, out, pool, echo, progress)
-    return {k: report[k] for k in ("threshold", "rows", "sources", "seconds")} | ({"cross_fit_seconds": round(t_cross, 1)} if t_cross > 1 else {})
+    summary = {k: report[k] for k in ("threshold", "rows", "sources", "seconds")}
+    return summary | ({"cross_fit_seconds": round(t_cross, 1)} if cross_fit_groups(cfg) else {})
 
 
 def network_settings(cfg: dict) -> dict:
