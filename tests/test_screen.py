@@ -695,56 +695,54 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
 
 
-def test_second_stage_rows_from_cross_fit_networks(tmp_path):
+def test_second_stage_rows_from_cross_fit_networks(tmp_path, monkeypatch):
     """``verifier_cross_fit``: a network of the recipe for each group of training patients, trained
     without them; each patient's stage rows (its edits' and untouched places' probabilities, and the
-    candidates) come from the network that never saw it, the phantoms' from the run's own; a refit
-    keeps the networks whose config is unchanged."""
+    candidates) come from the network that never saw it, a phantom's from the run's own; a refit
+    keeps the networks whose config differs only in the stage's settings."""
     from ctguard import io
-    from ctguard.engine.train3d import train_second_stage
+    from ctguard.engine import train3d
     from ctguard.engine.train_verifier import cross_fit_groups, source_rows, stage_network, verifier_specs
     from ctguard.errors import InputError
 
-    scans = []
-    for k, patient in enumerate(("P1", "P2", "P3")):
-        scans.append({"patient": patient, "scan": str(io.write_itk(phantom_source(30 + k, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume,
-                                                                    tmp_path / f"{patient}.nrrd"))})
+    scans = [{"patient": patient, "scan": str(io.write_itk(phantom_source(30 + k, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume,
+                                                            tmp_path / f"{patient}.nrrd"))} for k, patient in enumerate(("P1", "P2"))]
     cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
            "real_scans": scans, "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
-           "verifier": True, "verifier_phantoms": 1, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
+           "verifier": True, "verifier_phantoms": 0, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
            "verifier_trees": 10, "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 4, "verifier_per_scan": 1,
            "verifier_boosting": "histogram", "verifier_cross_fit": 2}
     for bad, says in ((1, r"must be 0 \(off\) or a whole number from 2, not 1"), (True, "not True"),
-                      (4, r"verifier_cross_fit \(4\) needs at least as many training patients; it has 3")):
+                      (3, r"verifier_cross_fit \(3\) needs at least as many training patients; it has 2")):
         with pytest.raises(InputError, match=says):
             api.train({**cfg, "verifier_cross_fit": bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
     assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
-    assert cross_fit_groups(cfg) == [["P1", "P3"], ["P2"]]  # dealt in turn
+    three = {"real_scans": [{"patient": p, "scan": f"{p}.nrrd"} for p in ("A", "B", "A", "C")], "verifier_cross_fit": 2}
+    assert cross_fit_groups(three) == [["A", "C"], ["B"]]  # each patient once, dealt in turn in the config's order
     run = tmp_path / "run"
     api.train(cfg, run, progress=False, echo=lambda *_: None)
-    for g, left_out in enumerate((["P1", "P3"], ["P2"])):
+    for g, left_out in enumerate(("P1", "P2")):
         sub = json.loads((run / f"cross_fit{g}" / "config.json").read_text())
-        assert [e["patient"] for e in sub["real_scans"]] == [e["patient"] for e in scans if e["patient"] not in left_out]
+        assert [e["patient"] for e in sub["real_scans"]] == [e["patient"] for e in scans if e["patient"] != left_out]
         assert not sub["verifier"] and (run / f"cross_fit{g}" / "model.pt").is_file()
     report = json.loads((run / "verifier.json").read_text())
-    assert report["cross_fit"] == [["P1", "P3"], ["P2"]] and report["sources"] == 4
-    # Each source's rows are kept beside the network that made them: a cross-fit network's for a patient, the run's for the phantom.
+    assert report["cross_fit"] == [["P1"], ["P2"]] and report["sources"] == 2
     resolved = json.loads((run / "config.json").read_text())
     specs = verifier_specs(resolved)
-    nets = [stage_network(resolved, run, s) for s in specs]
-    assert nets == [str(run / "model.pt"), str(run / "cross_fit0" / "model.pt"), str(run / "cross_fit1" / "model.pt"),
-                    str(run / "cross_fit0" / "model.pt")]
+    assert [stage_network(resolved, run, s) for s in specs] == [str(run / "cross_fit0" / "model.pt"), str(run / "cross_fit1" / "model.pt")]
+    assert stage_network(resolved, run, ("phantom", 900)) == str(run / "model.pt")
+    # Each source's rows are kept beside the network that made them, and found there again.
     kept = sorted(run.glob("**/verifier_rows/*.npz"))
-    assert [len(list((run / d / "verifier_rows").glob("*.npz"))) for d in (".", "cross_fit0", "cross_fit1")] == [1, 2, 1]
-    for spec, net in zip(specs, nets):
-        source_rows((resolved, spec, net))  # found there, not made again
+    assert [len(list((run / d / "verifier_rows").glob("*.npz"))) for d in (".", "cross_fit0", "cross_fit1")] == [0, 1, 1]
+    for spec in specs:
+        source_rows((resolved, spec, stage_network(resolved, run, spec)))
     assert sorted(run.glob("**/verifier_rows/*.npz")) == kept
-    said = []
-    train_second_stage({**resolved, "verifier_blend": 0.5}, run, echo=said.append)  # a stage setting: the same networks
-    assert sum("kept from" in m for m in said) == 2 and not any("[cross-fit" in m for m in said)
-    said.clear()
-    train_second_stage({**resolved, "epochs": 2, "verifier_cross_fit": 3}, run, echo=said.append)  # three groups, another recipe: all anew
-    assert not any("kept from" in m for m in said) and (run / "cross_fit2" / "model.pt").is_file()
+    trained, said = [], []
+    monkeypatch.setattr(train3d, "_train", lambda sub, where, *a: trained.append(where.name))
+    train3d.train_cross_fit_networks({**resolved, "verifier_blend": 0.5}, run, echo=said.append)  # a stage setting: the same networks
+    assert not trained and sum("kept from" in m for m in said) == 2
+    train3d.train_cross_fit_networks({**resolved, "epochs": 2}, run, echo=said.append)  # another recipe: both anew
+    assert trained == ["cross_fit0", "cross_fit1"]
 
 
 def test_second_stage_with_a_patch_cnn(tmp_path):
