@@ -90,5 +90,6 @@ def summarise(copies: list[dict]) -> dict:
         out[rule] = per_t
     return out
 
+
 if __name__ == "__main__":
     main()

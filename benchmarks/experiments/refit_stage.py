@@ -43,7 +43,7 @@ def main() -> None:
     if (run / "verifier_rows").is_dir():  # each source's rows, keyed by the network and the settings that make them: reused where those match
         shutil.copytree(run / "verifier_rows", out / "verifier_rows", dirs_exist_ok=True)
     for net in run.glob("cross_fit[0-9]*"):  # verifier_cross_fit's networks (with their rows): kept where the config asks for the same
-        shutil.copytree(net, out / net.name, dirs_exist_ok=True)
+        shutil.copytree(net, out / net.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("hard_round*.npz"))  # not their mined cubes
     stage = {k: v for k, v in api.load_config(a.config).items() if k.startswith("verifier")}
     cfg = {**json.loads((run / "config.json").read_text()), **stage}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -43,12 +43,10 @@ def vessel_measures(vol, place, reach_mm: float = 24.0, inner_mm: float = 12.0) 
     dense_inner = dense & inner
     rim = ball & (dist > reach_mm - 4.0)
     pieces_on_rim, n_pieces = ndimage.label(rim & dense, NEIGHBOURS)
-    meets = np.zeros(n + 1, int)
-    if n_pieces:
-        np.add.at(meets, ndimage.maximum(lab, pieces_on_rim, index=np.arange(1, n_pieces + 1)).astype(int), 1)
-    index = np.arange(1, n + 1)
-    nearest = ndimage.minimum(dist, lab, index=index) if n else np.zeros(0)
-    volume = ndimage.sum(np.ones_like(dist), lab, index=index) * float(np.prod(vol.spacing)) if n else np.zeros(0)
+    piece_of = ndimage.maximum(lab, pieces_on_rim, index=np.arange(1, n_pieces + 1)).astype(int) if n_pieces else np.zeros(0, int)
+    meets = np.bincount(piece_of, minlength=n + 1)  # how many times each dense piece meets the rim
+    nearest = ndimage.minimum(dist, lab, index=np.arange(1, n + 1)) if n else np.zeros(0)
+    volume = np.bincount(lab.ravel(), minlength=n + 1)[1:] * float(np.prod(vol.spacing))
     near, rim_count = (nearest <= inner_mm) & (volume >= 20.0), meets[1:]
     touching = np.isin(lab, np.flatnonzero(meets[1:]) + 1)
     dead, through = float((near & (rim_count == 1)).sum()), float((near & (rim_count >= 2)).sum())

@@ -357,15 +357,15 @@ def train_cross_fit_networks(cfg: dict, out: Path, pool=None, echo=print, progre
     training patients (:func:`ctguard.engine.train_verifier.cross_fit_groups`), in
     ``out/cross_fit{g}/``; one whose config there is the same but for the second stage's settings is
     kept, not trained again."""
-    device = _device(cfg)
-    for g, patients in enumerate(cross_fit_groups(cfg)):
+    device, groups = _device(cfg), cross_fit_groups(cfg)
+    for g, patients in enumerate(groups):
         sub, where = without_patients(cfg, patients), out / f"cross_fit{g}"
         if (where / "model.pt").is_file() and network_settings(json.loads((where / "config.json").read_text())) == network_settings(sub):
             echo(f"cross-fit network {g + 1} (without {', '.join(patients)}): kept from {where}")
             continue
         where.mkdir(parents=True, exist_ok=True)
         (where / "config.json").write_text(json.dumps(sub, indent=2) + "\n")
-        echo(f"cross-fit network {g + 1} of {len(cross_fit_groups(cfg))}: the recipe without {', '.join(patients)}")
+        echo(f"cross-fit network {g + 1} of {len(groups)}: the recipe without {', '.join(patients)}")
         torch.manual_seed(int(cfg["seed"]) + 1 + g)
         np.random.seed(int(cfg["seed"]) + 1 + g)
         _train(sub, where, device, pool, progress, lambda m, g=g: echo(f"  [cross-fit {g + 1}] {m}"))

@@ -319,13 +319,20 @@ def patient_of(entry: dict | str) -> str:
     return Path(str(entry)).name
 
 
+def scan_patients(cfg: dict) -> dict[str, str]:
+    """Each training scan's path (as :func:`ctguard.engine.train3d.real_scans` gives it) and its
+    patient (:func:`patient_of`), in the config's order."""
+    entries = (cfg.get("real_series") or []) + (cfg.get("real_scans") or [])
+    return {str(e["scan"] if isinstance(e, dict) else e): patient_of(e) for e in entries}
+
+
 def cross_fit_groups(cfg: dict) -> list[list[str]]:
     """The training patients in ``verifier_cross_fit`` groups, dealt in turn in the config's order (so
     that a config listing patients by vendor or collection puts each on both sides); [] when off."""
     k = cross_fit(cfg)
     if not k:
         return []
-    patients = list(dict.fromkeys(patient_of(e) for e in (cfg.get("real_series") or []) + (cfg.get("real_scans") or [])))
+    patients = list(dict.fromkeys(scan_patients(cfg).values()))
     if len(patients) < k:
         raise InputError(f"the config's verifier_cross_fit ({k}) needs at least as many training patients; it has {len(patients)}")
     return [patients[g::k] for g in range(k)]
@@ -346,12 +353,10 @@ def stage_network(cfg: dict, out: Path, spec: tuple) -> str:
     (``out/cross_fit{g}/model.pt``), so that every training patient's rows see a network that never
     saw the patient, as a held-out patient's scan does; phantoms' rows (fresh chests) and all rows
     without it come from the run's own network."""
-    if spec[0] == "series":
-        entries = {str(p): patient_of(p) for p in cfg.get("real_series") or []} | \
-                  {str(e["scan"]): patient_of(e) for e in cfg.get("real_scans") or []}
-        for g, patients in enumerate(cross_fit_groups(cfg)):
-            if entries.get(str(spec[1])) in patients:
-                return str(out / f"cross_fit{g}" / "model.pt")
+    patient = scan_patients(cfg).get(str(spec[1])) if spec[0] == "series" else None
+    for g, patients in enumerate(cross_fit_groups(cfg)):
+        if patient in patients:
+            return str(out / f"cross_fit{g}" / "model.pt")
     return str(out / "model.pt")
 
 
