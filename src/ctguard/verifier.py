@@ -11,6 +11,12 @@ where the profiles no longer describe it. A stage fitted with ``recentre`` there
 profiles at two places near each candidate found on the image itself (:func:`recentred`: the
 densest point, where an injected nodule's core would be, and the point of weakest fine texture,
 where an in-painting would be), and how far they are, in the same row.
+
+A stage fitted with ``resampling`` also reads each place's resampling trace
+(:func:`resampling_trace`): CT-GAN, and this project's simulator, edit a cube resampled to 1 mm and
+paste it back by interpolation, and linear interpolation from one grid onto another leaves the
+noise's variance rising and falling with the voxel's fractional position on the other grid, a
+ripple at a frequency set by the scan's own pixel spacing that no untouched place has.
 """
 
 from __future__ import annotations
@@ -32,15 +38,20 @@ REACH_MM = BINS_MM[-1]
 PER_BIN = ("hu_mean", "hu_std", "res_xy", "res_z", "grad", "dense")
 RECENTRE_MM = 10.0  # how far from a candidate :func:`recentred` looks
 SCAN_COLUMNS = ("log_slice_mm", "log_pixel_mm", "log_noise_xy", "log_noise_z")  # the same at every place of a scan
+TRACE_RADII_MM = (5.0, 8.0, 12.0)  # the half-widths of the squares :func:`resampling_trace` reads
+TRACE_CLIP = 6.0  # residuals clipped at this many times the scan's in-plane noise (edges of vessels weigh no more than noise)
+TRACE_MIN_FREQUENCY = 0.04  # cycles a voxel: a pixel spacing this close to a whole number of mm leaves no ripple to read
 
 
-def feature_names(recentre: bool = False) -> list[str]:
-    """The names of :func:`place_features`' columns, in order; with ``recentre`` those of
-    :func:`features_at`'s wider rows."""
+def feature_names(recentre: bool = False, resampling: bool = False) -> list[str]:
+    """The names of :func:`place_features`' columns, in order (with ``resampling``, then those of
+    :func:`resampling_trace`); with ``recentre`` those of :func:`features_at`'s wider rows."""
     names = [f"{what}_{int(a)}_{int(b)}" for a, b in zip(BINS_MM[:-1], BINS_MM[1:]) for what in PER_BIN]
     names += list(SCAN_COLUMNS)
     inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
     names += [f"{what}_{a}_vs_{outer}" for a in (inner, rim) for what in PER_BIN]
+    if resampling:
+        names += [f"resampling_trace_{int(r)}" for r in TRACE_RADII_MM]
     if recentre:
         own = [n for n in names if n not in SCAN_COLUMNS]
         names += [f"{n}@{at}" for at in ("dense", "smooth") for n in own] + ["dense_offset_mm", "smooth_offset_mm"]
@@ -251,22 +262,74 @@ def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) 
 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
-                recentre: bool = False) -> np.ndarray:
-    """:func:`place_features` at every place ``(n, 3)``, over ``threads`` threads (the filters and
-    medians run outside the GIL for much of their time). With ``recentre`` each row goes on with the
-    profiles at the place's two :func:`recentred` places (less :data:`SCAN_COLUMNS`) and their
-    distances (mm) from it."""
+                recentre: bool = False, resampling: bool = False) -> np.ndarray:
+    """:func:`place_features` at every place ``(n, 3)`` (with ``resampling``, then its
+    :func:`resampling_trace`), over ``threads`` threads (the filters and medians run outside the GIL
+    for much of their time). With ``recentre`` each row goes on with the same at the place's two
+    :func:`recentred` places (less :data:`SCAN_COLUMNS`) and their distances (mm) from it."""
     places = np.asarray(places, float).reshape(-1, 3)
     if recentre:
         if not len(places):
-            return np.zeros((0, len(feature_names(recentre=True))), np.float32)
+            return np.zeros((0, len(feature_names(recentre=True, resampling=resampling))), np.float32)
         at = with_recentred(vol, places, threads)
-        f = features_at(vol, at, noise, threads).reshape(len(places), 3, -1)
-        own = [k for k, n in enumerate(feature_names()) if n not in SCAN_COLUMNS]
+        f = features_at(vol, at, noise, threads, resampling=resampling).reshape(len(places), 3, -1)
+        own = [k for k, n in enumerate(feature_names(resampling=resampling)) if n not in SCAN_COLUMNS]
         offsets = np.linalg.norm((at.reshape(-1, 3, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
         return np.hstack([f[:, 0], f[:, 1, own], f[:, 2, own], offsets]).astype(np.float32)
-    rows = _map(lambda p: place_features(vol, p, noise), places, threads)
-    return np.stack(rows) if rows else np.zeros((0, len(feature_names())), np.float32)
+    if resampling:
+        rows = _map(lambda p: np.concatenate([place_features(vol, p, noise), resampling_trace(vol, p, noise[0])]), places, threads)
+    else:
+        rows = _map(lambda p: place_features(vol, p, noise), places, threads)
+    return np.stack(rows) if rows else np.zeros((0, len(feature_names(resampling=resampling))), np.float32)
+
+
+def ripple_frequency(spacing_mm: float) -> float:
+    """Cycles a voxel of the noise-variance ripple that linear interpolation between a grid of
+    ``spacing_mm`` and a 1 mm grid leaves: a voxel at ``x`` mm lies at the fraction ``x mod 1`` of
+    a 1 mm cell, and the variance of an interpolated value, ``(1 - f)^2 + f^2`` of the noise's for
+    fraction ``f``, rises and falls once a cell, so once every ``1 / spacing`` voxels (aliased into
+    0-0.5)."""
+    f = float(spacing_mm) % 1.0
+    return min(f, 1.0 - f)
+
+
+def resampling_trace(vol: Volume, place: np.ndarray, noise_xy: float) -> np.ndarray:
+    """How strongly the in-plane fine texture around ``place`` ripples at :func:`ripple_frequency`,
+    in squares of half-width :data:`TRACE_RADII_MM` (in-plane; the slices within that reach): the
+    squared in-plane residual (a 3x3 mean subtracted, clipped at :data:`TRACE_CLIP` times the scan's
+    noise ``noise_xy``), averaged along each in-plane axis into a profile across the other, its
+    Hann-windowed Fourier power at the ripple's frequency as a multiple of what noise without a
+    ripple gives, summed over the two axes; the log of one plus that. A pasted cube's grid is one
+    rigid grid, so its ripple keeps one phase over every row and slice of it. NaN where the pixel
+    spacing lies within :data:`TRACE_MIN_FREQUENCY` of a whole number of mm on either axis."""
+    spacing = np.asarray(vol.spacing, float)
+    freqs = [ripple_frequency(s) for s in spacing[1:]]
+    if min(freqs) < TRACE_MIN_FREQUENCY:
+        return np.full(len(TRACE_RADII_MM), np.nan, np.float32)
+    c = np.rint(np.asarray(place, float)).astype(int)
+    reach = np.array([int(np.floor(max(TRACE_RADII_MM) / spacing[0])), *np.ceil(max(TRACE_RADII_MM) / spacing[1:]).astype(int) + 1])
+    lo, hi = np.maximum(c - reach, 0), np.minimum(c + reach + 1, vol.shape)
+    hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
+    clip = TRACE_CLIP * max(float(noise_xy), 1e-3)
+    e = np.clip(hu - ndimage.uniform_filter(hu, (1, 3, 3), mode="nearest"), -clip, clip) ** 2
+    out = []
+    for radius in TRACE_RADII_MM:
+        half = np.array([int(np.floor(radius / spacing[0])), *np.ceil(radius / spacing[1:]).astype(int)])
+        a, b = np.maximum(c - half - lo, 0), np.minimum(c + half + 1 - lo, e.shape)
+        sq = e[tuple(slice(i, j) for i, j in zip(a, b))]
+        power = 0.0
+        for axis, f in ((2, freqs[1]), (1, freqs[0])):
+            n = sq.shape[axis]
+            if n < 8:
+                continue
+            lines = sq.size / n
+            profile = sq.mean(axis=tuple(k for k in range(3) if k != axis))
+            window = np.hanning(n)
+            wave = window * np.exp(-2j * np.pi * f * np.arange(n))
+            p = abs(np.dot(profile - profile.mean(), wave)) ** 2
+            power += p / (float(sq.var()) * float((window**2).sum()) / lines + 1e-12)
+        out.append(np.log1p(power))
+    return np.asarray(out, np.float32)
 
 
 NETWORK_EPS = 1e-4  # added to the network's probabilities before their log
@@ -286,10 +349,10 @@ def network_probabilities(f: np.ndarray) -> np.ndarray:
 
 
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
-                 with_network: bool = True, threads: int = 2, recentre: bool = False) -> np.ndarray:
+                 with_network: bool = True, threads: int = 2, recentre: bool = False, resampling: bool = False) -> np.ndarray:
     """The second stage's rows at ``places``: :func:`features_at`, then (``with_network``) the
     network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores."""
-    x = features_at(vol, places, noise, threads, recentre)
+    x = features_at(vol, places, noise, threads, recentre, resampling)
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
@@ -344,7 +407,7 @@ class Verifier:
     tree_class: np.ndarray  # (trees,) the class each tree adds to
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
-    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, candidate_threshold, max_candidates, threshold, fit details
+    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, candidate_threshold, max_candidates, threshold, fit details
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
 
@@ -373,7 +436,8 @@ class Verifier:
 
     def rows(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
         """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan reference."""
-        return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False))
+        return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False),
+                            resampling=self.meta.get("resampling", False))
 
     def reference(self, vol: Volume, candidates: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """The scan's reference row (:func:`scan_reference`) from its candidates ``candidates`` (voxels)
