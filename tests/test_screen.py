@@ -1192,3 +1192,73 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     v.meta["blend_network"] = 0.25
     blended = v.score_places(vol, places, p_net, lungs)
     assert np.allclose(blended, 0.75 * clf.predict_proba(x) + 0.25 * p_net, atol=1e-5) and np.allclose(blended.sum(1), 1, atol=1e-5)
+
+
+def _noise_chest(seed: int, pixel_mm: float):
+    """A slab of parenchyma-like noise (-850 HU, about 30 HU of fine grain) at ``pixel_mm`` pixels."""
+    from scipy import ndimage
+
+    from ctguard.volume import Volume
+
+    grain = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal((12, 96, 96)), (0, 0.5, 0.5))
+    return Volume(np.rint(-850 + 30 * grain / grain.std()).astype(np.float32), (2.0, pixel_mm, pixel_mm))
+
+
+def test_the_resampling_trace_finds_a_cube_pasted_back_from_1mm_and_not_a_smoothed_place():
+    """A region cut to a 1 mm cube and pasted back unchanged (the simulator's round trip, nothing
+    drawn), or zoomed to 1 mm and back by cubic splines as CT-GAN does, ripples at the pixel
+    spacing's frequency; the same noise untouched, or smoothed in place, does not."""
+    from scipy import ndimage
+
+    from ctguard.tamper.cube import apply_edit
+    from ctguard.verifier import TRACE_RADII_MM, resampling_trace, ripple_frequency
+
+    assert np.isclose(ripple_frequency(0.7), 0.3) and np.isclose(ripple_frequency(1.9), 0.1) and ripple_frequency(1.0) == 0.0
+    centre, far = np.array([6.0, 30.0, 30.0]), np.array([6.0, 70.0, 70.0])
+    for seed in range(2):
+        for pixel in (0.6, 0.7, 0.842):
+            vol = _noise_chest(seed, pixel)
+            pasted = apply_edit(vol, centre, 16, 14.0, lambda cube: cube.hu, brighten_only=False)
+            assert np.count_nonzero(pasted.hu != vol.hu) > 1000
+            smoothed = vol.with_hu(np.where(np.abs(np.arange(96) - 30)[None, :, None].repeat(96, 2) < 20,
+                                            np.rint(ndimage.gaussian_filter(vol.hu, (0, 0.7, 0.7))), vol.hu).astype(np.float32))
+            edited = resampling_trace(pasted, centre, 8.0)
+            assert edited.shape == (len(TRACE_RADII_MM),) and edited[1] > 3.5, (seed, pixel, edited)
+            for other in (resampling_trace(vol, centre, 8.0), resampling_trace(pasted, far, 8.0), resampling_trace(smoothed, centre, 8.0)):
+                assert other[1] < 2.5, (seed, pixel, other)
+            # CT-GAN's own round trip: scipy's zoom to 1 mm and back, by cubic splines.
+            zoomed = ndimage.zoom(vol.hu[:, 10:60, 10:60], (1, pixel, pixel), order=3)
+            hu = vol.hu.copy()
+            hu[:, 10:60, 10:60] = np.rint(ndimage.zoom(zoomed, (1, 50 / zoomed.shape[1], 50 / zoomed.shape[2]), order=3))
+            assert resampling_trace(vol.with_hu(hu), np.array([6.0, 35.0, 35.0]), 8.0)[1] > 3.5
+    # A pixel spacing of a whole millimetre puts the 1 mm grid on the scan's: no ripple to read.
+    assert np.isnan(resampling_trace(_noise_chest(0, 1.0), centre, 8.0)).all()
+
+
+def test_a_stage_with_the_resampling_trace_reads_it_at_each_place_and_its_recentred_places():
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from ctguard.verifier import SCAN_COLUMNS, TRACE_RADII_MM, Verifier, feature_names, features_at, recentred, resampling_trace, scan_noise, stage_inputs
+
+    vol = phantom_source(2, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    lungs = lung_mask(vol)
+    noise = scan_noise(vol, lungs)
+    places = np.argwhere(lungs)[::997][:4].astype(float)
+    names = feature_names(recentre=True, resampling=True)
+    base = feature_names(resampling=True)
+    assert base[-len(TRACE_RADII_MM):] == [f"resampling_trace_{int(r)}" for r in TRACE_RADII_MM]
+    assert len(names) == 3 * len(base) - 2 * len(SCAN_COLUMNS) + 2 and "resampling_trace_8@smooth" in names
+    wide = features_at(vol, places, noise, recentre=True, resampling=True)
+    assert wide.shape == (4, len(names))
+    without = features_at(vol, places, noise, recentre=True)
+    assert np.allclose(wide[:, [names.index(n) for n in feature_names(recentre=True)]], without, equal_nan=True)
+    for row, p in zip(wide, places):
+        dense, _ = recentred(vol, p)
+        assert np.allclose(row[names.index("resampling_trace_5"): names.index("resampling_trace_12") + 1], resampling_trace(vol, p, noise[0]))
+        assert np.isclose(row[names.index("resampling_trace_12@dense")], resampling_trace(vol, dense, noise[0])[2])
+    p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
+    x = stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True)
+    xs = np.vstack([x, (x[None] + np.random.default_rng(0).normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
+    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
+    v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True, "resampling": True})
+    assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
