@@ -43,9 +43,10 @@ TRACE_CLIP = 6.0  # residuals clipped at this many times the scan's in-plane noi
 TRACE_MIN_FREQUENCY = 0.04  # cycles a voxel: a pixel spacing this close to a whole number of mm leaves no ripple to read
 
 
-def feature_names(recentre: bool = False, resampling: bool = False) -> list[str]:
+def feature_names(recentre: bool = False, resampling: bool = False, trace_recentre: bool = False) -> list[str]:
     """The names of :func:`place_features`' columns, in order (with ``resampling``, then those of
-    :func:`resampling_trace`); with ``recentre`` those of :func:`features_at`'s wider rows."""
+    :func:`resampling_trace`); with ``recentre`` those of :func:`features_at`'s wider rows (with
+    ``trace_recentre``, wider by a third place, :func:`trace_peak`)."""
     names = [f"{what}_{int(a)}_{int(b)}" for a, b in zip(BINS_MM[:-1], BINS_MM[1:]) for what in PER_BIN]
     names += list(SCAN_COLUMNS)
     inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
@@ -54,7 +55,8 @@ def feature_names(recentre: bool = False, resampling: bool = False) -> list[str]
         names += [f"resampling_trace_{int(r)}" for r in TRACE_RADII_MM]
     if recentre:
         own = [n for n in names if n not in SCAN_COLUMNS]
-        names += [f"{n}@{at}" for at in ("dense", "smooth") for n in own] + ["dense_offset_mm", "smooth_offset_mm"]
+        at = ("dense", "smooth", "trace") if trace_recentre else ("dense", "smooth")
+        names += [f"{n}@{a}" for a in at for n in own] + [f"{a}_offset_mm" for a in at]
     return names
 
 
@@ -90,12 +92,16 @@ def recentred(vol: Volume, place: np.ndarray, radius_mm: float = RECENTRE_MM) ->
     return np.asarray(out, float)
 
 
-def with_recentred(vol: Volume, places: np.ndarray, threads: int = 1) -> np.ndarray:
-    """``(n * 3, 3)``: each place followed by its two :func:`recentred` places."""
+def with_recentred(vol: Volume, places: np.ndarray, threads: int = 1, trace_noise: float | None = None) -> np.ndarray:
+    """``(n * 3, 3)``: each place followed by its two :func:`recentred` places; with ``trace_noise``
+    (the scan's in-plane noise) ``(n * 4, 3)``, each then followed by its :func:`trace_peak`."""
     places = np.asarray(places, float).reshape(-1, 3)
     if not len(places):
         return places
-    near = _map(lambda p: recentred(vol, p), places, threads)
+    if trace_noise is None:
+        near = _map(lambda p: recentred(vol, p), places, threads)
+    else:
+        near = _map(lambda p: np.vstack([recentred(vol, p), trace_peak(vol, p, trace_noise)[None]]), places, threads)
     return np.concatenate([np.vstack([p[None], r]) for p, r in zip(places, near)])
 
 
@@ -262,20 +268,23 @@ def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) 
 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
-                recentre: bool = False, resampling: bool = False) -> np.ndarray:
+                recentre: bool = False, resampling: bool = False, trace_recentre: bool = False) -> np.ndarray:
     """:func:`place_features` at every place ``(n, 3)`` (with ``resampling``, then its
     :func:`resampling_trace`), over ``threads`` threads (the filters and medians run outside the GIL
     for much of their time). With ``recentre`` each row goes on with the same at the place's two
-    :func:`recentred` places (less :data:`SCAN_COLUMNS`) and their distances (mm) from it."""
+    :func:`recentred` places (with ``trace_recentre`` and ``resampling``, also at its
+    :func:`trace_peak`), less :data:`SCAN_COLUMNS`, and their distances (mm) from it."""
     places = np.asarray(places, float).reshape(-1, 3)
     if recentre:
+        trace_recentre = trace_recentre and resampling
         if not len(places):
-            return np.zeros((0, len(feature_names(recentre=True, resampling=resampling))), np.float32)
-        at = with_recentred(vol, places, threads)
-        f = features_at(vol, at, noise, threads, resampling=resampling).reshape(len(places), 3, -1)
-        own = [k for k, n in enumerate(feature_names(resampling=resampling)) if n not in SCAN_COLUMNS]
-        offsets = np.linalg.norm((at.reshape(-1, 3, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
-        return np.hstack([f[:, 0], f[:, 1, own], f[:, 2, own], offsets]).astype(np.float32)
+            return np.zeros((0, len(feature_names(True, resampling, trace_recentre))), np.float32)
+        at = with_recentred(vol, places, threads, trace_noise=noise[0] if trace_recentre else None)
+        k = 4 if trace_recentre else 3
+        f = features_at(vol, at, noise, threads, resampling=resampling).reshape(len(places), k, -1)
+        own = [j for j, n in enumerate(feature_names(resampling=resampling)) if n not in SCAN_COLUMNS]
+        offsets = np.linalg.norm((at.reshape(-1, k, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
+        return np.hstack([f[:, 0], *[f[:, j, own] for j in range(1, k)], offsets]).astype(np.float32)
     if resampling:
         rows = _map(lambda p: np.concatenate([place_features(vol, p, noise), resampling_trace(vol, p, noise[0])]), places, threads)
     else:
@@ -332,6 +341,109 @@ def resampling_trace(vol: Volume, place: np.ndarray, noise_xy: float) -> np.ndar
     return np.asarray(out, np.float32)
 
 
+TRACE_BLOCK_MM = 4.0  # the trace map's cells
+TRACE_SLAB_MM = 2.0  # the trace map reads one slice in every this many mm (the ripple's phase is the same on every slice of a pasted cube)
+
+
+def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float = 8.0) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`resampling_trace` over the whole lungs, on cells of :data:`TRACE_BLOCK_MM`: for each
+    cell, the ripple's power in the square of half-width ``radius_mm`` around it (a box window, no
+    Hann; the residual's mean taken out cell by cell), summed over the two in-plane axes, as the log
+    of one plus its multiple of what noise gives. Returns ``(score, centres)``, ``centres`` the
+    cells' voxels ``(n, 3)`` and ``score`` ``(n,)``, over the cells that are mostly lung; None where
+    the pixel spacing leaves no ripple to read (:func:`resampling_trace`)."""
+    spacing = np.asarray(vol.spacing, float)
+    freqs = [ripple_frequency(s) for s in spacing[1:]]
+    if min(freqs) < TRACE_MIN_FREQUENCY or not lungs.any():
+        return None
+    idx = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    step = max(int(round(TRACE_SLAB_MM / spacing[0])), 1)
+    b = np.maximum(np.rint(TRACE_BLOCK_MM / spacing).astype(int), 1)
+    bz = max(int(round(TRACE_BLOCK_MM / (spacing[0] * step))), 1)  # read slices to a cell
+    zs = np.arange(idx[0][0], idx[0][-1] + 1, step)
+    ny, nx = (idx[1][-1] + 1 - idx[1][0]) // b[1], (idx[2][-1] + 1 - idx[2][0]) // b[2]
+    nz = len(zs) // bz
+    if min(nz, ny, nx) < 1:
+        return None
+    zs = zs[: nz * bz]
+    y0, x0 = int(idx[1][0]), int(idx[2][0])
+    hu = vol.hu[zs, max(y0 - 1, 0): y0 + ny * b[1] + 1, max(x0 - 1, 0): x0 + nx * b[2] + 1].astype(np.float32)
+    clip = TRACE_CLIP * max(float(noise_xy), 1e-3)
+    r = hu - ndimage.uniform_filter(hu, (1, 3, 3), mode="nearest")
+    oy, ox = int(y0 > 0), int(x0 > 0)
+    e = np.clip(r[:, oy: oy + ny * b[1], ox: ox + nx * b[2]], -clip, clip) ** 2
+
+    def cells(a: np.ndarray) -> np.ndarray:  # sums over each cell
+        return a.reshape(nz, bz, ny, b[1], nx, b[2]).sum(axis=(1, 3, 5), dtype=np.float64)
+
+    n_cell = float(bz * b[1] * b[2])
+    total, squares = cells(e), cells(e * e)
+    mean = total / n_cell
+    win = tuple(int(v) for v in np.maximum(2 * np.rint(np.array([radius_mm / (spacing[0] * step * bz), radius_mm / (spacing[1] * b[1]),
+                                                                   radius_mm / (spacing[2] * b[2])]) / 2).astype(int), 1))
+    power = 0.0
+    var = ndimage.uniform_filter(squares - total * mean, win, mode="constant")  # the residual's spread within each cell, summed
+    for axis, f, n in ((2, freqs[1], b[2] * nx), (1, freqs[0], b[1] * ny)):
+        phase = 2 * np.pi * f * (np.arange(n) + (x0 if axis == 2 else y0))
+        shape = [1, 1, 1]
+        shape[axis] = n
+        parts = []
+        for wave in (np.cos(phase), np.sin(phase)):
+            w = wave.astype(np.float32).reshape(shape)
+            per_cell_wave = (w.reshape(nx, b[2]).sum(1) if axis == 2 else w.reshape(ny, b[1]).sum(1)) * (n_cell / (b[2] if axis == 2 else b[1]))
+            s = cells(e * w) - mean * per_cell_wave.reshape([1, 1, -1] if axis == 2 else [1, -1, 1])
+            parts.append(ndimage.uniform_filter(s, win, mode="constant"))
+        power = power + (parts[0] ** 2 + parts[1] ** 2) * float(np.prod(win)) / np.maximum(var, 1e-12)  # window sums squared over the window's sum of squares
+    score = np.log1p(power)
+    lung_share = lungs[zs][:, y0: y0 + ny * b[1], x0: x0 + nx * b[2]].reshape(nz, bz, ny, b[1], nx, b[2]).mean(axis=(1, 3, 5))
+    keep = lung_share > 0.5
+    cz, cy, cx = np.nonzero(keep)
+    centres = np.stack([zs[cz * bz + bz // 2], y0 + cy * b[1] + b[1] / 2.0, x0 + cx * b[2] + b[2] / 2.0], axis=1).astype(float)
+    return score[keep].astype(np.float32), centres
+
+
+def trace_candidates(vol: Volume, lungs: np.ndarray, noise_xy: float, n: int, taken: np.ndarray | None = None,
+                     apart_mm: float = 16.0) -> np.ndarray:
+    """``(k, 3)``, k <= ``n``: the places where :func:`trace_map` is highest, ``apart_mm`` from each
+    other and from the places ``taken`` (the network's candidates), best first."""
+    found = trace_map(vol, lungs, noise_xy)
+    if found is None or n <= 0:
+        return np.zeros((0, 3))
+    score, centres = found
+    spacing = np.asarray(vol.spacing, float)
+    kept = [np.asarray(t, float) for t in (taken if taken is not None else [])]
+    out = []
+    for i in np.argsort(-score):
+        c = centres[i]
+        if all(np.linalg.norm((c - k) * spacing) >= apart_mm for k in kept):
+            out.append(c)
+            kept.append(c)
+            if len(out) == n:
+                break
+    return np.asarray(out, float).reshape(-1, 3)
+
+
+def trace_peak(vol: Volume, place: np.ndarray, noise_xy: float, radius_mm: float = RECENTRE_MM) -> np.ndarray:
+    """The voxel within ``radius_mm`` of ``place`` (in-plane, on its slice's cells of
+    :func:`trace_map`) where the resampling trace is strongest: where a pasted cube's ripple is, when
+    the network's 8 mm cell put its candidate beside it. ``place`` itself where the pixel spacing
+    leaves no ripple to read."""
+    spacing = np.asarray(vol.spacing, float)
+    c = np.rint(np.asarray(place, float)).astype(int)
+    reach = np.ceil((radius_mm + 8.0 + TRACE_BLOCK_MM) / spacing).astype(int)
+    lo, hi = np.maximum(c - reach, 0), np.minimum(c + reach + 1, vol.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    found = trace_map(Volume(vol.hu[box], vol.spacing), np.ones(tuple(hi - lo), bool), noise_xy)
+    if found is None:
+        return np.asarray(place, float)
+    score, centres = found
+    centres = centres + lo
+    near = np.linalg.norm((centres - np.asarray(place, float)) * spacing, axis=1) <= radius_mm
+    if not near.any():
+        return np.asarray(place, float)
+    return centres[near][int(np.argmax(score[near]))]
+
+
 NETWORK_EPS = 1e-4  # added to the network's probabilities before their log
 
 
@@ -349,10 +461,11 @@ def network_probabilities(f: np.ndarray) -> np.ndarray:
 
 
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
-                 with_network: bool = True, threads: int = 2, recentre: bool = False, resampling: bool = False) -> np.ndarray:
+                 with_network: bool = True, threads: int = 2, recentre: bool = False, resampling: bool = False,
+                 trace_recentre: bool = False) -> np.ndarray:
     """The second stage's rows at ``places``: :func:`features_at`, then (``with_network``) the
     network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores."""
-    x = features_at(vol, places, noise, threads, recentre, resampling)
+    x = features_at(vol, places, noise, threads, recentre, resampling, trace_recentre)
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
@@ -407,7 +520,7 @@ class Verifier:
     tree_class: np.ndarray  # (trees,) the class each tree adds to
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
-    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, candidate_threshold, max_candidates, threshold, fit details
+    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, candidate_threshold, max_candidates, threshold, fit details
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
 
@@ -437,7 +550,7 @@ class Verifier:
     def rows(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
         """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan reference."""
         return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False),
-                            resampling=self.meta.get("resampling", False))
+                            resampling=self.meta.get("resampling", False), trace_recentre=self.meta.get("trace_recentre", False))
 
     def reference(self, vol: Volume, candidates: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """The scan's reference row (:func:`scan_reference`) from its candidates ``candidates`` (voxels)

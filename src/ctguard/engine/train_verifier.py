@@ -55,6 +55,7 @@ VERIFIER_DEFAULTS = {
     "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
     "verifier_recentre": False,  # rows also read at each place's densest and smoothest point nearby (ctguard.verifier.recentred)
     "verifier_resampling": False,  # rows also read the place's resampling trace (ctguard.verifier.resampling_trace)
+    "verifier_trace_recentre": False,  # with verifier_resampling and verifier_recentre: rows also read at the strongest trace nearby (ctguard.verifier.trace_peak)
     "verifier_scan_columns": True,  # the trees may split on the scan's own slice and pixel size and noise (ctguard.verifier.SCAN_COLUMNS)
     "verifier_boosting": "classic",  # classic: GradientBoostingClassifier; histogram: HistGradientBoostingClassifier (same trees' depth, far faster fits)
     "verifier_trees": 300,
@@ -110,7 +111,7 @@ def source_rows(job: tuple) -> dict:
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     what = {k: cfg.get(k) for k in ROW_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)],
                                                 "network": hashlib.sha1(Path(model_path).read_bytes()).hexdigest(),
-                                                "features": feature_names(bool(cfg["verifier_recentre"]), bool(cfg["verifier_resampling"]))}
+                                                "features": feature_names(*stage_features(cfg))}
     if cfg["verifier_patches"]:  # rows with their patches (rows without them keep their key)
         what["patches"] = [PATCH_SIZE, PATCH_SLICES]
     if cfg["verifier_scan_reference"]:  # rows that say which are the network's candidates (rows without it keep their key)
@@ -157,7 +158,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
-    recentre, resampling = bool(cfg["verifier_recentre"]), bool(cfg["verifier_resampling"])
+    recentre, resampling, trace_recentre = stage_features(cfg)
     xs, ys, scans, clean, patches, candidate, lesion = [], [], [], [], [], [], []
     with_patches = bool(cfg["verifier_patches"])
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
@@ -171,7 +172,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
         xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
-                               resampling=resampling))
+                               resampling=resampling, trace_recentre=trace_recentre))
         if with_patches:
             patches.append(patches_at(vol, at, noise))
         ys += [LABELS.get(what, 0) for what, _ in where]
@@ -184,7 +185,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         if found:
             at = np.asarray([f["voxel"] for f in found], float)
             xs.append(stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre,
-                               resampling=resampling))
+                               resampling=resampling, trace_recentre=trace_recentre))
             if with_patches:
                 patches.append(patches_at(vol, at, noise))
         for f in found:
@@ -417,9 +418,17 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     return cfg, *with_rows(specs, [source_rows((cfg, spec, stage_network(cfg, Path(run), spec))) for spec in specs])
 
 
+def stage_features(cfg: dict) -> tuple[bool, bool, bool]:
+    """What a row reads (:func:`ctguard.verifier.features_at`): ``recentre``, ``resampling`` and
+    ``trace_recentre`` (which needs both)."""
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    recentre, resampling = bool(cfg["verifier_recentre"]), bool(cfg["verifier_resampling"])
+    return recentre, resampling, recentre and resampling and bool(cfg["verifier_trace_recentre"])
+
+
 def row_names(cfg: dict) -> list[str]:
     """The names of a row's columns as made (:func:`ctguard.verifier.stage_inputs`)."""
-    return feature_names(bool(cfg["verifier_recentre"]), bool(cfg["verifier_resampling"])) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
+    return feature_names(*stage_features(cfg)) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
 
 
 def tree_columns(cfg: dict) -> tuple[list[str], np.ndarray]:
@@ -597,7 +606,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
-            "resampling": bool(cfg["verifier_resampling"]), "scan_reference": scan_reference_on(cfg),
+            "resampling": stage_features(cfg)[1], "trace_recentre": stage_features(cfg)[2], "scan_reference": scan_reference_on(cfg),
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
