@@ -65,6 +65,9 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
          held_out: str = HELD_OUT, cv: str | None = None, threshold_rule: str | None = None, provenance: str | None = None) -> None:
     run = Path(run_dir)
     ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    if (run / "config.json").is_file():  # a stage fitted again on the network (refit_stage.py): the card shows the stage's settings as fitted
+        fitted = json.loads((run / "config.json").read_text())
+        ckpt["config"] = {**ckpt["config"], **{k: v for k, v in fitted.items() if k.startswith("verifier")}}
     ckpt["config"] = portable(ckpt["config"])
     summary = json.loads((run / "summary.json").read_text())
     card = {
@@ -98,7 +101,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         card["second_stage"] = {"what": "gradient-boosted trees over the texture around each candidate at the scan's own voxels "
                                         "(ctguard.verifier), re-scoring the network's findings from "
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
-                                "recentre": bool(v.meta.get("recentre", False)), "scan_columns": bool(v.meta.get("scan_columns", True)),
+                                "recentre": bool(v.meta.get("recentre", False)), "resampling": bool(v.meta.get("resampling", False)),
+                                "trace_recentre": bool(v.meta.get("trace_recentre", False)), "scan_columns": bool(v.meta.get("scan_columns", True)),
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],

@@ -1238,7 +1238,18 @@ def test_the_resampling_trace_finds_a_cube_pasted_back_from_1mm_and_not_a_smooth
 def test_a_stage_with_the_resampling_trace_reads_it_at_each_place_and_its_recentred_places():
     from sklearn.ensemble import GradientBoostingClassifier
 
-    from ctguard.verifier import SCAN_COLUMNS, TRACE_RADII_MM, Verifier, feature_names, features_at, recentred, resampling_trace, scan_noise, stage_inputs
+    from ctguard.verifier import (
+        SCAN_COLUMNS,
+        TRACE_RADII_MM,
+        Verifier,
+        feature_names,
+        features_at,
+        recentred,
+        resampling_trace,
+        scan_noise,
+        scan_trace,
+        stage_inputs,
+    )
 
     vol = phantom_source(2, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
     lungs = lung_mask(vol)
@@ -1256,9 +1267,20 @@ def test_a_stage_with_the_resampling_trace_reads_it_at_each_place_and_its_recent
         dense, _ = recentred(vol, p)
         assert np.allclose(row[names.index("resampling_trace_5"): names.index("resampling_trace_12") + 1], resampling_trace(vol, p, noise[0]))
         assert np.isclose(row[names.index("resampling_trace_12@dense")], resampling_trace(vol, dense, noise[0])[2])
+    # Read against the scan's own trace: the same columns, then each less the scan's median at 64 parenchyma places.
+    reference = scan_trace(vol, lungs, noise[0])
+    assert reference.shape == (len(TRACE_RADII_MM),) and np.isfinite(reference).all()
+    names_scan = feature_names(recentre=True, resampling=True, trace_scan=True)
+    against = features_at(vol, places, noise, recentre=True, resampling=True, trace_reference=reference)
+    assert against.shape == (4, len(names_scan)) and "resampling_trace_8_vs_scan@dense" in names_scan
+    for k, r in enumerate(TRACE_RADII_MM):
+        for at in ("", "@dense", "@smooth"):
+            assert np.allclose(against[:, names_scan.index(f"resampling_trace_{int(r)}_vs_scan{at}")],
+                               against[:, names_scan.index(f"resampling_trace_{int(r)}{at}")] - reference[k])
     p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
-    x = stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True)
-    xs = np.vstack([x, (x[None] + np.random.default_rng(0).normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
-    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
-    v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True, "resampling": True})
-    assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
+    for meta, x in (({}, stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True)),
+                    ({"trace_scan": True}, stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True, trace_reference=reference))):
+        xs = np.vstack([x, (x[None] + np.random.default_rng(0).normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
+        clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
+        v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True, "resampling": True, **meta})
+        assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)

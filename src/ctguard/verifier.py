@@ -43,16 +43,19 @@ TRACE_CLIP = 6.0  # residuals clipped at this many times the scan's in-plane noi
 TRACE_MIN_FREQUENCY = 0.04  # cycles a voxel: a pixel spacing this close to a whole number of mm leaves no ripple to read
 
 
-def feature_names(recentre: bool = False, resampling: bool = False, trace_recentre: bool = False) -> list[str]:
+def feature_names(recentre: bool = False, resampling: bool = False, trace_recentre: bool = False, trace_scan: bool = False) -> list[str]:
     """The names of :func:`place_features`' columns, in order (with ``resampling``, then those of
-    :func:`resampling_trace`); with ``recentre`` those of :func:`features_at`'s wider rows (with
-    ``trace_recentre``, wider by a third place, :func:`trace_peak`)."""
+    :func:`resampling_trace`, and with ``trace_scan`` the same less the scan's own, :func:`scan_trace`);
+    with ``recentre`` those of :func:`features_at`'s wider rows (with ``trace_recentre``, wider by a
+    third place, :func:`trace_peak`)."""
     names = [f"{what}_{int(a)}_{int(b)}" for a, b in zip(BINS_MM[:-1], BINS_MM[1:]) for what in PER_BIN]
     names += list(SCAN_COLUMNS)
     inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
     names += [f"{what}_{a}_vs_{outer}" for a in (inner, rim) for what in PER_BIN]
     if resampling:
         names += [f"resampling_trace_{int(r)}" for r in TRACE_RADII_MM]
+        if trace_scan:
+            names += [f"resampling_trace_{int(r)}_vs_scan" for r in TRACE_RADII_MM]
     if recentre:
         own = [n for n in names if n not in SCAN_COLUMNS]
         at = ("dense", "smooth", "trace") if trace_recentre else ("dense", "smooth")
@@ -268,28 +271,57 @@ def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) 
 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
-                recentre: bool = False, resampling: bool = False, trace_recentre: bool = False) -> np.ndarray:
+                recentre: bool = False, resampling: bool = False, trace_recentre: bool = False,
+                trace_reference: np.ndarray | None = None) -> np.ndarray:
     """:func:`place_features` at every place ``(n, 3)`` (with ``resampling``, then its
-    :func:`resampling_trace`), over ``threads`` threads (the filters and medians run outside the GIL
+    :func:`resampling_trace`, and where the scan's own ``trace_reference`` (:func:`scan_trace`) is
+    given the same less it), over ``threads`` threads (the filters and medians run outside the GIL
     for much of their time). With ``recentre`` each row goes on with the same at the place's two
     :func:`recentred` places (with ``trace_recentre`` and ``resampling``, also at its
     :func:`trace_peak`), less :data:`SCAN_COLUMNS`, and their distances (mm) from it."""
     places = np.asarray(places, float).reshape(-1, 3)
+    trace_scan = resampling and trace_reference is not None
     if recentre:
         trace_recentre = trace_recentre and resampling
         if not len(places):
-            return np.zeros((0, len(feature_names(True, resampling, trace_recentre))), np.float32)
+            return np.zeros((0, len(feature_names(True, resampling, trace_recentre, trace_scan))), np.float32)
         at = with_recentred(vol, places, threads, trace_noise=noise[0] if trace_recentre else None)
         k = 4 if trace_recentre else 3
-        f = features_at(vol, at, noise, threads, resampling=resampling).reshape(len(places), k, -1)
-        own = [j for j, n in enumerate(feature_names(resampling=resampling)) if n not in SCAN_COLUMNS]
+        f = features_at(vol, at, noise, threads, resampling=resampling, trace_reference=trace_reference).reshape(len(places), k, -1)
+        own = [j for j, n in enumerate(feature_names(resampling=resampling, trace_scan=trace_scan)) if n not in SCAN_COLUMNS]
         offsets = np.linalg.norm((at.reshape(-1, k, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
         return np.hstack([f[:, 0], *[f[:, j, own] for j in range(1, k)], offsets]).astype(np.float32)
     if resampling:
-        rows = _map(lambda p: np.concatenate([place_features(vol, p, noise), resampling_trace(vol, p, noise[0])]), places, threads)
+        def row(p: np.ndarray) -> np.ndarray:
+            trace = resampling_trace(vol, p, noise[0])
+            return np.concatenate([place_features(vol, p, noise), trace] + ([trace - trace_reference] if trace_scan else []))
+
+        rows = _map(row, places, threads)
     else:
         rows = _map(lambda p: place_features(vol, p, noise), places, threads)
-    return np.stack(rows) if rows else np.zeros((0, len(feature_names(resampling=resampling))), np.float32)
+    return np.stack(rows) if rows else np.zeros((0, len(feature_names(resampling=resampling, trace_scan=trace_scan))), np.float32)
+
+
+TRACE_SCAN_PLACES = 64  # the parenchyma places :func:`scan_trace` reads
+
+
+def scan_trace(vol: Volume, lungs: np.ndarray, noise_xy: float) -> np.ndarray:
+    """The scan's own level of :func:`resampling_trace`: its median, window by window, at
+    :data:`TRACE_SCAN_PLACES` places of parenchyma (lung voxels under -600 HU) spread evenly over
+    the lungs. A kernel or pixel spacing whose untouched texture reads a higher trace (a ripple
+    frequency low enough for anatomy to leak into it) raises it, so a place can be read against
+    its own scan."""
+    empty = np.full(len(TRACE_RADII_MM), np.nan, np.float32)
+    if min(ripple_frequency(s) for s in vol.spacing[1:]) < TRACE_MIN_FREQUENCY:
+        return empty
+    sub = np.array([max(int(round(4.0 / vol.spacing[0])), 1), 8, 8])
+    pts = np.argwhere(lungs[:: sub[0], :: sub[1], :: sub[2]]) * sub
+    if len(pts):
+        pts = pts[vol.hu[tuple(pts.T)] < -600]
+    if not len(pts):
+        return empty
+    picks = pts[np.unique(np.linspace(0, len(pts) - 1, TRACE_SCAN_PLACES).astype(int))]
+    return np.median(np.stack([resampling_trace(vol, p, noise_xy) for p in picks]), axis=0).astype(np.float32)
 
 
 def ripple_frequency(spacing_mm: float) -> float:
@@ -462,10 +494,10 @@ def network_probabilities(f: np.ndarray) -> np.ndarray:
 
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
                  with_network: bool = True, threads: int = 2, recentre: bool = False, resampling: bool = False,
-                 trace_recentre: bool = False) -> np.ndarray:
+                 trace_recentre: bool = False, trace_reference: np.ndarray | None = None) -> np.ndarray:
     """The second stage's rows at ``places``: :func:`features_at`, then (``with_network``) the
     network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores."""
-    x = features_at(vol, places, noise, threads, recentre, resampling, trace_recentre)
+    x = features_at(vol, places, noise, threads, recentre, resampling, trace_recentre, trace_reference)
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
@@ -520,7 +552,7 @@ class Verifier:
     tree_class: np.ndarray  # (trees,) the class each tree adds to
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
-    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, candidate_threshold, max_candidates, threshold, fit details
+    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, trace_scan, candidate_threshold, max_candidates, threshold, fit details
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
 
@@ -547,16 +579,22 @@ class Verifier:
         e = np.exp(raw)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def rows(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
-        """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan reference."""
+    def rows(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
+             lungs: np.ndarray | None = None) -> np.ndarray:
+        """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan
+        reference; a stage with ``trace_scan`` in its meta needs the scan's ``lungs``."""
+        trace_scan = bool(self.meta.get("trace_scan", False))
+        if trace_scan and lungs is None:
+            raise ValueError("this second stage reads each place's resampling trace against its scan's: pass the lung mask")
         return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False),
-                            resampling=self.meta.get("resampling", False), trace_recentre=self.meta.get("trace_recentre", False))
+                            resampling=self.meta.get("resampling", False), trace_recentre=self.meta.get("trace_recentre", False),
+                            trace_reference=scan_trace(vol, lungs, noise[0]) if trace_scan else None)
 
     def reference(self, vol: Volume, candidates: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """The scan's reference row (:func:`scan_reference`) from its candidates ``candidates`` (voxels)
         where the network gave ``p_network``; what a stage with ``scan_reference`` in its meta reads
         each place against."""
-        return scan_reference(self.rows(vol, candidates, p_network, scan_noise(vol, lungs)))
+        return scan_reference(self.rows(vol, candidates, p_network, scan_noise(vol, lungs), lungs))
 
     def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray,
                      reference: np.ndarray | None = None, candidates: bool = False) -> np.ndarray:
@@ -567,7 +605,7 @@ class Verifier:
         its meta reads each place against the scan's candidates: ``candidates=True`` where ``places``
         are those candidates (screening), else their ``reference`` row (:meth:`reference`)."""
         noise = scan_noise(vol, lungs)
-        x = self.rows(vol, places, p_network, noise)
+        x = self.rows(vol, places, p_network, noise, lungs)
         if self.meta.get("scan_reference"):
             if reference is None and not candidates:
                 raise ValueError("this second stage reads each place against the scan's candidates: pass their reference row "

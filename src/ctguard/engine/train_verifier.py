@@ -37,6 +37,7 @@ from ctguard.verifier import (
     scan_noise,
     scan_reference,
     scan_referenced,
+    scan_trace,
     stage_inputs,
 )
 
@@ -55,6 +56,7 @@ VERIFIER_DEFAULTS = {
     "verifier_max_false": 0.1,  # candidates over threshold per untouched scan the threshold allows
     "verifier_recentre": False,  # rows also read at each place's densest and smoothest point nearby (ctguard.verifier.recentred)
     "verifier_resampling": False,  # rows also read the place's resampling trace (ctguard.verifier.resampling_trace)
+    "verifier_trace_scan": False,  # with verifier_resampling: the trace also less the scan's own (ctguard.verifier.scan_trace)
     "verifier_trace_recentre": False,  # with verifier_resampling and verifier_recentre: rows also read at the strongest trace nearby (ctguard.verifier.trace_peak)
     "verifier_scan_columns": True,  # the trees may split on the scan's own slice and pixel size and noise (ctguard.verifier.SCAN_COLUMNS)
     "verifier_boosting": "classic",  # classic: GradientBoostingClassifier; histogram: HistGradientBoostingClassifier (same trees' depth, far faster fits)
@@ -158,7 +160,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
-    recentre, resampling, trace_recentre = stage_features(cfg)
+    recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
     xs, ys, scans, clean, patches, candidate, lesion = [], [], [], [], [], [], []
     with_patches = bool(cfg["verifier_patches"])
     counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
@@ -166,13 +168,14 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     for k, (_, vol, edits) in enumerate(variants(src, seed, per_scan=int(cfg["verifier_per_scan"]), inject_families=tuple(cfg["inject_families"]),
                                                  remove_families=tuple(cfg["remove_families"]), **counts)):
         noise = scan_noise(vol, lungs)
+        trace_reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
         if edits:
             where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
         else:
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
         xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
-                               resampling=resampling, trace_recentre=trace_recentre))
+                               resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference))
         if with_patches:
             patches.append(patches_at(vol, at, noise))
         ys += [LABELS.get(what, 0) for what, _ in where]
@@ -185,7 +188,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         if found:
             at = np.asarray([f["voxel"] for f in found], float)
             xs.append(stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre,
-                               resampling=resampling, trace_recentre=trace_recentre))
+                               resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference))
             if with_patches:
                 patches.append(patches_at(vol, at, noise))
         for f in found:
@@ -418,12 +421,12 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     return cfg, *with_rows(specs, [source_rows((cfg, spec, stage_network(cfg, Path(run), spec))) for spec in specs])
 
 
-def stage_features(cfg: dict) -> tuple[bool, bool, bool]:
-    """What a row reads (:func:`ctguard.verifier.features_at`): ``recentre``, ``resampling`` and
-    ``trace_recentre`` (which needs both)."""
+def stage_features(cfg: dict) -> tuple[bool, bool, bool, bool]:
+    """What a row reads (:func:`ctguard.verifier.features_at`): ``recentre``, ``resampling``,
+    ``trace_recentre`` (which needs both) and ``trace_scan`` (which needs ``resampling``)."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     recentre, resampling = bool(cfg["verifier_recentre"]), bool(cfg["verifier_resampling"])
-    return recentre, resampling, recentre and resampling and bool(cfg["verifier_trace_recentre"])
+    return recentre, resampling, recentre and resampling and bool(cfg["verifier_trace_recentre"]), resampling and bool(cfg["verifier_trace_scan"])
 
 
 def row_names(cfg: dict) -> list[str]:
@@ -606,7 +609,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
-            "resampling": stage_features(cfg)[1], "trace_recentre": stage_features(cfg)[2], "scan_reference": scan_reference_on(cfg),
+            "resampling": stage_features(cfg)[1], "trace_recentre": stage_features(cfg)[2], "trace_scan": stage_features(cfg)[3],
+            "scan_reference": scan_reference_on(cfg),
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
