@@ -102,7 +102,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                         "(ctguard.verifier), re-scoring the network's findings from "
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
                                 "recentre": bool(v.meta.get("recentre", False)), "resampling": bool(v.meta.get("resampling", False)),
-                                "trace_recentre": bool(v.meta.get("trace_recentre", False)), "scan_columns": bool(v.meta.get("scan_columns", True)),
+                                "trace_recentre": bool(v.meta.get("trace_recentre", False)), "trace_scan": bool(v.meta.get("trace_scan", False)),
+                                "scan_columns": bool(v.meta.get("scan_columns", True)),
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],

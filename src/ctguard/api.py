@@ -315,7 +315,7 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
         if best is None:
             where = "no finding, nor any of the highest places under the threshold, there"
         else:
-            what = "finding" if best["score"] >= thr else f"place #{rank} by score, under the threshold {thr:.2f}"
+            what = "finding" if best["score"] >= thr else f"place #{rank} by score, under the threshold {thr:g}"
             where = f"{what}: {best['kind']} (score {best['score']:.2f}) {mm_to(t, best):.1f} mm away"
         echo(f"  truth {t['kind']:8s} at {[round(v) for v in t['voxel']]}: {where} -> {'FOUND' if ok else 'MISSED'}")
     echo(f"verdict: {result['verdict']} (score {result['score']:.3f}), {len(result['findings'])} finding(s), "
