@@ -1149,27 +1149,32 @@ def test_stage_profiles_inside_the_scan_are_the_box_rule_bit_for_bit(spacing):
     assert _shell_values_interior(vol, np.array([2.0, 75.0, 75.0]), sp) is None  # its box leaves the scan
 
 
-def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one_row():
-    """With ``recentre`` a row holds the place's profiles, those at its densest and its smoothest
-    point nearby (less the per-scan columns) and how far those are; a stage fitted so scores on them."""
-    from sklearn.ensemble import GradientBoostingClassifier
-
-    from ctguard.verifier import (
-        SCAN_COLUMNS,
-        Verifier,
-        feature_names,
-        features_at,
-        network_probabilities,
-        place_features,
-        recentred,
-        scan_noise,
-        stage_inputs,
-    )
+def _stage_scan():
+    """A small phantom, its lungs, its noise and four lung places: what the stage tests read rows at."""
+    from ctguard.verifier import scan_noise
 
     vol = phantom_source(2, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
     lungs = lung_mask(vol)
-    noise = scan_noise(vol, lungs)
-    places = np.argwhere(lungs)[::997][:4].astype(float)
+    return vol, lungs, scan_noise(vol, lungs), np.argwhere(lungs)[::997][:4].astype(float)
+
+
+def _fitted_stage(x: np.ndarray, meta: dict):
+    """Tiny trees fitted on rows ``x`` and noisy copies of them, as a stage with ``meta`` (and the sklearn model)."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    from ctguard.verifier import Verifier
+
+    xs = np.vstack([x, (x[None] + np.random.default_rng(0).normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
+    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
+    return Verifier.from_sklearn(clf, xs, meta), clf
+
+
+def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one_row():
+    """With ``recentre`` a row holds the place's profiles, those at its densest and its smoothest
+    point nearby (less the per-scan columns) and how far those are; a stage fitted so scores on them."""
+    from ctguard.verifier import SCAN_COLUMNS, feature_names, features_at, network_probabilities, place_features, recentred, stage_inputs
+
+    vol, lungs, noise, places = _stage_scan()
     plain, wide = features_at(vol, places, noise), features_at(vol, places, noise, recentre=True)
     names = feature_names(recentre=True)
     assert wide.shape == (4, len(names)) and len(names) == 3 * len(feature_names()) - 2 * len(SCAN_COLUMNS) + 2
@@ -1182,10 +1187,7 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
         assert np.isclose(row[-2], np.linalg.norm((dense - p) * np.asarray(vol.spacing)), atol=1e-4) and 0 <= row[-1] <= 10.0 + 1e-4
     p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
     x = stage_inputs(vol, places, p_net, noise, recentre=True)
-    rng = np.random.default_rng(0)
-    xs = np.vstack([x, (x[None] + rng.normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
-    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
-    v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True})
+    v, clf = _fitted_stage(x, {"uses_network": True, "recentre": True})
     assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
     assert np.allclose(network_probabilities(x[:, -3:]), p_net, atol=1e-6)  # the rows' network columns read back
     # Blended with the network: a quarter of the network's probabilities, three quarters of the trees'.
@@ -1236,25 +1238,9 @@ def test_the_resampling_trace_finds_a_cube_pasted_back_from_1mm_and_not_a_smooth
 
 
 def test_a_stage_with_the_resampling_trace_reads_it_at_each_place_and_its_recentred_places():
-    from sklearn.ensemble import GradientBoostingClassifier
+    from ctguard.verifier import SCAN_COLUMNS, TRACE_RADII_MM, feature_names, features_at, recentred, resampling_trace, scan_trace, stage_inputs
 
-    from ctguard.verifier import (
-        SCAN_COLUMNS,
-        TRACE_RADII_MM,
-        Verifier,
-        feature_names,
-        features_at,
-        recentred,
-        resampling_trace,
-        scan_noise,
-        scan_trace,
-        stage_inputs,
-    )
-
-    vol = phantom_source(2, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
-    lungs = lung_mask(vol)
-    noise = scan_noise(vol, lungs)
-    places = np.argwhere(lungs)[::997][:4].astype(float)
+    vol, lungs, noise, places = _stage_scan()
     names = feature_names(recentre=True, resampling=True)
     base = feature_names(resampling=True)
     assert base[-len(TRACE_RADII_MM):] == [f"resampling_trace_{int(r)}" for r in TRACE_RADII_MM]
@@ -1280,7 +1266,5 @@ def test_a_stage_with_the_resampling_trace_reads_it_at_each_place_and_its_recent
     p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
     for meta, x in (({}, stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True)),
                     ({"trace_scan": True}, stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True, trace_reference=reference))):
-        xs = np.vstack([x, (x[None] + np.random.default_rng(0).normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
-        clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
-        v = Verifier.from_sklearn(clf, xs, {"uses_network": True, "recentre": True, "resampling": True, **meta})
+        v, clf = _fitted_stage(x, {"uses_network": True, "recentre": True, "resampling": True, **meta})
         assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
