@@ -181,3 +181,32 @@ def test_ray_engine_gives_the_local_rows_and_retries_a_dead_worker(archive, tmp_
             con.close()
 
     assert rows(ray_db) == rows(local_db)
+
+
+def test_a_pool_that_breaks_between_waits_loses_no_series(monkeypatch):
+    """A worker that dies after the engine's last wait makes the next submit refuse (the pool is
+    broken): that series and every one in flight are run again on a new pool, each reported once."""
+    import concurrent.futures
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from ctguard.audit import engines
+
+    refused = []
+
+    class FlakyPool(ThreadPoolExecutor):  # a stand-in for the process pool: its third submit finds it broken
+        submits = 0
+
+        def __init__(self, max_workers, mp_context=None):
+            super().__init__(max_workers)
+
+        def submit(self, fn, *args):
+            FlakyPool.submits += 1
+            if FlakyPool.submits == 3:
+                refused.append(args[0])
+                raise BrokenProcessPool("A child process terminated abruptly")
+            return super().submit(fn, *args)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", FlakyPool)
+    rows = list(engines.local(range(6), lambda ref, hint: {"series": ref}, (None,), workers=1))
+    assert refused == [2] and sorted(r["series"] for r in rows) == list(range(6))

@@ -25,7 +25,7 @@ def _worker_died(ref: SeriesRef, model_hint: str | None) -> dict[str, Any]:
 def local(refs: Iterable[SeriesRef], work: Callable[..., dict], args: tuple, workers: int, **_: Any) -> Iterator[dict[str, Any]]:
     """A pool of ``workers`` processes (spawned: each loads the detector once, on its first series)."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = mp.get_context("spawn")
@@ -36,6 +36,7 @@ def local(refs: Iterable[SeriesRef], work: Callable[..., dict], args: tuple, wor
     try:
         exhausted = False
         while True:
+            submit_broke = False
             while len(in_flight) < 2 * workers and (retry or not exhausted):
                 if retry:
                     ref, attempt = retry.pop()
@@ -45,11 +46,17 @@ def local(refs: Iterable[SeriesRef], work: Callable[..., dict], args: tuple, wor
                         exhausted = True
                         break
                     attempt = 1
-                in_flight[pool.submit(work, ref, *args)] = (ref, attempt)
-            if not in_flight:
+                try:
+                    in_flight[pool.submit(work, ref, *args)] = (ref, attempt)
+                except BrokenProcessPool:  # a worker died since the last wait: this series never started
+                    retry.append((ref, attempt))
+                    submit_broke = True
+                    break
+            if not in_flight and not submit_broke:
                 return
-            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-            broken = False
+            # After a refused submit, every future of the dead pool settles (a result, or the pool's error).
+            done, _ = wait(list(in_flight), return_when=ALL_COMPLETED if submit_broke else FIRST_COMPLETED)
+            broken = submit_broke
             for fut in done:
                 ref, attempt = in_flight.pop(fut)
                 try:
