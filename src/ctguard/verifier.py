@@ -312,7 +312,7 @@ def scan_trace(vol: Volume, lungs: np.ndarray, noise_xy: float) -> np.ndarray:
     frequency low enough for anatomy to leak into it) raises it, so a place can be read against
     its own scan."""
     empty = np.full(len(TRACE_RADII_MM), np.nan, np.float32)
-    if min(ripple_frequency(s) for s in vol.spacing[1:]) < TRACE_MIN_FREQUENCY:
+    if not has_ripple(vol):
         return empty
     sub = np.array([max(int(round(4.0 / vol.spacing[0])), 1), 8, 8])
     pts = np.argwhere(lungs[:: sub[0], :: sub[1], :: sub[2]]) * sub
@@ -334,6 +334,11 @@ def ripple_frequency(spacing_mm: float) -> float:
     return min(f, 1.0 - f)
 
 
+def has_ripple(vol: Volume) -> bool:
+    """Whether both in-plane pixel spacings leave a ripple to read (:data:`TRACE_MIN_FREQUENCY`)."""
+    return min(ripple_frequency(s) for s in vol.spacing[1:]) >= TRACE_MIN_FREQUENCY
+
+
 def resampling_trace(vol: Volume, place: np.ndarray, noise_xy: float) -> np.ndarray:
     """How strongly the in-plane fine texture around ``place`` ripples at :func:`ripple_frequency`,
     in squares of half-width :data:`TRACE_RADII_MM` (in-plane; the slices within that reach): the
@@ -345,7 +350,7 @@ def resampling_trace(vol: Volume, place: np.ndarray, noise_xy: float) -> np.ndar
     spacing lies within :data:`TRACE_MIN_FREQUENCY` of a whole number of mm on either axis."""
     spacing = np.asarray(vol.spacing, float)
     freqs = [ripple_frequency(s) for s in spacing[1:]]
-    if min(freqs) < TRACE_MIN_FREQUENCY:
+    if not has_ripple(vol):
         return np.full(len(TRACE_RADII_MM), np.nan, np.float32)
     c = np.rint(np.asarray(place, float)).astype(int)
     reach = np.array([int(np.floor(max(TRACE_RADII_MM) / spacing[0])), *np.ceil(max(TRACE_RADII_MM) / spacing[1:]).astype(int) + 1])
@@ -386,7 +391,7 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
     the pixel spacing leaves no ripple to read (:func:`resampling_trace`)."""
     spacing = np.asarray(vol.spacing, float)
     freqs = [ripple_frequency(s) for s in spacing[1:]]
-    if min(freqs) < TRACE_MIN_FREQUENCY or not lungs.any():
+    if not has_ripple(vol) or not lungs.any():
         return None
     idx = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
     step = max(int(round(TRACE_SLAB_MM / spacing[0])), 1)
@@ -432,27 +437,6 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
     cz, cy, cx = np.nonzero(keep)
     centres = np.stack([zs[cz * bz + bz // 2], y0 + cy * b[1] + b[1] / 2.0, x0 + cx * b[2] + b[2] / 2.0], axis=1).astype(float)
     return score[keep].astype(np.float32), centres
-
-
-def trace_candidates(vol: Volume, lungs: np.ndarray, noise_xy: float, n: int, taken: np.ndarray | None = None,
-                     apart_mm: float = 16.0) -> np.ndarray:
-    """``(k, 3)``, k <= ``n``: the places where :func:`trace_map` is highest, ``apart_mm`` from each
-    other and from the places ``taken`` (the network's candidates), best first."""
-    found = trace_map(vol, lungs, noise_xy)
-    if found is None or n <= 0:
-        return np.zeros((0, 3))
-    score, centres = found
-    spacing = np.asarray(vol.spacing, float)
-    kept = [np.asarray(t, float) for t in (taken if taken is not None else [])]
-    out = []
-    for i in np.argsort(-score):
-        c = centres[i]
-        if all(np.linalg.norm((c - k) * spacing) >= apart_mm for k in kept):
-            out.append(c)
-            kept.append(c)
-            if len(out) == n:
-                break
-    return np.asarray(out, float).reshape(-1, 3)
 
 
 def trace_peak(vol: Volume, place: np.ndarray, noise_xy: float, radius_mm: float = RECENTRE_MM) -> np.ndarray:

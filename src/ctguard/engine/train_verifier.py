@@ -609,7 +609,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
-            "resampling": stage_features(cfg)[1], "trace_recentre": stage_features(cfg)[2], "trace_scan": stage_features(cfg)[3],
+            **dict(zip(("resampling", "trace_recentre", "trace_scan"), stage_features(cfg)[1:])),
             "scan_reference": scan_reference_on(cfg),
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
