@@ -695,6 +695,39 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
 
 
+def test_second_stage_threshold_counts_the_second_look(tmp_path):
+    """``verifier_refine_from``: the threshold's rule counts each untouched training copy's candidate
+    as screening will score it, the highest of it and its two re-centred places (their rows made
+    once, kept beside the source's rows), from trees fitted without its patient; the trees
+    themselves are the same; the detector's stage takes the second look."""
+    from ctguard.engine.train_verifier import choose_threshold
+    from ctguard.errors import InputError
+    from ctguard.screen import load_detector
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1,
+           "verifier_trees": 10, "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True,
+           "verifier_per_scan": 2, "verifier_boosting": "histogram", "verifier_refine_from": 0.01}
+    for bad, why in (({"verifier_refine_from": 1.5}, "must be a score over 0 and under 1"),
+                     ({"verifier_refine_from": 0.2, "verifier_scan_reference": True}, "cannot be used with verifier_scan_reference")):
+        with pytest.raises(InputError, match=why):
+            api.train({**cfg, **bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+        assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    report = json.loads((run / "verifier.json").read_text())
+    assert report["refine_from"] == 0.01 and "re-centred places" in report["threshold_rule"]
+    assert len(list((run / "verifier_rows").glob("*.npz"))) == 2 * 3  # each source's rows and its re-centred rows
+    with np.load(run / "verifier_oof.npz") as oof:
+        score, trees, clean = oof["score"], oof["trees"], oof["clean"]
+        assert choose_threshold(score, clean, report["sources"], 0.1) == report["threshold"]
+    assert np.array_equal(score[~clean], trees[~clean])  # only the untouched copies' candidates get the second look
+    assert (score[clean] >= trees[clean] - 1e-12).all() and (score[clean] > trees[clean] + 1e-6).any()
+    det = load_detector(str(run / "model.pt"))
+    assert det.verifier.meta["refine_from"] == 0.01 and det.threshold == report["threshold"]
+
+
 def test_second_stage_rows_from_cross_fit_networks(tmp_path, monkeypatch):
     """``verifier_cross_fit``: a network of the recipe for each group of training patients, trained
     without them; each patient's stage rows (its edits' and untouched places' probabilities, and the
@@ -1194,6 +1227,49 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     v.meta["blend_network"] = 0.25
     blended = v.score_places(vol, places, p_net, lungs)
     assert np.allclose(blended, 0.75 * clf.predict_proba(x) + 0.25 * p_net, atol=1e-5) and np.allclose(blended.sum(1), 1, atol=1e-5)
+
+
+def test_a_second_look_scores_a_candidate_again_at_its_recentred_places():
+    """A stage with ``refine_from``: each candidate scoring that or more is scored again at its
+    densest and smoothest point nearby; the highest of the three is the finding, at its place.
+    From a score no candidate reaches, the findings are the plain stage's."""
+    from ctguard.engine.train_verifier import refined_scores
+    from ctguard.screen import verify_findings
+    from ctguard.verifier import recentred, stage_inputs
+
+    vol, lungs, noise, places = _stage_scan()
+    p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
+    v, _ = _fitted_stage(stage_inputs(vol, places, p_net, noise, recentre=True), {"uses_network": True, "recentre": True})
+    # Each candidate's network score tells it apart in the findings (which come best first).
+    cands = [{"voxel": [float(c) for c in p], "world_mm": [0.0, 0.0, 0.0], "score": 0.5 + k / 100, "p_injected": 0.3, "p_removed": 0.1}
+             for k, p in enumerate(places)]
+    plain = v.score_places(vol, places, p_net, lungs)
+    alt = np.concatenate([recentred(vol, p) for p in places])
+    q = v.score_places(vol, alt, np.repeat(p_net, 2, axis=0), lungs).reshape(len(places), 2, 3)
+    assert not np.allclose(plain, q[:, 0])  # the re-centred places score otherwise
+
+    def findings(start: float) -> list[tuple[float, list[float]]]:
+        v.meta["refine_from"] = start
+        out = sorted(verify_findings(vol, lungs, cands, v), key=lambda f: f["network_score"])
+        return [(f["score"], f["voxel"]) for f in out]
+
+    start = float(np.median(1 - plain[:, 0]))  # half the candidates get a second look
+    expect = []
+    for k, p in enumerate(places):
+        best, at = plain[k], p
+        if 1 - plain[k, 0] >= start:
+            j = int(np.argmin(q[k, :, 0]))
+            if q[k, j, 0] < plain[k, 0]:
+                best, at = q[k, j], alt[2 * k + j]
+        expect.append((round(float(1 - best[0]), 4), [round(float(c), 1) for c in at]))
+    assert findings(start) == expect
+    assert any(e[1] != [round(float(c), 1) for c in p] for e, p in zip(expect, places))  # a finding moved to a re-centred place
+    assert any(e[0] > round(float(1 - plain[k, 0]), 4) for k, e in enumerate(expect))  # and scored higher there
+    # From a score no candidate reaches: the plain stage's findings, where the network put them.
+    assert findings(1.0 - 1e-9) == [(round(float(1 - pk[0]), 4), [round(float(c), 1) for c in p]) for pk, p in zip(plain, places)]
+    # The training side's arithmetic, the same rule: from ``start``, the highest of a row and the rows it owns.
+    assert np.allclose(refined_scores(np.array([0.1, 0.6, 0.7]), np.array([0.9, 0.2, 0.95, 0.5]), np.array([0, 1, 1, 2]), 0.5),
+                       [0.1, 0.95, 0.7])
 
 
 def _noise_chest(seed: int, pixel_mm: float):

@@ -34,6 +34,7 @@ from ctguard.verifier import (
     finite_rows,
     network_probabilities,
     nodule_checked,
+    recentred,
     scan_noise,
     scan_reference,
     scan_referenced,
@@ -73,6 +74,7 @@ VERIFIER_DEFAULTS = {
     "verifier_scan_reference": False,  # each row also less the median row of its scan's candidates (ctguard.verifier.scan_referenced)
     "verifier_nodule_check": False,  # a second look at every place's P(injected): two-class trees, genuine nodule or injected (ctguard.verifier.nodule_checked)
     "verifier_nodule_phantoms": 40,  # with verifier_nodule_check: fresh varied phantoms, each with a genuine nodule, that only the check learns from
+    "verifier_refine_from": None,  # a candidate scoring this or more is scored again at its two re-centred places, the highest kept (ctguard.screen.verify_findings)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
 }
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
@@ -107,10 +109,15 @@ def source_rows(job: tuple) -> dict:
     """One source's rows (a pool task), kept in the run's ``verifier_rows/`` under a key of the
     source, the settings that make its rows and the network's weights: a second fit with more
     sources computes only theirs."""
-    import hashlib
-
     cfg, spec, model_path = job
     cfg = {**VERIFIER_DEFAULTS, **cfg}
+    return _kept_rows(model_path, row_key(cfg, spec, model_path), lambda: _source_rows(cfg, spec, model_path))
+
+
+def row_key(cfg: dict, spec: tuple, model_path: str) -> dict:
+    """What a source's rows depend on: the source, the settings that make them, the network's weights."""
+    import hashlib
+
     what = {k: cfg.get(k) for k in ROW_KEYS} | {"spec": [Path(str(v)).name if j in (1, 3) and v else v for j, v in enumerate(spec)],
                                                 "network": hashlib.sha1(Path(model_path).read_bytes()).hexdigest(),
                                                 "features": feature_names(*stage_features(cfg))}
@@ -120,16 +127,91 @@ def source_rows(job: tuple) -> dict:
         what["candidate_flags"] = True
     if cfg["verifier_nodule_check"]:  # rows that say which are at genuine lesions (rows without it keep their key)
         what["lesion_flags"] = True
+    return what
+
+
+def _kept_rows(model_path: str, what: dict, make: Callable[[], dict]) -> dict:
+    """Rows kept in ``verifier_rows/`` beside the network under the hash of ``what``, made by ``make`` once."""
+    import hashlib
+
     cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as d:
-            return {k: d[k] for k in d.files if k not in ("group", "source")} | {"group": str(d["group"]), "source": str(d["source"])}
-    rows = _source_rows(cfg, spec, model_path)
+            return {k: d[k] for k in d.files if k not in ("group", "source")} | \
+                {k: str(d[k]) for k in ("group", "source") if k in d.files}
+    rows = make()
     cached.parent.mkdir(exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
     np.savez(tmp, **rows)
     tmp.replace(cached)
     return rows
+
+
+def too_thick(spec: tuple, src) -> bool:
+    """Whether a source is a thicker-slice version of a real series past :data:`THICK_MAX_MM`
+    (thicker than chest CT is read): it gives no rows."""
+    return spec[0] == "series" and spec[2] > 1 and src.volume.spacing[0] > THICK_MAX_MM + 1e-6
+
+
+def refine_rows(job: tuple) -> dict:
+    """One source's rows at the two re-centred places (:func:`ctguard.verifier.recentred`: the
+    densest and the smoothest point within 10 mm) of each candidate of its untouched copy (a pool
+    task, for ``verifier_refine_from``): where screening scores such a candidate again, so that the
+    threshold's rule counts the untouched training scans' candidates as screening will score them.
+    ``x``: ``(candidates, 2, columns)``, in the order of the source's untouched candidate rows
+    (:func:`source_rows`), kept beside them under their key."""
+    cfg, spec, model_path = job
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    return _kept_rows(model_path, row_key(cfg, spec, model_path) | {"refine": "recentred"}, lambda: _refine_rows(cfg, spec, model_path))
+
+
+def _refine_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
+    from ctguard.engine.train3d import build_source
+    from ctguard.lung import lung_mask
+    from ctguard.screen import finding_probabilities, load_detector, screen_volume
+
+    src = build_source(cfg, spec)
+    empty = {"x": np.zeros((0, 2, len(row_names(cfg))), np.float32)}
+    if too_thick(spec, src):
+        return empty
+    vol, det = src.volume, load_detector(model_path)
+    result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
+    found = result["findings"][: int(cfg["verifier_max_candidates"])]  # as _source_rows takes the untouched copy's candidates
+    if not found:
+        return empty
+    lungs = lung_mask(vol)
+    noise = scan_noise(vol, lungs)
+    recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
+    alt = np.concatenate([recentred(vol, np.asarray(f["voxel"], float)) for f in found])
+    x = stage_inputs(vol, alt, np.repeat(finding_probabilities(found), 2, axis=0), noise, threads=1, recentre=recentre,
+                     resampling=resampling, trace_recentre=trace_recentre,
+                     trace_reference=scan_trace(vol, lungs, noise[0]) if trace_scan else None)
+    return {"x": x.reshape(len(found), 2, -1).astype(np.float32)}
+
+
+def refine_from(cfg: dict) -> float | None:
+    """The config's ``verifier_refine_from`` (None: off; else a score over 0 and under 1), or a
+    one-line error, also where the stage reads what the re-scored places cannot give (a scan
+    reference, patches, a nodule check)."""
+    value = cfg["verifier_refine_from"]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise InputError(f"the config's verifier_refine_from must be a score over 0 and under 1 (or null: off), not {value!r}")
+    for key in ("verifier_scan_reference", "verifier_patches", "verifier_nodule_check"):
+        if config_flag(cfg, key):
+            raise InputError(f"the config's verifier_refine_from cannot be used with {key}")
+    return float(value)
+
+
+def refined_scores(score: np.ndarray, alt_score: np.ndarray, owner: np.ndarray, start: float) -> np.ndarray:
+    """Each row's score after screening's second look (``verifier_refine_from``): where a row
+    scores ``start`` or more, the highest of it and its re-centred places' ``alt_score`` (row
+    ``owner[j]`` owns ``alt_score[j]``)."""
+    out = np.asarray(score, float).copy()
+    gate = out[owner] >= start
+    np.maximum.at(out, owner[gate], alt_score[gate])
+    return out
 
 
 def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
@@ -150,7 +232,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     src = build_source(cfg, spec)
     # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
-    if spec[0] == "series" and spec[2] > 1 and src.volume.spacing[0] > THICK_MAX_MM + 1e-6:  # thicker than chest CT is read: no rows
+    if too_thick(spec, src):
         return {"x": np.zeros((0, len(row_names(cfg))), np.float32), "y": np.zeros(0, np.int8), "scan": np.zeros(0, np.int16),
                 "clean": np.zeros(0, bool), "candidate": np.zeros(0, bool), "lesion": np.zeros(0, bool), "group": group,
                 "source": str(spec[1])} | \
@@ -377,8 +459,8 @@ def oof_folds(cfg: dict) -> int:
 
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
-    ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``
-    or patch setting before anything is trained."""
+    ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
+    ``verifier_refine_from`` or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -389,6 +471,7 @@ def check_stage_config(cfg: dict) -> None:
     patch_weight(cfg)
     scan_reference_on(cfg)
     nodule_specs(cfg)
+    refine_from(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -405,6 +488,20 @@ def stage_table(cfg: dict, parts: list[dict]) -> tuple[np.ndarray, np.ndarray, n
     """The sources' rows as the trees are given them (:func:`joined_rows`; with
     ``verifier_scan_reference``, each copy's rows read against its candidates first)."""
     return joined_rows([with_scan_reference(p) for p in parts] if scan_reference_on(cfg) else parts)
+
+
+def refine_table(parts: list[dict], refined: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The re-centred places' rows (:func:`refine_rows`) of every source as one table, and for each
+    the index of the untouched candidate row it belongs to in the sources' joined rows."""
+    xs, owner, start = [], [], 0
+    for part, ref in zip(parts, refined):
+        rows = start + np.flatnonzero(part["clean"])
+        if len(rows) != len(ref["x"]):
+            raise RuntimeError(f"source {part['source']}: {len(ref['x'])} candidates re-centred, {len(rows)} untouched candidate rows")
+        xs.append(ref["x"].reshape(-1, ref["x"].shape[-1]))
+        owner.append(np.repeat(rows, 2))
+        start += len(part["y"])
+    return np.concatenate(xs), np.concatenate(owner).astype(int)
 
 
 def with_rows(specs: list[tuple], parts: list[dict]) -> tuple[list[tuple], list[dict]]:
@@ -501,15 +598,31 @@ def out_of_patient_probabilities(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y:
     fit for each patient or phantom left out). ``x``: the rows (:func:`stage_table`; the network's
     probabilities in the last three of the columns as made); ``fit_x``: the columns the trees read;
     ``weight``: each row's weight in the fits (None: all alike)."""
-    p = np.zeros((len(y), 3))
+    return out_of_patient_with(cfg, x, fit_x, y, groups, folds, weight)[0]
+
+
+def out_of_patient_with(cfg: dict, x: np.ndarray, fit_x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
+                        weight: np.ndarray | None = None, extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`out_of_patient_probabilities`, and those of ``extra`` rows ``(x, fit_x, groups)``
+    that no tree learns from (a candidate's re-centred places), each from the trees fitted without
+    its patient."""
+    ex, efit, egroups = extra if extra is not None else (np.zeros((0, x.shape[1]), x.dtype), np.zeros((0, fit_x.shape[1]), fit_x.dtype),
+                                                          np.zeros(0, groups.dtype))
+    p, q = np.zeros((len(y), 3)), np.zeros((len(ex), 3))
     for tr, te in patient_splits(groups, folds):
         clf = boosting_classifier(cfg).fit(fit_x[tr], y[tr], sample_weight=None if weight is None else weight[tr])
-        p[np.ix_(te, clf.classes_.astype(int))] = clf.predict_proba(fit_x[te])
+        cls = clf.classes_.astype(int)
+        p[np.ix_(te, cls)] = clf.predict_proba(fit_x[te])
+        also = np.flatnonzero(np.isin(egroups, np.unique(groups[te])))
+        if len(also):
+            q[np.ix_(also, cls)] = clf.predict_proba(efit[also])
     w = blend_weight(cfg)
     if w:  # blended as screening blends them: with the network's probabilities at each row's place (the last three columns as made)
         made = len(row_names(cfg))
         p = (1.0 - w) * p + w * network_probabilities(x[:, made - 3:made])
-    return p
+        q = (1.0 - w) * q + w * network_probabilities(ex[:, made - 3:made])
+    return p, q
 
 
 def nodule_columns(cfg: dict) -> np.ndarray:
@@ -579,7 +692,17 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     scan_columns = bool(cfg["verifier_scan_columns"])
     fit_x = finite_rows(x[:, columns])  # as Verifier.probabilities reads rows
     folds = oof_folds(cfg)
-    p_oof = out_of_patient_probabilities(cfg, x, fit_x, y, groups, folds=folds)
+    start = refine_from(cfg)
+    extra, owner = None, np.zeros(0, int)
+    if start is not None:  # the untouched copies' candidates as screening will score them: also at their re-centred places
+        t_ref = time.time()
+        jobs = [(cfg, spec, stage_network(cfg, out, spec)) for spec in specs]
+        ref = list(tqdm((pool.imap if pool is not None else map)(refine_rows, jobs), total=len(jobs), desc="second stage: re-centred rows",
+                        disable=not progress))
+        ex, owner = refine_table(parts, ref)
+        extra = (ex, finite_rows(ex[:, columns]), groups[owner])
+        echo(f"second stage: {len(ex)} rows at the re-centred places of the untouched copies' candidates ({time.time() - t_ref:.0f} s)")
+    p_oof, p_extra = out_of_patient_with(cfg, x, fit_x, y, groups, folds=folds, extra=extra)
     oof_trees = 1.0 - p_oof[:, 0]
     w_patch, kept, timing = patch_weight(cfg), {}, {}
     if w_patch:  # the CNN's out-of-patient probabilities on the same splits, averaged in as screening averages them
@@ -605,6 +728,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         echo(f"second stage: the nodule check on {timing['nodule_rows']} rows ({len(nodule_parts)} phantoms with a genuine nodule "
              f"beside the training sources' lesions), {timing['nodule_seconds']:.0f} s")
     oof = 1.0 - p_oof[:, 0]
+    if start is not None:
+        oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
@@ -613,11 +738,13 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "scan_reference": scan_reference_on(cfg),
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
+            **({"refine_from": start} if start is not None else {}),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
-                              f"scan, on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"}
+                              f"scan, on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"
+                              + (f", each candidate from {start} also scored at its re-centred places, as screening does" if start is not None else "")}
     stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
     stage.nodules = nodules
     stage.save(out / "model.verifier.npz")
