@@ -285,14 +285,14 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
     import time
 
     from ctguard.engine.train_verifier import near
-    from ctguard.tamper.simulate import tampered_phantom
+    from ctguard.tamper.simulate import DEMO_SHAPE, DEMO_SPACING, tampered_phantom
 
     t0 = time.time()
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    vol, edits = tampered_phantom(seed, seed)
+    vol, edits = tampered_phantom(seed, seed, DEMO_SHAPE, DEMO_SPACING)
     truth = [e.to_dict() for e in edits]
     echo(f"phantom chest {vol.shape} voxels at {vol.spacing} mm; tampered: "
          + "; ".join(f"{t['kind']} {t['diameter_mm']:.0f} mm at voxel {[round(v) for v in t['voxel']]}" for t in truth))

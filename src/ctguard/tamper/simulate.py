@@ -249,11 +249,20 @@ def remove_tumour(vol: Volume, tumour: Tumour, rng: np.random.Generator) -> tupl
     return remover(vol, tumour.voxel, rng)
 
 
-def tampered_phantom(seed: int, edit_seed: int) -> tuple[Volume, list[Edit]]:
-    """A phantom chest of the one set-up with one nodule of 10-16 mm injected and its own tumour
-    removed: the scan ``ctguard demo`` screens (``edit_seed`` = ``seed``) and the tests' tampered
-    phantom. Returns the volume and its edits (the injection first)."""
-    src = phantom_source(seed, with_tumour=True)
+# The demo's scanner set-up: a chest CT as hospitals reconstruct it for reading (2.5 mm slices,
+# 0.78 mm pixels over a 300 mm field), where an edit pasted through a 1 mm cube leaves the
+# resampling trace the detector reads (ctguard.verifier.resampling_trace); the phantoms' default
+# set-up (2 mm slices, 1.9 mm pixels) is a quick one for tests.
+DEMO_SHAPE = (64, 384, 384)
+DEMO_SPACING = (2.5, 0.78, 0.78)
+
+
+def tampered_phantom(seed: int, edit_seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9)) -> tuple[Volume, list[Edit]]:
+    """A phantom chest (of the one quick set-up unless ``shape`` and ``spacing`` say otherwise) with
+    one nodule of 10-16 mm injected and its own tumour removed: the tests' tampered phantom, and at
+    :data:`DEMO_SHAPE`, :data:`DEMO_SPACING` the scan ``ctguard demo`` screens (``edit_seed`` =
+    ``seed``). Returns the volume and its edits (the injection first)."""
+    src = phantom_source(seed, shape=shape, spacing=spacing, with_tumour=True)
     rng = np.random.default_rng(edit_seed)
     vol, injected = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
     vol, removed = remove_tumour(vol, src.tumours[0], rng)
