@@ -1313,6 +1313,24 @@ def test_the_resampling_trace_finds_a_cube_pasted_back_from_1mm_and_not_a_smooth
     assert np.isnan(resampling_trace(_noise_chest(0, 1.0), centre, 8.0)).all()
 
 
+def test_candidates_in_the_order_of_their_resampling_trace():
+    """``trace_order``: a candidate the network scores lower but that ripples as a pasted cube does
+    goes before one it scores higher in untouched noise; a small weight keeps the network's order,
+    and so does a pixel spacing that leaves no ripple."""
+    from ctguard.tamper.cube import apply_edit
+    from ctguard.verifier import trace_ordered
+
+    centre, far = np.array([6.0, 30.0, 30.0]), np.array([6.0, 70.0, 70.0])
+    for pixel, moves in ((0.7, True), (1.0, False)):
+        vol = _noise_chest(0, pixel)
+        pasted = apply_edit(vol, centre, 16, 14.0, lambda cube: cube.hu, brighten_only=False)
+        lungs = np.ones(vol.shape, bool)
+        found = [{"score": 0.9, "voxel": list(far)}, {"score": 0.6, "voxel": list(centre)}]
+        order = [f["score"] for f in trace_ordered(found, pasted, lungs, 8.0, 1.0)]
+        assert order == ([0.6, 0.9] if moves else [0.9, 0.6]), (pixel, order)
+        assert [f["score"] for f in trace_ordered(found, pasted, lungs, 8.0, 0.01)] == [0.9, 0.6]
+
+
 def test_a_stage_with_the_resampling_trace_reads_it_at_each_place_and_its_recentred_places():
     from ctguard.verifier import SCAN_COLUMNS, TRACE_RADII_MM, feature_names, features_at, recentred, resampling_trace, scan_trace, stage_inputs
 

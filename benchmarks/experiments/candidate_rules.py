@@ -1,13 +1,18 @@
 """What other caps, orders and re-scorings of the candidates would find, read from candidate_pool.py's tables.
 
 Usage:
-    python benchmarks/experiments/candidate_rules.py POOL.npz [POOL.npz ...] [--out FILE.json]
+    python benchmarks/experiments/candidate_rules.py POOL.npz [POOL.npz ...] [--out FILE.json] [--second-look RUN ...] [--stages RUN ...]
 
 Each POOL is one fold's table (``candidate_pool.py``: every network candidate of its held-out
 copies scored by the fold's stage, beside it the edits' JSON). For each rule, summed over the
 given folds at each fold's own threshold: edits found with their right kind, false findings on the
 untouched copies, real lesions called injected, and the rows the stage scores per copy (its cost;
-a second look scores two more for each candidate from 0.2).
+a second look scores two more for each candidate from 0.2). ``--second-look RUN ...`` (one per
+pool, in order: each fold's stage refitted with ``verifier_refine_from: 0.2``, the same trees with
+the threshold its rule chose counting the second look) adds the second look at those thresholds.
+``--stages RUN ...`` (one per pool: each fold's stage refitted from the same network on other
+settings that keep the rows' columns, e.g. ``verifier_trace_order``) reads the pools with those
+stages: their trees, their thresholds and their order of candidates.
 """
 
 from __future__ import annotations
@@ -56,7 +61,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pools", nargs="+")
     ap.add_argument("--out", default=None, help="also write the results here (JSON)")
+    ap.add_argument("--second-look", nargs="*", default=[], help="each fold's stage refitted with verifier_refine_from (its threshold)")
+    ap.add_argument("--stages", nargs="*", default=[], help="each fold's stage refitted on other settings (trees, threshold, order)")
     args = ap.parse_args()
+    for runs in (args.second_look, args.stages):
+        if runs and len(runs) != len(args.pools):
+            ap.error("--second-look and --stages need one run for each pool")
     pools = [load(p) for p in args.pools]
     rules = {"cap 40 (the recipe)": dict(cap=40), "cap 60": dict(cap=60), "cap 80": dict(cap=80), "no cap": dict(cap=None),
              "cap 40, second look at the re-centred places from 0.2": dict(cap=40, refine=True),
@@ -76,6 +86,31 @@ def main() -> None:
         tot["rows_per_copy"] = round(tot["rows_per_copy"] / len(pools), 1)
         results[name] = tot
         print(f"{name}: {json.dumps(tot)}")
+    if args.second_look:
+        tot, thresholds = {}, []
+        for (z, edits), run in zip(pools, args.second_look):
+            t = float(json.loads((Path(run) / "verifier.json").read_text())["threshold"])
+            thresholds.append(t)
+            r = apply({**z, "threshold": np.float64(t)}, edits, 40, refine=True)
+            tot = {k: tot.get(k, 0) + v for k, v in r.items()}
+        tot["rows_per_copy"] = round(tot["rows_per_copy"] / len(pools), 1)
+        results["cap 40, second look, at the thresholds its rule chooses"] = {"thresholds": thresholds, **tot}
+        print(f"cap 40, second look, at the thresholds its rule chooses {thresholds}: {json.dumps(tot)}")
+    if args.stages:
+        from ctguard.verifier import Verifier
+
+        tot, thresholds = {}, []
+        for (z, edits), run in zip(pools, args.stages):
+            stage = Verifier.load(Path(run) / "model.verifier.npz")
+            t = float(stage.meta["threshold"])
+            thresholds.append(t)
+            w = stage.meta.get("trace_order")
+            r = apply({**z, "threshold": np.float64(t), "p_stage": stage.probabilities(z["x"])}, edits, int(stage.meta["max_candidates"]),
+                      order=None if w is None else trace_order(z, float(w)))
+            tot = {k: tot.get(k, 0) + v for k, v in r.items()}
+        tot["rows_per_copy"] = round(tot["rows_per_copy"] / len(pools), 1)
+        results["the stages " + " ".join(args.stages)] = {"thresholds": thresholds, **tot}
+        print(f"the stages {args.stages} {thresholds}: {json.dumps(tot)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"pools": args.pools, "rules": results}, indent=1) + "\n")
 

@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import recentred
+from ctguard.verifier import recentred, scan_noise, trace_ordered
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -365,11 +365,19 @@ def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
     return np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in findings]).reshape(-1, 3)
 
 
-def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0) -> list[dict[str, Any]]:
+def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0, lungs: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
-    (or ``threshold`` where that is lower), at most its ``max_candidates``, best first."""
+    (or ``threshold`` where that is lower), at most its ``max_candidates``, best first; a stage
+    with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.trace_ordered`,
+    which needs the scan's ``lungs``)."""
     cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
-    return findings_from(heat, vol, cand_thr)[: int(verifier.meta.get("max_candidates", 40))]
+    found = findings_from(heat, vol, cand_thr)
+    weight = verifier.meta.get("trace_order")
+    if weight is not None:
+        if lungs is None:
+            raise ValueError("this second stage takes the candidates in the order of their resampling trace: pass the lung mask")
+        found = trace_ordered(found, vol, lungs, scan_noise(vol, lungs)[0], float(weight))
+    return found[: int(verifier.meta.get("max_candidates", 40))]
 
 
 def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier) -> list[dict[str, Any]]:
@@ -408,7 +416,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
             lungs: np.ndarray | None = None, verifier=None) -> dict[str, Any]:
     """The screening JSON of docs/DESIGN.md."""
     if verifier is not None and lungs is not None:
-        candidates = stage_candidates(heat, vol, verifier, thr)
+        candidates = stage_candidates(heat, vol, verifier, thr, lungs)
         scored = verify_findings(vol, lungs, candidates, verifier)
         findings = [f for f in scored if f["score"] >= thr]
         score = max((f["score"] for f in scored), default=0.0)
@@ -490,7 +498,7 @@ def stage_reference(vol: Volume, detector: Detector, lungs: np.ndarray) -> np.nd
     verifier = getattr(detector, "verifier", None)
     if verifier is None or not verifier.meta.get("scan_reference"):
         return None
-    found = stage_candidates(heatmap(vol, detector, lungs), vol, verifier)
+    found = stage_candidates(heatmap(vol, detector, lungs), vol, verifier, lungs=lungs)
     if not found:
         return None
     return verifier.reference(vol, np.asarray([f["voxel"] for f in found], float), finding_probabilities(found), lungs)

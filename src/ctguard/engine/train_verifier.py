@@ -35,6 +35,7 @@ from ctguard.verifier import (
     network_probabilities,
     nodule_checked,
     recentred,
+    trace_ordered,
     scan_noise,
     scan_reference,
     scan_referenced,
@@ -74,6 +75,7 @@ VERIFIER_DEFAULTS = {
     "verifier_scan_reference": False,  # each row also less the median row of its scan's candidates (ctguard.verifier.scan_referenced)
     "verifier_nodule_check": False,  # a second look at every place's P(injected): two-class trees, genuine nodule or injected (ctguard.verifier.nodule_checked)
     "verifier_nodule_phantoms": 40,  # with verifier_nodule_check: fresh varied phantoms, each with a genuine nodule, that only the check learns from
+    "verifier_trace_order": None,  # a weight w: the candidates capped in the order of the network's log-odds plus w times their resampling trace (ctguard.verifier.trace_ordered)
     "verifier_refine_from": None,  # a candidate scoring this or more is scored again at its two re-centred places, the highest kept (ctguard.screen.verify_findings)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
 }
@@ -127,6 +129,8 @@ def row_key(cfg: dict, spec: tuple, model_path: str) -> dict:
         what["candidate_flags"] = True
     if cfg["verifier_nodule_check"]:  # rows that say which are at genuine lesions (rows without it keep their key)
         what["lesion_flags"] = True
+    if cfg["verifier_trace_order"] is not None:  # candidates in another order (rows in the network's keep their key)
+        what["trace_order"] = float(cfg["verifier_trace_order"])
     return what
 
 
@@ -176,17 +180,35 @@ def _refine_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         return empty
     vol, det = src.volume, load_detector(model_path)
     result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
-    found = result["findings"][: int(cfg["verifier_max_candidates"])]  # as _source_rows takes the untouched copy's candidates
-    if not found:
-        return empty
     lungs = lung_mask(vol)
     noise = scan_noise(vol, lungs)
+    found = stage_found(cfg, result["findings"], vol, lungs, noise)  # as _source_rows takes the untouched copy's candidates
+    if not found:
+        return empty
     recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
     alt = np.concatenate([recentred(vol, np.asarray(f["voxel"], float)) for f in found])
     x = stage_inputs(vol, alt, np.repeat(finding_probabilities(found), 2, axis=0), noise, threads=1, recentre=recentre,
                      resampling=resampling, trace_recentre=trace_recentre,
                      trace_reference=scan_trace(vol, lungs, noise[0]) if trace_scan else None)
     return {"x": x.reshape(len(found), 2, -1).astype(np.float32)}
+
+
+def stage_found(cfg: dict, findings: list[dict], vol, lungs: np.ndarray, noise: tuple[float, float]) -> list[dict]:
+    """The network's findings of a copy that the stage's rows take, as screening takes them
+    (:func:`ctguard.screen.stage_candidates`): at most ``verifier_max_candidates``, in the
+    network's order or with ``verifier_trace_order`` in that of :func:`ctguard.verifier.trace_ordered`."""
+    weight = trace_order(cfg)
+    if weight is not None:
+        findings = trace_ordered(findings, vol, lungs, noise[0], weight)
+    return findings[: int(cfg["verifier_max_candidates"])]
+
+
+def trace_order(cfg: dict) -> float | None:
+    """The config's ``verifier_trace_order`` (None: the network's order; else a weight over 0), or a one-line error."""
+    value = cfg["verifier_trace_order"]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) <= 0):
+        raise InputError(f"the config's verifier_trace_order must be a weight over 0 (or null: the network's order), not {value!r}")
+    return None if value is None else float(value)
 
 
 def refine_from(cfg: dict) -> float | None:
@@ -266,7 +288,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         candidate += [False] * len(where)
         lesion += [what == "real lesion" for what, _ in where]
         result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
-        found = result["findings"][: int(cfg["verifier_max_candidates"])]
+        found = stage_found(cfg, result["findings"], vol, lungs, noise)
         if found:
             at = np.asarray([f["voxel"] for f in found], float)
             xs.append(stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre,
@@ -460,7 +482,7 @@ def oof_folds(cfg: dict) -> int:
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
-    ``verifier_refine_from`` or patch setting before anything is trained."""
+    ``verifier_refine_from``, ``verifier_trace_order`` or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -472,6 +494,7 @@ def check_stage_config(cfg: dict) -> None:
     scan_reference_on(cfg)
     nodule_specs(cfg)
     refine_from(cfg)
+    trace_order(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -739,6 +762,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             **({"refine_from": start} if start is not None else {}),
+            **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
