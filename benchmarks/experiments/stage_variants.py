@@ -1,7 +1,7 @@
 """Second stages fitted other ways on a fold's training rows, read on its held-out candidates, in seconds.
 
 Usage:
-    python benchmarks/experiments/stage_variants.py RUN,POOL [RUN,POOL ...] [--variants recipe,no_fixed,...]
+    python benchmarks/experiments/stage_variants.py RUN,POOL [RUN,POOL ...] [--variants recipe,no_fixed,...] [--out FILE.json]
 
 RUN is a fold's run (its stage's rows in ``verifier_rows/``, made again where missing); POOL its
 held-out candidates (``candidate_pool.py``, from the same network, so the same candidates and rows).
@@ -80,7 +80,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folds", nargs="+", help="RUN,POOL")
     ap.add_argument("--variants", default="recipe,no_fixed,fixed_fit_only,no_phantoms")
+    ap.add_argument("--out", default=None, help="also write every fold's and the pooled results here (JSON)")
     args = ap.parse_args()
+    per_fold: list[dict] = []
     names = args.variants.split(",")
     totals: dict[str, dict] = {n: {} for n in names}
     for spec in args.folds:
@@ -89,12 +91,15 @@ def main() -> None:
         pool = load(pool_path)
         for n in names:
             r = fold_variant(cfg, parts, pool, n)
+            per_fold.append({"run": run, "pool": pool_path, "variant": n, **r})
             print(f"{run} {n}: {json.dumps(r)}", flush=True)
             t = totals[n]
             for k, v in r.items():
                 t[k] = t.get(k, []) + [v] if k == "threshold" else t.get(k, 0) + v
     for n in names:
         print(f"pooled {n}: {json.dumps(totals[n])}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"folds": per_fold, "pooled": totals}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
