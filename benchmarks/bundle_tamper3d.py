@@ -103,6 +103,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
                                 "recentre": bool(v.meta.get("recentre", False)), "resampling": bool(v.meta.get("resampling", False)),
                                 "trace_recentre": bool(v.meta.get("trace_recentre", False)), "trace_scan": bool(v.meta.get("trace_scan", False)),
+                                "trace_order": v.meta.get("trace_order"),  # candidates capped in the order of network log-odds + w x trace
+                                "refine_from": v.meta.get("refine_from"),  # a second look at each candidate's re-centred places
                                 "scan_columns": bool(v.meta.get("scan_columns", True)),
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
