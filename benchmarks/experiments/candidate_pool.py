@@ -12,7 +12,8 @@ and probabilities, and which edit (or real lesion of an untouched copy) it lies 
 whose stage score reaches ``--refine-from`` are also scored at their two re-centred places
 (``ctguard.verifier.recentred``: the densest and the smoothest point within 10 mm), each as a place
 of its own. What cap, order or re-scoring would find more edits at what cost in false findings is
-then a matter of reading the file (``--summary``), with no screening again.
+then a matter of reading the file (``candidate_rules.py``, ``stage_variants.py``), with no
+screening again.
 """
 
 from __future__ import annotations

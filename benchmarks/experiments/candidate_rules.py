@@ -57,6 +57,23 @@ def apply(z: dict, edits: list[dict], cap: int | None, order: np.ndarray | None 
             "rows_per_copy": round((keep.sum() + (2 * (keep & np.isfinite(z["p_dense"][:, 0])).sum() if refine else 0)) / max(int(z["copies"]), 1), 1)}
 
 
+def trace_order(z: dict, w: float) -> np.ndarray:
+    """The key ``ctguard.verifier.trace_ordered`` sorts a copy's candidates by (ascending), read from
+    a pool's kept traces: minus the network's log-odds plus ``w`` times the trace's excess over the
+    scan's (its largest window)."""
+    p_t = np.clip(1 - z["p_net"][:, 0], 1e-4, 1 - 1e-4)
+    return -(np.log(p_t / (1 - p_t)) + w * np.nan_to_num(np.nanmax(z["trace"], axis=1), nan=0.0))
+
+
+def pooled(pools: list[tuple[dict, list[dict]]], rule) -> dict:
+    """``apply``'s counts summed over the folds' pools (the rows a copy averaged), ``rule(z, edits)``
+    giving each fold's."""
+    tot: dict = {}
+    for z, edits in pools:
+        tot = {k: tot.get(k, 0) + v for k, v in rule(z, edits).items()}
+    return tot | {"rows_per_copy": round(tot["rows_per_copy"] / len(pools), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pools", nargs="+")
@@ -71,46 +88,32 @@ def main() -> None:
     rules = {"cap 40 (the recipe)": dict(cap=40), "cap 60": dict(cap=60), "cap 80": dict(cap=80), "no cap": dict(cap=None),
              "cap 40, second look at the re-centred places from 0.2": dict(cap=40, refine=True),
              "no cap, second look": dict(cap=None, refine=True)}
-
-    def trace_order(z: dict, w: float) -> np.ndarray:  # the network's logit plus w times the trace's excess (its largest window), best first
-        p_t = np.clip(1 - z["p_net"][:, 0], 1e-4, 1 - 1e-4)
-        return -(np.log(p_t / (1 - p_t)) + w * np.nan_to_num(np.nanmax(z["trace"], axis=1), nan=0.0))
-
     results = {}
-    for name, kw in list(rules.items()) + [(f"cap 40 in the order of network logit + {w} x trace", {"cap": 40, "w": w}) for w in (0.5, 1.0, 2.0, 4.0)]:
-        tot: dict = {}
-        for z, edits in pools:
-            w = kw.get("w")
-            r = apply(z, edits, kw["cap"], order=None if w is None else trace_order(z, w), refine=kw.get("refine", False))
-            tot = {k: tot.get(k, 0) + v for k, v in r.items()}
-        tot["rows_per_copy"] = round(tot["rows_per_copy"] / len(pools), 1)
-        results[name] = tot
-        print(f"{name}: {json.dumps(tot)}")
+    for name, kw in rules.items():
+        results[name] = pooled(pools, lambda z, edits: apply(z, edits, **kw))
+    for w in (0.5, 1.0, 2.0, 4.0):
+        results[f"cap 40 in the order of network logit + {w} x trace"] = pooled(pools, lambda z, edits: apply(z, edits, 40, order=trace_order(z, w)))
     if args.second_look:
-        tot, thresholds = {}, []
-        for (z, edits), run in zip(pools, args.second_look):
-            t = float(json.loads((Path(run) / "verifier.json").read_text())["threshold"])
-            thresholds.append(t)
-            r = apply({**z, "threshold": np.float64(t)}, edits, 40, refine=True)
-            tot = {k: tot.get(k, 0) + v for k, v in r.items()}
-        tot["rows_per_copy"] = round(tot["rows_per_copy"] / len(pools), 1)
-        results["cap 40, second look, at the thresholds its rule chooses"] = {"thresholds": thresholds, **tot}
-        print(f"cap 40, second look, at the thresholds its rule chooses {thresholds}: {json.dumps(tot)}")
+        thresholds = [float(json.loads((Path(run) / "verifier.json").read_text())["threshold"]) for run in args.second_look]
+        by_fold = iter(thresholds)
+        results["cap 40, second look, at the thresholds its rule chooses"] = {
+            "thresholds": thresholds, **pooled(pools, lambda z, edits: apply({**z, "threshold": np.float64(next(by_fold))}, edits, 40, refine=True))}
     if args.stages:
         from ctguard.verifier import Verifier
 
-        tot, thresholds = {}, []
-        for (z, edits), run in zip(pools, args.stages):
-            stage = Verifier.load(Path(run) / "model.verifier.npz")
-            t = float(stage.meta["threshold"])
-            thresholds.append(t)
+        stages = [Verifier.load(Path(run) / "model.verifier.npz") for run in args.stages]
+        by_fold = iter(stages)
+
+        def with_stage(z: dict, edits: list[dict]) -> dict:
+            stage = next(by_fold)
             w = stage.meta.get("trace_order")
-            r = apply({**z, "threshold": np.float64(t), "p_stage": stage.probabilities(z["x"])}, edits, int(stage.meta["max_candidates"]),
-                      order=None if w is None else trace_order(z, float(w)))
-            tot = {k: tot.get(k, 0) + v for k, v in r.items()}
-        tot["rows_per_copy"] = round(tot["rows_per_copy"] / len(pools), 1)
-        results["the stages " + " ".join(args.stages)] = {"thresholds": thresholds, **tot}
-        print(f"the stages {args.stages} {thresholds}: {json.dumps(tot)}")
+            return apply({**z, "threshold": np.float64(stage.meta["threshold"]), "p_stage": stage.probabilities(z["x"])}, edits,
+                         int(stage.meta["max_candidates"]), order=None if w is None else trace_order(z, float(w)))
+
+        results["the stages " + " ".join(args.stages)] = {"thresholds": [float(v.meta["threshold"]) for v in stages],
+                                                          **pooled(pools, with_stage)}
+    for name, r in results.items():
+        print(f"{name}: {json.dumps(r)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"pools": args.pools, "rules": results}, indent=1) + "\n")
 

@@ -66,7 +66,8 @@ def fold_variant(cfg: dict, parts: list[dict], pool: tuple[dict, list[dict]], na
     p = out_of_patient_probabilities(cfg, x[fit], fx[fit], y[fit], groups[fit], folds=oof_folds(cfg))
     oof = 1.0 - p[:, 0]
     counted = rule[fit]
-    n_clean = sum(1 for q in parts if q["group"] in set(groups[fit][counted].tolist()))  # one untouched copy per source
+    counted_groups = set(groups[fit][counted].tolist())
+    n_clean = sum(1 for q in parts if q["group"] in counted_groups)  # one untouched copy per source
     thr = choose_threshold(oof[counted], clean[fit][counted], n_clean, float(cfg["verifier_max_false"]))
     trees = boosting_classifier(cfg).fit(fx[fit], y[fit])
     z, edits = pool

@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import recentred, scan_noise, trace_ordered
+from ctguard.verifier import recentred, taken_candidates
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -368,16 +368,12 @@ def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
 def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0, lungs: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
     (or ``threshold`` where that is lower), at most its ``max_candidates``, best first; a stage
-    with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.trace_ordered`,
-    which needs the scan's ``lungs``)."""
+    with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.taken_candidates`,
+    which then needs the scan's ``lungs``)."""
     cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
-    found = findings_from(heat, vol, cand_thr)
     weight = verifier.meta.get("trace_order")
-    if weight is not None:
-        if lungs is None:
-            raise ValueError("this second stage takes the candidates in the order of their resampling trace: pass the lung mask")
-        found = trace_ordered(found, vol, lungs, scan_noise(vol, lungs)[0], float(weight))
-    return found[: int(verifier.meta.get("max_candidates", 40))]
+    return taken_candidates(findings_from(heat, vol, cand_thr), vol, lungs, int(verifier.meta.get("max_candidates", 40)),
+                            None if weight is None else float(weight))
 
 
 def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier) -> list[dict[str, Any]]:

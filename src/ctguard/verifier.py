@@ -378,15 +378,30 @@ def resampling_trace(vol: Volume, place: np.ndarray, noise_xy: float) -> np.ndar
     return np.asarray(out, np.float32)
 
 
-def trace_ordered(found: list[dict], vol: Volume, lungs: np.ndarray, noise_xy: float, weight: float) -> list[dict]:
+def taken_candidates(found: list[dict], vol: Volume, lungs: np.ndarray | None, cap: int, trace_weight: float | None = None,
+                     noise_xy: float | None = None, reference: np.ndarray | None = None) -> list[dict]:
+    """The network's findings ``found`` (best first) that a second stage scores, in screening and in
+    its training rows alike: the first ``cap``, in the network's order or, with ``trace_weight``, in
+    that of :func:`trace_ordered` (which needs the scan's ``lungs``; its noise ``noise_xy`` and
+    :func:`scan_trace` ``reference`` are made here where not given)."""
+    if trace_weight is not None:
+        if lungs is None:
+            raise ValueError("this second stage takes the candidates in the order of their resampling trace: pass the lung mask")
+        found = trace_ordered(found, vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy, trace_weight, reference)
+    return found[:cap]
+
+
+def trace_ordered(found: list[dict], vol: Volume, lungs: np.ndarray, noise_xy: float, weight: float,
+                  reference: np.ndarray | None = None) -> list[dict]:
     """The network's candidates ``found`` (its findings, best first) in the order a second stage
     with ``trace_order`` takes them: by the network's log-odds of tampering plus ``weight`` times
-    the place's :func:`resampling_trace` over the scan's own (:func:`scan_trace`; the largest of its
-    windows), so that a place the network scores lower but that ripples as a pasted cube does is
-    not left past the stage's cap. The network's order where the pixel spacing leaves no ripple."""
+    the place's :func:`resampling_trace` over the scan's own (:func:`scan_trace`, or ``reference``
+    where the caller has it; the largest of its windows), so that a place the network scores lower
+    but that ripples as a pasted cube does is not left past the stage's cap. The network's order
+    where the pixel spacing leaves no ripple."""
     if len(found) < 2 or not has_ripple(vol):
         return list(found)
-    reference = np.nan_to_num(scan_trace(vol, lungs, noise_xy), nan=0.0)
+    reference = np.nan_to_num(scan_trace(vol, lungs, noise_xy) if reference is None else reference, nan=0.0)
     key = []
     for f in found:
         p = min(max(float(f["score"]), 1e-4), 1.0 - 1e-4)

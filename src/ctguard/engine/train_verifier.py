@@ -35,12 +35,12 @@ from ctguard.verifier import (
     network_probabilities,
     nodule_checked,
     recentred,
-    trace_ordered,
     scan_noise,
     scan_reference,
     scan_referenced,
     scan_trace,
     stage_inputs,
+    taken_candidates,
 )
 
 LABELS = {"injected": 1, "removed": 2}
@@ -75,7 +75,7 @@ VERIFIER_DEFAULTS = {
     "verifier_scan_reference": False,  # each row also less the median row of its scan's candidates (ctguard.verifier.scan_referenced)
     "verifier_nodule_check": False,  # a second look at every place's P(injected): two-class trees, genuine nodule or injected (ctguard.verifier.nodule_checked)
     "verifier_nodule_phantoms": 40,  # with verifier_nodule_check: fresh varied phantoms, each with a genuine nodule, that only the check learns from
-    "verifier_trace_order": None,  # a weight w: the candidates capped in the order of the network's log-odds plus w times their resampling trace (ctguard.verifier.trace_ordered)
+    "verifier_trace_order": None,  # a weight w: the candidates capped in the order of the network's log-odds plus w times their resampling trace (ctguard.verifier.taken_candidates)
     "verifier_refine_from": None,  # a candidate scoring this or more is scored again at its two re-centred places, the highest kept (ctguard.screen.verify_findings)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
 }
@@ -182,25 +182,16 @@ def _refine_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
     lungs = lung_mask(vol)
     noise = scan_noise(vol, lungs)
-    found = stage_found(cfg, result["findings"], vol, lungs, noise)  # as _source_rows takes the untouched copy's candidates
+    recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
+    reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
+    # The untouched copy's candidates, as _source_rows takes them.
+    found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
     if not found:
         return empty
-    recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
     alt = np.concatenate([recentred(vol, np.asarray(f["voxel"], float)) for f in found])
     x = stage_inputs(vol, alt, np.repeat(finding_probabilities(found), 2, axis=0), noise, threads=1, recentre=recentre,
-                     resampling=resampling, trace_recentre=trace_recentre,
-                     trace_reference=scan_trace(vol, lungs, noise[0]) if trace_scan else None)
+                     resampling=resampling, trace_recentre=trace_recentre, trace_reference=reference)
     return {"x": x.reshape(len(found), 2, -1).astype(np.float32)}
-
-
-def stage_found(cfg: dict, findings: list[dict], vol, lungs: np.ndarray, noise: tuple[float, float]) -> list[dict]:
-    """The network's findings of a copy that the stage's rows take, as screening takes them
-    (:func:`ctguard.screen.stage_candidates`): at most ``verifier_max_candidates``, in the
-    network's order or with ``verifier_trace_order`` in that of :func:`ctguard.verifier.trace_ordered`."""
-    weight = trace_order(cfg)
-    if weight is not None:
-        findings = trace_ordered(findings, vol, lungs, noise[0], weight)
-    return findings[: int(cfg["verifier_max_candidates"])]
 
 
 def trace_order(cfg: dict) -> float | None:
@@ -288,7 +279,8 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         candidate += [False] * len(where)
         lesion += [what == "real lesion" for what, _ in where]
         result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
-        found = stage_found(cfg, result["findings"], vol, lungs, noise)
+        found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0],
+                                 trace_reference)
         if found:
             at = np.asarray([f["voxel"] for f in found], float)
             xs.append(stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre,
