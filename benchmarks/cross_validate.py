@@ -13,9 +13,10 @@ only:
   scored at their centres and screened whole;
 - the patients' untouched scans: false findings per clean scan at the fold's threshold;
 - their real nodules and tumours, untouched: a finding "injected" on one is a real lesion called fake.
-The fold's threshold is chosen on its training patients only: the lowest of a grid that gives at
-most 0.1 false findings per clean scan on their untouched scans and on clean phantoms of unused
-seeds. Fold 0 trains without the "moved" injection family and fold 1 without the "clone" removal
+The fold's threshold is chosen on its training patients only: for a detector with a second stage,
+the stage's own (the lowest of a grid with at most 0.1 candidates over it per untouched training
+scan, on out-of-patient scores); without one, the lowest of a grid that gives at most 0.1 false
+findings per clean scan on their untouched scans and on clean phantoms of unused seeds. Fold 0 trains without the "moved" injection family and fold 1 without the "clone" removal
 family, so that their tables say how the detector does on a method it never saw.
 
 Beside the detector, at the same places: the mean HU at the place (a 5 mm ball) and its fine

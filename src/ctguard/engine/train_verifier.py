@@ -48,7 +48,7 @@ GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95
 VERIFIER_DEFAULTS = {
     "verifier": False,  # fit the second stage after the network (ctguard.verifier)
     "verifier_phantoms": 4,  # fresh varied phantoms beside the real scans
-    "verifier_fixed_phantoms": 2,  # and fresh phantoms of the one set-up (phantom_shape, phantom_spacing), as the demo's
+    "verifier_fixed_phantoms": 2,  # and fresh phantoms of the one quick set-up (phantom_shape, phantom_spacing) the tests screen
     "verifier_inject": 2,  # injected copies per source (verifier_per_scan edits each, the families in turn)
     "verifier_remove": 3,  # at most this many removals of real tumours per source
     "verifier_healthy": 2,  # copies with healthy places in-painted
