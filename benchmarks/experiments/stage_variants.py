@@ -1,7 +1,8 @@
 """Second stages fitted other ways on a fold's training rows, read on its held-out candidates, in seconds.
 
 Usage:
-    python benchmarks/experiments/stage_variants.py RUN,POOL [RUN,POOL ...] [--variants recipe,no_fixed,...] [--out FILE.json]
+    python benchmarks/experiments/stage_variants.py RUN,POOL [RUN,POOL ...] [--variants recipe,no_fixed,...]
+                                                    [--set KEY=VALUE ...] [--out FILE.json]
 
 RUN is a fold's run (its stage's rows in ``verifier_rows/``, made again where missing); POOL its
 held-out candidates (``candidate_pool.py``, from the same network, so the same candidates and rows).
@@ -15,7 +16,9 @@ numbers back.
 
 Variants: ``recipe``; ``no_fixed``: without the phantoms of the demo's one set-up (1.9 mm pixels,
 whose ripple the trace cannot read) in fit and rule; ``fixed_fit_only``: those phantoms in the fit
-but not in the rule; ``no_phantoms``: real patients only.
+but not in the rule; ``no_phantoms``: real patients only. ``--set`` changes a stage setting of
+every fold's config that leaves the rows as they are (the trees': ``verifier_trees``,
+``verifier_depth``, ``verifier_rate``; the rule's ``verifier_max_false``), its value read as YAML.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ from ctguard.engine.train_verifier import (  # noqa: E402
     tree_columns,
 )
 from ctguard.verifier import finite_rows  # noqa: E402
+
+
+# Stage settings that change the trees or the threshold's rule but not the rows.
+ROW_KEEPING = ("verifier_trees", "verifier_depth", "verifier_rate", "verifier_max_false")
 
 
 def fixed_groups(cfg: dict) -> set[str]:
@@ -81,14 +88,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folds", nargs="+", help="RUN,POOL")
     ap.add_argument("--variants", default="recipe,no_fixed,fixed_fit_only,no_phantoms")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a stage setting that keeps the rows (the trees', the rule's), for every fold")
     ap.add_argument("--out", default=None, help="also write every fold's and the pooled results here (JSON)")
     args = ap.parse_args()
+    import yaml
+
+    settings = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ROW_KEEPING:
+            ap.error(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(ROW_KEEPING)}")
+        settings[key] = yaml.safe_load(value)
     per_fold: list[dict] = []
     names = args.variants.split(",")
     totals: dict[str, dict] = {n: {} for n in names}
     for spec in args.folds:
         run, pool_path = spec.split(",")
         cfg, _, parts = run_rows(Path(run))
+        cfg.update(settings)
         pool = load(pool_path)
         for n in names:
             r = fold_variant(cfg, parts, pool, n)
@@ -100,7 +118,7 @@ def main() -> None:
     for n in names:
         print(f"pooled {n}: {json.dumps(totals[n])}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"folds": per_fold, "pooled": totals}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"settings": settings, "folds": per_fold, "pooled": totals}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
