@@ -12,7 +12,8 @@ pool, in order: each fold's stage refitted with ``verifier_refine_from: 0.2``, t
 the threshold its rule chose counting the second look) adds the second look at those thresholds.
 ``--stages RUN ...`` (one per pool: each fold's stage refitted from the same network on other
 settings that keep the rows' columns, e.g. ``verifier_trace_order``) reads the pools with those
-stages: their trees, their thresholds and their order of candidates.
+stages: their trees, their thresholds and their order of candidates; with them, also a cap of 60 and
+none, and slots of the cap kept for the candidates the network most calls removed.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ def trace_order(z: dict, w: float) -> np.ndarray:
     return -(np.log(p_t / (1 - p_t)) + w * np.nan_to_num(np.nanmax(z["trace"], axis=1), nan=0.0))
 
 
+def removed_slots(z: dict, first: int) -> np.ndarray:
+    """A key that takes each copy's first ``first`` candidates in the network's order, then the rest
+    in the order of the network's P(removed): slots of the cap kept for in-paintings, whose
+    P(tampered) a nearby vessel or nodule may outrank."""
+    key = np.zeros(len(z["copy"]))
+    for c in np.unique(z["copy"]):
+        idx = np.flatnonzero(z["copy"] == c)
+        early = z["rank"][idx] < first
+        key[idx[early]] = z["rank"][idx[early]]
+        rest = idx[~early]
+        key[rest[np.argsort(-z["p_net"][rest, 2], kind="stable")]] = first + np.arange(len(rest))
+    return key
+
+
 def pooled(pools: list[tuple[dict, list[dict]]], rule) -> dict:
     """``apply``'s counts summed over the folds' pools (the rows a copy averaged), ``rule(z, edits)``
     giving each fold's."""
@@ -102,16 +117,25 @@ def main() -> None:
         from ctguard.verifier import Verifier
 
         stages = [Verifier.load(Path(run) / "model.verifier.npz") for run in args.stages]
-        by_fold = iter(stages)
+        scored = [{**z, "threshold": np.float64(v.meta["threshold"]), "p_stage": v.probabilities(z["x"])} for (z, _), v in zip(pools, stages)]
+        name = "the stages " + " ".join(args.stages)
 
-        def with_stage(z: dict, edits: list[dict]) -> dict:
-            stage = next(by_fold)
+        def with_stages(rule) -> dict:
+            tot: dict = {}
+            for z, (_, edits), stage in zip(scored, pools, stages):
+                tot = {k: tot.get(k, 0) + v for k, v in rule(z, edits, stage).items()}
+            return {"thresholds": [float(v.meta["threshold"]) for v in stages], **tot, "rows_per_copy": round(tot["rows_per_copy"] / len(pools), 1)}
+
+        def own_order(z: dict, stage) -> np.ndarray | None:
             w = stage.meta.get("trace_order")
-            return apply({**z, "threshold": np.float64(stage.meta["threshold"]), "p_stage": stage.probabilities(z["x"])}, edits,
-                         int(stage.meta["max_candidates"]), order=None if w is None else trace_order(z, float(w)))
+            return None if w is None else trace_order(z, float(w))
 
-        results["the stages " + " ".join(args.stages)] = {"thresholds": [float(v.meta["threshold"]) for v in stages],
-                                                          **pooled(pools, with_stage)}
+        results[name] = with_stages(lambda z, edits, v: apply(z, edits, int(v.meta["max_candidates"]), order=own_order(z, v)))
+        for cap in (60, None):
+            results[f"{name}, cap {cap or 'none'}"] = with_stages(lambda z, edits, v: apply(z, edits, cap, order=own_order(z, v)))
+        for first in (24, 30, 34):
+            results[f"{name}, the network's first {first}, then the rest by P(removed) to 40"] = with_stages(
+                lambda z, edits, v: apply(z, edits, 40, order=removed_slots(z, first)))
     for name, r in results.items():
         print(f"{name}: {json.dumps(r)}")
     if args.out:

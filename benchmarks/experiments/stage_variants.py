@@ -16,7 +16,8 @@ numbers back.
 
 Variants: ``recipe``; ``no_fixed``: without the phantoms of the demo's one set-up (1.9 mm pixels,
 whose ripple the trace cannot read) in fit and rule; ``fixed_fit_only``: those phantoms in the fit
-but not in the rule; ``no_phantoms``: real patients only. ``--set`` changes a stage setting of
+but not in the rule; ``no_phantoms``: real patients only; ``real_rule``: every row in the fit, the
+rule counting the real patients' untouched scans only. ``--set`` changes a stage setting of
 every fold's config that leaves the rows as they are (the trees': ``verifier_trees``,
 ``verifier_depth``, ``verifier_rate``; the rule's ``verifier_max_false``), its value read as YAML.
 """
@@ -62,7 +63,7 @@ def variant_masks(name: str, groups: np.ndarray, cfg: dict) -> tuple[np.ndarray,
     phantom = np.char.startswith(groups.astype(str), "phantom")
     every = np.ones(len(groups), bool)
     return {"recipe": (every, every), "no_fixed": (~fixed, ~fixed), "fixed_fit_only": (every, ~fixed),
-            "no_phantoms": (~phantom, ~phantom)}[name]
+            "no_phantoms": (~phantom, ~phantom), "real_rule": (every, ~phantom)}[name]
 
 
 def fold_variant(cfg: dict, parts: list[dict], pool: tuple[dict, list[dict]], name: str) -> dict:
