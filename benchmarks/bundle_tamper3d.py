@@ -98,9 +98,11 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         from ctguard.verifier import Verifier
 
         v = Verifier.load(stage)
-        card["second_stage"] = {"what": "gradient-boosted trees over the texture around each candidate at the scan's own voxels "
+        where = "on the single axial slice, without the network's probabilities" if v.meta.get("slice") else "at the scan's own voxels"
+        card["second_stage"] = {"what": f"gradient-boosted trees over the texture around each candidate {where} "
                                         "(ctguard.verifier), re-scoring the network's findings from "
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
+                                **({"slice": True, "patients": v.meta["patients"], "copies": v.meta["copies"]} if v.meta.get("slice") else {}),
                                 "recentre": bool(v.meta.get("recentre", False)), "resampling": bool(v.meta.get("resampling", False)),
                                 "trace_recentre": bool(v.meta.get("trace_recentre", False)), "trace_scan": bool(v.meta.get("trace_scan", False)),
                                 "trace_order": v.meta.get("trace_order"),  # candidates capped in the order of network log-odds + w x trace
@@ -109,7 +111,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],
-                                "seconds": summary.get("verifier", {}).get("seconds"),
+                                "seconds": summary.get("slice_stage" if v.meta.get("slice") else "verifier", {}).get("seconds"),
                                 "patch_weight": float(v.meta.get("patch_weight", 0.0)),  # over 0: NAME.patches.onnx, a CNN averaged in
                                 "nodule_check": bool(v.meta.get("nodule_check", False))}  # two-class trees in the same .npz
         if threshold is None:

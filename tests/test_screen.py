@@ -454,6 +454,12 @@ def test_train_tamper2d_on_cube_slices(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "bad.npz" in err and "not a numpy archive" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run2").exists()
+    # A slice stage whose scans' config is missing is refused before the network trains.
+    cfg_file.write_text(f"task: tamper2d\ncubes: [{cubes}]\nepochs: 1\nslice_stage: true\nslice_stage_scans: {tmp_path / 'nothere.yaml'}\n")
+    assert main(["train", "-q", "--config", str(cfg_file), "--out", str(tmp_path / "run3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nothere.yaml" in err and "slice_stage_scans" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run3").exists()
 
 
 def test_train_config_paths_are_project_relative_and_checked_first(tmp_path, capsys, monkeypatch):

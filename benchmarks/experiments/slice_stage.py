@@ -1,23 +1,18 @@
-"""Does a second stage on the single axial slice through a place rank it as the 3D one does? Trees
-over the place's texture on that slice alone, cross-validated by patient on the 2D detector's own
-test places.
+"""The 2D detector's single-slice stage cross-validated by patient, on the 2D detector's own test places.
 
 Usage:
-    python benchmarks/experiments/slice_stage.py [--config configs/tamper3d.yaml] [--out FILE.json]
-                                                 [--compare docs/cross_validation_2d.json]
+    python benchmarks/experiments/slice_stage.py [--config configs/tamper2d.yaml] [--out FILE.json]
 
-For every real patient of the config, two sets of copies are simulated (every edit family, as
-``benchmarks/cross_validate.py`` makes them): with the cross-validation's own seeds for the fold that
-holds the patient out (the 2D table's places, the same ones), and with seeds of no other run (the
-rows the trees learn from). Each place (an edit's centre; untouched lung, dense places and real
-lesions of the untouched copy) is read on its axial slice only, as a single DICOM slice is screened:
-the stage's radial profiles, in-plane residual as a ratio to the slice's own parenchyma noise,
-re-centred places and resampling trace (``ctguard.verifier.features_at`` on a one-slice volume,
-less the slice's thickness, pixel size and noise and the through-plane residual, which one slice
-does not have). For each fold, gradient-boosted trees (the 3D stage's settings) are fitted on the
-training patients' rows and score the held-out patients' test places. Reported as the 2D table is:
-location AUC of P(tampered), injected against untouched and removed against untouched, per fold and
-pooled; with ``--compare``, beside the 2D network's own AUCs on the same places.
+For each fold of ``benchmarks/cross_validate.py`` the stage (``ctguard.engine.train_slice_stage``,
+the config's ``slice_stage*`` settings) is fitted on the rows of the fold's training patients only,
+exactly as ``ctguard train`` fits it on every patient (the same rows for each scan it keeps, and
+the stage's phantoms in every fold), and
+scores the held-out patients' test places: the cross-validation's own copies and places (its seeds
+for the fold; each edit's centre, and untouched lung, dense places and real lesions of the untouched
+scan), each read on its axial slice alone, as a single slice is screened. The stage alone scores a
+place (the network only proposes candidates), so these are the 2D detector's location AUCs, reported
+as the 2D table is: P(tampered), injected against untouched and removed against untouched, per fold
+and pooled.
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,52 +32,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cross_validate import EVAL_SEED, FOLDS, held_out_copies, patient_scans  # noqa: E402
 
 from ctguard import api  # noqa: E402
-from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier, negatives  # noqa: E402
+from ctguard.engine.train_slice_stage import LABELS, SLICE_DEFAULTS, entry_rows, fit_trees, phantom_rows, scan_entries, slice_rows  # noqa: E402
+from ctguard.engine.train_verifier import negatives  # noqa: E402
 from ctguard.lung import lung_depth, lung_mask  # noqa: E402
-from ctguard.verifier import SCAN_COLUMNS, feature_names, features_at, finite_rows, scan_trace  # noqa: E402
-from ctguard.volume import Volume  # noqa: E402
-
-TRAIN_FOLDS = (20, 21)  # seeds EVAL_SEED + 1000 * fold + i: no training or test run uses them
-LABEL = {"lung": 0, "dense": 0, "real lesion": 0, "injected": 1, "removed": 2}
+from ctguard.verifier import feature_names, finite_rows, slice_names  # noqa: E402
 
 
-def slice_noise(hu: np.ndarray, lungs: np.ndarray) -> float:
-    """The slice's own noise: the median absolute in-plane residual (a Gaussian of one pixel
-    subtracted) over its parenchyma (lung pixels under -600 HU)."""
-    r = hu - ndimage.gaussian_filter(hu, 1.0, mode="nearest")
-    where = lungs & (hu < -600)
-    return float(np.median(np.abs(r[where]))) + 1e-3 if where.sum() > 100 else 1.0
-
-
-def slice_rows(vol: Volume, places: list[np.ndarray]) -> np.ndarray:
-    """Each place's features on its axial slice alone (one row per place)."""
-    rows = []
-    for p in places:
-        z = int(np.clip(np.rint(p[0]), 0, vol.shape[0] - 1))
-        hu = vol.hu[z : z + 1].astype(np.float32)
-        one = Volume(hu, (1.0, *vol.spacing[1:]))
-        lungs = lung_mask(one)
-        n_xy = slice_noise(hu[0], lungs[0])
-        ref = scan_trace(one, lungs, n_xy)
-        rows.append(features_at(one, np.asarray([(0.0, *p[1:])]), (n_xy, 1.0), threads=2, recentre=True, resampling=True,
-                                trace_reference=ref)[0])
-    return np.stack(rows)
-
-
-def patient_rows(entries: dict[str, list[dict]], fold: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Rows, labels and place kinds of every copy ``held_out_copies`` makes of these patients for ``fold``'s seeds."""
-    xs, ys, what = [], [], []
+def test_places(held: dict[str, list[dict]], fold: int) -> tuple[np.ndarray, list[str]]:
+    """Rows and kinds of the fold's test places (``cross_validate.evaluate_fold``'s, the same seeds)."""
+    xs, what = [], []
     source = None
-    for i, src, _label, vol, edits in held_out_copies(entries, fold):
+    for i, src, _label, vol, edits in held_out_copies(held, fold):
         if source is None or source[0] != i:
             lungs = lung_mask(src.volume)
             source = (i, np.random.default_rng([EVAL_SEED, fold, i]), lungs, lung_depth(src.volume, lungs))
         _, rng, lungs, depth = source
         where = negatives(src, lungs, depth, rng) if not edits else [(e.kind, np.asarray(e.voxel, float)) for e in edits]
         xs.append(slice_rows(vol, [w for _, w in where]))
-        ys += [LABEL[k] for k, _ in where]
         what += [k for k, _ in where]
-    return np.concatenate(xs), np.asarray(ys), what
+    return np.concatenate(xs), what
 
 
 def aucs(p_tampered: np.ndarray, what: list[str]) -> dict:
@@ -101,37 +68,29 @@ def aucs(p_tampered: np.ndarray, what: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs/tamper3d.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs/tamper2d.yaml"))
     ap.add_argument("--out", default=None)
-    ap.add_argument("--compare", default=None, help="a cross-validation JSON with the 2D network's scores (p2d_tampered) at these places")
     a = ap.parse_args()
-    cfg = {**VERIFIER_DEFAULTS, **api.load_config(a.config)}
-    by_patient = patient_scans(cfg)
-    names = feature_names(True, True, False, True)
-    keep = [j for j, n in enumerate(names) if n not in SCAN_COLUMNS and not n.startswith("res_z") and "_res_z" not in n]
+    cfg = {**SLICE_DEFAULTS, **api.load_config(a.config)}
+    entries = scan_entries(cfg)
+    by_patient = patient_scans({"real_scans": entries})
     t0 = time.time()
-    train: dict[str, tuple] = {}
-    for p in by_patient:
-        parts = [patient_rows({p: by_patient[p]}, f) for f in TRAIN_FOLDS]
-        train[p] = (np.concatenate([x for x, _, _ in parts]), np.concatenate([y for _, y, _ in parts]))
-        print(f"{p}: {len(train[p][1])} training rows ({time.time() - t0:.0f} s)", flush=True)
+    rows = [entry_rows(entries, i, int(cfg["slice_stage_copies"]), cfg.get("slice_stage_cache")) for i in range(len(entries))]
+    rows += phantom_rows(cfg, cfg.get("slice_stage_cache"))  # in every fold's training
+    print(f"training rows of {len(entries)} scans and the phantoms: {sum(len(y) for _, y, _ in rows)} ({time.time() - t0:.0f} s)", flush=True)
+    names = feature_names(True, True, False, True)
+    columns = np.asarray([names.index(n) for n in slice_names()])
     folds, pooled_p, pooled_what = [], [], []
     for k, fold in enumerate(FOLDS):
         held = {p: by_patient[p] for p in fold["held_out"]}
-        x_test, _, what = patient_rows(held, k)
-        x = np.concatenate([train[p][0] for p in by_patient if p not in held])
-        y = np.concatenate([train[p][1] for p in by_patient if p not in held])
-        trees = boosting_classifier(cfg).fit(finite_rows(x[:, keep]), y)
+        x_test, what = test_places(held, k)
+        train = [(x, y) for x, y, patient in rows if patient not in held]
+        x, y = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
+        trees = fit_trees(cfg, x, y)
         probs = np.zeros((len(x_test), 3))
-        probs[:, trees.classes_.astype(int)] = trees.predict_proba(finite_rows(x_test[:, keep]))
+        probs[:, trees.classes_.astype(int)] = trees.predict_proba(finite_rows(x_test[:, columns]))
         p_t = 1.0 - probs[:, 0]
-        row = {"fold": k, "held_out": fold["held_out"], "train_rows": len(y), **aucs(p_t, what)}
-        if a.compare:
-            places = json.loads(Path(a.compare).read_text())["folds"][k].get("eval", {}).get("places", [])
-            if len(places) == len(what) and [q["what"] for q in places] == what:
-                row["network_2d"] = aucs(np.asarray([q["p2d_tampered"] for q in places]), what)
-            else:
-                row["network_2d"] = f"not the same places ({len(places)} against {len(what)})"
+        row = {"fold": k, "held_out": fold["held_out"], "train_rows": int(len(y)), **aucs(p_t, what)}
         folds.append(row)
         pooled_p.append(p_t)
         pooled_what += what
@@ -139,8 +98,8 @@ def main() -> None:
     pooled = {"fold": "pooled", **aucs(np.concatenate(pooled_p), pooled_what), "seconds": round(time.time() - t0)}
     print(json.dumps(pooled))
     if a.out:
-        Path(a.out).write_text(json.dumps({"config": Path(a.config).name, "columns": [names[j] for j in keep], "folds": folds,
-                                           "pooled": pooled}, indent=1) + "\n")
+        Path(a.out).write_text(json.dumps({"config": Path(a.config).name, "settings": {k: cfg[k] for k in SLICE_DEFAULTS if k not in ("slice_stage_scans", "slice_stage_cache")},
+                                           "labels": LABELS, "folds": folds, "pooled": pooled}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ def config_root(path: str | Path) -> Path:
 
 
 # Keys of a config that hold paths (a path or a list of paths): relative ones are read from the project root.
-CONFIG_PATHS = ("real_series", "annotations", "data", "init", "cache", "source_cache", "extra_cubes", "cubes", "weights")
+CONFIG_PATHS = ("real_series", "annotations", "data", "init", "cache", "source_cache", "extra_cubes", "cubes", "weights", "slice_stage_scans", "slice_stage_cache")
 
 
 def load_config(path: str | Path | None) -> dict[str, Any]:

@@ -157,10 +157,13 @@ def _load(name_or_path: str | None, default: str, arch: str, build: Callable[[di
     CTGUARD_RUNTIME=torch, or where there is no .onnx or no onnxruntime."""
     det = _load_network(name_or_path, default, arch, build, label)
     verifier = Path(det.path).with_suffix(".verifier.npz")
-    if det.dims == 3 and verifier.is_file():
+    if verifier.is_file():
         from ctguard.verifier import Verifier
 
         det.verifier = Verifier.load(verifier)
+        if bool(det.verifier.meta.get("slice")) != (det.dims == 2):
+            raise InputError(f"this second stage is for {'a single slice' if det.verifier.meta.get('slice') else 'a whole scan'}, "
+                             f"not the {label} detector beside it", verifier)
         if "threshold" not in det.card:  # a run of ctguard train: the second stage's own threshold
             det.threshold = float(det.verifier.meta.get("threshold", det.threshold))
     return det
@@ -556,12 +559,16 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
         stage("findings")
     # One slice: findings_from clips every voxel to z = 0.
     warnings = list(vol.warnings) + ["a single slice is screened in 2D, without its neighbours: weaker than screening the series"]
-    return _result(vol, detector, heat, thr, input_name, warnings, t0), heat, lungs
+    verifier = getattr(detector, "verifier", None)
+    return _result(vol, detector, heat, thr, input_name, warnings, t0, lungs, verifier), heat, lungs
 
 
-def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, square_mm: int = LOCATION_MM) -> np.ndarray:
+def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, square_mm: int = LOCATION_MM,
+                       stage2: bool = True, lungs: np.ndarray | None = None) -> np.ndarray:
     """``(n, 3)`` probabilities at places ``(0, y, x)`` of a single slice: the 2D detector's cell
-    centred on each, in a ``square_mm`` square around it (outside the slice is air)."""
+    centred on each, in a ``square_mm`` square around it (outside the slice is air); re-scored by the
+    detector's second stage where it has one (``stage2=False``: the network's; ``lungs``: the
+    slice's mask where the caller has it)."""
     out = np.zeros((len(locations), 3), dtype=np.float32)
     mid, shift_mm = _middle_cell(square_mm)
     spacing = np.asarray(vol.spacing[1:], float)
@@ -574,4 +581,7 @@ def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, s
         grid = np.meshgrid(cy + offsets / spacing[0], cx + offsets / spacing[1], indexing="ij")
         block = ndimage.map_coordinates(vol.hu[0], grid, order=1, mode="constant", cval=-1000.0).astype(np.float32)
         out[i] = detector.probabilities(block)[:, mid, mid]
+    verifier = getattr(detector, "verifier", None) if stage2 else None
+    if verifier is not None and len(locations):
+        out = verifier.score_places(vol, np.asarray(locations, float), out, lung_mask(vol) if lungs is None else lungs)
     return out

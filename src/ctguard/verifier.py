@@ -551,6 +551,43 @@ def nodule_checked(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 NODULE_PREFIX = "nodule_"  # the nodule check's arrays in the stage's .npz
+# -- a single axial slice (the 2D detector's second stage) --------------------------------------
+
+
+def slice_names() -> list[str]:
+    """The columns a single slice's stage reads (:func:`slice_inputs`): :func:`features_at`'s with
+    re-centring, resampling trace and the slice's own trace, less those one slice cannot give or that
+    are the same at every place of a scan (the through-plane residual; :data:`SCAN_COLUMNS`)."""
+    return [n for n in feature_names(True, True, False, True) if n not in SCAN_COLUMNS and not n.startswith("res_z")]
+
+
+def slice_noise(hu: np.ndarray, lungs: np.ndarray) -> float:
+    """A single slice's own noise: the median absolute in-plane residual (a Gaussian of one pixel
+    subtracted) over its parenchyma (lung pixels under -600 HU); 1.0 where it has under 100 of them."""
+    hu = np.asarray(hu, np.float32)
+    where = lungs & (hu < -600)
+    if where.sum() < 100:
+        return 1.0
+    r = hu - ndimage.gaussian_filter(hu, 1.0, mode="nearest")
+    return float(np.median(np.abs(r[where]))) + 1e-3
+
+
+def axial_slice(vol: Volume, z: float) -> Volume:
+    """The axial slice of ``vol`` nearest ``z`` alone, as a single DICOM slice is read (1 mm thick)."""
+    k = int(np.clip(np.rint(z), 0, vol.shape[0] - 1))
+    return Volume(vol.hu[k : k + 1].copy(), (1.0, *vol.spacing[1:]))
+
+
+def slice_inputs(vol: Volume, places: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """Rows at ``places`` ``(n, 3)``, ``z = 0``, of a single slice ``vol`` (its lung mask ``lungs``):
+    :func:`features_at` with its re-centred places and resampling trace, read against the slice's
+    own noise (:func:`slice_noise`) and trace (:func:`scan_trace`); columns :func:`slice_names` (of
+    :func:`feature_names` ``(True, True, False, True)``) are what the trees read."""
+    n_xy = slice_noise(vol.hu[0], lungs[0])
+    return features_at(vol, np.asarray(places, float).reshape(-1, 3), (n_xy, 1.0), recentre=True, resampling=True,
+                       trace_reference=scan_trace(vol, lungs, n_xy))
+
+
 TREE_KEYS = ("feature", "split", "left", "right", "value", "tree_class", "baseline", "rate", "meta")
 
 
@@ -568,7 +605,7 @@ class Verifier:
     tree_class: np.ndarray  # (trees,) the class each tree adds to
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
-    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, trace_scan, candidate_threshold, max_candidates, threshold, fit details
+    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, trace_scan, candidate_threshold, max_candidates, threshold, fit details; slice (a single slice's stage)
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
 
@@ -619,7 +656,10 @@ class Verifier:
         trees' plus ``w`` times the network's; then, with ``patch_weight`` v, ``(1 - v)`` times that
         plus ``v`` times the patch CNN's (:mod:`ctguard.patches`). A stage with ``scan_reference`` in
         its meta reads each place against the scan's candidates: ``candidates=True`` where ``places``
-        are those candidates (screening), else their ``reference`` row (:meth:`reference`)."""
+        are those candidates (screening), else their ``reference`` row (:meth:`reference`). A single
+        slice's stage (``slice`` in its meta; ``vol`` one slice) reads :func:`slice_inputs` only."""
+        if self.meta.get("slice"):  # a single slice's stage: its own rows, no network, no reference
+            return self.probabilities(slice_inputs(vol, places, lungs))
         noise = scan_noise(vol, lungs)
         x = self.rows(vol, places, p_network, noise, lungs)
         if self.meta.get("scan_reference"):

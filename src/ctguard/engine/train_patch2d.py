@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ctguard.engine.train3d import check_paths, class_weights, fit, load_cubes, save_run
+from ctguard.engine.train_slice_stage import SLICE_DEFAULTS, fit_slice_stage, scan_entries
 from ctguard.errors import InputError
 from ctguard.models.patch2d import CLASSES, STRIDE, TamperNet2D
 
@@ -29,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "lr": 0.002,
     "threads": 2,
+    **SLICE_DEFAULTS,  # the single slice's second stage (ctguard.engine.train_slice_stage)
 }
 
 
@@ -59,6 +61,8 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     if not cfg["cubes"]:
         raise InputError("no training cubes: list .npz files under `cubes:` (made by the tamper3d trainer)")
     check_paths(cfg, ("cubes",))  # all checked before the run folder is made
+    if cfg["slice_stage"]:
+        scan_entries(cfg)  # its config and scans, likewise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -77,4 +81,8 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
     echo(f"{len(x)} slices of 64 mm; target cells: " + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
     model = TamperNet2D(int(cfg["width"]))
     history = fit(model, x, y, int(cfg["epochs"]), cfg["lr"], cfg, progress, class_weights(counts), augment=_flip2d)
-    return save_run(out, model, cfg, "tamper2d", history, {"slices": len(x)}, t0, t_data, echo, "loading")
+    summary = save_run(out, model, cfg, "tamper2d", history, {"slices": len(x)}, t0, t_data, echo, "loading")
+    if cfg["slice_stage"]:
+        summary["slice_stage"] = fit_slice_stage(cfg, out, echo)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

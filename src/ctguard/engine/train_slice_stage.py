@@ -1,0 +1,206 @@
+"""The 2D detector's second stage: trees over the texture of a single axial slice at each place.
+
+``ctguard train --config configs/tamper2d.yaml`` fits it after the network (``slice_stage: true``):
+every real scan of the config named by ``slice_stage_scans`` (the 3D recipe's ``real_scans``, so the
+same patients) is copied with edits of every family (:func:`ctguard.tamper.simulate.variants`:
+injections drawn and moved, removals filled and cloned over real tumours and healthy places) under
+``slice_stage_copies`` sets of seeds no other run uses, and so are fresh phantoms
+(``slice_stage_phantoms`` under random clinical set-ups, ``slice_stage_fixed_phantoms`` of the
+quick 1.9 mm set-up, one set each); each edit's centre is a row of its kind, and
+10 random lung places, 10 dense ones and every real lesion of the untouched scan are genuine rows.
+Each row is read on the axial slice through the place alone, as a single slice is screened
+(:func:`ctguard.verifier.slice_inputs`). The trees (the 3D stage's settings) are saved as
+``model.verifier.npz`` beside the network, with ``slice: true`` in their meta; screening a single
+slice then re-scores the network's candidates with them, and ``--locations`` scores places with
+them (the network only proposes the candidates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctguard.errors import InputError
+
+SLICE_DEFAULTS = {
+    "slice_stage": False,  # fit the single slice's second stage after the network
+    "slice_stage_scans": None,  # a training config whose real_scans are the stage's sources (configs/tamper3d.yaml)
+    "slice_stage_copies": 2,  # sets of copies of each scan (each: 4 injections, a removal per real tumour, 2 healthy places in-painted twice)
+    "slice_stage_candidates": 20,  # candidates of a slice the stage re-scores (the network's, from 0.3)
+    "slice_stage_cache": None,  # a folder keeping each scan's rows, for runs on other sets of the patients (cross-validation)
+    "slice_stage_phantoms": 0,  # fresh phantoms under random clinical set-ups (one set of copies each)
+    "slice_stage_fixed_phantoms": 0,  # fresh phantoms of the one quick set-up (phantom_shape: 1.9 mm pixels)
+}
+PHANTOM_SEED = 7000  # the stage's phantoms: PHANTOM_SEED + k (varied), PHANTOM_SEED + 50 + k (the quick set-up)
+SEED_BASE = 700_000  # seeds of the stage's copies: SEED_BASE + 1000 * set + source; no other run uses them
+ROWS_VERSION = 1  # bump when the rows a seed gives change (features, places, simulator), so kept rows are made again
+LABELS = {"lung": 0, "dense": 0, "real lesion": 0, "injected": 1, "removed": 2}
+
+
+def scan_entries(cfg: dict) -> list[dict]:
+    """The stage's sources: the ``real_scans`` of the config ``slice_stage_scans`` names (its paths
+    read from its project root), each ``{scan, tumours, patient}``."""
+    from ctguard.api import load_config
+
+    path = cfg.get("slice_stage_scans")
+    if not path:
+        raise InputError("slice_stage needs slice_stage_scans: a training config whose real_scans it learns from (configs/tamper3d.yaml)")
+    if not Path(path).is_file():
+        raise InputError("no such config (slice_stage_scans)", path)
+    entries = load_config(path).get("real_scans") or []
+    if not entries:
+        raise InputError("the config has no real_scans for the slice stage", path)
+    for e in entries:
+        if not Path(e["scan"]).exists():
+            raise InputError("no such scan (a real_scans entry of slice_stage_scans)", e["scan"])
+    return entries
+
+
+def slice_rows(vol, places: list[np.ndarray]) -> np.ndarray:
+    """Each place's row on the axial slice through it alone (:func:`ctguard.verifier.slice_inputs`)."""
+    from ctguard.lung import lung_mask
+    from ctguard.verifier import axial_slice, slice_inputs
+
+    rows = []
+    for p in places:
+        one = axial_slice(vol, p[0])
+        rows.append(slice_inputs(one, np.asarray([(0.0, *p[1:])]), lung_mask(one))[0])
+    return np.stack(rows)
+
+
+def copy_places(src, seed: int, place_rng: np.random.Generator):
+    """Every copy of ``src`` with its places: ``(volume, [(kind, voxel), ...])``, the untouched scan's
+    genuine places first (``place_rng`` picks them)."""
+    from ctguard.engine.train_verifier import negatives
+    from ctguard.lung import lung_depth, lung_mask
+    from ctguard.tamper.simulate import variants
+
+    lungs = lung_mask(src.volume)
+    depth = lung_depth(src.volume, lungs)
+    for _label, vol, edits in variants(src, seed, inject=4, remove=len(src.tumours), per_scan=2, inject_families=("drawn", "moved"),
+                                       remove_families=("fill", "clone"), healthy=2):
+        yield vol, negatives(src, lungs, depth, place_rng) if not edits else [(e.kind, np.asarray(e.voxel, float)) for e in edits]
+
+
+def source_of(entry: dict):
+    """A real scan entry as a :class:`ctguard.tamper.simulate.Source` with its tumours."""
+    from ctguard import io
+    from ctguard.tamper.simulate import Source, tumours_from
+
+    vol = io.read(entry["scan"])
+    return Source(Path(entry["scan"]).name, vol, entry.get("patient") or Path(entry["scan"]).name, tumours_from(vol, entry.get("tumours")))
+
+
+def source_rows(src, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and labels of every place of every copy of ``src`` made with ``seed``."""
+    xs, ys = [], []
+    for vol, places in copy_places(src, seed, np.random.default_rng([seed, 1])):
+        xs.append(slice_rows(vol, [w for _, w in places]))
+        ys += [LABELS[k] for k, _ in places]
+    return np.concatenate(xs), np.asarray(ys, np.int64)
+
+
+def entry_rows(entries: list[dict], i: int, copies: int, cache: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Rows, labels and patient of the ``i``-th scan of ``entries``: ``copies`` sets of its copies,
+    set ``k`` seeded ``SEED_BASE + 1000 * k + i`` (so a run on a subset of the patients, a
+    cross-validation fold, gives each scan it keeps the same rows). With a ``cache`` folder each
+    set's rows are kept there under a key of the scan, its tumours and the seed, and read back."""
+    src = None
+    xs, ys, patient = [], [], entries[i].get("patient") or Path(entries[i]["scan"]).name
+    for k in range(copies):
+        seed = SEED_BASE + 1000 * k + i
+        key = hashlib.sha1(json.dumps([str(entries[i]["scan"]), str(entries[i].get("tumours")), seed, ROWS_VERSION]).encode()).hexdigest()[:16]
+        kept = Path(cache) / f"{key}.npz" if cache else None
+        if kept is not None and kept.is_file():
+            with np.load(kept) as d:
+                x, y = d["x"], d["y"]
+        else:
+            src = src or source_of(entries[i])
+            x, y = source_rows(src, seed)
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(kept, x=x, y=y)
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys), patient
+
+
+def phantom_rows(cfg: dict, cache: str | None = None) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """Rows, labels and group (``phantom SEED``) of the stage's phantoms (``slice_stage_phantoms``
+    varied, ``slice_stage_fixed_phantoms`` of the quick set-up), one set of copies each, kept in
+    ``cache`` as a scan's are."""
+    from ctguard.tamper.simulate import phantom_source, varied_phantom_source
+
+    specs = [(PHANTOM_SEED + k, True) for k in range(int(cfg.get("slice_stage_phantoms") or 0))] + \
+            [(PHANTOM_SEED + 50 + k, False) for k in range(int(cfg.get("slice_stage_fixed_phantoms") or 0))]
+    out = []
+    for seed, varied in specs:
+        key = hashlib.sha1(json.dumps(["phantom", seed, varied, ROWS_VERSION]).encode()).hexdigest()[:16]
+        kept = Path(cache) / f"{key}.npz" if cache else None
+        if kept is not None and kept.is_file():
+            with np.load(kept) as d:
+                x, y = d["x"], d["y"]
+        else:
+            x, y = source_rows(varied_phantom_source(seed) if varied else phantom_source(seed), SEED_BASE + 500 + seed)
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(kept, x=x, y=y)
+        out.append((x, y, f"phantom {seed}"))
+    return out
+
+
+def fit_trees(cfg: dict, x: np.ndarray, y: np.ndarray):
+    """The stage's classifier fitted on rows ``x`` (every column; it reads :func:`ctguard.verifier.slice_names`)."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier
+    from ctguard.verifier import feature_names, finite_rows, slice_names
+
+    cfg = {**VERIFIER_DEFAULTS, "verifier_boosting": "histogram", "seed": 0, **cfg}
+    names = feature_names(True, True, False, True)
+    columns = np.asarray([names.index(n) for n in slice_names()])
+    return boosting_classifier(cfg).fit(finite_rows(x[:, columns]), y)
+
+
+def fit_slice_stage(cfg: dict, out: Path, echo=print) -> dict:
+    """Fits the stage (see the module's docstring) and writes ``out/model.verifier.npz``; returns its summary."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS
+    from ctguard.verifier import Verifier, feature_names, finite_rows, slice_names
+
+    cfg = {**VERIFIER_DEFAULTS, "verifier_boosting": "histogram", **SLICE_DEFAULTS, **cfg}
+    entries = scan_entries(cfg)
+    t0 = time.time()
+    xs, ys, groups = [], [], []
+    for i, entry in enumerate(entries):
+        x, y, patient = entry_rows(entries, i, int(cfg["slice_stage_copies"]), cfg.get("slice_stage_cache"))
+        xs.append(x)
+        ys.append(y)
+        groups += [patient] * len(y)
+        echo(f"slice stage: {patient} ({Path(entry['scan']).name}), {sum(len(y) for y in ys)} rows so far ({time.time() - t0:.0f} s)")
+    for x, y, group in phantom_rows(cfg, cfg.get("slice_stage_cache")):
+        xs.append(x)
+        ys.append(y)
+        groups += [group] * len(y)
+    if len(ys) > len(entries):
+        echo(f"slice stage: {len(ys) - len(entries)} phantoms, {sum(len(y) for y in ys)} rows in all ({time.time() - t0:.0f} s)")
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    clf = fit_trees(cfg, x, y)
+    names = feature_names(True, True, False, True)
+    columns = np.asarray([names.index(n) for n in slice_names()])
+    counts = np.bincount(y, minlength=3)
+    meta = {"slice": True, "names": names, "columns": slice_names(), "uses_network": False, "boosting": cfg["verifier_boosting"],
+            "candidate_threshold": 0.3, "max_candidates": int(cfg["slice_stage_candidates"]), "rows": int(len(y)),
+            "rows_by_class": {"genuine": int(counts[0]), "injected": int(counts[1]), "removed": int(counts[2])},
+            "sources": len(ys), "patients": sorted({g for g in groups if not g.startswith("phantom ")}),
+            "phantoms": sorted({g for g in groups if g.startswith("phantom ")}), "copies": int(cfg["slice_stage_copies"]), "seed_base": SEED_BASE,
+            "threshold_rule": "none of its own: the detector's threshold is chosen on the training patients' slices "
+                              "(benchmarks/calibrate_tamper3d.py --2d)"}
+    v = Verifier.from_sklearn(clf, finite_rows(x), meta, columns=columns)
+    v.save(out / "model.verifier.npz")
+    summary = {"rows": int(len(y)), "sources": len(ys), "seconds": round(time.time() - t0, 1)}
+    (out / "slice_stage.json").write_text(json.dumps({**summary, "rows_by_class": meta["rows_by_class"], "patients": meta["patients"]}, indent=2) + "\n")
+    echo(f"slice stage: {len(y)} rows from {len(ys)} sources ({counts[1]} injected, {counts[2]} removed), "
+         f"{summary['seconds']} s; wrote {out / 'model.verifier.npz'}")
+    return summary
