@@ -140,10 +140,14 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
 
 
 def _cv(path: str | None) -> dict | None:
-    """The cross-validation's per-fold and pooled rows (benchmarks/cross_validate.py's cv.json)."""
+    """The cross-validation's per-fold and pooled rows (benchmarks/cross_validate.py's cv.json, or
+    the slice stage's report of benchmarks/experiments/slice_stage.py)."""
     if not path:
         return None
     cv = json.loads(Path(path).read_text())
+    if cv["folds"] and "row" not in cv["folds"][0]:  # the 2D detector's slice stage (benchmarks/experiments/slice_stage.py)
+        return {"command": "python benchmarks/experiments/slice_stage.py", "settings": cv.get("settings"), "folds": cv["folds"],
+                "pooled": cv["pooled"]}
     return {"command": "python benchmarks/cross_validate.py", "folds": [{k: f[k] for k in ("fold", "held_out", "unseen", "train_seconds", "row")}
                                                                      for f in cv["folds"]], "pooled": cv["pooled"]["row"]}
 

@@ -190,7 +190,8 @@ def fit_slice_stage(cfg: dict, out: Path, echo=print) -> dict:
     names = feature_names(True, True, False, True)
     columns = np.asarray([names.index(n) for n in slice_names()])
     counts = np.bincount(y, minlength=3)
-    meta = {"slice": True, "names": names, "columns": slice_names(), "uses_network": False, "boosting": cfg["verifier_boosting"],
+    meta = {"slice": True, "names": names, "columns": slice_names(), "uses_network": False, "recentre": True, "resampling": True,
+            "trace_scan": True,  # what slice_inputs reads (the slice's own trace as the scan's) "boosting": cfg["verifier_boosting"],
             "candidate_threshold": 0.3, "max_candidates": int(cfg["slice_stage_candidates"]), "rows": int(len(y)),
             "rows_by_class": {"genuine": int(counts[0]), "injected": int(counts[1]), "removed": int(counts[2])},
             "sources": len(ys), "patients": sorted({g for g in groups if not g.startswith("phantom ")}),
