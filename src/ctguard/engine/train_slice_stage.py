@@ -109,24 +109,34 @@ def entry_rows(entries: list[dict], i: int, copies: int, cache: str | None = Non
     set ``k`` seeded ``SEED_BASE + 1000 * k + i`` (so a run on a subset of the patients, a
     cross-validation fold, gives each scan it keeps the same rows). With a ``cache`` folder each
     set's rows are kept there under a key of the scan, its tumours and the seed, and read back."""
-    src = None
+    src = []  # read once, where a set is not kept
     xs, ys, patient = [], [], entries[i].get("patient") or Path(entries[i]["scan"]).name
     for k in range(copies):
         seed = SEED_BASE + 1000 * k + i
-        key = hashlib.sha1(json.dumps([str(entries[i]["scan"]), str(entries[i].get("tumours")), seed, ROWS_VERSION]).encode()).hexdigest()[:16]
-        kept = Path(cache) / f"{key}.npz" if cache else None
-        if kept is not None and kept.is_file():
-            with np.load(kept) as d:
-                x, y = d["x"], d["y"]
-        else:
-            src = src or source_of(entries[i])
-            x, y = source_rows(src, seed)
-            if kept is not None:
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(kept, x=x, y=y)
+
+        def make(seed: int = seed) -> tuple[np.ndarray, np.ndarray]:
+            src[:] = src or [source_of(entries[i])]
+            return source_rows(src[0], seed)
+
+        x, y = kept_rows(cache, [str(entries[i]["scan"]), str(entries[i].get("tumours")), seed], make)
         xs.append(x)
         ys.append(y)
     return np.concatenate(xs), np.concatenate(ys), patient
+
+
+def kept_rows(cache: str | None, key: list, make) -> tuple[np.ndarray, np.ndarray]:
+    """``make()``'s rows and labels, kept in the folder ``cache`` under a hash of ``key`` (and
+    :data:`ROWS_VERSION`) and read back from there when they are."""
+    if not cache:
+        return make()
+    kept = Path(cache) / f"{hashlib.sha1(json.dumps([*key, ROWS_VERSION]).encode()).hexdigest()[:16]}.npz"
+    if kept.is_file():
+        with np.load(kept) as d:
+            return d["x"], d["y"]
+    x, y = make()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(kept, x=x, y=y)
+    return x, y
 
 
 def phantom_rows(cfg: dict, cache: str | None = None) -> list[tuple[np.ndarray, np.ndarray, str]]:
@@ -139,16 +149,8 @@ def phantom_rows(cfg: dict, cache: str | None = None) -> list[tuple[np.ndarray, 
             [(PHANTOM_SEED + 50 + k, False) for k in range(int(cfg.get("slice_stage_fixed_phantoms") or 0))]
     out = []
     for seed, varied in specs:
-        key = hashlib.sha1(json.dumps(["phantom", seed, varied, ROWS_VERSION]).encode()).hexdigest()[:16]
-        kept = Path(cache) / f"{key}.npz" if cache else None
-        if kept is not None and kept.is_file():
-            with np.load(kept) as d:
-                x, y = d["x"], d["y"]
-        else:
-            x, y = source_rows(varied_phantom_source(seed) if varied else phantom_source(seed), SEED_BASE + 500 + seed)
-            if kept is not None:
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(kept, x=x, y=y)
+        x, y = kept_rows(cache, ["phantom", seed, varied],
+                         lambda: source_rows(varied_phantom_source(seed) if varied else phantom_source(seed), SEED_BASE + 500 + seed))
         out.append((x, y, f"phantom {seed}"))
     return out
 
