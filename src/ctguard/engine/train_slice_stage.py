@@ -29,7 +29,7 @@ from ctguard.errors import InputError
 SLICE_DEFAULTS = {
     "slice_stage": False,  # fit the single slice's second stage after the network
     "slice_stage_scans": None,  # a training config whose real_scans are the stage's sources (configs/tamper3d.yaml)
-    "slice_stage_copies": 2,  # sets of copies of each scan (each: 4 injections, a removal per real tumour, 2 healthy places in-painted twice)
+    "slice_stage_copies": 2,  # sets of copies of each scan (each: 4 injections, a removal per real tumour, 2 copies with 2 healthy places in-painted)
     "slice_stage_candidates": 20,  # candidates of a slice the stage re-scores (the network's, from 0.3)
     "slice_stage_cache": None,  # a folder keeping each scan's rows, for runs on other sets of the patients (cross-validation)
     "slice_stage_phantoms": 0,  # fresh phantoms under random clinical set-ups (one set of copies each)
