@@ -54,8 +54,7 @@ from ctguard.tamper.simulate import (
     variants,
     varied_phantom_source,
 )
-from ctguard.verifier import neighbourhood
-from ctguard.volume import Volume
+from ctguard.verifier import axial_slice, neighbourhood
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two held-out patients a fold; every patient held out once; each training side keeps GE and Philips.
@@ -159,17 +158,27 @@ def held_out_copies(held_out: dict[str, list[dict]], fold: int):
             yield i, src, label, vol, edits
 
 
-def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) -> dict:
-    """Every measurement of one fold on its held-out patients (see the module's docstring); with
-    ``det2`` (a 2D slice detector) each place is also scored on the single axial slice through it."""
-    places, clean, edits_found, lesion_calls, times = [], [], [], [], []
-    thr = det.threshold
+def held_out_places(held_out: dict[str, list[dict]], fold: int):
+    """:func:`held_out_copies`, each with the places the fold scores on it: its edits' centres, or on
+    an untouched copy its untouched places (random lung, dense places, real lesions), drawn by the
+    fold's and the scan's own generator. Yields ``(i, src, label, vol, edits, lungs, where)``, ``lungs``
+    the scan's lung mask and ``where`` a list of ``(kind, voxel)``."""
     source = None  # the held-out scan of the copies now: its own rng, lung mask and depth
     for i, src, label, vol, edits in held_out_copies(held_out, fold):
         if source is None or source[0] != i:
             lungs = lung_mask(src.volume)
             source = (i, np.random.default_rng([EVAL_SEED, fold, i]), lungs, lung_depth(src.volume, lungs))
         _, rng, lungs, depth = source
+        where = negatives(src, lungs, depth, rng) if not edits else [(e.kind, np.asarray(e.voxel, float)) for e in edits]
+        yield i, src, label, vol, edits, lungs, where
+
+
+def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) -> dict:
+    """Every measurement of one fold on its held-out patients (see the module's docstring); with
+    ``det2`` (a 2D slice detector) each place is also scored on the single axial slice through it."""
+    places, clean, edits_found, lesion_calls, times = [], [], [], [], []
+    thr = det.threshold
+    for i, src, label, vol, edits, lungs, where in held_out_places(held_out, fold):
         t0 = time.time()
         result, _, _ = screen_volume(vol, det, threshold=0.3)
         times.append(time.time() - t0)
@@ -178,7 +187,6 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
             clean.append({"patient": src.patient, "scan": src.name, "false_findings": [
                 {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]} for f in found],
                 "candidate_scores": [round(float(f["score"]), 4) for f in result["findings"]]})  # from 0.3: the curve below
-            where = negatives(src, lungs, depth, rng)
             for t in src.tumours:
                 # Its highest "injected" candidate from 0.3 (kept for reading the report at other thresholds).
                 hit = max((f["score"] for f in result["findings"] if f["kind"] == "injected" and _near(f, t.voxel, t.diameter_mm, vol)),
@@ -186,7 +194,6 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                 lesion_calls.append({"patient": src.patient, "voxel": [round(float(v), 1) for v in t.voxel],
                                      "diameter_mm": round(t.diameter_mm, 1), "called_injected": hit >= thr, "score": round(float(hit), 4)})
         else:
-            where = [(e.kind, np.asarray(e.voxel, float)) for e in edits]
             for e in edits:
                 hit = max((f["score"] for f in result["findings"] if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)),
                           default=0.0)
@@ -201,8 +208,7 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                    "p_tampered": float(pw[1] + pw[2]), "p_network": float(pn[1] + pn[2]),
                    "mean_hu": mean_hu(vol, w), "smoothness": texture_smoothness(vol, w)}
             if det2 is not None:
-                z = int(np.clip(np.rint(w[0]), 0, vol.shape[0] - 1))
-                one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
+                one = axial_slice(vol, w[0])
                 row["p2d_tampered"] = float(score_locations_2d(one, det2, np.asarray([(0.0, *w[1:])]))[0, 1:].sum())
             places.append(row)
     return {"places": places, "clean_scans": clean, "edits": edits_found, "real_lesions": lesion_calls,

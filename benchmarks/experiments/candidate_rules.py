@@ -117,25 +117,18 @@ def main() -> None:
         from ctguard.verifier import Verifier
 
         stages = [Verifier.load(Path(run) / "model.verifier.npz") for run in args.stages]
-        scored = [{**z, "threshold": np.float64(v.meta["threshold"]), "p_stage": v.probabilities(z["x"])} for (z, _), v in zip(pools, stages)]
+        # Each pool scored by its fold's stage: its trees, its threshold and its order of candidates.
+        scored = [({**z, "threshold": np.float64(v.meta["threshold"]), "p_stage": v.probabilities(z["x"]), "stage_cap": int(v.meta["max_candidates"]),
+                    "order": None if v.meta.get("trace_order") is None else trace_order(z, float(v.meta["trace_order"]))}, edits)
+                  for (z, edits), v in zip(pools, stages)]
+        thresholds = {"thresholds": [float(v.meta["threshold"]) for v in stages]}
         name = "the stages " + " ".join(args.stages)
-
-        def with_stages(rule) -> dict:
-            tot: dict = {}
-            for z, (_, edits), stage in zip(scored, pools, stages):
-                tot = {k: tot.get(k, 0) + v for k, v in rule(z, edits, stage).items()}
-            return {"thresholds": [float(v.meta["threshold"]) for v in stages], **tot, "rows_per_copy": round(tot["rows_per_copy"] / len(pools), 1)}
-
-        def own_order(z: dict, stage) -> np.ndarray | None:
-            w = stage.meta.get("trace_order")
-            return None if w is None else trace_order(z, float(w))
-
-        results[name] = with_stages(lambda z, edits, v: apply(z, edits, int(v.meta["max_candidates"]), order=own_order(z, v)))
+        results[name] = thresholds | pooled(scored, lambda z, edits: apply(z, edits, z["stage_cap"], order=z["order"]))
         for cap in (60, None):
-            results[f"{name}, cap {cap or 'none'}"] = with_stages(lambda z, edits, v: apply(z, edits, cap, order=own_order(z, v)))
+            results[f"{name}, cap {cap or 'none'}"] = thresholds | pooled(scored, lambda z, edits: apply(z, edits, cap, order=z["order"]))
         for first in (24, 30, 34):
-            results[f"{name}, the network's first {first}, then the rest by P(removed) to 40"] = with_stages(
-                lambda z, edits, v: apply(z, edits, 40, order=removed_slots(z, first)))
+            results[f"{name}, the network's first {first}, then the rest by P(removed) to 40"] = thresholds | pooled(
+                scored, lambda z, edits: apply(z, edits, 40, order=removed_slots(z, first)))
     for name, r in results.items():
         print(f"{name}: {json.dumps(r)}")
     if args.out:

@@ -39,19 +39,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.source == "tamper2d":
         weights = Path(str(resources.files("ctguard") / "weights"))
-        ckpt = torch.load(weights / "tamper2d.pt", map_location="cpu", weights_only=True)
-        card = ckpt.pop("card", {})
-        torch.save(ckpt, out / "model.pt")
-        shutil.copy(weights / "tamper2d.onnx", out / "model.onnx")
-        summary = {"slices": card.get("training_data", {}).get("examples"), "train_seconds": card.get("train_seconds"),
-                   "data_seconds": card.get("data_seconds")}
+        network, onnx = weights / "tamper2d.pt", weights / "tamper2d.onnx"
     else:
-        run = Path(a.source)
-        for f in ("model.pt", "model.onnx", "history.csv"):
-            if (run / f).is_file():
-                shutil.copy(run / f, out / f)
-        summary = json.loads((run / "summary.json").read_text())
-        ckpt = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+        network, onnx = Path(a.source) / "model.pt", Path(a.source) / "model.onnx"
+    ckpt = torch.load(network, map_location="cpu", weights_only=True)
+    card = ckpt.pop("card", None)  # a bundled network's card: its training times
+    summary = json.loads((Path(a.source) / "summary.json").read_text()) if card is None else \
+        {"slices": card.get("training_data", {}).get("examples"), "train_seconds": card.get("train_seconds"), "data_seconds": card.get("data_seconds")}
+    shutil.copy(onnx, out / "model.onnx")
     cfg = api.load_config(a.config)
     stage = {k: cfg[k] for k in cfg if k.startswith("slice_stage")}
     ckpt["config"] = {**ckpt["config"], **SLICE_DEFAULTS, **stage}

@@ -29,25 +29,17 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cross_validate import EVAL_SEED, FOLDS, held_out_copies, patient_scans  # noqa: E402
+from cross_validate import FOLDS, held_out_places, patient_scans  # noqa: E402
 
 from ctguard import api  # noqa: E402
 from ctguard.engine.train_slice_stage import LABELS, SLICE_DEFAULTS, entry_rows, fit_trees, phantom_rows, scan_entries, slice_rows  # noqa: E402
-from ctguard.engine.train_verifier import negatives  # noqa: E402
-from ctguard.lung import lung_depth, lung_mask  # noqa: E402
-from ctguard.verifier import feature_names, finite_rows, slice_names  # noqa: E402
+from ctguard.verifier import finite_rows, slice_columns  # noqa: E402
 
 
 def test_places(held: dict[str, list[dict]], fold: int) -> tuple[np.ndarray, list[str]]:
-    """Rows and kinds of the fold's test places (``cross_validate.evaluate_fold``'s, the same seeds)."""
+    """Rows and kinds of the fold's test places (``cross_validate.held_out_places``, as the fold scores them)."""
     xs, what = [], []
-    source = None
-    for i, src, _label, vol, edits in held_out_copies(held, fold):
-        if source is None or source[0] != i:
-            lungs = lung_mask(src.volume)
-            source = (i, np.random.default_rng([EVAL_SEED, fold, i]), lungs, lung_depth(src.volume, lungs))
-        _, rng, lungs, depth = source
-        where = negatives(src, lungs, depth, rng) if not edits else [(e.kind, np.asarray(e.voxel, float)) for e in edits]
+    for *_, vol, _edits, _lungs, where in held_out_places(held, fold):
         xs.append(slice_rows(vol, [w for _, w in where]))
         what += [k for k, _ in where]
     return np.concatenate(xs), what
@@ -78,8 +70,7 @@ def main() -> None:
     rows = [entry_rows(entries, i, int(cfg["slice_stage_copies"]), cfg.get("slice_stage_cache")) for i in range(len(entries))]
     rows += phantom_rows(cfg, cfg.get("slice_stage_cache"))  # in every fold's training
     print(f"training rows of {len(entries)} scans and the phantoms: {sum(len(y) for _, y, _ in rows)} ({time.time() - t0:.0f} s)", flush=True)
-    names = feature_names(True, True, False, True)
-    columns = np.asarray([names.index(n) for n in slice_names()])
+    columns = slice_columns()
     folds, pooled_p, pooled_what = [], [], []
     for k, fold in enumerate(FOLDS):
         held = {p: by_patient[p] for p in fold["held_out"]}

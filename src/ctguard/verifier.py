@@ -554,11 +554,22 @@ NODULE_PREFIX = "nodule_"  # the nodule check's arrays in the stage's .npz
 # -- a single axial slice (the 2D detector's second stage) --------------------------------------
 
 
+# What a single slice's rows read (:func:`slice_inputs`): :func:`feature_names`' (recentre,
+# resampling, trace_recentre, trace_scan), the slice's own trace as the scan's.
+SLICE_FEATURES = (True, True, False, True)
+
+
 def slice_names() -> list[str]:
     """The columns a single slice's stage reads (:func:`slice_inputs`): :func:`features_at`'s with
     re-centring, resampling trace and the slice's own trace, less those one slice cannot give or that
     are the same at every place of a scan (the through-plane residual; :data:`SCAN_COLUMNS`)."""
-    return [n for n in feature_names(True, True, False, True) if n not in SCAN_COLUMNS and not n.startswith("res_z")]
+    return [n for n in feature_names(*SLICE_FEATURES) if n not in SCAN_COLUMNS and not n.startswith("res_z")]
+
+
+def slice_columns() -> np.ndarray:
+    """Where :func:`slice_names` lie in a row of :func:`slice_inputs`."""
+    names = feature_names(*SLICE_FEATURES)
+    return np.asarray([names.index(n) for n in slice_names()])
 
 
 def slice_noise(hu: np.ndarray, lungs: np.ndarray) -> float:
@@ -568,23 +579,24 @@ def slice_noise(hu: np.ndarray, lungs: np.ndarray) -> float:
     where = lungs & (hu < -600)
     if where.sum() < 100:
         return 1.0
-    r = hu - ndimage.gaussian_filter(hu, 1.0, mode="nearest")
+    r = hu - _smooth_xy(hu[None])[0]  # the in-plane residual, as _residuals takes it
     return float(np.median(np.abs(r[where]))) + 1e-3
 
 
 def axial_slice(vol: Volume, z: float) -> Volume:
     """The axial slice of ``vol`` nearest ``z`` alone, as a single DICOM slice is read (1 mm thick)."""
     k = int(np.clip(np.rint(z), 0, vol.shape[0] - 1))
-    return Volume(vol.hu[k : k + 1].copy(), (1.0, *vol.spacing[1:]))
+    return Volume(vol.hu[k : k + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
 
 
 def slice_inputs(vol: Volume, places: np.ndarray, lungs: np.ndarray) -> np.ndarray:
     """Rows at ``places`` ``(n, 3)``, ``z = 0``, of a single slice ``vol`` (its lung mask ``lungs``):
     :func:`features_at` with its re-centred places and resampling trace, read against the slice's
-    own noise (:func:`slice_noise`) and trace (:func:`scan_trace`); columns :func:`slice_names` (of
-    :func:`feature_names` ``(True, True, False, True)``) are what the trees read."""
+    own noise (:func:`slice_noise`) and trace (:func:`scan_trace`): the columns of
+    :func:`feature_names` ``(*SLICE_FEATURES)``; the trees read :func:`slice_columns`."""
     n_xy = slice_noise(vol.hu[0], lungs[0])
-    return features_at(vol, np.asarray(places, float).reshape(-1, 3), (n_xy, 1.0), recentre=True, resampling=True,
+    recentre, resampling, _, _ = SLICE_FEATURES
+    return features_at(vol, np.asarray(places, float).reshape(-1, 3), (n_xy, 1.0), recentre=recentre, resampling=resampling,
                        trace_reference=scan_trace(vol, lungs, n_xy))
 
 

@@ -155,23 +155,26 @@ def phantom_rows(cfg: dict, cache: str | None = None) -> list[tuple[np.ndarray, 
     return out
 
 
-def fit_trees(cfg: dict, x: np.ndarray, y: np.ndarray):
-    """The stage's classifier fitted on rows ``x`` (every column; it reads :func:`ctguard.verifier.slice_names`)."""
-    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier
-    from ctguard.verifier import feature_names, finite_rows, slice_names
+def stage_settings(cfg: dict) -> dict:
+    """``cfg`` over the stage's defaults: its own, and the 3D stage's trees' (histogram boosting)."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS
 
-    cfg = {**VERIFIER_DEFAULTS, "verifier_boosting": "histogram", "seed": 0, **cfg}
-    names = feature_names(True, True, False, True)
-    columns = np.asarray([names.index(n) for n in slice_names()])
-    return boosting_classifier(cfg).fit(finite_rows(x[:, columns]), y)
+    return {**VERIFIER_DEFAULTS, "verifier_boosting": "histogram", "seed": 0, **SLICE_DEFAULTS, **cfg}
+
+
+def fit_trees(cfg: dict, x: np.ndarray, y: np.ndarray):
+    """The stage's classifier fitted on rows ``x`` (every column; it reads :func:`ctguard.verifier.slice_columns`)."""
+    from ctguard.engine.train_verifier import boosting_classifier
+    from ctguard.verifier import finite_rows, slice_columns
+
+    return boosting_classifier(stage_settings(cfg)).fit(finite_rows(x[:, slice_columns()]), y)
 
 
 def fit_slice_stage(cfg: dict, out: Path, echo=print) -> dict:
     """Fits the stage (see the module's docstring) and writes ``out/model.verifier.npz``; returns its summary."""
-    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS
-    from ctguard.verifier import Verifier, feature_names, finite_rows, slice_names
+    from ctguard.verifier import SLICE_FEATURES, Verifier, feature_names, finite_rows, slice_columns, slice_names
 
-    cfg = {**VERIFIER_DEFAULTS, "verifier_boosting": "histogram", **SLICE_DEFAULTS, **cfg}
+    cfg = stage_settings(cfg)
     entries = scan_entries(cfg)
     t0 = time.time()
     xs, ys, groups = [], [], []
@@ -189,18 +192,17 @@ def fit_slice_stage(cfg: dict, out: Path, echo=print) -> dict:
         echo(f"slice stage: {len(ys) - len(entries)} phantoms, {sum(len(y) for y in ys)} rows in all ({time.time() - t0:.0f} s)")
     x, y = np.concatenate(xs), np.concatenate(ys)
     clf = fit_trees(cfg, x, y)
-    names = feature_names(True, True, False, True)
-    columns = np.asarray([names.index(n) for n in slice_names()])
     counts = np.bincount(y, minlength=3)
-    meta = {"slice": True, "names": names, "columns": slice_names(), "uses_network": False, "recentre": True, "resampling": True,
-            "trace_scan": True,  # what slice_inputs reads (the slice's own trace as the scan's) "boosting": cfg["verifier_boosting"],
+    recentre, resampling, _, trace_scan = SLICE_FEATURES  # what slice_inputs reads (the slice's own trace as the scan's)
+    meta = {"slice": True, "names": feature_names(*SLICE_FEATURES), "columns": slice_names(), "uses_network": False,
+            "recentre": recentre, "resampling": resampling, "trace_scan": trace_scan, "boosting": cfg["verifier_boosting"],
             "candidate_threshold": 0.3, "max_candidates": int(cfg["slice_stage_candidates"]), "rows": int(len(y)),
             "rows_by_class": {"genuine": int(counts[0]), "injected": int(counts[1]), "removed": int(counts[2])},
             "sources": len(ys), "patients": sorted({g for g in groups if not g.startswith("phantom ")}),
             "phantoms": sorted({g for g in groups if g.startswith("phantom ")}), "copies": int(cfg["slice_stage_copies"]), "seed_base": SEED_BASE,
             "threshold_rule": "none of its own: the detector's threshold is chosen on the training patients' slices "
                               "(benchmarks/calibrate_tamper3d.py --2d)"}
-    v = Verifier.from_sklearn(clf, finite_rows(x), meta, columns=columns)
+    v = Verifier.from_sklearn(clf, finite_rows(x), meta, columns=slice_columns())
     v.save(out / "model.verifier.npz")
     summary = {"rows": int(len(y)), "sources": len(ys), "seconds": round(time.time() - t0, 1)}
     (out / "slice_stage.json").write_text(json.dumps({**summary, "rows_by_class": meta["rows_by_class"], "patients": meta["patients"]}, indent=2) + "\n")
