@@ -743,6 +743,55 @@ def test_second_stage_threshold_counts_the_second_look(tmp_path):
     assert det.verifier.meta["refine_from"] == 0.01 and det.threshold == report["threshold"]
 
 
+def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
+    """``verifier_trace_peaks``: each training copy's rows also hold the resampling trace's strongest
+    peaks that the network's candidates do not already hold (kept beside the source's rows, under
+    their own key), labelled and counted by the threshold's rule as candidates are; the detector's
+    stage then takes the same peaks in screening, after the network's candidates."""
+    from ctguard.engine.train_verifier import run_rows, source_rows, stage_network, trace_rows
+    from ctguard.errors import InputError
+    from ctguard.lung import lung_mask
+    from ctguard.screen import heatmap, load_detector, stage_candidates
+    from ctguard.verifier import scan_noise, trace_peaks
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
+           "verifier_trees": 10, "verifier_candidate_threshold": 0.3, "verifier_max_candidates": 4, "verifier_recentre": True,
+           "verifier_resampling": True, "verifier_per_scan": 2, "verifier_boosting": "histogram", "verifier_trace_peaks": 3}
+    for bad, why in (({"verifier_trace_peaks": -1}, "must be a whole number of peaks, 0 or more, not -1"),
+                     ({"verifier_trace_peaks": 2.5}, "not 2.5"),
+                     ({"verifier_resampling": False}, "needs verifier_resampling"),
+                     ({"verifier_refine_from": 0.2}, "cannot be used with verifier_refine_from")):
+        with pytest.raises(InputError, match=why):
+            api.train({**cfg, **bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+        assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    report = json.loads((run / "verifier.json").read_text())
+    assert report["trace_peaks"] == 3 and report["sources"] == 2
+    assert len(list((run / "verifier_rows").glob("*.npz"))) == 2 * 2  # each source's rows and its trace peaks' rows
+    resolved, specs, parts = run_rows(run)
+    assert report["rows"] == sum(len(p["y"]) for p in parts)
+    for spec, part in zip(specs, parts):
+        job = (resolved, spec, stage_network(resolved, run, spec))
+        own, peaks = source_rows(job), trace_rows(job)
+        n = len(own["y"])
+        assert 0 < len(peaks["y"]) <= 3 * (1 + int(own["scan"].max()))  # at most 3 peaks a copy
+        assert np.array_equal(part["x"][n:], peaks["x"]) and np.array_equal(part["y"][n:], peaks["y"])
+        assert part["candidate"][n:].all() and np.array_equal(part["clean"][n:], peaks["scan"] == 0)  # copy 0: the untouched one
+    det = load_detector(str(run / "model.pt"))
+    assert det.verifier.meta["trace_peaks"] == 3
+    vol = phantom_source(77, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    lungs = lung_mask(vol)
+    heat = heatmap(vol, det, lungs)
+    taken = stage_candidates(heat, vol, det.verifier, 1.0, lungs)
+    network = [f for f in taken if f["radius_mm"] != 8.0 or f["voxel"] not in
+               [[round(float(c), 1) for c in p] for p in trace_peaks(vol, lungs, scan_noise(vol, lungs)[0], 3)]]
+    peaks = trace_peaks(vol, lungs, scan_noise(vol, lungs)[0], 3, np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
+    assert len(peaks) and [f["voxel"] for f in taken[len(network):]] == [[round(float(c), 1) for c in p] for p in peaks]
+
+
 def test_second_stage_rows_from_cross_fit_networks(tmp_path, monkeypatch):
     """``verifier_cross_fit``: a network of the recipe for each group of training patients, trained
     without them; each patient's stage rows (its edits' and untouched places' probabilities, and the
@@ -1326,6 +1375,40 @@ def test_the_resampling_trace_finds_a_cube_pasted_back_from_1mm_and_not_a_smooth
             assert resampling_trace(vol.with_hu(hu), np.array([6.0, 35.0, 35.0]), 8.0)[1] > 3.5
     # A pixel spacing of a whole millimetre puts the 1 mm grid on the scan's: no ripple to read.
     assert np.isnan(resampling_trace(_noise_chest(0, 1.0), centre, 8.0)).all()
+
+
+def test_the_trace_maps_strongest_peak_is_a_pasted_cube():
+    """``trace_peaks``: on a slab of noise with one region cut to a 1 mm cube and pasted back, the
+    resampling trace's strongest peak over the slab lies on the pasted region; a peak at one of the
+    network's candidates is left to it; a whole-millimetre pixel leaves no peaks. The candidates
+    screening makes of them carry the network's probabilities of their cells."""
+    from ctguard.screen import Heatmap, trace_candidates
+    from ctguard.tamper.cube import apply_edit
+    from ctguard.verifier import TRACE_PEAK_SAME_MM, TRACE_PEAKS_APART_MM, trace_peaks
+
+    centre = np.array([6.0, 40.0, 56.0])
+    for seed, pixel in ((0, 0.7), (1, 0.842), (2, 0.6)):
+        vol = _noise_chest(seed, pixel)
+        pasted = apply_edit(vol, centre, 16, 14.0, lambda cube: cube.hu, brighten_only=False)
+        lungs = np.ones(vol.shape, bool)
+        peaks = trace_peaks(pasted, lungs, 8.0, 4)
+        assert len(peaks) == 4, (seed, pixel)
+        assert np.linalg.norm((peaks[0] - centre) * pasted.spacing) <= 10.0, (seed, pixel, peaks[0])  # the pasted cube reaches 14 mm
+        mm = peaks * np.asarray(pasted.spacing)
+        assert min(np.linalg.norm(mm[i] - mm[j]) for i in range(4) for j in range(i)) >= TRACE_PEAKS_APART_MM
+        rest = trace_peaks(pasted, lungs, 8.0, 4, taken=peaks[:1] + [0.0, 0.5, 0.5])  # within TRACE_PEAK_SAME_MM of the first
+        assert TRACE_PEAK_SAME_MM > 1.0 and np.array_equal(rest, peaks[1:])
+    assert len(trace_peaks(_noise_chest(0, 1.0), np.ones((12, 96, 96), bool), 8.0, 4)) == 0
+    # As candidates: each with its cell's probabilities (8 mm cells of a heatmap over the whole slab).
+    cells = np.floor(peaks * np.asarray(pasted.spacing) / 8).astype(int)
+    probs = np.zeros((3, 3, 8, 8))
+    probs[0], probs[2, :, : cells[0, 1] + 1] = 1.0, 0.7  # the rows of cells up to the pasted cube's "removed" at 0.7
+    probs[0, :, : cells[0, 1] + 1] = 0.3
+    heat = Heatmap(probs, (slice(0, 12), slice(0, 96), slice(0, 96)), pasted.spacing)
+    found = trace_candidates(heat, pasted, lungs, 4, [], noise_xy=8.0)
+    assert [f["voxel"] for f in found] == [[round(float(c), 1) for c in p] for p in peaks]
+    assert [(f["kind"], f["score"]) for f in found] == [("removed", 0.7) if c[1] <= cells[0, 1] else ("injected", 0.0) for c in cells]
+    assert trace_candidates(heat, pasted, lungs, 4, found[:1], noise_xy=8.0) == found[1:]
 
 
 def test_candidates_in_the_order_of_their_resampling_trace():

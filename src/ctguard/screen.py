@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import recentred, taken_candidates
+from ctguard.verifier import recentred, scan_noise, taken_candidates, trace_peaks
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -258,6 +258,13 @@ class Heatmap:
         lo = np.array([s.start for s in self.box], float)
         return lo + mm / np.asarray(self.spacing)
 
+    def probabilities_at(self, voxels: np.ndarray) -> np.ndarray:
+        """``(n, 3)`` the probabilities of the cells holding ``voxels`` (the scan's, ``(n, 3)``)."""
+        lo = np.array([s.start for s in self.box], float)
+        cell = np.floor((np.asarray(voxels, float).reshape(-1, 3) - lo) * np.asarray(self.spacing) / STRIDE).astype(int)
+        cell = np.clip(cell, 0, np.asarray(self.probs.shape[1:]) - 1)
+        return self.probs[:, cell[:, 0], cell[:, 1], cell[:, 2]].T.astype(float)
+
     def tampered_on_voxels(self, shape: tuple[int, int, int]) -> np.ndarray:
         """``1 - p(genuine)`` resampled onto the scan's voxel grid (0 outside the screened box)."""
         out = np.zeros(shape, dtype=np.float32)
@@ -372,11 +379,37 @@ def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.
     """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
     (or ``threshold`` where that is lower), at most its ``max_candidates``, best first; a stage
     with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.taken_candidates`,
-    which then needs the scan's ``lungs``)."""
+    which then needs the scan's ``lungs``); one with ``trace_peaks`` n in its meta then also takes
+    the resampling trace's n strongest peaks not already among them (:func:`trace_candidates`)."""
     cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
     weight = verifier.meta.get("trace_order")
-    return taken_candidates(findings_from(heat, vol, cand_thr), vol, lungs, int(verifier.meta.get("max_candidates", 40)),
-                            None if weight is None else float(weight))
+    taken = taken_candidates(findings_from(heat, vol, cand_thr), vol, lungs, int(verifier.meta.get("max_candidates", 40)),
+                             None if weight is None else float(weight))
+    n_peaks = int(verifier.meta.get("trace_peaks", 0))
+    if n_peaks:
+        if lungs is None:
+            raise ValueError("this second stage also takes the resampling trace's peaks as candidates: pass the lung mask")
+        taken = taken + trace_candidates(heat, vol, lungs, n_peaks, taken)
+    return taken
+
+
+TRACE_PEAK_RADIUS_MM = 8.0  # the radius a candidate from the trace's map reports (the map's window)
+
+
+def trace_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, taken: list[dict[str, Any]],
+                     noise_xy: float | None = None) -> list[dict[str, Any]]:
+    """The resampling trace's ``n`` strongest peaks over the lungs (:func:`ctguard.verifier.trace_peaks`)
+    that are not already among the network's candidates ``taken``, as candidates of the same form,
+    each with the network's probabilities of its cell: what a second stage with ``trace_peaks`` in
+    its meta also scores, in screening and in its training rows alike."""
+    noise_xy = scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy
+    peaks = trace_peaks(vol, lungs, noise_xy, n, np.asarray([f["voxel"] for f in taken], float).reshape(-1, 3))
+    out = []
+    for v, p in zip(peaks, heat.probabilities_at(peaks)):
+        out.append({"kind": "injected" if p[1] >= p[2] else "removed", "score": round(float(1.0 - p[0]), 4),
+                    "voxel": [round(float(c), 1) for c in v], "world_mm": [round(float(c), 2) for c in vol.voxel_to_world(v)],
+                    "radius_mm": TRACE_PEAK_RADIUS_MM, "p_injected": round(float(p[1]), 4), "p_removed": round(float(p[2]), 4)})
+    return out
 
 
 def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier) -> list[dict[str, Any]]:

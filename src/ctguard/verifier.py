@@ -442,11 +442,16 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
     oy, ox = int(y0 > 0), int(x0 > 0)
     e = np.clip(r[:, oy: oy + ny * b[1], ox: ox + nx * b[2]], -clip, clip) ** 2
 
-    def cells(a: np.ndarray) -> np.ndarray:  # sums over each cell
-        return a.reshape(nz, bz, ny, b[1], nx, b[2]).sum(axis=(1, 3, 5), dtype=np.float64)
-
+    # Cell sums taken axis by axis: over each cell's slices first, then along y keeping x (for the
+    # ripple along x, whose wave multiplies those sums) and along x keeping y (for the ripple along y).
     n_cell = float(bz * b[1] * b[2])
-    total, squares = cells(e), cells(e * e)
+    sums = []
+    for a in (e, e * e):
+        slab = a.reshape(nz, bz, ny * b[1], nx * b[2]).sum(axis=1, dtype=np.float64)
+        sums.append((slab.reshape(nz, ny, b[1], nx * b[2]).sum(axis=2), slab.reshape(nz, ny * b[1], nx, b[2]).sum(axis=3)))
+    along_x, along_y = sums[0]
+    total = along_x.reshape(nz, ny, nx, b[2]).sum(axis=3)
+    squares = sums[1][0].reshape(nz, ny, nx, b[2]).sum(axis=3)
     mean = total / n_cell
     win = tuple(int(v) for v in np.maximum(2 * np.rint(np.array([radius_mm / (spacing[0] * step * bz), radius_mm / (spacing[1] * b[1]),
                                                                    radius_mm / (spacing[2] * b[2])]) / 2).astype(int), 1))
@@ -454,21 +459,49 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
     var = ndimage.uniform_filter(squares - total * mean, win, mode="constant")  # the residual's spread within each cell, summed
     for axis, f, n in ((2, freqs[1], b[2] * nx), (1, freqs[0], b[1] * ny)):
         phase = 2 * np.pi * f * (np.arange(n) + (x0 if axis == 2 else y0))
-        shape = [1, 1, 1]
-        shape[axis] = n
         parts = []
         for wave in (np.cos(phase), np.sin(phase)):
-            w = wave.astype(np.float32).reshape(shape)
-            per_cell_wave = (w.reshape(nx, b[2]).sum(1) if axis == 2 else w.reshape(ny, b[1]).sum(1)) * (n_cell / (b[2] if axis == 2 else b[1]))
-            s = cells(e * w) - mean * per_cell_wave.reshape([1, 1, -1] if axis == 2 else [1, -1, 1])
+            if axis == 2:  # the wave along x times the cells' sums over z and y, summed over each cell's x
+                s = (along_x * wave).reshape(nz, ny, nx, b[2]).sum(axis=3) - mean * (wave.reshape(nx, b[2]).sum(1) * (n_cell / b[2]))
+            else:
+                s = (along_y * wave[:, None]).reshape(nz, ny, b[1], nx).sum(axis=2) - mean * (wave.reshape(ny, b[1]).sum(1) * (n_cell / b[1]))[:, None]
             parts.append(ndimage.uniform_filter(s, win, mode="constant"))
         power = power + (parts[0] ** 2 + parts[1] ** 2) * float(np.prod(win)) / np.maximum(var, 1e-12)  # window sums squared over the window's sum of squares
     score = np.log1p(power)
-    lung_share = lungs[zs][:, y0: y0 + ny * b[1], x0: x0 + nx * b[2]].reshape(nz, bz, ny, b[1], nx, b[2]).mean(axis=(1, 3, 5))
-    keep = lung_share > 0.5
+    in_lung = lungs[zs, y0: y0 + ny * b[1], x0: x0 + nx * b[2]].reshape(nz, bz, ny, b[1], nx * b[2]).sum(axis=(1, 3), dtype=np.int32)
+    keep = in_lung.reshape(nz, ny, nx, b[2]).sum(axis=3) > 0.5 * n_cell  # cells mostly lung
     cz, cy, cx = np.nonzero(keep)
     centres = np.stack([zs[cz * bz + bz // 2], y0 + cy * b[1] + b[1] / 2.0, x0 + cx * b[2] + b[2] / 2.0], axis=1).astype(float)
     return score[keep].astype(np.float32), centres
+
+
+TRACE_PEAKS_APART_MM = 12.0  # the trace map's peaks a second stage takes as candidates lie at least this far apart
+TRACE_PEAK_SAME_MM = 4.0  # a peak this close to one of the network's candidates is that candidate (one cell of the map)
+
+
+def trace_peaks(vol: Volume, lungs: np.ndarray, noise_xy: float, n: int, taken: np.ndarray | None = None) -> np.ndarray:
+    """The ``n`` strongest local maxima of :func:`trace_map` over the lungs, strongest first,
+    :data:`TRACE_PEAKS_APART_MM` apart, less those within :data:`TRACE_PEAK_SAME_MM` of a voxel of
+    ``taken`` (the network's candidates): where a pasted cube's ripple is, which the network's 8 mm
+    cells may have missed or put beside it. ``(k, 3)`` voxels; none where the pixel spacing leaves
+    no ripple to read."""
+    found = trace_map(vol, lungs, noise_xy) if n > 0 else None
+    if found is None:
+        return np.zeros((0, 3))
+    score, centres = found
+    spacing = np.asarray(vol.spacing, float)
+    mm = centres * spacing
+    kept: list[int] = []
+    for k in np.argsort(-score, kind="stable"):
+        if len(kept) == n:
+            break
+        if not kept or np.min(np.linalg.norm(mm[kept] - mm[k], axis=1)) >= TRACE_PEAKS_APART_MM:
+            kept.append(int(k))
+    peaks = centres[kept]
+    if taken is not None and len(taken) and len(peaks):
+        d = np.linalg.norm((peaks[:, None, :] - np.asarray(taken, float)[None]) * spacing, axis=2)
+        peaks = peaks[d.min(axis=1) >= TRACE_PEAK_SAME_MM]
+    return peaks
 
 
 def trace_peak(vol: Volume, place: np.ndarray, noise_xy: float, radius_mm: float = RECENTRE_MM) -> np.ndarray:

@@ -77,6 +77,7 @@ VERIFIER_DEFAULTS = {
     "verifier_nodule_phantoms": 40,  # with verifier_nodule_check: fresh varied phantoms, each with a genuine nodule, that only the check learns from
     "verifier_trace_order": None,  # a weight w: the candidates capped in the order of the network's log-odds plus w times their resampling trace (ctguard.verifier.taken_candidates)
     "verifier_refine_from": None,  # a candidate scoring this or more is scored again at its two re-centred places, the highest kept (ctguard.screen.verify_findings)
+    "verifier_trace_peaks": 0,  # n > 0: also the resampling trace's n strongest peaks over the lungs as candidates (ctguard.screen.trace_candidates)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
 }
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
@@ -227,6 +228,91 @@ def refined_scores(score: np.ndarray, alt_score: np.ndarray, owner: np.ndarray, 
     return out
 
 
+def source_copies(cfg: dict, src, seed: int):
+    """A source's copies the stage's rows are read on (its untouched copy first, then its edited
+    ones): ``(label, vol, edits)``, the same for :func:`source_rows` and :func:`trace_rows`."""
+    from ctguard.tamper.simulate import variants
+
+    counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
+              "healthy": int(cfg["verifier_healthy"])}
+    return variants(src, seed, per_scan=int(cfg["verifier_per_scan"]), inject_families=tuple(cfg["inject_families"]),
+                    remove_families=tuple(cfg["remove_families"]), **counts)
+
+
+def trace_peaks_of(cfg: dict) -> int:
+    """The config's ``verifier_trace_peaks`` (0: off), or a one-line error, also where the stage
+    reads what rows of other candidates cannot give (a scan reference, patches, a second look)."""
+    value = cfg["verifier_trace_peaks"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"the config's verifier_trace_peaks must be a whole number of peaks, 0 or more, not {value!r}")
+    if value:
+        if not cfg["verifier_resampling"]:
+            raise InputError("the config's verifier_trace_peaks needs verifier_resampling (the stage must read the trace it was given the places by)")
+        for key in ("verifier_scan_reference", "verifier_patches"):
+            if config_flag(cfg, key):
+                raise InputError(f"the config's verifier_trace_peaks cannot be used with {key}")
+        if cfg["verifier_refine_from"] is not None:
+            raise InputError("the config's verifier_trace_peaks cannot be used with verifier_refine_from")
+    return int(value)
+
+
+def trace_rows(job: tuple) -> dict:
+    """One source's rows at the resampling trace's peaks of each of its copies (a pool task, for
+    ``verifier_trace_peaks``): the places screening adds to the network's candidates
+    (:func:`ctguard.screen.trace_candidates`), labelled as candidates are. Kept beside the source's
+    other rows under their key and the number of peaks."""
+    cfg, spec, model_path = job
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    return _kept_rows(model_path, row_key(cfg, spec, model_path) | {"trace_peaks": trace_peaks_of(cfg)},
+                      lambda: _trace_rows(cfg, spec, model_path))
+
+
+def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
+    from ctguard.engine.train3d import build_source, spec_seed
+    from ctguard.lung import lung_mask
+    from ctguard.screen import finding_probabilities, load_detector, screen_volume, trace_candidates
+
+    src = build_source(cfg, spec)
+    xs, ys, scans, clean, lesion = [np.zeros((0, len(row_names(cfg))), np.float32)], [], [], [], []
+    if not too_thick(spec, src):
+        det = load_detector(model_path)
+        lungs = lung_mask(src.volume)
+        recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
+        for k, (_, vol, edits) in enumerate(source_copies(cfg, src, spec_seed(cfg, spec) + SEED_OFFSET)):
+            noise = scan_noise(vol, lungs)
+            reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
+            result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
+            found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
+            extra = trace_candidates(heat, vol, lungs, int(cfg["verifier_trace_peaks"]), found, noise[0])
+            if not extra:
+                continue
+            at = np.asarray([f["voxel"] for f in extra], float)
+            xs.append(stage_inputs(vol, at, finding_probabilities(extra), noise, threads=1, recentre=recentre, resampling=resampling,
+                                   trace_recentre=trace_recentre, trace_reference=reference))
+            for f in extra:
+                hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
+                ys.append(LABELS[hit.kind] if hit is not None else 0)
+                scans.append(k)
+                clean.append(not edits)
+                lesion.append(not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in src.tumours))
+    n = len(ys)
+    return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
+            "clean": np.asarray(clean, bool), "candidate": np.ones(n, bool), "lesion": np.asarray(lesion, bool)}
+
+
+def with_trace_rows(cfg: dict, jobs: list[tuple], parts: list[dict], pool=None, progress: bool = False) -> list[dict]:
+    """Each source's rows (``parts``, from ``jobs``) followed by its rows at the trace's peaks
+    (:func:`trace_rows`) where the config asks for them."""
+    if not trace_peaks_of(cfg):
+        return parts
+    from tqdm import tqdm
+
+    peaks = list(tqdm((pool.imap if pool is not None else map)(trace_rows, jobs), total=len(jobs), desc="second stage: trace rows",
+                      disable=not progress))
+    return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")}}
+            for p, t in zip(parts, peaks)]
+
+
 def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     """The rows of one source: ``x``, ``y`` (0 untouched, 1 injected, 2 removed), ``scan`` (which
     copy), ``clean`` (a candidate on the untouched copy), ``candidate`` (one of the network's
@@ -240,8 +326,6 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         score_locations,
         screen_volume,
     )
-    from ctguard.tamper.simulate import variants
-
     src = build_source(cfg, spec)
     # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
@@ -258,10 +342,7 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
     xs, ys, scans, clean, patches, candidate, lesion = [], [], [], [], [], [], []
     with_patches = bool(cfg["verifier_patches"])
-    counts = {"inject": int(cfg["verifier_inject"]), "remove": min(len(src.tumours), int(cfg["verifier_remove"])),
-              "healthy": int(cfg["verifier_healthy"])}
-    for k, (_, vol, edits) in enumerate(variants(src, seed, per_scan=int(cfg["verifier_per_scan"]), inject_families=tuple(cfg["inject_families"]),
-                                                 remove_families=tuple(cfg["remove_families"]), **counts)):
+    for k, (_, vol, edits) in enumerate(source_copies(cfg, src, seed)):
         noise = scan_noise(vol, lungs)
         trace_reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
         if edits:
@@ -474,7 +555,7 @@ def oof_folds(cfg: dict) -> int:
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
-    ``verifier_refine_from``, ``verifier_trace_order`` or patch setting before anything is trained."""
+    ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks`` or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -487,6 +568,7 @@ def check_stage_config(cfg: dict) -> None:
     nodule_specs(cfg)
     refine_from(cfg)
     trace_order(cfg)
+    trace_peaks_of(cfg)
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -529,8 +611,9 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     """A trained run's resolved config, its stage's sources that gave rows and their rows (from
     ``verifier_rows/`` where kept, else made again): for studying a run's stage without fitting it."""
     cfg = {**VERIFIER_DEFAULTS, **json.loads((Path(run) / "config.json").read_text())}
-    specs = verifier_specs(cfg)
-    return cfg, *with_rows(specs, [source_rows((cfg, spec, stage_network(cfg, Path(run), spec))) for spec in specs])
+    jobs = [(cfg, spec, stage_network(cfg, Path(run), spec)) for spec in verifier_specs(cfg)]
+    specs, parts = with_rows([j[1] for j in jobs], [source_rows(j) for j in jobs])
+    return cfg, specs, with_trace_rows(cfg, [j for j in jobs if j[1] in specs], parts)
 
 
 def stage_features(cfg: dict) -> tuple[bool, bool, bool, bool]:
@@ -693,6 +776,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
                       disable=not progress))
     parts, nodule_parts = parts[: len(specs)], parts[len(specs):]
     specs, parts = with_rows(specs, parts)
+    parts = with_trace_rows(cfg, [(cfg, spec, stage_network(cfg, out, spec)) for spec in specs], parts, pool, progress)
     x, y, groups, clean = stage_table(cfg, parts)
     n_clean = len(parts)  # one untouched copy per source
     t_rows = time.time() - t0
@@ -755,6 +839,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             **({"refine_from": start} if start is not None else {}),
             **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
+            **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
