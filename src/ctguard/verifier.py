@@ -436,19 +436,25 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
         return None
     zs = zs[: nz * bz]
     y0, x0 = int(idx[1][0]), int(idx[2][0])
-    hu = vol.hu[zs, max(y0 - 1, 0): y0 + ny * b[1] + 1, max(x0 - 1, 0): x0 + nx * b[2] + 1].astype(np.float32)
     clip = TRACE_CLIP * max(float(noise_xy), 1e-3)
-    r = hu - ndimage.uniform_filter(hu, (1, 3, 3), mode="nearest")
     oy, ox = int(y0 > 0), int(x0 > 0)
-    e = np.clip(r[:, oy: oy + ny * b[1], ox: ox + nx * b[2]], -clip, clip) ** 2
-
-    # Cell sums taken axis by axis: over each cell's slices first, then along y keeping x (for the
-    # ripple along x, whose wave multiplies those sums) and along x keeping y (for the ripple along y).
+    rows, cols = slice(max(y0 - 1, 0), y0 + ny * b[1] + 1), slice(max(x0 - 1, 0), x0 + nx * b[2] + 1)
+    # Cell sums taken axis by axis, one layer of cells at a time (small arrays, no whole-lung
+    # temporaries): over each cell's slices first, then along y keeping x (for the ripple along x,
+    # whose wave multiplies those sums) and along x keeping y (for the ripple along y).
     n_cell = float(bz * b[1] * b[2])
-    sums = []
-    for a in (e, e * e):
-        slab = a.reshape(nz, bz, ny * b[1], nx * b[2]).sum(axis=1, dtype=np.float64)
-        sums.append((slab.reshape(nz, ny, b[1], nx * b[2]).sum(axis=2), slab.reshape(nz, ny * b[1], nx, b[2]).sum(axis=3)))
+    sums = [(np.empty((nz, ny, nx * b[2])), np.empty((nz, ny * b[1], nx))) for _ in range(2)]
+    in_lung = np.empty((nz, ny, nx), np.int32)  # each cell's lung voxels
+    for c in range(nz):
+        layer = lungs[zs[c * bz: (c + 1) * bz], y0: y0 + ny * b[1], x0: x0 + nx * b[2]]
+        in_lung[c] = layer.reshape(bz, ny, b[1], nx * b[2]).sum(axis=(0, 2), dtype=np.int32).reshape(ny, nx, b[2]).sum(axis=2)
+        hu = vol.hu[zs[c * bz: (c + 1) * bz], rows, cols].astype(np.float32)
+        r = hu - ndimage.uniform_filter(hu, (1, 3, 3), mode="nearest")
+        e = np.clip(r[:, oy: oy + ny * b[1], ox: ox + nx * b[2]], -clip, clip) ** 2
+        for a, (keep_x, keep_y) in zip((e, e * e), sums):
+            slab = a.sum(axis=0, dtype=np.float64)
+            keep_x[c] = slab.reshape(ny, b[1], nx * b[2]).sum(axis=1)
+            keep_y[c] = slab.reshape(ny * b[1], nx, b[2]).sum(axis=2)
     along_x, along_y = sums[0]
     total = along_x.reshape(nz, ny, nx, b[2]).sum(axis=3)
     squares = sums[1][0].reshape(nz, ny, nx, b[2]).sum(axis=3)
@@ -468,8 +474,7 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
             parts.append(ndimage.uniform_filter(s, win, mode="constant"))
         power = power + (parts[0] ** 2 + parts[1] ** 2) * float(np.prod(win)) / np.maximum(var, 1e-12)  # window sums squared over the window's sum of squares
     score = np.log1p(power)
-    in_lung = lungs[zs, y0: y0 + ny * b[1], x0: x0 + nx * b[2]].reshape(nz, bz, ny, b[1], nx * b[2]).sum(axis=(1, 3), dtype=np.int32)
-    keep = in_lung.reshape(nz, ny, nx, b[2]).sum(axis=3) > 0.5 * n_cell  # cells mostly lung
+    keep = in_lung > 0.5 * n_cell  # cells mostly lung
     cz, cy, cx = np.nonzero(keep)
     centres = np.stack([zs[cz * bz + bz // 2], y0 + cy * b[1] + b[1] / 2.0, x0 + cx * b[2] + b[2] / 2.0], axis=1).astype(float)
     return score[keep].astype(np.float32), centres
