@@ -710,13 +710,22 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
 
 
+def _refused_before_training(cfg: dict, tmp_path: Path, bad: list[tuple[dict, str]]) -> None:
+    """Each change of ``cfg`` in ``bad`` stops ``api.train`` with its one-line error before any training."""
+    from ctguard.errors import InputError
+
+    for change, why in bad:
+        with pytest.raises(InputError, match=why):
+            api.train({**cfg, **change}, tmp_path / "bad", progress=False, echo=lambda *_: None)
+        assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+
+
 def test_second_stage_threshold_counts_the_second_look(tmp_path):
     """``verifier_refine_from``: the threshold's rule counts each untouched training copy's candidate
     as screening will score it, the highest of it and its two re-centred places (their rows made
     once, kept beside the source's rows), from trees fitted without its patient; the trees
     themselves are the same; the detector's stage takes the second look."""
     from ctguard.engine.train_verifier import choose_threshold
-    from ctguard.errors import InputError
     from ctguard.screen import load_detector
 
     cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
@@ -724,11 +733,9 @@ def test_second_stage_threshold_counts_the_second_look(tmp_path):
            "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1,
            "verifier_trees": 10, "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True,
            "verifier_per_scan": 2, "verifier_boosting": "histogram", "verifier_refine_from": 0.01}
-    for bad, why in (({"verifier_refine_from": 1.5}, "must be a score over 0 and under 1"),
-                     ({"verifier_refine_from": 0.2, "verifier_scan_reference": True}, "cannot be used with verifier_scan_reference")):
-        with pytest.raises(InputError, match=why):
-            api.train({**cfg, **bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
-        assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    _refused_before_training(cfg, tmp_path, [({"verifier_refine_from": 1.5}, "must be a score over 0 and under 1"),
+                                             ({"verifier_refine_from": 0.2, "verifier_scan_reference": True},
+                                              "cannot be used with verifier_scan_reference")])
     run = tmp_path / "run"
     api.train(cfg, run, progress=False, echo=lambda *_: None)
     report = json.loads((run / "verifier.json").read_text())
@@ -749,7 +756,6 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     their own key), labelled and counted by the threshold's rule as candidates are; the detector's
     stage then takes the same peaks in screening, after the network's candidates."""
     from ctguard.engine.train_verifier import run_rows, source_rows, stage_network, trace_rows
-    from ctguard.errors import InputError
     from ctguard.lung import lung_mask
     from ctguard.screen import heatmap, load_detector, stage_candidates
     from ctguard.verifier import scan_noise, trace_peaks
@@ -759,13 +765,10 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
            "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
            "verifier_trees": 10, "verifier_candidate_threshold": 0.3, "verifier_max_candidates": 4, "verifier_recentre": True,
            "verifier_resampling": True, "verifier_per_scan": 2, "verifier_boosting": "histogram", "verifier_trace_peaks": 3}
-    for bad, why in (({"verifier_trace_peaks": -1}, "must be a whole number of peaks, 0 or more, not -1"),
-                     ({"verifier_trace_peaks": 2.5}, "not 2.5"),
-                     ({"verifier_resampling": False}, "needs verifier_resampling"),
-                     ({"verifier_refine_from": 0.2}, "cannot be used with verifier_refine_from")):
-        with pytest.raises(InputError, match=why):
-            api.train({**cfg, **bad}, tmp_path / "bad", progress=False, echo=lambda *_: None)
-        assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
+    _refused_before_training(cfg, tmp_path, [({"verifier_trace_peaks": -1}, "must be a whole number of peaks, 0 or more, not -1"),
+                                             ({"verifier_trace_peaks": 2.5}, "not 2.5"),
+                                             ({"verifier_resampling": False}, "needs verifier_resampling"),
+                                             ({"verifier_refine_from": 0.2}, "cannot be used with verifier_refine_from")])
     run = tmp_path / "run"
     api.train(cfg, run, progress=False, echo=lambda *_: None)
     report = json.loads((run / "verifier.json").read_text())
