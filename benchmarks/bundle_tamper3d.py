@@ -101,12 +101,15 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         where = "on the single axial slice, without the network's probabilities" if v.meta.get("slice") else "at the scan's own voxels"
         card["second_stage"] = {"what": f"gradient-boosted trees over the texture around each candidate {where} "
                                         "(ctguard.verifier), re-scoring the network's findings from "
-                                        f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)",
+                                        f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)"
+                                        + (f" and the resampling trace's {v.meta['trace_peaks']} strongest peaks over the lungs not among them"
+                                           if v.meta.get("trace_peaks") else ""),
                                 **({"slice": True, "patients": v.meta["patients"], "copies": v.meta["copies"]} if v.meta.get("slice") else {}),
                                 "recentre": bool(v.meta.get("recentre", False)), "resampling": bool(v.meta.get("resampling", False)),
                                 "trace_recentre": bool(v.meta.get("trace_recentre", False)), "trace_scan": bool(v.meta.get("trace_scan", False)),
                                 "trace_order": v.meta.get("trace_order"),  # candidates capped in the order of network log-odds + w x trace
                                 "refine_from": v.meta.get("refine_from"),  # a second look at each candidate's re-centred places
+                                "trace_peaks": int(v.meta.get("trace_peaks", 0)),  # the trace map's strongest peaks, candidates too
                                 "scan_columns": bool(v.meta.get("scan_columns", True)),
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],
