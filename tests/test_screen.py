@@ -757,7 +757,7 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     stage then takes the same peaks in screening, after the network's candidates."""
     from ctguard.engine.train_verifier import run_rows, source_rows, stage_network, trace_rows
     from ctguard.lung import lung_mask
-    from ctguard.screen import heatmap, load_detector, stage_candidates
+    from ctguard.screen import findings_from, heatmap, load_detector, stage_candidates
     from ctguard.verifier import scan_noise, trace_peaks
 
     cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
@@ -789,9 +789,9 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     lungs = lung_mask(vol)
     heat = heatmap(vol, det, lungs)
     taken = stage_candidates(heat, vol, det.verifier, 1.0, lungs)
-    network = [f for f in taken if f["radius_mm"] != 8.0 or f["voxel"] not in
-               [[round(float(c), 1) for c in p] for p in trace_peaks(vol, lungs, scan_noise(vol, lungs)[0], 3)]]
+    network = findings_from(heat, vol, 0.3)[:4]  # the network's own: from the stage's 0.3, its cap of 4
     peaks = trace_peaks(vol, lungs, scan_noise(vol, lungs)[0], 3, np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
+    assert taken[: len(network)] == network
     assert len(peaks) and [f["voxel"] for f in taken[len(network):]] == [[round(float(c), 1) for c in p] for p in peaks]
 
 

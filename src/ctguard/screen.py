@@ -375,21 +375,24 @@ def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
     return np.array([[1 - f["p_injected"] - f["p_removed"], f["p_injected"], f["p_removed"]] for f in findings]).reshape(-1, 3)
 
 
-def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0, lungs: np.ndarray | None = None) -> list[dict[str, Any]]:
+def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0, lungs: np.ndarray | None = None,
+                     noise: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
     (or ``threshold`` where that is lower), at most its ``max_candidates``, best first; a stage
     with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.taken_candidates`,
     which then needs the scan's ``lungs``); one with ``trace_peaks`` n in its meta then also takes
-    the resampling trace's n strongest peaks not already among them (:func:`trace_candidates`)."""
+    the resampling trace's n strongest peaks not already among them (:func:`trace_candidates`).
+    ``noise``: the scan's :func:`ctguard.verifier.scan_noise`, where the caller has it."""
     cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
     weight = verifier.meta.get("trace_order")
+    noise_xy = None if noise is None else noise[0]
     taken = taken_candidates(findings_from(heat, vol, cand_thr), vol, lungs, int(verifier.meta.get("max_candidates", 40)),
-                             None if weight is None else float(weight))
+                             None if weight is None else float(weight), noise_xy)
     n_peaks = int(verifier.meta.get("trace_peaks", 0))
     if n_peaks:
         if lungs is None:
             raise ValueError("this second stage also takes the resampling trace's peaks as candidates: pass the lung mask")
-        taken = taken + trace_candidates(heat, vol, lungs, n_peaks, taken)
+        taken = taken + trace_candidates(heat, vol, lungs, n_peaks, taken, noise_xy)
     return taken
 
 
@@ -412,25 +415,28 @@ def trace_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, take
     return out
 
 
-def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier) -> list[dict[str, Any]]:
+def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier,
+                    noise: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """The second stage on the network's candidates: each re-scored at the scan's own voxels
     (:mod:`ctguard.verifier`), its kind the stage's, best first. The network's own score stays in
     ``network_score``. A stage with ``refine_from`` in its meta takes a second look at each
     candidate scoring that or more: scored again at its two re-centred places
     (:func:`ctguard.verifier.recentred`, the densest and the smoothest point within 10 mm), where
     the network's 8 mm cells may have put it off an edit's centre; the highest of the three is the
-    finding, at its place."""
+    finding, at its place. ``noise``: the scan's :func:`ctguard.verifier.scan_noise`, where the
+    caller has it."""
     if not candidates:
         return []
     at = np.asarray([f["voxel"] for f in candidates], float)
     p_net = finding_probabilities(candidates)
-    p = verifier.score_places(vol, at, p_net, lungs, candidates=True)
+    p = verifier.score_places(vol, at, p_net, lungs, candidates=True, noise=noise)
     start = verifier.meta.get("refine_from")
     if start is not None:  # a second look: a candidate that may be an edit, scored again where its nodule or its in-painting is centred
         again = np.flatnonzero(1.0 - p[:, 0] >= float(start))
         if len(again):
             alt = np.concatenate([recentred(vol, at[k]) for k in again])
-            q = verifier.score_places(vol, alt, np.repeat(p_net[again], 2, axis=0), lungs, candidates=True).reshape(len(again), 2, 3)
+            q = verifier.score_places(vol, alt, np.repeat(p_net[again], 2, axis=0), lungs, candidates=True,
+                                      noise=noise).reshape(len(again), 2, 3)
             for j, (k, qk) in enumerate(zip(again, q)):
                 best = int(np.argmin(qk[:, 0]))
                 if qk[best, 0] < p[k, 0]:
@@ -448,8 +454,9 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
             lungs: np.ndarray | None = None, verifier=None) -> dict[str, Any]:
     """The screening JSON of docs/DESIGN.md."""
     if verifier is not None and lungs is not None:
-        candidates = stage_candidates(heat, vol, verifier, thr, lungs)
-        scored = verify_findings(vol, lungs, candidates, verifier)
+        noise = scan_noise(vol, lungs)  # once, for the candidates and their rows
+        candidates = stage_candidates(heat, vol, verifier, thr, lungs, noise)
+        scored = verify_findings(vol, lungs, candidates, verifier, noise)
         findings = [f for f in scored if f["score"] >= thr]
         score = max((f["score"] for f in scored), default=0.0)
     else:

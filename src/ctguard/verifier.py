@@ -700,17 +700,19 @@ class Verifier:
         return scan_reference(self.rows(vol, candidates, p_network, scan_noise(vol, lungs), lungs))
 
     def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray,
-                     reference: np.ndarray | None = None, candidates: bool = False) -> np.ndarray:
+                     reference: np.ndarray | None = None, candidates: bool = False,
+                     noise: tuple[float, float] | None = None) -> np.ndarray:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
         gave ``p_network``: the trees', or with ``blend_network`` w in the meta ``(1 - w)`` times the
         trees' plus ``w`` times the network's; then, with ``patch_weight`` v, ``(1 - v)`` times that
         plus ``v`` times the patch CNN's (:mod:`ctguard.patches`). A stage with ``scan_reference`` in
         its meta reads each place against the scan's candidates: ``candidates=True`` where ``places``
         are those candidates (screening), else their ``reference`` row (:meth:`reference`). A single
-        slice's stage (``slice`` in its meta; ``vol`` one slice) reads :func:`slice_inputs` only."""
+        slice's stage (``slice`` in its meta; ``vol`` one slice) reads :func:`slice_inputs` only.
+        ``noise``: the scan's :func:`scan_noise`, where the caller has it."""
         if self.meta.get("slice"):  # a single slice's stage: its own rows, no network, no reference
             return self.probabilities(slice_inputs(vol, places, lungs))
-        noise = scan_noise(vol, lungs)
+        noise = scan_noise(vol, lungs) if noise is None else noise
         x = self.rows(vol, places, p_network, noise, lungs)
         if self.meta.get("scan_reference"):
             if reference is None and not candidates:
