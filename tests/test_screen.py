@@ -754,8 +754,9 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     """``verifier_trace_peaks``: each training copy's rows also hold the resampling trace's strongest
     peaks that the network's candidates do not already hold (kept beside the source's rows, under
     their own key), labelled and counted by the threshold's rule as candidates are; the detector's
-    stage then takes the same peaks in screening, after the network's candidates."""
-    from ctguard.engine.train_verifier import run_rows, source_rows, stage_network, trace_rows
+    stage then takes the same peaks in screening, after the network's candidates. Training makes both
+    kinds of rows in one pass over each source's copies; made apart they are the same."""
+    from ctguard.engine.train_verifier import _source_rows, _trace_rows, run_rows, source_rows, stage_network, trace_rows
     from ctguard.lung import lung_mask
     from ctguard.screen import findings_from, heatmap, load_detector, stage_candidates
     from ctguard.verifier import scan_noise, trace_peaks
@@ -783,6 +784,8 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
         assert 0 < len(peaks["y"]) <= 3 * (1 + int(own["scan"].max()))  # at most 3 peaks a copy
         assert np.array_equal(part["x"][n:], peaks["x"]) and np.array_equal(part["y"][n:], peaks["y"])
         assert part["candidate"][n:].all() and np.array_equal(part["clean"][n:], peaks["scan"] == 0)  # copy 0: the untouched one
+        for kept, apart in ((own, _source_rows(*job)), (peaks, _trace_rows(*job))):
+            assert kept.keys() == apart.keys() and all(np.array_equal(kept[k], apart[k]) for k in kept)
     det = load_detector(str(run / "model.pt"))
     assert det.verifier.meta["trace_peaks"] == 3
     vol = phantom_source(77, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
@@ -1247,6 +1250,21 @@ def test_stage_profiles_inside_the_scan_are_the_box_rule_bit_for_bit(spacing):
         for a, b in zip(fast, box):
             assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
     assert _shell_values_interior(vol, np.array([2.0, 75.0, 75.0]), sp) is None  # its box leaves the scan
+
+
+def test_stage_medians_of_magnitudes_are_numpys():
+    """The stage's medians of absolute residuals order the values by their bits as integers: the
+    same number as ``np.median``, odd and even lengths, ties, zeros and subnormals included."""
+    from ctguard.verifier import _median_of_magnitudes
+
+    rng = np.random.default_rng(4)
+    tiny = np.float32(1e-40)  # subnormal
+    for n in (1, 2, 3, 10, 11, 1000, 1001):
+        for x in (np.abs(rng.normal(0, 30, n)), rng.integers(0, 4, n), np.r_[np.zeros(n // 2), np.full(n - n // 2, tiny)]):
+            x = np.abs(np.asarray(x, np.float32))
+            want = np.median(x)
+            got = _median_of_magnitudes(x.copy())
+            assert got.dtype == want.dtype and got == want, (n, x[:5])
 
 
 def _stage_scan():

@@ -319,6 +319,7 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float, nms_mm: float = 
     cand = sorted((tuple(c) for c in np.argwhere(peaks)), key=lambda c: -p_t[c])
     kept: list[dict[str, Any]] = []
     kept_mm: list[np.ndarray] = []
+    regions: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # by level: the labelled cells over it and each region's size
     for c in cand:
         c_arr = np.asarray(c)
         if any(np.linalg.norm((c_arr - k) * STRIDE) < nms_mm for k in kept_mm):
@@ -333,8 +334,12 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float, nms_mm: float = 
         voxel = np.clip(voxel, 0, np.asarray(vol.shape) - 1)
         p_inj, p_rem = float(heat.probs[1][c]), float(heat.probs[2][c])
         # Radius: the equivalent sphere of the connected cells above half the peak.
-        region, _ = ndimage.label(p_t >= max(threshold, p_t[c] / 2))
-        n_cells = int((region == region[c]).sum())
+        level = max(threshold, p_t[c] / 2)
+        if float(level) not in regions:  # most candidates share the threshold as their level: labelled once
+            region, _ = ndimage.label(p_t >= level)
+            regions[float(level)] = region, np.bincount(region.ravel())
+        region, sizes = regions[float(level)]
+        n_cells = int(sizes[region[c]])
         radius = float((3 * n_cells * STRIDE**3 / (4 * np.pi)) ** (1 / 3))
         kept.append({
             "kind": "injected" if p_inj >= p_rem else "removed",

@@ -171,7 +171,7 @@ def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -
     n_xy, n_z = noise
     out = []
     for h, ax, az, g in shells:
-        out += [h.mean(), h.std(), np.log((_median_in_place(ax) + 1e-3) / n_xy), np.log((_median_in_place(az) + 1e-3) / n_z),
+        out += [h.mean(), h.std(), np.log((_median_of_magnitudes(ax) + 1e-3) / n_xy), np.log((_median_of_magnitudes(az) + 1e-3) / n_z),
                 np.log1p(g.mean()), (h > -400).mean()]
     out += [np.log(spacing[0]), np.log(spacing[1:].mean()), np.log(n_xy), np.log(n_z)]
     # Contrasts: the place (0-9 mm) and its rim (9-16 mm) against the surroundings (16-24 mm).
@@ -180,14 +180,17 @@ def place_features(vol: Volume, place: np.ndarray, noise: tuple[float, float]) -
     return np.asarray(out, dtype=np.float32)
 
 
-def _median_in_place(x: np.ndarray) -> np.floating:
-    """``np.median`` of a 1D array of finite values, the same number, partitioning ``x`` itself (no
-    copy, no search for NaN): the mean of the middle one or two order statistics."""
+def _median_of_magnitudes(x: np.ndarray) -> np.floating:
+    """``np.median`` of a 1D float32 array of magnitudes (finite, none negative, no -0.0: what
+    ``np.abs`` gives), the same number, partitioning ``x`` itself (no copy, no search for NaN): the
+    mean of the middle one or two order statistics. The values are partitioned by their bits as
+    integers, which for such values is the same order, with cheaper comparisons."""
     h = len(x) // 2
+    bits = x.view(np.int32)
     if len(x) % 2:
-        x.partition(h)
+        bits.partition(h)
         return x[h : h + 1].mean()
-    x.partition([h - 1, h])
+    bits.partition([h - 1, h])
     return x[h - 1 : h + 1].mean()
 
 
@@ -220,53 +223,73 @@ def _shell_values(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells
     return out
 
 
+# The shell of each whole millimetre within reach: the last edge at or under it (as searchsorted takes it).
+_SHELL_OF_MM = (np.searchsorted(BINS_MM, np.arange(int(REACH_MM)), side="right") - 1).astype(np.int8)
+
+
 def _by_shell(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Voxels at distances ``d`` (mm, all within reach) grouped by shell: their stable order by shell
     (a radix sort on the shell's index) and where each shell starts in it (``ends[k]:ends[k + 1]``)."""
-    shell = (np.searchsorted(BINS_MM, d, side="right") - 1).astype(np.int8)
+    shell = _SHELL_OF_MM[d.astype(np.intp)]  # the edges are whole millimetres: a voxel's shell is that of its distance's floor
     order = np.argsort(shell, kind="stable")
     return order, np.searchsorted(shell[order], np.arange(len(BINS_MM)), side="left")
 
 
 @lru_cache(maxsize=8)
+def _difference_index(shape: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Where each voxel ``(i, j, k)`` of a box of ``shape`` lies in the box's central differences:
+    along z at its own flat index less this, along y and x at these (flat, by the box's flat index)."""
+    nz, ny, nx = shape
+    i, j, k = np.arange(nz)[:, None, None], np.arange(ny)[None, :, None], np.arange(nx)[None, None, :]
+    along_y = (i * (ny - 2) + (j - 1)) * nx + k  # (i, j - 1, k) of nz x (ny - 2) x nx
+    along_x = (i * ny + j) * (nx - 2) + (k - 1)  # (i, j, k - 1) of nz x ny x (nx - 2)
+    return ny * nx, along_y.ravel(), along_x.ravel()
+
+
+@lru_cache(maxsize=8)
 def _ball_layout(shape: tuple[int, int, int], offset: tuple[float, float, float],
-                 spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
     """For a place ``offset`` voxels from the centre voxel of a box of ``shape``: the flat indices
-    of the box's voxels within reach (in the box's order), their stable order by shell, and where
-    each shell starts in that order (the same grouping :func:`_shell_values` makes)."""
+    of the box's voxels within reach, shell after shell (in the box's order within a shell: the
+    grouping :func:`_shell_values` makes), where each shell starts among them, and the same
+    voxels' flat indices in the box's central differences along z, y and x (the box one voxel
+    shorter at each end of that axis)."""
     axes = [(np.arange(n) - n // 2 - o) * s for n, o, s in zip(shape, offset, spacing)]
     dist = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
     flat = np.flatnonzero(dist < BINS_MM[-1])
     order, ends = _by_shell(dist.ravel()[flat])
-    return flat.astype(np.intp), order.astype(np.intp), ends
+    flat = flat[order]
+    below, along_y, along_x = _difference_index(shape)
+    return flat, ends, (flat - below, along_y[flat], along_x[flat])
 
 
 def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells | None:
     """:func:`_shell_values`, bit for bit, for a place whose box lies inside the scan and has a
     voxel in every shell (None otherwise), with less work: the residuals and the gradient are read
     at the voxels within reach only (the box's central differences, as ``np.gradient`` takes them
-    inside an array), and the layout of the ball is shared by places with the same offset from
-    their voxel (the re-centred places: all of them)."""
+    inside an array), gathered shell after shell, and the layout of the ball is shared by places
+    with the same offset from their voxel (the re-centred places: all of them)."""
     r = np.ceil(REACH_MM / spacing).astype(int) + 1
     c = np.rint(place).astype(int)
     lo, hi = c - r, c + r + 1
     if np.any(lo < 0) or np.any(hi > np.asarray(vol.shape)):
         return None
     shape = tuple(int(n) for n in hi - lo)
-    flat, order, ends = _ball_layout(shape, tuple(float(o) for o in place - c), tuple(float(s) for s in spacing))
+    flat, ends, diffs = _ball_layout(shape, tuple(float(o) for o in place - c), tuple(float(s) for s in spacing))
     if np.any(np.diff(ends) == 0):  # a shell thinner than the slices: the box's rule for it
         return None
     hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
-    f = hu.ravel()
-    h_all = f[flat]
+    h_all = hu.ravel()[flat]
     a_xy = np.abs(h_all - _smooth_xy(hu).ravel()[flat])  # _residuals' values at these voxels
     a_z = np.abs(h_all - _smooth_z(hu).ravel()[flat])
     g2: np.ndarray | int = 0
-    for step, s in zip((shape[1] * shape[2], shape[2], 1), spacing):
-        g = ((f[flat + step] - f[flat - step]) / (2.0 * np.float64(s))).astype(np.float32)
+    for axis, (at, s) in enumerate(zip(diffs, spacing)):
+        ahead, behind = [slice(None)] * 3, [slice(None)] * 3
+        ahead[axis], behind[axis] = slice(2, None), slice(None, -2)
+        d = hu[tuple(ahead)] - hu[tuple(behind)]
+        g = (d.ravel()[at] / (2.0 * np.float64(s))).astype(np.float32)
         g2 = g2 + g**2
     g_all = np.sqrt(g2)
-    h_all, a_xy, a_z, g_all = h_all[order], a_xy[order], a_z[order], g_all[order]  # shell after shell
     return [(h_all[a:b], a_xy[a:b], a_z[a:b], g_all[a:b]) for a, b in zip(ends[:-1], ends[1:])]
 
 

@@ -137,19 +137,32 @@ def row_key(cfg: dict, spec: tuple, model_path: str) -> dict:
 
 def _kept_rows(model_path: str, what: dict, make: Callable[[], dict]) -> dict:
     """Rows kept in ``verifier_rows/`` beside the network under the hash of ``what``, made by ``make`` once."""
+    cached = _kept_path(model_path, what)
+    if cached.is_file():
+        return _load_kept(cached)
+    rows = make()
+    _keep(cached, rows)
+    return rows
+
+
+def _kept_path(model_path: str, what: dict) -> Path:
+    """Where :func:`_kept_rows` keeps the rows of key ``what``."""
     import hashlib
 
-    cached = Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
-    if cached.is_file():
-        with np.load(cached, allow_pickle=False) as d:
-            return {k: d[k] for k in d.files if k not in ("group", "source")} | \
-                {k: str(d[k]) for k in ("group", "source") if k in d.files}
-    rows = make()
+    return Path(model_path).parent / "verifier_rows" / f"{hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]}.npz"
+
+
+def _load_kept(cached: Path) -> dict:
+    with np.load(cached, allow_pickle=False) as d:
+        return {k: d[k] for k in d.files if k not in ("group", "source")} | {k: str(d[k]) for k in ("group", "source") if k in d.files}
+
+
+def _keep(cached: Path, rows: dict) -> None:
+    """Writes ``rows`` to ``cached`` whole or not at all (a temporary file renamed)."""
     cached.parent.mkdir(exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
     np.savez(tmp, **rows)
     tmp.replace(cached)
-    return rows
 
 
 def too_thick(spec: tuple, src) -> bool:
@@ -263,52 +276,79 @@ def trace_rows(job: tuple) -> dict:
     other rows under their key and the number of peaks."""
     cfg, spec, model_path = job
     cfg = {**VERIFIER_DEFAULTS, **cfg}
-    return _kept_rows(model_path, row_key(cfg, spec, model_path) | {"trace_peaks": trace_peaks_of(cfg)},
-                      lambda: _trace_rows(cfg, spec, model_path))
+    return _kept_rows(model_path, trace_key(cfg, spec, model_path), lambda: _trace_rows(cfg, spec, model_path))
+
+
+def trace_key(cfg: dict, spec: tuple, model_path: str) -> dict:
+    """What a source's rows at the trace's peaks depend on: its rows' key and the number of peaks."""
+    return row_key(cfg, spec, model_path) | {"trace_peaks": trace_peaks_of(cfg)}
+
+
+def source_and_trace_rows(job: tuple) -> tuple[dict, dict]:
+    """A source's rows (:func:`source_rows`) and its rows at the trace's peaks (:func:`trace_rows`),
+    each kept under its own key (a pool task). Where neither is kept yet, both come from one pass
+    over the source's copies: each copy simulated, its lungs found and the network run on it once."""
+    cfg, spec, model_path = job
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    own, peaks = _kept_path(model_path, row_key(cfg, spec, model_path)), _kept_path(model_path, trace_key(cfg, spec, model_path))
+    if own.is_file() or peaks.is_file():
+        return source_rows(job), trace_rows(job)
+    rows, peak_rows = _rows_of_copies(cfg, spec, model_path, with_peaks=True)
+    _keep(own, rows)
+    _keep(peaks, peak_rows)
+    return rows, peak_rows
+
+
+def _candidate_rows(cfg: dict, vol, noise: tuple[float, float], reference, found: list[dict], edits: list, tumours: list,
+                    copy: int) -> dict:
+    """Rows at candidates ``found`` of one copy (``copy``, its ``edits``; the source's real
+    ``tumours``): each an edit's where it lies near one, else untouched, and on the untouched copy
+    a lesion's where it lies near a real tumour."""
+    from ctguard.screen import finding_probabilities
+
+    recentre, resampling, trace_recentre, _ = stage_features(cfg)
+    at = np.asarray([f["voxel"] for f in found], float).reshape(-1, 3)
+    x = stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre, resampling=resampling,
+                     trace_recentre=trace_recentre, trace_reference=reference) if len(found) else np.zeros((0, len(row_names(cfg))), np.float32)
+    y = []
+    for f in found:
+        hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
+        y.append(LABELS[hit.kind] if hit is not None else 0)
+    return {"x": x, "y": y, "scan": [copy] * len(found), "clean": [not edits] * len(found), "candidate": [True] * len(found),
+            "lesion": [not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in tumours) for f in found]}
+
+
+def _as_rows(parts: list[dict], width: int) -> dict:
+    """Rows of :func:`_candidate_rows` (and the like) joined, in the kept rows' dtypes."""
+    return {"x": np.concatenate([np.zeros((0, width), np.float32)] + [p["x"] for p in parts]).astype(np.float32),
+            "y": np.asarray(sum((list(p["y"]) for p in parts), []), np.int8),
+            "scan": np.asarray(sum((list(p["scan"]) for p in parts), []), np.int16),
+            **{k: np.asarray(sum((list(p[k]) for p in parts), []), bool) for k in ("clean", "candidate", "lesion")}}
 
 
 def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_mask
-    from ctguard.screen import finding_probabilities, load_detector, screen_volume, trace_candidates
+    from ctguard.screen import load_detector, screen_volume, trace_candidates
 
     src = build_source(cfg, spec)
-    xs, ys, scans, clean, lesion = [np.zeros((0, len(row_names(cfg))), np.float32)], [], [], [], []
+    parts = []
     if not too_thick(spec, src):
         det = load_detector(model_path)
         lungs = lung_mask(src.volume)
-        recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
+        trace_scan = stage_features(cfg)[3]
         for k, (_, vol, edits) in enumerate(source_copies(cfg, src, spec_seed(cfg, spec) + SEED_OFFSET)):
             noise = scan_noise(vol, lungs)
             reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
             result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
             found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
             extra = trace_candidates(heat, vol, lungs, int(cfg["verifier_trace_peaks"]), found, noise[0])
-            if not extra:
-                continue
-            at = np.asarray([f["voxel"] for f in extra], float)
-            xs.append(stage_inputs(vol, at, finding_probabilities(extra), noise, threads=1, recentre=recentre, resampling=resampling,
-                                   trace_recentre=trace_recentre, trace_reference=reference))
-            for f in extra:
-                hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
-                ys.append(LABELS[hit.kind] if hit is not None else 0)
-                scans.append(k)
-                clean.append(not edits)
-                lesion.append(not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in src.tumours))
-    n = len(ys)
-    return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
-            "clean": np.asarray(clean, bool), "candidate": np.ones(n, bool), "lesion": np.asarray(lesion, bool)}
+            parts.append(_candidate_rows(cfg, vol, noise, reference, extra, edits, src.tumours, k))
+    return _as_rows(parts, len(row_names(cfg)))
 
 
-def with_trace_rows(cfg: dict, jobs: list[tuple], parts: list[dict], pool=None, progress: bool = False) -> list[dict]:
-    """Each source's rows (``parts``, from ``jobs``) followed by its rows at the trace's peaks
-    (:func:`trace_rows`) where the config asks for them."""
-    if not trace_peaks_of(cfg):
-        return parts
-    from tqdm import tqdm
-
-    peaks = list(tqdm((pool.imap if pool is not None else map)(trace_rows, jobs), total=len(jobs), desc="second stage: trace rows",
-                      disable=not progress))
+def joined_peaks(parts: list[dict], peaks: list[dict]) -> list[dict]:
+    """Each source's rows followed by its rows at the trace's peaks (the same sources, in order)."""
     return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")}}
             for p, t in zip(parts, peaks)]
 
@@ -318,30 +358,33 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     copy), ``clean`` (a candidate on the untouched copy), ``candidate`` (one of the network's
     candidates, as screening re-scores them), ``lesion`` (at a genuine lesion of the untouched copy:
     the lesion's centre, or a candidate near it) and ``group`` (the patient)."""
+    return _rows_of_copies(cfg, spec, model_path, with_peaks=False)[0]
+
+
+def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -> tuple[dict, dict | None]:
+    """:func:`_source_rows` and, ``with_peaks``, :func:`_trace_rows` (the same rows) from one pass
+    over the source's copies."""
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_depth, lung_mask
-    from ctguard.screen import (
-        finding_probabilities,
-        load_detector,
-        score_locations,
-        screen_volume,
-    )
+    from ctguard.screen import load_detector, score_locations, screen_volume, trace_candidates
+
     src = build_source(cfg, spec)
     # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
     group = (src.patient or Path(str(spec[1])).name) if spec[0] == "series" else f"phantom {spec[1]}"
+    width = len(row_names(cfg))
+    with_patches = bool(cfg["verifier_patches"])
+    about = {"group": group, "source": str(spec[1])}
     if too_thick(spec, src):
-        return {"x": np.zeros((0, len(row_names(cfg))), np.float32), "y": np.zeros(0, np.int8), "scan": np.zeros(0, np.int16),
-                "clean": np.zeros(0, bool), "candidate": np.zeros(0, bool), "lesion": np.zeros(0, bool), "group": group,
-                "source": str(spec[1])} | \
-            ({"patches": np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float16)} if cfg["verifier_patches"] else {})
+        return _as_rows([], width) | about | \
+            ({"patches": np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float16)} if with_patches else {}), \
+            (_as_rows([], width) if with_peaks else None)
     det = load_detector(model_path)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
     recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
-    xs, ys, scans, clean, patches, candidate, lesion = [], [], [], [], [], [], []
-    with_patches = bool(cfg["verifier_patches"])
+    parts, peak_parts, patches = [], [], []
     for k, (_, vol, edits) in enumerate(source_copies(cfg, src, seed)):
         noise = scan_noise(vol, lungs)
         trace_reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
@@ -350,35 +393,23 @@ def _source_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         else:
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
-        xs.append(stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
-                               resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference))
+        parts.append({"x": stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
+                                        resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference),
+                      "y": [LABELS.get(what, 0) for what, _ in where], "scan": [k] * len(where), "clean": [False] * len(where),
+                      "candidate": [False] * len(where), "lesion": [what == "real lesion" for what, _ in where]})
         if with_patches:
             patches.append(patches_at(vol, at, noise))
-        ys += [LABELS.get(what, 0) for what, _ in where]
-        scans += [k] * len(where)
-        clean += [False] * len(where)
-        candidate += [False] * len(where)
-        lesion += [what == "real lesion" for what, _ in where]
-        result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
+        result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
         found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0],
                                  trace_reference)
-        if found:
-            at = np.asarray([f["voxel"] for f in found], float)
-            xs.append(stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre,
-                               resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference))
-            if with_patches:
-                patches.append(patches_at(vol, at, noise))
-        for f in found:
-            hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
-            ys.append(LABELS[hit.kind] if hit is not None else 0)
-            scans.append(k)
-            clean.append(not edits)
-            candidate.append(True)
-            lesion.append(not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in src.tumours))
-    return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, np.int8), "scan": np.asarray(scans, np.int16),
-            "clean": np.asarray(clean, bool), "candidate": np.asarray(candidate, bool), "lesion": np.asarray(lesion, bool),
-            "group": group, "source": str(spec[1])} | \
-        ({"patches": np.concatenate(patches)} if with_patches else {})
+        parts.append(_candidate_rows(cfg, vol, noise, trace_reference, found, edits, src.tumours, k))
+        if found and with_patches:
+            patches.append(patches_at(vol, np.asarray([f["voxel"] for f in found], float), noise))
+        if with_peaks:
+            extra = trace_candidates(heat, vol, lungs, int(cfg["verifier_trace_peaks"]), found, noise[0])
+            peak_parts.append(_candidate_rows(cfg, vol, noise, trace_reference, extra, edits, src.tumours, k))
+    rows = _as_rows(parts, width) | about | ({"patches": np.concatenate(patches)} if with_patches else {})
+    return rows, (_as_rows(peak_parts, width) if with_peaks else None)
 
 
 def verifier_specs(cfg: dict) -> list[tuple]:
@@ -601,10 +632,25 @@ def refine_table(parts: list[dict], refined: list[dict]) -> tuple[np.ndarray, np
     return np.concatenate(xs), np.concatenate(owner).astype(int)
 
 
-def with_rows(specs: list[tuple], parts: list[dict]) -> tuple[list[tuple], list[dict]]:
-    """The sources that gave rows, and their rows (a thicker-slice version past THICK_MAX_MM gives none)."""
-    kept = [k for k, p in enumerate(parts) if len(p["y"])]
-    return [specs[k] for k in kept], [parts[k] for k in kept]
+def stage_rows(cfg: dict, specs: list[tuple], jobs: list[tuple], pool=None, progress: bool = False) -> tuple[list[tuple], list[dict], list[dict]]:
+    """The rows of ``jobs``, the stage's sources ``specs`` first and any others (the nodule check's)
+    after them: the stage's sources that gave rows, their rows (each source's followed by its rows
+    at the trace's peaks where the config asks for them: :func:`source_and_trace_rows`) and the
+    other sources' rows (:func:`source_rows`)."""
+    from tqdm import tqdm
+
+    peaks = bool(trace_peaks_of(cfg))
+    run = pool.imap if pool is not None else map
+    stage = list(tqdm(run(source_and_trace_rows if peaks else source_rows, jobs[: len(specs)]), total=len(specs),
+                      desc="second stage: rows" + (" and trace rows" if peaks else ""), disable=not progress))
+    others = list(tqdm(run(source_rows, jobs[len(specs):]), total=len(jobs) - len(specs), desc="second stage: nodule rows",
+                       disable=not progress or len(jobs) == len(specs)))
+    parts = [p[0] for p in stage] if peaks else stage
+    kept = [k for k, p in enumerate(parts) if len(p["y"])]  # a thicker-slice version past THICK_MAX_MM gives none
+    parts = [parts[k] for k in kept]
+    if peaks:
+        parts = joined_peaks(parts, [stage[k][1] for k in kept])
+    return [specs[k] for k in kept], parts, others
 
 
 def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
@@ -612,8 +658,8 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     ``verifier_rows/`` where kept, else made again): for studying a run's stage without fitting it."""
     cfg = {**VERIFIER_DEFAULTS, **json.loads((Path(run) / "config.json").read_text())}
     jobs = [(cfg, spec, stage_network(cfg, Path(run), spec)) for spec in verifier_specs(cfg)]
-    specs, parts = with_rows([j[1] for j in jobs], [source_rows(j) for j in jobs])
-    return cfg, specs, with_trace_rows(cfg, [j for j in jobs if j[1] in specs], parts)
+    specs, parts, _ = stage_rows(cfg, [j[1] for j in jobs], jobs)
+    return cfg, specs, parts
 
 
 def stage_features(cfg: dict) -> tuple[bool, bool, bool, bool]:
@@ -772,11 +818,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     t0 = time.time()
     specs, nodule_sources = verifier_specs(cfg), nodule_specs(cfg)
     jobs = [(cfg, spec, stage_network(cfg, out, spec)) for spec in specs + nodule_sources]
-    parts = list(tqdm((pool.imap if pool is not None else map)(source_rows, jobs), total=len(jobs), desc="second stage: rows",
-                      disable=not progress))
-    parts, nodule_parts = parts[: len(specs)], parts[len(specs):]
-    specs, parts = with_rows(specs, parts)
-    parts = with_trace_rows(cfg, [(cfg, spec, stage_network(cfg, out, spec)) for spec in specs], parts, pool, progress)
+    specs, parts, nodule_parts = stage_rows(cfg, specs, jobs, pool, progress)
     x, y, groups, clean = stage_table(cfg, parts)
     n_clean = len(parts)  # one untouched copy per source
     t_rows = time.time() - t0
