@@ -1,13 +1,15 @@
 """Screening speed and memory on a 512x512x300 chest (a phantom written as DICOM), side by side with
 just reading it, in one run.
 
-Usage: python benchmarks/screen_speed.py [--slices 300] [--repeat 2] [--model PATH]
+Usage: python benchmarks/screen_speed.py [--slices 300] [--repeat 2] [--model PATH] [--steps N]
 Uses the series benchmarks/read_speed.py writes (benchmarks/_work/phantom_<slices>, 0.7 mm pixels,
 1 mm slices), page cache warm. Each measurement runs in a fresh subprocess, a read and a screening
 in turn; the ratio is the best screening over the best read (and, beside it, the median over the
 turns of each screening over the read just before it); peak memory is the growth of ru_maxrss over
 the interpreter's after its imports. Target (issue 7): screening <= 5x the
-read time, under 20 s, peak under 3 GB.
+read time, under 20 s, peak under 3 GB. With ``--steps N`` it prints instead where the time goes:
+N screenings, each in a fresh process, each step of it timed (the read, the lung mask, the
+network's heatmap, the stage's candidates, their rows and trees).
 """
 
 from __future__ import annotations
@@ -37,12 +39,32 @@ print(json.dumps({"seconds": dt, "peak_mb": (resource.getrusage(resource.RUSAGE_
                   "verdict": out.get("verdict"), "findings": len(out.get("findings", [])), "runtime": "onnxruntime" if det.session is not None else "torch"}))
 """
 
+STEPS = """
+import json, sys, time
+p, model = sys.argv[1], sys.argv[2] or None
+import ctguard.api, ctguard.screen as S
+S.load_detector(model)
+took = {}
+def timed(mod, name, label):
+    f = getattr(mod, name)
+    def g(*a, **k):
+        t = time.perf_counter(); r = f(*a, **k); took[label] = took.get(label, 0.0) + time.perf_counter() - t; return r
+    setattr(mod, name, g)
+for mod, name, label in ((ctguard.api, "load", "read"), (S, "lung_mask", "lungs"), (S, "heatmap", "heatmap"),
+                         (S, "stage_candidates", "candidates"), (S, "verify_findings", "stage rows and trees")):
+    timed(mod, name, label)
+t = time.perf_counter()
+ctguard.api.screen(p, model=model)
+print(json.dumps({"total": round(time.perf_counter() - t, 3), **{k: round(v, 3) for k, v in took.items()}}))
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--model", default="", help="a detector checkpoint or .onnx (default: the bundled one)")
+    ap.add_argument("--steps", type=int, default=0, metavar="N", help="time each step of N screenings instead")
     args = ap.parse_args()
     series = WORK / f"phantom_{args.slices}"
     if not series.exists():
@@ -52,6 +74,11 @@ def main() -> None:
         io.write_series(make_chest((args.slices, 512, 512), (1.0, 0.7, 0.7), seed=1), series)
     for f in series.iterdir():
         f.read_bytes()
+    if args.steps:
+        for _ in range(args.steps):
+            print(subprocess.run([sys.executable, "-c", STEPS, str(series), args.model], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1])
+        return
     # A read and a screening in turn, so that both see the machine as it is at the time.
     runs: dict[str, list[dict]] = {"read": [], "screen": []}
     for _ in range(args.repeat):
