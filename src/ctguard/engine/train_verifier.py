@@ -153,6 +153,7 @@ def _kept_path(model_path: str, what: dict) -> Path:
 
 
 def _load_kept(cached: Path) -> dict:
+    """Rows :func:`_keep` wrote (the patient and source as strings again)."""
     with np.load(cached, allow_pickle=False) as d:
         return {k: d[k] for k in d.files if k not in ("group", "source")} | {k: str(d[k]) for k in ("group", "source") if k in d.files}
 
@@ -320,16 +321,28 @@ def _candidate_rows(cfg: dict, vol, noise: tuple[float, float], reference, found
 
 def _as_rows(parts: list[dict], width: int) -> dict:
     """Rows of :func:`_candidate_rows` (and the like) joined, in the kept rows' dtypes."""
+    def joined(key: str, dtype) -> np.ndarray:
+        return np.asarray([v for p in parts for v in p[key]], dtype)
+
     return {"x": np.concatenate([np.zeros((0, width), np.float32)] + [p["x"] for p in parts]).astype(np.float32),
-            "y": np.asarray(sum((list(p["y"]) for p in parts), []), np.int8),
-            "scan": np.asarray(sum((list(p["scan"]) for p in parts), []), np.int16),
-            **{k: np.asarray(sum((list(p[k]) for p in parts), []), bool) for k in ("clean", "candidate", "lesion")}}
+            "y": joined("y", np.int8), "scan": joined("scan", np.int16), **{k: joined(k, bool) for k in ("clean", "candidate", "lesion")}}
+
+
+def _copy_candidates(cfg: dict, det, vol, lungs: np.ndarray, noise: tuple[float, float], reference,
+                     with_peaks: bool) -> tuple[list[dict], list[dict]]:
+    """One copy's candidates as screening takes them (the network's findings, capped and ordered as
+    the stage does) and, ``with_peaks``, the resampling trace's peaks not among them (else ``[]``)."""
+    from ctguard.screen import screen_volume, trace_candidates
+
+    result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
+    found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
+    return found, (trace_candidates(heat, vol, lungs, int(cfg["verifier_trace_peaks"]), found, noise[0]) if with_peaks else [])
 
 
 def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_mask
-    from ctguard.screen import load_detector, screen_volume, trace_candidates
+    from ctguard.screen import load_detector
 
     src = build_source(cfg, spec)
     parts = []
@@ -340,9 +353,7 @@ def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         for k, (_, vol, edits) in enumerate(source_copies(cfg, src, spec_seed(cfg, spec) + SEED_OFFSET)):
             noise = scan_noise(vol, lungs)
             reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
-            result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
-            found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
-            extra = trace_candidates(heat, vol, lungs, int(cfg["verifier_trace_peaks"]), found, noise[0])
+            _, extra = _copy_candidates(cfg, det, vol, lungs, noise, reference, with_peaks=True)
             parts.append(_candidate_rows(cfg, vol, noise, reference, extra, edits, src.tumours, k))
     return _as_rows(parts, len(row_names(cfg)))
 
@@ -366,7 +377,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
     over the source's copies."""
     from ctguard.engine.train3d import build_source, spec_seed
     from ctguard.lung import lung_depth, lung_mask
-    from ctguard.screen import load_detector, score_locations, screen_volume, trace_candidates
+    from ctguard.screen import load_detector, score_locations
 
     src = build_source(cfg, spec)
     # Each phantom is its own patient; a real scan's patient is its PatientID (or its file's name).
@@ -399,14 +410,11 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
                       "candidate": [False] * len(where), "lesion": [what == "real lesion" for what, _ in where]})
         if with_patches:
             patches.append(patches_at(vol, at, noise))
-        result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
-        found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0],
-                                 trace_reference)
+        found, extra = _copy_candidates(cfg, det, vol, lungs, noise, trace_reference, with_peaks)
         parts.append(_candidate_rows(cfg, vol, noise, trace_reference, found, edits, src.tumours, k))
         if found and with_patches:
             patches.append(patches_at(vol, np.asarray([f["voxel"] for f in found], float), noise))
         if with_peaks:
-            extra = trace_candidates(heat, vol, lungs, int(cfg["verifier_trace_peaks"]), found, noise[0])
             peak_parts.append(_candidate_rows(cfg, vol, noise, trace_reference, extra, edits, src.tumours, k))
     rows = _as_rows(parts, width) | about | ({"patches": np.concatenate(patches)} if with_patches else {})
     return rows, (_as_rows(peak_parts, width) if with_peaks else None)
