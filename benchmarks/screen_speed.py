@@ -9,7 +9,8 @@ turns of each screening over the read just before it); peak memory is the growth
 the interpreter's after its imports. Target (issue 7): screening <= 5x the
 read time, under 20 s, peak under 3 GB. With ``--steps N`` it prints instead where the time goes:
 N screenings, each in a fresh process, each step of it timed (the read, the lung mask, the
-network's heatmap, the stage's candidates, their rows and trees).
+network's heatmap, the stage's reading of the whole scan in a thread beside it, the stage's
+candidates, their rows and trees).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ print(json.dumps({"seconds": dt, "peak_mb": (resource.getrusage(resource.RUSAGE_
 STEPS = """
 import json, sys, time
 p, model = sys.argv[1], sys.argv[2] or None
-import ctguard.api, ctguard.screen as S
+import ctguard.api, ctguard.screen as S, ctguard.verifier as V
 S.load_detector(model)
 took = {}
 def timed(mod, name, label):
@@ -51,6 +52,7 @@ def timed(mod, name, label):
         t = time.perf_counter(); r = f(*a, **k); took[label] = took.get(label, 0.0) + time.perf_counter() - t; return r
     setattr(mod, name, g)
 for mod, name, label in ((ctguard.api, "load", "read"), (S, "lung_mask", "lungs"), (S, "heatmap", "heatmap"),
+                         (V.Verifier, "read_scan", "scan reading (beside the heatmap)"),
                          (S, "stage_candidates", "candidates"), (S, "verify_findings", "stage rows and trees")):
     timed(mod, name, label)
 t = time.perf_counter()

@@ -796,6 +796,17 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     peaks = trace_peaks(vol, lungs, scan_noise(vol, lungs)[0], 3, np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
     assert taken[: len(network)] == network
     assert len(peaks) and [f["voxel"] for f in taken[len(network):]] == [[round(float(c), 1) for c in p] for p in peaks]
+    # Screening reads the whole scan for the stage (its noise, the trace's map, its own level of the
+    # trace) in a thread beside the network; read in line instead, the result is the same.
+    from ctguard.screen import _result, screen_volume
+
+    reading = det.verifier.read_scan(vol, lungs)
+    assert reading.noise == scan_noise(vol, lungs) and len(reading.trace[0]) > len(peaks)
+    assert (reading.reference is not None) == bool(det.verifier.meta.get("trace_scan"))
+    threaded, heat_again, _ = screen_volume(vol, det, threshold=0.3)
+    inline = _result(vol, det, heat_again, 0.3, "", list(vol.warnings), 0.0, lungs, det.verifier)
+    assert threaded["model"]["second_stage"] and threaded["findings"] + threaded["under_threshold"]  # candidates the stage scored
+    assert {k: v for k, v in threaded.items() if k != "elapsed_s"} == {k: v for k, v in inline.items() if k != "elapsed_s"}
 
 
 def test_second_stage_rows_from_cross_fit_networks(tmp_path, monkeypatch):
@@ -1405,7 +1416,7 @@ def test_the_trace_maps_strongest_peak_is_a_pasted_cube():
     screening makes of them carry the network's probabilities of their cells."""
     from ctguard.screen import Heatmap, trace_candidates
     from ctguard.tamper.cube import apply_edit
-    from ctguard.verifier import TRACE_PEAK_SAME_MM, TRACE_PEAKS_APART_MM, trace_peaks
+    from ctguard.verifier import TRACE_PEAK_SAME_MM, TRACE_PEAKS_APART_MM, trace_map, trace_peaks
 
     centre = np.array([6.0, 40.0, 56.0])
     for seed, pixel in ((0, 0.7), (1, 0.842), (2, 0.6)):
@@ -1430,6 +1441,7 @@ def test_the_trace_maps_strongest_peak_is_a_pasted_cube():
     assert [f["voxel"] for f in found] == [[round(float(c), 1) for c in p] for p in peaks]
     assert [(f["kind"], f["score"]) for f in found] == [("removed", 0.7) if c[1] <= cells[0, 1] else ("injected", 0.0) for c in cells]
     assert trace_candidates(heat, pasted, lungs, 4, found[:1], noise_xy=8.0) == found[1:]
+    assert trace_candidates(heat, pasted, lungs, 4, [], trace=trace_map(pasted, lungs, 8.0)) == found  # the map the caller has
 
 
 def test_candidates_in_the_order_of_their_resampling_trace():

@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import recentred, scan_noise, taken_candidates, trace_peaks
+from ctguard.verifier import ScanReading, recentred, scan_noise, strongest_peaks, taken_candidates, trace_map
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -368,11 +368,19 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
         raise InputError("no lungs in view (is this a chest CT?)", input_name or None)
     if stage:
         stage("detector")
-    heat = heatmap(vol, detector, lungs)
+    verifier = getattr(detector, "verifier", None) if stage2 else None
+    if verifier is None:
+        heat, reading = heatmap(vol, detector, lungs), None
+    else:  # what the stage reads of the whole scan, in a thread beside the network (which leaves a core partly idle)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(verifier.read_scan, vol, lungs)
+            heat = heatmap(vol, detector, lungs)
+            reading = reading.result()
     if stage:
         stage("findings")
-    verifier = getattr(detector, "verifier", None) if stage2 else None
-    return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0, lungs, verifier), heat, lungs
+    return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0, lungs, verifier, reading), heat, lungs
 
 
 def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
@@ -381,13 +389,15 @@ def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
 
 
 def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0, lungs: np.ndarray | None = None,
-                     noise: tuple[float, float] | None = None) -> list[dict[str, Any]]:
+                     noise: tuple[float, float] | None = None,
+                     trace: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
     (or ``threshold`` where that is lower), at most its ``max_candidates``, best first; a stage
     with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.taken_candidates`,
     which then needs the scan's ``lungs``); one with ``trace_peaks`` n in its meta then also takes
     the resampling trace's n strongest peaks not already among them (:func:`trace_candidates`).
-    ``noise``: the scan's :func:`ctguard.verifier.scan_noise`, where the caller has it."""
+    ``noise`` and ``trace``: the scan's :func:`ctguard.verifier.scan_noise` and
+    :func:`ctguard.verifier.trace_map`, where the caller has them (:class:`ScanReading`)."""
     cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
     weight = verifier.meta.get("trace_order")
     noise_xy = None if noise is None else noise[0]
@@ -397,7 +407,7 @@ def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.
     if n_peaks:
         if lungs is None:
             raise ValueError("this second stage also takes the resampling trace's peaks as candidates: pass the lung mask")
-        taken = taken + trace_candidates(heat, vol, lungs, n_peaks, taken, noise_xy)
+        taken = taken + trace_candidates(heat, vol, lungs, n_peaks, taken, noise_xy, trace)
     return taken
 
 
@@ -405,13 +415,16 @@ TRACE_PEAK_RADIUS_MM = 8.0  # the radius a candidate from the trace's map report
 
 
 def trace_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, taken: list[dict[str, Any]],
-                     noise_xy: float | None = None) -> list[dict[str, Any]]:
+                     noise_xy: float | None = None, trace: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """The resampling trace's ``n`` strongest peaks over the lungs (:func:`ctguard.verifier.trace_peaks`)
     that are not already among the network's candidates ``taken``, as candidates of the same form,
     each with the network's probabilities of its cell: what a second stage with ``trace_peaks`` in
-    its meta also scores, in screening and in its training rows alike."""
-    noise_xy = scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy
-    peaks = trace_peaks(vol, lungs, noise_xy, n, np.asarray([f["voxel"] for f in taken], float).reshape(-1, 3))
+    its meta also scores, in screening and in its training rows alike. ``trace``: the scan's
+    :func:`ctguard.verifier.trace_map`, where the caller has it (then ``noise_xy`` is not needed)."""
+    if trace is None:
+        noise_xy = scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy
+        trace = trace_map(vol, lungs, noise_xy) if n > 0 else None
+    peaks = strongest_peaks(trace, vol.spacing, n, np.asarray([f["voxel"] for f in taken], float).reshape(-1, 3))
     out = []
     for v, p in zip(peaks, heat.probabilities_at(peaks)):
         out.append({"kind": "injected" if p[1] >= p[2] else "removed", "score": round(float(1.0 - p[0]), 4),
@@ -421,27 +434,28 @@ def trace_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, take
 
 
 def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, Any]], verifier,
-                    noise: tuple[float, float] | None = None) -> list[dict[str, Any]]:
+                    noise: tuple[float, float] | None = None, trace_reference: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The second stage on the network's candidates: each re-scored at the scan's own voxels
     (:mod:`ctguard.verifier`), its kind the stage's, best first. The network's own score stays in
     ``network_score``. A stage with ``refine_from`` in its meta takes a second look at each
     candidate scoring that or more: scored again at its two re-centred places
     (:func:`ctguard.verifier.recentred`, the densest and the smoothest point within 10 mm), where
     the network's 8 mm cells may have put it off an edit's centre; the highest of the three is the
-    finding, at its place. ``noise``: the scan's :func:`ctguard.verifier.scan_noise`, where the
-    caller has it."""
+    finding, at its place. ``noise`` and ``trace_reference``: the scan's
+    :func:`ctguard.verifier.scan_noise` and :func:`ctguard.verifier.scan_trace`, where the caller
+    has them (:class:`ScanReading`)."""
     if not candidates:
         return []
     at = np.asarray([f["voxel"] for f in candidates], float)
     p_net = finding_probabilities(candidates)
-    p = verifier.score_places(vol, at, p_net, lungs, candidates=True, noise=noise)
+    p = verifier.score_places(vol, at, p_net, lungs, candidates=True, noise=noise, trace_reference=trace_reference)
     start = verifier.meta.get("refine_from")
     if start is not None:  # a second look: a candidate that may be an edit, scored again where its nodule or its in-painting is centred
         again = np.flatnonzero(1.0 - p[:, 0] >= float(start))
         if len(again):
             alt = np.concatenate([recentred(vol, at[k]) for k in again])
             q = verifier.score_places(vol, alt, np.repeat(p_net[again], 2, axis=0), lungs, candidates=True,
-                                      noise=noise).reshape(len(again), 2, 3)
+                                      noise=noise, trace_reference=trace_reference).reshape(len(again), 2, 3)
             for j, (k, qk) in enumerate(zip(again, q)):
                 best = int(np.argmin(qk[:, 0]))
                 if qk[best, 0] < p[k, 0]:
@@ -456,12 +470,13 @@ def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, A
 
 
 def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float,
-            lungs: np.ndarray | None = None, verifier=None) -> dict[str, Any]:
-    """The screening JSON of docs/DESIGN.md."""
+            lungs: np.ndarray | None = None, verifier=None, reading: ScanReading | None = None) -> dict[str, Any]:
+    """The screening JSON of docs/DESIGN.md. ``reading``: the stage's reading of the whole scan
+    (:meth:`ctguard.verifier.Verifier.read_scan`), where the caller has it."""
     if verifier is not None and lungs is not None:
-        noise = scan_noise(vol, lungs)  # once, for the candidates and their rows
-        candidates = stage_candidates(heat, vol, verifier, thr, lungs, noise)
-        scored = verify_findings(vol, lungs, candidates, verifier, noise)
+        reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
+        candidates = stage_candidates(heat, vol, verifier, thr, lungs, reading.noise, reading.trace)
+        scored = verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference)
         findings = [f for f in scored if f["score"] >= thr]
         score = max((f["score"] for f in scored), default=0.0)
     else:

@@ -513,11 +513,16 @@ def trace_peaks(vol: Volume, lungs: np.ndarray, noise_xy: float, n: int, taken: 
     ``taken`` (the network's candidates): where a pasted cube's ripple is, which the network's 8 mm
     cells may have missed or put beside it. ``(k, 3)`` voxels; none where the pixel spacing leaves
     no ripple to read."""
-    found = trace_map(vol, lungs, noise_xy) if n > 0 else None
-    if found is None:
+    return strongest_peaks(trace_map(vol, lungs, noise_xy) if n > 0 else None, vol.spacing, n, taken)
+
+
+def strongest_peaks(found: tuple[np.ndarray, np.ndarray] | None, spacing, n: int, taken: np.ndarray | None = None) -> np.ndarray:
+    """:func:`trace_peaks` from the scan's :func:`trace_map` ``found`` (None: no ripple to read),
+    where the caller has it (:meth:`Verifier.read_scan`)."""
+    if found is None or n <= 0:
         return np.zeros((0, 3))
     score, centres = found
-    spacing = np.asarray(vol.spacing, float)
+    spacing = np.asarray(spacing, float)
     mm = centres * spacing
     kept: list[int] = []
     for k in np.argsort(-score, kind="stable"):
@@ -664,6 +669,19 @@ def slice_inputs(vol: Volume, places: np.ndarray, lungs: np.ndarray) -> np.ndarr
 TREE_KEYS = ("feature", "split", "left", "right", "value", "tree_class", "baseline", "rate", "meta")
 
 
+@dataclass(frozen=True)
+class ScanReading:
+    """What a second stage reads of the whole scan, the same for every place on it
+    (:meth:`Verifier.read_scan`): its noise (:func:`scan_noise`), the resampling trace's map over
+    its lungs (:func:`trace_map`; empty where the pixel spacing leaves no ripple, None where the
+    stage takes no trace peaks) and the scan's own level of the trace (:func:`scan_trace`; None
+    where the stage does not read its places against it)."""
+
+    noise: tuple[float, float]
+    trace: tuple[np.ndarray, np.ndarray] | None = None
+    reference: np.ndarray | None = None
+
+
 @dataclass
 class Verifier:
     """Gradient-boosted trees over :func:`place_features` (and the network's probabilities) that
@@ -706,15 +724,30 @@ class Verifier:
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def rows(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
-             lungs: np.ndarray | None = None) -> np.ndarray:
+             lungs: np.ndarray | None = None, trace_reference: np.ndarray | None = None) -> np.ndarray:
         """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan
-        reference; a stage with ``trace_scan`` in its meta needs the scan's ``lungs``."""
+        reference; a stage with ``trace_scan`` in its meta needs the scan's ``lungs``, or its
+        :func:`scan_trace` as ``trace_reference`` where the caller has it."""
         trace_scan = bool(self.meta.get("trace_scan", False))
-        if trace_scan and lungs is None:
+        if trace_scan and lungs is None and trace_reference is None:
             raise ValueError("this second stage reads each place's resampling trace against its scan's: pass the lung mask")
+        if trace_scan and trace_reference is None:
+            trace_reference = scan_trace(vol, lungs, noise[0])
         return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False),
                             resampling=self.meta.get("resampling", False), trace_recentre=self.meta.get("trace_recentre", False),
-                            trace_reference=scan_trace(vol, lungs, noise[0]) if trace_scan else None)
+                            trace_reference=trace_reference if trace_scan else None)
+
+    def read_scan(self, vol: Volume, lungs: np.ndarray, noise: tuple[float, float] | None = None) -> ScanReading:
+        """What this stage reads of the whole scan (``lungs`` its lung mask), once for every place:
+        its noise, and as the meta asks the resampling trace's map (``trace_peaks``) and the scan's
+        own level of the trace (``trace_scan``; a single slice's stage reads its slice's own)."""
+        noise = scan_noise(vol, lungs) if noise is None else noise
+        trace = None
+        if int(self.meta.get("trace_peaks", 0)) > 0:
+            trace = trace_map(vol, lungs, noise[0])
+            trace = (np.zeros(0, np.float32), np.zeros((0, 3))) if trace is None else trace  # no ripple: no peaks
+        reference = scan_trace(vol, lungs, noise[0]) if self.meta.get("trace_scan") and not self.meta.get("slice") else None
+        return ScanReading(noise, trace, reference)
 
     def reference(self, vol: Volume, candidates: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """The scan's reference row (:func:`scan_reference`) from its candidates ``candidates`` (voxels)
@@ -724,7 +757,7 @@ class Verifier:
 
     def score_places(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray,
                      reference: np.ndarray | None = None, candidates: bool = False,
-                     noise: tuple[float, float] | None = None) -> np.ndarray:
+                     noise: tuple[float, float] | None = None, trace_reference: np.ndarray | None = None) -> np.ndarray:
         """``(n, 3)`` probabilities at ``places`` of ``vol`` (lung mask ``lungs``), where the network
         gave ``p_network``: the trees', or with ``blend_network`` w in the meta ``(1 - w)`` times the
         trees' plus ``w`` times the network's; then, with ``patch_weight`` v, ``(1 - v)`` times that
@@ -732,11 +765,12 @@ class Verifier:
         its meta reads each place against the scan's candidates: ``candidates=True`` where ``places``
         are those candidates (screening), else their ``reference`` row (:meth:`reference`). A single
         slice's stage (``slice`` in its meta; ``vol`` one slice) reads :func:`slice_inputs` only.
-        ``noise``: the scan's :func:`scan_noise`, where the caller has it."""
+        ``noise`` and ``trace_reference``: the scan's :func:`scan_noise` and :func:`scan_trace`,
+        where the caller has them (:meth:`read_scan`)."""
         if self.meta.get("slice"):  # a single slice's stage: its own rows, no network, no reference
             return self.probabilities(slice_inputs(vol, places, lungs))
         noise = scan_noise(vol, lungs) if noise is None else noise
-        x = self.rows(vol, places, p_network, noise, lungs)
+        x = self.rows(vol, places, p_network, noise, lungs, trace_reference)
         if self.meta.get("scan_reference"):
             if reference is None and not candidates:
                 raise ValueError("this second stage reads each place against the scan's candidates: pass their reference row "
