@@ -392,6 +392,18 @@ def test_train_tamper3d_tiny_run(tmp_path):
         assert mined == 2 and not d["y"].any()  # threshold 0: the cap; mined cubes are all genuine
     assert summary["cubes"] == own + 3 + mined
     assert len(summary["history"]) == 2 and json.loads((tmp_path / "run" / "config.json").read_text())["extra_cubes"] == [str(extra)]
+    # The summary says what the network learnt from (the cubes' hashes) and what it was trained on.
+    import torch
+
+    from ctguard.engine.train3d import cubes_digest
+
+    with np.load(tmp_path / "cubes.npz") as d, np.load(extra) as e:
+        x, y = np.concatenate([d["x"].astype(np.int16), e["x"]]), np.concatenate([d["y"], e["y"]])
+    assert summary["cubes_sha256"] == cubes_digest(x, y) != cubes_digest(x, y[::-1])
+    with np.load(tmp_path / "run" / "hard_round1.npz") as d:
+        assert summary["hard_round1_sha256"] == cubes_digest(d["x"], d["y"])
+    machine = json.loads((tmp_path / "run" / "summary.json").read_text())["machine"]
+    assert machine["device"] == "CPU" and machine["cpu"] and machine["cores"] >= 1 and machine["torch"] == torch.__version__
     det = load_detector(str(tmp_path / "run" / "model.pt"))
     assert det.torch_net().features[0][0].out_channels == 4  # the config's width, not the bundled network's
     assert det.session is not None and Path(det.path).with_suffix(".onnx").is_file()  # the run's ONNX export, preferred

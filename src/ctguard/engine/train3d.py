@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import platform
 import time
 import zlib
 from pathlib import Path
@@ -309,6 +311,7 @@ def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, ech
     t_data = time.time() - t0
     counts = np.bincount(y.ravel(), minlength=3)
     echo(f"{len(x)} cubes of {cfg['cube']} mm; target cells: " + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
+    data_hashes = {"cubes_sha256": cubes_digest(x, y)}  # so that two runs' data can be told apart from their arithmetic
     weights = class_weights(counts)
     model = TamperNet3D(cfg["width"])
     if cfg.get("init"):
@@ -321,6 +324,7 @@ def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, ech
         t_mine = time.time()
         hx, hy = mine_hard_negatives(model, cfg, r, progress, pool)
         np.savez_compressed(out / f"hard_round{r + 1}.npz", x=hx.astype(np.int16), y=hy.astype(np.int8))
+        data_hashes[f"hard_round{r + 1}_sha256"] = cubes_digest(hx.astype(np.int16), hy)
         echo(f"hard negatives, round {r + 1}: {len(hx)} cubes at false findings on clean scans ({time.time() - t_mine:.0f} s)")
         if len(hx):
             x, y = np.concatenate([x, hx.astype(np.int16)]), np.concatenate([y, hy])
@@ -328,7 +332,7 @@ def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, ech
                     for row in fit(model, x, y, cfg["hard_epochs"], cfg["hard_lr"], cfg, progress, weights, first_epoch=len(history))]
     n_cubes = len(x)
     del x, y  # the second stage needs none of the cubes' memory
-    summary = save_run(out, model, cfg, "tamper3d", history, {"cubes": n_cubes}, t0, t_data, echo, "making data")
+    summary = save_run(out, model, cfg, "tamper3d", history, {"cubes": n_cubes, **data_hashes}, t0, t_data, echo, "making data")
     if cfg.get("verifier"):
         summary["verifier"] = train_second_stage(cfg, out, pool, echo, progress)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -371,15 +375,41 @@ def train_cross_fit_networks(cfg: dict, out: Path, pool=None, echo=print, progre
         _train(sub, where, device, pool, progress, lambda m, g=g: echo(f"  [cross-fit {g + 1}] {m}"))
 
 
+def cubes_digest(x: np.ndarray, y: np.ndarray) -> str:
+    """SHA-256 of training cubes ``x`` (whole HU, int16) and their cells' targets ``y`` (as int64),
+    shapes included: the same for the same data on any machine."""
+    h = hashlib.sha256()
+    for a in (np.ascontiguousarray(x, dtype=np.int16), np.ascontiguousarray(y, dtype=np.int64)):
+        h.update(json.dumps([str(a.dtype), list(a.shape)]).encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def machine_facts(device: str = "CPU") -> dict:
+    """What a run was trained on, beside its numbers: the CPU's model and cores, the device, and the
+    versions of the libraries whose arithmetic makes the weights (a run made again elsewhere may
+    differ in its last bits; these say whether the machine, not the data, is why)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__}
+
+
 def save_run(out: Path, model: nn.Module, cfg: dict, arch: str, history: list[dict], sizes: dict, t0: float, t_data: float, echo,
              data_word: str) -> dict:
     """Writes a detector run: ``history.csv``, ``model.pt`` (weights, config, classes, ``arch``), its
-    ONNX export ``model.onnx`` (what screening runs on, with or without PyTorch) and ``summary.json``;
-    returns the summary."""
+    ONNX export ``model.onnx`` (what screening runs on, with or without PyTorch) and ``summary.json``
+    (with :func:`machine_facts`); returns the summary."""
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
+    device = next(model.parameters()).device
+    device = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     model.cpu().eval()
     torch.save({"model": model.state_dict(), "config": cfg, "classes": CLASSES, "arch": arch}, out / "model.pt")
     try:
@@ -388,7 +418,8 @@ def save_run(out: Path, model: nn.Module, cfg: dict, arch: str, history: list[di
         export_onnx(model, out / "model.onnx")
     except Exception as e:  # the checkpoint is what matters; screening falls back to PyTorch without the export
         echo(f"warning: could not export {out / 'model.onnx'} ({e.__class__.__name__}: {e}); screening will use PyTorch")
-    summary = {**sizes, "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0 - t_data, 1), "history": history}
+    summary = {**sizes, "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0 - t_data, 1),
+               "machine": machine_facts(device), "history": history}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"trained in {summary['train_seconds']} s (+{summary['data_seconds']} s {data_word}); wrote {out / 'model.pt'}")
     return summary
