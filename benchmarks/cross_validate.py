@@ -198,7 +198,8 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                 hit = max((f["score"] for f in result["findings"] if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)),
                           default=0.0)
                 edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
-                                    "found": hit >= thr, "score": round(float(hit), 4)})
+                                    "found": hit >= thr, "score": round(float(hit), 4), "patient": src.patient,
+                                    "voxel": [round(float(v), 1) for v in e.voxel], "diameter_mm": round(float(e.diameter_mm), 1)})
         at = np.asarray([w for _, w in where], float)
         p_net = score_locations(vol, det, at, stage2=False)  # the network once; its second stage on those
         p = stage_probabilities(vol, det, at, p_net, lungs) if det.verifier is not None else p_net
