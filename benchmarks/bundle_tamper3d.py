@@ -89,6 +89,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
         "metrics": card_metrics(evals),
         "train_seconds": summary["train_seconds"],
         "data_seconds": summary["data_seconds"],
+        **{k: summary[k] for k in ("machine", "cubes_sha256") if k in summary},  # what it was trained on, where the run recorded it
         **({"provenance": provenance} if provenance else {}),
     }
     dst = Path(__file__).resolve().parents[1] / "src/ctguard/weights"
