@@ -185,9 +185,10 @@ def test_screen_bad_inputs(tmp_path, capsys, tampered):
 
 
 def test_demo_finds_its_injection_and_nothing_else(tmp_path, capsys):
-    """The bundled detector finds the demo's injection, with its kind; every finding lies at one of
-    the demo's edits (no false finding on the phantom); each edit is called found exactly when the
-    best place near it is over the threshold with the edit's kind."""
+    """The bundled detector finds the demo's injection, with its kind, among the scan's highest
+    places (no more of them above it than the demo has edits); every finding lies at one of the
+    demo's edits (no false finding on the phantom); each edit is called found exactly when the best
+    place near it is over the threshold with the edit's kind."""
     from ctguard.engine.train_verifier import near
 
     out = api.demo(tmp_path / "demo", progress=False)
@@ -195,7 +196,7 @@ def test_demo_finds_its_injection_and_nothing_else(tmp_path, capsys):
     kinds = [t["kind"] for t in out["truth"]]
     assert kinds == ["injected", "removed"]
     assert out["matched"][0], out["nearest"]
-    assert out["nearest"][0]["kind"] == "injected" and out["nearest"][0]["rank"] == 1
+    assert out["nearest"][0]["kind"] == "injected" and out["nearest"][0]["rank"] <= len(out["truth"])
     spacing = out["result"]["spacing_mm"]
     for f in out["result"]["findings"]:
         assert any(near(f["voxel"], t["voxel"], t["diameter_mm"], spacing) for t in out["truth"]), f
