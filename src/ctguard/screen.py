@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import ScanReading, recentred, scan_noise, strongest_peaks, taken_candidates, trace_map
+from ctguard.verifier import ScanReading, recentred, scan_noise, strongest_peaks, taken_candidates, trace_peaks
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -421,10 +421,11 @@ def trace_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, take
     each with the network's probabilities of its cell: what a second stage with ``trace_peaks`` in
     its meta also scores, in screening and in its training rows alike. ``trace``: the scan's
     :func:`ctguard.verifier.trace_map`, where the caller has it (then ``noise_xy`` is not needed)."""
+    at = np.asarray([f["voxel"] for f in taken], float).reshape(-1, 3)
     if trace is None:
-        noise_xy = scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy
-        trace = trace_map(vol, lungs, noise_xy) if n > 0 else None
-    peaks = strongest_peaks(trace, vol.spacing, n, np.asarray([f["voxel"] for f in taken], float).reshape(-1, 3))
+        peaks = trace_peaks(vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy, n, at)
+    else:
+        peaks = strongest_peaks(trace, vol.spacing, n, at)
     out = []
     for v, p in zip(peaks, heat.probabilities_at(peaks)):
         out.append({"kind": "injected" if p[1] >= p[2] else "removed", "score": round(float(1.0 - p[0]), 4),

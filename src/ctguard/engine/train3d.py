@@ -323,11 +323,12 @@ def _train(cfg: dict, out: Path, device: torch.device, pool, progress: bool, ech
     for r in range(int(cfg["hard_round_offset"]), int(cfg["hard_round_offset"]) + int(cfg["hard_rounds"])):
         t_mine = time.time()
         hx, hy = mine_hard_negatives(model, cfg, r, progress, pool)
-        np.savez_compressed(out / f"hard_round{r + 1}.npz", x=hx.astype(np.int16), y=hy.astype(np.int8))
-        data_hashes[f"hard_round{r + 1}_sha256"] = cubes_digest(hx.astype(np.int16), hy)
+        hx = hx.astype(np.int16)  # as the cubes are kept: saved, hashed and trained on once converted
+        np.savez_compressed(out / f"hard_round{r + 1}.npz", x=hx, y=hy.astype(np.int8))
+        data_hashes[f"hard_round{r + 1}_sha256"] = cubes_digest(hx, hy)
         echo(f"hard negatives, round {r + 1}: {len(hx)} cubes at false findings on clean scans ({time.time() - t_mine:.0f} s)")
         if len(hx):
-            x, y = np.concatenate([x, hx.astype(np.int16)]), np.concatenate([y, hy])
+            x, y = np.concatenate([x, hx]), np.concatenate([y, hy])
         history += [{**row, "cubes": len(x)}
                     for row in fit(model, x, y, cfg["hard_epochs"], cfg["hard_lr"], cfg, progress, weights, first_epoch=len(history))]
     n_cubes = len(x)
