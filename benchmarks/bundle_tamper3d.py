@@ -117,7 +117,10 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "sources": v.meta["sources"], "threshold_rule": v.meta["threshold_rule"],
                                 "seconds": summary.get("slice_stage" if v.meta.get("slice") else "verifier", {}).get("seconds"),
                                 "patch_weight": float(v.meta.get("patch_weight", 0.0)),  # over 0: NAME.patches.onnx, a CNN averaged in
-                                "nodule_check": bool(v.meta.get("nodule_check", False))}  # two-class trees in the same .npz
+                                "nodule_check": bool(v.meta.get("nodule_check", False)),  # two-class trees in the same .npz
+                                # trees on each candidate's own columns first; its whole row (re-centred places too) read only from this
+                                "triage": v.meta.get("triage"),
+                                **({"triage_fit": summary["verifier"]["triage"]} if "triage" in summary.get("verifier", {}) else {})}
         if threshold is None:
             card["threshold"] = v.meta["threshold"]
             card["threshold_rule"] = threshold_rule or v.meta["threshold_rule"]

@@ -1338,6 +1338,78 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     assert np.allclose(blended, 0.75 * clf.predict_proba(x) + 0.25 * p_net, atol=1e-5) and np.allclose(blended.sum(1), 1, atol=1e-5)
 
 
+def test_a_triage_reads_each_place_alone_first_and_the_whole_row_only_over_its_cut_off(tmp_path):
+    """A stage with a triage (``verifier_triage``) scores every place first by the triage's trees on
+    the place's own columns and the network's; a place under the cut-off keeps the triage's
+    probabilities, the others the stage's own on their whole rows, re-centred places read only for
+    them and the place's own columns not read twice. Saved and loaded with the stage."""
+    from dataclasses import replace
+
+    from ctguard.errors import InputError
+    from ctguard.verifier import TRIAGE_PREFIX, Verifier, feature_names, features_at, point_rows, point_width, stage_inputs
+
+    vol, lungs, noise, places = _stage_scan()
+    own = features_at(vol, places, noise, resampling=True)
+    whole = features_at(vol, places, noise, recentre=True, resampling=True)
+    assert np.array_equal(features_at(vol, places, noise, recentre=True, resampling=True, at_places=own), whole)
+    p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
+    x = stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True)
+    names = feature_names(recentre=True, resampling=True) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
+    width = point_width(names)
+    assert width == own.shape[1] and np.array_equal(point_rows(x, width), np.hstack([own, x[:, -3:]]))
+    stage, clf = _fitted_stage(x, {"uses_network": True, "recentre": True, "resampling": True})
+    triage, _ = _fitted_stage(point_rows(x, width), {"names": names[:width] + names[-3:]})
+    first = 1.0 - triage.probabilities(point_rows(x, width))[:, 0]
+    assert len(np.unique(first)) > 1
+    cut = float(np.unique(first)[:2].mean())  # some places under it, the others over
+    stage.meta["triage"], stage.triage = cut, triage
+    p = stage.score_places(vol, places, p_net, lungs)
+    under = first < cut
+    assert 0 < under.sum() < len(places)
+    assert np.array_equal(p[under], triage.probabilities(point_rows(x, width))[under])
+    assert np.allclose(p[~under], clf.predict_proba(x)[~under], atol=1e-5)
+    assert np.array_equal(p[~under], replace(stage, triage=None).score_places(vol, places, p_net, lungs)[~under])
+    path = stage.save(tmp_path / "m.verifier.npz")
+    back = Verifier.load(path)
+    assert back.meta["triage"] == cut and np.array_equal(back.score_places(vol, places, p_net, lungs), p)
+    with np.load(path) as d:  # the triage's trees missing from the file: a one-line error, not a stage that reads every place whole
+        np.savez(tmp_path / "cut.verifier.npz", **{k: d[k] for k in d.files if not k.startswith(TRIAGE_PREFIX)})
+    with pytest.raises(InputError, match="has a triage but its trees are missing"):
+        Verifier.load(tmp_path / "cut.verifier.npz")
+
+
+def test_a_triage_cut_off_loses_at_most_its_share_of_the_edits_the_stage_finds():
+    """``fit_triage``: the highest cut-off of its grid under which the triage's out-of-patient scores
+    put at most the config's share of the edit rows that the stage's own out-of-patient scores find at
+    the threshold; a bad share or setting is refused before anything is trained."""
+    from ctguard.engine.train_verifier import TRIAGE_GRID, VERIFIER_DEFAULTS, fit_triage, row_names, triage_share
+    from ctguard.errors import InputError
+
+    cfg = {**VERIFIER_DEFAULTS, "seed": 0, "verifier_recentre": True, "verifier_boosting": "histogram", "verifier_trees": 20}
+    names = row_names(cfg)
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.arange(n) % 3
+    x = rng.normal(size=(n, len(names))).astype(np.float32)
+    x[:, 0] += 2.0 * (y > 0)  # the place's own first column tells edits from untouched places
+    groups = np.asarray([f"p{k % 6}" for k in range(n)])
+    oof = np.where(y > 0, rng.uniform(0.5, 1.0, n), rng.uniform(0.0, 0.5, n))
+    for share in (0.0, 0.05, 0.5):
+        triage, cut, score = fit_triage({**cfg, "verifier_triage": share}, x, y, groups, oof, 0.9, 3)
+        found = (oof >= 0.9) & (y > 0)
+        assert cut in TRIAGE_GRID or cut == 0.0
+        assert ((score < cut) & found).sum() <= share * found.sum()
+        higher = [c for c in TRIAGE_GRID if c > cut]
+        assert not higher or ((score < higher[0]) & found).sum() > share * found.sum()  # the highest that keeps the share
+        assert triage.meta["names"] == names[: triage.meta["triage_width"]] + names[-3:]
+    assert triage_share(cfg) is None
+    for change, why in (({"verifier_triage": 1.5}, "must be a share from 0 up to 1"), ({"verifier_triage": "half"}, "not 'half'"),
+                        ({"verifier_triage": 0.01, "verifier_recentre": False}, "needs verifier_recentre"),
+                        ({"verifier_triage": 0.01, "verifier_blend": 0.5}, "cannot be used with verifier_blend")):
+        with pytest.raises(InputError, match=why):
+            triage_share({**cfg, **change})
+
+
 def test_a_second_look_scores_a_candidate_again_at_its_recentred_places():
     """A stage with ``refine_from``: each candidate scoring that or more is scored again at its
     densest and smoothest point nearby; the highest of the three is the finding, at its place.

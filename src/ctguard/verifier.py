@@ -295,13 +295,15 @@ def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
                 recentre: bool = False, resampling: bool = False, trace_recentre: bool = False,
-                trace_reference: np.ndarray | None = None) -> np.ndarray:
+                trace_reference: np.ndarray | None = None, at_places: np.ndarray | None = None) -> np.ndarray:
     """:func:`place_features` at every place ``(n, 3)`` (with ``resampling``, then its
     :func:`resampling_trace`, and where the scan's own ``trace_reference`` (:func:`scan_trace`) is
     given the same less it), over ``threads`` threads (the filters and medians run outside the GIL
     for much of their time). With ``recentre`` each row goes on with the same at the place's two
     :func:`recentred` places (with ``trace_recentre`` and ``resampling``, also at its
-    :func:`trace_peak`), less :data:`SCAN_COLUMNS`, and their distances (mm) from it."""
+    :func:`trace_peak`), less :data:`SCAN_COLUMNS`, and their distances (mm) from it;
+    ``at_places``: the rows at the places themselves (these same features without ``recentre``),
+    where the caller has them (a triage's rows), so that only the re-centred places are read."""
     places = np.asarray(places, float).reshape(-1, 3)
     trace_scan = resampling and trace_reference is not None
     if recentre:
@@ -310,7 +312,12 @@ def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], thr
             return np.zeros((0, len(feature_names(True, resampling, trace_recentre, trace_scan))), np.float32)
         at = with_recentred(vol, places, threads, trace_noise=noise[0] if trace_recentre else None)
         k = 4 if trace_recentre else 3
-        f = features_at(vol, at, noise, threads, resampling=resampling, trace_reference=trace_reference).reshape(len(places), k, -1)
+        if at_places is None:
+            f = features_at(vol, at, noise, threads, resampling=resampling, trace_reference=trace_reference).reshape(len(places), k, -1)
+        else:
+            moved = at.reshape(len(places), k, 3)[:, 1:].reshape(-1, 3)
+            f_moved = features_at(vol, moved, noise, threads, resampling=resampling, trace_reference=trace_reference)
+            f = np.concatenate([np.asarray(at_places, np.float32)[:, None], f_moved.reshape(len(places), k - 1, -1)], axis=1)
         own = [j for j, n in enumerate(feature_names(resampling=resampling, trace_scan=trace_scan)) if n not in SCAN_COLUMNS]
         offsets = np.linalg.norm((at.reshape(-1, k, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
         return np.hstack([f[:, 0], *[f[:, j, own] for j in range(1, k)], offsets]).astype(np.float32)
@@ -576,11 +583,27 @@ def network_probabilities(f: np.ndarray) -> np.ndarray:
 
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
                  with_network: bool = True, threads: int = 2, recentre: bool = False, resampling: bool = False,
-                 trace_recentre: bool = False, trace_reference: np.ndarray | None = None) -> np.ndarray:
+                 trace_recentre: bool = False, trace_reference: np.ndarray | None = None,
+                 at_places: np.ndarray | None = None) -> np.ndarray:
     """The second stage's rows at ``places``: :func:`features_at`, then (``with_network``) the
-    network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores."""
-    x = features_at(vol, places, noise, threads, recentre, resampling, trace_recentre, trace_reference)
+    network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores.
+    ``at_places``: :func:`features_at`'s rows at the places themselves, where the caller has them."""
+    x = features_at(vol, places, noise, threads, recentre, resampling, trace_recentre, trace_reference, at_places)
     return np.hstack([x, network_features(p_network)]) if with_network else x
+
+
+def point_width(names: list[str]) -> int:
+    """How many of a row's first columns (named ``names``, :func:`feature_names` with re-centring,
+    then the network's three) read the place itself: the row of :func:`features_at` without
+    re-centring, which a triage (:attr:`Verifier.triage`) reads with the network's columns."""
+    return next((k for k, n in enumerate(names) if "@" in n), len(names) - 3)
+
+
+def point_rows(rows: np.ndarray, width: int) -> np.ndarray:
+    """A stage's full rows cut to what a triage reads: their first ``width`` columns (the place
+    itself, :func:`point_width`) and the network's last three."""
+    rows = np.asarray(rows)
+    return np.hstack([rows[:, :width], rows[:, -3:]])
 
 
 def scan_reference(rows: np.ndarray) -> np.ndarray:
@@ -617,6 +640,7 @@ def nodule_checked(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 NODULE_PREFIX = "nodule_"  # the nodule check's arrays in the stage's .npz
+TRIAGE_PREFIX = "triage_"  # the triage's arrays in the stage's .npz
 # -- a single axial slice (the 2D detector's second stage) --------------------------------------
 
 
@@ -699,6 +723,7 @@ class Verifier:
     meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, trace_scan, candidate_threshold, max_candidates, threshold, fit details; slice (a single slice's stage)
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
+    triage: Verifier | None = None  # trees over the place's own columns alone (``triage`` in the meta: their cut-off), saved in the same file
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x`` (``(n, 2)``,
@@ -770,6 +795,8 @@ class Verifier:
         if self.meta.get("slice"):  # a single slice's stage: its own rows, no network, no reference
             return self.probabilities(slice_inputs(vol, places, lungs))
         noise = scan_noise(vol, lungs) if noise is None else noise
+        if self.triage is not None:  # the place itself first; the re-centred places and the full trees only where the triage passes it
+            return self.triaged(vol, places, p_network, lungs, noise, trace_reference)
         x = self.rows(vol, places, p_network, noise, lungs, trace_reference)
         if self.meta.get("scan_reference"):
             if reference is None and not candidates:
@@ -786,6 +813,28 @@ class Verifier:
             p = nodule_checked(p, self.nodules.probabilities(x)[:, 1])
         return p
 
+    def triaged(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray,
+                noise: tuple[float, float], trace_reference: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`score_places` of a stage with a triage: every place's own row (without its re-centred
+        places) read by the triage's trees; a place under the triage's cut-off keeps the triage's
+        probabilities, the others are read whole (their re-centred places too) by the stage's trees."""
+        places = np.asarray(places, float).reshape(-1, 3)
+        p_network = np.asarray(p_network, np.float32).reshape(-1, 3)
+        trace_scan = bool(self.meta.get("trace_scan", False))
+        if trace_scan and trace_reference is None:
+            trace_reference = scan_trace(vol, lungs, noise[0])
+        trace_reference = trace_reference if trace_scan else None
+        resampling = bool(self.meta.get("resampling", False))
+        own = features_at(vol, places, noise, resampling=resampling, trace_reference=trace_reference)
+        p = self.triage.probabilities(np.hstack([own, network_features(p_network)]))
+        passed = np.flatnonzero(1.0 - p[:, 0] >= float(self.meta["triage"]))
+        if len(passed):
+            x = stage_inputs(vol, places[passed], p_network[passed], noise, recentre=bool(self.meta.get("recentre", False)),
+                             resampling=resampling, trace_recentre=bool(self.meta.get("trace_recentre", False)),
+                             trace_reference=trace_reference, at_places=own[passed])
+            p[passed] = self.probabilities(x)
+        return p
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The trees as plain arrays (what :meth:`save` writes)."""
         return {"feature": self.feature, "split": self.split, "left": self.left, "right": self.right, "value": self.value,
@@ -796,7 +845,8 @@ class Verifier:
         """One ``.npz`` of plain arrays: the trees, and a nodule check's trees under ``nodule_``."""
         path = Path(path)
         nodules = {} if self.nodules is None else {NODULE_PREFIX + k: v for k, v in self.nodules.arrays().items()}
-        np.savez_compressed(path, **self.arrays(), **nodules)
+        triage = {} if self.triage is None else {TRIAGE_PREFIX + k: v for k, v in self.triage.arrays().items()}
+        np.savez_compressed(path, **self.arrays(), **nodules, **triage)
         return path
 
     @classmethod
@@ -806,6 +856,7 @@ class Verifier:
             with np.load(path, allow_pickle=False) as d:
                 arrays = {k: d[k] for k in TREE_KEYS}
                 nodules = {k: d[NODULE_PREFIX + k] for k in TREE_KEYS} if NODULE_PREFIX + "feature" in d.files else None
+                triage = {k: d[TRIAGE_PREFIX + k] for k in TREE_KEYS} if TRIAGE_PREFIX + "feature" in d.files else None
         except (OSError, ValueError, KeyError, EOFError) as e:
             raise InputError(f"not a ctguard verifier (.npz of trees): {e.__class__.__name__}", path) from None
         verifier = cls._from_arrays(arrays)
@@ -813,6 +864,10 @@ class Verifier:
             if nodules is None:
                 raise InputError("this second stage has a nodule check but its trees are missing from the file", path)
             verifier.nodules = cls._from_arrays(nodules)
+        if verifier.meta.get("triage") is not None:
+            if triage is None:
+                raise InputError("this second stage has a triage but its trees are missing from the file", path)
+            verifier.triage = cls._from_arrays(triage)
         if float(verifier.meta.get("patch_weight", 0.0)):  # its patch CNN beside it: model.verifier.npz -> model.patches.onnx
             from ctguard.patches import PatchScorer
 

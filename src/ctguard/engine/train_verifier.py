@@ -34,6 +34,8 @@ from ctguard.verifier import (
     finite_rows,
     network_probabilities,
     nodule_checked,
+    point_rows,
+    point_width,
     recentred,
     scan_noise,
     scan_reference,
@@ -79,7 +81,9 @@ VERIFIER_DEFAULTS = {
     "verifier_refine_from": None,  # a candidate scoring this or more is scored again at its two re-centred places, the highest kept (ctguard.screen.verify_findings)
     "verifier_trace_peaks": 0,  # n > 0: also the resampling trace's n strongest peaks over the lungs as candidates (ctguard.screen.trace_candidates)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
+    "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
+TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
 PLACES_EACH = 10  # random lung places, and dense places, on each untouched copy (then every lesion)
@@ -608,6 +612,46 @@ def check_stage_config(cfg: dict) -> None:
     refine_from(cfg)
     trace_order(cfg)
     trace_peaks_of(cfg)
+    triage_share(cfg)
+
+
+def triage_share(cfg: dict) -> float | None:
+    """The config's ``verifier_triage`` (None: no triage), or a one-line error, also where the stage
+    would blend what the triage's probabilities cannot stand for (the network's or a patch CNN's
+    share, a nodule check, a scan reference) or reads no re-centred places (nothing to save)."""
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    value = cfg["verifier_triage"]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise InputError(f"the config's verifier_triage must be a share from 0 up to 1 of the edits the stage finds, not {value!r}")
+    if not config_flag(cfg, "verifier_recentre"):
+        raise InputError("the config's verifier_triage needs verifier_recentre (the triage saves reading the re-centred places)")
+    for key in ("verifier_blend", "verifier_patches", "verifier_nodule_check", "verifier_scan_reference"):
+        if cfg.get(key):
+            raise InputError(f"the config's verifier_triage cannot be used with {key}")
+    return float(value)
+
+
+def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, oof: np.ndarray, threshold: float,
+               folds: int) -> tuple[Verifier, float, np.ndarray]:
+    """The triage: trees over each row's place alone (:func:`ctguard.verifier.point_rows`, the
+    network's columns with them), which screening reads first at every candidate. Its cut-off is the
+    highest of :data:`TRIAGE_GRID` under which its out-of-patient score puts at most the config's
+    ``verifier_triage`` share of the edit rows that the stage's out-of-patient score ``oof`` finds at
+    ``threshold``. Returns the triage, its cut-off and every row's out-of-patient triage score."""
+    names = row_names(cfg)
+    width = point_width(names)
+    names = names[:width] + names[-3:]
+    columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
+    xp = point_rows(x, width)
+    fit_x = finite_rows(xp[:, columns])
+    score = 1.0 - out_of_patient_with(cfg, xp, fit_x, y, groups, folds=folds)[0][:, 0]
+    found = (oof >= threshold) & (y > 0)
+    allowed = float(cfg["verifier_triage"]) * found.sum()
+    cut = max((c for c in TRIAGE_GRID if ((score < c) & found).sum() <= allowed), default=0.0)
+    triage = Verifier.from_sklearn(boosting_classifier(cfg).fit(fit_x, y), xp, {"names": names, "triage_width": width}, columns=columns)
+    return triage, float(cut), score
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -880,6 +924,19 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     if start is not None:
         oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
     threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
+    triage, cut = None, None
+    if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
+        t_tri = time.time()
+        triage, cut, kept["triage"] = fit_triage(cfg, x, y, groups, oof, threshold, folds)
+        found = (oof >= threshold) & (y > 0)
+        timing["triage"] = {"cut_off": cut, "rows_passed": round(float((kept["triage"] >= cut).mean()), 3),
+                            "untouched_candidates_passed": round(float((kept["triage"][clean] >= cut).mean()), 3),
+                            "found_edit_rows_lost": f"{int(((kept['triage'] < cut) & found).sum())}/{int(found.sum())}",
+                            "seconds": round(time.time() - t_tri, 1)}
+        oof = np.where(kept["triage"] < cut, kept["triage"], oof)
+        threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
+        echo(f"second stage: triage cut-off {cut}: {timing['triage']['rows_passed']:.0%} of the rows read whole, "
+             f"{timing['triage']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
@@ -890,6 +947,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             **({"refine_from": start} if start is not None else {}),
             **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
             **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
+            **({"triage": cut} if triage is not None else {}),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
@@ -898,6 +956,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
                               + (f", each candidate from {start} also scored at its re-centred places, as screening does" if start is not None else "")}
     stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
     stage.nodules = nodules
+    stage.triage = triage
     stage.save(out / "model.verifier.npz")
     clean_oof, clean_groups = oof[clean], groups[clean]
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
