@@ -120,7 +120,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "nodule_check": bool(v.meta.get("nodule_check", False)),  # two-class trees in the same .npz
                                 # trees on each candidate's own columns first; its whole row (re-centred places too) read only from this
                                 "triage": v.meta.get("triage"),
-                                **({"triage_fit": summary["verifier"]["triage"]} if "triage" in summary.get("verifier", {}) else {})}
+                                **({"triage_fit": summary["verifier"]["triage_fit"]} if "triage_fit" in summary.get("verifier", {}) else {})}
         if threshold is None:
             card["threshold"] = v.meta["threshold"]
             card["threshold_rule"] = threshold_rule or v.meta["threshold_rule"]
@@ -155,8 +155,8 @@ def _cv(path: str | None) -> dict | None:
     if cv["folds"] and "row" not in cv["folds"][0]:  # the 2D detector's slice stage (benchmarks/experiments/slice_stage.py)
         return {"command": "python benchmarks/experiments/slice_stage.py", "settings": cv.get("settings"), "folds": cv["folds"],
                 "pooled": cv["pooled"]}
-    return {"command": "python benchmarks/cross_validate.py", "folds": [{k: f[k] for k in ("fold", "held_out", "unseen", "train_seconds", "row")}
-                                                                     for f in cv["folds"]], "pooled": cv["pooled"]["row"]}
+    return {"command": "python benchmarks/cross_validate.py", **({"how": cv["how"]} if cv.get("how") else {}),  # a report put together by hand says how
+            "folds": [{k: f[k] for k in ("fold", "held_out", "unseen", "train_seconds", "row")} for f in cv["folds"]], "pooled": cv["pooled"]["row"]}
 
 
 def card_metrics(evals: list[str]) -> list[dict]:

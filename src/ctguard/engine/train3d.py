@@ -348,7 +348,7 @@ def train_second_stage(cfg: dict, out: Path, pool=None, echo=print, progress: bo
     train_cross_fit_networks(cfg, out, pool, echo, progress)
     t_cross = time.time() - t0
     report = fit_verifier(cfg, out, pool, echo, progress)
-    summary = {k: report[k] for k in ("threshold", "rows", "sources", "seconds")}
+    summary = {k: report[k] for k in ("threshold", "rows", "sources", "seconds", "triage_fit") if k in report}
     return summary | ({"cross_fit_seconds": round(t_cross, 1)} if cross_fit_groups(cfg) else {})
 
 

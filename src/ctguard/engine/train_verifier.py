@@ -929,14 +929,14 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         t_tri = time.time()
         triage, cut, kept["triage"] = fit_triage(cfg, x, y, groups, oof, threshold, folds)
         found = (oof >= threshold) & (y > 0)
-        timing["triage"] = {"cut_off": cut, "rows_passed": round(float((kept["triage"] >= cut).mean()), 3),
+        timing["triage_fit"] = {"cut_off": cut, "rows_passed": round(float((kept["triage"] >= cut).mean()), 3),
                             "untouched_candidates_passed": round(float((kept["triage"][clean] >= cut).mean()), 3),
                             "found_edit_rows_lost": f"{int(((kept['triage'] < cut) & found).sum())}/{int(found.sum())}",
                             "seconds": round(time.time() - t_tri, 1)}
         oof = np.where(kept["triage"] < cut, kept["triage"], oof)
         threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
-        echo(f"second stage: triage cut-off {cut}: {timing['triage']['rows_passed']:.0%} of the rows read whole, "
-             f"{timing['triage']['found_edit_rows_lost']} found edit rows lost out of patient")
+        echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
+             f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),

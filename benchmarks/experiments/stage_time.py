@@ -1,0 +1,59 @@
+"""Where a detector's second stage spends its time on one scan: its candidates, the triage's rows at
+all of them and how many pass its cut-off, then the whole rows (re-centred places) of those.
+
+Usage: python benchmarks/experiments/stage_time.py [SCAN] [--model M] [--repeat 2]
+SCAN defaults to the 512x512x300 phantom series that benchmarks/read_speed.py writes
+(benchmarks/_work/phantom_300); M to the bundled detector. Each step is timed in one process after
+a first screening (warm caches), best of --repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ctguard import io
+from ctguard.screen import finding_probabilities, load_detector, screen_volume, stage_candidates
+from ctguard.verifier import features_at, network_features, stage_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("scan", nargs="?", default=str(ROOT / "benchmarks/_work/phantom_300"))
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--repeat", type=int, default=2)
+    a = ap.parse_args()
+    vol = io.read(a.scan)
+    det = load_detector(a.model)
+    v = det.verifier
+    if v is None or v.triage is None:
+        raise SystemExit(f"{det.name} {det.version} has no second stage with a triage")
+    _, heat, lungs = screen_volume(vol, det)
+    reading = v.read_scan(vol, lungs)
+    cands = stage_candidates(heat, vol, v, det.threshold, lungs, reading.noise, reading.trace)
+    at, p_net = np.asarray([f["voxel"] for f in cands], float), finding_probabilities(cands)
+    kw = {"resampling": bool(v.meta.get("resampling")), "trace_reference": reading.reference}
+    best = {}
+    for _ in range(a.repeat):
+        t = time.perf_counter()
+        own = features_at(vol, at, reading.noise, **kw)
+        q = v.triage.probabilities(np.hstack([own, network_features(p_net)]))
+        t_own = time.perf_counter() - t
+        passed = np.flatnonzero(1.0 - q[:, 0] >= float(v.meta["triage"]))
+        t = time.perf_counter()
+        x = stage_inputs(vol, at[passed], p_net[passed], reading.noise, recentre=bool(v.meta.get("recentre")),
+                         trace_recentre=bool(v.meta.get("trace_recentre")), at_places=own[passed], **kw)
+        v.probabilities(x)
+        t_whole = time.perf_counter() - t
+        best = {"triage_seconds": min(t_own, best.get("triage_seconds", 1e9)), "whole_seconds": min(t_whole, best.get("whole_seconds", 1e9))}
+    print(f"{det.name} {det.version}: {len(cands)} candidates; the triage's rows and trees {best['triage_seconds']:.3f} s; "
+          f"{len(passed)} over its cut-off {v.meta['triage']}, their whole rows and trees {best['whole_seconds']:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
