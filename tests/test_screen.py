@@ -1338,6 +1338,38 @@ def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one
     assert np.allclose(blended, 0.75 * clf.predict_proba(x) + 0.25 * p_net, atol=1e-5) and np.allclose(blended.sum(1), 1, atol=1e-5)
 
 
+def test_candidates_are_the_maxima_no_closer_than_the_suppression_distance_to_a_better_one():
+    """``findings_from``: the local maxima over the threshold, best first, each kept unless a kept one
+    lies closer than ``nms_mm``: the same cells as checking every pair, also where a flat map makes
+    every cell a maximum (a threshold of 0 on an untrained network)."""
+    from ctguard.models.grid import STRIDE
+    from ctguard.screen import NMS_MM, Heatmap, findings_from
+    from ctguard.volume import Volume
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    flat = np.zeros((3, 9, 12, 12), np.float32)
+    flat[0], flat[1], flat[2] = 0.9, 0.06, 0.04
+    flat[:, 2:4, 3:5, 6:9] = np.array([0.2, 0.7, 0.1])[:, None, None, None]
+    noisy = rng.dirichlet([4, 1, 1], size=(9, 12, 12)).transpose(3, 0, 1, 2).round(2).astype(np.float32)  # ties too
+    for probs in (flat, noisy):
+        heat = Heatmap(probs, tuple(slice(0, n * STRIDE) for n in probs.shape[1:]), (1.0, 1.0, 1.0))
+        vol = Volume(np.zeros([n * STRIDE for n in probs.shape[1:]], np.float32), (1.0, 1.0, 1.0))
+        p_t = 1.0 - probs[0]
+        for threshold in (0.0, 0.3):
+            peaks = (p_t == ndimage.maximum_filter(p_t, size=3)) & (p_t >= threshold)
+            kept = []
+            for c in sorted((tuple(c) for c in np.argwhere(peaks)), key=lambda c: -p_t[c]):
+                if all(np.linalg.norm((np.asarray(c) - k) * STRIDE) >= NMS_MM for k in kept):
+                    kept.append(np.asarray(c))
+            found = findings_from(heat, vol, threshold)
+            assert len(found) == len(kept) >= 1
+            assert threshold or len(kept) > 10  # from 0: many maxima, most of them suppressed
+            assert [f["score"] for f in found] == [round(float(p_t[tuple(k)]), 4) for k in kept]
+            cells = np.asarray([f["voxel"] for f in found]) // STRIDE
+            assert all(np.abs(c - k).max() <= 1 for c, k in zip(cells, kept))  # each at its cell's weighted centre
+
+
 def test_a_triage_reads_each_place_alone_first_and_the_whole_row_only_over_its_cut_off(tmp_path):
     """A stage with a triage (``verifier_triage``) scores every place first by the triage's trees on
     the place's own columns and the network's; a place under the cut-off keeps the triage's

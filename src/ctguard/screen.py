@@ -318,13 +318,21 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float, nms_mm: float = 
     peaks = (p_t == ndimage.maximum_filter(p_t, size=3)) & (p_t >= threshold)
     cand = sorted((tuple(c) for c in np.argwhere(peaks)), key=lambda c: -p_t[c])
     kept: list[dict[str, Any]] = []
-    kept_mm: list[np.ndarray] = []
     regions: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # by level: the labelled cells over it and each region's size
+    # The cells closer than nms_mm to a kept candidate, marked as each is kept: a candidate is then
+    # checked in one look instead of against every kept one (which took minutes for the many maxima
+    # of a low threshold). Cells are whole, so the squared distances are exact.
+    reach = int(np.ceil(nms_mm / STRIDE))
+    offsets = np.stack(np.meshgrid(*[np.arange(-reach, reach + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    offsets = offsets[((offsets * STRIDE) ** 2).sum(1) < nms_mm**2]
+    suppressed = np.zeros(p_t.shape, dtype=bool)
     for c in cand:
-        c_arr = np.asarray(c)
-        if any(np.linalg.norm((c_arr - k) * STRIDE) < nms_mm for k in kept_mm):
+        if suppressed[c]:
             continue
-        kept_mm.append(c_arr)
+        c_arr = np.asarray(c)
+        near = c_arr + offsets
+        near = near[((near >= 0) & (near < p_t.shape)).all(1)]
+        suppressed[tuple(near.T)] = True
         lo = np.maximum(c_arr - 1, 0)
         hi = np.minimum(c_arr + 2, p_t.shape)
         win = p_t[tuple(slice(a, b) for a, b in zip(lo, hi))]
