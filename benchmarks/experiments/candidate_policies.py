@@ -1,0 +1,137 @@
+"""Which candidates a fold's stage would need to find more held-out edits: every candidate a looser
+policy would give, scored once, then the policies compared without screening again.
+
+Usage:
+    python benchmarks/experiments/candidate_policies.py RUNS OUT [--folds 0,1,2,3]
+    python benchmarks/experiments/candidate_policies.py --summary OUT [--json FILE]
+
+RUNS holds the folds' trained runs (``RUNS/foldK/model.pt``, as ``cross_validate.py --out RUNS``
+leaves them). For each fold, on the same held-out copies as ``cross_validate.py`` (the same seeds),
+it takes the network's maxima from 0.05 with no cap and the resampling trace's 60 strongest peaks
+not among the network's first 40, scores each once with the fold's stage, and keeps which held-out
+edit (of the candidate's kind or of any kind) each lies at, with ``near`` as the cross-validation
+counts it (``OUT/foldK.json``, 4-6 min a fold). A stage reads each candidate on its own (no scan
+reference), so a policy (the network's from a threshold t, at most c, and the trace's first n)
+is the subset of these candidates it takes. ``--summary`` prints and writes, pooled over the folds,
+edits found and false findings on the clean held-out scans for several policies at each fold's own
+threshold, the stage's ceiling at lower thresholds, and how each missed edit is missed: no
+candidate at it, only candidates of the other kind over the threshold, or candidates under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import cross_validate as cv  # noqa: E402
+
+from ctguard import api  # noqa: E402
+from ctguard.engine.train_verifier import near  # noqa: E402
+from ctguard.screen import findings_from, load_detector, screen_volume, stage_candidates, trace_candidates, verify_findings  # noqa: E402
+
+POLICIES = [(0.3, 40, 20), (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20)]
+CEILING = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+
+
+def collect(runs: Path, out: Path, folds: list[int]) -> None:
+    cfg = api.load_config(str(ROOT / "configs/tamper3d.yaml"))
+    by_patient = cv.patient_scans(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for k in folds:
+        det = load_detector(str(runs / f"fold{k}" / "model.pt"))
+        v = det.verifier
+        rows = []
+        for _, src, label, vol, edits in cv.held_out_copies(cv.split_fold(by_patient, k)[1], k):
+            result, heat, lungs = screen_volume(vol, det, threshold=0.3)
+            reading = v.read_scan(vol, lungs)
+            net = findings_from(heat, vol, 0.05)
+            peaks = trace_candidates(heat, vol, lungs, 60, net[:40], reading.noise[0], reading.trace)
+            for source, found in (("net", net), ("trace", peaks)):
+                for r, f in enumerate(found):
+                    f["source"], f["rank"] = source, r
+            cands = []
+            for f in verify_findings(vol, lungs, net + peaks, v, reading.noise, reading.reference):
+                at = [j for j, e in enumerate(edits) if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)]
+                cands.append({"source": f["source"], "rank": f["rank"], "network": f["network_score"], "score": f["score"], "kind": f["kind"],
+                              "at": at, "at_kind": [j for j in at if edits[j].kind == f["kind"]]})
+            default = stage_candidates(heat, vol, v, 0.3, lungs, reading.noise, reading.trace)
+            rows.append({"patient": src.patient, "scan": src.name, "label": label, "threshold": det.threshold, "default_candidates": len(default),
+                         "edits": [{"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
+                                    "diameter_mm": round(float(e.diameter_mm), 1)} for e in edits],
+                         "screened": [max((f["score"] for f in result["findings"] if f["kind"] == e.kind
+                                           and near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), default=0.0) for e in edits],
+                         "candidates": cands})
+            print(f"fold {k}: {src.patient} {label}: {len(edits)} edits, {len(net)} network maxima, {len(peaks)} trace peaks", flush=True)
+        (out / f"fold{k}.json").write_text(json.dumps(rows) + "\n")
+
+
+def taken(copy: dict, t: float, cap: int, n_peaks: int) -> list[dict]:
+    """The candidates a policy takes on a copy: the network's from ``t`` (best first, at most ``cap``) and the trace's first ``n_peaks``."""
+    net = sorted((c for c in copy["candidates"] if c["source"] == "net" and c["network"] >= t), key=lambda c: c["rank"])[:cap]
+    return net + sorted((c for c in copy["candidates"] if c["source"] == "trace"), key=lambda c: c["rank"])[:n_peaks]
+
+
+def policy(folds: dict, t: float, cap: int, n_peaks: int, threshold: float | None = None) -> dict:
+    found = edits = false = clean = 0
+    for rows in folds.values():
+        for copy in rows:
+            thr = copy["threshold"] if threshold is None else threshold
+            cands = taken(copy, t, cap, n_peaks)
+            if copy["edits"]:
+                for j in range(len(copy["edits"])):
+                    found += max((c["score"] for c in cands if j in c["at_kind"]), default=0.0) >= thr
+                    edits += 1
+            else:
+                clean += 1
+                false += sum(c["score"] >= thr for c in cands)
+    return {"edits_found": found, "edits": edits, "false_findings": false, "clean_scans": clean}
+
+
+def summary(out: Path, json_path: str | None) -> None:
+    folds = {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(out.glob("fold*.json"))}
+    screened = sum(s >= copy["threshold"] for rows in folds.values() for copy in rows for s in copy["screened"])
+    report = {"folds": sorted(folds), "screened_edits_found": screened,
+              "policies": [{"network_from": t, "cap": c, "trace_peaks": n, **policy(folds, t, c, n)} for t, c, n in POLICIES],
+              "ceiling": [{"threshold": thr, **policy(folds, 0.3, 40, 20, thr)} for thr in CEILING]}
+    why = {"no candidate at it": 0, "only the other kind over the threshold": 0, "candidates at it under the threshold": 0}
+    for rows in folds.values():
+        for copy in rows:
+            cands = taken(copy, 0.3, 40, 20)
+            for j in range(len(copy["edits"])):
+                thr = copy["threshold"]
+                right = max((c["score"] for c in cands if j in c["at_kind"]), default=None)
+                anyk = max((c["score"] for c in cands if j in c["at"]), default=None)
+                if right is not None and right >= thr:
+                    continue
+                why["no candidate at it" if anyk is None else "only the other kind over the threshold" if anyk >= thr
+                    else "candidates at it under the threshold"] += 1
+    report["missed_by_the_recipes_policy"] = why
+    text = json.dumps(report, indent=2) + "\n"
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="?")
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--folds", default="0,1,2,3")
+    ap.add_argument("--summary", default=None, metavar="OUT")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.summary:
+        summary(Path(a.summary), a.json)
+    elif a.runs and a.out:
+        collect(Path(a.runs), Path(a.out), [int(k) for k in a.folds.split(",")])
+    else:
+        ap.error("give RUNS and OUT, or --summary OUT")
+
+
+if __name__ == "__main__":
+    main()
