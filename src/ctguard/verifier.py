@@ -753,14 +753,19 @@ class Verifier:
         """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan
         reference; a stage with ``trace_scan`` in its meta needs the scan's ``lungs``, or its
         :func:`scan_trace` as ``trace_reference`` where the caller has it."""
-        trace_scan = bool(self.meta.get("trace_scan", False))
-        if trace_scan and lungs is None and trace_reference is None:
-            raise ValueError("this second stage reads each place's resampling trace against its scan's: pass the lung mask")
-        if trace_scan and trace_reference is None:
-            trace_reference = scan_trace(vol, lungs, noise[0])
         return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False),
                             resampling=self.meta.get("resampling", False), trace_recentre=self.meta.get("trace_recentre", False),
-                            trace_reference=trace_reference if trace_scan else None)
+                            trace_reference=self._trace_reference(vol, lungs, noise, trace_reference))
+
+    def _trace_reference(self, vol: Volume, lungs: np.ndarray | None, noise: tuple[float, float],
+                         trace_reference: np.ndarray | None) -> np.ndarray | None:
+        """The scan's :func:`scan_trace` as this stage reads its places against it: None for a stage
+        without ``trace_scan``, else ``trace_reference`` or, where not given, made from ``lungs``."""
+        if not self.meta.get("trace_scan", False):
+            return None
+        if trace_reference is None and lungs is None:
+            raise ValueError("this second stage reads each place's resampling trace against its scan's: pass the lung mask")
+        return scan_trace(vol, lungs, noise[0]) if trace_reference is None else trace_reference
 
     def read_scan(self, vol: Volume, lungs: np.ndarray, noise: tuple[float, float] | None = None) -> ScanReading:
         """What this stage reads of the whole scan (``lungs`` its lung mask), once for every place:
@@ -820,10 +825,7 @@ class Verifier:
         probabilities, the others are read whole (their re-centred places too) by the stage's trees."""
         places = np.asarray(places, float).reshape(-1, 3)
         p_network = np.asarray(p_network, np.float32).reshape(-1, 3)
-        trace_scan = bool(self.meta.get("trace_scan", False))
-        if trace_scan and trace_reference is None:
-            trace_reference = scan_trace(vol, lungs, noise[0])
-        trace_reference = trace_reference if trace_scan else None
+        trace_reference = self._trace_reference(vol, lungs, noise, trace_reference)
         resampling = bool(self.meta.get("resampling", False))
         own = features_at(vol, places, noise, resampling=resampling, trace_reference=trace_reference)
         p = self.triage.probabilities(np.hstack([own, network_features(p_network)]))
@@ -842,7 +844,8 @@ class Verifier:
                 "meta": np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8)}
 
     def save(self, path: str | Path) -> Path:
-        """One ``.npz`` of plain arrays: the trees, and a nodule check's trees under ``nodule_``."""
+        """One ``.npz`` of plain arrays: the trees, a nodule check's trees under ``nodule_`` and a
+        triage's under ``triage_``."""
         path = Path(path)
         nodules = {} if self.nodules is None else {NODULE_PREFIX + k: v for k, v in self.nodules.arrays().items()}
         triage = {} if self.triage is None else {TRIAGE_PREFIX + k: v for k, v in self.triage.arrays().items()}
