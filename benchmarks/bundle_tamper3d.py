@@ -104,7 +104,10 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                         "(ctguard.verifier), re-scoring the network's findings from "
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)"
                                         + (f" and the resampling trace's {v.meta['trace_peaks']} strongest peaks over the lungs not among them"
-                                           if v.meta.get("trace_peaks") else ""),
+                                           if v.meta.get("trace_peaks") else "")
+                                        + (f"; each first scored by a triage (trees on the candidate's own place and the network's "
+                                           f"probabilities) and read whole only from its cut-off of {v.meta['triage']}"
+                                           if v.meta.get("triage") is not None else ""),
                                 **({"slice": True, "patients": v.meta["patients"], "copies": v.meta["copies"]} if v.meta.get("slice") else {}),
                                 "recentre": bool(v.meta.get("recentre", False)), "resampling": bool(v.meta.get("resampling", False)),
                                 "trace_recentre": bool(v.meta.get("trace_recentre", False)), "trace_scan": bool(v.meta.get("trace_scan", False)),
