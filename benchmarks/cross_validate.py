@@ -189,14 +189,12 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                 "candidate_scores": [round(float(f["score"]), 4) for f in result["findings"]]})  # from 0.3: the curve below
             for t in src.tumours:
                 # Its highest "injected" candidate from 0.3 (kept for reading the report at other thresholds).
-                hit = max((f["score"] for f in result["findings"] if f["kind"] == "injected" and _near(f, t.voxel, t.diameter_mm, vol)),
-                          default=0.0)
+                hit = best_at(result["findings"], "injected", t.voxel, t.diameter_mm, vol)
                 lesion_calls.append({"patient": src.patient, "voxel": [round(float(v), 1) for v in t.voxel],
                                      "diameter_mm": round(t.diameter_mm, 1), "called_injected": hit >= thr, "score": round(float(hit), 4)})
         else:
             for e in edits:
-                hit = max((f["score"] for f in result["findings"] if f["kind"] == e.kind and _near(f, e.voxel, e.diameter_mm, vol)),
-                          default=0.0)
+                hit = best_at(result["findings"], e.kind, e.voxel, e.diameter_mm, vol)
                 edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
                                     "found": hit >= thr, "score": round(float(hit), 4), "patient": src.patient,
                                     "voxel": [round(float(v), 1) for v in e.voxel], "diameter_mm": round(float(e.diameter_mm), 1)})
@@ -218,6 +216,11 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
 
 def _near(f: dict, voxel, diameter_mm: float, vol) -> bool:
     return near(f["voxel"], voxel, diameter_mm, vol.spacing)
+
+
+def best_at(findings: list[dict], kind: str, voxel, diameter_mm: float, vol) -> float:
+    """The highest score of the ``kind`` findings at an edit or lesion (``near`` its centre ``voxel``), or 0."""
+    return max((f["score"] for f in findings if f["kind"] == kind and _near(f, voxel, diameter_mm, vol)), default=0.0)
 
 
 def _auc(pos: list[float], neg: list[float]) -> float | None:

@@ -1427,7 +1427,7 @@ def test_a_triage_cut_off_loses_at_most_its_share_of_the_edits_the_stage_finds()
     groups = np.asarray([f"p{k % 6}" for k in range(n)])
     oof = np.where(y > 0, rng.uniform(0.5, 1.0, n), rng.uniform(0.0, 0.5, n))
     for share in (0.0, 0.05, 0.5):
-        triage, cut, score = fit_triage({**cfg, "verifier_triage": share}, x, y, groups, oof, 0.9, 3)
+        triage, cut, score, _ = fit_triage({**cfg, "verifier_triage": share}, x, y, groups, y == 0, oof, 0.9, 3)
         found = (oof >= 0.9) & (y > 0)
         assert cut in TRIAGE_GRID or cut == 0.0
         assert ((score < cut) & found).sum() <= share * found.sum()

@@ -32,9 +32,10 @@ import cross_validate as cv  # noqa: E402
 
 from ctguard import api  # noqa: E402
 from ctguard.engine.train_verifier import near  # noqa: E402
-from ctguard.screen import findings_from, load_detector, screen_volume, stage_candidates, trace_candidates, verify_findings  # noqa: E402
+from ctguard.screen import findings_from, load_detector, screen_volume, trace_candidates, verify_findings  # noqa: E402
 
-POLICIES = [(0.3, 40, 20), (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20)]
+RECIPE = (0.3, 40, 20)  # the recipe's stage: the network's maxima from 0.3, at most 40; the trace's first 20 peaks
+POLICIES = [RECIPE, (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20)]
 CEILING = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
@@ -59,12 +60,10 @@ def collect(runs: Path, out: Path, folds: list[int]) -> None:
                 at = [j for j, e in enumerate(edits) if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)]
                 cands.append({"source": f["source"], "rank": f["rank"], "network": f["network_score"], "score": f["score"], "kind": f["kind"],
                               "at": at, "at_kind": [j for j in at if edits[j].kind == f["kind"]]})
-            default = stage_candidates(heat, vol, v, 0.3, lungs, reading.noise, reading.trace)
-            rows.append({"patient": src.patient, "scan": src.name, "label": label, "threshold": det.threshold, "default_candidates": len(default),
+            rows.append({"patient": src.patient, "scan": src.name, "label": label, "threshold": det.threshold,
                          "edits": [{"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
                                     "diameter_mm": round(float(e.diameter_mm), 1)} for e in edits],
-                         "screened": [max((f["score"] for f in result["findings"] if f["kind"] == e.kind
-                                           and near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), default=0.0) for e in edits],
+                         "screened": [cv.best_at(result["findings"], e.kind, e.voxel, e.diameter_mm, vol) for e in edits],
                          "candidates": cands})
             print(f"fold {k}: {src.patient} {label}: {len(edits)} edits, {len(net)} network maxima, {len(peaks)} trace peaks", flush=True)
         (out / f"fold{k}.json").write_text(json.dumps(rows) + "\n")
@@ -97,11 +96,11 @@ def summary(out: Path, json_path: str | None) -> None:
     screened = sum(s >= copy["threshold"] for rows in folds.values() for copy in rows for s in copy["screened"])
     report = {"folds": sorted(folds), "screened_edits_found": screened,
               "policies": [{"network_from": t, "cap": c, "trace_peaks": n, **policy(folds, t, c, n)} for t, c, n in POLICIES],
-              "ceiling": [{"threshold": thr, **policy(folds, 0.3, 40, 20, thr)} for thr in CEILING]}
+              "ceiling": [{"threshold": thr, **policy(folds, *RECIPE, thr)} for thr in CEILING]}
     why = {"no candidate at it": 0, "only the other kind over the threshold": 0, "candidates at it under the threshold": 0}
     for rows in folds.values():
         for copy in rows:
-            cands = taken(copy, 0.3, 40, 20)
+            cands = taken(copy, *RECIPE)
             for j in range(len(copy["edits"])):
                 thr = copy["threshold"]
                 right = max((c["score"] for c in cands if j in c["at_kind"]), default=None)

@@ -749,13 +749,15 @@ class Verifier:
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def rows(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
-             lungs: np.ndarray | None = None, trace_reference: np.ndarray | None = None) -> np.ndarray:
+             lungs: np.ndarray | None = None, trace_reference: np.ndarray | None = None,
+             at_places: np.ndarray | None = None) -> np.ndarray:
         """The stage's rows at ``places`` (:func:`stage_inputs` as the meta says), before any scan
         reference; a stage with ``trace_scan`` in its meta needs the scan's ``lungs``, or its
-        :func:`scan_trace` as ``trace_reference`` where the caller has it."""
+        :func:`scan_trace` as ``trace_reference`` where the caller has it. ``at_places``: the rows
+        at the places themselves, where the caller has them (:meth:`triage_first`)."""
         return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False),
                             resampling=self.meta.get("resampling", False), trace_recentre=self.meta.get("trace_recentre", False),
-                            trace_reference=self._trace_reference(vol, lungs, noise, trace_reference))
+                            trace_reference=self._trace_reference(vol, lungs, noise, trace_reference), at_places=at_places)
 
     def _trace_reference(self, vol: Volume, lungs: np.ndarray | None, noise: tuple[float, float],
                          trace_reference: np.ndarray | None) -> np.ndarray | None:
@@ -818,23 +820,28 @@ class Verifier:
             p = nodule_checked(p, self.nodules.probabilities(x)[:, 1])
         return p
 
+    def triage_first(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray | None,
+                     noise: tuple[float, float], trace_reference: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The triage's look at ``places``: every place's own row (:func:`features_at` without its
+        re-centred places), the triage's ``(n, 3)`` probabilities on it with the network's
+        ``p_network``, and the indices of the places at or over its cut-off."""
+        own = features_at(vol, np.asarray(places, float).reshape(-1, 3), noise, resampling=bool(self.meta.get("resampling", False)),
+                          trace_reference=self._trace_reference(vol, lungs, noise, trace_reference))
+        p = self.triage.probabilities(np.hstack([own, network_features(p_network)]))
+        return own, p, np.flatnonzero(1.0 - p[:, 0] >= float(self.meta["triage"]))
+
     def triaged(self, vol: Volume, places: np.ndarray, p_network: np.ndarray, lungs: np.ndarray,
                 noise: tuple[float, float], trace_reference: np.ndarray | None = None) -> np.ndarray:
-        """:meth:`score_places` of a stage with a triage: every place's own row (without its re-centred
-        places) read by the triage's trees; a place under the triage's cut-off keeps the triage's
-        probabilities, the others are read whole (their re-centred places too) by the stage's trees."""
+        """:meth:`score_places` of a stage with a triage (:meth:`triage_first`): a place under the
+        triage's cut-off keeps the triage's probabilities, the others are read whole (their
+        re-centred places too, their own columns not again) by the stage's trees."""
         places = np.asarray(places, float).reshape(-1, 3)
         p_network = np.asarray(p_network, np.float32).reshape(-1, 3)
-        trace_reference = self._trace_reference(vol, lungs, noise, trace_reference)
-        resampling = bool(self.meta.get("resampling", False))
-        own = features_at(vol, places, noise, resampling=resampling, trace_reference=trace_reference)
-        p = self.triage.probabilities(np.hstack([own, network_features(p_network)]))
-        passed = np.flatnonzero(1.0 - p[:, 0] >= float(self.meta["triage"]))
+        trace_reference = self._trace_reference(vol, lungs, noise, trace_reference)  # once, for both looks
+        own, p, passed = self.triage_first(vol, places, p_network, lungs, noise, trace_reference)
         if len(passed):
-            x = stage_inputs(vol, places[passed], p_network[passed], noise, recentre=bool(self.meta.get("recentre", False)),
-                             resampling=resampling, trace_recentre=bool(self.meta.get("trace_recentre", False)),
-                             trace_reference=trace_reference, at_places=own[passed])
-            p[passed] = self.probabilities(x)
+            p[passed] = self.probabilities(self.rows(vol, places[passed], p_network[passed], noise, lungs, trace_reference, own[passed]))
         return p
 
     def arrays(self) -> dict[str, np.ndarray]:

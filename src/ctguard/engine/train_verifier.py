@@ -633,13 +633,14 @@ def triage_share(cfg: dict) -> float | None:
     return float(value)
 
 
-def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, oof: np.ndarray, threshold: float,
-               folds: int) -> tuple[Verifier, float, np.ndarray]:
+def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, clean: np.ndarray, oof: np.ndarray, threshold: float,
+               folds: int) -> tuple[Verifier, float, np.ndarray, dict]:
     """The triage: trees over each row's place alone (:func:`ctguard.verifier.point_rows`, the
     network's columns with them), which screening reads first at every candidate. Its cut-off is the
     highest of :data:`TRIAGE_GRID` under which its out-of-patient score puts at most the config's
     ``verifier_triage`` share of the edit rows that the stage's out-of-patient score ``oof`` finds at
-    ``threshold``. Returns the triage, its cut-off and every row's out-of-patient triage score."""
+    ``threshold``. Returns the triage, its cut-off, every row's out-of-patient triage score and
+    what the cut-off passes and loses (the run's ``triage_fit``)."""
     names = row_names(cfg)
     width = point_width(names)
     names = names[:width] + names[-3:]
@@ -649,9 +650,12 @@ def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, oof:
     score = 1.0 - out_of_patient_with(cfg, xp, fit_x, y, groups, folds=folds)[0][:, 0]
     found = (oof >= threshold) & (y > 0)
     allowed = float(cfg["verifier_triage"]) * found.sum()
-    cut = max((c for c in TRIAGE_GRID if ((score < c) & found).sum() <= allowed), default=0.0)
+    cut = float(max((c for c in TRIAGE_GRID if ((score < c) & found).sum() <= allowed), default=0.0))
     triage = Verifier.from_sklearn(boosting_classifier(cfg).fit(fit_x, y), xp, {"names": names, "triage_width": width}, columns=columns)
-    return triage, float(cut), score
+    fit = {"cut_off": cut, "rows_passed": round(float((score >= cut).mean()), 3),
+           "untouched_candidates_passed": round(float((score[clean] >= cut).mean()), 3),
+           "found_edit_rows_lost": f"{int(((score < cut) & found).sum())}/{int(found.sum())}"}
+    return triage, cut, score, fit
 
 
 def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -927,12 +931,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     triage, cut = None, None
     if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
         t_tri = time.time()
-        triage, cut, kept["triage"] = fit_triage(cfg, x, y, groups, oof, threshold, folds)
-        found = (oof >= threshold) & (y > 0)
-        timing["triage_fit"] = {"cut_off": cut, "rows_passed": round(float((kept["triage"] >= cut).mean()), 3),
-                            "untouched_candidates_passed": round(float((kept["triage"][clean] >= cut).mean()), 3),
-                            "found_edit_rows_lost": f"{int(((kept['triage'] < cut) & found).sum())}/{int(found.sum())}",
-                            "seconds": round(time.time() - t_tri, 1)}
+        triage, cut, kept["triage"], fit = fit_triage(cfg, x, y, groups, clean, oof, threshold, folds)
+        timing["triage_fit"] = {**fit, "seconds": round(time.time() - t_tri, 1)}
         oof = np.where(kept["triage"] < cut, kept["triage"], oof)
         threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
