@@ -19,7 +19,7 @@ import json
 import numpy as np
 
 from ctguard import api, io
-from ctguard.lung import lung_mask
+from ctguard.engine.train_slice_stage import lung_slices
 from ctguard.screen import load_detector, load_detector2d, screen_slice, screen_volume
 from ctguard.volume import Volume
 from ctguard.tamper.simulate import phantom_source, varied_phantom_source
@@ -44,8 +44,7 @@ def main() -> None:
     real = (io.read(e["scan"]) for e in (api.load_config(args.real_scans).get("real_scans") or [])) if args.real_scans else ()
     for vol in itertools.chain(phantoms, real):
         if args.two_d:
-            area = lung_mask(vol).sum((1, 2))
-            ok = np.nonzero(area > 0.3 * area.max())[0]
+            ok = lung_slices(vol)
             for z in ok[np.linspace(0, len(ok) - 1, 6).astype(int)]:
                 one = Volume(vol.hu[z : z + 1].copy(), (1.0, *vol.spacing[1:]), meta={"kind": "dicom-file", "warnings": []})
                 result, _, _ = screen_slice(one, det, threshold=min(CANDIDATES))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ctguard.engine.train3d import check_paths, class_weights, fit, load_cubes, save_run
-from ctguard.engine.train_slice_stage import SLICE_DEFAULTS, fit_slice_stage, scan_entries
+from ctguard.engine.train_slice_stage import SLICE_DEFAULTS, check_slice_settings, fit_slice_stage, scan_entries
 from ctguard.errors import InputError
 from ctguard.models.patch2d import CLASSES, STRIDE, TamperNet2D
 
@@ -62,7 +62,8 @@ def train(cfg: dict, out_dir: str | Path, progress: bool = True, echo=print) -> 
         raise InputError("no training cubes: list .npz files under `cubes:` (made by the tamper3d trainer)")
     check_paths(cfg, ("cubes",))  # all checked before the run folder is made
     if cfg["slice_stage"]:
-        scan_entries(cfg)  # its config and scans, likewise
+        check_slice_settings(cfg)
+        scan_entries(cfg)  # its settings, config and scans, likewise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -13,6 +13,14 @@ Each row is read on the axial slice through the place alone, as a single slice i
 ``model.verifier.npz`` beside the network, with ``slice: true`` in their meta; screening a single
 slice then re-scores the network's candidates with them, and ``--locations`` scores places with
 them (the network only proposes the candidates).
+
+Its threshold is chosen as the 3D stage's is, out of patient: every untouched source (each real
+scan and each of the stage's phantoms) gives ``slice_stage_clean_slices`` lung slices, each screened
+alone by the network beside it; the candidates the stage would re-score there are scored by trees
+fitted without that source's patient (the 3D stage's ``verifier_oof_folds`` grouped folds), and the
+threshold is the lowest of the 3D stage's grid giving at most ``slice_stage_max_false`` of them
+over it per clean slice. It is saved in the stage's meta, so a run of ``ctguard train`` carries it
+and ``benchmarks/bundle_tamper3d.py`` takes it for the card.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ SLICE_DEFAULTS = {
     "slice_stage_cache": None,  # a folder keeping each scan's rows, for runs on other sets of the patients (cross-validation)
     "slice_stage_phantoms": 0,  # fresh phantoms under random clinical set-ups (one set of copies each)
     "slice_stage_fixed_phantoms": 0,  # fresh phantoms of the one quick set-up (phantom_shape: 1.9 mm pixels)
+    "slice_stage_clean_slices": 6,  # lung slices of each untouched source its threshold is counted on
+    "slice_stage_max_false": 0.2,  # findings per clean slice, out of patient, the threshold allows
 }
 PHANTOM_SEED = 7000  # the stage's phantoms: PHANTOM_SEED + k (varied), PHANTOM_SEED + 50 + k (the quick set-up)
 SEED_BASE = 700_000  # seeds of the stage's copies: SEED_BASE + 1000 * set + source; no other run uses them
@@ -58,6 +68,16 @@ def scan_entries(cfg: dict) -> list[dict]:
         if not Path(e["scan"]).exists():
             raise InputError("no such scan (a real_scans entry of slice_stage_scans)", e["scan"])
     return entries
+
+
+def check_slice_settings(cfg: dict) -> None:
+    """Refuses, with a one-line error, a ``slice_stage_clean_slices`` that is not a whole number
+    from 1 or a ``slice_stage_max_false`` that is not a number from 0."""
+    n, most = cfg.get("slice_stage_clean_slices", 6), cfg.get("slice_stage_max_false", 0.2)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"the config's slice_stage_clean_slices must be a whole number from 1, not {n!r}")
+    if isinstance(most, bool) or not isinstance(most, (int, float)) or not most >= 0:
+        raise InputError(f"the config's slice_stage_max_false must be a number from 0 (findings per clean slice), not {most!r}")
 
 
 def slice_rows(vol, places: list[np.ndarray]) -> np.ndarray:
@@ -143,16 +163,130 @@ def phantom_rows(cfg: dict, cache: str | None = None) -> list[tuple[np.ndarray, 
     """Rows, labels and group (``phantom SEED``) of the stage's phantoms (``slice_stage_phantoms``
     varied, ``slice_stage_fixed_phantoms`` of the quick set-up), one set of copies each, kept in
     ``cache`` as a scan's are."""
-    from ctguard.tamper.simulate import phantom_source, varied_phantom_source
-
-    specs = [(PHANTOM_SEED + k, True) for k in range(int(cfg.get("slice_stage_phantoms") or 0))] + \
-            [(PHANTOM_SEED + 50 + k, False) for k in range(int(cfg.get("slice_stage_fixed_phantoms") or 0))]
     out = []
-    for seed, varied in specs:
-        x, y = kept_rows(cache, ["phantom", seed, varied],
-                         lambda: source_rows(varied_phantom_source(seed) if varied else phantom_source(seed), SEED_BASE + 500 + seed))
+    for seed, varied in phantom_specs(cfg):
+        x, y = kept_rows(cache, ["phantom", seed, varied], lambda: source_rows(stage_phantom(seed, varied), SEED_BASE + 500 + seed))
         out.append((x, y, f"phantom {seed}"))
     return out
+
+
+def phantom_specs(cfg: dict) -> list[tuple[int, bool]]:
+    """``(seed, varied)`` of each of the stage's phantoms: ``slice_stage_phantoms`` under random
+    clinical set-ups, then ``slice_stage_fixed_phantoms`` of the quick set-up."""
+    return [(PHANTOM_SEED + k, True) for k in range(int(cfg.get("slice_stage_phantoms") or 0))] + \
+           [(PHANTOM_SEED + 50 + k, False) for k in range(int(cfg.get("slice_stage_fixed_phantoms") or 0))]
+
+
+def stage_phantom(seed: int, varied: bool):
+    """One of the stage's phantoms as a :class:`ctguard.tamper.simulate.Source`."""
+    from ctguard.tamper.simulate import phantom_source, varied_phantom_source
+
+    return varied_phantom_source(seed) if varied else phantom_source(seed)
+
+
+def lung_slices(vol) -> np.ndarray:
+    """The axial slices of ``vol`` with at least 30% of its largest lung area, where a 2D detector's
+    false findings are counted."""
+    from ctguard.lung import lung_mask
+
+    area = lung_mask(vol).sum((1, 2))
+    return np.nonzero(area > 0.3 * area.max())[0]
+
+
+def clean_slice_rows(det, vol, stage, n: int, name: str = "") -> np.ndarray:
+    """Rows of the candidates the slice stage ``stage`` re-scores on ``n`` lung slices of the
+    untouched scan ``vol``, each slice screened alone by the network ``det`` (no second stage): spread
+    evenly over :func:`lung_slices`, each the first from its place on whose own lungs can be found
+    (screening refuses a slice without), and each row's slice, ``0..n-1``."""
+    from ctguard.screen import screen_slice, stage_candidates
+    from ctguard.verifier import axial_slice, slice_inputs
+
+    ok = lung_slices(vol)
+    xs, which, taken = [], [], set()
+    for start in np.linspace(0, len(ok) - 1, n).astype(int):
+        for z in (int(z) for z in ok[start:] if int(z) not in taken):
+            one = axial_slice(vol, z)
+            try:
+                _, heat, lungs = screen_slice(one, det, threshold=1.0)
+            except InputError:  # no lungs found in this slice alone
+                continue
+            at = np.asarray([c["voxel"] for c in stage_candidates(heat, one, stage, 1.0, lungs)], float).reshape(-1, 3)
+            if len(at):
+                xs.append(slice_inputs(one, at, lungs))
+                which += [len(taken)] * len(at)
+            taken.add(z)
+            break
+    if len(taken) < n:
+        raise InputError(f"only {len(taken)} of its slices show lungs on their own; the slice stage's threshold counts {n}", name or None)
+    width = len(stage.meta["names"])
+    return (np.concatenate(xs) if xs else np.zeros((0, width))), np.asarray(which, np.int64)
+
+
+def network_only(path: Path):
+    """The 2D network of the checkpoint ``path`` without any second stage beside it, and a hash
+    of the network that runs (its ONNX export where there is one) for keeping rows it proposed."""
+    from dataclasses import replace
+
+    from ctguard.screen import load_detector2d
+
+    det = replace(load_detector2d(str(path)), verifier=None)
+    runs = path.with_suffix(".onnx") if path.with_suffix(".onnx").is_file() else path
+    return det, hashlib.sha256(runs.read_bytes()).hexdigest()[:16]
+
+
+def clean_sources(cfg: dict, entries: list[dict]):
+    """Each untouched source of the stage: ``(group, key, name, make_volume)`` for every real scan
+    (its patient) and every phantom (``phantom SEED``)."""
+    for e in entries:
+        yield e.get("patient") or Path(e["scan"]).name, [str(e["scan"])], str(e["scan"]), lambda e=e: source_of(e).volume
+    for seed, varied in phantom_specs(cfg):
+        yield f"phantom {seed}", ["phantom", seed, varied], f"phantom {seed}", lambda seed=seed, varied=varied: stage_phantom(seed, varied).volume
+
+
+def clean_rows(cfg: dict, entries: list[dict], det, net_hash: str, stage) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """:func:`clean_slice_rows` of every untouched source (:func:`clean_sources`): ``(rows, slice,
+    group)``, the slice numbered across all sources; kept in ``slice_stage_cache`` under the network's hash."""
+    n, out, first = int(cfg["slice_stage_clean_slices"]), [], 0
+    for group, key, name, volume in clean_sources(cfg, entries):
+        x, which = kept_rows(cfg.get("slice_stage_cache"), ["clean slices", *key, n, net_hash],
+                             lambda: clean_slice_rows(det, volume(), stage, n, name))
+        out.append((x, which + first, group))
+        first += n
+    return out
+
+
+def slice_threshold(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, clean: list[tuple[np.ndarray, np.ndarray, str]]
+                    ) -> tuple[float, dict, np.ndarray]:
+    """The stage's threshold (see the module's docstring) from its rows ``x, y`` (``groups``: each
+    row's patient or phantom) and the untouched sources' candidate rows ``clean``
+    (:func:`clean_rows`); what it rests on (findings per clean slice at a few thresholds); and each
+    clean candidate's out-of-patient score."""
+    from ctguard.engine.train_verifier import lowest_within, oof_folds, patient_splits
+    from ctguard.verifier import finite_rows, slice_columns
+
+    cx = np.concatenate([r for r, _, _ in clean])
+    cgroups = np.concatenate([np.full(len(r), g, dtype=object) for r, _, g in clean])
+    n_slices = int(cfg["slice_stage_clean_slices"]) * len(clean)
+    if len(set(groups.tolist())) < 2:
+        raise InputError("the slice stage's threshold is chosen out of patient: it needs at least two patients or phantoms")
+    score = np.full(len(cx), np.nan)
+    for tr, te in patient_splits(groups, oof_folds(cfg)):
+        at = np.isin(cgroups, np.unique(groups[te]))
+        if at.any():
+            trees = fit_trees(cfg, x[tr], y[tr])
+            p = np.zeros((int(at.sum()), 3))
+            p[:, trees.classes_.astype(int)] = trees.predict_proba(finite_rows(cx[at][:, slice_columns()]))
+            score[at] = 1.0 - p[:, 0]
+    if np.isnan(score).any():
+        raise InputError("the slice stage's untouched sources must all be among its training sources")
+
+    def per_slice(t: float) -> float:
+        return float((score >= t).sum() / max(n_slices, 1))
+
+    threshold = lowest_within(per_slice, float(cfg["slice_stage_max_false"]))
+    shown = sorted({0.5, 0.8, 0.9, 0.95, 0.97, 0.99, threshold})
+    return threshold, {"clean_slices": n_slices, "candidates": int(len(cx)), "max_false": float(cfg["slice_stage_max_false"]),
+                       "oof_folds": oof_folds(cfg), "false_per_clean_slice": {str(t): round(per_slice(t), 4) for t in shown}}, score
 
 
 def stage_settings(cfg: dict) -> dict:
@@ -175,6 +309,7 @@ def fit_slice_stage(cfg: dict, out: Path, echo=print) -> dict:
     from ctguard.verifier import SLICE_FEATURES, Verifier, feature_names, finite_rows, slice_columns, slice_names
 
     cfg = stage_settings(cfg)
+    check_slice_settings(cfg)
     entries = scan_entries(cfg)
     t0 = time.time()
     xs, ys, groups = [], [], []
@@ -200,12 +335,19 @@ def fit_slice_stage(cfg: dict, out: Path, echo=print) -> dict:
             "rows_by_class": {"genuine": int(counts[0]), "injected": int(counts[1]), "removed": int(counts[2])},
             "sources": len(ys), "patients": sorted({g for g in groups if not g.startswith("phantom ")}),
             "phantoms": sorted({g for g in groups if g.startswith("phantom ")}), "copies": int(cfg["slice_stage_copies"]), "seed_base": SEED_BASE,
-            "threshold_rule": "none of its own: the detector's threshold is chosen on the training patients' slices "
-                              "(benchmarks/calibrate_tamper3d.py --2d)"}
+            "threshold_rule": f"the lowest of a grid (0.5-0.999) giving at most {cfg['slice_stage_max_false']} findings per clean slice "
+                              f"({cfg['slice_stage_clean_slices']} lung slices of each untouched training scan and phantom, each screened "
+                              "alone), every candidate scored by trees fitted without its patient or phantom"}
     v = Verifier.from_sklearn(clf, finite_rows(x), meta, columns=slice_columns())
+    t1 = time.time()
+    det, net_hash = network_only(out / "model.pt")
+    clean = clean_rows(cfg, entries, det, net_hash, v)
+    v.meta["threshold"], fit, _ = slice_threshold(cfg, x, y, np.asarray(groups, dtype=object), clean)
     v.save(out / "model.verifier.npz")
-    summary = {"rows": int(len(y)), "sources": len(ys), "seconds": round(time.time() - t0, 1)}
+    summary = {"rows": int(len(y)), "sources": len(ys), "threshold": v.meta["threshold"], "threshold_fit": fit,
+               "threshold_seconds": round(time.time() - t1, 1), "seconds": round(time.time() - t0, 1)}
     (out / "slice_stage.json").write_text(json.dumps({**summary, "rows_by_class": meta["rows_by_class"], "patients": meta["patients"]}, indent=2) + "\n")
-    echo(f"slice stage: {len(y)} rows from {len(ys)} sources ({counts[1]} injected, {counts[2]} removed), "
-         f"{summary['seconds']} s; wrote {out / 'model.verifier.npz'}")
+    echo(f"slice stage: {len(y)} rows from {len(ys)} sources ({counts[1]} injected, {counts[2]} removed); threshold "
+         f"{v.meta['threshold']} ({fit['false_per_clean_slice'][str(v.meta['threshold'])]} findings per clean slice out of patient, "
+         f"{fit['clean_slices']} slices), {summary['seconds']} s; wrote {out / 'model.verifier.npz'}")
     return summary
