@@ -5,7 +5,8 @@ Usage: python benchmarks/bundle_tamper3d.py RUN_DIR [EVAL_JSON ...] [--threshold
                                             [--provenance TEXT]
        python benchmarks/bundle_tamper3d.py --metrics-only EVAL_JSON ... [--name tamper3d|tamper2d]
 Writes src/ctguard/weights/NAME.pt (weights, config, card), NAME.json (the card), NAME.onnx (the
-network for onnxruntime) and, for a run with a second stage, NAME.verifier.npz (its trees; the
+network for onnxruntime: the run's model.onnx where it has one, else exported from the checkpoint)
+and, for a run with a second stage, NAME.verifier.npz (its trees; the
 card's threshold is then the stage's own unless --threshold is given) and, where the stage has a
 patch CNN (verifier_patches), NAME.patches.onnx. The card lists every training patient of the run's config (with its
 collection, licence and vendor), and with --cv the cross-validation table of its recipe
@@ -123,7 +124,9 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "nodule_check": bool(v.meta.get("nodule_check", False)),  # two-class trees in the same .npz
                                 # trees on each candidate's own columns first; its whole row (re-centred places too) read only from this
                                 "triage": v.meta.get("triage"),
-                                **({"triage_fit": summary["verifier"]["triage_fit"]} if "triage_fit" in summary.get("verifier", {}) else {})}
+                                **({"triage_fit": summary["verifier"]["triage_fit"]} if "triage_fit" in summary.get("verifier", {}) else {}),
+                                **({"threshold_fit": summary["slice_stage"]["threshold_fit"]}
+                                   if "threshold_fit" in summary.get("slice_stage", {}) else {})}
         if threshold is None:
             card["threshold"] = v.meta["threshold"]
             card["threshold_rule"] = threshold_rule or v.meta["threshold_rule"]
@@ -141,11 +144,15 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
     ckpt["card"] = card
     torch.save(ckpt, dst / f"{name}.pt")
     (dst / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    # The same network for onnxruntime, which screening prefers and needs where PyTorch is not installed.
-    from ctguard.screen import export_onnx, load_detector, load_detector2d
+    # The same network for onnxruntime, which screening prefers and needs where PyTorch is not installed:
+    # the run's own export where it has one (the very graph its evaluations ran), else exported here.
+    if (run / "model.onnx").is_file():
+        (dst / f"{name}.onnx").write_bytes((run / "model.onnx").read_bytes())
+    else:
+        from ctguard.screen import export_onnx, load_detector, load_detector2d
 
-    load = load_detector2d if name == "tamper2d" else load_detector
-    export_onnx(load(str(dst / f"{name}.pt")).torch_net(), dst / f"{name}.onnx")
+        load = load_detector2d if name == "tamper2d" else load_detector
+        export_onnx(load(str(dst / f"{name}.pt")).torch_net(), dst / f"{name}.onnx")
     print(f"bundled {run / 'model.pt'} -> {dst / f'{name}.pt'}")
 
 

@@ -29,11 +29,11 @@ stage() {  # stage CONFIG RUN_DIR: train unless the run is already there
 stage configs/tamper3d.yaml runs/tamper3d        # also writes runs/tamper3d-cubes.npz for the 2D detector
 stage configs/tamper2d.yaml runs/tamper2d
 python benchmarks/cross_validate.py --out runs/cv --md runs/cv.md --json runs/cv.json
-python benchmarks/calibrate_tamper3d.py --2d --model runs/tamper2d/model.pt --max-false 0.2 > runs/calib-2d.json
+python benchmarks/experiments/slice_stage.py --out runs/cv-2d-slice.json  # the 2D slice stage by patient (the bundled 2D network's candidates)
+python benchmarks/calibrate_tamper3d.py --2d --model runs/tamper2d/model.pt --max-false 0.2 > runs/calib-2d.json  # fresh phantoms: for the card
 
 if [ "${BUNDLE:-0}" = 1 ]; then
-  # the threshold is the second stage's own, chosen by its out-of-patient rule, as in each fold
-  python benchmarks/bundle_tamper3d.py runs/tamper3d --version 0.11 --cv runs/cv.json
-  T2=$(python -c "import json; print(json.load(open('runs/calib-2d.json'))['threshold'])")
-  python benchmarks/bundle_tamper3d.py runs/tamper2d runs/calib-2d.json --name tamper2d --threshold "$T2" --version 0.2
+  # each threshold is its second stage's own, chosen by its out-of-patient rule, as in each fold
+  python benchmarks/bundle_tamper3d.py runs/tamper3d --version 0.15 --cv runs/cv.json
+  python benchmarks/bundle_tamper3d.py runs/tamper2d runs/calib-2d.json --name tamper2d --version 0.5 --cv runs/cv-2d-slice.json
 fi
