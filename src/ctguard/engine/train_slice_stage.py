@@ -193,11 +193,11 @@ def lung_slices(vol) -> np.ndarray:
     return np.nonzero(area > 0.3 * area.max())[0]
 
 
-def clean_slice_rows(det, vol, stage, n: int, name: str = "") -> np.ndarray:
+def clean_slice_rows(det, vol, stage, n: int, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Rows of the candidates the slice stage ``stage`` re-scores on ``n`` lung slices of the
-    untouched scan ``vol``, each slice screened alone by the network ``det`` (no second stage): spread
-    evenly over :func:`lung_slices`, each the first from its place on whose own lungs can be found
-    (screening refuses a slice without), and each row's slice, ``0..n-1``."""
+    untouched scan ``vol``, each slice screened alone by the network ``det`` (no second stage), and
+    each row's slice, ``0..n-1``. The slices are spread evenly over :func:`lung_slices`, each the
+    first from its place whose own lungs screening finds (it refuses a slice without)."""
     from ctguard.screen import screen_slice, stage_candidates
     from ctguard.verifier import axial_slice, slice_inputs
 
