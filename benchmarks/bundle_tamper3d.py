@@ -106,6 +106,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                         f"{v.meta['candidate_threshold']} (at most {v.meta['max_candidates']} a scan)"
                                         + (f" and the resampling trace's {v.meta['trace_peaks']} strongest peaks over the lungs not among them"
                                            if v.meta.get("trace_peaks") else "")
+                                        + (f" and the smooth map's {v.meta['smooth_peaks']} strongest peaks (places smoother than the lung "
+                                           "around them) not among those" if v.meta.get("smooth_peaks") else "")
                                         + (f"; each first scored by a triage (trees on the candidate's own place and the network's "
                                            f"probabilities) and read whole only from its cut-off of {v.meta['triage']}"
                                            if v.meta.get("triage") is not None else ""),
@@ -115,6 +117,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "trace_order": v.meta.get("trace_order"),  # candidates capped in the order of network log-odds + w x trace
                                 "refine_from": v.meta.get("refine_from"),  # a second look at each candidate's re-centred places
                                 "trace_peaks": int(v.meta.get("trace_peaks", 0)),  # the trace map's strongest peaks, candidates too
+                                "smooth_peaks": int(v.meta.get("smooth_peaks", 0)),  # the smooth map's strongest peaks, candidates too
                                 "scan_columns": bool(v.meta.get("scan_columns", True)),
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],

@@ -822,6 +822,80 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     assert {k: v for k, v in threaded.items() if k != "elapsed_s"} == {k: v for k, v in inline.items() if k != "elapsed_s"}
 
 
+def test_the_smooth_map_finds_a_place_filled_smooth():
+    """:func:`ctguard.verifier.smooth_map`: in lung of noise alone, a 16 mm ball replaced by its
+    smoothed self (an in-painting without the scan's noise) is the map's strongest peak, and the map
+    is flat (within noise) where nothing was filled; the same map comes from the one pass that reads
+    the trace's map too."""
+    from scipy import ndimage
+
+    from ctguard.verifier import lung_maps, strongest_peaks, smooth_map, trace_map
+    from ctguard.volume import Volume
+
+    rng = np.random.default_rng(3)
+    spacing = (1.25, 0.7, 0.7)
+    hu = (-850.0 + 20.0 * rng.standard_normal((64, 128, 128))).astype(np.float32)
+    lungs = np.ones(hu.shape, bool)
+    centre = np.array([30, 70, 60])
+    zz, yy, xx = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(hu.shape, centre, spacing)], indexing="ij")
+    ball = zz**2 + yy**2 + xx**2 <= 8.0**2
+    filled = hu.copy()
+    filled[ball] = ndimage.gaussian_filter(hu, 2.0)[ball]
+    score, centres = smooth_map(Volume(filled, spacing), lungs, 20.0)
+    top = strongest_peaks((score, centres), spacing, 1)[0]
+    assert np.linalg.norm((top - centre) * np.asarray(spacing)) <= 6.0
+    plain, _ = smooth_map(Volume(hu, spacing), lungs, 20.0)
+    finite = np.isfinite(plain)
+    assert finite.any() and np.abs(plain[finite]).max() < 0.5 < score.max()
+    trace, smooth = lung_maps(Volume(filled, spacing), lungs, 20.0, trace=True, smooth=True)
+    assert np.array_equal(smooth[0], score) and np.array_equal(smooth[1], centres)
+    assert all(np.array_equal(a, b) for a, b in zip(trace, trace_map(Volume(filled, spacing), lungs, 20.0)))
+
+
+def test_second_stage_takes_the_smooth_maps_peaks_as_candidates(tmp_path):
+    """``verifier_smooth_peaks``: each training copy's rows also hold the smooth map's strongest
+    peaks that the network's candidates do not already hold, labelled as candidates are, and the
+    detector's stage takes the same peaks in screening after the network's candidates."""
+    from ctguard.engine.train_verifier import run_rows, source_rows, stage_network, trace_rows
+    from ctguard.lung import lung_mask
+    from ctguard.screen import findings_from, heatmap, load_detector, stage_candidates
+    from ctguard.verifier import scan_noise, smooth_map, strongest_peaks
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
+           "verifier_trees": 10, "verifier_candidate_threshold": 0.3, "verifier_max_candidates": 4, "verifier_recentre": True,
+           "verifier_resampling": True, "verifier_per_scan": 2, "verifier_boosting": "histogram", "verifier_smooth_peaks": 2}
+    _refused_before_training(cfg, tmp_path, [({"verifier_smooth_peaks": -1}, "must be a whole number of peaks, 0 or more, not -1"),
+                                             ({"verifier_smooth_peaks": True}, "not True"),
+                                             ({"verifier_refine_from": 0.2}, "verifier_smooth_peaks cannot be used with verifier_refine_from")])
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    report = json.loads((run / "verifier.json").read_text())
+    assert report["smooth_peaks"] == 2 and "trace_peaks" not in report
+    resolved, specs, parts = run_rows(run)
+    for spec, part in zip(specs, parts):
+        job = (resolved, spec, stage_network(resolved, run, spec))
+        own, peaks = source_rows(job), trace_rows(job)
+        n = len(own["y"])
+        assert 0 < len(peaks["y"]) <= 2 * (1 + int(own["scan"].max()))  # at most 2 peaks a copy
+        assert np.array_equal(part["x"][n:], peaks["x"]) and part["candidate"][n:].all()
+    det = load_detector(str(run / "model.pt"))
+    assert det.verifier.meta["smooth_peaks"] == 2
+    vol = phantom_source(77, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    lungs = lung_mask(vol)
+    heat = heatmap(vol, det, lungs)
+    taken = stage_candidates(heat, vol, det.verifier, 1.0, lungs)
+    network = findings_from(heat, vol, 0.3)[:4]
+    peaks = strongest_peaks(smooth_map(vol, lungs, scan_noise(vol, lungs)[0]), vol.spacing, 2,
+                            np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
+    assert taken[: len(network)] == network
+    assert len(peaks) and [f["voxel"] for f in taken[len(network):]] == [[round(float(c), 1) for c in p] for p in peaks]
+    reading = det.verifier.read_scan(vol, lungs)
+    assert reading.trace is None and all(np.array_equal(a, b) for a, b in zip(reading.smooth, smooth_map(vol, lungs, reading.noise[0])))
+    assert stage_candidates(heat, vol, det.verifier, 1.0, lungs, reading.noise, reading.trace, reading.smooth) == taken
+
+
 def test_second_stage_rows_from_cross_fit_networks(tmp_path, monkeypatch):
     """``verifier_cross_fit``: a network of the recipe for each group of training patients, trained
     without them; each patient's stage rows (its edits' and untouched places' probabilities, and the

@@ -34,7 +34,7 @@ def main() -> None:
         raise SystemExit(f"{det.name} {det.version} has no second stage with a triage")
     _, heat, lungs = screen_volume(vol, det)
     reading = v.read_scan(vol, lungs)
-    cands = stage_candidates(heat, vol, v, det.threshold, lungs, reading.noise, reading.trace)
+    cands = stage_candidates(heat, vol, v, det.threshold, lungs, reading.noise, reading.trace, reading.smooth)
     at, p_net = np.asarray([f["voxel"] for f in cands], float), finding_probabilities(cands)
     best = {"triage_seconds": float("inf"), "whole_seconds": float("inf")}
     for _ in range(a.repeat):  # the two looks of Verifier.triaged, timed apart

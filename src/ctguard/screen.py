@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import ScanReading, recentred, scan_noise, strongest_peaks, taken_candidates, trace_peaks
+from ctguard.verifier import ScanReading, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -398,14 +398,17 @@ def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
 
 def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0, lungs: np.ndarray | None = None,
                      noise: tuple[float, float] | None = None,
-                     trace: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+                     trace: tuple[np.ndarray, np.ndarray] | None = None,
+                     smooth: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
     (or ``threshold`` where that is lower), at most its ``max_candidates``, best first; a stage
     with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.taken_candidates`,
     which then needs the scan's ``lungs``); one with ``trace_peaks`` n in its meta then also takes
-    the resampling trace's n strongest peaks not already among them (:func:`trace_candidates`).
-    ``noise`` and ``trace``: the scan's :func:`ctguard.verifier.scan_noise` and
-    :func:`ctguard.verifier.trace_map`, where the caller has them (:class:`ScanReading`)."""
+    the resampling trace's n strongest peaks not already among them (:func:`trace_candidates`), and
+    one with ``smooth_peaks`` m the smooth map's m strongest peaks not among those
+    (:func:`smooth_candidates`). ``noise``, ``trace`` and ``smooth``: the scan's
+    :func:`ctguard.verifier.scan_noise`, :func:`ctguard.verifier.trace_map` and
+    :func:`ctguard.verifier.smooth_map`, where the caller has them (:class:`ScanReading`)."""
     cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
     weight = verifier.meta.get("trace_order")
     noise_xy = None if noise is None else noise[0]
@@ -416,6 +419,11 @@ def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.
         if lungs is None:
             raise ValueError("this second stage also takes the resampling trace's peaks as candidates: pass the lung mask")
         taken = taken + trace_candidates(heat, vol, lungs, n_peaks, taken, noise_xy, trace)
+    n_smooth = int(verifier.meta.get("smooth_peaks", 0))
+    if n_smooth:
+        if lungs is None:
+            raise ValueError("this second stage also takes the smooth map's peaks as candidates: pass the lung mask")
+        taken = taken + smooth_candidates(heat, vol, lungs, n_smooth, taken, noise_xy, smooth)
     return taken
 
 
@@ -429,11 +437,29 @@ def trace_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, take
     each with the network's probabilities of its cell: what a second stage with ``trace_peaks`` in
     its meta also scores, in screening and in its training rows alike. ``trace``: the scan's
     :func:`ctguard.verifier.trace_map`, where the caller has it (then ``noise_xy`` is not needed)."""
+    if trace is None and n > 0:
+        trace = trace_map(vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy)
+    return peak_candidates(heat, vol, trace, n, taken)
+
+
+def smooth_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, taken: list[dict[str, Any]],
+                      noise_xy: float | None = None, smooth: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """The smooth map's ``n`` strongest peaks over the lungs (:func:`ctguard.verifier.smooth_map`:
+    where the lung is smoother than around it, as a place filled by in-painting is) not already
+    among ``taken``, as :func:`trace_candidates` gives the trace's. ``smooth``: the scan's map,
+    where the caller has it."""
+    if smooth is None and n > 0:
+        smooth = smooth_map(vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy)
+    return peak_candidates(heat, vol, smooth, n, taken)
+
+
+def peak_candidates(heat: Heatmap, vol: Volume, found: tuple[np.ndarray, np.ndarray] | None, n: int,
+                    taken: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``n`` strongest peaks of a map over the lungs ``found`` (``(score, centres)``; None: no
+    map) not within one cell of a candidate of ``taken`` (:func:`ctguard.verifier.strongest_peaks`),
+    as candidates with the network's probabilities of their cells."""
     at = np.asarray([f["voxel"] for f in taken], float).reshape(-1, 3)
-    if trace is None:
-        peaks = trace_peaks(vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy, n, at)
-    else:
-        peaks = strongest_peaks(trace, vol.spacing, n, at)
+    peaks = strongest_peaks(found, vol.spacing, n, at)
     out = []
     for v, p in zip(peaks, heat.probabilities_at(peaks)):
         out.append({"kind": "injected" if p[1] >= p[2] else "removed", "score": round(float(1.0 - p[0]), 4),
@@ -484,7 +510,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
     (:meth:`ctguard.verifier.Verifier.read_scan`), where the caller has it."""
     if verifier is not None and lungs is not None:
         reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
-        candidates = stage_candidates(heat, vol, verifier, thr, lungs, reading.noise, reading.trace)
+        candidates = stage_candidates(heat, vol, verifier, thr, lungs, reading.noise, reading.trace, reading.smooth)
         scored = verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference)
         findings = [f for f in scored if f["score"] >= thr]
         score = max((f["score"] for f in scored), default=0.0)

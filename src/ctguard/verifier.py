@@ -451,10 +451,32 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
     of one plus its multiple of what noise gives. Returns ``(score, centres)``, ``centres`` the
     cells' voxels ``(n, 3)`` and ``score`` ``(n,)``, over the cells that are mostly lung; None where
     the pixel spacing leaves no ripple to read (:func:`resampling_trace`)."""
+    return lung_maps(vol, lungs, noise_xy, trace=True, smooth=False, radius_mm=radius_mm)[0]
+
+
+def smooth_map(vol: Volume, lungs: np.ndarray, noise_xy: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """How much smoother each cell of the lungs is than the lung around it, on the cells of
+    :func:`trace_map`: the log of the clipped in-plane residual's mean energy in the ring of lung
+    cells :data:`SMOOTH_INNER_MM` to :data:`SMOOTH_OUTER_MM` around it over that within
+    :data:`SMOOTH_INNER_MM` (a place filled by in-painting is smoother than the lung around it).
+    ``(score, centres)`` as :func:`trace_map` gives them (``-inf`` where too little lung is near to
+    tell), None where the lungs have no cell."""
+    return lung_maps(vol, lungs, noise_xy, trace=False, smooth=True)[1]
+
+
+SMOOTH_INNER_MM = 6.0  # the smooth map's own square (half-width)
+SMOOTH_OUTER_MM = 22.0  # and the ring's outer half-width
+
+
+def lung_maps(vol: Volume, lungs: np.ndarray, noise_xy: float, trace: bool = True, smooth: bool = False,
+              radius_mm: float = 8.0) -> tuple[tuple[np.ndarray, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`trace_map` (with ``trace``) and :func:`smooth_map` (with ``smooth``) from one pass over
+    the lungs' slabs; each None where not asked for or not to be read."""
     spacing = np.asarray(vol.spacing, float)
     freqs = [ripple_frequency(s) for s in spacing[1:]]
-    if not has_ripple(vol) or not lungs.any():
-        return None
+    ripple = trace and has_ripple(vol)
+    if not (ripple or smooth) or not lungs.any():
+        return None, None
     idx = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
     step = max(int(round(TRACE_SLAB_MM / spacing[0])), 1)
     b = np.maximum(np.rint(TRACE_BLOCK_MM / spacing).astype(int), 1)
@@ -463,7 +485,7 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
     ny, nx = (idx[1][-1] + 1 - idx[1][0]) // b[1], (idx[2][-1] + 1 - idx[2][0]) // b[2]
     nz = len(zs) // bz
     if min(nz, ny, nx) < 1:
-        return None
+        return None, None
     zs = zs[: nz * bz]
     y0, x0 = int(idx[1][0]), int(idx[2][0])
     clip = TRACE_CLIP * max(float(noise_xy), 1e-3)
@@ -473,7 +495,8 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
     # temporaries): over each cell's slices first, then along y keeping x (for the ripple along x,
     # whose wave multiplies those sums) and along x keeping y (for the ripple along y).
     n_cell = float(bz * b[1] * b[2])
-    sums = [(np.empty((nz, ny, nx * b[2])), np.empty((nz, ny * b[1], nx))) for _ in range(2)]
+    sums = [(np.empty((nz, ny, nx * b[2])), np.empty((nz, ny * b[1], nx))) for _ in range(2)] if ripple else []
+    total = None if ripple else np.empty((nz, ny, nx))  # each cell's sum of squared residuals (without the ripple's sums)
     in_lung = np.empty((nz, ny, nx), np.int32)  # each cell's lung voxels
     for c in range(nz):
         layer = lungs[zs[c * bz: (c + 1) * bz], y0: y0 + ny * b[1], x0: x0 + nx * b[2]]
@@ -481,33 +504,60 @@ def trace_map(vol: Volume, lungs: np.ndarray, noise_xy: float, radius_mm: float 
         hu = vol.hu[zs[c * bz: (c + 1) * bz], rows, cols].astype(np.float32)
         r = hu - ndimage.uniform_filter(hu, (1, 3, 3), mode="nearest")
         e = np.clip(r[:, oy: oy + ny * b[1], ox: ox + nx * b[2]], -clip, clip) ** 2
+        if not ripple:
+            total[c] = e.sum(axis=0, dtype=np.float64).reshape(ny, b[1], nx, b[2]).sum(axis=(1, 3))
+            continue
         for a, (keep_x, keep_y) in zip((e, e * e), sums):
             slab = a.sum(axis=0, dtype=np.float64)
             keep_x[c] = slab.reshape(ny, b[1], nx * b[2]).sum(axis=1)
             keep_y[c] = slab.reshape(ny * b[1], nx, b[2]).sum(axis=2)
-    along_x, along_y = sums[0]
-    total = along_x.reshape(nz, ny, nx, b[2]).sum(axis=3)
-    squares = sums[1][0].reshape(nz, ny, nx, b[2]).sum(axis=3)
-    mean = total / n_cell
-    win = tuple(int(v) for v in np.maximum(2 * np.rint(np.array([radius_mm / (spacing[0] * step * bz), radius_mm / (spacing[1] * b[1]),
-                                                                   radius_mm / (spacing[2] * b[2])]) / 2).astype(int), 1))
-    power = 0.0
-    var = ndimage.uniform_filter(squares - total * mean, win, mode="constant")  # the residual's spread within each cell, summed
-    for axis, f, n in ((2, freqs[1], b[2] * nx), (1, freqs[0], b[1] * ny)):
-        phase = 2 * np.pi * f * (np.arange(n) + (x0 if axis == 2 else y0))
-        parts = []
-        for wave in (np.cos(phase), np.sin(phase)):
-            if axis == 2:  # the wave along x times the cells' sums over z and y, summed over each cell's x
-                s = (along_x * wave).reshape(nz, ny, nx, b[2]).sum(axis=3) - mean * (wave.reshape(nx, b[2]).sum(1) * (n_cell / b[2]))
-            else:
-                s = (along_y * wave[:, None]).reshape(nz, ny, b[1], nx).sum(axis=2) - mean * (wave.reshape(ny, b[1]).sum(1) * (n_cell / b[1]))[:, None]
-            parts.append(ndimage.uniform_filter(s, win, mode="constant"))
-        power = power + (parts[0] ** 2 + parts[1] ** 2) * float(np.prod(win)) / np.maximum(var, 1e-12)  # window sums squared over the window's sum of squares
-    score = np.log1p(power)
     keep = in_lung > 0.5 * n_cell  # cells mostly lung
     cz, cy, cx = np.nonzero(keep)
     centres = np.stack([zs[cz * bz + bz // 2], y0 + cy * b[1] + b[1] / 2.0, x0 + cx * b[2] + b[2] / 2.0], axis=1).astype(float)
-    return score[keep].astype(np.float32), centres
+    found = None
+    if ripple:
+        along_x, along_y = sums[0]
+        total = along_x.reshape(nz, ny, nx, b[2]).sum(axis=3)
+        squares = sums[1][0].reshape(nz, ny, nx, b[2]).sum(axis=3)
+        mean = total / n_cell
+        win = tuple(int(v) for v in np.maximum(2 * np.rint(np.array([radius_mm / (spacing[0] * step * bz), radius_mm / (spacing[1] * b[1]),
+                                                                       radius_mm / (spacing[2] * b[2])]) / 2).astype(int), 1))
+        power = 0.0
+        var = ndimage.uniform_filter(squares - total * mean, win, mode="constant")  # the residual's spread within each cell, summed
+        for axis, f, n in ((2, freqs[1], b[2] * nx), (1, freqs[0], b[1] * ny)):
+            phase = 2 * np.pi * f * (np.arange(n) + (x0 if axis == 2 else y0))
+            parts = []
+            for wave in (np.cos(phase), np.sin(phase)):
+                if axis == 2:  # the wave along x times the cells' sums over z and y, summed over each cell's x
+                    s = (along_x * wave).reshape(nz, ny, nx, b[2]).sum(axis=3) - mean * (wave.reshape(nx, b[2]).sum(1) * (n_cell / b[2]))
+                else:
+                    s = (along_y * wave[:, None]).reshape(nz, ny, b[1], nx).sum(axis=2) - mean * (wave.reshape(ny, b[1]).sum(1) * (n_cell / b[1]))[:, None]
+                parts.append(ndimage.uniform_filter(s, win, mode="constant"))
+            power = power + (parts[0] ** 2 + parts[1] ** 2) * float(np.prod(win)) / np.maximum(var, 1e-12)  # window sums squared over the window's sum of squares
+        found = np.log1p(power)[keep].astype(np.float32), centres
+    smoother = None
+    if smooth:
+        cell_mm = np.array([spacing[0] * step * bz, spacing[1] * b[1], spacing[2] * b[2]])
+        smoother = _smoothness(total, keep, cell_mm)[keep].astype(np.float32), centres
+    return found, smoother
+
+
+def _smoothness(total: np.ndarray, keep: np.ndarray, cell_mm: np.ndarray) -> np.ndarray:
+    """:func:`smooth_map`'s score on every cell from the cells' summed squared residuals ``total``
+    and which cells are lung (``keep``)."""
+    lung = keep.astype(np.float64)
+    energy = total * lung
+    sums = []
+    for half in (SMOOTH_INNER_MM, SMOOTH_OUTER_MM):
+        win = tuple(int(2 * round(half / c) + 1) for c in cell_mm)
+        volume = float(np.prod(win))
+        sums.append((ndimage.uniform_filter(energy, win, mode="constant") * volume, ndimage.uniform_filter(lung, win, mode="constant") * volume, volume))
+    (e_in, n_in, v_in), (e_out, n_out, v_out) = sums
+    inner = np.maximum(e_in, 0.0) / np.maximum(n_in, 1e-9)  # the filters' sums may fall a rounding error under 0
+    ring = np.maximum(e_out - e_in, 0.0) / np.maximum(n_out - n_in, 1e-9)
+    score = np.log((ring + 1e-6) / (inner + 1e-6))
+    enough = (n_in >= 0.5 * v_in) & (n_out - n_in >= 0.3 * (v_out - v_in))
+    return np.where(enough, score, -np.inf)
 
 
 TRACE_PEAKS_APART_MM = 12.0  # the trace map's peaks a second stage takes as candidates lie at least this far apart
@@ -698,12 +748,15 @@ class ScanReading:
     """What a second stage reads of the whole scan, the same for every place on it
     (:meth:`Verifier.read_scan`): its noise (:func:`scan_noise`), the resampling trace's map over
     its lungs (:func:`trace_map`; empty where the pixel spacing leaves no ripple, None where the
-    stage takes no trace peaks) and the scan's own level of the trace (:func:`scan_trace`; None
-    where the stage does not read its places against it)."""
+    stage takes no trace peaks), the scan's own level of the trace (:func:`scan_trace`; None
+    where the stage does not read its places against it) and the smooth map over its lungs
+    (:func:`smooth_map`; empty where the lungs have no cell, None where the stage takes no smooth
+    peaks)."""
 
     noise: tuple[float, float]
     trace: tuple[np.ndarray, np.ndarray] | None = None
     reference: np.ndarray | None = None
+    smooth: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -771,15 +824,18 @@ class Verifier:
 
     def read_scan(self, vol: Volume, lungs: np.ndarray, noise: tuple[float, float] | None = None) -> ScanReading:
         """What this stage reads of the whole scan (``lungs`` its lung mask), once for every place:
-        its noise, and as the meta asks the resampling trace's map (``trace_peaks``) and the scan's
-        own level of the trace (``trace_scan``; a single slice's stage reads its slice's own)."""
+        its noise, and as the meta asks the resampling trace's map (``trace_peaks``), the smooth map
+        (``smooth_peaks``; both from one pass, :func:`lung_maps`) and the scan's own level of the
+        trace (``trace_scan``; a single slice's stage reads its slice's own)."""
         noise = scan_noise(vol, lungs) if noise is None else noise
-        trace = None
-        if int(self.meta.get("trace_peaks", 0)) > 0:
-            trace = trace_map(vol, lungs, noise[0])
-            trace = (np.zeros(0, np.float32), np.zeros((0, 3))) if trace is None else trace  # no ripple: no peaks
+        trace = smooth = None
+        want_trace, want_smooth = int(self.meta.get("trace_peaks", 0)) > 0, int(self.meta.get("smooth_peaks", 0)) > 0
+        if want_trace or want_smooth:
+            none = (np.zeros(0, np.float32), np.zeros((0, 3)))  # no ripple (or no lung cell): no peaks
+            trace, smooth = lung_maps(vol, lungs, noise[0], trace=want_trace, smooth=want_smooth)
+            trace, smooth = (trace or none) if want_trace else None, (smooth or none) if want_smooth else None
         reference = scan_trace(vol, lungs, noise[0]) if self.meta.get("trace_scan") and not self.meta.get("slice") else None
-        return ScanReading(noise, trace, reference)
+        return ScanReading(noise, trace, reference, smooth)
 
     def reference(self, vol: Volume, candidates: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """The scan's reference row (:func:`scan_reference`) from its candidates ``candidates`` (voxels)

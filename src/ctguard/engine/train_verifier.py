@@ -80,6 +80,7 @@ VERIFIER_DEFAULTS = {
     "verifier_trace_order": None,  # a weight w: the candidates capped in the order of the network's log-odds plus w times their resampling trace (ctguard.verifier.taken_candidates)
     "verifier_refine_from": None,  # a candidate scoring this or more is scored again at its two re-centred places, the highest kept (ctguard.screen.verify_findings)
     "verifier_trace_peaks": 0,  # n > 0: also the resampling trace's n strongest peaks over the lungs as candidates (ctguard.screen.trace_candidates)
+    "verifier_smooth_peaks": 0,  # m > 0: then also the smooth map's m strongest peaks (places smoother than the lung around them; ctguard.screen.smooth_candidates)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
@@ -274,6 +275,26 @@ def trace_peaks_of(cfg: dict) -> int:
     return int(value)
 
 
+def smooth_peaks_of(cfg: dict) -> int:
+    """The config's ``verifier_smooth_peaks`` (0: off), or a one-line error, also where the stage
+    reads what rows of other candidates cannot give (as :func:`trace_peaks_of`)."""
+    value = cfg["verifier_smooth_peaks"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"the config's verifier_smooth_peaks must be a whole number of peaks, 0 or more, not {value!r}")
+    if value:
+        for key in ("verifier_scan_reference", "verifier_patches"):
+            if config_flag(cfg, key):
+                raise InputError(f"the config's verifier_smooth_peaks cannot be used with {key}")
+        if cfg["verifier_refine_from"] is not None:
+            raise InputError("the config's verifier_smooth_peaks cannot be used with verifier_refine_from")
+    return int(value)
+
+
+def map_peaks(cfg: dict) -> bool:
+    """Whether the stage also takes peaks of the lungs' maps as candidates (the trace's, the smooth map's)."""
+    return bool(trace_peaks_of(cfg) or smooth_peaks_of(cfg))
+
+
 def trace_rows(job: tuple) -> dict:
     """One source's rows at the resampling trace's peaks of each of its copies (a pool task, for
     ``verifier_trace_peaks``): the places screening adds to the network's candidates
@@ -285,8 +306,9 @@ def trace_rows(job: tuple) -> dict:
 
 
 def trace_key(cfg: dict, spec: tuple, model_path: str) -> dict:
-    """What a source's rows at the trace's peaks depend on: its rows' key and the number of peaks."""
-    return row_key(cfg, spec, model_path) | {"trace_peaks": trace_peaks_of(cfg)}
+    """What a source's rows at the maps' peaks depend on: its rows' key and the number of peaks of each map."""
+    return row_key(cfg, spec, model_path) | {"trace_peaks": trace_peaks_of(cfg)} | \
+        ({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {})
 
 
 def source_and_trace_rows(job: tuple) -> tuple[dict, dict]:
@@ -335,12 +357,19 @@ def _as_rows(parts: list[dict], width: int) -> dict:
 def _copy_candidates(cfg: dict, det, vol, lungs: np.ndarray, noise: tuple[float, float], reference,
                      with_peaks: bool) -> tuple[list[dict], list[dict]]:
     """One copy's candidates as screening takes them (the network's findings, capped and ordered as
-    the stage does) and, ``with_peaks``, the resampling trace's peaks not among them (else ``[]``)."""
-    from ctguard.screen import screen_volume, trace_candidates
+    the stage does) and, ``with_peaks``, the resampling trace's peaks not among them and the smooth
+    map's not among either (else ``[]``), both maps from one pass (:func:`ctguard.verifier.lung_maps`)."""
+    from ctguard.screen import peak_candidates, screen_volume
+    from ctguard.verifier import lung_maps
 
     result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
     found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
-    return found, (trace_candidates(heat, vol, lungs, int(cfg["verifier_trace_peaks"]), found, noise[0]) if with_peaks else [])
+    if not with_peaks:
+        return found, []
+    n_trace, n_smooth = trace_peaks_of(cfg), smooth_peaks_of(cfg)
+    trace, smooth = lung_maps(vol, lungs, noise[0], trace=n_trace > 0, smooth=n_smooth > 0)
+    extra = peak_candidates(heat, vol, trace, n_trace, found)
+    return found, extra + peak_candidates(heat, vol, smooth, n_smooth, found + extra)
 
 
 def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
@@ -598,7 +627,8 @@ def oof_folds(cfg: dict) -> int:
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
-    ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks`` or patch setting before anything is trained."""
+    ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks`` or patch setting before
+    anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -612,6 +642,7 @@ def check_stage_config(cfg: dict) -> None:
     refine_from(cfg)
     trace_order(cfg)
     trace_peaks_of(cfg)
+    smooth_peaks_of(cfg)
     triage_share(cfg)
 
 
@@ -695,7 +726,7 @@ def stage_rows(cfg: dict, specs: list[tuple], jobs: list[tuple], pool=None, prog
     other sources' rows (:func:`source_rows`)."""
     from tqdm import tqdm
 
-    peaks = bool(trace_peaks_of(cfg))
+    peaks = map_peaks(cfg)
     run = pool.imap if pool is not None else map
     stage = list(tqdm(run(source_and_trace_rows if peaks else source_rows, jobs[: len(specs)]), total=len(specs),
                       desc="second stage: rows" + (" and trace rows" if peaks else ""), disable=not progress))
@@ -947,6 +978,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             **({"refine_from": start} if start is not None else {}),
             **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
             **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
+            **({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}),
             **({"triage": cut} if triage is not None else {}),
             "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
