@@ -763,6 +763,14 @@ def test_second_stage_threshold_counts_the_second_look(tmp_path):
     assert det.verifier.meta["refine_from"] == 0.01 and det.threshold == report["threshold"]
 
 
+# A tiny recipe with a second stage for the tests of the candidates from the lungs' maps (the trace's, the smooth map's).
+MAP_PEAKS_RECIPE = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+                    "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+                    "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
+                    "verifier_trees": 10, "verifier_candidate_threshold": 0.3, "verifier_max_candidates": 4, "verifier_recentre": True,
+                    "verifier_resampling": True, "verifier_per_scan": 2, "verifier_boosting": "histogram"}
+
+
 def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     """``verifier_trace_peaks``: each training copy's rows also hold the resampling trace's strongest
     peaks that the network's candidates do not already hold (kept beside the source's rows, under
@@ -774,11 +782,7 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     from ctguard.screen import findings_from, heatmap, load_detector, stage_candidates
     from ctguard.verifier import scan_noise, trace_peaks
 
-    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
-           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
-           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
-           "verifier_trees": 10, "verifier_candidate_threshold": 0.3, "verifier_max_candidates": 4, "verifier_recentre": True,
-           "verifier_resampling": True, "verifier_per_scan": 2, "verifier_boosting": "histogram", "verifier_trace_peaks": 3}
+    cfg = {**MAP_PEAKS_RECIPE, "verifier_trace_peaks": 3}
     _refused_before_training(cfg, tmp_path, [({"verifier_trace_peaks": -1}, "must be a whole number of peaks, 0 or more, not -1"),
                                              ({"verifier_trace_peaks": 2.5}, "not 2.5"),
                                              ({"verifier_resampling": False}, "needs verifier_resampling"),
@@ -861,11 +865,7 @@ def test_second_stage_takes_the_smooth_maps_peaks_as_candidates(tmp_path):
     from ctguard.screen import findings_from, heatmap, load_detector, stage_candidates
     from ctguard.verifier import scan_noise, smooth_map, strongest_peaks
 
-    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
-           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
-           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 0, "verifier_inject": 1, "verifier_healthy": 1,
-           "verifier_trees": 10, "verifier_candidate_threshold": 0.3, "verifier_max_candidates": 4, "verifier_recentre": True,
-           "verifier_resampling": True, "verifier_per_scan": 2, "verifier_boosting": "histogram", "verifier_smooth_peaks": 2}
+    cfg = {**MAP_PEAKS_RECIPE, "verifier_smooth_peaks": 2}
     _refused_before_training(cfg, tmp_path, [({"verifier_smooth_peaks": -1}, "must be a whole number of peaks, 0 or more, not -1"),
                                              ({"verifier_smooth_peaks": True}, "not True"),
                                              ({"verifier_refine_from": 0.2}, "verifier_smooth_peaks cannot be used with verifier_refine_from")])

@@ -39,17 +39,22 @@ POLICIES = [RECIPE, (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20),
 CEILING = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
+def screened_copies(runs: Path, k: int):
+    """Fold ``k``'s held-out copies (the cross-validation's, same seeds), each screened by the fold's
+    detector (``RUNS/foldK/model.pt``) from 0.3: ``(stage, src, label, vol, edits, result, heat,
+    lungs, reading)``, ``reading`` the stage's reading of the whole copy."""
+    by_patient = cv.patient_scans(api.load_config(str(ROOT / "configs/tamper3d.yaml")))
+    det = load_detector(str(runs / f"fold{k}" / "model.pt"))
+    for _, src, label, vol, edits in cv.held_out_copies(cv.split_fold(by_patient, k)[1], k):
+        result, heat, lungs = screen_volume(vol, det, threshold=0.3)
+        yield det.verifier, src, label, vol, edits, result, heat, lungs, det.verifier.read_scan(vol, lungs)
+
+
 def collect(runs: Path, out: Path, folds: list[int]) -> None:
-    cfg = api.load_config(str(ROOT / "configs/tamper3d.yaml"))
-    by_patient = cv.patient_scans(cfg)
     out.mkdir(parents=True, exist_ok=True)
     for k in folds:
-        det = load_detector(str(runs / f"fold{k}" / "model.pt"))
-        v = det.verifier
         rows = []
-        for _, src, label, vol, edits in cv.held_out_copies(cv.split_fold(by_patient, k)[1], k):
-            result, heat, lungs = screen_volume(vol, det, threshold=0.3)
-            reading = v.read_scan(vol, lungs)
+        for v, src, label, vol, edits, result, heat, lungs, reading in screened_copies(runs, k):
             net = findings_from(heat, vol, 0.05)
             peaks = trace_candidates(heat, vol, lungs, 60, net[:40], reading.noise[0], reading.trace)
             for source, found in (("net", net), ("trace", peaks)):
@@ -60,7 +65,7 @@ def collect(runs: Path, out: Path, folds: list[int]) -> None:
                 at = [j for j, e in enumerate(edits) if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)]
                 cands.append({"source": f["source"], "rank": f["rank"], "network": f["network_score"], "score": f["score"], "kind": f["kind"],
                               "at": at, "at_kind": [j for j in at if edits[j].kind == f["kind"]]})
-            rows.append({"patient": src.patient, "scan": src.name, "label": label, "threshold": det.threshold,
+            rows.append({"patient": src.patient, "scan": src.name, "label": label, "threshold": v.meta["threshold"],
                          "edits": [{"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
                                     "diameter_mm": round(float(e.diameter_mm), 1)} for e in edits],
                          "screened": [cv.best_at(result["findings"], e.kind, e.voxel, e.diameter_mm, vol) for e in edits],

@@ -13,6 +13,8 @@ recipe's candidates (the network's 40 from 0.3 and the trace's 20 peaks), are sc
 fold's stage on the same held-out copies as ``candidate_policies.py`` (whose OUT is POLICIES here,
 same order of copies) and written to ``OUT/foldK.json``. ``--summary`` reads both and prints edits
 found and false findings on the clean held-out scans for the recipe plus the first n of these.
+The package's :func:`ctguard.verifier.smooth_map` (``verifier_smooth_peaks``) is the same map read
+in the trace map's pass, one slice in every 2 mm; this script reads every slice, as it was measured.
 """
 
 from __future__ import annotations
@@ -29,12 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks/experiments"))
 
-import cross_validate as cv  # noqa: E402
-from candidate_policies import RECIPE, taken  # noqa: E402
+from candidate_policies import RECIPE, screened_copies, taken  # noqa: E402
 
-from ctguard import api  # noqa: E402
 from ctguard.engine.train_verifier import near  # noqa: E402
-from ctguard.screen import load_detector, screen_volume, stage_candidates, trace_candidates, verify_findings  # noqa: E402
+from ctguard.screen import stage_candidates, trace_candidates, verify_findings  # noqa: E402
 from ctguard.verifier import TRACE_CLIP  # noqa: E402
 
 CELL_MM, INNER_MM, OUTER_MM = 4.0, 6.0, 22.0
@@ -73,16 +73,10 @@ def smooth_map(vol, lungs: np.ndarray, noise_xy: float) -> tuple[np.ndarray, np.
 
 
 def collect(runs: Path, out: Path, folds: list[int], n: int) -> None:
-    cfg = api.load_config(str(ROOT / "configs/tamper3d.yaml"))
-    by_patient = cv.patient_scans(cfg)
     out.mkdir(parents=True, exist_ok=True)
     for k in folds:
-        det = load_detector(str(runs / f"fold{k}" / "model.pt"))
-        v = det.verifier
         rows = []
-        for _, src, label, vol, edits in cv.held_out_copies(cv.split_fold(by_patient, k)[1], k):
-            _, heat, lungs = screen_volume(vol, det, threshold=0.3)
-            reading = v.read_scan(vol, lungs)
+        for v, src, label, vol, edits, _, heat, lungs, reading in screened_copies(runs, k):
             recipe = stage_candidates(heat, vol, v, 1.0, lungs, reading.noise, reading.trace)
             cands = trace_candidates(heat, vol, lungs, n, recipe, trace=smooth_map(vol, lungs, reading.noise[0]))
             for r, f in enumerate(cands):

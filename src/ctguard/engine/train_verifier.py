@@ -259,34 +259,32 @@ def source_copies(cfg: dict, src, seed: int):
 
 
 def trace_peaks_of(cfg: dict) -> int:
-    """The config's ``verifier_trace_peaks`` (0: off), or a one-line error, also where the stage
-    reads what rows of other candidates cannot give (a scan reference, patches, a second look)."""
-    value = cfg["verifier_trace_peaks"]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"the config's verifier_trace_peaks must be a whole number of peaks, 0 or more, not {value!r}")
-    if value:
-        if not cfg["verifier_resampling"]:
-            raise InputError("the config's verifier_trace_peaks needs verifier_resampling (the stage must read the trace it was given the places by)")
-        for key in ("verifier_scan_reference", "verifier_patches"):
-            if config_flag(cfg, key):
-                raise InputError(f"the config's verifier_trace_peaks cannot be used with {key}")
-        if cfg["verifier_refine_from"] is not None:
-            raise InputError("the config's verifier_trace_peaks cannot be used with verifier_refine_from")
-    return int(value)
+    """The config's ``verifier_trace_peaks`` (0: off), or a one-line error (:func:`peaks_setting`;
+    the trace's peaks also need the stage to read the trace, ``verifier_resampling``)."""
+    value = peaks_setting(cfg, "verifier_trace_peaks")
+    if value and not cfg["verifier_resampling"]:
+        raise InputError("the config's verifier_trace_peaks needs verifier_resampling (the stage must read the trace it was given the places by)")
+    return value
 
 
 def smooth_peaks_of(cfg: dict) -> int:
-    """The config's ``verifier_smooth_peaks`` (0: off), or a one-line error, also where the stage
-    reads what rows of other candidates cannot give (as :func:`trace_peaks_of`)."""
-    value = cfg["verifier_smooth_peaks"]
+    """The config's ``verifier_smooth_peaks`` (0: off), or a one-line error (:func:`peaks_setting`)."""
+    return peaks_setting(cfg, "verifier_smooth_peaks")
+
+
+def peaks_setting(cfg: dict, key: str) -> int:
+    """A number of a map's peaks the config's ``key`` asks the stage to take as candidates (0: off),
+    or a one-line error: not a whole number from 0, or asked for where the stage reads what rows
+    of other candidates cannot give (a scan reference, patches, a second look)."""
+    value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"the config's verifier_smooth_peaks must be a whole number of peaks, 0 or more, not {value!r}")
+        raise InputError(f"the config's {key} must be a whole number of peaks, 0 or more, not {value!r}")
     if value:
-        for key in ("verifier_scan_reference", "verifier_patches"):
-            if config_flag(cfg, key):
-                raise InputError(f"the config's verifier_smooth_peaks cannot be used with {key}")
+        for other in ("verifier_scan_reference", "verifier_patches"):
+            if config_flag(cfg, other):
+                raise InputError(f"the config's {key} cannot be used with {other}")
         if cfg["verifier_refine_from"] is not None:
-            raise InputError("the config's verifier_smooth_peaks cannot be used with verifier_refine_from")
+            raise InputError(f"the config's {key} cannot be used with verifier_refine_from")
     return int(value)
 
 
