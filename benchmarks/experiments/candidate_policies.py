@@ -8,7 +8,8 @@ Usage:
 RUNS holds the folds' trained runs (``RUNS/foldK/model.pt``, as ``cross_validate.py --out RUNS``
 leaves them). For each fold, on the same held-out copies as ``cross_validate.py`` (the same seeds),
 it takes the network's maxima from 0.05 with no cap and the resampling trace's 60 strongest peaks
-not among the network's first 40, scores each once with the fold's stage, and keeps which held-out
+not among the network's first 40 (and, for a stage with ``smooth_peaks``, the smooth map's peaks it
+takes itself, in every policy), scores each once with the fold's stage, and keeps which held-out
 edit (of the candidate's kind or of any kind) each lies at, with ``near`` as the cross-validation
 counts it (``OUT/foldK.json``, 4-6 min a fold). A stage reads each candidate on its own (no scan
 reference), so a policy (the network's from a threshold t, at most c, and the trace's first n)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +34,7 @@ import cross_validate as cv  # noqa: E402
 
 from ctguard import api  # noqa: E402
 from ctguard.engine.train_verifier import near  # noqa: E402
-from ctguard.screen import findings_from, load_detector, screen_volume, trace_candidates, verify_findings  # noqa: E402
+from ctguard.screen import findings_from, load_detector, screen_volume, stage_candidates, trace_candidates, verify_findings  # noqa: E402
 
 RECIPE = (0.3, 40, 20)  # the recipe's stage: the network's maxima from 0.3, at most 40; the trace's first 20 peaks
 POLICIES = [RECIPE, (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20)]
@@ -57,11 +59,12 @@ def collect(runs: Path, out: Path, folds: list[int]) -> None:
         for v, src, label, vol, edits, result, heat, lungs, reading in screened_copies(runs, k):
             net = findings_from(heat, vol, 0.05)
             peaks = trace_candidates(heat, vol, lungs, 60, net[:40], reading.noise[0], reading.trace)
-            for source, found in (("net", net), ("trace", peaks)):
+            smooth = own_smooth_peaks(v, heat, vol, lungs, reading)
+            for source, found in (("net", net), ("trace", peaks), ("smooth", smooth)):
                 for r, f in enumerate(found):
                     f["source"], f["rank"] = source, r
             cands = []
-            for f in verify_findings(vol, lungs, net + peaks, v, reading.noise, reading.reference):
+            for f in verify_findings(vol, lungs, net + peaks + smooth, v, reading.noise, reading.reference):
                 at = [j for j, e in enumerate(edits) if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)]
                 cands.append({"source": f["source"], "rank": f["rank"], "network": f["network_score"], "score": f["score"], "kind": f["kind"],
                               "at": at, "at_kind": [j for j in at if edits[j].kind == f["kind"]]})
@@ -74,10 +77,21 @@ def collect(runs: Path, out: Path, folds: list[int]) -> None:
         (out / f"fold{k}.json").write_text(json.dumps(rows) + "\n")
 
 
+def own_smooth_peaks(v, heat, vol, lungs, reading) -> list[dict]:
+    """The smooth map's peaks a stage with ``smooth_peaks`` takes (after the recipe's network
+    candidates and trace peaks, as screening takes them); none for a stage without."""
+    if not int(v.meta.get("smooth_peaks", 0)):
+        return []
+    full = stage_candidates(heat, vol, v, 1.0, lungs, reading.noise, reading.trace, reading.smooth)
+    return full[len(stage_candidates(heat, vol, replace(v, meta={**v.meta, "smooth_peaks": 0}), 1.0, lungs, reading.noise, reading.trace)):]
+
+
 def taken(copy: dict, t: float, cap: int, n_peaks: int) -> list[dict]:
-    """The candidates a policy takes on a copy: the network's from ``t`` (best first, at most ``cap``) and the trace's first ``n_peaks``."""
+    """The candidates a policy takes on a copy: the network's from ``t`` (best first, at most ``cap``),
+    the trace's first ``n_peaks`` and the stage's own smooth peaks (where it takes them)."""
     net = sorted((c for c in copy["candidates"] if c["source"] == "net" and c["network"] >= t), key=lambda c: c["rank"])[:cap]
-    return net + sorted((c for c in copy["candidates"] if c["source"] == "trace"), key=lambda c: c["rank"])[:n_peaks]
+    return net + sorted((c for c in copy["candidates"] if c["source"] == "trace"), key=lambda c: c["rank"])[:n_peaks] + \
+        [c for c in copy["candidates"] if c["source"] == "smooth"]
 
 
 def policy(folds: dict, t: float, cap: int, n_peaks: int, threshold: float | None = None) -> dict:
