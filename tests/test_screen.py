@@ -771,6 +771,18 @@ MAP_PEAKS_RECIPE = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape
                     "verifier_resampling": True, "verifier_per_scan": 2, "verifier_boosting": "histogram"}
 
 
+def _map_peaks_screening(det):
+    """A fresh phantom of :data:`MAP_PEAKS_RECIPE`'s set-up screened by ``det``: ``(vol, lungs,
+    heat, the candidates its stage takes, the network's own: from the stage's 0.3, its cap of 4)``."""
+    from ctguard.lung import lung_mask
+    from ctguard.screen import findings_from, heatmap, stage_candidates
+
+    vol = phantom_source(77, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    lungs = lung_mask(vol)
+    heat = heatmap(vol, det, lungs)
+    return vol, lungs, heat, stage_candidates(heat, vol, det.verifier, 1.0, lungs), findings_from(heat, vol, 0.3)[:4]
+
+
 def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     """``verifier_trace_peaks``: each training copy's rows also hold the resampling trace's strongest
     peaks that the network's candidates do not already hold (kept beside the source's rows, under
@@ -778,8 +790,7 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     stage then takes the same peaks in screening, after the network's candidates. Training makes both
     kinds of rows in one pass over each source's copies; made apart they are the same."""
     from ctguard.engine.train_verifier import _source_rows, _trace_rows, run_rows, source_rows, stage_network, trace_rows
-    from ctguard.lung import lung_mask
-    from ctguard.screen import findings_from, heatmap, load_detector, stage_candidates
+    from ctguard.screen import load_detector
     from ctguard.verifier import scan_noise, trace_peaks
 
     cfg = {**MAP_PEAKS_RECIPE, "verifier_trace_peaks": 3}
@@ -805,11 +816,7 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
             assert kept.keys() == apart.keys() and all(np.array_equal(kept[k], apart[k]) for k in kept)
     det = load_detector(str(run / "model.pt"))
     assert det.verifier.meta["trace_peaks"] == 3
-    vol = phantom_source(77, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
-    lungs = lung_mask(vol)
-    heat = heatmap(vol, det, lungs)
-    taken = stage_candidates(heat, vol, det.verifier, 1.0, lungs)
-    network = findings_from(heat, vol, 0.3)[:4]  # the network's own: from the stage's 0.3, its cap of 4
+    vol, lungs, heat, taken, network = _map_peaks_screening(det)
     peaks = trace_peaks(vol, lungs, scan_noise(vol, lungs)[0], 3, np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
     assert taken[: len(network)] == network
     assert len(peaks) and [f["voxel"] for f in taken[len(network):]] == [[round(float(c), 1) for c in p] for p in peaks]
@@ -861,8 +868,7 @@ def test_second_stage_takes_the_smooth_maps_peaks_as_candidates(tmp_path):
     peaks that the network's candidates do not already hold, labelled as candidates are, and the
     detector's stage takes the same peaks in screening after the network's candidates."""
     from ctguard.engine.train_verifier import run_rows, source_rows, stage_network, trace_rows
-    from ctguard.lung import lung_mask
-    from ctguard.screen import findings_from, heatmap, load_detector, stage_candidates
+    from ctguard.screen import load_detector, stage_candidates
     from ctguard.verifier import scan_noise, smooth_map, strongest_peaks
 
     cfg = {**MAP_PEAKS_RECIPE, "verifier_smooth_peaks": 2}
@@ -882,11 +888,7 @@ def test_second_stage_takes_the_smooth_maps_peaks_as_candidates(tmp_path):
         assert np.array_equal(part["x"][n:], peaks["x"]) and part["candidate"][n:].all()
     det = load_detector(str(run / "model.pt"))
     assert det.verifier.meta["smooth_peaks"] == 2
-    vol = phantom_source(77, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
-    lungs = lung_mask(vol)
-    heat = heatmap(vol, det, lungs)
-    taken = stage_candidates(heat, vol, det.verifier, 1.0, lungs)
-    network = findings_from(heat, vol, 0.3)[:4]
+    vol, lungs, heat, taken, network = _map_peaks_screening(det)
     peaks = strongest_peaks(smooth_map(vol, lungs, scan_noise(vol, lungs)[0]), vol.spacing, 2,
                             np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
     assert taken[: len(network)] == network

@@ -34,7 +34,8 @@ import cross_validate as cv  # noqa: E402
 
 from ctguard import api  # noqa: E402
 from ctguard.engine.train_verifier import near  # noqa: E402
-from ctguard.screen import findings_from, load_detector, screen_volume, stage_candidates, trace_candidates, verify_findings  # noqa: E402
+from ctguard.screen import (findings_from, load_detector, screen_volume, smooth_candidates, stage_candidates,  # noqa: E402
+                            trace_candidates, verify_findings)
 
 RECIPE = (0.3, 40, 20)  # the recipe's stage: the network's maxima from 0.3, at most 40; the trace's first 20 peaks
 POLICIES = [RECIPE, (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20)]
@@ -82,8 +83,8 @@ def own_smooth_peaks(v, heat, vol, lungs, reading) -> list[dict]:
     candidates and trace peaks, as screening takes them); none for a stage without."""
     if not int(v.meta.get("smooth_peaks", 0)):
         return []
-    full = stage_candidates(heat, vol, v, 1.0, lungs, reading.noise, reading.trace, reading.smooth)
-    return full[len(stage_candidates(heat, vol, replace(v, meta={**v.meta, "smooth_peaks": 0}), 1.0, lungs, reading.noise, reading.trace)):]
+    before = stage_candidates(heat, vol, replace(v, meta={**v.meta, "smooth_peaks": 0}), 1.0, lungs, reading.noise, reading.trace)
+    return smooth_candidates(heat, vol, lungs, int(v.meta["smooth_peaks"]), before, reading.noise[0], reading.smooth)
 
 
 def taken(copy: dict, t: float, cap: int, n_peaks: int) -> list[dict]:

@@ -40,11 +40,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cross_validate import FOLDS, held_out_places, patient_scans  # noqa: E402
 
 from ctguard import api  # noqa: E402
-from ctguard.engine.train_slice_stage import (LABELS, SLICE_DEFAULTS, clean_rows, entry_rows, fit_trees, network_only,  # noqa: E402
-                                              phantom_rows, scan_entries, slice_rows, slice_threshold, stage_settings)
+from ctguard.engine.train_slice_stage import (LABELS, SLICE_DEFAULTS, candidate_rows, clean_rows, entry_rows, fit_trees,  # noqa: E402
+                                              network_only, phantom_rows, scan_entries, slice_candidates, slice_rows,
+                                              slice_threshold, stage_settings, tree_probabilities)
 from ctguard.engine.train_verifier import near  # noqa: E402
-from ctguard.screen import load_detector2d, screen_slice, stage_candidates  # noqa: E402
-from ctguard.verifier import axial_slice, finite_rows, slice_columns, slice_inputs  # noqa: E402
+from ctguard.screen import load_detector2d  # noqa: E402
+from ctguard.verifier import axial_slice  # noqa: E402
 
 
 def test_places(held: dict[str, list[dict]], fold: int, det, stage) -> tuple[np.ndarray, list[str], list[tuple]]:
@@ -62,26 +63,18 @@ def edit_slice(det, stage, vol, edit) -> tuple:
     """The axial slice through ``edit``'s centre screened alone by the network ``det``: ``(edit's
     kind, rows of the candidates the stage takes that lie near the edit)``."""
     one = axial_slice(vol, edit.voxel[0])
-    _, heat, lungs = screen_slice(one, det, threshold=1.0)
-    at = np.asarray([c["voxel"] for c in stage_candidates(heat, one, stage, 1.0, lungs)], float).reshape(-1, 3)
+    at, lungs = slice_candidates(det, stage, one)
     at = np.asarray([a for a in at if near((np.rint(edit.voxel[0]), *a[1:]), edit.voxel, edit.diameter_mm, vol.spacing)]).reshape(-1, 3)
-    return edit.kind, slice_inputs(one, at, lungs) if len(at) else np.zeros((0, len(stage.meta["names"])))
-
-
-def probabilities(trees, x: np.ndarray) -> np.ndarray:
-    p = np.zeros((len(x), 3))
-    if len(x):
-        p[:, trees.classes_.astype(int)] = trees.predict_proba(finite_rows(x[:, slice_columns()]))
-    return p
+    return edit.kind, candidate_rows(stage, one, at, lungs)
 
 
 def operating_point(trees, thr: float, held_clean: list, n_slices: int, edits: list[tuple]) -> dict:
     """Findings on the ``n_slices`` clean held-out slices (``held_clean``: their candidates' rows)
     and edits found (a candidate of the edit's kind near it at ``thr`` or more) at the threshold ``thr``."""
-    false = sum(int((1.0 - probabilities(trees, x)[:, 0] >= thr).sum()) for x, _, _ in held_clean)
+    false = sum(int((1.0 - tree_probabilities(trees, x)[:, 0] >= thr).sum()) for x, _, _ in held_clean)
     found = 0
     for kind, x in edits:
-        p = probabilities(trees, x)
+        p = tree_probabilities(trees, x)
         right = p[:, 1] >= p[:, 2] if kind == "injected" else p[:, 2] > p[:, 1]
         found += bool(((1.0 - p[:, 0] >= thr) & right).any())
     return {"false_findings": false, "n_slices": n_slices, "edits_found": found, "n_edits": len(edits)}
@@ -128,7 +121,7 @@ def main() -> None:
         thr, fit, _ = slice_threshold(cfg, x, y, groups, [c for c in clean if c[2] not in held])
         held_clean = [c for c in clean if c[2] in held]
         op = operating_point(trees, thr, held_clean, per_source * len(held_clean), edits)
-        p_t = 1.0 - probabilities(trees, x_test)[:, 0]
+        p_t = 1.0 - tree_probabilities(trees, x_test)[:, 0]
         row = {"fold": k, "held_out": fold["held_out"], "train_rows": int(len(y)), **aucs(p_t, what), "threshold": thr,
                "train_false_per_clean_slice": fit["false_per_clean_slice"][str(thr)], **op,
                "false_per_clean_slice": round(op["false_findings"] / max(op["n_slices"], 1), 4)}

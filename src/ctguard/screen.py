@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import ScanReading, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
+from ctguard.verifier import ScanReading, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -414,17 +414,18 @@ def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.
     noise_xy = None if noise is None else noise[0]
     taken = taken_candidates(findings_from(heat, vol, cand_thr), vol, lungs, int(verifier.meta.get("max_candidates", 40)),
                              None if weight is None else float(weight), noise_xy)
-    n_peaks = int(verifier.meta.get("trace_peaks", 0))
-    if n_peaks:
-        if lungs is None:
-            raise ValueError("this second stage also takes the resampling trace's peaks as candidates: pass the lung mask")
-        taken = taken + trace_candidates(heat, vol, lungs, n_peaks, taken, noise_xy, trace)
-    n_smooth = int(verifier.meta.get("smooth_peaks", 0))
-    if n_smooth:
-        if lungs is None:
-            raise ValueError("this second stage also takes the smooth map's peaks as candidates: pass the lung mask")
-        taken = taken + smooth_candidates(heat, vol, lungs, n_smooth, taken, noise_xy, smooth)
-    return taken
+    n_peaks, n_smooth = int(verifier.meta.get("trace_peaks", 0)), int(verifier.meta.get("smooth_peaks", 0))
+    if not (n_peaks or n_smooth):
+        return taken
+    if lungs is None:
+        raise ValueError("this second stage also takes peaks of the lungs' maps as candidates: pass the lung mask")
+    want_trace, want_smooth = n_peaks > 0 and trace is None, n_smooth > 0 and smooth is None
+    if want_trace or want_smooth:  # the maps the caller has not read, from one pass
+        read_trace, read_smooth = lung_maps(vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy,
+                                            trace=want_trace, smooth=want_smooth)
+        trace, smooth = read_trace if want_trace else trace, read_smooth if want_smooth else smooth
+    taken = taken + peak_candidates(heat, vol, trace, n_peaks, taken)
+    return taken + peak_candidates(heat, vol, smooth, n_smooth, taken)
 
 
 TRACE_PEAK_RADIUS_MM = 8.0  # the radius a candidate from the trace's map reports (the map's window)

@@ -198,8 +198,7 @@ def clean_slice_rows(det, vol, stage, n: int, name: str = "") -> tuple[np.ndarra
     untouched scan ``vol``, each slice screened alone by the network ``det`` (no second stage), and
     each row's slice, ``0..n-1``. The slices are spread evenly over :func:`lung_slices`, each the
     first from its place whose own lungs screening finds (it refuses a slice without)."""
-    from ctguard.screen import screen_slice, stage_candidates
-    from ctguard.verifier import axial_slice, slice_inputs
+    from ctguard.verifier import axial_slice
 
     ok = lung_slices(vol)
     xs, which, taken = [], [], set()
@@ -207,19 +206,45 @@ def clean_slice_rows(det, vol, stage, n: int, name: str = "") -> tuple[np.ndarra
         for z in (int(z) for z in ok[start:] if int(z) not in taken):
             one = axial_slice(vol, z)
             try:
-                _, heat, lungs = screen_slice(one, det, threshold=1.0)
+                at, lungs = slice_candidates(det, stage, one)
             except InputError:  # no lungs found in this slice alone
                 continue
-            at = np.asarray([c["voxel"] for c in stage_candidates(heat, one, stage, 1.0, lungs)], float).reshape(-1, 3)
-            if len(at):
-                xs.append(slice_inputs(one, at, lungs))
-                which += [len(taken)] * len(at)
+            xs.append(candidate_rows(stage, one, at, lungs))
+            which += [len(taken)] * len(at)
             taken.add(z)
             break
     if len(taken) < n:
         raise InputError(f"only {len(taken)} of its slices show lungs on their own; the slice stage's threshold counts {n}", name or None)
-    width = len(stage.meta["names"])
-    return (np.concatenate(xs) if xs else np.zeros((0, width))), np.asarray(which, np.int64)
+    return (np.concatenate(xs) if xs else candidate_rows(stage, None, np.zeros((0, 3)), None)), np.asarray(which, np.int64)
+
+
+def slice_candidates(det, stage, one) -> tuple[np.ndarray, np.ndarray]:
+    """The single slice ``one`` screened alone by the network ``det`` (no second stage): the places
+    ``(n, 3)`` of the candidates the slice stage ``stage`` re-scores there, and the slice's lung
+    mask. Raises InputError where the slice alone shows no lungs, as screening does."""
+    from ctguard.screen import screen_slice, stage_candidates
+
+    _, heat, lungs = screen_slice(one, det, threshold=1.0)
+    return np.asarray([c["voxel"] for c in stage_candidates(heat, one, stage, 1.0, lungs)], float).reshape(-1, 3), lungs
+
+
+def candidate_rows(stage, one, at: np.ndarray, lungs) -> np.ndarray:
+    """The stage's rows at the places ``at`` of the slice ``one`` (:func:`ctguard.verifier.slice_inputs`;
+    none read where there are no places)."""
+    from ctguard.verifier import slice_inputs
+
+    return slice_inputs(one, at, lungs) if len(at) else np.zeros((0, len(stage.meta["names"])))
+
+
+def tree_probabilities(trees, x: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` probabilities (genuine, injected, removed) of the fitted trees ``trees``
+    (:func:`fit_trees`) at rows ``x`` (every column)."""
+    from ctguard.verifier import finite_rows, slice_columns
+
+    p = np.zeros((len(x), 3))
+    if len(x):
+        p[:, trees.classes_.astype(int)] = trees.predict_proba(finite_rows(x[:, slice_columns()]))
+    return p
 
 
 def network_only(path: Path):
@@ -262,7 +287,6 @@ def slice_threshold(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     (:func:`clean_rows`); what it rests on (findings per clean slice at a few thresholds); and each
     clean candidate's out-of-patient score."""
     from ctguard.engine.train_verifier import lowest_within, oof_folds, patient_splits
-    from ctguard.verifier import finite_rows, slice_columns
 
     cx = np.concatenate([r for r, _, _ in clean])
     cgroups = np.concatenate([np.full(len(r), g, dtype=object) for r, _, g in clean])
@@ -273,10 +297,7 @@ def slice_threshold(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     for tr, te in patient_splits(groups, oof_folds(cfg)):
         at = np.isin(cgroups, np.unique(groups[te]))
         if at.any():
-            trees = fit_trees(cfg, x[tr], y[tr])
-            p = np.zeros((int(at.sum()), 3))
-            p[:, trees.classes_.astype(int)] = trees.predict_proba(finite_rows(cx[at][:, slice_columns()]))
-            score[at] = 1.0 - p[:, 0]
+            score[at] = 1.0 - tree_probabilities(fit_trees(cfg, x[tr], y[tr]), cx[at])[:, 0]
     if np.isnan(score).any():
         raise InputError("the slice stage's untouched sources must all be among its training sources")
 
