@@ -219,8 +219,10 @@ def _near(f: dict, voxel, diameter_mm: float, vol) -> bool:
 
 
 def best_at(findings: list[dict], kind: str, voxel, diameter_mm: float, vol) -> float:
-    """The highest score of the ``kind`` findings at an edit or lesion (``near`` its centre ``voxel``), or 0."""
-    return max((f["score"] for f in findings if f["kind"] == kind and _near(f, voxel, diameter_mm, vol)), default=0.0)
+    """The highest score of the ``kind`` findings at an edit or lesion (``near`` its centre ``voxel``,
+    or one of the places merged into it, ``also_at``), or 0."""
+    return max((p["score"] for f in findings if f["kind"] == kind for p in [f, *f.get("also_at", [])]
+                if _near(p, voxel, diameter_mm, vol)), default=0.0)
 
 
 def _auc(pos: list[float], neg: list[float]) -> float | None:

@@ -200,6 +200,7 @@ def test_demo_finds_its_injection_and_nothing_else(tmp_path, capsys):
     spacing = out["result"]["spacing_mm"]
     for f in out["result"]["findings"]:
         assert any(near(f["voxel"], t["voxel"], t["diameter_mm"], spacing) for t in out["truth"]), f
+    assert len(out["result"]["findings"]) <= len(out["truth"])  # one finding an edit
     assert out["matched"] == [n is not None and n["score"] >= thr and n["kind"] == t["kind"]
                               for n, t in zip(out["nearest"], out["truth"])]
     assert out["result"]["verdict"] == ("tampered" if any(out["matched"]) else "clean")
@@ -1686,3 +1687,21 @@ def test_a_stage_with_the_resampling_trace_reads_it_at_each_place_and_its_recent
                     ({"trace_scan": True}, stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True, trace_reference=reference))):
         v, clf = _fitted_stage(x, {"uses_network": True, "recentre": True, "resampling": True, **meta})
         assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
+
+
+def test_places_of_one_edit_are_one_finding():
+    """The stage's scored places closer than 24 mm to a better one of the same kind are listed in its
+    ``also_at``, not on their own; another kind, or a place farther off, stays a finding of its own."""
+    from ctguard.screen import merged
+
+    def place(kind, score, voxel):
+        return {"kind": kind, "score": score, "voxel": voxel, "radius_mm": 8.0}
+
+    scored = [place("removed", 0.99, [10, 100, 100]), place("removed", 0.98, [10, 100, 120]),  # 20 mm at 1 mm pixels
+              place("injected", 0.97, [10, 100, 110]), place("removed", 0.96, [10, 100, 130]),  # 30 mm from the first
+              place("removed", 0.2, [12, 100, 100])]
+    out = merged(scored, (2.0, 1.0, 1.0))
+    assert [(f["kind"], f["score"]) for f in out] == [("removed", 0.99), ("injected", 0.97), ("removed", 0.96)]
+    assert out[0]["also_at"] == [{"voxel": [10, 100, 120], "score": 0.98}, {"voxel": [12, 100, 100], "score": 0.2}]
+    assert "also_at" not in out[1] and "also_at" not in out[2]
+    assert "also_at" not in scored[0]  # the stage's own list is left as it was

@@ -505,6 +505,25 @@ def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, A
     return sorted(out, key=lambda f: -f["score"])
 
 
+def merged(scored: list[dict[str, Any]], spacing, within_mm: float = NMS_MM) -> list[dict[str, Any]]:
+    """The second stage's scored places (best first), one per edit: a place closer than
+    ``within_mm`` (the network's own suppression distance) to a better-scored place of the same kind
+    is not listed on its own but in that place's ``also_at`` (its voxel and score). The network's
+    candidates lie 24 mm apart, but the trace's and the smooth map's peaks lie 12 mm apart and up to
+    4 mm from them, so one edit of 15 mm or more may hold two or three scored places."""
+    kept: list[dict[str, Any]] = []
+    sp = np.asarray(spacing, float)
+    for f in scored:
+        v = np.asarray(f["voxel"], float)
+        into = next((g for g in kept if g["kind"] == f["kind"]
+                     and np.linalg.norm((v - np.asarray(g["voxel"], float)) * sp) < within_mm), None)
+        if into is None:
+            kept.append(dict(f))
+        else:
+            into.setdefault("also_at", []).append({"voxel": f["voxel"], "score": f["score"]})
+    return kept
+
+
 def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float,
             lungs: np.ndarray | None = None, verifier=None, reading: ScanReading | None = None) -> dict[str, Any]:
     """The screening JSON of docs/DESIGN.md. ``reading``: the stage's reading of the whole scan
@@ -512,7 +531,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
     if verifier is not None and lungs is not None:
         reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
         candidates = stage_candidates(heat, vol, verifier, thr, lungs, reading.noise, reading.trace, reading.smooth)
-        scored = verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference)
+        scored = merged(verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference), vol.spacing)
         findings = [f for f in scored if f["score"] >= thr]
         score = max((f["score"] for f in scored), default=0.0)
     else:
