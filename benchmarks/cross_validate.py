@@ -41,6 +41,7 @@ from ctguard import api, io
 from ctguard.engine.train_verifier import near, negatives
 from ctguard.lung import lung_depth, lung_mask
 from ctguard.screen import (
+    every_place,
     load_detector,
     load_detector2d,
     score_locations,
@@ -221,7 +222,7 @@ def _near(f: dict, voxel, diameter_mm: float, vol) -> bool:
 def best_at(findings: list[dict], kind: str, voxel, diameter_mm: float, vol) -> float:
     """The highest score of the ``kind`` findings at an edit or lesion (``near`` its centre ``voxel``,
     or one of the places merged into it, ``also_at``), or 0."""
-    return max((p["score"] for f in findings if f["kind"] == kind for p in [f, *f.get("also_at", [])]
+    return max((p["score"] for f in findings if f["kind"] == kind for p in every_place([f])
                 if _near(p, voxel, diameter_mm, vol)), default=0.0)
 
 

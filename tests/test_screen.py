@@ -1005,7 +1005,7 @@ def test_second_stage_reads_places_against_the_scans_candidates(tmp_path):
     against themselves); scoring other places needs the scan's reference."""
     from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, row_names, with_scan_reference
     from ctguard.errors import InputError
-    from ctguard.screen import findings_from, finding_probabilities, heatmap, load_detector, score_locations, screen_volume
+    from ctguard.screen import findings_from, every_place, finding_probabilities, heatmap, load_detector, score_locations, screen_volume
     from ctguard.verifier import Verifier, finite_rows, scan_noise
 
     cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
@@ -1044,7 +1044,7 @@ def test_second_stage_reads_places_against_the_scans_candidates(tmp_path):
     at, p_cands = np.asarray([f["voxel"] for f in cands], float), finding_probabilities(cands)
     rows = finite_rows(v.rows(vol, at, p_cands, scan_noise(vol, lungs)))
     by_hand = v.probabilities(np.hstack([rows, rows - np.median(rows, axis=0)]))
-    scores = {tuple(p["voxel"]): p["score"] for f in result["findings"] for p in [f, *f.get("also_at", [])]}  # every scored place
+    scores = {tuple(p["voxel"]): p["score"] for p in every_place(result["findings"])}  # every scored place
     assert sorted(scores) == sorted(tuple(c["voxel"]) for c in cands)
     assert np.allclose([scores[tuple(c["voxel"])] for c in cands], 1 - by_hand[:, 0], atol=1e-4)
     places = np.asarray([[20.0, 48.0, 30.0], [20.0, 40.0, 66.0]])
@@ -1063,7 +1063,7 @@ def test_second_stage_checks_injected_places_against_genuine_nodules(tmp_path):
     threshold's out-of-patient scores and in screening; saved in the stage's file."""
     from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, nodule_specs, nodule_table
     from ctguard.errors import InputError
-    from ctguard.screen import findings_from, finding_probabilities, heatmap, load_detector, screen_volume
+    from ctguard.screen import findings_from, every_place, finding_probabilities, heatmap, load_detector, screen_volume
     from ctguard.verifier import Verifier, finite_rows, nodule_checked, scan_noise
 
     p = np.array([[0.2, 0.7, 0.1], [0.5, 0.1, 0.4]], np.float32)
@@ -1113,7 +1113,7 @@ def test_second_stage_checks_injected_places_against_genuine_nodules(tmp_path):
     x = finite_rows(v.rows(vol, at, finding_probabilities(cands), scan_noise(vol, lungs)))
     p_stage, q_at = v.probabilities(x), v.nodules.probabilities(x)[:, 1]
     expect = 1 - (p_stage[:, 0] + p_stage[:, 1] * (1 - q_at))
-    scores = {tuple(p["voxel"]): p["score"] for f in result["findings"] for p in [f, *f.get("also_at", [])]}  # every scored place
+    scores = {tuple(p["voxel"]): p["score"] for p in every_place(result["findings"])}  # every scored place
     assert np.allclose([scores[tuple(c["voxel"])] for c in cands], expect, atol=1e-4)
     # A stage whose file lost the check's trees is refused by name.
     with np.load(run / "model.verifier.npz") as d:

@@ -37,7 +37,7 @@ from ctguard.engine.train_verifier import near  # noqa: E402
 from ctguard.screen import (findings_from, load_detector, screen_volume, smooth_candidates, stage_candidates,  # noqa: E402
                             trace_candidates, verify_findings)
 
-RECIPE = (0.3, 40, 20)  # the recipe's stage: the network's maxima from 0.3, at most 40; the trace's first 20 peaks
+RECIPE = (0.3, 40, 20)  # v0.14's recipe (the stages these policies were first read on): the network's maxima from 0.3, at most 40; the trace's first 20 peaks
 POLICIES = [RECIPE, (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20)]
 CEILING = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 

@@ -511,17 +511,28 @@ def merged(scored: list[dict[str, Any]], spacing, within_mm: float = NMS_MM) -> 
     is not listed on its own but in that place's ``also_at`` (its voxel and score). The network's
     candidates lie 24 mm apart, but the trace's and the smooth map's peaks lie 12 mm apart and up to
     4 mm from them, so one edit of 15 mm or more may hold two or three scored places."""
-    kept: list[dict[str, Any]] = []
-    sp = np.asarray(spacing, float)
-    for f in scored:
-        v = np.asarray(f["voxel"], float)
-        into = next((g for g in kept if g["kind"] == f["kind"]
-                     and np.linalg.norm((v - np.asarray(g["voxel"], float)) * sp) < within_mm), None)
+    if not scored:
+        return []
+    mm = np.asarray([f["voxel"] for f in scored], float) * np.asarray(spacing, float)
+    close = np.linalg.norm(mm[:, None] - mm[None], axis=2) < within_mm
+    kept: list[int] = []
+    out: list[dict[str, Any]] = []
+    for i, f in enumerate(scored):
+        into = next((j for j, k in enumerate(kept) if close[i, k] and scored[k]["kind"] == f["kind"]), None)
         if into is None:
-            kept.append(dict(f))
+            kept.append(i)
+            out.append(dict(f))
         else:
-            into.setdefault("also_at", []).append({"voxel": f["voxel"], "score": f["score"]})
-    return kept
+            out[into].setdefault("also_at", []).append({"voxel": f["voxel"], "score": f["score"]})
+    return out
+
+
+def every_place(findings: list[dict[str, Any]]):
+    """Each finding and each place merged into it (:func:`merged`, ``also_at``): every place the
+    second stage scored, for a reader who asks whether any of them lies at a given place."""
+    for f in findings:
+        yield f
+        yield from f.get("also_at", [])
 
 
 def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float,
