@@ -263,6 +263,53 @@ def test_closing_by_rows_matches_scipy(radius):
         assert np.array_equal(close_with_ball(mask, ball), want) and not np.array_equal(want, mask)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_mask_steps_over_slabs_are_the_whole_arrays(threads):
+    """The lung mask's local steps computed on slabs of slices at once (each with its margin) give
+    every voxel the whole array's step gives: the erosion, the closing and the in-plane hole filling,
+    on random masks tall enough to be split (and the split really taken), and the whole lung mask
+    of a phantom chest with one thread and with several."""
+    from scipy import ndimage
+
+    import ctguard.lung as L
+
+    cross = ndimage.generate_binary_structure(3, 1)
+    ball = L._ball(np.asarray((3.0, 2.86, 2.86)))
+    steps = [(lambda m: ndimage.binary_erosion(m, structure=cross, iterations=2), 2),
+             (lambda m: L._by_rows(L._by_rows(m, ball, True), ball, False), 2 * (ball.shape[0] // 2)),
+             (L._fill_holes_axial, 0)]
+    for k in range(3):
+        mask = np.random.default_rng(k).random((70, 33, 41)) < 0.3 + 0.2 * k
+        for fn, reach in steps:
+            calls = []
+            got = L.in_slabs(lambda m: calls.append(len(m)) or fn(m), mask, reach, threads=threads)
+            assert len(calls) == threads and max(calls) < len(mask)
+            assert np.array_equal(got, fn(mask))
+    chest = make_chest(seed=3)
+    one, many = L.SLAB_THREADS, None
+    try:
+        L.SLAB_THREADS = 1
+        one = L.lung_mask(chest)
+        L.SLAB_THREADS = threads
+        many = L.lung_mask(chest)
+    finally:
+        L.SLAB_THREADS = 2
+    assert one.any() and np.array_equal(one, many)
+
+
+def test_sums_over_a_short_last_axis_are_numpys_bit_for_bit():
+    """The maps' cell sums over a short last axis, slice after slice, are ``sum(axis=-1)`` to the
+    last bit (float and integer, 1 to 9 values a sum)."""
+    from ctguard.verifier import _sum_last
+
+    rng = np.random.default_rng(0)
+    for n in range(1, 10):
+        x = rng.random((50, 40, n)) * 10.0 ** rng.integers(-3, 6, size=(50, 40, n))
+        assert np.array_equal(_sum_last(x).view(np.uint64), x.sum(axis=-1).view(np.uint64))
+        i = rng.integers(0, 1000, size=(7, 5, n)).astype(np.int32)
+        assert np.array_equal(_sum_last(i), i.sum(axis=-1))
+
+
 def test_single_slice_is_screened_in_2d(tampered, tmp_path):
     root, truth, spacing = tampered
     inj = truth[0]

@@ -38,7 +38,8 @@ from ctguard.screen import (findings_from, load_detector, screen_volume, smooth_
                             trace_candidates, verify_findings)
 
 RECIPE = (0.3, 40, 20)  # v0.14's recipe (the stages these policies were first read on): the network's maxima from 0.3, at most 40; the trace's first 20 peaks
-POLICIES = [RECIPE, (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20)]
+POLICIES = [RECIPE, (0.3, 40, 0), (0.1, 40, 20), (0.05, 200, 20), (0.3, 60, 20), (0.3, 40, 40), (0.3, 40, 60), (0.3, 30, 30), (0.3, 20, 20),
+            (0.3, 25, 40), (0.3, 30, 40), (0.3, 35, 40), (0.3, 40, 30), (0.3, 40, 35)]  # the last five: v0.15's 40 + 40 and less
 CEILING = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 

@@ -7,10 +7,35 @@ trachea and the air outside the body are excluded.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import numpy as np
 from scipy import ndimage
 
 from ctguard.volume import Volume
+
+
+SLAB_THREADS = 2  # threads for the mask's local steps (scipy's filters and labelling run outside the GIL)
+
+
+def in_slabs(fn: Callable[[np.ndarray], np.ndarray], a: np.ndarray, reach: int, threads: int = SLAB_THREADS) -> np.ndarray:
+    """``fn(a)`` for a step whose output at a voxel depends only on ``a`` within ``reach`` slices
+    of it (outside the array counting as ``fn`` counts it), computed on ``threads`` slabs of slices
+    at once: each slab with ``reach`` slices more on each side than it keeps, so every kept voxel
+    is the one ``fn(a)`` gives. ``fn(a)`` itself where the slabs would be thinner than their margins."""
+    n = a.shape[0]
+    if threads < 2 or n < threads * (2 * reach + 8):
+        return fn(a)
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+
+    def slab(k: int) -> np.ndarray:
+        lo, hi = int(cuts[k]), int(cuts[k + 1])
+        a0, a1 = max(lo - reach, 0), min(hi + reach, n)
+        return fn(a[a0:a1])[lo - a0 : hi - a0]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return np.concatenate(list(pool.map(slab, range(threads))))
 
 
 def _ball(radius_vox: np.ndarray) -> np.ndarray:
@@ -41,14 +66,19 @@ def _by_rows(mask: np.ndarray, ball: np.ndarray, dilate: bool) -> np.ndarray:
 
 def close_with_ball(mask: np.ndarray, ball: np.ndarray) -> np.ndarray:
     """``ndimage.binary_closing(mask, structure=ball)`` for a ball that :func:`_ball` makes
-    (symmetric, each row one run), computed row by row (see :func:`_by_rows`)."""
-    return _by_rows(_by_rows(mask, ball, True), ball, False)
+    (symmetric, each row one run), computed row by row (see :func:`_by_rows`), over slabs of slices
+    at once (:func:`in_slabs`: a closing reaches twice the ball's half-height)."""
+    return in_slabs(lambda m: _by_rows(_by_rows(m, ball, True), ball, False), mask, 2 * (ball.shape[0] // 2))
 
 
 def fill_holes_axial(mask: np.ndarray) -> np.ndarray:
     """``ndimage.binary_fill_holes`` on every axial slice, in one pass: background that no in-plane
     4-connected path joins to the slice's edge is a hole. The same voxels as slice by slice, 5-10x
-    faster on a whole scan (tested)."""
+    faster on a whole scan (tested); over slabs of slices at once (:func:`in_slabs`)."""
+    return in_slabs(_fill_holes_axial, mask, 0)
+
+
+def _fill_holes_axial(mask: np.ndarray) -> np.ndarray:
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     labels, n = ndimage.label(~mask, structure=in_plane)
@@ -107,14 +137,21 @@ def lung_mask(vol: Volume, threshold: float = -400.0, close_mm: float = 6.0, min
         nz, ny, nx = coarse.shape
         rows = np.repeat(coarse, step, axis=2) if step > 1 else coarse
         full = np.empty((nz * step_z, ny * step, nx * step), dtype=bool)
-        full.reshape(nz, step_z, ny, step, nx * step)[...] = rows[:, None, :, None, :]
+        blocks = full.reshape(nz, step_z, ny, step, nx * step)
+
+        def widen(part: slice) -> None:
+            blocks[part] = rows[part, None, :, None, :]
+
+        cuts = np.linspace(0, nz, SLAB_THREADS + 1).astype(int)
+        with ThreadPoolExecutor(SLAB_THREADS) as pool:  # a copy of the whole scan's size: two halves at once
+            list(pool.map(widen, [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]))
         return full[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
     body = body_mask(vol)
     single = vol.shape[0] == 1
     cross = ndimage.generate_binary_structure(3, 1)
     if single:
         cross[0] = cross[2] = False  # in-plane only: no neighbours above or below a lone slice
-    inner = ndimage.binary_erosion(body, structure=cross, iterations=2) if body.any() else body
+    inner = in_slabs(lambda m: ndimage.binary_erosion(m, structure=cross, iterations=2), body, 2) if body.any() else body
     dark = (vol.hu < threshold) & inner
     labels, n = ndimage.label(dark)
     if n == 0:

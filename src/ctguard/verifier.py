@@ -500,7 +500,7 @@ def lung_maps(vol: Volume, lungs: np.ndarray, noise_xy: float, trace: bool = Tru
     in_lung = np.empty((nz, ny, nx), np.int32)  # each cell's lung voxels
     for c in range(nz):
         layer = lungs[zs[c * bz: (c + 1) * bz], y0: y0 + ny * b[1], x0: x0 + nx * b[2]]
-        in_lung[c] = layer.reshape(bz, ny, b[1], nx * b[2]).sum(axis=(0, 2), dtype=np.int32).reshape(ny, nx, b[2]).sum(axis=2)
+        in_lung[c] = _sum_last(layer.reshape(bz, ny, b[1], nx * b[2]).sum(axis=(0, 2), dtype=np.int32).reshape(ny, nx, b[2]))
         hu = vol.hu[zs[c * bz: (c + 1) * bz], rows, cols].astype(np.float32)
         r = hu - ndimage.uniform_filter(hu, (1, 3, 3), mode="nearest")
         e = np.clip(r[:, oy: oy + ny * b[1], ox: ox + nx * b[2]], -clip, clip) ** 2
@@ -510,15 +510,15 @@ def lung_maps(vol: Volume, lungs: np.ndarray, noise_xy: float, trace: bool = Tru
         for a, (keep_x, keep_y) in zip((e, e * e), sums):
             slab = a.sum(axis=0, dtype=np.float64)
             keep_x[c] = slab.reshape(ny, b[1], nx * b[2]).sum(axis=1)
-            keep_y[c] = slab.reshape(ny * b[1], nx, b[2]).sum(axis=2)
+            keep_y[c] = _sum_last(slab.reshape(ny * b[1], nx, b[2]))
     keep = in_lung > 0.5 * n_cell  # cells mostly lung
     cz, cy, cx = np.nonzero(keep)
     centres = np.stack([zs[cz * bz + bz // 2], y0 + cy * b[1] + b[1] / 2.0, x0 + cx * b[2] + b[2] / 2.0], axis=1).astype(float)
     found = None
     if ripple:
         along_x, along_y = sums[0]
-        total = along_x.reshape(nz, ny, nx, b[2]).sum(axis=3)
-        squares = sums[1][0].reshape(nz, ny, nx, b[2]).sum(axis=3)
+        total = _sum_last(along_x.reshape(nz, ny, nx, b[2]))
+        squares = _sum_last(sums[1][0].reshape(nz, ny, nx, b[2]))
         mean = total / n_cell
         win = tuple(int(v) for v in np.maximum(2 * np.rint(np.array([radius_mm / (spacing[0] * step * bz), radius_mm / (spacing[1] * b[1]),
                                                                        radius_mm / (spacing[2] * b[2])]) / 2).astype(int), 1))
@@ -529,7 +529,7 @@ def lung_maps(vol: Volume, lungs: np.ndarray, noise_xy: float, trace: bool = Tru
             parts = []
             for wave in (np.cos(phase), np.sin(phase)):
                 if axis == 2:  # the wave along x times the cells' sums over z and y, summed over each cell's x
-                    s = (along_x * wave).reshape(nz, ny, nx, b[2]).sum(axis=3) - mean * (wave.reshape(nx, b[2]).sum(1) * (n_cell / b[2]))
+                    s = _sum_last((along_x * wave).reshape(nz, ny, nx, b[2])) - mean * (wave.reshape(nx, b[2]).sum(1) * (n_cell / b[2]))
                 else:
                     s = (along_y * wave[:, None]).reshape(nz, ny, b[1], nx).sum(axis=2) - mean * (wave.reshape(ny, b[1]).sum(1) * (n_cell / b[1]))[:, None]
                 parts.append(ndimage.uniform_filter(s, win, mode="constant"))
@@ -540,6 +540,19 @@ def lung_maps(vol: Volume, lungs: np.ndarray, noise_xy: float, trace: bool = Tru
         cell_mm = np.array([spacing[0] * step * bz, spacing[1] * b[1], spacing[2] * b[2]])
         smoother = _smoothness(total, keep, cell_mm)[keep].astype(np.float32), centres
     return found, smoother
+
+
+def _sum_last(x: np.ndarray) -> np.ndarray:
+    """``x.sum(axis=-1)``, bit for bit, several times faster for a last axis of 2-7 (a map's cell
+    of voxels): numpy adds fewer than 8 values one after another, in order, and so do these slices
+    (a sum over a short last axis spends its time calling the inner loop once per sum)."""
+    n = x.shape[-1]
+    if not 1 < n < 8:
+        return x.sum(axis=-1)
+    out = x[..., 0] + x[..., 1]
+    for k in range(2, n):
+        out += x[..., k]
+    return out
 
 
 def _smoothness(total: np.ndarray, keep: np.ndarray, cell_mm: np.ndarray) -> np.ndarray:
