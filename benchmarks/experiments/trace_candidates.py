@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cross_validate as cv  # noqa: E402
 
 from ctguard.lung import lung_mask  # noqa: E402
-from ctguard.screen import _result, heatmap, load_detector  # noqa: E402
+from ctguard.screen import heatmap, load_detector, stage_candidates, verify_findings  # noqa: E402
 from ctguard.verifier import scan_noise, trace_peaks  # noqa: E402
 
 def summary(paths: list[str], out: str | None) -> None:
@@ -76,8 +76,9 @@ def main() -> None:
     for i, src, label, vol, edits in cv.held_out_copies(held, args.fold):
         lungs = lung_mask(vol)
         heat = heatmap(vol, det, lungs)
-        result = _result(vol, det, heat, 0.3, "", [], 0.0, lungs, stage)
-        net = result["findings"] + result["under_threshold"]
+        reading = stage.read_scan(vol, lungs)  # every candidate the screening scores, each on its own (not merged into findings)
+        net = verify_findings(vol, lungs, stage_candidates(heat, vol, stage, 0.3, lungs, reading.noise, reading.trace, reading.smooth),
+                              stage, reading.noise, reading.reference)
         noise = scan_noise(vol, lungs)
         at = trace_peaks(vol, lungs, noise[0], args.peaks)
         p_tr = stage.score_places(vol, at, heat.probabilities_at(at), lungs, candidates=True) if len(at) else np.zeros((0, 3))

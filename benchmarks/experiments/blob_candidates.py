@@ -1,0 +1,175 @@
+"""Would candidates at small compact blobs let a fold's stage find the small injections it misses?
+
+Usage:
+    python benchmarks/experiments/blob_candidates.py RUNS OUT [--folds 0,1,2,3] [--n 20]
+    python benchmarks/experiments/blob_candidates.py --summary OUT [--json FILE]
+
+Of the edits the recipe misses, most are drawn injections under 15 mm that no candidate lies at
+(the network's 8 mm cells do not rank them). This takes, on the same held-out copies as
+``cross_validate.py`` (the same seeds) and with each fold's own stage (``RUNS/foldK``), the
+strongest local maxima of a small-blob map over the lungs (:func:`blob_peaks`: the scale-normalised
+negative Laplacian of Gaussian at 2 and 3 mm, on a grid of about 2 mm, where the Hessian is
+negative in all three directions and the weakest curvature is at least a third of the strongest,
+so that a vessel's tube is not a blob), ``--n`` of them not within one cell of the recipe's own
+candidates, and scores each once with the stage as screening scores its candidates. It writes per
+copy the recipe's own screening (found or not per edit, at the fold's threshold) and each blob
+candidate's score and which edit it lies at (``OUT/foldK.json``). ``--summary`` then counts, pooled
+over the folds at each fold's own threshold: edits found by the recipe, by the recipe with the
+first 5, 10 and 20 blob candidates, and the blob candidates over the threshold on the clean copies
+(false findings) and on the untouched real lesions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
+
+from candidate_policies import screened_copies  # noqa: E402
+
+from ctguard.engine.train_verifier import near  # noqa: E402
+from ctguard.screen import TRACE_PEAK_RADIUS_MM, stage_candidates, verify_findings  # noqa: E402
+from ctguard.verifier import strongest_peaks  # noqa: E402
+
+GRID_MM = 2.0
+SCALES_MM = (2.0, 3.0)
+
+
+def blob_peaks(vol, lungs: np.ndarray, n: int, taken: np.ndarray) -> np.ndarray:
+    """The ``n`` strongest small-blob places over the lungs (voxels), 12 mm apart, not within one
+    map cell of ``taken``."""
+    spacing = np.asarray(vol.spacing, float)
+    step = np.maximum(np.rint(GRID_MM / spacing).astype(int), 1)
+    hu = vol.hu[:: step[0], :: step[1], :: step[2]].astype(np.float32)
+    lung = lungs[:: step[0], :: step[1], :: step[2]]
+    grid = spacing * step
+    best = np.full(hu.shape, -np.inf, np.float32)
+    hessians = []
+    for s in SCALES_MM:
+        sigma = s / grid
+        d = {}
+        for a in range(3):
+            for b in range(a, 3):
+                order = [0, 0, 0]
+                order[a] += 1
+                order[b] += 1
+                d[a, b] = ndimage.gaussian_filter(hu, sigma, order=order, mode="nearest") / (grid[a] * grid[b])
+        hessians.append(d)
+        log = np.where(lung, -(s**2) * (d[0, 0] + d[1, 1] + d[2, 2]), -np.inf).astype(np.float32)
+        best = np.maximum(best, log)
+    peaks = (best == ndimage.maximum_filter(best, size=3)) & np.isfinite(best) & (best > 0)
+    cells = np.argwhere(peaks)
+    keep = np.zeros(len(cells), bool)
+    for d, s in zip(hessians, SCALES_MM):  # a blob at either scale: all three curvatures down, the weakest a third of the strongest
+        at = tuple(cells.T)
+        h = np.stack([np.stack([d[min(a, b), max(a, b)][at] for b in range(3)], -1) for a in range(3)], -2)
+        ev = np.linalg.eigvalsh(h)
+        keep |= (ev[:, 2] < 0) & (ev[:, 2] / np.minimum(ev[:, 0], -1e-6) >= 1.0 / 3.0)
+    score, centres = best[peaks][keep], cells[keep] * step + (step - 1) / 2.0
+    top = np.argsort(-score, kind="stable")[: 50 * max(n, 1)]  # the strongest: enough for n peaks 12 mm apart
+    found = (score[top], centres[top])
+    return strongest_peaks(found, vol.spacing, n, np.asarray(taken, float).reshape(-1, 3))
+
+
+def collect(runs: Path, out: Path, folds: list[int], n: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for k in folds:
+        rows = []
+        for v, src, label, vol, edits, result, heat, lungs, reading in screened_copies(runs, k):
+            thr = float(v.meta["threshold"])
+            recipe = stage_candidates(heat, vol, v, 1.0, lungs, reading.noise, reading.trace, reading.smooth)
+            at = blob_peaks(vol, lungs, n, np.asarray([f["voxel"] for f in recipe], float))
+            cands = []
+            for r, p in enumerate(zip(at, heat.probabilities_at(at))):
+                voxel, pn = p
+                cands.append({"kind": "injected" if pn[1] >= pn[2] else "removed", "score": round(float(1.0 - pn[0]), 4),
+                              "voxel": [float(c) for c in voxel], "radius_mm": TRACE_PEAK_RADIUS_MM,
+                              "p_injected": float(pn[1]), "p_removed": float(pn[2]), "rank": r})
+            scored = verify_findings(vol, lungs, cands, v, reading.noise, reading.reference) if cands else []
+            lesions = [] if edits else [t for t in src.tumours]
+            rows.append({"patient": src.patient, "label": label, "threshold": thr,
+                         "edits": [{"kind": e.kind, "family": e.extra.get("family"), "diameter_mm": round(float(e.diameter_mm), 1)} for e in edits],
+                         "recipe_found": [bool(s >= thr) for s in (cv_best(result, e, vol) for e in edits)],
+                         "blobs": [{"rank": f["rank"], "score": f["score"], "kind": f["kind"],
+                                    "at_kind": [j for j, e in enumerate(edits) if e.kind == f["kind"] and near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)],
+                                    "at_lesion": any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in lesions)} for f in scored]})
+            print(f"fold {k}: {src.patient} {label}: {len(edits)} edits, {len(cands)} blob candidates, "
+                  f"over the threshold {sum(f['score'] >= thr for f in scored)}", flush=True)
+        (out / f"fold{k}.json").write_text(json.dumps(rows) + "\n")
+
+
+def cv_best(result: dict, e, vol) -> float:
+    import cross_validate as cv
+
+    return cv.best_at(result["findings"], e.kind, e.voxel, e.diameter_mm, vol)
+
+
+def summary(out: Path, json_path: str | None) -> None:
+    folds = {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(out.glob("fold*.json"))}
+    report = {"folds": sorted(folds)}
+    for n in (0, 5, 10, 20):
+        found = edits = false = clean = lesion = small = small_found = 0
+        for rows in folds.values():
+            for copy in rows:
+                blobs = [b for b in copy["blobs"] if b["rank"] < n]
+                over = [b for b in blobs if b["score"] >= copy["threshold"]]
+                if copy["edits"]:
+                    for j, e in enumerate(copy["edits"]):
+                        hit = copy["recipe_found"][j] or any(j in b["at_kind"] for b in over)
+                        found += hit
+                        edits += 1
+                        if e["diameter_mm"] < 15:
+                            small += 1
+                            small_found += hit
+                else:
+                    clean += 1
+                    false += sum(not b["at_lesion"] for b in over)
+                    lesion += sum(b["at_lesion"] and b["kind"] == "injected" for b in over)
+        report[f"blobs_{n}"] = {"edits_found": found, "edits": edits, "small_found": small_found, "small": small,
+                                "false_findings_on_clean": false, "clean_scans": clean, "lesions_called_injected": lesion}
+    missed, clean = [], []
+    for rows in folds.values():  # the recipe's misses that a blob candidate of their kind lies at, and the clean copies' blob scores
+        for copy in rows:
+            for j, e in enumerate(copy["edits"]):
+                at = [b["score"] for b in copy["blobs"] if j in b["at_kind"]]
+                if not copy["recipe_found"][j] and at:
+                    missed.append({"score": max(at), "threshold": copy["threshold"], "patient": copy["patient"], **e})
+            if not copy["edits"]:
+                clean += [b["score"] for b in copy["blobs"]]
+    report["missed_by_the_recipe"] = sum(not f for rows in folds.values() for copy in rows for f in copy["recipe_found"])
+    report["missed_with_a_blob_candidate_of_their_kind"] = sorted(missed, key=lambda m: -m["score"])
+    report["clean_copies_blob_scores"] = {"n": len(clean), "max": max(clean, default=None),
+                                          "p99": round(float(np.percentile(clean, 99)), 4) if clean else None}
+    text = json.dumps(report, indent=2) + "\n"
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="?")
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--folds", default="0,1,2,3")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--summary", default=None, metavar="OUT")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.summary:
+        summary(Path(a.summary), a.json)
+    elif a.runs and a.out:
+        collect(Path(a.runs), Path(a.out), [int(k) for k in a.folds.split(",")], a.n)
+    else:
+        ap.error("give RUNS and OUT, or --summary OUT")
+
+
+if __name__ == "__main__":
+    main()
