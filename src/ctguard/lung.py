@@ -27,15 +27,19 @@ def in_slabs(fn: Callable[[np.ndarray], np.ndarray], a: np.ndarray, reach: int, 
     n = a.shape[0]
     if threads < 2 or n < threads * (2 * reach + 8):
         return fn(a)
-    cuts = np.linspace(0, n, threads + 1).astype(int)
 
-    def slab(k: int) -> np.ndarray:
-        lo, hi = int(cuts[k]), int(cuts[k + 1])
-        a0, a1 = max(lo - reach, 0), min(hi + reach, n)
-        return fn(a[a0:a1])[lo - a0 : hi - a0]
+    def slab(part: slice) -> np.ndarray:
+        a0, a1 = max(part.start - reach, 0), min(part.stop + reach, n)
+        return fn(a[a0:a1])[part.start - a0 : part.stop - a0]
 
     with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(slab, range(threads))))
+        return np.concatenate(list(pool.map(slab, slabs(n, threads))))
+
+
+def slabs(n: int, parts: int) -> list[slice]:
+    """``n`` slices cut into ``parts`` runs as even as can be, in order."""
+    cuts = np.linspace(0, n, parts + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def _ball(radius_vox: np.ndarray) -> np.ndarray:
@@ -142,9 +146,8 @@ def lung_mask(vol: Volume, threshold: float = -400.0, close_mm: float = 6.0, min
         def widen(part: slice) -> None:
             blocks[part] = rows[part, None, :, None, :]
 
-        cuts = np.linspace(0, nz, SLAB_THREADS + 1).astype(int)
         with ThreadPoolExecutor(SLAB_THREADS) as pool:  # a copy of the whole scan's size: two halves at once
-            list(pool.map(widen, [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]))
+            list(pool.map(widen, slabs(nz, SLAB_THREADS)))
         return full[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
     body = body_mask(vol)
     single = vol.shape[0] == 1
