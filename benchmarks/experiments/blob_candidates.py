@@ -21,7 +21,6 @@ first 5, 10 and 20 blob candidates, and the blob candidates over the threshold o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
 
-from candidate_policies import screened_copies  # noqa: E402
+from candidate_policies import cli, screened_copies, tally, write_report  # noqa: E402
 
 from ctguard.engine.train_verifier import near  # noqa: E402
 from ctguard.screen import TRACE_PEAK_RADIUS_MM, stage_candidates, verify_findings  # noqa: E402
@@ -114,61 +113,34 @@ def cv_best(result: dict, e, vol) -> float:
 
 def summary(out: Path, json_path: str | None) -> None:
     folds = {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(out.glob("fold*.json"))}
+    copies = [copy for rows in folds.values() for copy in rows]
     report = {"folds": sorted(folds)}
     for n in (0, 5, 10, 20):
-        found = edits = false = clean = lesion = small = small_found = 0
-        for rows in folds.values():
-            for copy in rows:
-                blobs = [b for b in copy["blobs"] if b["rank"] < n]
-                over = [b for b in blobs if b["score"] >= copy["threshold"]]
-                if copy["edits"]:
-                    for j, e in enumerate(copy["edits"]):
-                        hit = copy["recipe_found"][j] or any(j in b["at_kind"] for b in over)
-                        found += hit
-                        edits += 1
-                        if e["diameter_mm"] < 15:
-                            small += 1
-                            small_found += hit
-                else:
-                    clean += 1
-                    false += sum(not b["at_lesion"] for b in over)
-                    lesion += sum(b["at_lesion"] and b["kind"] == "injected" for b in over)
-        report[f"blobs_{n}"] = {"edits_found": found, "edits": edits, "small_found": small_found, "small": small,
-                                "false_findings_on_clean": false, "clean_scans": clean, "lesions_called_injected": lesion}
+        def over(copy: dict) -> list[dict]:
+            return [b for b in copy["blobs"] if b["rank"] < n and b["score"] >= copy["threshold"]]
+
+        report[f"blobs_{n}"] = {**tally(copies, lambda copy, j: copy["recipe_found"][j] or any(j in b["at_kind"] for b in over(copy)),
+                                        lambda copy: sum(not b["at_lesion"] for b in over(copy))),
+                                "lesions_called_injected": sum(b["at_lesion"] and b["kind"] == "injected"
+                                                               for copy in copies if not copy["edits"] for b in over(copy))}
     missed, clean = [], []
-    for rows in folds.values():  # the recipe's misses that a blob candidate of their kind lies at, and the clean copies' blob scores
-        for copy in rows:
-            for j, e in enumerate(copy["edits"]):
-                at = [b["score"] for b in copy["blobs"] if j in b["at_kind"]]
-                if not copy["recipe_found"][j] and at:
-                    missed.append({"score": max(at), "threshold": copy["threshold"], "patient": copy["patient"], **e})
-            if not copy["edits"]:
-                clean += [b["score"] for b in copy["blobs"]]
-    report["missed_by_the_recipe"] = sum(not f for rows in folds.values() for copy in rows for f in copy["recipe_found"])
+    for copy in copies:  # the recipe's misses that a blob candidate of their kind lies at, and the clean copies' blob scores
+        for j, e in enumerate(copy["edits"]):
+            at = [b["score"] for b in copy["blobs"] if j in b["at_kind"]]
+            if not copy["recipe_found"][j] and at:
+                missed.append({"score": max(at), "threshold": copy["threshold"], "patient": copy["patient"], **e})
+        if not copy["edits"]:
+            clean += [b["score"] for b in copy["blobs"]]
+    report["missed_by_the_recipe"] = sum(not f for copy in copies for f in copy["recipe_found"])
     report["missed_with_a_blob_candidate_of_their_kind"] = sorted(missed, key=lambda m: -m["score"])
     report["clean_copies_blob_scores"] = {"n": len(clean), "max": max(clean, default=None),
                                           "p99": round(float(np.percentile(clean, 99)), 4) if clean else None}
-    text = json.dumps(report, indent=2) + "\n"
-    print(text)
-    if json_path:
-        Path(json_path).write_text(text)
+    write_report(report, json_path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="?")
-    ap.add_argument("out", nargs="?")
-    ap.add_argument("--folds", default="0,1,2,3")
-    ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--summary", default=None, metavar="OUT")
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    if a.summary:
-        summary(Path(a.summary), a.json)
-    elif a.runs and a.out:
-        collect(Path(a.runs), Path(a.out), [int(k) for k in a.folds.split(",")], a.n)
-    else:
-        ap.error("give RUNS and OUT, or --summary OUT")
+    cli(__doc__, lambda runs, out, folds, a: collect(runs, out, folds, a.n), summary,
+        extra=[("--n", {"type": int, "default": 20, "help": "blob candidates a copy"})])
 
 
 if __name__ == "__main__":

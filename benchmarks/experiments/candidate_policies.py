@@ -131,26 +131,57 @@ def summary(out: Path, json_path: str | None) -> None:
                 why["no candidate at it" if anyk is None else "only the other kind over the threshold" if anyk >= thr
                     else "candidates at it under the threshold"] += 1
     report["missed_by_the_recipes_policy"] = why
+    write_report(report, json_path)
+
+
+def tally(copies, hit, false) -> dict:
+    """Over ``copies`` (the collected copies of the folds): edits found (``hit(copy, j)``: whether a
+    copy's edit ``j`` is), of them those under 15 mm, and the false findings ``false(copy)`` of the
+    clean copies."""
+    out = {"edits_found": 0, "edits": 0, "small_found": 0, "small": 0, "false_findings": 0, "clean_scans": 0}
+    for copy in copies:
+        if not copy["edits"]:
+            out["clean_scans"] += 1
+            out["false_findings"] += int(false(copy))
+        for j, e in enumerate(copy["edits"]):
+            found = bool(hit(copy, j))
+            out["edits"] += 1
+            out["edits_found"] += found
+            out["small"] += e["diameter_mm"] < 15
+            out["small_found"] += found and e["diameter_mm"] < 15
+    return out
+
+
+def write_report(report: dict, json_path: str | None) -> None:
+    """Prints a summary and writes it to ``json_path`` where given."""
     text = json.dumps(report, indent=2) + "\n"
     print(text)
     if json_path:
         Path(json_path).write_text(text)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(doc: str, collect_folds, summarise, extra=()) -> None:
+    """``RUNS OUT [--folds ...]`` collects (``collect_folds(runs, out, folds, args)``), ``--summary OUT
+    [--json FILE]`` summarises (``summarise(out, json_path)``); ``extra``: more ``(flag, kwargs)``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("runs", nargs="?")
     ap.add_argument("out", nargs="?")
     ap.add_argument("--folds", default="0,1,2,3")
     ap.add_argument("--summary", default=None, metavar="OUT")
     ap.add_argument("--json", default=None)
+    for flag, kwargs in extra:
+        ap.add_argument(flag, **kwargs)
     a = ap.parse_args()
     if a.summary:
-        summary(Path(a.summary), a.json)
+        summarise(Path(a.summary), a.json)
     elif a.runs and a.out:
-        collect(Path(a.runs), Path(a.out), [int(k) for k in a.folds.split(",")])
+        collect_folds(Path(a.runs), Path(a.out), [int(k) for k in a.folds.split(",")], a)
     else:
         ap.error("give RUNS and OUT, or --summary OUT")
+
+
+def main() -> None:
+    cli(__doc__, lambda runs, out, folds, _: collect(runs, out, folds), summary)
 
 
 if __name__ == "__main__":
