@@ -19,11 +19,13 @@ from ctguard.volume import Volume
 SLAB_THREADS = 2  # threads for the mask's local steps (scipy's filters and labelling run outside the GIL)
 
 
-def in_slabs(fn: Callable[[np.ndarray], np.ndarray], a: np.ndarray, reach: int, threads: int = SLAB_THREADS) -> np.ndarray:
+def in_slabs(fn: Callable[[np.ndarray], np.ndarray], a: np.ndarray, reach: int, threads: int | None = None) -> np.ndarray:
     """``fn(a)`` for a step whose output at a voxel depends only on ``a`` within ``reach`` slices
-    of it (outside the array counting as ``fn`` counts it), computed on ``threads`` slabs of slices
-    at once: each slab with ``reach`` slices more on each side than it keeps, so every kept voxel
-    is the one ``fn(a)`` gives. ``fn(a)`` itself where the slabs would be thinner than their margins."""
+    of it (outside the array counting as ``fn`` counts it), computed on ``threads`` (default
+    :data:`SLAB_THREADS`) slabs of slices at once: each slab with ``reach`` slices more on each side
+    than it keeps, so every kept voxel is the one ``fn(a)`` gives. ``fn(a)`` itself where the slabs
+    would be thinner than their margins."""
+    threads = SLAB_THREADS if threads is None else threads
     n = a.shape[0]
     if threads < 2 or n < threads * (2 * reach + 8):
         return fn(a)
