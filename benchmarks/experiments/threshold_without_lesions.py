@@ -12,6 +12,8 @@ untouched training source), counting:
 - ``no_lesions``: none at a genuine lesion (the patients' nodules and tumours, the stage phantoms'
   genuine nodules): what a perfect genuine-nodule check would leave to the rule;
 - ``real_only``: the real patients' alone (the phantoms' candidates and sources left out);
+- ``clinical_set_ups``: all but the phantoms of the one quick 1.9 mm set-up (``verifier_fixed_phantoms``,
+  seeds 50 past the stage phantoms' base), which no clinical scan resembles;
 and each threshold is read on the fold's held-out evaluation (:func:`cross_validate.counts_at`):
 edits found with their right kind, false findings on the clean held-out scans, real lesions
 called injected. Pooled over the folds.
@@ -33,7 +35,7 @@ import cross_validate as cv  # noqa: E402
 
 from ctguard.engine import train_verifier as tv  # noqa: E402
 
-RULES = ("all", "no_lesions", "real_only")
+RULES = ("all", "no_lesions", "real_only", "clinical_set_ups")
 
 
 def fold_thresholds(run: Path) -> dict[str, float]:
@@ -47,7 +49,10 @@ def fold_thresholds(run: Path) -> dict[str, float]:
     n_real = sum(not str(p["group"]).startswith("phantom") for p in parts)
     budget = float(cfg["verifier_max_false"])
     clean, score = z["clean"], z["score"]
+    quick = np.isin(z["group"].astype(str), [f"phantom {spec[1]}" for spec in tv.verifier_specs(cfg) if spec[0] == "fixed phantom"])
+    n_quick = sum(spec[0] == "fixed phantom" for spec in tv.verifier_specs(cfg))
     return {"all": tv.choose_threshold(score, clean, len(parts), budget),
+            "clinical_set_ups": tv.choose_threshold(score, clean & ~quick, len(parts) - n_quick, budget),
             "no_lesions": tv.choose_threshold(score, clean & ~lesion, len(parts), budget),
             "real_only": tv.choose_threshold(score, clean & real, n_real, budget)}
 
