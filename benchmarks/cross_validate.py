@@ -222,8 +222,8 @@ def _near(f: dict, voxel, diameter_mm: float, vol) -> bool:
 def best_at(findings: list[dict], kind: str, voxel, diameter_mm: float, vol) -> float:
     """The highest score of the ``kind`` findings at an edit or lesion (``near`` its centre ``voxel``,
     or one of the places merged into it, ``also_at``), or 0."""
-    return max((p["score"] for f in findings if f["kind"] == kind for p in every_place([f])
-                if _near(p, voxel, diameter_mm, vol)), default=0.0)
+    return max((p["score"] for p in every_place(f for f in findings if f["kind"] == kind) if _near(p, voxel, diameter_mm, vol)),
+               default=0.0)
 
 
 def _auc(pos: list[float], neg: list[float]) -> float | None:

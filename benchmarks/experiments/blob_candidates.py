@@ -7,11 +7,11 @@ Usage:
 Of the edits the recipe misses, most are drawn injections under 15 mm that no candidate lies at
 (the network's 8 mm cells do not rank them). This takes, on the same held-out copies as
 ``cross_validate.py`` (the same seeds) and with each fold's own stage (``RUNS/foldK``), the
-strongest local maxima of a small-blob map over the lungs (:func:`blob_peaks`: the scale-normalised
+strongest local maxima of a small-blob map over the lungs (:func:`blob_map`: the scale-normalised
 negative Laplacian of Gaussian at 2 and 3 mm, on a grid of about 2 mm, where the Hessian is
 negative in all three directions and the weakest curvature is at least a third of the strongest,
 so that a vessel's tube is not a blob), ``--n`` of them not within one cell of the recipe's own
-candidates, and scores each once with the stage as screening scores its candidates. It writes per
+candidates (taken as screening takes the maps' peaks, :func:`ctguard.screen.peak_candidates`), and scores each once with the stage as screening scores its candidates. It writes per
 copy the recipe's own screening (found or not per edit, at the fold's threshold) and each blob
 candidate's score and which edit it lies at (``OUT/foldK.json``). ``--summary`` then counts, pooled
 over the folds at each fold's own threshold: edits found by the recipe, by the recipe with the
@@ -32,19 +32,19 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
 
+import cross_validate as cv  # noqa: E402
 from candidate_policies import cli, screened_copies, tally, write_report  # noqa: E402
 
 from ctguard.engine.train_verifier import near  # noqa: E402
-from ctguard.screen import TRACE_PEAK_RADIUS_MM, stage_candidates, verify_findings  # noqa: E402
-from ctguard.verifier import strongest_peaks  # noqa: E402
+from ctguard.screen import peak_candidates, stage_candidates, verify_findings  # noqa: E402
 
 GRID_MM = 2.0
 SCALES_MM = (2.0, 3.0)
 
 
-def blob_peaks(vol, lungs: np.ndarray, n: int, taken: np.ndarray) -> np.ndarray:
-    """The ``n`` strongest small-blob places over the lungs (voxels), 12 mm apart, not within one
-    map cell of ``taken``."""
+def blob_map(vol, lungs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The small-blob map's strongest maxima over the lungs, ``(score, centres)`` as the trace's map
+    gives them (:func:`ctguard.screen.peak_candidates` takes its ``n`` strongest 12 mm apart)."""
     spacing = np.asarray(vol.spacing, float)
     step = np.maximum(np.rint(GRID_MM / spacing).astype(int), 1)
     hu = vol.hu[:: step[0], :: step[1], :: step[2]].astype(np.float32)
@@ -74,8 +74,7 @@ def blob_peaks(vol, lungs: np.ndarray, n: int, taken: np.ndarray) -> np.ndarray:
         keep |= (ev[:, 2] < 0) & (ev[:, 2] / np.minimum(ev[:, 0], -1e-6) >= 1.0 / 3.0)
     score, centres = best[peaks][keep], cells[keep] * step + (step - 1) / 2.0
     top = np.argsort(-score, kind="stable")[: 50 * max(n, 1)]  # the strongest: enough for n peaks 12 mm apart
-    found = (score[top], centres[top])
-    return strongest_peaks(found, vol.spacing, n, np.asarray(taken, float).reshape(-1, 3))
+    return score[top], centres[top]
 
 
 def collect(runs: Path, out: Path, folds: list[int], n: int) -> None:
@@ -85,30 +84,18 @@ def collect(runs: Path, out: Path, folds: list[int], n: int) -> None:
         for v, src, label, vol, edits, result, heat, lungs, reading in screened_copies(runs, k):
             thr = float(v.meta["threshold"])
             recipe = stage_candidates(heat, vol, v, 1.0, lungs, reading.noise, reading.trace, reading.smooth)
-            at = blob_peaks(vol, lungs, n, np.asarray([f["voxel"] for f in recipe], float))
-            cands = []
-            for r, p in enumerate(zip(at, heat.probabilities_at(at))):
-                voxel, pn = p
-                cands.append({"kind": "injected" if pn[1] >= pn[2] else "removed", "score": round(float(1.0 - pn[0]), 4),
-                              "voxel": [float(c) for c in voxel], "radius_mm": TRACE_PEAK_RADIUS_MM,
-                              "p_injected": float(pn[1]), "p_removed": float(pn[2]), "rank": r})
+            cands = [{**f, "rank": r} for r, f in enumerate(peak_candidates(heat, vol, blob_map(vol, lungs, n), n, recipe))]
             scored = verify_findings(vol, lungs, cands, v, reading.noise, reading.reference) if cands else []
-            lesions = [] if edits else [t for t in src.tumours]
+            lesions = [] if edits else src.tumours
             rows.append({"patient": src.patient, "label": label, "threshold": thr,
                          "edits": [{"kind": e.kind, "family": e.extra.get("family"), "diameter_mm": round(float(e.diameter_mm), 1)} for e in edits],
-                         "recipe_found": [bool(s >= thr) for s in (cv_best(result, e, vol) for e in edits)],
+                         "recipe_found": [cv.best_at(result["findings"], e.kind, e.voxel, e.diameter_mm, vol) >= thr for e in edits],
                          "blobs": [{"rank": f["rank"], "score": f["score"], "kind": f["kind"],
                                     "at_kind": [j for j, e in enumerate(edits) if e.kind == f["kind"] and near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)],
                                     "at_lesion": any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in lesions)} for f in scored]})
             print(f"fold {k}: {src.patient} {label}: {len(edits)} edits, {len(cands)} blob candidates, "
                   f"over the threshold {sum(f['score'] >= thr for f in scored)}", flush=True)
         (out / f"fold{k}.json").write_text(json.dumps(rows) + "\n")
-
-
-def cv_best(result: dict, e, vol) -> float:
-    import cross_validate as cv
-
-    return cv.best_at(result["findings"], e.kind, e.voxel, e.diameter_mm, vol)
 
 
 def summary(out: Path, json_path: str | None) -> None:

@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/experiments/threshold_budget.py [--budgets 0.1,0.05,0] RUN,REPORT,FOLD [RUN,REPORT,FOLD ...]
-    python benchmarks/experiments/threshold_budget.py --rules budget,real,smooth RUN,REPORT,FOLD [...]
+    python benchmarks/experiments/threshold_budget.py --rules budget,real,smooth,no_lesions,clinical RUN,REPORT,FOLD [...]
 
 Each fold's threshold is the lowest of the grid with at most ``verifier_max_false`` of its untouched
 training scans' candidates over it per scan, scored out of patient (``verifier.json``'s
@@ -20,7 +20,12 @@ out-of-patient scores (``verifier_oof.npz`` in RUN):
 - ``real``: the same on the real patients' untouched scans only (the phantoms' candidates and
   sources left out of the count);
 - ``smooth``: each clean candidate counted as the chance that its score passes ``t`` under a
-  logistic spread of 0.5 in logit units, so that no single candidate's score sets the threshold.
+  logistic spread of 0.5 in logit units, so that no single candidate's score sets the threshold;
+- ``no_lesions``: the stage's rule without the candidates at genuine lesions (the patients' nodules
+  and tumours, the stage phantoms' own nodules): what a perfect genuine-nodule check would leave to
+  it (the lesions read from the run's kept rows, ``verifier_rows/``);
+- ``clinical``: the stage's rule without the phantoms of the one quick 1.9 mm set-up
+  (``verifier_fixed_phantoms``), which no clinical scan resembles.
 """
 
 from __future__ import annotations
@@ -39,20 +44,31 @@ import numpy as np  # noqa: E402
 
 from scipy.special import expit, logit  # noqa: E402
 
+from ctguard.engine import train_verifier as tv  # noqa: E402
 from ctguard.engine.train_verifier import choose_threshold, lowest_within  # noqa: E402
 
 SPREAD = 0.5  # the smooth rule's logistic spread, logit units
 
 
-def rule_threshold(rule: str, oof: dict, stage: dict, budget: float) -> float:
+def rule_threshold(rule: str, oof: dict, stage: dict, budget: float, run: Path) -> float:
     """The threshold ``rule`` gives at ``budget`` on a stage's out-of-patient scores ``oof`` (its
-    ``verifier_oof.npz``)."""
+    ``verifier_oof.npz``; ``run`` the stage's run)."""
     score, clean, group = oof["score"], oof["clean"], oof["group"].astype(str)
     phantom = np.char.startswith(group, "phantom ")
     if rule == "budget":
         return choose_threshold(score, clean, stage["sources"], budget)
     if rule == "real":  # each phantom is its own source
         return choose_threshold(score, clean & ~phantom, max(stage["sources"] - len(set(group[phantom].tolist())), 1), budget)
+    if rule == "no_lesions":
+        _, _, parts = tv.run_rows(run)
+        lesion = np.concatenate([p["lesion"] for p in parts])
+        if len(lesion) != len(score):
+            raise SystemExit(f"{run}: {len(lesion)} rows kept, {len(score)} scored out of patient")
+        return choose_threshold(score, clean & ~lesion, stage["sources"], budget)
+    if rule == "clinical":
+        cfg = {**tv.VERIFIER_DEFAULTS, **json.loads((run / "config.json").read_text())}
+        quick = [f"phantom {spec[1]}" for spec in tv.verifier_specs(cfg) if spec[0] == "fixed phantom"]
+        return choose_threshold(score, clean & ~np.isin(group, quick), stage["sources"] - len(quick), budget)
     if rule == "smooth":
         z = logit(np.clip(score[clean], 1e-6, 1 - 1e-6))
         return lowest_within(lambda t: float(expit((z - logit(t)) / SPREAD).sum()) / stage["sources"], budget)
@@ -80,7 +96,7 @@ def main() -> None:
         failing, thresholds = [], []
         for pair, stage, ev, oof in folds:
             if a.rules:
-                t = rule_threshold(rule, oof, stage, budget)
+                t = rule_threshold(rule, oof, stage, budget, Path(pair.split(",")[0]))
             else:
                 t = lowest_within(lambda t: stage["false_per_clean_scan_oof"][str(t)], budget)  # the fit's rule on its own counts
             thresholds.append(t)

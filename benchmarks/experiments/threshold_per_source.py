@@ -32,15 +32,12 @@ from candidate_policies import taken, tally, write_report  # noqa: E402
 from ctguard.engine import train_verifier as tv  # noqa: E402
 
 
-def row_sources(run: Path, cfg: dict) -> np.ndarray:
-    """Each of the stage's rows, in the order they were fitted: "net" (a network candidate), "peak"
-    (a peak of the trace's or the smooth map) or "place" (an edit's centre or an untouched place)."""
-    out = []
-    for job in [(cfg, spec, tv.stage_network(cfg, run, spec)) for spec in tv.verifier_specs(cfg)]:
-        own, peaks = tv.source_and_trace_rows(job)
-        if len(own["y"]):  # a source that gave no rows is left out of the fit
-            out += ["net" if c else "place" for c in own["candidate"]] + ["peak"] * len(peaks["y"])
-    return np.asarray(out)
+def row_sources(parts: list[dict]) -> np.ndarray:
+    """Each of the stage's rows (its kept rows, :func:`ctguard.engine.train_verifier.run_rows`), in
+    the order they were fitted: "net" (a network candidate), "peak" (a peak of the trace's or the
+    smooth map) or "place" (an edit's centre or an untouched place)."""
+    peak, candidate = np.concatenate([p["peak"] for p in parts]), np.concatenate([p["candidate"] for p in parts])
+    return np.where(peak, "peak", np.where(candidate, "net", "place"))
 
 
 def main() -> None:
@@ -54,11 +51,11 @@ def main() -> None:
         k = int(fold.stem[4:])
         run = Path(a.runs) / f"fold{k}"
         z = np.load(run / "verifier_oof.npz")
-        cfg = {**tv.VERIFIER_DEFAULTS, **json.loads((run / "config.json").read_text())}
-        src = row_sources(run, cfg)
+        cfg, _, parts = tv.run_rows(run)
+        src = row_sources(parts)
         if len(src) != len(z["score"]):
-            raise SystemExit(f"{run}: {len(src)} rows made again, {len(z['score'])} scored out of patient")
-        budget, n = float(cfg["verifier_max_false"]), int(json.loads((run / "verifier.json").read_text())["sources"])
+            raise SystemExit(f"{run}: {len(src)} rows kept, {len(z['score'])} scored out of patient")
+        budget, n = float(cfg["verifier_max_false"]), len(parts)  # the rule's untouched sources: one untouched copy each
         one = tv.choose_threshold(z["score"], z["clean"], n, budget)
         rules = {"one threshold": {"net": one, "peak": one}}
         for share in (0.5, 1.0):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from scipy import ndimage
@@ -531,7 +531,7 @@ def merged(scored: list[dict[str, Any]], spacing, within_mm: float = NMS_MM) -> 
     return out
 
 
-def every_place(findings: list[dict[str, Any]]):
+def every_place(findings: Iterable[dict[str, Any]]):
     """Each finding and each place merged into it (:func:`merged`, ``also_at``): every place the
     second stage scored, for a reader who asks whether any of them lies at a given place."""
     for f in findings:

@@ -390,8 +390,10 @@ def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
 
 
 def joined_peaks(parts: list[dict], peaks: list[dict]) -> list[dict]:
-    """Each source's rows followed by its rows at the trace's peaks (the same sources, in order)."""
-    return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")}}
+    """Each source's rows followed by its rows at the maps' peaks (the same sources, in order), with
+    ``peak`` marking the latter."""
+    return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")},
+             "peak": np.arange(len(p["y"]) + len(t["y"])) >= len(p["y"])}
             for p, t in zip(parts, peaks)]
 
 
