@@ -44,9 +44,11 @@ from ctguard.screen import (
     every_place,
     load_detector,
     load_detector2d,
+    over_own_threshold,
     score_locations,
     score_locations_2d,
     screen_volume,
+    source_thresholds,
     stage_probabilities,
 )
 from ctguard.tamper.simulate import (
@@ -178,12 +180,12 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
     """Every measurement of one fold on its held-out patients (see the module's docstring); with
     ``det2`` (a 2D slice detector) each place is also scored on the single axial slice through it."""
     places, clean, edits_found, lesion_calls, times = [], [], [], [], []
-    thr = det.threshold
+    thresholds = source_thresholds(det)
     for i, src, label, vol, edits, lungs, where in held_out_places(held_out, fold):
         t0 = time.time()
         result, _, _ = screen_volume(vol, det, threshold=0.3)
         times.append(time.time() - t0)
-        found = [f for f in result["findings"] if f["score"] >= thr]
+        found = listed_findings(result["findings"], vol.spacing, thresholds)
         if not edits:
             clean.append({"patient": src.patient, "scan": src.name, "false_findings": [
                 {"kind": f["kind"], "score": round(float(f["score"]), 4), "voxel": [round(float(v), 1) for v in f["voxel"]]} for f in found],
@@ -192,12 +194,14 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
                 # Its highest "injected" candidate from 0.3 (kept for reading the report at other thresholds).
                 hit = best_at(result["findings"], "injected", t.voxel, t.diameter_mm, vol)
                 lesion_calls.append({"patient": src.patient, "voxel": [round(float(v), 1) for v in t.voxel],
-                                     "diameter_mm": round(t.diameter_mm, 1), "called_injected": hit >= thr, "score": round(float(hit), 4)})
+                                     "diameter_mm": round(t.diameter_mm, 1), "called_injected": over_at(found, "injected", t.voxel, t.diameter_mm, vol),
+                                     "score": round(float(hit), 4)})
         else:
             for e in edits:
                 hit = best_at(result["findings"], e.kind, e.voxel, e.diameter_mm, vol)
                 edits_found.append({"kind": e.kind, "family": e.extra.get("family"), "target": e.extra.get("target", "lung"),
-                                    "found": hit >= thr, "score": round(float(hit), 4), "patient": src.patient,
+                                    "found": over_at(found, e.kind, e.voxel, e.diameter_mm, vol), "score": round(float(hit), 4),
+                                    "patient": src.patient,
                                     "voxel": [round(float(v), 1) for v in e.voxel], "diameter_mm": round(float(e.diameter_mm), 1)})
         at = np.asarray([w for _, w in where], float)
         p_net = score_locations(vol, det, at, stage2=False)  # the network once; its second stage on those
@@ -213,6 +217,22 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
             places.append(row)
     return {"places": places, "clean_scans": clean, "edits": edits_found, "real_lesions": lesion_calls,
             "median_screen_seconds": round(float(np.median(times)), 2)}
+
+
+def listed_findings(findings: list[dict], spacing, thresholds: dict[str, float]) -> list[dict]:
+    """The findings screening lists at the detector's own ``thresholds``
+    (:func:`ctguard.screen.source_thresholds`), from those of a screening at a lower threshold for
+    all: every place scored, merged again as screening merges them at those thresholds
+    (:func:`ctguard.screen.over_own_threshold`), those over their own threshold."""
+    places = [{**{k: v for k, v in p.items() if k != "also_at"}, "kind": f["kind"]} for f in findings for p in every_place([f])]
+    return [f for f in over_own_threshold(places, spacing, thresholds) if f["score"] >= f["threshold"]]
+
+
+def over_at(found: list[dict], kind: str, voxel, diameter_mm: float, vol) -> bool:
+    """Whether a listed finding of the ``kind`` (:func:`listed_findings`), or a place merged into it
+    that is over its own threshold, lies at an edit or lesion."""
+    return any(p["score"] >= p["threshold"] and _near(p, voxel, diameter_mm, vol)
+               for p in every_place(f for f in found if f["kind"] == kind))
 
 
 def _near(f: dict, voxel, diameter_mm: float, vol) -> bool:
@@ -232,11 +252,12 @@ def _auc(pos: list[float], neg: list[float]) -> float | None:
     return round(float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)), 4)
 
 
-def summarise(ev: dict, threshold: float | None = None) -> dict:
-    """The table row of one fold (or of all folds pooled)."""
+def summarise(ev: dict, threshold: float | None = None, peak_threshold: float | None = None) -> dict:
+    """The table row of one fold (or of all folds pooled); ``peak_threshold``: the maps' peaks' own,
+    where the stage has one."""
     places = ev["places"]
     neg = [p for p in places if p["what"] in UNTOUCHED]
-    row: dict = {"threshold": threshold}
+    row: dict = {"threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {})}
     for kind in ("injected", "removed"):
         pos = [p for p in places if p["what"] == kind]
         row[f"n_{kind}"] = len(pos)
@@ -291,6 +312,11 @@ def counts_at(ev: dict, t: float) -> dict:
     return out
 
 
+def threshold_cell(row: dict) -> str:
+    """A fold's threshold, and the maps' peaks' after it where the stage has one of their own."""
+    return f"{row['threshold']} / {row['peak_threshold']}" if row.get("peak_threshold") is not None else str(row["threshold"])
+
+
 def markdown(folds: list[dict], pooled: dict) -> str:
     """The per-fold and pooled table, then location AUC by edit family (columns without values left out)."""
     cols = [("held out", None), ("threshold", "threshold"), ("AUC inj", "auc_injected"), ("network inj", "auc_injected_network"),
@@ -304,7 +330,8 @@ def markdown(folds: list[dict], pooled: dict) -> str:
     for r in rows:
         pooled_row = r is pooled
         held = f"folds {', '.join(str(f['fold']) for f in folds)} ({len(r['held_out'])} patients)" if pooled_row else ", ".join(r["held_out"])
-        vals = [held] + ["per fold" if pooled_row and key == "threshold" else str(r["row"].get(key)) for _, key in cols[1:]]
+        vals = [held] + ["per fold" if pooled_row and key == "threshold" else threshold_cell(r["row"]) if key == "threshold"
+                         else str(r["row"].get(key)) for _, key in cols[1:]]
         lines.append(f"| {'pooled' if pooled_row else r['fold']} | " + " | ".join(vals) + " |")
     families = [("injected", "drawn"), ("injected", "moved"), ("removed", "fill"), ("removed", "clone")]
     lines += ["", "Location AUC by edit family, each against the same untouched places (* a family the fold did not train on):", "",
@@ -366,13 +393,13 @@ def main() -> None:
         for f in json.loads(Path(path).read_text())["folds"]:
             if f["fold"] not in have and "eval" in f:
                 results.append({**{k: f.get(k) for k in ("fold", "held_out", "unseen", "train_seconds", "peak_rss_gb")},
-                                "threshold": {"threshold": f["row"]["threshold"]}, "eval": f["eval"]})
+                                "threshold": {k: f["row"][k] for k in ("threshold", "peak_threshold") if k in f["row"]}, "eval": f["eval"]})
     results.sort(key=lambda r: r["fold"])
     if not results:
         raise SystemExit("no fold has been evaluated yet")
     pooled_ev = {key: [x for r in results for x in r["eval"][key]] for key in ("places", "clean_scans", "edits", "real_lesions")}
     folds = [{"fold": r["fold"], "held_out": r["held_out"], "unseen": r["unseen"], "train_seconds": r["train_seconds"],
-              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]["threshold"]),
+              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]["threshold"], r["threshold"].get("peak_threshold")),
               "eval": r["eval"]} for r in results]  # the places too, so that a later report can pool this fold (--with)
     pooled = {"fold": "pooled", "held_out": sorted(p for r in results for p in r["held_out"]), "unseen": [], "row": summarise(pooled_ev)}
     report = {"config": Path(args.config).name, "folds": folds, "pooled": pooled, "max_false_for_threshold": MAX_FALSE}
@@ -418,9 +445,15 @@ def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, k: int, 
     ev = evaluate_fold(det, held, k, load_detector2d(model2d) if model2d else None)
     fold_dir.mkdir(parents=True, exist_ok=True)
     result = {"fold": k, "held_out": sorted(held), "training_patients": None, "unseen": [], "train_seconds": None, "peak_rss_gb": None,
-              "threshold": {"threshold": det.threshold, "from": "the model card"}, "eval": ev}
+              "threshold": {**own_thresholds(det), "from": "the model card"}, "eval": ev}
     (fold_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"fold {k} ({det.name} {det.version}): " + json.dumps(summarise(ev, det.threshold)), flush=True)
+    print(f"fold {k} ({det.name} {det.version}): " + json.dumps(summarise(ev, det.threshold, result["threshold"].get("peak_threshold"))), flush=True)
+
+
+def own_thresholds(det) -> dict:
+    """The detector's threshold and, where its second stage has one for the maps' peaks, that."""
+    thresholds = source_thresholds(det)
+    return {"threshold": det.threshold, **({"peak_threshold": thresholds["trace"]} if thresholds["trace"] != det.threshold else {})}
 
 
 def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:
@@ -447,7 +480,7 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
     det = load_detector(str(fold_dir / "model.pt"))
     det2 = train_2d(fold_cfg, fold_dir, k) if with_2d else None
     if det.verifier is not None:  # chosen by the second stage on its training patients, out of patient
-        calib = {"threshold": det.threshold, "from": det.verifier.meta.get("threshold_rule")}
+        calib = {**own_thresholds(det), "from": det.verifier.meta.get("threshold_rule")}
     else:
         calib = choose_threshold(det, fold_cfg, training)
         det.threshold = calib["threshold"]
@@ -460,7 +493,7 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
               "peak_rss_gb": round(max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20, 2),
               "threshold": calib, "eval": ev}
     (fold_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"fold {k}: " + json.dumps(summarise(ev, det.threshold)), flush=True)
+    print(f"fold {k}: " + json.dumps(summarise(ev, det.threshold, calib.get("peak_threshold"))), flush=True)
 
 
 if __name__ == "__main__":

@@ -867,8 +867,9 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
     assert det.verifier.meta["trace_peaks"] == 3
     vol, lungs, heat, taken, network = _map_peaks_screening(det)
     peaks = trace_peaks(vol, lungs, scan_noise(vol, lungs)[0], 3, np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
-    assert taken[: len(network)] == network
+    assert taken[: len(network)] == [{**f, "source": "network"} for f in network]
     assert len(peaks) and [f["voxel"] for f in taken[len(network):]] == [[round(float(c), 1) for c in p] for p in peaks]
+    assert all(f["source"] == "trace" for f in taken[len(network):])
     # Screening reads the whole scan for the stage (its noise, the trace's map, its own level of the
     # trace) in a thread beside the network; read in line instead, the result is the same.
     from ctguard.screen import _result, screen_volume
@@ -940,11 +941,77 @@ def test_second_stage_takes_the_smooth_maps_peaks_as_candidates(tmp_path):
     vol, lungs, heat, taken, network = _map_peaks_screening(det)
     peaks = strongest_peaks(smooth_map(vol, lungs, scan_noise(vol, lungs)[0]), vol.spacing, 2,
                             np.asarray([f["voxel"] for f in network], float).reshape(-1, 3))
-    assert taken[: len(network)] == network
+    assert taken[: len(network)] == [{**f, "source": "network"} for f in network]
     assert len(peaks) and [f["voxel"] for f in taken[len(network):]] == [[round(float(c), 1) for c in p] for p in peaks]
+    assert all(f["source"] == "smooth" for f in taken[len(network):])
     reading = det.verifier.read_scan(vol, lungs)
     assert reading.trace is None and all(np.array_equal(a, b) for a, b in zip(reading.smooth, smooth_map(vol, lungs, reading.noise[0])))
     assert stage_candidates(heat, vol, det.verifier, 1.0, lungs, reading.noise, reading.trace, reading.smooth) == taken
+
+
+def test_the_maps_peaks_get_a_threshold_of_their_own(tmp_path, monkeypatch):
+    """``verifier_peak_threshold``: the network's candidates and the maps' peaks each get the rule's
+    threshold on their own untouched training candidates, with half the budget each; screening holds
+    each scored place to its own source's threshold (a caller's threshold holds them all), and the
+    cross-validation's findings, read from a screening at a lower threshold, are screening's own."""
+    from ctguard.engine.train_verifier import choose_threshold, run_rows
+    from ctguard.screen import every_place, load_detector, screen_volume, source_thresholds
+
+    cfg = {**MAP_PEAKS_RECIPE, "verifier_trace_peaks": 3, "verifier_smooth_peaks": 2, "verifier_peak_threshold": True}
+    _refused_before_training(cfg, tmp_path, [({"verifier_peak_threshold": "yes"}, "verifier_peak_threshold must be true or false"),
+                                             ({"verifier_trace_peaks": 0, "verifier_smooth_peaks": 0},
+                                              "verifier_peak_threshold needs candidates from the maps' peaks")])
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    report = json.loads((run / "verifier.json").read_text())
+    _, _, parts = run_rows(run)
+    peak = np.concatenate([p["peak"] for p in parts])
+    with np.load(run / "verifier_oof.npz") as oof:
+        assert (oof["clean"] & peak).any() and (oof["clean"] & ~peak).any()
+        assert report["threshold"] == choose_threshold(oof["score"], oof["clean"] & ~peak, report["sources"], 0.05)
+        assert report["peak_threshold"] == choose_threshold(oof["score"], oof["clean"] & peak, report["sources"], 0.05)
+    det = load_detector(str(run / "model.pt"))
+    assert det.verifier.meta["peak_threshold"] == report["peak_threshold"]
+    vol = phantom_source(77, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    low, _, _ = screen_volume(vol, det, threshold=0.0)  # every place the stage scores, each held to the caller's threshold
+    assert "peak_threshold" not in low["model"] and all(f["threshold"] == 0.0 for f in every_place(low["findings"]))
+    scores = {s: [p["score"] for p in every_place(low["findings"]) if (p["source"] == "network") == (s == "network")] for s in ("network", "maps")}
+    assert len(scores["network"]) >= 2 and len(scores["maps"]) >= 2
+    # Each source's median as its threshold, so that each source has places over and under its own.
+    det.threshold, det.verifier.meta["peak_threshold"] = float(np.median(scores["network"])), float(np.median(scores["maps"]))
+    net, maps = det.threshold, det.verifier.meta["peak_threshold"]
+    assert source_thresholds(det) == {"network": net, "trace": maps, "smooth": maps}
+    assert source_thresholds(det, 0.3) == {"network": 0.3, "trace": 0.3, "smooth": 0.3}
+    own, _, _ = screen_volume(vol, det)
+    assert own["model"]["threshold"] == net and own["model"]["peak_threshold"] == maps
+    places = own["findings"] + own["under_threshold"]
+    assert all(f["threshold"] == (net if f["source"] == "network" else maps) for f in places)
+    assert all(f["score"] >= f["threshold"] for f in own["findings"]) and all(f["score"] < f["threshold"] for f in own["under_threshold"])
+    assert {"network", "trace", "smooth"} & {f["source"] for f in own["findings"]}
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from cross_validate import listed_findings
+
+    def key(findings):
+        return [(p.get("kind"), p["score"], p["voxel"], p["source"], p["threshold"]) for p in every_place(findings)]
+
+    assert key(listed_findings(low["findings"], vol.spacing, source_thresholds(det))) == key(own["findings"])
+
+
+def test_a_place_over_its_own_threshold_is_never_merged_into_one_under_its_own():
+    """:func:`ctguard.screen.over_own_threshold`: a peak of the maps over the peaks' threshold beside
+    a better-scored network candidate under the network's stays a finding, and the candidate is
+    merged into it; places of one source keep :func:`ctguard.screen.merged`'s order."""
+    from ctguard.screen import over_own_threshold
+
+    def place(source, score, voxel):
+        return {"kind": "removed", "score": score, "voxel": voxel, "radius_mm": 8.0, "source": source}
+
+    scored = [place("network", 0.9, [10, 100, 100]), place("trace", 0.8, [10, 100, 110]), place("network", 0.97, [10, 100, 140])]
+    out = over_own_threshold(scored, (2.0, 1.0, 1.0), {"network": 0.95, "trace": 0.7, "smooth": 0.7})
+    assert [(f["source"], f["score"], f["threshold"]) for f in out] == [("network", 0.97, 0.95), ("trace", 0.8, 0.7)]
+    assert out[1]["also_at"] == [{"voxel": [10, 100, 100], "score": 0.9, "source": "network", "threshold": 0.95}]
+    one = over_own_threshold(scored, (2.0, 1.0, 1.0), dict.fromkeys(("network", "trace", "smooth"), 0.7))
+    assert [(f["score"], len(f.get("also_at", []))) for f in one] == [(0.97, 0), (0.9, 1)]
 
 
 def test_second_stage_rows_from_cross_fit_networks(tmp_path, monkeypatch):

@@ -58,9 +58,9 @@ def main() -> None:
         budget, n = float(cfg["verifier_max_false"]), len(parts)  # the rule's untouched sources: one untouched copy each
         one = tv.choose_threshold(z["score"], z["clean"], n, budget)
         rules = {"one threshold": {"net": one, "peak": one}}
-        for share in (0.5, 1.0):
-            rules[f"per source, {share:g} of the budget each"] = {s: tv.choose_threshold(z["score"], z["clean"] & (src == s), n, share * budget)
-                                                                  for s in ("net", "peak")}
+        # Half the budget each is the stage's own rule (verifier_peak_threshold: train_verifier.choose_thresholds).
+        rules["per source, 0.5 of the budget each"] = dict(zip(("net", "peak"), tv.choose_thresholds(z["score"], z["clean"], src == "peak", n, budget)))
+        rules["per source, 1 of the budget each"] = {s: tv.choose_threshold(z["score"], z["clean"] & (src == s), n, budget) for s in ("net", "peak")}
         copies = json.loads(fold.read_text())
         row = {"fold": k, "thresholds": rules}
         for name, thr in rules.items():

@@ -89,7 +89,9 @@ def cmd_screen(args) -> int:
         return 0
     print(f"{args.input}: {result['verdict'].upper()} (tamper score {result['score']:.3f}, {result['elapsed_s']:.1f} s)")
     for f in result["findings"]:
-        print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm")
+        peak = f" (a peak of the {f['source']} map, threshold {f['threshold']:g})" if f.get("source") in ("trace", "smooth") else ""
+        print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm"
+              + peak)
     for w in result["warnings"]:
         print(f"  warning: {w}")
     if result.get("signatures"):
@@ -365,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the result JSON here")
     p.add_argument("--report", metavar="DIR", help="write the HTML report here")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector: tamper3d (bundled, default) or a checkpoint")
-    p.add_argument("--threshold", type=float, default=None, help="minimum tamper probability of a finding (default: the model's)")
+    p.add_argument("--threshold", type=float, default=None, help="minimum tamper probability of a finding, for every candidate (default: the model's own; a second stage may "
+                        "hold the lung maps' peaks to one of their own)")
     p.add_argument("--dicom-out", metavar="DIR", help="write the results as DICOM objects of the scan's study here: a TID 1500 SR, and a "
                    "tamper-probability Segmentation when tampered (DICOM series input)")
     p.add_argument("--dicom-seg", action="store_true", help="with --dicom-out: write the Segmentation for a clean scan too")

@@ -372,7 +372,6 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
     stage re-scores the network's candidates with it (``stage2=False``: the network alone)."""
     t0 = time.time()
     check_screenable(vol)
-    thr = detector.threshold if threshold is None else threshold
     if stage:
         stage("lungs")
     lungs = lung_mask(vol)
@@ -392,7 +391,7 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
             reading = reading.result()
     if stage:
         stage("findings")
-    return _result(vol, detector, heat, thr, input_name, list(vol.warnings), t0, lungs, verifier, reading), heat, lungs
+    return _result(vol, detector, heat, threshold, input_name, list(vol.warnings), t0, lungs, verifier, reading), heat, lungs
 
 
 def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
@@ -418,6 +417,7 @@ def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.
     noise_xy = None if noise is None else noise[0]
     taken = taken_candidates(findings_from(heat, vol, cand_thr), vol, lungs, int(verifier.meta.get("max_candidates", 40)),
                              None if weight is None else float(weight), noise_xy)
+    taken = [{**f, "source": "network"} for f in taken]
     n_peaks, n_smooth = int(verifier.meta.get("trace_peaks", 0)), int(verifier.meta.get("smooth_peaks", 0))
     if not (n_peaks or n_smooth):
         return taken
@@ -428,8 +428,8 @@ def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.
         read_trace, read_smooth = lung_maps(vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy,
                                             trace=want_trace, smooth=want_smooth)
         trace, smooth = read_trace if want_trace else trace, read_smooth if want_smooth else smooth
-    taken = taken + peak_candidates(heat, vol, trace, n_peaks, taken)
-    return taken + peak_candidates(heat, vol, smooth, n_smooth, taken)
+    taken = taken + peak_candidates(heat, vol, trace, n_peaks, taken, "trace")
+    return taken + peak_candidates(heat, vol, smooth, n_smooth, taken, "smooth")
 
 
 TRACE_PEAK_RADIUS_MM = 8.0  # the radius a candidate from the trace's map reports (the map's window)
@@ -455,21 +455,22 @@ def smooth_candidates(heat: Heatmap, vol: Volume, lungs: np.ndarray, n: int, tak
     where the caller has it."""
     if smooth is None and n > 0:
         smooth = smooth_map(vol, lungs, scan_noise(vol, lungs)[0] if noise_xy is None else noise_xy)
-    return peak_candidates(heat, vol, smooth, n, taken)
+    return peak_candidates(heat, vol, smooth, n, taken, "smooth")
 
 
 def peak_candidates(heat: Heatmap, vol: Volume, found: tuple[np.ndarray, np.ndarray] | None, n: int,
-                    taken: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                    taken: list[dict[str, Any]], source: str = "trace") -> list[dict[str, Any]]:
     """The ``n`` strongest peaks of a map over the lungs ``found`` (``(score, centres)``; None: no
     map) not within one cell of a candidate of ``taken`` (:func:`ctguard.verifier.strongest_peaks`),
-    as candidates with the network's probabilities of their cells."""
+    as candidates with the network's probabilities of their cells, their ``source`` the map's name."""
     at = np.asarray([f["voxel"] for f in taken], float).reshape(-1, 3)
     peaks = strongest_peaks(found, vol.spacing, n, at)
     out = []
     for v, p in zip(peaks, heat.probabilities_at(peaks)):
         out.append({"kind": "injected" if p[1] >= p[2] else "removed", "score": round(float(1.0 - p[0]), 4),
                     "voxel": [round(float(c), 1) for c in v], "world_mm": [round(float(c), 2) for c in vol.voxel_to_world(v)],
-                    "radius_mm": TRACE_PEAK_RADIUS_MM, "p_injected": round(float(p[1]), 4), "p_removed": round(float(p[2]), 4)})
+                    "radius_mm": TRACE_PEAK_RADIUS_MM, "p_injected": round(float(p[1]), 4), "p_removed": round(float(p[2]), 4),
+                    "source": source})
     return out
 
 
@@ -527,8 +528,31 @@ def merged(scored: list[dict[str, Any]], spacing, within_mm: float = NMS_MM) -> 
             kept.append(i)
             out.append(dict(f))
         else:
-            out[into].setdefault("also_at", []).append({"voxel": f["voxel"], "score": f["score"]})
+            out[into].setdefault("also_at", []).append({k: f[k] for k in ("voxel", "score", "source", "threshold") if k in f})
     return out
+
+
+PEAK_SOURCES = ("trace", "smooth")  # candidates from the lungs' maps, held to a stage's ``peak_threshold`` where it has one
+
+
+def source_thresholds(detector: Detector, threshold: float | None = None) -> dict[str, float]:
+    """The threshold each source of candidates is held to: ``threshold`` for all where given, else
+    the detector's own for the network's candidates and, for a second stage that chose one of its
+    own for the maps' peaks (``peak_threshold`` in its meta), that for the trace's and the smooth
+    map's peaks."""
+    if threshold is not None:
+        return dict.fromkeys(("network", *PEAK_SOURCES), float(threshold))
+    verifier = getattr(detector, "verifier", None)
+    peak = float(verifier.meta.get("peak_threshold", detector.threshold)) if verifier is not None else detector.threshold
+    return {"network": float(detector.threshold), **dict.fromkeys(PEAK_SOURCES, peak)}
+
+
+def over_own_threshold(scored: Iterable[dict[str, Any]], spacing, thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    """The stage's scored places (each with its ``source``) as screening lists them: each given the
+    ``threshold`` of its source, those over it first (best first) and then the rest, merged
+    (:func:`merged`). A place over its own threshold is never merged into one under its own."""
+    held = [{**f, "threshold": thresholds[f.get("source", "network")]} for f in scored]
+    return merged(sorted(held, key=lambda f: (f["score"] < f["threshold"], -f["score"])), spacing)
 
 
 def every_place(findings: Iterable[dict[str, Any]]):
@@ -539,19 +563,25 @@ def every_place(findings: Iterable[dict[str, Any]]):
         yield from f.get("also_at", [])
 
 
-def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_name: str, warnings: list[str], t0: float,
+def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | None, input_name: str, warnings: list[str], t0: float,
             lungs: np.ndarray | None = None, verifier=None, reading: ScanReading | None = None) -> dict[str, Any]:
-    """The screening JSON of docs/DESIGN.md. ``reading``: the stage's reading of the whole scan
+    """The screening JSON of docs/DESIGN.md. ``threshold``: the caller's for every place (None: the
+    detector's own, :func:`source_thresholds`); ``reading``: the stage's reading of the whole scan
     (:meth:`ctguard.verifier.Verifier.read_scan`), where the caller has it."""
+    thresholds = source_thresholds(detector, threshold)
+    thr = thresholds["network"]
+    peaks = thresholds["trace"] if verifier is not None and lungs is not None and thresholds["trace"] != thr else None
     if verifier is not None and lungs is not None:
         reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
-        candidates = stage_candidates(heat, vol, verifier, thr, lungs, reading.noise, reading.trace, reading.smooth)
-        scored = merged(verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference), vol.spacing)
-        findings = [f for f in scored if f["score"] >= thr]
+        candidates = stage_candidates(heat, vol, verifier, min(thresholds.values()), lungs, reading.noise, reading.trace, reading.smooth)
+        scored = over_own_threshold(verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference), vol.spacing,
+                                    thresholds)
+        findings = [f for f in scored if f["score"] >= f["threshold"]]
+        under = [f for f in scored if f["score"] < f["threshold"]]
         score = max((f["score"] for f in scored), default=0.0)
     else:
         findings = findings_from(heat, vol, thr)
-        scored = findings_from(heat, vol, min(0.3, thr))
+        under = [f for f in findings_from(heat, vol, min(0.3, thr)) if f["score"] < thr]
         score = round(float((1.0 - heat.probs[0]).max()), 4)
     return {
         "input": input_name,
@@ -560,9 +590,10 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, thr: float, input_na
         "verdict": "tampered" if findings else "clean",
         "score": score,
         "findings": findings,
-        "under_threshold": [f for f in scored if f["score"] < thr][:UNDER_SHOWN],
+        "under_threshold": under[:UNDER_SHOWN],
         "model": {"name": detector.name, "version": detector.version, "threshold": thr,
-                  **({"second_stage": True} if verifier is not None and lungs is not None else {})},
+                  **({"second_stage": True} if verifier is not None and lungs is not None else {}),
+                  **({"peak_threshold": peaks} if peaks is not None else {})},
         "warnings": warnings,
         "elapsed_s": round(time.time() - t0, 3),
     }
@@ -671,7 +702,6 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
     """Screens one slice (``shape[0] == 1``) with the 2D detector; findings have ``z = 0``."""
     t0 = time.time()
     vol = as_ct_slice(vol)
-    thr = detector.threshold if threshold is None else threshold
     if stage:
         stage("lungs")
     lungs = lung_mask(vol)
@@ -690,7 +720,7 @@ def screen_slice(vol: Volume, detector: Detector, input_name: str = "", threshol
     # One slice: findings_from clips every voxel to z = 0.
     warnings = list(vol.warnings) + ["a single slice is screened in 2D, without its neighbours: weaker than screening the series"]
     verifier = getattr(detector, "verifier", None)
-    return _result(vol, detector, heat, thr, input_name, warnings, t0, lungs, verifier), heat, lungs
+    return _result(vol, detector, heat, threshold, input_name, warnings, t0, lungs, verifier), heat, lungs
 
 
 def score_locations_2d(vol: Volume, detector: Detector, locations: np.ndarray, square_mm: int = LOCATION_MM,

@@ -82,6 +82,7 @@ VERIFIER_DEFAULTS = {
     "verifier_trace_peaks": 0,  # n > 0: also the resampling trace's n strongest peaks over the lungs as candidates (ctguard.screen.trace_candidates)
     "verifier_smooth_peaks": 0,  # m > 0: then also the smooth map's m strongest peaks (places smoother than the lung around them; ctguard.screen.smooth_candidates)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
+    "verifier_peak_threshold": False,  # the maps' peaks (trace and smooth) get a threshold of their own, each source by the rule on half the budget (choose_thresholds)
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
 TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
@@ -643,6 +644,7 @@ def check_stage_config(cfg: dict) -> None:
     trace_order(cfg)
     trace_peaks_of(cfg)
     smooth_peaks_of(cfg)
+    peak_threshold_on(cfg)
     triage_share(cfg)
 
 
@@ -664,13 +666,13 @@ def triage_share(cfg: dict) -> float | None:
     return float(value)
 
 
-def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, clean: np.ndarray, oof: np.ndarray, threshold: float,
-               folds: int) -> tuple[Verifier, float, np.ndarray, dict]:
+def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, clean: np.ndarray, oof: np.ndarray,
+               threshold: float | np.ndarray, folds: int) -> tuple[Verifier, float, np.ndarray, dict]:
     """The triage: trees over each row's place alone (:func:`ctguard.verifier.point_rows`, the
     network's columns with them), which screening reads first at every candidate. Its cut-off is the
     highest of :data:`TRIAGE_GRID` under which its out-of-patient score puts at most the config's
     ``verifier_triage`` share of the edit rows that the stage's out-of-patient score ``oof`` finds at
-    ``threshold``. Returns the triage, its cut-off, every row's out-of-patient triage score and
+    ``threshold`` (one for all, or each row's own). Returns the triage, its cut-off, every row's out-of-patient triage score and
     what the cut-off passes and loses (the run's ``triage_fit``)."""
     names = row_names(cfg)
     width = point_width(names)
@@ -796,6 +798,38 @@ def with_scan_reference(part: dict) -> dict:
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
     """The lowest GRID threshold giving at most ``max_false`` candidates over it per untouched scan."""
     return lowest_within(lambda t: (scores[clean] >= t).sum() / max(n_clean_scans, 1), max_false)
+
+
+def choose_thresholds(scores: np.ndarray, clean: np.ndarray, peak: np.ndarray | None, n_clean_scans: int,
+                      max_false: float) -> tuple[float, float | None]:
+    """The stage's threshold and, where ``peak`` marks the rows at the maps' peaks, the peaks' own
+    (else None): each the lowest GRID threshold giving at most half of ``max_false`` of its own
+    source's candidates over it per untouched scan, so that the two together give at most
+    ``max_false``. The network's candidates and the maps' peaks are scored by the same trees but are
+    not alike: the untouched places a peak lands on are where the lung is rippled or smooth, and
+    one threshold for both is set by whichever source's untouched places score highest."""
+    if peak is None:
+        return choose_threshold(scores, clean, n_clean_scans, max_false), None
+    return (choose_threshold(scores, clean & ~peak, n_clean_scans, max_false / 2),
+            choose_threshold(scores, clean & peak, n_clean_scans, max_false / 2))
+
+
+def peak_threshold_on(cfg: dict) -> bool:
+    """The config's ``verifier_peak_threshold``, or a one-line error, also where the stage takes no
+    candidates from the maps' peaks."""
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    if not config_flag(cfg, "verifier_peak_threshold"):
+        return False
+    if not (trace_peaks_of(cfg) or smooth_peaks_of(cfg)):
+        raise InputError("the config's verifier_peak_threshold needs candidates from the maps' peaks "
+                         "(verifier_trace_peaks or verifier_smooth_peaks)")
+    return True
+
+
+def peak_rows(cfg: dict, parts: list[dict]) -> np.ndarray | None:
+    """Which of the stage's rows are at the maps' peaks, where the config gives the peaks a threshold
+    of their own (:func:`peak_threshold_on`); else None."""
+    return np.concatenate([p["peak"] for p in parts]) if peak_threshold_on(cfg) else None
 
 
 def lowest_within(false_per_scan: Callable[[float], float], max_false: float) -> float:
@@ -958,14 +992,16 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     oof = 1.0 - p_oof[:, 0]
     if start is not None:
         oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
-    threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
+    peak = peak_rows(cfg, parts)
+    threshold, peak_threshold = choose_thresholds(oof, clean, peak, n_clean, float(cfg["verifier_max_false"]))
     triage, cut = None, None
     if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
         t_tri = time.time()
-        triage, cut, kept["triage"], fit = fit_triage(cfg, x, y, groups, clean, oof, threshold, folds)
+        each = threshold if peak is None else np.where(peak, peak_threshold, threshold)
+        triage, cut, kept["triage"], fit = fit_triage(cfg, x, y, groups, clean, oof, each, folds)
         timing["triage_fit"] = {**fit, "seconds": round(time.time() - t_tri, 1)}
         oof = np.where(kept["triage"] < cut, kept["triage"], oof)
-        threshold = choose_threshold(oof, clean, n_clean, float(cfg["verifier_max_false"]))
+        threshold, peak_threshold = choose_thresholds(oof, clean, peak, n_clean, float(cfg["verifier_max_false"]))
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y)
@@ -980,11 +1016,12 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
             **({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}),
             **({"triage": cut} if triage is not None else {}),
-            "threshold": threshold, "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
+            "threshold": threshold, **({"peak_threshold": peak_threshold} if peak is not None else {}), "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
-                              f"scan, on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"
+                              + ("scan (the network's candidates and the maps' peaks each half of it, each with a threshold of its own)"
+                                 if peak is not None else "scan") + f", on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"
                               + (f", each candidate from {start} also scored at its re-centred places, as screening does" if start is not None else "")}
     stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
     stage.nodules = nodules
@@ -1000,5 +1037,6 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
     # Every row's out-of-patient scores, for studying the threshold's rule without fitting again.
     np.savez_compressed(out / "verifier_oof.npz", score=oof, trees=oof_trees, y=y, clean=clean, group=groups.astype(str), **kept)
-    echo(f"second stage: threshold {threshold} (out-of-patient), {time.time() - t0:.0f} s; wrote {out / 'model.verifier.npz'}")
+    echo(f"second stage: threshold {threshold}" + (f", the maps' peaks {peak_threshold}" if peak is not None else "")
+         + f" (out-of-patient), {time.time() - t0:.0f} s; wrote {out / 'model.verifier.npz'}")
     return report

@@ -13,6 +13,7 @@ import numpy as np
 LUNG_WINDOW = (-1350.0, 150.0)  # level -600, width 1500
 CROP_MM = 70.0
 MAX_FIGURES = 12  # views for the top findings; the table lists them all
+SOURCES = {"network": "network", "trace": "resampling-trace map", "smooth": "smooth map"}  # what put a place up for the second stage
 
 
 def _crop_views(vol, heat_vox: np.ndarray, voxel: list[float]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
@@ -69,12 +70,16 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
         cards.append((f, png))
     verdict = result["verdict"]
     colour = "#b00020" if verdict == "tampered" else "#1b5e20"
+    thr = result["model"].get("threshold", 0.5)
     rows = "".join(
-        f"<tr><td>{i}</td><td>{html.escape(f['kind'])}</td><td>{f['score']:.3f}</td>"
+        f"<tr><td>{i}</td><td>{html.escape(f['kind'])}</td><td>{f['score']:.3f}</td><td>{f.get('threshold', thr):.2f}</td>"
+        f"<td>{html.escape(SOURCES.get(f.get('source', 'network'), str(f.get('source'))))}</td>"
         f"<td>{', '.join(f'{v:.0f}' for v in f['voxel'])}</td><td>{', '.join(f'{v:.1f}' for v in f['world_mm'])}</td>"
         f"<td>{f['radius_mm']:.0f}</td></tr>"
         for i, f in enumerate(result["findings"], start=1)
-    ) or '<tr><td colspan="6">No finding above the threshold.</td></tr>'
+    ) or '<tr><td colspan="8">No finding above the threshold.</td></tr>'
+    peak_thr = result["model"].get("peak_threshold")
+    thresholds = f"threshold {thr:.2f}" + (f"; places found by the lung maps {peak_thr:.2f}" if peak_thr is not None else "")
     under = result.get("under_threshold") or []
     under_html = "" if not under else (
         "<h2>Highest places under the threshold</h2><p class=\"muted\">Not findings: the places that scored highest "
@@ -110,12 +115,12 @@ figure {{ margin: 1rem 0; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>ctguard screening report</h1>
 <p class="verdict">Verdict: {html.escape(verdict)}</p>
-<p>Tamper score {result['score']:.3f} (threshold {result['model'].get('threshold', 0.5):.2f}) &middot; input <code>{html.escape(str(result['input']))}</code>
+<p>Tamper score {result['score']:.3f} ({thresholds}) &middot; input <code>{html.escape(str(result['input']))}</code>
 &middot; {result['shape'][0]}&times;{result['shape'][1]}&times;{result['shape'][2]} voxels, spacing {', '.join(f'{s:g}' for s in result['spacing_mm'])} mm
 &middot; model {html.escape(result['model']['name'])} {html.escape(result['model']['version'])} &middot; {result['elapsed_s']:.1f} s</p>
 {f'<ul class="muted">{warnings}</ul>' if warnings else ''}
 <h2>Findings</h2>
-<table><thead><tr><th>#</th><th>kind</th><th>score</th><th>voxel z, y, x</th><th>world x, y, z (LPS mm)</th><th>radius mm</th></tr></thead><tbody>{rows}</tbody></table>
+<table><thead><tr><th>#</th><th>kind</th><th>score</th><th>threshold</th><th>found by</th><th>voxel z, y, x</th><th>world x, y, z (LPS mm)</th><th>radius mm</th></tr></thead><tbody>{rows}</tbody></table>
 {under_html}
 {truth_html}
 {figures}
