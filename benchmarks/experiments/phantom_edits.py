@@ -8,8 +8,9 @@ By default the phantoms have the quick set-up of the tests (2 mm slices, 1.9 mm 
 tampered phantom, tests/conftest.py); ``--demo-setup``: that of ``ctguard demo`` (2.5 mm slices,
 0.78 mm pixels: ``ctguard.tamper.simulate.DEMO_SHAPE``, ``DEMO_SPACING``), and six clean ones.
 
-For each edit: the best score of a right-kind finding within 10 mm + half its diameter (``*``: at or
-over the detector's threshold); for each scan, its three best findings elsewhere (false ones).
+For each edit: the best score of a right-kind scored place within 10 mm + half its diameter (``*``:
+a place there at or over its own threshold, :func:`ctguard.screen.source_thresholds`); for each scan,
+its three best places elsewhere (false ones, ``*`` likewise).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 
 import numpy as np
 
-from ctguard.screen import load_detector, screen_volume
+from ctguard.screen import every_place, load_detector, screen_volume, source_thresholds
 from ctguard.tamper.simulate import DEMO_SHAPE, DEMO_SPACING, phantom_source, tampered_phantom
 
 
@@ -30,26 +31,41 @@ def main() -> None:
     a = ap.parse_args()
     setup = {"shape": DEMO_SHAPE, "spacing": DEMO_SPACING} if a.demo_setup else {}
     det = load_detector(a.model)
-    print(f"{a.model}: threshold {det.threshold}" + (" (network only)" if a.network_only else ""))
+    own = source_thresholds(det) if not a.network_only else dict.fromkeys(("network",), det.threshold)
+    print(f"{a.model}: thresholds {own}" + (" (network only)" if a.network_only else ""))
+
+    def places(result: dict) -> list[tuple[str, dict]]:
+        """Every place scored, with the kind of the finding it is listed in (``also_at``)."""
+        return [(f["kind"], p) for f in result["findings"] for p in every_place([f])]
+
+    def over(p: dict) -> bool:
+        return p["score"] >= own[p.get("source", "network")]
+
+    def shown(p: dict) -> str:
+        return f"{p['score']:.3f}" + ("*" if over(p) else "")
+
     cases = [("demo (2026)", *tampered_phantom(2026, 2026, **setup)), ("tests (4242)", *tampered_phantom(4242, 1, **setup))]
     cases += [(f"seed {s}", *tampered_phantom(s, s, **setup)) for s in (5011, 5012, 5013, 5014)]
     found = 0
     for name, vol, truth in cases:
         result, _, _ = screen_volume(vol, det, threshold=0.0, stage2=not a.network_only)
         sp = np.asarray(vol.spacing)
-        close = [[f for f in result["findings"] if np.linalg.norm((np.asarray(f["voxel"]) - t.voxel) * sp) <= 10 + t.diameter_mm / 2]
+        scored = places(result)
+        close = [[(k, p) for k, p in scored if np.linalg.norm((np.asarray(p["voxel"]) - t.voxel) * sp) <= 10 + t.diameter_mm / 2]
                  for t in truth]
         cells = []
         for t, near in zip(truth, close):
-            s = max((f["score"] for f in near if f["kind"] == t.kind), default=0.0)
-            found += s >= det.threshold
-            cells.append(f"{t.kind} {s:.3f}{'*' if s >= det.threshold else ''}")
-        false = sorted((f["score"] for f in result["findings"] if not any(f in near for near in close)), reverse=True)[:3]
-        print(f"{name}: " + ", ".join(cells) + f"; best false {[round(x, 3) for x in false]}")
+            right = [p for k, p in near if k == t.kind]
+            hit = any(over(p) for p in right)
+            found += hit
+            cells.append(f"{t.kind} {max((p['score'] for p in right), default=0.0):.3f}{'*' if hit else ''}")
+        false = sorted((p for k, p in scored if not any(p is q for near in close for _, q in near)), key=lambda p: -p["score"])[:3]
+        print(f"{name}: " + ", ".join(cells) + f"; best false {[shown(p) for p in false]}")
     print(f"found at the threshold: {found}/{2 * len(cases)}")
     for seed in (4343, 77, 2027, 5012, 5013, 5015) if a.demo_setup else (4343, 77):
         result, _, _ = screen_volume(phantom_source(seed, with_tumour=False, **setup).volume, det, threshold=0.0, stage2=not a.network_only)
-        print(f"clean phantom {seed}: best {[round(f['score'], 3) for f in result['findings'][:3]]}")
+        best = sorted((p for _, p in places(result)), key=lambda p: -p["score"])[:3]
+        print(f"clean phantom {seed}: best {[shown(p) for p in best]}")
 
 
 if __name__ == "__main__":
