@@ -115,9 +115,12 @@ function render(j) {
   show($("findings"), res.findings.length > 0);
   // No finding: say what the threshold was and where the highest place under it is (not a finding).
   const under = res.under_threshold || [];
-  const thr = res.model && typeof res.model.threshold === "number" ? ` (${res.model.threshold.toFixed(2)})` : "";
+  const m = res.model || {};
+  const peaks = typeof m.peak_threshold === "number" ? `; the lung maps' peaks ${m.peak_threshold.toFixed(2)}` : "";
+  const thr = typeof m.threshold === "number" ? ` (${m.threshold.toFixed(2)}${peaks})` : "";
+  const own = (f) => (typeof f.threshold === "number" && peaks ? `, under its threshold ${f.threshold.toFixed(2)}` : "");
   $("no-findings").textContent = `No place scored above the threshold${thr}.` + (under.length
-    ? ` The highest under it: ${under[0].kind}, score ${under[0].score.toFixed(2)}, slice ${Math.round(under[0].voxel[0])}.` : "");
+    ? ` The highest under it: ${under[0].kind}, score ${under[0].score.toFixed(2)}${own(under[0])}, slice ${Math.round(under[0].voxel[0])}.` : "");
   show($("no-findings"), res.findings.length === 0);
 
   const z = $("z");
