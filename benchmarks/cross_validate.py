@@ -47,7 +47,9 @@ from ctguard.screen import (
     over_own_threshold,
     score_locations,
     score_locations_2d,
+    scored_places,
     screen_volume,
+    separate_peak_threshold,
     source_thresholds,
     stage_probabilities,
 )
@@ -222,10 +224,10 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
 def listed_findings(findings: list[dict], spacing, thresholds: dict[str, float]) -> list[dict]:
     """The findings screening lists at the detector's own ``thresholds``
     (:func:`ctguard.screen.source_thresholds`), from those of a screening at a lower threshold for
-    all: every place scored, merged again as screening merges them at those thresholds
-    (:func:`ctguard.screen.over_own_threshold`), those over their own threshold."""
-    places = [{**{k: v for k, v in p.items() if k != "also_at"}, "kind": f["kind"]} for f in findings for p in every_place([f])]
-    return [f for f in over_own_threshold(places, spacing, thresholds) if f["score"] >= f["threshold"]]
+    all: every place scored (:func:`ctguard.screen.scored_places`), merged again as screening
+    merges them at those thresholds (:func:`ctguard.screen.over_own_threshold`), those over their
+    own threshold."""
+    return [f for f in over_own_threshold(scored_places(findings), spacing, thresholds) if f["score"] >= f["threshold"]]
 
 
 def over_at(found: list[dict], kind: str, voxel, diameter_mm: float, vol) -> bool:
@@ -452,8 +454,8 @@ def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, k: int, 
 
 def own_thresholds(det) -> dict:
     """The detector's threshold and, where its second stage has one for the maps' peaks, that."""
-    thresholds = source_thresholds(det)
-    return {"threshold": det.threshold, **({"peak_threshold": thresholds["trace"]} if thresholds["trace"] != det.threshold else {})}
+    peaks = separate_peak_threshold(det)
+    return {"threshold": det.threshold, **({"peak_threshold": peaks} if peaks is not None else {})}
 
 
 def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:

@@ -19,7 +19,7 @@ import argparse
 
 import numpy as np
 
-from ctguard.screen import every_place, load_detector, screen_volume, source_thresholds
+from ctguard.screen import load_detector, scored_places, screen_volume, source_thresholds
 from ctguard.tamper.simulate import DEMO_SHAPE, DEMO_SPACING, phantom_source, tampered_phantom
 
 
@@ -34,10 +34,6 @@ def main() -> None:
     own = source_thresholds(det) if not a.network_only else dict.fromkeys(("network",), det.threshold)
     print(f"{a.model}: thresholds {own}" + (" (network only)" if a.network_only else ""))
 
-    def places(result: dict) -> list[tuple[str, dict]]:
-        """Every place scored, with the kind of the finding it is listed in (``also_at``)."""
-        return [(f["kind"], p) for f in result["findings"] for p in every_place([f])]
-
     def over(p: dict) -> bool:
         return p["score"] >= own[p.get("source", "network")]
 
@@ -50,21 +46,21 @@ def main() -> None:
     for name, vol, truth in cases:
         result, _, _ = screen_volume(vol, det, threshold=0.0, stage2=not a.network_only)
         sp = np.asarray(vol.spacing)
-        scored = places(result)
-        close = [[(k, p) for k, p in scored if np.linalg.norm((np.asarray(p["voxel"]) - t.voxel) * sp) <= 10 + t.diameter_mm / 2]
+        scored = scored_places(result["findings"])
+        close = [[p for p in scored if np.linalg.norm((np.asarray(p["voxel"]) - t.voxel) * sp) <= 10 + t.diameter_mm / 2]
                  for t in truth]
         cells = []
         for t, near in zip(truth, close):
-            right = [p for k, p in near if k == t.kind]
+            right = [p for p in near if p["kind"] == t.kind]
             hit = any(over(p) for p in right)
             found += hit
             cells.append(f"{t.kind} {max((p['score'] for p in right), default=0.0):.3f}{'*' if hit else ''}")
-        false = sorted((p for k, p in scored if not any(p is q for near in close for _, q in near)), key=lambda p: -p["score"])[:3]
+        false = sorted((p for p in scored if not any(p is q for near in close for q in near)), key=lambda p: -p["score"])[:3]
         print(f"{name}: " + ", ".join(cells) + f"; best false {[shown(p) for p in false]}")
     print(f"found at the threshold: {found}/{2 * len(cases)}")
     for seed in (4343, 77, 2027, 5012, 5013, 5015) if a.demo_setup else (4343, 77):
         result, _, _ = screen_volume(phantom_source(seed, with_tumour=False, **setup).volume, det, threshold=0.0, stage2=not a.network_only)
-        best = sorted((p for _, p in places(result)), key=lambda p: -p["score"])[:3]
+        best = sorted(scored_places(result["findings"]), key=lambda p: -p["score"])[:3]
         print(f"clean phantom {seed}: best {[shown(p) for p in best]}")
 
 

@@ -300,7 +300,7 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
     result = screen(out / "tampered-scan", json_out=out / "result.json", report_dir=out / "report", progress=progress, truth=truth)
     matched = []
     places = result["findings"] + result.get("under_threshold", [])  # the findings best first, then the highest places under
-    thr = result["model"]["threshold"]  # each place's own where its stage holds candidates of each source to their own
+    thr = result["model"]["threshold"]  # a place's own threshold where the result gives one (a second stage's places)
 
     def mm_to(t: dict, f: dict) -> float:
         return float(np.linalg.norm((np.asarray(f["voxel"]) - t["voxel"]) * np.asarray(vol.spacing)))
@@ -309,13 +309,13 @@ def demo(out_dir: str | Path = "ctguard-demo", seed: int = 2026, progress: bool 
     for t in truth:
         hits = [(rank, f) for rank, f in enumerate(places, start=1) if near(f["voxel"], t["voxel"], t["diameter_mm"], vol.spacing)]
         rank, best = hits[0] if hits else (None, None)
-        ok = best is not None and best["score"] >= best.get("threshold", thr) and best["kind"] == t["kind"]
+        own = thr if best is None else best.get("threshold", thr)
+        ok = best is not None and best["score"] >= own and best["kind"] == t["kind"]
         matched.append(ok)
         nearest.append(None if best is None else {"rank": rank, "kind": best["kind"], "score": best["score"], "mm": round(mm_to(t, best), 1)})
         if best is None:
             where = "no finding, nor any of the highest places under the threshold, there"
         else:
-            own = best.get("threshold", thr)
             what = "finding" if best["score"] >= own else f"place #{rank} by score, under the threshold {own:g}"
             where = f"{what}: {best['kind']} (score {best['score']:.2f}) {mm_to(t, best):.1f} mm away"
         echo(f"  truth {t['kind']:8s} at {[round(v) for v in t['voxel']]}: {where} -> {'FOUND' if ok else 'MISSED'}")

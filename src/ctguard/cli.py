@@ -65,6 +65,7 @@ def cmd_simulate(args) -> int:
 
 def cmd_screen(args) -> int:
     from ctguard import api
+    from ctguard.screen import PEAK_SOURCES
 
     scan = args.input
     if args.scores_out and not args.locations:
@@ -89,7 +90,7 @@ def cmd_screen(args) -> int:
         return 0
     print(f"{args.input}: {result['verdict'].upper()} (tamper score {result['score']:.3f}, {result['elapsed_s']:.1f} s)")
     for f in result["findings"]:
-        peak = f" (a peak of the {f['source']} map, threshold {f['threshold']:g})" if f.get("source") in ("trace", "smooth") else ""
+        peak = f" (a peak of the {f['source']} map, threshold {f['threshold']:g})" if f.get("source") in PEAK_SOURCES else ""
         print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm"
               + peak)
     for w in result["warnings"]:

@@ -547,6 +547,21 @@ def source_thresholds(detector: Detector, threshold: float | None = None) -> dic
     return {"network": float(detector.threshold), **dict.fromkeys(PEAK_SOURCES, peak)}
 
 
+def separate_peak_threshold(detector: Detector, threshold: float | None = None) -> float | None:
+    """The threshold the maps' peaks are held to where it is not the network's candidates'
+    (:func:`source_thresholds`: a second stage that chose one of their own, and no caller's
+    ``threshold`` for all), else None: what a result reports as ``model.peak_threshold``."""
+    thresholds = source_thresholds(detector, threshold)
+    return thresholds["trace"] if thresholds["trace"] != thresholds["network"] else None
+
+
+def scored_places(findings: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every place of ``findings`` (:func:`every_place`) on its own, each with the ``kind`` of the
+    finding it is listed in and none of its own ``also_at``: the stage's scored places again, as
+    :func:`over_own_threshold` takes them."""
+    return [{**{k: v for k, v in p.items() if k != "also_at"}, "kind": f["kind"]} for f in findings for p in every_place([f])]
+
+
 def over_own_threshold(scored: Iterable[dict[str, Any]], spacing, thresholds: dict[str, float]) -> list[dict[str, Any]]:
     """The stage's scored places (each with its ``source``) as screening lists them: each given the
     ``threshold`` of its source, those over it first (best first) and then the rest, merged
@@ -570,8 +585,9 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
     (:meth:`ctguard.verifier.Verifier.read_scan`), where the caller has it."""
     thresholds = source_thresholds(detector, threshold)
     thr = thresholds["network"]
-    peaks = thresholds["trace"] if verifier is not None and lungs is not None and thresholds["trace"] != thr else None
-    if verifier is not None and lungs is not None:
+    staged = verifier is not None and lungs is not None
+    peaks = separate_peak_threshold(detector, threshold) if staged else None
+    if staged:
         reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
         candidates = stage_candidates(heat, vol, verifier, min(thresholds.values()), lungs, reading.noise, reading.trace, reading.smooth)
         scored = over_own_threshold(verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference), vol.spacing,
@@ -592,7 +608,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
         "findings": findings,
         "under_threshold": under[:UNDER_SHOWN],
         "model": {"name": detector.name, "version": detector.version, "threshold": thr,
-                  **({"second_stage": True} if verifier is not None and lungs is not None else {}),
+                  **({"second_stage": True} if staged else {}),
                   **({"peak_threshold": peaks} if peaks is not None else {})},
         "warnings": warnings,
         "elapsed_s": round(time.time() - t0, 3),
