@@ -929,6 +929,7 @@ def test_second_stage_takes_the_smooth_maps_peaks_as_candidates(tmp_path):
     cfg = {**MAP_PEAKS_RECIPE, "verifier_smooth_peaks": 2}
     _refused_before_training(cfg, tmp_path, [({"verifier_smooth_peaks": -1}, "must be a whole number of peaks, 0 or more, not -1"),
                                              ({"verifier_smooth_peaks": True}, "not True"),
+                                             ({"verifier_shape": "yes"}, "verifier_shape must be true or false, not 'yes'"),
                                              ({"verifier_refine_from": 0.2}, "verifier_smooth_peaks cannot be used with verifier_refine_from")])
     run = tmp_path / "run"
     api.train(cfg, run, progress=False, echo=lambda *_: None)
@@ -1825,3 +1826,87 @@ def test_places_of_one_edit_are_one_finding():
     assert out[0]["also_at"] == [{"voxel": [10, 100, 120], "score": 0.98}, {"voxel": [12, 100, 100], "score": 0.2}]
     assert "also_at" not in out[1] and "also_at" not in out[2]
     assert "also_at" not in scored[0]  # the stage's own list is left as it was
+
+
+@pytest.mark.parametrize("what, negative", [("ball", 3), ("tube", 2), ("sheet", 1)])
+def test_the_shape_columns_tell_a_ball_from_a_tube_and_a_sheet(what, negative):
+    """:func:`shape_features`: the Hessian's eigenvalues at each scale, times the scale squared; a
+    bright ball (a nodule) bends down along all three axes, a tube (a vessel) along two, a sheet (a
+    fissure) along one. The same as scipy's Gaussian derivative filters at the place."""
+    from scipy import ndimage
+
+    from ctguard.verifier import SHAPE_REACH, SHAPE_SCALES_MM, shape_features
+    from ctguard.volume import Volume
+
+    spacing = (1.25, 0.7, 0.7)
+    z, y, x = np.meshgrid(*[(np.arange(n) - n // 2) * s for n, s in zip((40, 80, 80), spacing)], indexing="ij")
+    inside = {"ball": x**2 + y**2 + z**2 <= 16, "tube": x**2 + y**2 <= 4, "sheet": np.abs(x) <= 1.5}[what]
+    hu = np.where(inside, 0.0, -850.0) + np.random.default_rng(0).normal(0, 20, x.shape)
+    vol = Volume(hu.astype(np.float32), spacing)
+    f = shape_features(vol, np.array([20.0, 40.0, 40.0]))
+    assert f.shape == (3 * len(SHAPE_SCALES_MM),)
+    for k, s in enumerate(SHAPE_SCALES_MM):
+        ev = f[3 * k : 3 * k + 3]
+        assert list(ev) == sorted(ev) and (ev < -50).sum() == negative and (np.abs(ev[negative:]) < 20).all()
+        sigma = s / np.asarray(spacing)
+        hess = np.empty((3, 3))
+        for i in range(3):
+            for j in range(3):
+                order = [0, 0, 0]
+                order[i] += 1
+                order[j] += 1
+                d = ndimage.gaussian_filter(hu, sigma, order=order, truncate=SHAPE_REACH + 1)[20, 40, 40]
+                hess[i, j] = d / (spacing[i] * spacing[j])
+        assert np.allclose(ev, np.linalg.eigvalsh(hess) * s * s, rtol=0.05, atol=3.0)
+
+
+def test_a_stage_with_shape_reads_it_at_each_place_and_its_recentred_places():
+    """With ``shape`` a row also holds :func:`shape_features` at the place and at its re-centred
+    places, and nothing else in it changes; a stage fitted so (``shape`` in its meta) scores on them,
+    its triage too."""
+    from ctguard.verifier import feature_names, features_at, recentred, shape_features, stage_inputs
+
+    vol, lungs, noise, places = _stage_scan()
+    names = feature_names(recentre=True, resampling=True, shape=True)
+    assert "hessian_1.5mm_1" in names and "hessian_3mm_3@dense" in names and "hessian_3mm_2@smooth" in names
+    wide = features_at(vol, places, noise, recentre=True, resampling=True, shape=True)
+    without = features_at(vol, places, noise, recentre=True, resampling=True)
+    assert wide.shape == (4, len(names))
+    assert np.allclose(wide[:, [names.index(n) for n in feature_names(recentre=True, resampling=True)]], without, equal_nan=True)
+    cols = [n for n in names if n.startswith("hessian_") and "@" not in n]
+    for row, p in zip(wide, places):
+        dense, smooth = recentred(vol, p)
+        assert np.allclose(row[[names.index(n) for n in cols]], shape_features(vol, p))
+        assert np.allclose(row[[names.index(n + "@dense") for n in cols]], shape_features(vol, dense))
+        assert np.allclose(row[[names.index(n + "@smooth") for n in cols]], shape_features(vol, smooth))
+    p_net = np.tile([[0.6, 0.3, 0.1]], (len(places), 1)).astype(np.float32)
+    x = stage_inputs(vol, places, p_net, noise, recentre=True, resampling=True, shape=True)
+    v, clf = _fitted_stage(x, {"uses_network": True, "recentre": True, "resampling": True, "shape": True})
+    assert np.allclose(v.score_places(vol, places, p_net, lungs), clf.predict_proba(x), atol=1e-5)
+
+
+def test_train_a_second_stage_that_reads_the_shape(tmp_path):
+    """``verifier_shape: true``: the stage's rows, kept and fitted, carry :func:`shape_features` at
+    each place and its re-centred places, and screening reads them as training made them."""
+    from ctguard.screen import load_detector, score_locations
+    from ctguard.verifier import feature_names, stage_inputs
+
+    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
+           "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True, "verifier_per_scan": 2,
+           "verifier_scan_columns": False, "verifier_boosting": "histogram", "verifier_shape": True}
+    api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
+    det = load_detector(str(tmp_path / "run" / "model.pt"))
+    names = det.verifier.meta["names"]
+    assert det.verifier.meta["shape"] and names[:-3] == feature_names(recentre=True, shape=True) and "hessian_1.5mm_1@dense" in names
+    with np.load(next((tmp_path / "run" / "verifier_rows").glob("*.npz"))) as kept:
+        assert kept["x"].shape[1] == len(names)
+    vol = phantom_source(9, shape=(40, 96, 96), spacing=(4.0, 3.6, 3.6)).volume
+    lungs = lung_mask(vol)
+    places = np.argwhere(lungs)[::1500][:3].astype(float)
+    p_net = score_locations(vol, det, places, stage2=False)
+    from ctguard.verifier import scan_noise
+
+    x = stage_inputs(vol, places, p_net, scan_noise(vol, lungs), recentre=True, shape=True)
+    assert np.allclose(score_locations(vol, det, places), det.verifier.probabilities(x), atol=1e-5)

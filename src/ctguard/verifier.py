@@ -41,13 +41,16 @@ SCAN_COLUMNS = ("log_slice_mm", "log_pixel_mm", "log_noise_xy", "log_noise_z")  
 TRACE_RADII_MM = (5.0, 8.0, 12.0)  # the half-widths of the squares :func:`resampling_trace` reads
 TRACE_CLIP = 6.0  # residuals clipped at this many times the scan's in-plane noise (edges of vessels weigh no more than noise)
 TRACE_MIN_FREQUENCY = 0.04  # cycles a voxel: a pixel spacing this close to a whole number of mm leaves no ripple to read
+SHAPE_SCALES_MM = (1.5, 3.0)  # the Gaussian scales (mm) of :func:`shape_features`' Hessians: a 5-12 mm nodule's
+SHAPE_REACH = 3.0  # each Hessian's Gaussian is read out to this many of its sigmas
 
 
-def feature_names(recentre: bool = False, resampling: bool = False, trace_recentre: bool = False, trace_scan: bool = False) -> list[str]:
+def feature_names(recentre: bool = False, resampling: bool = False, trace_recentre: bool = False, trace_scan: bool = False,
+                  shape: bool = False) -> list[str]:
     """The names of :func:`place_features`' columns, in order (with ``resampling``, then those of
-    :func:`resampling_trace`, and with ``trace_scan`` the same less the scan's own, :func:`scan_trace`);
-    with ``recentre`` those of :func:`features_at`'s wider rows (with ``trace_recentre``, wider by a
-    third place, :func:`trace_peak`)."""
+    :func:`resampling_trace`, and with ``trace_scan`` the same less the scan's own, :func:`scan_trace`;
+    with ``shape``, then those of :func:`shape_features`); with ``recentre`` those of
+    :func:`features_at`'s wider rows (with ``trace_recentre``, wider by a third place, :func:`trace_peak`)."""
     names = [f"{what}_{int(a)}_{int(b)}" for a, b in zip(BINS_MM[:-1], BINS_MM[1:]) for what in PER_BIN]
     names += list(SCAN_COLUMNS)
     inner, rim, outer = f"0-{int(BINS_MM[3])}", f"{int(BINS_MM[3])}-{int(BINS_MM[5])}", f"{int(BINS_MM[5])}-{int(BINS_MM[-1])}"
@@ -56,6 +59,8 @@ def feature_names(recentre: bool = False, resampling: bool = False, trace_recent
         names += [f"resampling_trace_{int(r)}" for r in TRACE_RADII_MM]
         if trace_scan:
             names += [f"resampling_trace_{int(r)}_vs_scan" for r in TRACE_RADII_MM]
+    if shape:
+        names += [f"hessian_{s:g}mm_{k}" for s in SHAPE_SCALES_MM for k in (1, 2, 3)]
     if recentre:
         own = [n for n in names if n not in SCAN_COLUMNS]
         at = ("dense", "smooth", "trace") if trace_recentre else ("dense", "smooth")
@@ -295,41 +300,80 @@ def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) 
 
 def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], threads: int = 2,
                 recentre: bool = False, resampling: bool = False, trace_recentre: bool = False,
-                trace_reference: np.ndarray | None = None, at_places: np.ndarray | None = None) -> np.ndarray:
+                trace_reference: np.ndarray | None = None, at_places: np.ndarray | None = None,
+                shape: bool = False) -> np.ndarray:
     """:func:`place_features` at every place ``(n, 3)`` (with ``resampling``, then its
     :func:`resampling_trace`, and where the scan's own ``trace_reference`` (:func:`scan_trace`) is
-    given the same less it), over ``threads`` threads (the filters and medians run outside the GIL
-    for much of their time). With ``recentre`` each row goes on with the same at the place's two
-    :func:`recentred` places (with ``trace_recentre`` and ``resampling``, also at its
-    :func:`trace_peak`), less :data:`SCAN_COLUMNS`, and their distances (mm) from it;
-    ``at_places``: the rows at the places themselves (these same features without ``recentre``),
-    where the caller has them (a triage's rows), so that only the re-centred places are read."""
+    given the same less it; with ``shape``, then its :func:`shape_features`), over ``threads``
+    threads (the filters and medians run outside the GIL for much of their time). With ``recentre``
+    each row goes on with the same at the place's two :func:`recentred` places (with
+    ``trace_recentre`` and ``resampling``, also at its :func:`trace_peak`), less
+    :data:`SCAN_COLUMNS`, and their distances (mm) from it; ``at_places``: the rows at the places
+    themselves (these same features without ``recentre``), where the caller has them (a triage's
+    rows), so that only the re-centred places are read."""
     places = np.asarray(places, float).reshape(-1, 3)
     trace_scan = resampling and trace_reference is not None
     if recentre:
         trace_recentre = trace_recentre and resampling
         if not len(places):
-            return np.zeros((0, len(feature_names(True, resampling, trace_recentre, trace_scan))), np.float32)
+            return np.zeros((0, len(feature_names(True, resampling, trace_recentre, trace_scan, shape))), np.float32)
         at = with_recentred(vol, places, threads, trace_noise=noise[0] if trace_recentre else None)
         k = 4 if trace_recentre else 3
         if at_places is None:
-            f = features_at(vol, at, noise, threads, resampling=resampling, trace_reference=trace_reference).reshape(len(places), k, -1)
+            f = features_at(vol, at, noise, threads, resampling=resampling, trace_reference=trace_reference, shape=shape).reshape(len(places), k, -1)
         else:
             moved = at.reshape(len(places), k, 3)[:, 1:].reshape(-1, 3)
-            f_moved = features_at(vol, moved, noise, threads, resampling=resampling, trace_reference=trace_reference)
+            f_moved = features_at(vol, moved, noise, threads, resampling=resampling, trace_reference=trace_reference, shape=shape)
             f = np.concatenate([np.asarray(at_places, np.float32)[:, None], f_moved.reshape(len(places), k - 1, -1)], axis=1)
-        own = [j for j, n in enumerate(feature_names(resampling=resampling, trace_scan=trace_scan)) if n not in SCAN_COLUMNS]
+        own = [j for j, n in enumerate(feature_names(resampling=resampling, trace_scan=trace_scan, shape=shape)) if n not in SCAN_COLUMNS]
         offsets = np.linalg.norm((at.reshape(-1, k, 3)[:, 1:] - places[:, None]) * np.asarray(vol.spacing, float), axis=-1)
         return np.hstack([f[:, 0], *[f[:, j, own] for j in range(1, k)], offsets]).astype(np.float32)
-    if resampling:
-        def row(p: np.ndarray) -> np.ndarray:
-            trace = resampling_trace(vol, p, noise[0])
-            return np.concatenate([place_features(vol, p, noise), trace] + ([trace - trace_reference] if trace_scan else []))
 
-        rows = _map(row, places, threads)
-    else:
-        rows = _map(lambda p: place_features(vol, p, noise), places, threads)
-    return np.stack(rows) if rows else np.zeros((0, len(feature_names(resampling=resampling, trace_scan=trace_scan))), np.float32)
+    def row(p: np.ndarray) -> np.ndarray:
+        parts = [place_features(vol, p, noise)]
+        if resampling:
+            trace = resampling_trace(vol, p, noise[0])
+            parts += [trace] + ([trace - trace_reference] if trace_scan else [])
+        if shape:
+            parts.append(shape_features(vol, p))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    rows = _map(row, places, threads)
+    return np.stack(rows) if rows else np.zeros((0, len(feature_names(resampling=resampling, trace_scan=trace_scan, shape=shape))), np.float32)
+
+
+def shape_features(vol: Volume, place: np.ndarray) -> np.ndarray:
+    """The place's local shape at each of :data:`SHAPE_SCALES_MM`: the eigenvalues (lowest first)
+    of the Hessian of HU smoothed by a Gaussian of that scale, at the place itself (sub-voxel, on
+    the scan's own grid), times the scale squared (HU; so that scales compare). A bright blob (a
+    nodule) has all three well under 0, a vessel two, a wall or fissure one: the radial profiles of
+    :func:`place_features` read the same for a ball and a tube through it."""
+    spacing = np.asarray(vol.spacing, float)
+    place = np.asarray(place, float)
+    out = []
+    for s in SHAPE_SCALES_MM:
+        box, _, _ = neighbourhood(vol, place, SHAPE_REACH * s)
+        hu = vol.hu[box].astype(np.float64)
+        smooth, first, second = [], [], []
+        for b, p, h in zip(box, place, spacing):
+            d = (np.arange(b.start, b.stop) - p) * h  # mm from the place along this axis
+            g = np.exp(-(d**2) / (2.0 * s * s))
+            g /= g.sum()
+            g1 = -d / (s * s) * g
+            g2 = (d**2 / s**4 - 1.0 / (s * s)) * g
+            # Each derivative kernel sums to 0, however the box is cut at the scan's edge.
+            smooth.append(g), first.append(g1 - g * g1.sum()), second.append(g2 - g * g2.sum())
+        hess = np.empty((3, 3))
+        for i in range(3):
+            for j in range(i, 3):
+                k = [smooth[a] for a in range(3)]
+                if i == j:
+                    k[i] = second[i]
+                else:
+                    k[i], k[j] = first[i], first[j]
+                hess[i, j] = hess[j, i] = np.einsum("zyx,z,y,x->", hu, *k)
+        out += list(np.linalg.eigvalsh(hess) * s * s)
+    return np.asarray(out, np.float32)
 
 
 TRACE_SCAN_PLACES = 64  # the parenchyma places :func:`scan_trace` reads
@@ -647,11 +691,11 @@ def network_probabilities(f: np.ndarray) -> np.ndarray:
 def stage_inputs(vol: Volume, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float],
                  with_network: bool = True, threads: int = 2, recentre: bool = False, resampling: bool = False,
                  trace_recentre: bool = False, trace_reference: np.ndarray | None = None,
-                 at_places: np.ndarray | None = None) -> np.ndarray:
+                 at_places: np.ndarray | None = None, shape: bool = False) -> np.ndarray:
     """The second stage's rows at ``places``: :func:`features_at`, then (``with_network``) the
     network's probabilities ``p_network`` ``(n, 3)`` there; what training fits and screening scores.
     ``at_places``: :func:`features_at`'s rows at the places themselves, where the caller has them."""
-    x = features_at(vol, places, noise, threads, recentre, resampling, trace_recentre, trace_reference, at_places)
+    x = features_at(vol, places, noise, threads, recentre, resampling, trace_recentre, trace_reference, at_places, shape)
     return np.hstack([x, network_features(p_network)]) if with_network else x
 
 
@@ -786,7 +830,7 @@ class Verifier:
     tree_class: np.ndarray  # (trees,) the class each tree adds to
     baseline: np.ndarray  # (3,) raw scores before any tree
     rate: float
-    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, trace_scan, candidate_threshold, max_candidates, threshold, fit details; slice (a single slice's stage)
+    meta: dict = field(default_factory=dict)  # names, uses_network, recentre, resampling, trace_recentre, trace_scan, shape, candidate_threshold, max_candidates, threshold, fit details; slice (a single slice's stage)
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
     triage: Verifier | None = None  # trees over the place's own columns alone (``triage`` in the meta: their cut-off), saved in the same file
@@ -823,7 +867,8 @@ class Verifier:
         at the places themselves, where the caller has them (:meth:`triage_first`)."""
         return stage_inputs(vol, places, p_network, noise, self.meta.get("uses_network", True), recentre=self.meta.get("recentre", False),
                             resampling=self.meta.get("resampling", False), trace_recentre=self.meta.get("trace_recentre", False),
-                            trace_reference=self._trace_reference(vol, lungs, noise, trace_reference), at_places=at_places)
+                            trace_reference=self._trace_reference(vol, lungs, noise, trace_reference), at_places=at_places,
+                            shape=bool(self.meta.get("shape", False)))
 
     def _trace_reference(self, vol: Volume, lungs: np.ndarray | None, noise: tuple[float, float],
                          trace_reference: np.ndarray | None) -> np.ndarray | None:
@@ -896,7 +941,7 @@ class Verifier:
         re-centred places), the triage's ``(n, 3)`` probabilities on it with the network's
         ``p_network``, and the indices of the places at or over its cut-off."""
         own = features_at(vol, np.asarray(places, float).reshape(-1, 3), noise, resampling=bool(self.meta.get("resampling", False)),
-                          trace_reference=self._trace_reference(vol, lungs, noise, trace_reference))
+                          trace_reference=self._trace_reference(vol, lungs, noise, trace_reference), shape=bool(self.meta.get("shape", False)))
         p = self.triage.probabilities(np.hstack([own, network_features(p_network)]))
         return own, p, np.flatnonzero(1.0 - p[:, 0] >= float(self.meta["triage"]))
 

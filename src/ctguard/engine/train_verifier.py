@@ -61,6 +61,7 @@ VERIFIER_DEFAULTS = {
     "verifier_recentre": False,  # rows also read at each place's densest and smoothest point nearby (ctguard.verifier.recentred)
     "verifier_resampling": False,  # rows also read the place's resampling trace (ctguard.verifier.resampling_trace)
     "verifier_trace_scan": False,  # with verifier_resampling: the trace also less the scan's own (ctguard.verifier.scan_trace)
+    "verifier_shape": False,  # rows also read the place's shape: Hessian eigenvalues at two scales (ctguard.verifier.shape_features)
     "verifier_trace_recentre": False,  # with verifier_resampling and verifier_recentre: rows also read at the strongest trace nearby (ctguard.verifier.trace_peak)
     "verifier_scan_columns": True,  # the trees may split on the scan's own slice and pixel size and noise (ctguard.verifier.SCAN_COLUMNS)
     "verifier_boosting": "classic",  # classic: GradientBoostingClassifier; histogram: HistGradientBoostingClassifier (same trees' depth, far faster fits)
@@ -203,7 +204,7 @@ def _refine_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
     lungs = lung_mask(vol)
     noise = scan_noise(vol, lungs)
-    recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
+    recentre, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
     reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
     # The untouched copy's candidates, as _source_rows takes them.
     found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
@@ -211,7 +212,7 @@ def _refine_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         return empty
     alt = np.concatenate([recentred(vol, np.asarray(f["voxel"], float)) for f in found])
     x = stage_inputs(vol, alt, np.repeat(finding_probabilities(found), 2, axis=0), noise, threads=1, recentre=recentre,
-                     resampling=resampling, trace_recentre=trace_recentre, trace_reference=reference)
+                     resampling=resampling, trace_recentre=trace_recentre, trace_reference=reference, shape=shape)
     return {"x": x.reshape(len(found), 2, -1).astype(np.float32)}
 
 
@@ -332,10 +333,10 @@ def _candidate_rows(cfg: dict, vol, noise: tuple[float, float], reference, found
     a lesion's where it lies near a real tumour."""
     from ctguard.screen import finding_probabilities
 
-    recentre, resampling, trace_recentre, _ = stage_features(cfg)
+    recentre, resampling, trace_recentre, _, shape = stage_features(cfg)
     at = np.asarray([f["voxel"] for f in found], float).reshape(-1, 3)
     x = stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre, resampling=resampling,
-                     trace_recentre=trace_recentre, trace_reference=reference) if len(found) else np.zeros((0, len(row_names(cfg))), np.float32)
+                     trace_recentre=trace_recentre, trace_reference=reference, shape=shape) if len(found) else np.zeros((0, len(row_names(cfg))), np.float32)
     y = []
     for f in found:
         hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
@@ -428,7 +429,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
-    recentre, resampling, trace_recentre, trace_scan = stage_features(cfg)
+    recentre, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
     parts, peak_parts, patches = [], [], []
     for k, (_, vol, edits) in enumerate(source_copies(cfg, src, seed)):
         noise = scan_noise(vol, lungs)
@@ -439,7 +440,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
         parts.append({"x": stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
-                                        resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference),
+                                        resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference, shape=shape),
                       "y": [LABELS.get(what, 0) for what, _ in where], "scan": [k] * len(where), "clean": [False] * len(where),
                       "candidate": [False] * len(where), "lesion": [what == "real lesion" for what, _ in where]})
         if with_patches:
@@ -628,8 +629,8 @@ def oof_folds(cfg: dict) -> int:
 def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
-    ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks`` or patch setting before
-    anything is trained."""
+    ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks``,
+    ``verifier_shape`` or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -646,6 +647,8 @@ def check_stage_config(cfg: dict) -> None:
     smooth_peaks_of(cfg)
     peak_threshold_on(cfg)
     triage_share(cfg)
+    if not isinstance(cfg["verifier_shape"], bool):
+        raise InputError(f"the config's verifier_shape must be true or false, not {cfg['verifier_shape']!r}")
 
 
 def triage_share(cfg: dict) -> float | None:
@@ -751,12 +754,13 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     return cfg, specs, parts
 
 
-def stage_features(cfg: dict) -> tuple[bool, bool, bool, bool]:
+def stage_features(cfg: dict) -> tuple[bool, bool, bool, bool, bool]:
     """What a row reads (:func:`ctguard.verifier.features_at`): ``recentre``, ``resampling``,
-    ``trace_recentre`` (which needs both) and ``trace_scan`` (which needs ``resampling``)."""
+    ``trace_recentre`` (which needs both), ``trace_scan`` (which needs ``resampling``) and ``shape``."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     recentre, resampling = bool(cfg["verifier_recentre"]), bool(cfg["verifier_resampling"])
-    return recentre, resampling, recentre and resampling and bool(cfg["verifier_trace_recentre"]), resampling and bool(cfg["verifier_trace_scan"])
+    return (recentre, resampling, recentre and resampling and bool(cfg["verifier_trace_recentre"]),
+            resampling and bool(cfg["verifier_trace_scan"]), bool(cfg["verifier_shape"]))
 
 
 def row_names(cfg: dict) -> list[str]:
@@ -1007,7 +1011,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     clf = boosting_classifier(cfg).fit(fit_x, y)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
-            **dict(zip(("resampling", "trace_recentre", "trace_scan"), stage_features(cfg)[1:])),
+            **dict(zip(("resampling", "trace_recentre", "trace_scan"), stage_features(cfg)[1:4])),
+            **({"shape": True} if stage_features(cfg)[4] else {}),
             "scan_reference": scan_reference_on(cfg),
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
