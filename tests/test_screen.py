@@ -1889,7 +1889,7 @@ def test_train_a_second_stage_that_reads_the_shape(tmp_path):
     """``verifier_shape: true``: the stage's rows, kept and fitted, carry :func:`shape_features` at
     each place and its re-centred places, and screening reads them as training made them."""
     from ctguard.screen import load_detector, score_locations
-    from ctguard.verifier import feature_names, stage_inputs
+    from ctguard.verifier import feature_names, scan_noise, stage_inputs
 
     cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
            "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
@@ -1906,7 +1906,5 @@ def test_train_a_second_stage_that_reads_the_shape(tmp_path):
     lungs = lung_mask(vol)
     places = np.argwhere(lungs)[::1500][:3].astype(float)
     p_net = score_locations(vol, det, places, stage2=False)
-    from ctguard.verifier import scan_noise
-
     x = stage_inputs(vol, places, p_net, scan_noise(vol, lungs), recentre=True, shape=True)
     assert np.allclose(score_locations(vol, det, places), det.verifier.probabilities(x), atol=1e-5)

@@ -1,0 +1,104 @@
+"""Where each held-out edit of a cross-validation fold is lost, on the fold's own detector.
+
+Usage:
+    python benchmarks/experiments/where_lost.py FOLD MODEL [--config configs/tamper3d.yaml] [--out OUT.json]
+
+For every edit of the fold's held-out copies (``benchmarks/cross_validate.py``'s, same seeds), one of:
+found (a place of its kind over its own threshold near it); a candidate of any source near it that
+the stage scores under its threshold; no maximum of the network's map from 0.3 near it; a maximum
+there, but suppressed by the network's 24 mm non-maximum suppression; or past the cap of the
+network's candidates. Beside it, the edit's rank among the places a blob map would give
+(the Laplacian of Gaussian at 2.5 mm on a 2 mm grid, its 200 strongest maxima in the lungs, ordered
+by the least negative Hessian eigenvalue at 3 mm, :func:`ctguard.verifier.shape_features`), and on
+the untouched copies the same rank of each real lesion: how far candidates at blobs would reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cross_validate as cv  # noqa: E402
+from ctguard import api  # noqa: E402
+from ctguard.engine.train_verifier import near  # noqa: E402
+from ctguard.screen import findings_from, heatmap, load_detector, scored_places, screen_volume, source_thresholds  # noqa: E402
+from ctguard.verifier import shape_features  # noqa: E402
+from ctguard.volume import resample_array  # noqa: E402
+
+BLOB_SIGMA_MM = 2.5
+BLOB_GRID_MM = 2.0
+BLOB_MAXIMA = 200
+
+
+def blob_places(vol, lungs: np.ndarray) -> np.ndarray:
+    """Voxels of the blob map's strongest maxima in the lungs, most blob-like first."""
+    box = tuple(slice(int(a[0]), int(a[-1]) + 1) for a in (np.flatnonzero(lungs.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))))
+    grid = (BLOB_GRID_MM,) * 3
+    hu = resample_array(vol.hu[box].astype(np.float32), vol.spacing, grid)
+    inside = ndimage.binary_erosion(resample_array(lungs[box].astype(np.float32), vol.spacing, grid) > 0.5)
+    s = BLOB_SIGMA_MM / BLOB_GRID_MM
+    log = -ndimage.gaussian_laplace(np.clip(hu, -1000, 200), s) * s * s
+    idx = np.argwhere((log == ndimage.maximum_filter(log, size=3)) & inside & (log > 0))
+    idx = idx[np.argsort(-log[tuple(idx.T)])][:BLOB_MAXIMA]
+    lo = np.array([b.start for b in box], float)
+    vox = np.clip(lo + (idx + 0.5) * BLOB_GRID_MM / np.asarray(vol.spacing) - 0.5, 0, np.asarray(vol.shape) - 1)
+    blobness = np.array([-shape_features(vol, v)[5] for v in vox])
+    return vox[np.argsort(-blobness)]
+
+
+def first_near(places, voxel, diameter_mm: float, spacing) -> int | None:
+    return next((k for k, p in enumerate(places) if near(p, voxel, diameter_mm, spacing)), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("fold", type=int)
+    ap.add_argument("model")
+    ap.add_argument("--config", default="configs/tamper3d.yaml")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    _, held = cv.split_fold(cv.patient_scans(api.load_config(a.config)), a.fold)
+    det = load_detector(a.model)
+    thresholds = source_thresholds(det)
+    rows = []
+    for _, src, _, vol, edits, lungs, _ in cv.held_out_places(held, a.fold):
+        blobs = blob_places(vol, lungs)
+        if not edits:
+            rows += [{"lesion": True, "diameter_mm": round(t.diameter_mm, 1), "blob_rank": first_near(blobs, t.voxel, t.diameter_mm, vol.spacing)}
+                     for t in src.tumours]
+            continue
+        heat = heatmap(vol, det, lungs)
+        maxima = [f["voxel"] for f in findings_from(heat, vol, 0.3, nms_mm=0.1)]
+        kept = [f["voxel"] for f in findings_from(heat, vol, 0.3)]
+        result, _, _ = screen_volume(vol, det, threshold=0.0)
+        places = scored_places(result["findings"])
+        for e in edits:
+            close = [p for p in places if near(p["voxel"], e.voxel, e.diameter_mm, vol.spacing)]
+            if any(p["kind"] == e.kind and p["score"] >= thresholds.get(p.get("source", "network"), thresholds["network"]) for p in close):
+                why = "found"
+            elif close:
+                why = "candidate, scored under"
+            elif first_near(maxima, e.voxel, e.diameter_mm, vol.spacing) is None:
+                why = "no network maximum from 0.3"
+            elif first_near(kept, e.voxel, e.diameter_mm, vol.spacing) is None:
+                why = "suppressed by the 24 mm NMS"
+            else:
+                why = "past the cap"
+            rows.append({"patient": src.patient, "kind": e.kind, "family": e.extra.get("family"), "diameter_mm": round(e.diameter_mm, 1),
+                         "why": why, "blob_rank": first_near(blobs, e.voxel, e.diameter_mm, vol.spacing)})
+            print(rows[-1], flush=True)
+    print(dict(Counter(r["why"] for r in rows if "why" in r)))
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
