@@ -23,6 +23,9 @@ def free_port() -> int:
 
 def send(port: int, files: list[Path], calling: str = "SCANNER", called: str = "CTGUARD") -> list[int]:
     ae = AE(ae_title=calling)
+    # The node screens in a thread of its own process while it receives: on a loaded machine a
+    # response can wait on that thread for longer than pynetdicom's default of 30 s.
+    ae.dimse_timeout = 120
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(SecondaryCaptureImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
