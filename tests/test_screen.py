@@ -720,6 +720,16 @@ def test_bundled_detectors_name_no_path_of_a_machine():
         assert not found, f"{name}: {found[:3]}"
 
 
+# A tiny recipe with a re-centring second stage (histogram trees blind to the scan's own columns) on
+# one phantom: what the stage's training tests fit, each with the setting it is about.
+TINY_STAGE_RECIPE = {
+    "task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
+    "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
+    "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
+    "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True, "verifier_per_scan": 2,
+    "verifier_scan_columns": False, "verifier_boosting": "histogram"}
+
+
 def test_train_tamper3d_with_a_second_stage(tmp_path):
     """A tiny recipe with ``verifier: true``: the network, then the second stage fitted on fresh
     edits of its sources, blended with the network's probabilities; the run's detector re-scores its
@@ -729,11 +739,7 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     from ctguard.screen import load_detector, score_locations, screen_volume
     from ctguard.verifier import SCAN_COLUMNS, Verifier, feature_names
 
-    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
-           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
-           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
-           "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True, "verifier_per_scan": 2,
-           "verifier_scan_columns": False, "verifier_boosting": "histogram", "verifier_blend": 0.5}
+    cfg = {**TINY_STAGE_RECIPE, "verifier_blend": 0.5}
     with pytest.raises(InputError, match="verifier_boosting must be classic or histogram, not 'forest'"):
         api.train({**cfg, "verifier_boosting": "forest"}, tmp_path / "bad", progress=False, echo=lambda *_: None)
     assert not (tmp_path / "bad" / "model.pt").exists()  # refused before training
@@ -1862,8 +1868,7 @@ def test_the_shape_columns_tell_a_ball_from_a_tube_and_a_sheet(what, negative):
 
 def test_a_stage_with_shape_reads_it_at_each_place_and_its_recentred_places():
     """With ``shape`` a row also holds :func:`shape_features` at the place and at its re-centred
-    places, and nothing else in it changes; a stage fitted so (``shape`` in its meta) scores on them,
-    its triage too."""
+    places, and nothing else in it changes; a stage fitted so (``shape`` in its meta) scores on them."""
     from ctguard.verifier import feature_names, features_at, recentred, shape_features, stage_inputs
 
     vol, lungs, noise, places = _stage_scan()
@@ -1891,11 +1896,7 @@ def test_train_a_second_stage_that_reads_the_shape(tmp_path):
     from ctguard.screen import load_detector, score_locations
     from ctguard.verifier import feature_names, scan_noise, stage_inputs
 
-    cfg = {"task": "tamper3d", "seed": 5, "phantoms": 1, "phantom_shape": [40, 96, 96], "phantom_spacing": [4.0, 3.6, 3.6],
-           "inject": 1, "remove": 0, "per_scan": 1, "healthy": 1, "cube": 32, "width": 4, "epochs": 1, "batch_size": 8,
-           "verifier": True, "verifier_phantoms": 2, "verifier_fixed_phantoms": 1, "verifier_inject": 1, "verifier_healthy": 1, "verifier_trees": 10,
-           "verifier_candidate_threshold": 0.0, "verifier_max_candidates": 6, "verifier_recentre": True, "verifier_per_scan": 2,
-           "verifier_scan_columns": False, "verifier_boosting": "histogram", "verifier_shape": True}
+    cfg = {**TINY_STAGE_RECIPE, "verifier_shape": True}
     api.train(cfg, tmp_path / "run", progress=False, echo=lambda *_: None)
     det = load_detector(str(tmp_path / "run" / "model.pt"))
     names = det.verifier.meta["names"]

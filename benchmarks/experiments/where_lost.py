@@ -4,8 +4,8 @@ Usage:
     python benchmarks/experiments/where_lost.py FOLD MODEL [--config configs/tamper3d.yaml] [--out OUT.json]
 
 For every edit of the fold's held-out copies (``benchmarks/cross_validate.py``'s, same seeds), one of:
-found (a place of its kind over its own threshold near it); a candidate of any source near it that
-the stage scores under its threshold; no maximum of the network's map from 0.3 near it; a maximum
+found (as the cross-validation counts it: a finding of its kind near it, listed at the detector's own
+thresholds); a candidate of any source near it that the stage scores under its threshold; no maximum of the network's map from 0.3 near it; a maximum
 there, but suppressed by the network's 24 mm non-maximum suppression; or past the cap of the
 network's candidates. Beside it, the edit's rank among the places a blob map would give
 (the Laplacian of Gaussian at 2.5 mm on a 2 mm grid, its 200 strongest maxima in the lungs, ordered
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cross_validate as cv  # noqa: E402
 from ctguard import api  # noqa: E402
 from ctguard.engine.train_verifier import near  # noqa: E402
-from ctguard.screen import findings_from, heatmap, load_detector, scored_places, screen_volume, source_thresholds  # noqa: E402
+from ctguard.screen import findings_from, load_detector, scored_places, screen_volume, source_thresholds  # noqa: E402
 from ctguard.verifier import shape_features  # noqa: E402
 from ctguard.volume import resample_array  # noqa: E402
 
@@ -75,14 +75,14 @@ def main() -> None:
             rows += [{"lesion": True, "diameter_mm": round(t.diameter_mm, 1), "blob_rank": first_near(blobs, t.voxel, t.diameter_mm, vol.spacing)}
                      for t in src.tumours]
             continue
-        heat = heatmap(vol, det, lungs)
+        result, heat, _ = screen_volume(vol, det, threshold=0.0)  # every place the stage scores, and the network's map
         maxima = [f["voxel"] for f in findings_from(heat, vol, 0.3, nms_mm=0.1)]
         kept = [f["voxel"] for f in findings_from(heat, vol, 0.3)]
-        result, _, _ = screen_volume(vol, det, threshold=0.0)
         places = scored_places(result["findings"])
+        listed = cv.listed_findings(result["findings"], vol.spacing, thresholds)  # as screening lists them at the detector's own
         for e in edits:
             close = [p for p in places if near(p["voxel"], e.voxel, e.diameter_mm, vol.spacing)]
-            if any(p["kind"] == e.kind and p["score"] >= thresholds.get(p.get("source", "network"), thresholds["network"]) for p in close):
+            if cv.over_at(listed, e.kind, e.voxel, e.diameter_mm, vol):  # found, as the cross-validation counts it
                 why = "found"
             elif close:
                 why = "candidate, scored under"

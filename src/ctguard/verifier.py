@@ -336,7 +336,7 @@ def features_at(vol: Volume, places: np.ndarray, noise: tuple[float, float], thr
             parts += [trace] + ([trace - trace_reference] if trace_scan else [])
         if shape:
             parts.append(shape_features(vol, p))
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return np.concatenate(parts)
 
     rows = _map(row, places, threads)
     return np.stack(rows) if rows else np.zeros((0, len(feature_names(resampling=resampling, trace_scan=trace_scan, shape=shape))), np.float32)
@@ -362,11 +362,13 @@ def shape_features(vol: Volume, place: np.ndarray) -> np.ndarray:
             g1 = -d / (s * s) * g
             g2 = (d**2 / s**4 - 1.0 / (s * s)) * g
             # Each derivative kernel sums to 0, however the box is cut at the scan's edge.
-            smooth.append(g), first.append(g1 - g * g1.sum()), second.append(g2 - g * g2.sum())
+            smooth.append(g)
+            first.append(g1 - g * g1.sum())
+            second.append(g2 - g * g2.sum())
         hess = np.empty((3, 3))
         for i in range(3):
             for j in range(i, 3):
-                k = [smooth[a] for a in range(3)]
+                k = list(smooth)
                 if i == j:
                     k[i] = second[i]
                 else:

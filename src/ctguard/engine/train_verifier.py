@@ -647,8 +647,7 @@ def check_stage_config(cfg: dict) -> None:
     smooth_peaks_of(cfg)
     peak_threshold_on(cfg)
     triage_share(cfg)
-    if not isinstance(cfg["verifier_shape"], bool):
-        raise InputError(f"the config's verifier_shape must be true or false, not {cfg['verifier_shape']!r}")
+    config_flag(cfg, "verifier_shape")
 
 
 def triage_share(cfg: dict) -> float | None:
@@ -1009,10 +1008,11 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y)
+    _, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
-            **dict(zip(("resampling", "trace_recentre", "trace_scan"), stage_features(cfg)[1:4])),
-            **({"shape": True} if stage_features(cfg)[4] else {}),
+            "resampling": resampling, "trace_recentre": trace_recentre, "trace_scan": trace_scan,
+            **({"shape": True} if shape else {}),
             "scan_reference": scan_reference_on(cfg),
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
