@@ -128,15 +128,16 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 # trees on each candidate's own columns first; its whole row (re-centred places too) read only from this
                                 "triage": v.meta.get("triage"),
                                 # the maps' peaks held to a threshold of their own (screen.source_thresholds), where the stage chose one
-                                **({"peak_threshold": v.meta["peak_threshold"]} if "peak_threshold" in v.meta else {}),
+                                **{k: v.meta[k] for k in ("peak_threshold", "blob_threshold") if k in v.meta},
                                 **({"triage_fit": summary["verifier"]["triage_fit"]} if "triage_fit" in summary.get("verifier", {}) else {}),
                                 **({"threshold_fit": summary["slice_stage"]["threshold_fit"]}
                                    if "threshold_fit" in summary.get("slice_stage", {}) else {})}
         if threshold is None:
             card["threshold"] = v.meta["threshold"]
             card["threshold_rule"] = threshold_rule or v.meta["threshold_rule"]
-        if "peak_threshold" in v.meta:  # what screening holds the maps' peaks to, whatever the network's threshold
-            card["peak_threshold"] = v.meta["peak_threshold"]
+        for k in ("peak_threshold", "blob_threshold"):  # what screening holds the maps' peaks to, whatever the network's threshold
+            if k in v.meta:
+                card[k] = v.meta[k]
         (dst / f"{name}.verifier.npz").write_bytes(stage.read_bytes())
     elif (dst / f"{name}.verifier.npz").is_file():
         (dst / f"{name}.verifier.npz").unlink()  # a network without a second stage replaces one with

@@ -49,6 +49,7 @@ from ctguard.screen import (
     score_locations_2d,
     scored_places,
     screen_volume,
+    separate_blob_threshold,
     separate_peak_threshold,
     source_thresholds,
     stage_probabilities,
@@ -254,12 +255,14 @@ def _auc(pos: list[float], neg: list[float]) -> float | None:
     return round(float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)), 4)
 
 
-def summarise(ev: dict, threshold: float | None = None, peak_threshold: float | None = None) -> dict:
+def summarise(ev: dict, threshold: float | None = None, peak_threshold: float | None = None,
+              blob_threshold: float | None = None) -> dict:
     """The table row of one fold (or of all folds pooled); ``peak_threshold``: the maps' peaks' own,
-    where the stage has one."""
+    where the stage has one; ``blob_threshold``: the blob map's peaks' own, where it has one."""
     places = ev["places"]
     neg = [p for p in places if p["what"] in UNTOUCHED]
-    row: dict = {"threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {})}
+    row: dict = {"threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {}),
+                 **({"blob_threshold": blob_threshold} if blob_threshold is not None else {})}
     for kind in ("injected", "removed"):
         pos = [p for p in places if p["what"] == kind]
         row[f"n_{kind}"] = len(pos)
@@ -315,8 +318,8 @@ def counts_at(ev: dict, t: float) -> dict:
 
 
 def threshold_cell(row: dict) -> str:
-    """A fold's threshold, and the maps' peaks' after it where the stage has one of their own."""
-    return f"{row['threshold']} / {row['peak_threshold']}" if row.get("peak_threshold") is not None else str(row["threshold"])
+    """A fold's threshold, and the maps' peaks' (then the blob map's) after it where the stage has one of their own."""
+    return " / ".join(str(row[k]) for k in ("threshold", "peak_threshold", "blob_threshold") if row.get(k) is not None)
 
 
 def markdown(folds: list[dict], pooled: dict) -> str:
@@ -395,13 +398,14 @@ def main() -> None:
         for f in json.loads(Path(path).read_text())["folds"]:
             if f["fold"] not in have and "eval" in f:
                 results.append({**{k: f.get(k) for k in ("fold", "held_out", "unseen", "train_seconds", "peak_rss_gb")},
-                                "threshold": {k: f["row"][k] for k in ("threshold", "peak_threshold") if k in f["row"]}, "eval": f["eval"]})
+                                "threshold": {k: f["row"][k] for k in ("threshold", "peak_threshold", "blob_threshold") if k in f["row"]}, "eval": f["eval"]})
     results.sort(key=lambda r: r["fold"])
     if not results:
         raise SystemExit("no fold has been evaluated yet")
     pooled_ev = {key: [x for r in results for x in r["eval"][key]] for key in ("places", "clean_scans", "edits", "real_lesions")}
     folds = [{"fold": r["fold"], "held_out": r["held_out"], "unseen": r["unseen"], "train_seconds": r["train_seconds"],
-              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]["threshold"], r["threshold"].get("peak_threshold")),
+              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]["threshold"], r["threshold"].get("peak_threshold"),
+                                                               r["threshold"].get("blob_threshold")),
               "eval": r["eval"]} for r in results]  # the places too, so that a later report can pool this fold (--with)
     pooled = {"fold": "pooled", "held_out": sorted(p for r in results for p in r["held_out"]), "unseen": [], "row": summarise(pooled_ev)}
     report = {"config": Path(args.config).name, "folds": folds, "pooled": pooled, "max_false_for_threshold": MAX_FALSE}
@@ -449,13 +453,15 @@ def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, k: int, 
     result = {"fold": k, "held_out": sorted(held), "training_patients": None, "unseen": [], "train_seconds": None, "peak_rss_gb": None,
               "threshold": {**own_thresholds(det), "from": "the model card"}, "eval": ev}
     (fold_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"fold {k} ({det.name} {det.version}): " + json.dumps(summarise(ev, det.threshold, result["threshold"].get("peak_threshold"))), flush=True)
+    print(f"fold {k} ({det.name} {det.version}): " + json.dumps(summarise(ev, det.threshold, result["threshold"].get("peak_threshold"), result["threshold"].get("blob_threshold"))), flush=True)
 
 
 def own_thresholds(det) -> dict:
-    """The detector's threshold and, where its second stage has one for the maps' peaks, that."""
-    peaks = separate_peak_threshold(det)
-    return {"threshold": det.threshold, **({"peak_threshold": peaks} if peaks is not None else {})}
+    """The detector's threshold and, where its second stage has one for the maps' peaks (and another
+    for the blob map's), those."""
+    peaks, blobs = separate_peak_threshold(det), separate_blob_threshold(det)
+    return {"threshold": det.threshold, **({"peak_threshold": peaks} if peaks is not None else {}),
+            **({"blob_threshold": blobs} if blobs is not None else {})}
 
 
 def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:
@@ -495,7 +501,7 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
               "peak_rss_gb": round(max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20, 2),
               "threshold": calib, "eval": ev}
     (fold_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"fold {k}: " + json.dumps(summarise(ev, det.threshold, calib.get("peak_threshold"))), flush=True)
+    print(f"fold {k}: " + json.dumps(summarise(ev, det.threshold, calib.get("peak_threshold"), calib.get("blob_threshold"))), flush=True)
 
 
 if __name__ == "__main__":

@@ -992,8 +992,8 @@ def test_the_maps_peaks_get_a_threshold_of_their_own(tmp_path, monkeypatch):
     # Each source's median as its threshold, so that each source has places over and under its own.
     det.threshold, det.verifier.meta["peak_threshold"] = float(np.median(scores["network"])), float(np.median(scores["maps"]))
     net, maps = det.threshold, det.verifier.meta["peak_threshold"]
-    assert source_thresholds(det) == {"network": net, "trace": maps, "smooth": maps}
-    assert source_thresholds(det, 0.3) == {"network": 0.3, "trace": 0.3, "smooth": 0.3}
+    assert source_thresholds(det) == {"network": net, "trace": maps, "smooth": maps, "blob": maps}
+    assert source_thresholds(det, 0.3) == {"network": 0.3, "trace": 0.3, "smooth": 0.3, "blob": 0.3}
     own, _, _ = screen_volume(vol, det)
     assert own["model"]["threshold"] == net and own["model"]["peak_threshold"] == maps
     places = own["findings"] + own["under_threshold"]
@@ -1909,3 +1909,84 @@ def test_train_a_second_stage_that_reads_the_shape(tmp_path):
     p_net = score_locations(vol, det, places, stage2=False)
     x = stage_inputs(vol, places, p_net, scan_noise(vol, lungs), recentre=True, shape=True)
     assert np.allclose(score_locations(vol, det, places), det.verifier.probabilities(x), atol=1e-5)
+
+
+def test_the_blob_map_finds_a_small_nodule_and_not_a_vessel():
+    """:func:`ctguard.verifier.blob_map`: in lung of noise alone with a 8 mm nodule and a vessel
+    (a 4 mm tube) of the same density, its strongest peak is the nodule and no peak lies on the
+    vessel away from its ends; its score there is the scale-normalised negative Laplacian of the
+    smoothed HU, as scipy's filter gives it on the map's grid."""
+    from scipy import ndimage
+
+    from ctguard.verifier import BLOB_GRID_MM, BLOB_SCALES_MM, blob_map
+    from ctguard.volume import Volume
+
+    rng = np.random.default_rng(4)
+    spacing = (1.0, 0.7, 0.7)
+    shape = (60, 140, 140)
+    hu = -850.0 + 20.0 * rng.standard_normal(shape)
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    nodule = np.array([30.0, 40.0, 40.0])  # mm
+    hu[(z - nodule[0]) ** 2 + (y - nodule[1]) ** 2 + (x - nodule[2]) ** 2 <= 16.0] = -20.0
+    hu[((y - 60.0) ** 2 + (x - 70.0) ** 2 <= 4.0) & (z >= 5.0) & (z <= 55.0)] = -20.0  # a vessel along z, ends at 5 and 55 mm
+    vol = Volume(hu.astype(np.float32), spacing)
+    lungs = np.ones(shape, bool)
+    score, centres = blob_map(vol, lungs)
+    mm = centres * np.asarray(spacing)
+    assert np.linalg.norm(mm[np.argmax(score)] - nodule) <= 2.5
+    on_vessel = (np.hypot(mm[:, 1] - 60.0, mm[:, 2] - 70.0) <= 4.0) & (mm[:, 0] >= 15.0) & (mm[:, 0] <= 45.0)
+    assert not on_vessel.any()
+    step = np.maximum(np.rint(BLOB_GRID_MM / np.asarray(spacing)).astype(int), 1)
+    grid = np.asarray(spacing) * step
+    cell = tuple(np.rint(centres[np.argmax(score)] / step).astype(int))
+    coarse = hu[:: step[0], :: step[1], :: step[2]].astype(np.float32)
+    expected = max(-(s * s) * sum(
+        (np.roll(g, 1, a) + np.roll(g, -1, a) - 2 * g)[cell] / grid[a] ** 2 for a in range(3))
+        for s in BLOB_SCALES_MM for g in [ndimage.gaussian_filter(coarse, s / grid, mode="nearest")])
+    assert score.max() == pytest.approx(expected, rel=1e-4)
+    assert blob_map(vol, np.zeros(shape, bool)) is None
+
+
+def test_the_blob_maps_peaks_are_candidates_with_a_threshold_of_their_own(tmp_path):
+    """``verifier_blob_peaks`` with ``verifier_peak_threshold``: each training copy's rows at the
+    maps' peaks also hold the blob map's strongest peaks not among the other candidates, marked as
+    such; the network's candidates, the other maps' peaks and the blob map's each get the rule's
+    threshold on their own untouched training candidates with a third of the budget; screening
+    takes the blob map's peaks last and holds each to its own source's threshold."""
+    from ctguard.engine.train_verifier import choose_threshold, run_rows
+    from ctguard.screen import load_detector, screen_volume, source_thresholds, stage_candidates
+    from ctguard.verifier import blob_map, strongest_peaks
+
+    cfg = {**MAP_PEAKS_RECIPE, "verifier_trace_peaks": 2, "verifier_blob_peaks": 3, "verifier_peak_threshold": True}
+    _refused_before_training(cfg, tmp_path, [({"verifier_blob_peaks": 2.5}, "verifier_blob_peaks must be a whole number of peaks"),
+                                             ({"verifier_blob_peaks": 3, "verifier_refine_from": 0.2},
+                                              "cannot be used with verifier_refine_from")])
+    run = tmp_path / "run"
+    api.train(cfg, run, progress=False, echo=lambda *_: None)
+    report = json.loads((run / "verifier.json").read_text())
+    assert report["blob_peaks"] == 3 and "a third of it" in report["threshold_rule"]
+    _, _, parts = run_rows(run)
+    peak, blob = (np.concatenate([p[k] for p in parts]) for k in ("peak", "blob"))
+    assert blob.any() and not (blob & ~peak).any()
+    with np.load(run / "verifier_oof.npz") as oof:
+        assert (oof["clean"] & blob).any()
+        third = 0.1 / 3
+        assert report["threshold"] == choose_threshold(oof["score"], oof["clean"] & ~peak, report["sources"], third)
+        assert report["peak_threshold"] == choose_threshold(oof["score"], oof["clean"] & peak & ~blob, report["sources"], third)
+        assert report["blob_threshold"] == choose_threshold(oof["score"], oof["clean"] & blob, report["sources"], third)
+    det = load_detector(str(run / "model.pt"))
+    vol, lungs, heat, taken, network = _map_peaks_screening(det)
+    others = [f for f in taken if f["source"] != "blob"]
+    assert taken[: len(others)] == others and [f["source"] for f in others[: len(network)]] == ["network"] * len(network)
+    peaks = strongest_peaks(blob_map(vol, lungs), vol.spacing, 3, np.asarray([f["voxel"] for f in others], float).reshape(-1, 3))
+    assert len(peaks) and [f["voxel"] for f in taken[len(others):]] == [[round(float(c), 1) for c in p] for p in peaks]
+    reading = det.verifier.read_scan(vol, lungs)
+    assert all(np.array_equal(a, b) for a, b in zip(reading.blob, blob_map(vol, lungs)))
+    assert stage_candidates(heat, vol, det.verifier, 1.0, lungs, reading.noise, reading.trace, reading.smooth, reading.blob) == taken
+    det.threshold, det.verifier.meta["peak_threshold"], det.verifier.meta["blob_threshold"] = 0.9, 0.6, 0.2
+    assert source_thresholds(det) == {"network": 0.9, "trace": 0.6, "smooth": 0.6, "blob": 0.2}
+    own, _, _ = screen_volume(vol, det)
+    assert own["model"]["peak_threshold"] == 0.6 and own["model"]["blob_threshold"] == 0.2
+    places = own["findings"] + own["under_threshold"]
+    assert "blob" in {f["source"] for f in places}
+    assert all(f["threshold"] == source_thresholds(det)[f["source"]] for f in places)

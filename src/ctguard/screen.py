@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import ScanReading, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
+from ctguard.verifier import ScanReading, blob_map, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -402,24 +402,27 @@ def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:
 def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.0, lungs: np.ndarray | None = None,
                      noise: tuple[float, float] | None = None,
                      trace: tuple[np.ndarray, np.ndarray] | None = None,
-                     smooth: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+                     smooth: tuple[np.ndarray, np.ndarray] | None = None,
+                     blob: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """The network's findings a second stage re-scores: from the stage's ``candidate_threshold``
     (or ``threshold`` where that is lower), at most its ``max_candidates``, best first; a stage
     with ``trace_order`` in its meta takes them in that order (:func:`ctguard.verifier.taken_candidates`,
     which then needs the scan's ``lungs``); one with ``trace_peaks`` n in its meta then also takes
     the resampling trace's n strongest peaks not already among them (:func:`trace_candidates`), and
     one with ``smooth_peaks`` m the smooth map's m strongest peaks not among those
-    (:func:`smooth_candidates`). ``noise``, ``trace`` and ``smooth``: the scan's
-    :func:`ctguard.verifier.scan_noise`, :func:`ctguard.verifier.trace_map` and
-    :func:`ctguard.verifier.smooth_map`, where the caller has them (:class:`ScanReading`)."""
+    (:func:`smooth_candidates`), and one with ``blob_peaks`` k the blob map's k strongest not
+    among any of those. ``noise``, ``trace``, ``smooth`` and ``blob``: the scan's
+    :func:`ctguard.verifier.scan_noise`, :func:`ctguard.verifier.trace_map`,
+    :func:`ctguard.verifier.smooth_map` and :func:`ctguard.verifier.blob_map`, where the caller has
+    them (:class:`ScanReading`)."""
     cand_thr = min(float(verifier.meta.get("candidate_threshold", 0.3)), threshold)
     weight = verifier.meta.get("trace_order")
     noise_xy = None if noise is None else noise[0]
     taken = taken_candidates(findings_from(heat, vol, cand_thr), vol, lungs, int(verifier.meta.get("max_candidates", 40)),
                              None if weight is None else float(weight), noise_xy)
     taken = [{**f, "source": "network"} for f in taken]
-    n_peaks, n_smooth = int(verifier.meta.get("trace_peaks", 0)), int(verifier.meta.get("smooth_peaks", 0))
-    if not (n_peaks or n_smooth):
+    n_peaks, n_smooth, n_blob = (int(verifier.meta.get(k, 0)) for k in ("trace_peaks", "smooth_peaks", "blob_peaks"))
+    if not (n_peaks or n_smooth or n_blob):
         return taken
     if lungs is None:
         raise ValueError("this second stage also takes peaks of the lungs' maps as candidates: pass the lung mask")
@@ -429,7 +432,10 @@ def stage_candidates(heat: Heatmap, vol: Volume, verifier, threshold: float = 1.
                                             trace=want_trace, smooth=want_smooth)
         trace, smooth = read_trace if want_trace else trace, read_smooth if want_smooth else smooth
     taken = taken + peak_candidates(heat, vol, trace, n_peaks, taken, "trace")
-    return taken + peak_candidates(heat, vol, smooth, n_smooth, taken, "smooth")
+    taken = taken + peak_candidates(heat, vol, smooth, n_smooth, taken, "smooth")
+    if n_blob and blob is None:
+        blob = blob_map(vol, lungs)
+    return taken + peak_candidates(heat, vol, blob, n_blob, taken, "blob")
 
 
 TRACE_PEAK_RADIUS_MM = 8.0  # the radius a candidate from the trace's map reports (the map's window)
@@ -532,19 +538,20 @@ def merged(scored: list[dict[str, Any]], spacing, within_mm: float = NMS_MM) -> 
     return out
 
 
-PEAK_SOURCES = ("trace", "smooth")  # candidates from the lungs' maps, held to a stage's ``peak_threshold`` where it has one
+PEAK_SOURCES = ("trace", "smooth", "blob")  # candidates from the lungs' maps, held to a stage's ``peak_threshold`` where it has one
 
 
 def source_thresholds(detector: Detector, threshold: float | None = None) -> dict[str, float]:
     """The threshold each source of candidates is held to: ``threshold`` for all where given, else
     the detector's own for the network's candidates and, for a second stage that chose one of its
-    own for the maps' peaks (``peak_threshold`` in its meta), that for the trace's and the smooth
-    map's peaks."""
+    own for the maps' peaks (``peak_threshold`` in its meta), that for the maps' peaks, and for one
+    that chose another for the blob map's (``blob_threshold``), that for those."""
     if threshold is not None:
         return dict.fromkeys(("network", *PEAK_SOURCES), float(threshold))
     verifier = getattr(detector, "verifier", None)
-    peak = float(verifier.meta.get("peak_threshold", detector.threshold)) if verifier is not None else detector.threshold
-    return {"network": float(detector.threshold), **dict.fromkeys(PEAK_SOURCES, peak)}
+    meta = verifier.meta if verifier is not None else {}
+    peak = float(meta.get("peak_threshold", detector.threshold))
+    return {"network": float(detector.threshold), **dict.fromkeys(PEAK_SOURCES, peak), "blob": float(meta.get("blob_threshold", peak))}
 
 
 def separate_peak_threshold(detector: Detector, threshold: float | None = None) -> float | None:
@@ -553,6 +560,13 @@ def separate_peak_threshold(detector: Detector, threshold: float | None = None) 
     ``threshold`` for all), else None: what a result reports as ``model.peak_threshold``."""
     thresholds = source_thresholds(detector, threshold)
     return thresholds["trace"] if thresholds["trace"] != thresholds["network"] else None
+
+
+def separate_blob_threshold(detector: Detector, threshold: float | None = None) -> float | None:
+    """The threshold the blob map's peaks are held to where it is not the other maps' peaks'
+    (:func:`source_thresholds`), else None: what a result reports as ``model.blob_threshold``."""
+    thresholds = source_thresholds(detector, threshold)
+    return thresholds["blob"] if thresholds["blob"] != thresholds["trace"] else None
 
 
 def scored_places(findings: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -587,9 +601,11 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
     thr = thresholds["network"]
     staged = verifier is not None and lungs is not None
     peaks = separate_peak_threshold(detector, threshold) if staged else None
+    blobs = separate_blob_threshold(detector, threshold) if staged else None
     if staged:
         reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
-        candidates = stage_candidates(heat, vol, verifier, min(thresholds.values()), lungs, reading.noise, reading.trace, reading.smooth)
+        candidates = stage_candidates(heat, vol, verifier, min(thresholds.values()), lungs, reading.noise, reading.trace, reading.smooth,
+                                      reading.blob)
         scored = over_own_threshold(verify_findings(vol, lungs, candidates, verifier, reading.noise, reading.reference), vol.spacing,
                                     thresholds)
         findings = [f for f in scored if f["score"] >= f["threshold"]]
@@ -609,7 +625,8 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
         "under_threshold": under[:UNDER_SHOWN],
         "model": {"name": detector.name, "version": detector.version, "threshold": thr,
                   **({"second_stage": True} if staged else {}),
-                  **({"peak_threshold": peaks} if peaks is not None else {})},
+                  **({"peak_threshold": peaks} if peaks is not None else {}),
+                  **({"blob_threshold": blobs} if blobs is not None else {})},
         "warnings": warnings,
         "elapsed_s": round(time.time() - t0, 3),
     }

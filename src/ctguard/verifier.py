@@ -619,6 +619,73 @@ def _smoothness(total: np.ndarray, keep: np.ndarray, cell_mm: np.ndarray) -> np.
     return np.where(enough, score, -np.inf)
 
 
+BLOB_GRID_MM = 2.0  # the blob map's grid (the scan's voxels taken every this many mm)
+BLOB_SCALES_MM = (2.0, 3.0)  # its Gaussians: a 5-12 mm nodule's own scale
+BLOB_ROUNDNESS = 1.0 / 3.0  # a blob's weakest curvature is at least this share of its strongest (a vessel's is about none)
+
+
+def blob_map(vol: Volume, lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Small bright blobs over the lungs: on a grid of about :data:`BLOB_GRID_MM` over the lungs'
+    box, the scale-normalised negative Laplacian of HU smoothed by a Gaussian of each of
+    :data:`BLOB_SCALES_MM` (the strongest of the scales), at its local maxima in the lungs where the
+    Hessian at that scale bends down along all three axes and its weakest curvature is at least
+    :data:`BLOB_ROUNDNESS` of its strongest: a nodule, drawn or real, and not a vessel's tube or a
+    fissure's sheet. The network's 8 mm cells rank a small drawn nodule low; this map ranks it
+    among the scan's few round blobs. ``(score, centres)`` as :func:`trace_map` gives them (score in
+    HU), None where the lungs have no voxel."""
+    if not lungs.any():
+        return None
+    spacing = np.asarray(vol.spacing, float)
+    idx = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    step = np.maximum(np.rint(BLOB_GRID_MM / spacing).astype(int), 1)
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1, int(s)) for i, s in zip(idx, step))
+    hu, lung, grid = vol.hu[box].astype(np.float32), lungs[box], spacing * step
+    if min(hu.shape) < 3:
+        return None
+    best = np.full(hu.shape, -np.inf, np.float32)
+    scale = np.zeros(hu.shape, np.int8)
+    smoothed = []
+    for k, s in enumerate(BLOB_SCALES_MM):
+        g = ndimage.gaussian_filter(hu, s / grid, mode="nearest")
+        smoothed.append(g)
+        log = np.zeros_like(g)
+        inner = (slice(1, -1),) * 3
+        for a in range(3):  # the second difference along each axis, on the grid's interior
+            lo, hi = list(inner), list(inner)
+            lo[a], hi[a] = slice(0, -2), slice(2, None)
+            log[inner] += (g[tuple(lo)] + g[tuple(hi)] - 2.0 * g[inner]) / grid[a] ** 2
+        log *= -(s * s)
+        better = lung & (log > best)
+        best[better] = log[better]
+        scale[better] = k
+    cells = np.argwhere((best == ndimage.maximum_filter(best, size=3)) & (best > 0))
+    cells = cells[np.all((cells > 0) & (cells < np.asarray(hu.shape) - 1), axis=1)]
+    keep = np.zeros(len(cells), bool)
+    for k, g in enumerate(smoothed):  # each maximum's Hessian at its own scale, by central differences
+        sel = np.flatnonzero(scale[tuple(cells.T)] == k)
+        keep[sel] = _round_blob(g, cells[sel], grid)
+    cells = cells[keep]
+    return best[tuple(cells.T)], (cells * step + [b.start for b in box]).astype(float)
+
+
+def _round_blob(g: np.ndarray, cells: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Whether the Hessian of ``g`` at each of ``cells`` (interior cells of the grid of spacing
+    ``grid``) bends down along all three axes, its weakest curvature at least :data:`BLOB_ROUNDNESS`
+    of its strongest."""
+    def at(offset) -> np.ndarray:
+        return g[tuple((cells + offset).T)].astype(np.float64)
+
+    unit = np.eye(3, dtype=int)
+    hess = np.empty((len(cells), 3, 3))
+    for i in range(3):
+        hess[:, i, i] = (at(unit[i]) + at(-unit[i]) - 2.0 * at(0)) / grid[i] ** 2
+        for j in range(i + 1, 3):
+            d = at(unit[i] + unit[j]) - at(unit[i] - unit[j]) - at(unit[j] - unit[i]) + at(-unit[i] - unit[j])
+            hess[:, i, j] = hess[:, j, i] = d / (4.0 * grid[i] * grid[j])
+    ev = np.linalg.eigvalsh(hess)  # lowest first: the strongest downward curvature is ev[:, 0]
+    return (ev[:, 2] < 0) & (ev[:, 2] <= BLOB_ROUNDNESS * ev[:, 0])
+
+
 TRACE_PEAKS_APART_MM = 12.0  # the trace map's peaks a second stage takes as candidates lie at least this far apart
 TRACE_PEAK_SAME_MM = 4.0  # a peak this close to one of the network's candidates is that candidate (one cell of the map)
 
@@ -810,12 +877,13 @@ class ScanReading:
     stage takes no trace peaks), the scan's own level of the trace (:func:`scan_trace`; None
     where the stage does not read its places against it) and the smooth map over its lungs
     (:func:`smooth_map`; empty where the lungs have no cell, None where the stage takes no smooth
-    peaks)."""
+    peaks) and the blob map (:func:`blob_map`; the same)."""
 
     noise: tuple[float, float]
     trace: tuple[np.ndarray, np.ndarray] | None = None
     reference: np.ndarray | None = None
     smooth: tuple[np.ndarray, np.ndarray] | None = None
+    blob: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -885,17 +953,20 @@ class Verifier:
     def read_scan(self, vol: Volume, lungs: np.ndarray, noise: tuple[float, float] | None = None) -> ScanReading:
         """What this stage reads of the whole scan (``lungs`` its lung mask), once for every place:
         its noise, and as the meta asks the resampling trace's map (``trace_peaks``), the smooth map
-        (``smooth_peaks``; both from one pass, :func:`lung_maps`) and the scan's own level of the
-        trace (``trace_scan``; a single slice's stage reads its slice's own)."""
+        (``smooth_peaks``; both from one pass, :func:`lung_maps`), the blob map (``blob_peaks``,
+        :func:`blob_map`) and the scan's own level of the trace (``trace_scan``; a single slice's
+        stage reads its slice's own)."""
         noise = scan_noise(vol, lungs) if noise is None else noise
-        trace = smooth = None
+        trace = smooth = blob = None
+        none = (np.zeros(0, np.float32), np.zeros((0, 3)))  # no ripple (or no lung cell): no peaks
         want_trace, want_smooth = int(self.meta.get("trace_peaks", 0)) > 0, int(self.meta.get("smooth_peaks", 0)) > 0
         if want_trace or want_smooth:
-            none = (np.zeros(0, np.float32), np.zeros((0, 3)))  # no ripple (or no lung cell): no peaks
             trace, smooth = lung_maps(vol, lungs, noise[0], trace=want_trace, smooth=want_smooth)
             trace, smooth = (trace or none) if want_trace else None, (smooth or none) if want_smooth else None
+        if int(self.meta.get("blob_peaks", 0)) > 0:
+            blob = blob_map(vol, lungs) or none
         reference = scan_trace(vol, lungs, noise[0]) if self.meta.get("trace_scan") and not self.meta.get("slice") else None
-        return ScanReading(noise, trace, reference, smooth)
+        return ScanReading(noise, trace, reference, smooth, blob)
 
     def reference(self, vol: Volume, candidates: np.ndarray, p_network: np.ndarray, lungs: np.ndarray) -> np.ndarray:
         """The scan's reference row (:func:`scan_reference`) from its candidates ``candidates`` (voxels)

@@ -82,8 +82,9 @@ VERIFIER_DEFAULTS = {
     "verifier_refine_from": None,  # a candidate scoring this or more is scored again at its two re-centred places, the highest kept (ctguard.screen.verify_findings)
     "verifier_trace_peaks": 0,  # n > 0: also the resampling trace's n strongest peaks over the lungs as candidates (ctguard.screen.trace_candidates)
     "verifier_smooth_peaks": 0,  # m > 0: then also the smooth map's m strongest peaks (places smoother than the lung around them; ctguard.screen.smooth_candidates)
+    "verifier_blob_peaks": 0,  # k > 0: then also the blob map's k strongest peaks (small round bright blobs: nodules; ctguard.verifier.blob_map)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
-    "verifier_peak_threshold": False,  # the maps' peaks (trace and smooth) get a threshold of their own, each source by the rule on half the budget (choose_thresholds)
+    "verifier_peak_threshold": False,  # the maps' peaks (trace and smooth) get a threshold of their own, each source by the rule on half the budget (choose_thresholds); with blob peaks, those a third, each a third
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
 TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
@@ -274,6 +275,11 @@ def smooth_peaks_of(cfg: dict) -> int:
     return peaks_setting(cfg, "verifier_smooth_peaks")
 
 
+def blob_peaks_of(cfg: dict) -> int:
+    """The config's ``verifier_blob_peaks`` (0: off), or a one-line error (:func:`peaks_setting`)."""
+    return peaks_setting(cfg, "verifier_blob_peaks")
+
+
 def peaks_setting(cfg: dict, key: str) -> int:
     """A number of a map's peaks the config's ``key`` asks the stage to take as candidates (0: off),
     or a one-line error: not a whole number from 0, or asked for where the stage reads what rows
@@ -291,8 +297,8 @@ def peaks_setting(cfg: dict, key: str) -> int:
 
 
 def map_peaks(cfg: dict) -> bool:
-    """Whether the stage also takes peaks of the lungs' maps as candidates (the trace's, the smooth map's)."""
-    return bool(trace_peaks_of(cfg) or smooth_peaks_of(cfg))
+    """Whether the stage also takes peaks of the lungs' maps as candidates (the trace's, the smooth map's, the blob map's)."""
+    return bool(trace_peaks_of(cfg) or smooth_peaks_of(cfg) or blob_peaks_of(cfg))
 
 
 def trace_rows(job: tuple) -> dict:
@@ -308,7 +314,8 @@ def trace_rows(job: tuple) -> dict:
 def trace_key(cfg: dict, spec: tuple, model_path: str) -> dict:
     """What a source's rows at the maps' peaks depend on: its rows' key and the number of peaks of each map."""
     return row_key(cfg, spec, model_path) | {"trace_peaks": trace_peaks_of(cfg)} | \
-        ({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {})
+        ({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}) | \
+        ({"blob_peaks": blob_peaks_of(cfg)} if blob_peaks_of(cfg) else {})
 
 
 def source_and_trace_rows(job: tuple) -> tuple[dict, dict]:
@@ -342,34 +349,40 @@ def _candidate_rows(cfg: dict, vol, noise: tuple[float, float], reference, found
         hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
         y.append(LABELS[hit.kind] if hit is not None else 0)
     return {"x": x, "y": y, "scan": [copy] * len(found), "clean": [not edits] * len(found), "candidate": [True] * len(found),
-            "lesion": [not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in tumours) for f in found]}
+            "lesion": [not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in tumours) for f in found],
+            "blob": [f.get("source") == "blob" for f in found]}
 
 
-def _as_rows(parts: list[dict], width: int) -> dict:
-    """Rows of :func:`_candidate_rows` (and the like) joined, in the kept rows' dtypes."""
+def _as_rows(parts: list[dict], width: int, blob: bool = False) -> dict:
+    """Rows of :func:`_candidate_rows` (and the like) joined, in the kept rows' dtypes; ``blob``:
+    with which rows are at the blob map's peaks (the stage's rows at the maps' peaks, where it takes
+    the blob map's)."""
     def joined(key: str, dtype) -> np.ndarray:
         return np.asarray([v for p in parts for v in p[key]], dtype)
 
     return {"x": np.concatenate([np.zeros((0, width), np.float32)] + [p["x"] for p in parts]).astype(np.float32),
-            "y": joined("y", np.int8), "scan": joined("scan", np.int16), **{k: joined(k, bool) for k in ("clean", "candidate", "lesion")}}
+            "y": joined("y", np.int8), "scan": joined("scan", np.int16), **{k: joined(k, bool) for k in ("clean", "candidate", "lesion")},
+            **({"blob": joined("blob", bool)} if blob else {})}
 
 
 def _copy_candidates(cfg: dict, det, vol, lungs: np.ndarray, noise: tuple[float, float], reference,
                      with_peaks: bool) -> tuple[list[dict], list[dict]]:
     """One copy's candidates as screening takes them (the network's findings, capped and ordered as
-    the stage does) and, ``with_peaks``, the resampling trace's peaks not among them and the smooth
-    map's not among either (else ``[]``), both maps from one pass (:func:`ctguard.verifier.lung_maps`)."""
+    the stage does) and, ``with_peaks``, the resampling trace's peaks not among them, the smooth
+    map's not among either and the blob map's not among any (else ``[]``), the first two maps from
+    one pass (:func:`ctguard.verifier.lung_maps`)."""
     from ctguard.screen import peak_candidates, screen_volume
-    from ctguard.verifier import lung_maps
+    from ctguard.verifier import blob_map, lung_maps
 
     result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
     found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
     if not with_peaks:
         return found, []
-    n_trace, n_smooth = trace_peaks_of(cfg), smooth_peaks_of(cfg)
+    n_trace, n_smooth, n_blob = trace_peaks_of(cfg), smooth_peaks_of(cfg), blob_peaks_of(cfg)
     trace, smooth = lung_maps(vol, lungs, noise[0], trace=n_trace > 0, smooth=n_smooth > 0)
     extra = peak_candidates(heat, vol, trace, n_trace, found)
-    return found, extra + peak_candidates(heat, vol, smooth, n_smooth, found + extra)
+    extra += peak_candidates(heat, vol, smooth, n_smooth, found + extra, "smooth")
+    return found, extra + (peak_candidates(heat, vol, blob_map(vol, lungs), n_blob, found + extra, "blob") if n_blob else [])
 
 
 def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
@@ -388,14 +401,15 @@ def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
             reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
             _, extra = _copy_candidates(cfg, det, vol, lungs, noise, reference, with_peaks=True)
             parts.append(_candidate_rows(cfg, vol, noise, reference, extra, edits, src.tumours, k))
-    return _as_rows(parts, len(row_names(cfg)))
+    return _as_rows(parts, len(row_names(cfg)), blob=blob_peaks_of(cfg) > 0)
 
 
 def joined_peaks(parts: list[dict], peaks: list[dict]) -> list[dict]:
     """Each source's rows followed by its rows at the maps' peaks (the same sources, in order), with
     ``peak`` marking the latter."""
     return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")},
-             "peak": np.arange(len(p["y"]) + len(t["y"])) >= len(p["y"])}
+             "peak": np.arange(len(p["y"]) + len(t["y"])) >= len(p["y"]),
+             **({"blob": np.concatenate([np.zeros(len(p["y"]), bool), t["blob"]])} if "blob" in t else {})}
             for p, t in zip(parts, peaks)]
 
 
@@ -423,7 +437,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
     if too_thick(spec, src):
         return _as_rows([], width) | about | \
             ({"patches": np.zeros((0, PATCH_CHANNELS, PATCH_SIZE, PATCH_SIZE), np.float16)} if with_patches else {}), \
-            (_as_rows([], width) if with_peaks else None)
+            (_as_rows([], width, blob=blob_peaks_of(cfg) > 0) if with_peaks else None)
     det = load_detector(model_path)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
     lungs = lung_mask(src.volume)
@@ -452,7 +466,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
         if with_peaks:
             peak_parts.append(_candidate_rows(cfg, vol, noise, trace_reference, extra, edits, src.tumours, k))
     rows = _as_rows(parts, width) | about | ({"patches": np.concatenate(patches)} if with_patches else {})
-    return rows, (_as_rows(peak_parts, width) if with_peaks else None)
+    return rows, (_as_rows(peak_parts, width, blob=blob_peaks_of(cfg) > 0) if with_peaks else None)
 
 
 def verifier_specs(cfg: dict) -> list[tuple]:
@@ -630,7 +644,7 @@ def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
     ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks``,
-    ``verifier_shape`` or patch setting before anything is trained."""
+    ``verifier_blob_peaks``, ``verifier_shape`` or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -645,6 +659,7 @@ def check_stage_config(cfg: dict) -> None:
     trace_order(cfg)
     trace_peaks_of(cfg)
     smooth_peaks_of(cfg)
+    blob_peaks_of(cfg)
     peak_threshold_on(cfg)
     triage_share(cfg)
     config_flag(cfg, "verifier_shape")
@@ -817,15 +832,23 @@ def choose_thresholds(scores: np.ndarray, clean: np.ndarray, peak: np.ndarray | 
             choose_threshold(scores, clean & peak, n_clean_scans, max_false / 2))
 
 
+def choose_source_thresholds(scores: np.ndarray, clean: np.ndarray, source: np.ndarray, n_sources: int, n_clean_scans: int,
+                             max_false: float) -> list[float]:
+    """:func:`choose_thresholds` for ``n_sources`` sources of candidates (``source``: each row's,
+    0 to ``n_sources - 1``): each source's threshold by the rule on its own untouched candidates
+    with ``max_false / n_sources``, so that all together give at most ``max_false``."""
+    return [choose_threshold(scores, clean & (source == k), n_clean_scans, max_false / n_sources) for k in range(n_sources)]
+
+
 def peak_threshold_on(cfg: dict) -> bool:
     """The config's ``verifier_peak_threshold``, or a one-line error, also where the stage takes no
     candidates from the maps' peaks."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     if not config_flag(cfg, "verifier_peak_threshold"):
         return False
-    if not (trace_peaks_of(cfg) or smooth_peaks_of(cfg)):
+    if not map_peaks(cfg):
         raise InputError("the config's verifier_peak_threshold needs candidates from the maps' peaks "
-                         "(verifier_trace_peaks or verifier_smooth_peaks)")
+                         "(verifier_trace_peaks, verifier_smooth_peaks or verifier_blob_peaks)")
     return True
 
 
@@ -833,6 +856,29 @@ def peak_rows(cfg: dict, parts: list[dict]) -> np.ndarray | None:
     """Which of the stage's rows are at the maps' peaks, where the config gives the peaks a threshold
     of their own (:func:`peak_threshold_on`); else None."""
     return np.concatenate([p["peak"] for p in parts]) if peak_threshold_on(cfg) else None
+
+
+def blob_rows(cfg: dict, parts: list[dict]) -> np.ndarray | None:
+    """Which of the stage's rows are at the blob map's peaks, where those get a threshold of their
+    own (the maps' peaks do, :func:`peak_threshold_on`, and the stage takes the blob map's); else None."""
+    if not (peak_threshold_on(cfg) and blob_peaks_of(cfg)):
+        return None
+    return np.concatenate([p.get("blob", np.zeros(len(p["y"]), bool)) for p in parts])
+
+
+def stage_thresholds(cfg: dict, parts: list[dict], scores: np.ndarray, clean: np.ndarray,
+                     n_clean: int) -> tuple[float, float | None, float | None, np.ndarray | float]:
+    """The stage's thresholds by the out-of-patient rule (:func:`choose_thresholds`): the network's
+    candidates', the maps' peaks' (None where they have none of their own) and the blob map's peaks'
+    (None where they have none of their own: then the other peaks'), and each row's."""
+    peak, blob = peak_rows(cfg, parts), blob_rows(cfg, parts)
+    max_false = float(cfg["verifier_max_false"])
+    if blob is None:
+        threshold, peak_threshold = choose_thresholds(scores, clean, peak, n_clean, max_false)
+        return threshold, peak_threshold, None, (threshold if peak is None else np.where(peak, peak_threshold, threshold))
+    source = np.where(blob, 2, peak.astype(int))
+    each = choose_source_thresholds(scores, clean, source, 3, n_clean, max_false)
+    return each[0], each[1], each[2], np.asarray(each)[source]
 
 
 def lowest_within(false_per_scan: Callable[[float], float], max_false: float) -> float:
@@ -995,16 +1041,14 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     oof = 1.0 - p_oof[:, 0]
     if start is not None:
         oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
-    peak = peak_rows(cfg, parts)
-    threshold, peak_threshold = choose_thresholds(oof, clean, peak, n_clean, float(cfg["verifier_max_false"]))
+    threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, clean, n_clean)
     triage, cut = None, None
     if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
         t_tri = time.time()
-        each = threshold if peak is None else np.where(peak, peak_threshold, threshold)
         triage, cut, kept["triage"], fit = fit_triage(cfg, x, y, groups, clean, oof, each, folds)
         timing["triage_fit"] = {**fit, "seconds": round(time.time() - t_tri, 1)}
         oof = np.where(kept["triage"] < cut, kept["triage"], oof)
-        threshold, peak_threshold = choose_thresholds(oof, clean, peak, n_clean, float(cfg["verifier_max_false"]))
+        threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, clean, n_clean)
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y)
@@ -1020,13 +1064,17 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
             **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
             **({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}),
+            **({"blob_peaks": blob_peaks_of(cfg)} if blob_peaks_of(cfg) else {}),
             **({"triage": cut} if triage is not None else {}),
-            "threshold": threshold, **({"peak_threshold": peak_threshold} if peak is not None else {}), "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
+            "threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {}),
+            **({"blob_threshold": blob_threshold} if blob_threshold is not None else {}), "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
             "rows": int(len(y)), "sources": len(parts), "groups": sorted(set(groups.tolist())),
             "threshold_rule": f"lowest of a grid with at most {cfg['verifier_max_false']} candidates over it per untouched training "
-                              + ("scan (the network's candidates and the maps' peaks each half of it, each with a threshold of its own)"
-                                 if peak is not None else "scan") + f", on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"
+                              + ("scan (the network's candidates, the trace's and smooth map's peaks and the blob map's peaks each a third of it, "
+                                 "each with a threshold of its own)" if blob_threshold is not None else
+                                 "scan (the network's candidates and the maps' peaks each half of it, each with a threshold of its own)"
+                                 if peak_threshold is not None else "scan") + f", on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"
                               + (f", each candidate from {start} also scored at its re-centred places, as screening does" if start is not None else "")}
     stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
     stage.nodules = nodules
@@ -1042,6 +1090,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
     # Every row's out-of-patient scores, for studying the threshold's rule without fitting again.
     np.savez_compressed(out / "verifier_oof.npz", score=oof, trees=oof_trees, y=y, clean=clean, group=groups.astype(str), **kept)
-    echo(f"second stage: threshold {threshold}" + (f", the maps' peaks {peak_threshold}" if peak is not None else "")
+    echo(f"second stage: threshold {threshold}" + (f", the maps' peaks {peak_threshold}" if peak_threshold is not None else "")
+         + (f", the blob map's peaks {blob_threshold}" if blob_threshold is not None else "")
          + f" (out-of-patient), {time.time() - t0:.0f} s; wrote {out / 'model.verifier.npz'}")
     return report

@@ -13,7 +13,7 @@ import numpy as np
 LUNG_WINDOW = (-1350.0, 150.0)  # level -600, width 1500
 CROP_MM = 70.0
 MAX_FIGURES = 12  # views for the top findings; the table lists them all
-SOURCES = {"network": "network", "trace": "resampling-trace map", "smooth": "smooth map"}  # what put a place up for the second stage
+SOURCES = {"network": "network", "trace": "resampling-trace map", "smooth": "smooth map", "blob": "blob map"}  # what put a place up for the second stage
 
 
 def _crop_views(vol, heat_vox: np.ndarray, voxel: list[float]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
@@ -79,7 +79,9 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
         for i, f in enumerate(result["findings"], start=1)
     ) or '<tr><td colspan="8">No finding above the threshold.</td></tr>'
     peak_thr = result["model"].get("peak_threshold")
-    thresholds = f"threshold {thr:.2f}" + (f"; places found by the lung maps {peak_thr:.2f}" if peak_thr is not None else "")
+    blob_thr = result["model"].get("blob_threshold")
+    thresholds = (f"threshold {thr:.2f}" + (f"; places found by the lung maps {peak_thr:.2f}" if peak_thr is not None else "")
+                  + (f"; places found by the blob map {blob_thr:.2f}" if blob_thr is not None else ""))
     under = result.get("under_threshold") or []
     under_html = "" if not under else (
         "<h2>Highest places under the threshold</h2><p class=\"muted\">Not findings: the places that scored highest "

@@ -116,7 +116,8 @@ function render(j) {
   // No finding: say what the threshold was and where the highest place under it is (not a finding).
   const under = res.under_threshold || [];
   const m = res.model || {};
-  const peaks = typeof m.peak_threshold === "number" ? `; the lung maps' peaks ${m.peak_threshold.toFixed(2)}` : "";
+  const peaks = (typeof m.peak_threshold === "number" ? `; the lung maps' peaks ${m.peak_threshold.toFixed(2)}` : "")
+    + (typeof m.blob_threshold === "number" ? `; the blob map's peaks ${m.blob_threshold.toFixed(2)}` : "");
   const thr = typeof m.threshold === "number" ? ` (${m.threshold.toFixed(2)}${peaks})` : "";
   const own = (f) => (typeof f.threshold === "number" && peaks ? `, under its threshold ${f.threshold.toFixed(2)}` : "");
   $("no-findings").textContent = `No place scored above the threshold${thr}.` + (under.length
