@@ -108,6 +108,9 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                            if v.meta.get("trace_peaks") else "")
                                         + (f" and the smooth map's {v.meta['smooth_peaks']} strongest peaks (places smoother than the lung "
                                            "around them) not among those" if v.meta.get("smooth_peaks") else "")
+                                        + (f" and the blob map's {v.meta['blob_peaks']} strongest peaks (small round blobs: nodules, "
+                                           "drawn or real) not among any of those" if v.meta.get("blob_peaks") else "")
+                                        + ("; each read with its shape (the Hessian's eigenvalues at 1.5 and 3 mm)" if v.meta.get("shape") else "")
                                         + (f"; each first scored by a triage (trees on the candidate's own place and the network's "
                                            f"probabilities) and read whole only from its cut-off of {v.meta['triage']}"
                                            if v.meta.get("triage") is not None else ""),
@@ -118,6 +121,8 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 "refine_from": v.meta.get("refine_from"),  # a second look at each candidate's re-centred places
                                 "trace_peaks": int(v.meta.get("trace_peaks", 0)),  # the trace map's strongest peaks, candidates too
                                 "smooth_peaks": int(v.meta.get("smooth_peaks", 0)),  # the smooth map's strongest peaks, candidates too
+                                "blob_peaks": int(v.meta.get("blob_peaks", 0)),  # the blob map's strongest peaks, candidates too
+                                "shape": bool(v.meta.get("shape", False)),  # each place's Hessian eigenvalues among its columns
                                 "scan_columns": bool(v.meta.get("scan_columns", True)),
                                 "boosting": v.meta.get("boosting", "classic"),
                                 "trees": int(len(v.feature)), "features": len(v.meta["names"]), "rows": v.meta["rows"],

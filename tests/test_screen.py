@@ -1948,7 +1948,7 @@ def test_the_blob_map_finds_a_small_nodule_and_not_a_vessel():
 
 
 def test_the_blob_maps_peaks_are_candidates_with_a_threshold_of_their_own(tmp_path):
-    """``verifier_blob_peaks`` with ``verifier_peak_threshold``: each training copy's rows at the
+    """``verifier_blob_peaks`` with ``verifier_blob_threshold``: each training copy's rows at the
     maps' peaks also hold the blob map's strongest peaks not among the other candidates, marked as
     such; the network's candidates, the other maps' peaks and the blob map's each get the rule's
     threshold on their own untouched training candidates with a third of the budget; screening
@@ -1957,10 +1957,12 @@ def test_the_blob_maps_peaks_are_candidates_with_a_threshold_of_their_own(tmp_pa
     from ctguard.screen import load_detector, screen_volume, source_thresholds, stage_candidates
     from ctguard.verifier import blob_map, strongest_peaks
 
-    cfg = {**MAP_PEAKS_RECIPE, "verifier_trace_peaks": 2, "verifier_blob_peaks": 3, "verifier_peak_threshold": True}
+    cfg = {**MAP_PEAKS_RECIPE, "verifier_trace_peaks": 2, "verifier_blob_peaks": 3, "verifier_peak_threshold": True,
+           "verifier_blob_threshold": True}
     _refused_before_training(cfg, tmp_path, [({"verifier_blob_peaks": 2.5}, "verifier_blob_peaks must be a whole number of peaks"),
-                                             ({"verifier_blob_peaks": 3, "verifier_refine_from": 0.2},
-                                              "cannot be used with verifier_refine_from")])
+                                             ({"verifier_refine_from": 0.2}, "cannot be used with verifier_refine_from"),
+                                             ({"verifier_blob_threshold": "yes"}, "verifier_blob_threshold must be true or false"),
+                                             ({"verifier_blob_peaks": 0}, "verifier_blob_threshold needs verifier_blob_peaks")])
     run = tmp_path / "run"
     api.train(cfg, run, progress=False, echo=lambda *_: None)
     report = json.loads((run / "verifier.json").read_text())

@@ -84,7 +84,8 @@ VERIFIER_DEFAULTS = {
     "verifier_smooth_peaks": 0,  # m > 0: then also the smooth map's m strongest peaks (places smoother than the lung around them; ctguard.screen.smooth_candidates)
     "verifier_blob_peaks": 0,  # k > 0: then also the blob map's k strongest peaks (small round bright blobs: nodules; ctguard.verifier.blob_map)
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
-    "verifier_peak_threshold": False,  # the maps' peaks (trace and smooth) get a threshold of their own, each source by the rule on half the budget (choose_thresholds); with blob peaks, those a third, each a third
+    "verifier_peak_threshold": False,  # the maps' peaks (trace, smooth, blob) get a threshold of their own, each source by the rule on half the budget (choose_thresholds)
+    "verifier_blob_threshold": False,  # with verifier_peak_threshold and blob peaks: the blob map's peaks get a third of their own, each of the three sources a third of the budget
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
 TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
@@ -644,7 +645,7 @@ def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
     ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks``,
-    ``verifier_blob_peaks``, ``verifier_shape`` or patch setting before anything is trained."""
+    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape`` or patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -661,6 +662,7 @@ def check_stage_config(cfg: dict) -> None:
     smooth_peaks_of(cfg)
     blob_peaks_of(cfg)
     peak_threshold_on(cfg)
+    blob_threshold_on(cfg)
     triage_share(cfg)
     config_flag(cfg, "verifier_shape")
 
@@ -858,10 +860,21 @@ def peak_rows(cfg: dict, parts: list[dict]) -> np.ndarray | None:
     return np.concatenate([p["peak"] for p in parts]) if peak_threshold_on(cfg) else None
 
 
+def blob_threshold_on(cfg: dict) -> bool:
+    """The config's ``verifier_blob_threshold``, or a one-line error, also where the maps' peaks have
+    no threshold of their own or the stage takes no blob peaks."""
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    if not config_flag(cfg, "verifier_blob_threshold"):
+        return False
+    if not (peak_threshold_on(cfg) and blob_peaks_of(cfg)):
+        raise InputError("the config's verifier_blob_threshold needs verifier_blob_peaks and verifier_peak_threshold")
+    return True
+
+
 def blob_rows(cfg: dict, parts: list[dict]) -> np.ndarray | None:
     """Which of the stage's rows are at the blob map's peaks, where those get a threshold of their
-    own (the maps' peaks do, :func:`peak_threshold_on`, and the stage takes the blob map's); else None."""
-    if not (peak_threshold_on(cfg) and blob_peaks_of(cfg)):
+    own (:func:`blob_threshold_on`); else None."""
+    if not blob_threshold_on(cfg):
         return None
     return np.concatenate([p.get("blob", np.zeros(len(p["y"]), bool)) for p in parts])
 
