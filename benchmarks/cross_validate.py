@@ -49,8 +49,7 @@ from ctguard.screen import (
     score_locations_2d,
     scored_places,
     screen_volume,
-    separate_blob_threshold,
-    separate_peak_threshold,
+    separate_thresholds,
     source_thresholds,
     stage_probabilities,
 )
@@ -74,6 +73,7 @@ GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95
 MAX_FALSE = 0.1  # false findings per clean scan the threshold allows on the training patients
 CALIBRATION_PHANTOMS = 6  # clean varied phantoms of seeds 6000+ beside the training patients' scans
 EVAL_SEED = 900_000  # no training run seeds edits here
+THRESHOLD_KEYS = ("threshold", "peak_threshold", "blob_threshold")  # a fold's thresholds: the network's candidates', the maps' peaks', the blob map's
 UNTOUCHED = ("lung", "dense", "real lesion")  # the places' "what" that an edit is ranked against
 
 
@@ -255,14 +255,15 @@ def _auc(pos: list[float], neg: list[float]) -> float | None:
     return round(float(roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)), 4)
 
 
-def summarise(ev: dict, threshold: float | None = None, peak_threshold: float | None = None,
-              blob_threshold: float | None = None) -> dict:
-    """The table row of one fold (or of all folds pooled); ``peak_threshold``: the maps' peaks' own,
-    where the stage has one; ``blob_threshold``: the blob map's peaks' own, where it has one."""
+def summarise(ev: dict, thresholds: dict | None = None) -> dict:
+    """The table row of one fold (or of all folds pooled: no ``thresholds``); ``thresholds``: the
+    fold's (:data:`THRESHOLD_KEYS`: the network's candidates', and the maps' peaks' and the blob
+    map's where the stage has one of their own; other keys are left out)."""
     places = ev["places"]
     neg = [p for p in places if p["what"] in UNTOUCHED]
-    row: dict = {"threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {}),
-                 **({"blob_threshold": blob_threshold} if blob_threshold is not None else {})}
+    thresholds = thresholds or {}
+    row: dict = {"threshold": thresholds.get("threshold"),
+                 **{k: thresholds[k] for k in THRESHOLD_KEYS[1:] if thresholds.get(k) is not None}}
     for kind in ("injected", "removed"):
         pos = [p for p in places if p["what"] == kind]
         row[f"n_{kind}"] = len(pos)
@@ -319,7 +320,7 @@ def counts_at(ev: dict, t: float) -> dict:
 
 def threshold_cell(row: dict) -> str:
     """A fold's threshold, and the maps' peaks' (then the blob map's) after it where the stage has one of their own."""
-    return " / ".join(str(row[k]) for k in ("threshold", "peak_threshold", "blob_threshold") if row.get(k) is not None)
+    return " / ".join(str(row[k]) for k in THRESHOLD_KEYS if row.get(k) is not None)
 
 
 def markdown(folds: list[dict], pooled: dict) -> str:
@@ -398,14 +399,13 @@ def main() -> None:
         for f in json.loads(Path(path).read_text())["folds"]:
             if f["fold"] not in have and "eval" in f:
                 results.append({**{k: f.get(k) for k in ("fold", "held_out", "unseen", "train_seconds", "peak_rss_gb")},
-                                "threshold": {k: f["row"][k] for k in ("threshold", "peak_threshold", "blob_threshold") if k in f["row"]}, "eval": f["eval"]})
+                                "threshold": {k: f["row"][k] for k in THRESHOLD_KEYS if k in f["row"]}, "eval": f["eval"]})
     results.sort(key=lambda r: r["fold"])
     if not results:
         raise SystemExit("no fold has been evaluated yet")
     pooled_ev = {key: [x for r in results for x in r["eval"][key]] for key in ("places", "clean_scans", "edits", "real_lesions")}
     folds = [{"fold": r["fold"], "held_out": r["held_out"], "unseen": r["unseen"], "train_seconds": r["train_seconds"],
-              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]["threshold"], r["threshold"].get("peak_threshold"),
-                                                               r["threshold"].get("blob_threshold")),
+              "peak_rss_gb": r.get("peak_rss_gb"), "row": summarise(r["eval"], r["threshold"]),
               "eval": r["eval"]} for r in results]  # the places too, so that a later report can pool this fold (--with)
     pooled = {"fold": "pooled", "held_out": sorted(p for r in results for p in r["held_out"]), "unseen": [], "row": summarise(pooled_ev)}
     report = {"config": Path(args.config).name, "folds": folds, "pooled": pooled, "max_false_for_threshold": MAX_FALSE}
@@ -453,15 +453,13 @@ def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, k: int, 
     result = {"fold": k, "held_out": sorted(held), "training_patients": None, "unseen": [], "train_seconds": None, "peak_rss_gb": None,
               "threshold": {**own_thresholds(det), "from": "the model card"}, "eval": ev}
     (fold_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"fold {k} ({det.name} {det.version}): " + json.dumps(summarise(ev, det.threshold, result["threshold"].get("peak_threshold"), result["threshold"].get("blob_threshold"))), flush=True)
+    print(f"fold {k} ({det.name} {det.version}): " + json.dumps(summarise(ev, result["threshold"])), flush=True)
 
 
 def own_thresholds(det) -> dict:
     """The detector's threshold and, where its second stage has one for the maps' peaks (and another
-    for the blob map's), those."""
-    peaks, blobs = separate_peak_threshold(det), separate_blob_threshold(det)
-    return {"threshold": det.threshold, **({"peak_threshold": peaks} if peaks is not None else {}),
-            **({"blob_threshold": blobs} if blobs is not None else {})}
+    for the blob map's), those (:func:`ctguard.screen.separate_thresholds`)."""
+    return {"threshold": det.threshold, **separate_thresholds(det)}
 
 
 def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:
@@ -501,7 +499,7 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
               "peak_rss_gb": round(max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20, 2),
               "threshold": calib, "eval": ev}
     (fold_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"fold {k}: " + json.dumps(summarise(ev, det.threshold, calib.get("peak_threshold"), calib.get("blob_threshold"))), flush=True)
+    print(f"fold {k}: " + json.dumps(summarise(ev, calib)), flush=True)
 
 
 if __name__ == "__main__":

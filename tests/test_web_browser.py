@@ -143,7 +143,7 @@ def test_the_page_behind_a_login(tmp_path, tampered):
                 page.wait_for_selector("#result:not([hidden])", timeout=120_000)
                 assert page.locator("#verdict").inner_text() == "Tampered"
                 # The clean twin: no finding, and the page says the threshold and the highest place under it.
-                from ctguard.screen import load_detector, separate_peak_threshold
+                from ctguard.screen import load_detector, separate_thresholds
 
                 assert page.goto(url).status == 200
                 page.set_input_files("#files", [str(f) for f in sorted((root / "clean").iterdir())])
@@ -152,7 +152,7 @@ def test_the_page_behind_a_login(tmp_path, tampered):
                 assert page.locator("#verdict").inner_text() == "Clean"
                 said = page.locator("#no-findings").inner_text()
                 det = load_detector()
-                peak = separate_peak_threshold(det)  # the bundled stage holds the lung maps' peaks to their own
+                peak = separate_thresholds(det).get("peak_threshold")  # the bundled stage holds the lung maps' peaks to their own
                 peaks = f"; the lung maps' peaks {peak:.2f}" if peak is not None else ""
                 assert said.startswith(f"No place scored above the threshold ({det.threshold:.2f}{peaks}).") and "The highest under it:" in said
                 assert not page.locator("#findings").is_visible()

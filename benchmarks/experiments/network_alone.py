@@ -35,7 +35,7 @@ def main() -> None:
     calib = cv.choose_threshold(det, cfg, training)
     det.threshold = calib["threshold"]
     ev = cv.evaluate_fold(det, held, args.fold)
-    row = cv.summarise(ev, det.threshold)
+    row = cv.summarise(ev, calib)
     print(json.dumps({"fold": args.fold, "threshold": calib, "row": row}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps({"fold": args.fold, "threshold": calib, "eval": ev, "row": row}, indent=1) + "\n")

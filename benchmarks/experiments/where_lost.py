@@ -7,10 +7,9 @@ For every edit of the fold's held-out copies (``benchmarks/cross_validate.py``'s
 found (as the cross-validation counts it: a finding of its kind near it, listed at the detector's own
 thresholds); a candidate of any source near it that the stage scores under its threshold; no maximum of the network's map from 0.3 near it; a maximum
 there, but suppressed by the network's 24 mm non-maximum suppression; or past the cap of the
-network's candidates. Beside it, the edit's rank among the places a blob map would give
-(the Laplacian of Gaussian at 2.5 mm on a 2 mm grid, its 200 strongest maxima in the lungs, ordered
-by the least negative Hessian eigenvalue at 3 mm, :func:`ctguard.verifier.shape_features`), and on
-the untouched copies the same rank of each real lesion: how far candidates at blobs would reach.
+network's candidates. Beside it, the edit's rank among the blob map's peaks, strongest first
+(:func:`ctguard.verifier.blob_map`, the map a stage with ``blob_peaks`` takes candidates from), and
+on the untouched copies the same rank of each real lesion: how far candidates at blobs reach.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,28 +28,16 @@ import cross_validate as cv  # noqa: E402
 from ctguard import api  # noqa: E402
 from ctguard.engine.train_verifier import near  # noqa: E402
 from ctguard.screen import findings_from, load_detector, scored_places, screen_volume, source_thresholds  # noqa: E402
-from ctguard.verifier import shape_features  # noqa: E402
-from ctguard.volume import resample_array  # noqa: E402
-
-BLOB_SIGMA_MM = 2.5
-BLOB_GRID_MM = 2.0
-BLOB_MAXIMA = 200
+from ctguard.verifier import blob_map  # noqa: E402
 
 
 def blob_places(vol, lungs: np.ndarray) -> np.ndarray:
-    """Voxels of the blob map's strongest maxima in the lungs, most blob-like first."""
-    box = tuple(slice(int(a[0]), int(a[-1]) + 1) for a in (np.flatnonzero(lungs.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))))
-    grid = (BLOB_GRID_MM,) * 3
-    hu = resample_array(vol.hu[box].astype(np.float32), vol.spacing, grid)
-    inside = ndimage.binary_erosion(resample_array(lungs[box].astype(np.float32), vol.spacing, grid) > 0.5)
-    s = BLOB_SIGMA_MM / BLOB_GRID_MM
-    log = -ndimage.gaussian_laplace(np.clip(hu, -1000, 200), s) * s * s
-    idx = np.argwhere((log == ndimage.maximum_filter(log, size=3)) & inside & (log > 0))
-    idx = idx[np.argsort(-log[tuple(idx.T)])][:BLOB_MAXIMA]
-    lo = np.array([b.start for b in box], float)
-    vox = np.clip(lo + (idx + 0.5) * BLOB_GRID_MM / np.asarray(vol.spacing) - 0.5, 0, np.asarray(vol.shape) - 1)
-    blobness = np.array([-shape_features(vol, v)[5] for v in vox])
-    return vox[np.argsort(-blobness)]
+    """Voxels of the blob map's peaks in the lungs (:func:`ctguard.verifier.blob_map`), strongest first."""
+    found = blob_map(vol, lungs)
+    if found is None:
+        return np.zeros((0, 3))
+    score, centres = found
+    return centres[np.argsort(-score, kind="stable")]
 
 
 def first_near(places, voxel, diameter_mm: float, spacing) -> int | None:

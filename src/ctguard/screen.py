@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import ScanReading, blob_map, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
+from ctguard.verifier import ScanReading, blob_map, lung_extent, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
 from ctguard.volume import Volume, resample_array, resample_nearest
 
 DEFAULT_MODEL = "tamper3d"
@@ -231,8 +231,8 @@ def load_detector(name_or_path: str | None = None) -> Detector:
 
 
 def _lung_box(vol: Volume, lungs: np.ndarray) -> tuple[slice, ...]:
-    # The bounding box from per-axis projections: argwhere on a whole scan's mask costs a second.
-    idx = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    """The lungs' box (:func:`ctguard.verifier.lung_extent`) widened by :data:`MARGIN_MM`."""
+    idx = lung_extent(lungs)
     margin = np.ceil(MARGIN_MM / np.asarray(vol.spacing)).astype(int)
     lo = np.maximum(np.array([i[0] for i in idx]) - margin, 0)
     hi = np.minimum(np.array([i[-1] for i in idx]) + margin + 1, vol.shape)
@@ -554,19 +554,14 @@ def source_thresholds(detector: Detector, threshold: float | None = None) -> dic
     return {"network": float(detector.threshold), **dict.fromkeys(PEAK_SOURCES, peak), "blob": float(meta.get("blob_threshold", peak))}
 
 
-def separate_peak_threshold(detector: Detector, threshold: float | None = None) -> float | None:
-    """The threshold the maps' peaks are held to where it is not the network's candidates'
-    (:func:`source_thresholds`: a second stage that chose one of their own, and no caller's
-    ``threshold`` for all), else None: what a result reports as ``model.peak_threshold``."""
+def separate_thresholds(detector: Detector, threshold: float | None = None) -> dict[str, float]:
+    """The thresholds of :func:`source_thresholds` that a result reports beside ``model.threshold``
+    (a second stage that chose them, and no caller's ``threshold`` for all): ``peak_threshold``, the
+    maps' peaks', where it is not the network's candidates', and ``blob_threshold``, the blob map's
+    peaks', where it is not the other maps' peaks'."""
     thresholds = source_thresholds(detector, threshold)
-    return thresholds["trace"] if thresholds["trace"] != thresholds["network"] else None
-
-
-def separate_blob_threshold(detector: Detector, threshold: float | None = None) -> float | None:
-    """The threshold the blob map's peaks are held to where it is not the other maps' peaks'
-    (:func:`source_thresholds`), else None: what a result reports as ``model.blob_threshold``."""
-    thresholds = source_thresholds(detector, threshold)
-    return thresholds["blob"] if thresholds["blob"] != thresholds["trace"] else None
+    return {**({"peak_threshold": thresholds["trace"]} if thresholds["trace"] != thresholds["network"] else {}),
+            **({"blob_threshold": thresholds["blob"]} if thresholds["blob"] != thresholds["trace"] else {})}
 
 
 def scored_places(findings: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -600,8 +595,6 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
     thresholds = source_thresholds(detector, threshold)
     thr = thresholds["network"]
     staged = verifier is not None and lungs is not None
-    peaks = separate_peak_threshold(detector, threshold) if staged else None
-    blobs = separate_blob_threshold(detector, threshold) if staged else None
     if staged:
         reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
         candidates = stage_candidates(heat, vol, verifier, min(thresholds.values()), lungs, reading.noise, reading.trace, reading.smooth,
@@ -625,8 +618,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
         "under_threshold": under[:UNDER_SHOWN],
         "model": {"name": detector.name, "version": detector.version, "threshold": thr,
                   **({"second_stage": True} if staged else {}),
-                  **({"peak_threshold": peaks} if peaks is not None else {}),
-                  **({"blob_threshold": blobs} if blobs is not None else {})},
+                  **(separate_thresholds(detector, threshold) if staged else {})},
         "warnings": warnings,
         "elapsed_s": round(time.time() - t0, 3),
     }

@@ -139,16 +139,22 @@ def _residuals(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hu - _smooth_xy(hu), hu - _smooth_z(hu) if hu.shape[0] > 2 else np.zeros_like(hu)
 
 
-def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12) -> tuple[float, float]:
+def lung_extent(lungs: np.ndarray) -> list[np.ndarray]:
+    """The slices, rows and columns where the lungs are (each axis's indices, ascending), from
+    per-axis projections (``argwhere`` on a whole scan's mask costs a second): the lungs' box."""
+    return [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+
+
+def scan_noise(vol: Volume, lungs: np.ndarray, slices: int = 12, extent: list[np.ndarray] | None = None) -> tuple[float, float]:
     """The scan's own noise: median absolute in-plane and through-plane residual over parenchyma
-    (lung voxels below -600 HU) of ``slices`` evenly spaced slabs of three slices."""
-    zs = np.flatnonzero(lungs.any(axis=(1, 2)))
+    (lung voxels below -600 HU) of ``slices`` evenly spaced slabs of three slices. ``extent``: the
+    lungs' :func:`lung_extent`, where the caller has it."""
+    zs, ys, xs = lung_extent(lungs) if extent is None else extent
     if len(zs) < 3:
         return 1.0, 1.0
     picks = np.unique(np.linspace(zs[1], zs[-2], slices).astype(int))
     # The lungs' in-plane box and a margin wider than the Gaussian's reach (4 sigma): the residual of
     # every lung voxel is the one the whole slice gives.
-    ys, xs = np.flatnonzero(lungs.any(axis=(0, 2))), np.flatnonzero(lungs.any(axis=(0, 1)))
     box = (slice(max(ys[0] - 6, 0), ys[-1] + 7), slice(max(xs[0] - 6, 0), xs[-1] + 7))
     xy, z = [], []
     for k in picks:
@@ -515,15 +521,18 @@ SMOOTH_OUTER_MM = 22.0  # and the ring's outer half-width
 
 
 def lung_maps(vol: Volume, lungs: np.ndarray, noise_xy: float, trace: bool = True, smooth: bool = False,
-              radius_mm: float = 8.0) -> tuple[tuple[np.ndarray, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None]:
+              radius_mm: float = 8.0, extent: list[np.ndarray] | None = None) -> tuple[tuple[np.ndarray, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None]:
     """:func:`trace_map` (with ``trace``) and :func:`smooth_map` (with ``smooth``) from one pass over
-    the lungs' slabs; each None where not asked for or not to be read."""
+    the lungs' slabs; each None where not asked for or not to be read. ``extent``: the lungs'
+    :func:`lung_extent`, where the caller has it."""
     spacing = np.asarray(vol.spacing, float)
     freqs = [ripple_frequency(s) for s in spacing[1:]]
     ripple = trace and has_ripple(vol)
-    if not (ripple or smooth) or not lungs.any():
+    if not (ripple or smooth):
         return None, None
-    idx = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    idx = lung_extent(lungs) if extent is None else extent
+    if not len(idx[0]):
+        return None, None
     step = max(int(round(TRACE_SLAB_MM / spacing[0])), 1)
     b = np.maximum(np.rint(TRACE_BLOCK_MM / spacing).astype(int), 1)
     bz = max(int(round(TRACE_BLOCK_MM / (spacing[0] * step))), 1)  # read slices to a cell
@@ -624,7 +633,7 @@ BLOB_SCALES_MM = (2.0, 3.0)  # its Gaussians: a 5-12 mm nodule's own scale
 BLOB_ROUNDNESS = 1.0 / 3.0  # a blob's weakest curvature is at least this share of its strongest (a vessel's is about none)
 
 
-def blob_map(vol: Volume, lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def blob_map(vol: Volume, lungs: np.ndarray, extent: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Small bright blobs over the lungs: on a grid of about :data:`BLOB_GRID_MM` over the lungs'
     box, the scale-normalised negative Laplacian of HU smoothed by a Gaussian of each of
     :data:`BLOB_SCALES_MM` (the strongest of the scales), at its local maxima in the lungs where the
@@ -632,11 +641,12 @@ def blob_map(vol: Volume, lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
     :data:`BLOB_ROUNDNESS` of its strongest: a nodule, drawn or real, and not a vessel's tube or a
     fissure's sheet. The network's 8 mm cells rank a small drawn nodule low; this map ranks it
     among the scan's few round blobs. ``(score, centres)`` as :func:`trace_map` gives them (score in
-    HU), None where the lungs have no voxel."""
-    if not lungs.any():
+    HU), None where the lungs have no voxel. ``extent``: the lungs' :func:`lung_extent`, where the
+    caller has it."""
+    idx = lung_extent(lungs) if extent is None else extent
+    if not len(idx[0]):
         return None
     spacing = np.asarray(vol.spacing, float)
-    idx = [np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
     step = np.maximum(np.rint(BLOB_GRID_MM / spacing).astype(int), 1)
     box = tuple(slice(int(i[0]), int(i[-1]) + 1, int(s)) for i, s in zip(idx, step))
     hu, lung, grid = vol.hu[box].astype(np.float32), lungs[box], spacing * step
@@ -645,11 +655,11 @@ def blob_map(vol: Volume, lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
     best = np.full(hu.shape, -np.inf, np.float32)
     scale = np.zeros(hu.shape, np.int8)
     smoothed = []
+    inner = (slice(1, -1),) * 3
     for k, s in enumerate(BLOB_SCALES_MM):
         g = ndimage.gaussian_filter(hu, s / grid, mode="nearest")
         smoothed.append(g)
         log = np.zeros_like(g)
-        inner = (slice(1, -1),) * 3
         for a in range(3):  # the second difference along each axis, on the grid's interior
             lo, hi = list(inner), list(inner)
             lo[a], hi[a] = slice(0, -2), slice(2, None)
@@ -956,15 +966,16 @@ class Verifier:
         (``smooth_peaks``; both from one pass, :func:`lung_maps`), the blob map (``blob_peaks``,
         :func:`blob_map`) and the scan's own level of the trace (``trace_scan``; a single slice's
         stage reads its slice's own)."""
-        noise = scan_noise(vol, lungs) if noise is None else noise
+        extent = lung_extent(lungs)  # once for the noise and every map
+        noise = scan_noise(vol, lungs, extent=extent) if noise is None else noise
         trace = smooth = blob = None
         none = (np.zeros(0, np.float32), np.zeros((0, 3)))  # no ripple (or no lung cell): no peaks
         want_trace, want_smooth = int(self.meta.get("trace_peaks", 0)) > 0, int(self.meta.get("smooth_peaks", 0)) > 0
         if want_trace or want_smooth:
-            trace, smooth = lung_maps(vol, lungs, noise[0], trace=want_trace, smooth=want_smooth)
+            trace, smooth = lung_maps(vol, lungs, noise[0], trace=want_trace, smooth=want_smooth, extent=extent)
             trace, smooth = (trace or none) if want_trace else None, (smooth or none) if want_smooth else None
         if int(self.meta.get("blob_peaks", 0)) > 0:
-            blob = blob_map(vol, lungs) or none
+            blob = blob_map(vol, lungs, extent) or none
         reference = scan_trace(vol, lungs, noise[0]) if self.meta.get("trace_scan") and not self.meta.get("slice") else None
         return ScanReading(noise, trace, reference, smooth, blob)
 

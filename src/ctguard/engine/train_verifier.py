@@ -373,17 +373,18 @@ def _copy_candidates(cfg: dict, det, vol, lungs: np.ndarray, noise: tuple[float,
     map's not among either and the blob map's not among any (else ``[]``), the first two maps from
     one pass (:func:`ctguard.verifier.lung_maps`)."""
     from ctguard.screen import peak_candidates, screen_volume
-    from ctguard.verifier import blob_map, lung_maps
+    from ctguard.verifier import blob_map, lung_extent, lung_maps
 
     result, heat, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
     found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
     if not with_peaks:
         return found, []
     n_trace, n_smooth, n_blob = trace_peaks_of(cfg), smooth_peaks_of(cfg), blob_peaks_of(cfg)
-    trace, smooth = lung_maps(vol, lungs, noise[0], trace=n_trace > 0, smooth=n_smooth > 0)
+    extent = lung_extent(lungs)
+    trace, smooth = lung_maps(vol, lungs, noise[0], trace=n_trace > 0, smooth=n_smooth > 0, extent=extent)
     extra = peak_candidates(heat, vol, trace, n_trace, found)
     extra += peak_candidates(heat, vol, smooth, n_smooth, found + extra, "smooth")
-    return found, extra + (peak_candidates(heat, vol, blob_map(vol, lungs), n_blob, found + extra, "blob") if n_blob else [])
+    return found, extra + (peak_candidates(heat, vol, blob_map(vol, lungs, extent), n_blob, found + extra, "blob") if n_blob else [])
 
 
 def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
@@ -830,8 +831,7 @@ def choose_thresholds(scores: np.ndarray, clean: np.ndarray, peak: np.ndarray | 
     one threshold for both is set by whichever source's untouched places score highest."""
     if peak is None:
         return choose_threshold(scores, clean, n_clean_scans, max_false), None
-    return (choose_threshold(scores, clean & ~peak, n_clean_scans, max_false / 2),
-            choose_threshold(scores, clean & peak, n_clean_scans, max_false / 2))
+    return tuple(choose_source_thresholds(scores, clean, peak.astype(int), 2, n_clean_scans, max_false))
 
 
 def choose_source_thresholds(scores: np.ndarray, clean: np.ndarray, source: np.ndarray, n_sources: int, n_clean_scans: int,
@@ -886,12 +886,12 @@ def stage_thresholds(cfg: dict, parts: list[dict], scores: np.ndarray, clean: np
     (None where they have none of their own: then the other peaks'), and each row's."""
     peak, blob = peak_rows(cfg, parts), blob_rows(cfg, parts)
     max_false = float(cfg["verifier_max_false"])
-    if blob is None:
-        threshold, peak_threshold = choose_thresholds(scores, clean, peak, n_clean, max_false)
-        return threshold, peak_threshold, None, (threshold if peak is None else np.where(peak, peak_threshold, threshold))
-    source = np.where(blob, 2, peak.astype(int))
-    each = choose_source_thresholds(scores, clean, source, 3, n_clean, max_false)
-    return each[0], each[1], each[2], np.asarray(each)[source]
+    if peak is None:
+        threshold = choose_threshold(scores, clean, n_clean, max_false)
+        return threshold, None, None, threshold
+    source = peak.astype(int) if blob is None else np.where(blob, 2, peak.astype(int))
+    each = choose_source_thresholds(scores, clean, source, 2 if blob is None else 3, n_clean, max_false)
+    return each[0], each[1], each[2] if blob is not None else None, np.asarray(each)[source]
 
 
 def lowest_within(false_per_scan: Callable[[float], float], max_false: float) -> float:
