@@ -247,58 +247,43 @@ def _by_shell(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=8)
-def _difference_index(shape: tuple[int, int, int]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Where each voxel ``(i, j, k)`` of a box of ``shape`` lies in the box's central differences:
-    along z at its own flat index less this, along y and x at these (flat, by the box's flat index)."""
-    nz, ny, nx = shape
-    i, j, k = np.arange(nz)[:, None, None], np.arange(ny)[None, :, None], np.arange(nx)[None, None, :]
-    along_y = (i * (ny - 2) + (j - 1)) * nx + k  # (i, j - 1, k) of nz x (ny - 2) x nx
-    along_x = (i * ny + j) * (nx - 2) + (k - 1)  # (i, j, k - 1) of nz x ny x (nx - 2)
-    return ny * nx, along_y.ravel(), along_x.ravel()
-
-
-@lru_cache(maxsize=8)
 def _ball_layout(shape: tuple[int, int, int], offset: tuple[float, float, float],
-                 spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+                 spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
     """For a place ``offset`` voxels from the centre voxel of a box of ``shape``: the flat indices
     of the box's voxels within reach, shell after shell (in the box's order within a shell: the
-    grouping :func:`_shell_values` makes), where each shell starts among them, and the same
-    voxels' flat indices in the box's central differences along z, y and x (the box one voxel
-    shorter at each end of that axis)."""
+    grouping :func:`_shell_values` makes), and where each shell starts among them."""
     axes = [(np.arange(n) - n // 2 - o) * s for n, o, s in zip(shape, offset, spacing)]
     dist = np.sqrt(axes[0][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[2][None, None, :] ** 2)
     flat = np.flatnonzero(dist < BINS_MM[-1])
     order, ends = _by_shell(dist.ravel()[flat])
-    flat = flat[order]
-    below, along_y, along_x = _difference_index(shape)
-    return flat, ends, (flat - below, along_y[flat], along_x[flat])
+    return flat[order], ends
 
 
 def _shell_values_interior(vol: Volume, place: np.ndarray, spacing: np.ndarray) -> Shells | None:
     """:func:`_shell_values`, bit for bit, for a place whose box lies inside the scan and has a
     voxel in every shell (None otherwise), with less work: the residuals and the gradient are read
-    at the voxels within reach only (the box's central differences, as ``np.gradient`` takes them
-    inside an array), gathered shell after shell, and the layout of the ball is shared by places
-    with the same offset from their voxel (the re-centred places: all of them)."""
+    at the voxels within reach only (each central difference from the two neighbours' values, as
+    ``np.gradient`` takes it inside an array; every voxel within reach is a voxel inside the box),
+    gathered shell after shell, and the layout of the ball is shared by places with the same
+    offset from their voxel (the re-centred places: all of them)."""
     r = np.ceil(REACH_MM / spacing).astype(int) + 1
     c = np.rint(place).astype(int)
     lo, hi = c - r, c + r + 1
     if np.any(lo < 0) or np.any(hi > np.asarray(vol.shape)):
         return None
     shape = tuple(int(n) for n in hi - lo)
-    flat, ends, diffs = _ball_layout(shape, tuple(float(o) for o in place - c), tuple(float(s) for s in spacing))
+    flat, ends = _ball_layout(shape, tuple(float(o) for o in place - c), tuple(float(s) for s in spacing))
     if np.any(np.diff(ends) == 0):  # a shell thinner than the slices: the box's rule for it
         return None
     hu = vol.hu[tuple(slice(a, b) for a, b in zip(lo, hi))].astype(np.float32)
-    h_all = hu.ravel()[flat]
-    a_xy = np.abs(h_all - _smooth_xy(hu).ravel()[flat])  # _residuals' values at these voxels
-    a_z = np.abs(h_all - _smooth_z(hu).ravel()[flat])
+    values = hu.ravel()
+    h_all = values.take(flat)
+    a_xy = np.abs(h_all - _smooth_xy(hu).ravel().take(flat))  # _residuals' values at these voxels
+    a_z = np.abs(h_all - _smooth_z(hu).ravel().take(flat))
     g2: np.ndarray | int = 0
-    for axis, (at, s) in enumerate(zip(diffs, spacing)):
-        ahead, behind = [slice(None)] * 3, [slice(None)] * 3
-        ahead[axis], behind[axis] = slice(2, None), slice(None, -2)
-        d = hu[tuple(ahead)] - hu[tuple(behind)]
-        g = (d.ravel()[at] / (2.0 * np.float64(s))).astype(np.float32)
+    for stride, s in zip((shape[1] * shape[2], shape[2], 1), spacing):
+        d = values.take(flat + stride) - values.take(flat - stride)
+        g = (d / (2.0 * np.float64(s))).astype(np.float32)
         g2 = g2 + g**2
     g_all = np.sqrt(g2)
     return [(h_all[a:b], a_xy[a:b], a_z[a:b], g_all[a:b]) for a, b in zip(ends[:-1], ends[1:])]
