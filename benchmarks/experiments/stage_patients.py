@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/experiments/stage_patients.py RUN [--ks 1,2,4,7] [--repeats 2] [--no-network] [--json FILE]
     python benchmarks/experiments/stage_patients.py RUN --ks 7 --no-in-patient --drop hu_mean,@smooth
+    python benchmarks/experiments/stage_patients.py RUN --ks 0,7 --no-in-patient --phantoms 10
 
 RUN is a trained run of every patient whose stage rows are kept (``verifier_rows/``, e.g. the
 bundled detector's run). For each real patient held out in turn, the stage's trees (the recipe's
@@ -29,6 +30,8 @@ The rows' network columns come from RUN's network, which trained on every patien
 leaves them out of the trees' columns. ``--drop`` leaves out every column whose name holds one of
 its comma-separated parts (``ctguard.engine.train_verifier.tree_columns`` names them): which kinds
 of column the held-out patients' edits are told by, and which only tell the training patients apart.
+``--phantoms N``: the trees learn from the first N of the stage's phantoms only (by seed; 0: none),
+what the phantoms are worth beside the patients.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-network", action="store_true", help="the trees do not read the network's probabilities")
     ap.add_argument("--drop", default="", help="leave out the columns whose names hold any of these comma-separated parts")
     ap.add_argument("--no-in-patient", action="store_true", help="skip the fits on rows of every patient")
+    ap.add_argument("--phantoms", type=int, help="learn from only the first N of the stage's phantoms (by seed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -89,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     fit_x = finite_rows(x[:, columns])
     centre = (y > 0) & ~candidate
     clean = clean & candidate
-    phantom = np.char.startswith(groups.astype(str), "phantom ")
-    real = sorted(set(groups[~phantom].tolist()))
+    is_phantom = np.char.startswith(groups.astype(str), "phantom ")
+    every_phantom = sorted(set(groups[is_phantom].tolist()), key=lambda g: int(g.split()[1]))
+    learnt = every_phantom if a.phantoms is None else every_phantom[: a.phantoms]
+    phantom = np.isin(groups, learnt)  # the phantoms the trees learn from; the others' rows are never used
+    real = sorted(set(groups[~is_phantom].tolist()))
     scans = {g: sum(1 for p in parts if p["group"] == g) for g in real}
     rng = np.random.default_rng(a.seed)
     ks = [int(k) for k in a.ks.split(",")]
     print(f"{len(y)} rows, {len(real)} real patients ({sum(scans.values())} untouched scans), "
-          f"{len(set(groups[phantom].tolist()))} phantoms, {len(columns)} columns", flush=True)
+          f"{len(learnt)} of its {len(every_phantom)} phantoms, {len(columns)} columns", flush=True)
 
     def fit(train: np.ndarray):
         return tv.boosting_classifier(cfg).fit(fit_x[train], y[train])
@@ -105,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         q[:, trees.classes_.astype(int)] = trees.predict_proba(fit_x[rows])
         return q
 
-    report: dict = {"run": Path(a.run).name, "network_columns": not a.no_network, "dropped": drop, "columns": len(columns),
+    report: dict = {"run": Path(a.run).name, "network_columns": not a.no_network, "dropped": drop, "columns": len(columns), "phantoms": len(learnt),
                     "patients": real, "by_k": {}}
-    held = ~phantom
+    held = np.isin(groups, real)
     for k in ks:
         draws = 1 if k == 0 or k >= len(real) - 1 else a.repeats
         results = []
@@ -127,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         from sklearn.model_selection import StratifiedKFold
 
         p = np.zeros((len(y), 3))
-        for train, test in StratifiedKFold(5, shuffle=True, random_state=a.seed).split(fit_x, y):
-            p[test] = predict(fit(train), test)
+        used = np.flatnonzero(phantom | held)
+        for train, test in StratifiedKFold(5, shuffle=True, random_state=a.seed).split(used, y[used]):
+            p[used[test]] = predict(fit(used[train]), used[test])
         report["in_patient"] = measures(p[held], y[held], centre[held], clean[held], sum(scans.values()))
         print(f"in patient: {report['in_patient']}", flush=True)
     if a.json:
