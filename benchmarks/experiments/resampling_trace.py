@@ -33,6 +33,34 @@ ROOT = Path(__file__).resolve().parents[2]
 SEED = 4242
 
 
+def real_sources(cfg: dict, names: str = ""):
+    """Each real scan of the config ``cfg`` whose path holds one of the comma-separated ``names``
+    (every one when empty): ``(path, source, lungs, depth, in-plane noise)``."""
+    for path, tumours in real_scans(cfg):
+        if names and not any(name in path for name in names.split(",")):
+            continue
+        path = str(ROOT / path) if not Path(path).is_absolute() else path
+        tumours = str(ROOT / tumours) if tumours and not Path(tumours).is_absolute() else tumours
+        src = build_source({}, ("series", path, 1, tumours, 0))
+        lungs = lung_mask(src.volume)
+        depth = lung_depth(src.volume, lungs)
+        yield path, src, lungs, depth, scan_noise(src.volume, lungs)[0]
+
+
+def places(src, lungs: np.ndarray, depth: np.ndarray, seed: int):
+    """The stage's untouched places of the clean scan (label 0) and the simulator's edits with
+    ``seed`` (label 1; 4 injected copies of 2 nodules, drawn and moved in turn; every real tumour
+    removed, filled and cloned in turn; 4 copies with 3 healthy places in-painted):
+    ``(label, what, volume, voxel)``."""
+    for what, p in negatives(src, lungs, depth, np.random.default_rng(5)):
+        yield 0, what, src.volume, np.asarray(p, float)
+    for label, vol, edits in variants(src, seed, inject=4, remove=len(src.tumours), per_scan=2, inject_families=("drawn", "moved"),
+                                      remove_families=("fill", "clone"), healthy=4):
+        for e in edits:
+            family = e.extra.get("family", "drawn")
+            yield 1, (f"{family}:{e.extra.get('target', 'tumour')}" if label == "FB" else family), vol, np.asarray(e.voxel, float)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs/tamper3d.yaml"))
@@ -40,24 +68,9 @@ def main() -> None:
     a = ap.parse_args()
     cfg = yaml.safe_load(Path(a.config).read_text())
     rows: list[tuple[int, str, np.ndarray]] = []
-    for path, tumours in real_scans(cfg):
-        if a.names and not any(name in path for name in a.names.split(",")):
-            continue
-        path = str(ROOT / path) if not Path(path).is_absolute() else path
-        tumours = str(ROOT / tumours) if tumours and not Path(tumours).is_absolute() else tumours
-        src = build_source({}, ("series", path, 1, tumours, 0))
-        lungs = lung_mask(src.volume)
-        depth = lung_depth(src.volume, lungs)
-        noise = scan_noise(src.volume, lungs)[0]
+    for path, src, lungs, depth, noise in real_sources(cfg, a.names):
         n0 = len(rows)
-        for what, p in negatives(src, lungs, depth, np.random.default_rng(5)):
-            rows.append((0, what, resampling_trace(src.volume, p, noise)))
-        for label, vol, edits in variants(src, SEED, inject=4, remove=len(src.tumours), per_scan=2, inject_families=("drawn", "moved"),
-                                          remove_families=("fill", "clone"), healthy=4):
-            for e in edits:
-                family = e.extra.get("family", "drawn")
-                what = f"{family}:{e.extra.get('target', 'tumour')}" if label == "FB" else family
-                rows.append((1, what, resampling_trace(vol, np.asarray(e.voxel, float), noise)))
+        rows += [(label, what, resampling_trace(vol, at, noise)) for label, what, vol, at in places(src, lungs, depth, SEED)]
         pixel = src.volume.spacing[2]
         print(f"{Path(path).name[-24:]:>24}: pixel {pixel:.3f} mm, ripple {ripple_frequency(pixel):.3f} cycles a voxel, {len(rows) - n0} places",
               flush=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +33,12 @@ import yaml
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from ctguard.engine.train3d import build_source, real_scans
-from ctguard.engine.train_verifier import negatives
-from ctguard.lung import lung_depth, lung_mask
-from ctguard.tamper.simulate import variants
-from ctguard.verifier import TRACE_CLIP, TRACE_MIN_FREQUENCY, TRACE_RADII_MM, resampling_trace, ripple_frequency, scan_noise
+from ctguard.verifier import TRACE_CLIP, TRACE_MIN_FREQUENCY, TRACE_RADII_MM, resampling_trace, ripple_frequency
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from resampling_trace import ROOT, places, real_sources  # noqa: E402
+
 SEED = 4343
 MIN_SLICES = 5  # a profile along fewer slices reads nothing
 PARENCHYMA_HU = -600.0  # each slice's energy over its lung parenchyma only: a vessel's rise and fall from slice to slice is no ripple
@@ -87,26 +87,11 @@ def main() -> None:
     a = ap.parse_args()
     cfg = yaml.safe_load(Path(a.config).read_text())
     rows: list[tuple[int, str, str, np.ndarray, np.ndarray]] = []
-    for path, tumours in real_scans(cfg):
-        if not any(name in path for name in a.names.split(",")):
-            continue
-        path = str(ROOT / path) if not Path(path).is_absolute() else path
-        tumours = str(ROOT / tumours) if tumours and not Path(tumours).is_absolute() else tumours
-        src = build_source({}, ("series", path, 1, tumours, 0))
-        lungs = lung_mask(src.volume)
-        depth = lung_depth(src.volume, lungs)
-        noise = scan_noise(src.volume, lungs)[0]
+    for path, src, lungs, depth, noise in real_sources(cfg, a.names):
         scan = src.patient or Path(path).name
         n0 = len(rows)
-        for what, p in negatives(src, lungs, depth, np.random.default_rng(5)):
-            rows.append((0, what, scan, slice_trace(src.volume, p, noise), resampling_trace(src.volume, p, noise)))
-        for label, vol, edits in variants(src, SEED, inject=4, remove=len(src.tumours), per_scan=2, inject_families=("drawn", "moved"),
-                                          remove_families=("fill", "clone"), healthy=4):
-            for e in edits:
-                family = e.extra.get("family", "drawn")
-                what = f"{family}:{e.extra.get('target', 'tumour')}" if label == "FB" else family
-                at = np.asarray(e.voxel, float)
-                rows.append((1, what, scan, slice_trace(vol, at, noise), resampling_trace(vol, at, noise)))
+        rows += [(label, what, scan, slice_trace(vol, at, noise), resampling_trace(vol, at, noise))
+                 for label, what, vol, at in places(src, lungs, depth, SEED)]
         print(f"{scan}: slices {src.volume.spacing[0]:.3f} mm, ripple {ripple_frequency(src.volume.spacing[0]):.3f} cycles a slice, "
               f"{len(rows) - n0} places", flush=True)
 
