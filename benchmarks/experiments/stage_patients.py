@@ -91,17 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     drop = [d for d in a.drop.split(",") if d]
     columns = np.asarray([k for k in columns if not any(d in names[k] for d in drop)])
     fit_x = finite_rows(x[:, columns])
-    centre = (y > 0) & ~candidate
-    clean = clean & candidate
+    centre = (y > 0) & ~candidate  # ``clean`` marks the untouched copies' candidates already
     is_phantom = np.char.startswith(groups.astype(str), "phantom ")
     every_phantom = sorted(set(groups[is_phantom].tolist()), key=lambda g: int(g.split()[1]))
     learnt = every_phantom if a.phantoms is None else every_phantom[: a.phantoms]
     phantom = np.isin(groups, learnt)  # the phantoms the trees learn from; the others' rows are never used
     real = sorted(set(groups[~is_phantom].tolist()))
-    scans = {g: sum(1 for p in parts if p["group"] == g) for g in real}
+    untouched_scans = sum(p["group"] in real for p in parts)  # one untouched copy a real series
     rng = np.random.default_rng(a.seed)
     ks = [int(k) for k in a.ks.split(",")]
-    print(f"{len(y)} rows, {len(real)} real patients ({sum(scans.values())} untouched scans), "
+    print(f"{len(y)} rows, {len(real)} real patients ({untouched_scans} untouched scans), "
           f"{len(learnt)} of its {len(every_phantom)} phantoms, {len(columns)} columns", flush=True)
 
     def fit(train: np.ndarray):
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 trees = fit(np.flatnonzero(phantom | np.isin(groups, list(chosen))))
                 rows = np.flatnonzero(groups == g)
                 p[rows] = predict(trees, rows)
-            results.append(measures(p[held], y[held], centre[held], clean[held], sum(scans.values())))
+            results.append(measures(p[held], y[held], centre[held], clean[held], untouched_scans))
             print(f"k={k} draw {r}: {results[-1]}", flush=True)
         report["by_k"][str(k)] = results
 
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         used = np.flatnonzero(phantom | held)
         for train, test in StratifiedKFold(5, shuffle=True, random_state=a.seed).split(used, y[used]):
             p[used[test]] = predict(fit(used[train]), used[test])
-        report["in_patient"] = measures(p[held], y[held], centre[held], clean[held], sum(scans.values()))
+        report["in_patient"] = measures(p[held], y[held], centre[held], clean[held], untouched_scans)
         print(f"in patient: {report['in_patient']}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1) + "\n")
