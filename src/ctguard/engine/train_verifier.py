@@ -86,6 +86,7 @@ VERIFIER_DEFAULTS = {
     "verifier_cross_fit": 0,  # 0: every row from the run's network; k >= 2: each training patient's rows from a network trained without its group of k (cross_fit_groups)
     "verifier_peak_threshold": False,  # the maps' peaks (trace, smooth, blob) get a threshold of their own, each source by the rule on half the budget (choose_thresholds)
     "verifier_blob_threshold": False,  # with verifier_peak_threshold and blob peaks: the blob map's peaks get a third of their own, each of the three sources a third of the budget
+    "verifier_count_phantom_lesions": True,  # false: the threshold's rule does not count the stage phantoms' candidates at their own genuine nodules (threshold_counted)
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
 TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
@@ -666,6 +667,7 @@ def check_stage_config(cfg: dict) -> None:
     blob_threshold_on(cfg)
     triage_share(cfg)
     config_flag(cfg, "verifier_shape")
+    config_flag(cfg, "verifier_count_phantom_lesions")
 
 
 def triage_share(cfg: dict) -> float | None:
@@ -814,6 +816,18 @@ def with_scan_reference(part: dict) -> dict:
         ref_rows = copy & part["candidate"]
         x[copy] = scan_referenced(part["x"][copy], scan_reference(part["x"][ref_rows if ref_rows.any() else copy]))
     return {**part, "x": x}
+
+
+def threshold_counted(cfg: dict, parts: list[dict], clean: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The untouched training candidates the threshold's rule counts: every one of ``clean``, or with
+    ``verifier_count_phantom_lesions: false`` all but the stage phantoms' candidates at their own
+    genuine nodules. Those nodules are drawn by the drawn-injection family's renderer, so nothing
+    tells them from a drawn injection but their label; no clinical scan holds one, and counted they
+    set the threshold where no real scan's place scores. The real patients' lesions are counted."""
+    if config_flag({**VERIFIER_DEFAULTS, **cfg}, "verifier_count_phantom_lesions"):
+        return clean
+    lesion = np.concatenate([p["lesion"] for p in parts]).astype(bool)
+    return clean & ~(lesion & np.char.startswith(groups.astype(str), "phantom "))
 
 
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
@@ -1054,14 +1068,15 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     oof = 1.0 - p_oof[:, 0]
     if start is not None:
         oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
-    threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, clean, n_clean)
+    counted = threshold_counted(cfg, parts, clean, groups)
+    threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, counted, n_clean)
     triage, cut = None, None
     if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
         t_tri = time.time()
         triage, cut, kept["triage"], fit = fit_triage(cfg, x, y, groups, clean, oof, each, folds)
         timing["triage_fit"] = {**fit, "seconds": round(time.time() - t_tri, 1)}
         oof = np.where(kept["triage"] < cut, kept["triage"], oof)
-        threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, clean, n_clean)
+        threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, counted, n_clean)
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y)
@@ -1093,7 +1108,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     stage.nodules = nodules
     stage.triage = triage
     stage.save(out / "model.verifier.npz")
-    clean_oof, clean_groups = oof[clean], groups[clean]
+    clean_oof, clean_groups = oof[counted], groups[counted]  # as the rule counts them
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
     top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
     highest = [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]
