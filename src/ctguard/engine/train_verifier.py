@@ -1103,7 +1103,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
                                  "each with a threshold of its own)" if blob_threshold is not None else
                                  "scan (the network's candidates and the maps' peaks each half of it, each with a threshold of its own)"
                                  if peak_threshold is not None else "scan") + f", on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"
-                              + (f", each candidate from {start} also scored at its re-centred places, as screening does" if start is not None else "")}
+                              + (f", each candidate from {start} also scored at its re-centred places, as screening does" if start is not None else "")
+                              + ("" if counted is clean else ", not counting the stage phantoms' candidates at their own (drawn) nodules")}
     stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
     stage.nodules = nodules
     stage.triage = triage
