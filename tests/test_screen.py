@@ -1013,23 +1013,23 @@ def test_the_maps_peaks_get_a_threshold_of_their_own(tmp_path, monkeypatch):
     assert key(listed_findings(low["findings"], vol.spacing, source_thresholds(det))) == key(own["findings"])
 
 
-def test_the_threshold_rule_can_leave_out_the_stage_phantoms_own_nodules(tmp_path):
+def test_the_threshold_rule_can_leave_out_the_stage_phantoms_own_nodules():
     """``verifier_count_phantom_lesions: false``: the rule does not count the stage phantoms'
     candidates at their own genuine nodules (drawn by the injection renderer), but still counts a
     real patient's at its lesions and every other untouched candidate; a wrong value is refused."""
     from ctguard.engine.train_verifier import check_stage_config, choose_threshold, threshold_counted
+    from ctguard.errors import InputError
 
     parts = [{"group": "phantom 903", "lesion": np.array([True, False, False]), "y": np.zeros(3)},
              {"group": "LIDC-IDRI-0001", "lesion": np.array([True, False]), "y": np.zeros(2)},
              {"group": "phantom 904", "lesion": np.array([True, False]), "y": np.zeros(2)}]
-    groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
     clean = np.array([True, True, False, True, True, True, True])  # the phantom's third row is an edit's
-    assert threshold_counted({}, parts, clean, groups) is clean  # counted by default
-    counted = threshold_counted({"verifier_count_phantom_lesions": False}, parts, clean, groups)
+    assert threshold_counted({}, parts, clean) is clean  # counted by default
+    counted = threshold_counted({"verifier_count_phantom_lesions": False}, parts, clean)
     assert counted.tolist() == [False, True, False, True, True, False, True]
     scores = np.array([0.999, 0.6, 0.99, 0.7, 0.2, 0.97, 0.1])  # the phantoms' nodules score as injections do
     assert choose_threshold(scores, clean, 3, 0.0) > 0.99 and choose_threshold(scores, counted, 3, 0.0) == 0.75
-    with pytest.raises(Exception, match="verifier_count_phantom_lesions must be true or false"):
+    with pytest.raises(InputError, match="verifier_count_phantom_lesions must be true or false"):
         check_stage_config({"seed": 0, "verifier_count_phantom_lesions": "no"})
 
 

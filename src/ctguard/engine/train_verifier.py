@@ -818,16 +818,17 @@ def with_scan_reference(part: dict) -> dict:
     return {**part, "x": x}
 
 
-def threshold_counted(cfg: dict, parts: list[dict], clean: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def threshold_counted(cfg: dict, parts: list[dict], clean: np.ndarray) -> np.ndarray:
     """The untouched training candidates the threshold's rule counts: every one of ``clean``, or with
     ``verifier_count_phantom_lesions: false`` all but the stage phantoms' candidates at their own
     genuine nodules. Those nodules are drawn by the drawn-injection family's renderer, so nothing
     tells them from a drawn injection but their label; no clinical scan holds one, and counted they
-    set the threshold where no real scan's place scores. The real patients' lesions are counted."""
+    set the threshold where no real scan's place scores. The real patients' lesions are counted
+    (``clean`` and ``parts``' rows in the order :func:`stage_table` joins them)."""
     if config_flag({**VERIFIER_DEFAULTS, **cfg}, "verifier_count_phantom_lesions"):
         return clean
-    lesion = np.concatenate([p["lesion"] for p in parts]).astype(bool)
-    return clean & ~(lesion & np.char.startswith(groups.astype(str), "phantom "))
+    phantom_lesion = np.concatenate([np.asarray(p["lesion"], bool) & str(p["group"]).startswith("phantom ") for p in parts])
+    return clean & ~phantom_lesion
 
 
 def choose_threshold(scores: np.ndarray, clean: np.ndarray, n_clean_scans: int, max_false: float) -> float:
@@ -1068,7 +1069,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     oof = 1.0 - p_oof[:, 0]
     if start is not None:
         oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
-    counted = threshold_counted(cfg, parts, clean, groups)
+    counted = threshold_counted(cfg, parts, clean)
     threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, counted, n_clean)
     triage, cut = None, None
     if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
@@ -1104,7 +1105,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
                                  "scan (the network's candidates and the maps' peaks each half of it, each with a threshold of its own)"
                                  if peak_threshold is not None else "scan") + f", on out-of-patient scores ({'trees and patch CNN' if w_patch else 'trees'} fitted without the scan's patient)"
                               + (f", each candidate from {start} also scored at its re-centred places, as screening does" if start is not None else "")
-                              + ("" if counted is clean else ", not counting the stage phantoms' candidates at their own (drawn) nodules")}
+                              + ("" if cfg["verifier_count_phantom_lesions"] else ", not counting the stage phantoms' candidates at their own (drawn) nodules")}
     stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
     stage.nodules = nodules
     stage.triage = triage
