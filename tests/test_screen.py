@@ -785,6 +785,15 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert np.allclose(p2.sum(1), 1, atol=1e-5)
     assert np.allclose(1 - p2[:, 0], [f["score"] for f in result["findings"][:3]], atol=2e-3)  # the same stage at the same places
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
+    # Fitted again on the kept rows with verifier_label_mm: the candidates labelled with an edit more
+    # than 2 mm outside its rim are not learnt from, and the stage says how many.
+    from ctguard.engine.train_verifier import fit_verifier, run_rows
+
+    resolved, _, parts = run_rows(tmp_path / "run")
+    far = sum(int(((p["y"] > 0) & (p["rim_mm"] > 2.0)).sum()) for p in parts)
+    assert far and all(np.isnan(p["rim_mm"][p["y"] == 0]).all() for p in parts)  # some edit rows lie far out; untouched rows have no rim
+    again = fit_verifier({**resolved, "verifier_label_mm": 2.0}, tmp_path / "run", echo=lambda *_: None)
+    assert again["label_mm"] == 2.0 and again["rows_not_learnt"] == far and again["rows"] == report["rows"]
 
 
 def _refused_before_training(cfg: dict, tmp_path: Path, bad: list[tuple[dict, str]]) -> None:
@@ -877,7 +886,7 @@ def test_second_stage_takes_the_trace_peaks_as_candidates(tmp_path):
         assert np.array_equal(part["x"][n:], peaks["x"]) and np.array_equal(part["y"][n:], peaks["y"])
         assert part["candidate"][n:].all() and np.array_equal(part["clean"][n:], peaks["scan"] == 0)  # copy 0: the untouched one
         for kept, apart in ((own, _source_rows(*job)), (peaks, _trace_rows(*job))):
-            assert kept.keys() == apart.keys() and all(np.array_equal(kept[k], apart[k]) for k in kept)
+            assert kept.keys() == apart.keys() and all(np.array_equal(kept[k], apart[k], equal_nan=np.asarray(kept[k]).dtype.kind == "f") for k in kept)
     det = load_detector(str(run / "model.pt"))
     assert det.verifier.meta["trace_peaks"] == 3
     vol, lungs, heat, taken, network = _map_peaks_screening(det)
@@ -1031,6 +1040,27 @@ def test_the_threshold_rule_can_leave_out_the_stage_phantoms_own_nodules():
     assert choose_threshold(scores, clean, 3, 0.0) > 0.99 and choose_threshold(scores, counted, 3, 0.0) == 0.75
     with pytest.raises(InputError, match="verifier_count_phantom_lesions must be true or false"):
         check_stage_config({"seed": 0, "verifier_count_phantom_lesions": "no"})
+
+
+def test_the_stage_can_leave_out_edit_labels_far_from_their_edit():
+    """``verifier_label_mm``: a candidate labelled with an edit (within 10 mm of its rim) more than r mm
+    outside the rim gets weight 0 in the stage's fits; an edit's own centre, a near candidate and every
+    untouched row keep weight 1; kept rows without the distance and a wrong value are refused."""
+    from ctguard.engine.train_verifier import check_stage_config, label_weights, rim_mm
+    from ctguard.errors import InputError
+
+    assert rim_mm([10, 100, 112], [10, 100, 100], 8.0, (2.0, 1.0, 1.0)) == pytest.approx(8.0)
+    assert rim_mm([11, 100, 100], [10, 100, 100], 8.0, (2.0, 1.0, 1.0)) == pytest.approx(-2.0)
+    parts = [{"source": "a", "y": np.array([1, 1, 1, 0]), "rim_mm": np.array([-5.0, 2.0, 7.5, np.nan], np.float32)},
+             {"source": "b", "y": np.array([2, 0]), "rim_mm": np.array([9.0, np.nan], np.float32)}]
+    assert label_weights({}, parts) is None  # off by default: every row alike
+    assert label_weights({"verifier_label_mm": 5}, parts).tolist() == [1, 1, 0, 1, 0, 1]
+    assert label_weights({"verifier_label_mm": 0}, parts).tolist() == [1, 0, 0, 1, 0, 1]
+    with pytest.raises(InputError, match="kept rows of b lack"):
+        label_weights({"verifier_label_mm": 5}, parts[:1] + [{"source": "b", "y": np.array([0])}])
+    for wrong in (10, -1, "5", True):
+        with pytest.raises(InputError, match="verifier_label_mm must be a distance"):
+            check_stage_config({"seed": 0, "verifier_label_mm": wrong})
 
 
 def test_a_place_over_its_own_threshold_is_never_merged_into_one_under_its_own():

@@ -87,6 +87,7 @@ VERIFIER_DEFAULTS = {
     "verifier_peak_threshold": False,  # the maps' peaks (trace, smooth, blob) get a threshold of their own, each source by the rule on half the budget (choose_thresholds)
     "verifier_blob_threshold": False,  # with verifier_peak_threshold and blob peaks: the blob map's peaks get a third of their own, each of the three sources a third of the budget
     "verifier_count_phantom_lesions": True,  # false: the threshold's rule does not count the stage phantoms' candidates at their own genuine nodules (threshold_counted)
+    "verifier_label_mm": None,  # r mm: a candidate labelled with an edit (near it: within 10 mm of its rim) is learnt from only within r mm of the rim (label_weights)
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
 TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
@@ -111,7 +112,12 @@ def negatives(src, lungs: np.ndarray, depth: np.ndarray, rng: np.random.Generato
 
 def near(voxel, centre, diameter_mm: float, spacing) -> bool:
     """Whether a finding at ``voxel`` is that of an edit or lesion at ``centre`` (within 10 mm of its rim)."""
-    return float(np.linalg.norm((np.asarray(voxel) - np.asarray(centre)) * np.asarray(spacing))) <= 10 + diameter_mm / 2
+    return rim_mm(voxel, centre, diameter_mm, spacing) <= 10
+
+
+def rim_mm(voxel, centre, diameter_mm: float, spacing) -> float:
+    """How far ``voxel`` lies outside the rim of an edit or lesion at ``centre`` (mm; negative inside it)."""
+    return float(np.linalg.norm((np.asarray(voxel) - np.asarray(centre)) * np.asarray(spacing))) - diameter_mm / 2
 
 
 ROW_KEYS = ("seed", "inject_families", "remove_families", "phantom_variety", "phantom_opacities", "phantom_shape", "phantom_spacing",
@@ -346,11 +352,12 @@ def _candidate_rows(cfg: dict, vol, noise: tuple[float, float], reference, found
     at = np.asarray([f["voxel"] for f in found], float).reshape(-1, 3)
     x = stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre, resampling=resampling,
                      trace_recentre=trace_recentre, trace_reference=reference, shape=shape) if len(found) else np.zeros((0, len(row_names(cfg))), np.float32)
-    y = []
+    y, rim = [], []
     for f in found:
         hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
         y.append(LABELS[hit.kind] if hit is not None else 0)
-    return {"x": x, "y": y, "scan": [copy] * len(found), "clean": [not edits] * len(found), "candidate": [True] * len(found),
+        rim.append(np.nan if hit is None else rim_mm(f["voxel"], hit.voxel, hit.diameter_mm, vol.spacing))
+    return {"x": x, "y": y, "rim_mm": rim, "scan": [copy] * len(found), "clean": [not edits] * len(found), "candidate": [True] * len(found),
             "lesion": [not edits and any(near(f["voxel"], t.voxel, t.diameter_mm, vol.spacing) for t in tumours) for f in found],
             "blob": [f.get("source") == "blob" for f in found]}
 
@@ -363,7 +370,8 @@ def _as_rows(parts: list[dict], width: int, blob: bool = False) -> dict:
         return np.asarray([v for p in parts for v in p[key]], dtype)
 
     return {"x": np.concatenate([np.zeros((0, width), np.float32)] + [p["x"] for p in parts]).astype(np.float32),
-            "y": joined("y", np.int8), "scan": joined("scan", np.int16), **{k: joined(k, bool) for k in ("clean", "candidate", "lesion")},
+            "y": joined("y", np.int8), "rim_mm": joined("rim_mm", np.float32), "scan": joined("scan", np.int16),
+            **{k: joined(k, bool) for k in ("clean", "candidate", "lesion")},
             **({"blob": joined("blob", bool)} if blob else {})}
 
 
@@ -410,7 +418,8 @@ def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
 def joined_peaks(parts: list[dict], peaks: list[dict]) -> list[dict]:
     """Each source's rows followed by its rows at the maps' peaks (the same sources, in order), with
     ``peak`` marking the latter."""
-    return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")},
+    return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")
+                     + (("rim_mm",) if "rim_mm" in p and "rim_mm" in t else ())},
              "peak": np.arange(len(p["y"]) + len(t["y"])) >= len(p["y"]),
              **({"blob": np.concatenate([np.zeros(len(p["y"]), bool), t["blob"]])} if "blob" in t else {})}
             for p, t in zip(parts, peaks)]
@@ -459,6 +468,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
         parts.append({"x": stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
                                         resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference, shape=shape),
                       "y": [LABELS.get(what, 0) for what, _ in where], "scan": [k] * len(where), "clean": [False] * len(where),
+                      "rim_mm": [-e.diameter_mm / 2 for e in edits] if edits else [np.nan] * len(where),
                       "candidate": [False] * len(where), "lesion": [what == "real lesion" for what, _ in where]})
         if with_patches:
             patches.append(patches_at(vol, at, noise))
@@ -647,7 +657,8 @@ def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
     ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks``,
-    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape`` or patch setting before anything is trained."""
+    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape``, ``verifier_label_mm`` or patch setting before
+    anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -668,6 +679,7 @@ def check_stage_config(cfg: dict) -> None:
     triage_share(cfg)
     config_flag(cfg, "verifier_shape")
     config_flag(cfg, "verifier_count_phantom_lesions")
+    label_mm(cfg)
 
 
 def triage_share(cfg: dict) -> float | None:
@@ -689,24 +701,26 @@ def triage_share(cfg: dict) -> float | None:
 
 
 def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, clean: np.ndarray, oof: np.ndarray,
-               threshold: float | np.ndarray, folds: int) -> tuple[Verifier, float, np.ndarray, dict]:
+               threshold: float | np.ndarray, folds: int, weight: np.ndarray | None = None) -> tuple[Verifier, float, np.ndarray, dict]:
     """The triage: trees over each row's place alone (:func:`ctguard.verifier.point_rows`, the
     network's columns with them), which screening reads first at every candidate. Its cut-off is the
     highest of :data:`TRIAGE_GRID` under which its out-of-patient score puts at most the config's
     ``verifier_triage`` share of the edit rows that the stage's out-of-patient score ``oof`` finds at
     ``threshold`` (one for all, or each row's own). Returns the triage, its cut-off, every row's out-of-patient triage score and
-    what the cut-off passes and loses (the run's ``triage_fit``)."""
+    what the cut-off passes and loses (the run's ``triage_fit``). ``weight``: each row's weight in its
+    fits (:func:`label_weights`; None: all alike); the edit rows it does not learn from do not count
+    among those lost."""
     names = row_names(cfg)
     width = point_width(names)
     names = names[:width] + names[-3:]
     columns = np.asarray([k for k, n in enumerate(names) if cfg["verifier_scan_columns"] or n not in SCAN_COLUMNS])
     xp = point_rows(x, width)
     fit_x = finite_rows(xp[:, columns])
-    score = 1.0 - out_of_patient_with(cfg, xp, fit_x, y, groups, folds=folds)[0][:, 0]
-    found = (oof >= threshold) & (y > 0)
+    score = 1.0 - out_of_patient_with(cfg, xp, fit_x, y, groups, folds=folds, weight=weight)[0][:, 0]
+    found = (oof >= threshold) & (y > 0) & (True if weight is None else weight > 0)
     allowed = float(cfg["verifier_triage"]) * found.sum()
     cut = float(max((c for c in TRIAGE_GRID if ((score < c) & found).sum() <= allowed), default=0.0))
-    triage = Verifier.from_sklearn(boosting_classifier(cfg).fit(fit_x, y), xp, {"names": names, "triage_width": width}, columns=columns)
+    triage = Verifier.from_sklearn(boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight), xp, {"names": names, "triage_width": width}, columns=columns)
     fit = {"cut_off": cut, "rows_passed": round(float((score >= cut).mean()), 3),
            "untouched_candidates_passed": round(float((score[clean] >= cut).mean()), 3),
            "found_edit_rows_lost": f"{int(((score < cut) & found).sum())}/{int(found.sum())}"}
@@ -721,6 +735,35 @@ def joined_rows(parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     groups = np.concatenate([[p["group"]] * len(p["y"]) for p in parts])
     clean = np.concatenate([p["clean"] for p in parts])
     return x, y, groups, clean
+
+
+def label_weights(cfg: dict, parts: list[dict]) -> np.ndarray | None:
+    """Each row's weight in the stage's fits with ``verifier_label_mm`` r (None: off, every row
+    alike): 0 for a candidate labelled with an edit that lies more than r mm outside its rim, where
+    its place may show nothing of the edit (the label's own reach is 10 mm, :func:`near`), else 1.
+    Such rows are still scored out of patient; the threshold's rule never counts them (they are on
+    edited copies). A one-line error where kept rows predate the rim's distance."""
+    reach = label_mm(cfg)
+    if reach is None:
+        return None
+    stale = [str(p.get("source", "?")) for p in parts if "rim_mm" not in p]
+    if stale:
+        raise InputError(f"verifier_label_mm needs each row's distance from its edit, which the kept rows of {stale[0]} lack: "
+                         "remove the run's verifier_rows/ to make them again")
+    rim = np.concatenate([p["rim_mm"] for p in parts]).astype(float)
+    y = np.concatenate([p["y"] for p in parts])
+    return np.where((y > 0) & (rim > reach), 0.0, 1.0)
+
+
+def label_mm(cfg: dict) -> float | None:
+    """The config's ``verifier_label_mm`` (None: off), or a one-line error where it is not a distance
+    from 0 to under the label's own reach of 10 mm."""
+    value = {**VERIFIER_DEFAULTS, **cfg}["verifier_label_mm"]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 10.0:
+        raise InputError(f"the config's verifier_label_mm must be a distance from 0 to under 10 mm (or null: off), not {value!r}")
+    return float(value)
 
 
 def stage_table(cfg: dict, parts: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1041,7 +1084,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         ex, owner = refine_table(parts, ref)
         extra = (ex, finite_rows(ex[:, columns]), groups[owner])
         echo(f"second stage: {len(ex)} rows at the re-centred places of the untouched copies' candidates ({time.time() - t_ref:.0f} s)")
-    p_oof, p_extra = out_of_patient_with(cfg, x, fit_x, y, groups, folds=folds, extra=extra)
+    weight = label_weights(cfg, parts)
+    p_oof, p_extra = out_of_patient_with(cfg, x, fit_x, y, groups, folds=folds, weight=weight, extra=extra)
     oof_trees = 1.0 - p_oof[:, 0]
     w_patch, kept, timing = patch_weight(cfg), {}, {}
     if w_patch:  # the CNN's out-of-patient probabilities on the same splits, averaged in as screening averages them
@@ -1074,13 +1118,13 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     triage, cut = None, None
     if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
         t_tri = time.time()
-        triage, cut, kept["triage"], fit = fit_triage(cfg, x, y, groups, clean, oof, each, folds)
+        triage, cut, kept["triage"], fit = fit_triage(cfg, x, y, groups, clean, oof, each, folds, weight)
         timing["triage_fit"] = {**fit, "seconds": round(time.time() - t_tri, 1)}
         oof = np.where(kept["triage"] < cut, kept["triage"], oof)
         threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, counted, n_clean)
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
-    clf = boosting_classifier(cfg).fit(fit_x, y)
+    clf = boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight)
     _, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
@@ -1090,6 +1134,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "nodule_check": nodules is not None,
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             **({"refine_from": start} if start is not None else {}),
+            **({"label_mm": label_mm(cfg), "rows_not_learnt": int((weight == 0).sum())} if weight is not None else {}),
             **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
             **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
             **({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}),
