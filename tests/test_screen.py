@@ -1046,7 +1046,7 @@ def test_the_stage_can_leave_out_edit_labels_far_from_their_edit():
     """``verifier_label_mm``: a candidate labelled with an edit (within 10 mm of its rim) more than r mm
     outside the rim gets weight 0 in the stage's fits; an edit's own centre, a near candidate and every
     untouched row keep weight 1; kept rows without the distance and a wrong value are refused."""
-    from ctguard.engine.train_verifier import check_stage_config, label_weights, rim_mm
+    from ctguard.engine.train_verifier import check_stage_config, joined_peaks, label_weights, rim_mm
     from ctguard.errors import InputError
 
     assert rim_mm([10, 100, 112], [10, 100, 100], 8.0, (2.0, 1.0, 1.0)) == pytest.approx(8.0)
@@ -1058,6 +1058,13 @@ def test_the_stage_can_leave_out_edit_labels_far_from_their_edit():
     assert label_weights({"verifier_label_mm": 0}, parts).tolist() == [1, 0, 0, 1, 0, 1]
     with pytest.raises(InputError, match="kept rows of b lack"):
         label_weights({"verifier_label_mm": 5}, parts[:1] + [{"source": "b", "y": np.array([0])}])
+    # A source's rows joined with its maps' peaks' rows keep the distance only where both hold it.
+    rows = {"x": np.zeros((2, 3)), "y": np.array([1, 0]), "scan": np.zeros(2), "clean": np.zeros(2, bool), "candidate": np.ones(2, bool),
+            "lesion": np.zeros(2, bool), "rim_mm": np.array([3.0, np.nan]), "source": "c"}
+    older = {k: v for k, v in rows.items() if k != "rim_mm"}
+    assert label_weights({"verifier_label_mm": 2}, joined_peaks([rows], [rows])).tolist() == [0, 1, 0, 1]
+    with pytest.raises(InputError, match="kept rows of c lack"):
+        label_weights({"verifier_label_mm": 2}, joined_peaks([rows], [older]))
     for wrong in (10, -1, "5", True):
         with pytest.raises(InputError, match="verifier_label_mm must be a distance"):
             check_stage_config({"seed": 0, "verifier_label_mm": wrong})

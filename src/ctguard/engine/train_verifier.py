@@ -417,9 +417,10 @@ def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
 
 def joined_peaks(parts: list[dict], peaks: list[dict]) -> list[dict]:
     """Each source's rows followed by its rows at the maps' peaks (the same sources, in order), with
-    ``peak`` marking the latter."""
-    return [{**p, **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")
-                     + (("rim_mm",) if "rim_mm" in p and "rim_mm" in t else ())},
+    ``peak`` marking the latter (and each row's ``rim_mm`` where both kept rows hold it)."""
+    return [{**{k: v for k, v in p.items() if k != "rim_mm"},
+             **{k: np.concatenate([p[k], t[k].astype(p[k].dtype)]) for k in ("x", "y", "scan", "clean", "candidate", "lesion")
+                + (("rim_mm",) if "rim_mm" in p and "rim_mm" in t else ())},
              "peak": np.arange(len(p["y"]) + len(t["y"])) >= len(p["y"]),
              **({"blob": np.concatenate([np.zeros(len(p["y"]), bool), t["blob"]])} if "blob" in t else {})}
             for p, t in zip(parts, peaks)]
