@@ -786,14 +786,17 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert np.allclose(1 - p2[:, 0], [f["score"] for f in result["findings"][:3]], atol=2e-3)  # the same stage at the same places
     assert not np.allclose(p2, score_locations(vol, det, places, stage2=False))
     # Fitted again on the kept rows with verifier_label_mm: the candidates labelled with an edit more
-    # than 2 mm outside its rim are not learnt from, and the stage says how many.
+    # than 2 mm outside its rim are not learnt from, and the stage says how many; with
+    # verifier_bagging, its trees are two fits averaged, which the run's detector reads.
     from ctguard.engine.train_verifier import fit_verifier, run_rows
 
     resolved, _, parts = run_rows(tmp_path / "run")
     far = sum(int(((p["y"] > 0) & (p["rim_mm"] > 2.0)).sum()) for p in parts)
     assert far and all(np.isnan(p["rim_mm"][p["y"] == 0]).all() for p in parts)  # some edit rows lie far out; untouched rows have no rim
-    again = fit_verifier({**resolved, "verifier_label_mm": 2.0}, tmp_path / "run", echo=lambda *_: None)
+    again = fit_verifier({**resolved, "verifier_label_mm": 2.0, "verifier_bagging": 2}, tmp_path / "run", echo=lambda *_: None)
     assert again["label_mm"] == 2.0 and again["rows_not_learnt"] == far and again["rows"] == report["rows"]
+    bagged = Verifier.load(tmp_path / "run" / "model.verifier.npz")
+    assert again["bagging"] == 2 and len(bagged.feature) == 2 * len(v.feature)  # twice the trees, each leaf halved
 
 
 def _refused_before_training(cfg: dict, tmp_path: Path, bad: list[tuple[dict, str]]) -> None:
@@ -1068,6 +1071,32 @@ def test_the_stage_can_leave_out_edit_labels_far_from_their_edit():
     for wrong in (10, -1, "5", True):
         with pytest.raises(InputError, match="verifier_label_mm must be a distance"):
             check_stage_config({"seed": 0, "verifier_label_mm": wrong})
+
+
+def test_the_stage_can_average_fits_of_other_seeds():
+    """``verifier_bagging: k``: the stage's trees are k histogram fits of other seeds (the first the
+    single fit's), their raw scores averaged; the detector's trees read the same probabilities; a
+    wrong value, or bagging of classic boosting, is refused."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier, check_stage_config
+    from ctguard.errors import InputError
+    from ctguard.verifier import Verifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
+    cfg = {**VERIFIER_DEFAULTS, "seed": 0, "verifier_boosting": "histogram", "verifier_trees": 30}
+    bag = boosting_classifier({**cfg, "verifier_bagging": 3}).fit(x, y)
+    one = boosting_classifier(cfg).fit(x, y)
+    assert len(bag.members) == 3 and np.array_equal(bag.members[0].predict_proba(x), one.predict_proba(x))
+    assert not np.allclose(bag.predict_proba(x), one.predict_proba(x))  # the other seeds' column halves differ
+    mean_raw = np.mean([m.decision_function(x) for m in bag.members], axis=0)
+    assert np.allclose(np.log(bag.predict_proba(x)) - np.log(bag.predict_proba(x))[:, :1], mean_raw - mean_raw[:, :1], atol=1e-6)
+    assert np.allclose(Verifier.from_sklearn(bag, x, {}).probabilities(x), bag.predict_proba(x), atol=1e-5)
+    with pytest.raises(InputError, match="verifier_bagging needs verifier_boosting: histogram"):
+        check_stage_config({"seed": 0, "verifier_bagging": 2})
+    for wrong in (0, 2.5, True):
+        with pytest.raises(InputError, match="verifier_bagging must be a whole number of fits"):
+            check_stage_config({"seed": 0, "verifier_boosting": "histogram", "verifier_bagging": wrong})
 
 
 def test_a_place_over_its_own_threshold_is_never_merged_into_one_under_its_own():

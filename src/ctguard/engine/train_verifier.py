@@ -87,6 +87,7 @@ VERIFIER_DEFAULTS = {
     "verifier_peak_threshold": False,  # the maps' peaks (trace, smooth, blob) get a threshold of their own, each source by the rule on half the budget (choose_thresholds)
     "verifier_blob_threshold": False,  # with verifier_peak_threshold and blob peaks: the blob map's peaks get a third of their own, each of the three sources a third of the budget
     "verifier_count_phantom_lesions": True,  # false: the threshold's rule does not count the stage phantoms' candidates at their own genuine nodules (threshold_counted)
+    "verifier_bagging": 1,  # k > 1: the stage's (and its triage's) trees are k histogram fits of other seeds, averaged (AveragedTrees)
     "verifier_label_mm": None,  # r mm: a candidate labelled with an edit (near it: within 10 mm of its rim) is learnt from only within r mm of the rim (label_weights)
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
@@ -544,20 +545,78 @@ def phantom_lesions(cfg: dict) -> tuple:
 
 def boosting_classifier(cfg: dict):
     """The second stage's classifier: classic or histogram gradient boosting (``verifier_boosting``),
-    300 trees of depth 4 at rate 0.05 by default, each tree seeing half the columns."""
+    300 trees of depth 4 at rate 0.05 by default, each tree seeing half the columns; with
+    ``verifier_bagging`` k > 1 (histogram only), k such fits of other seeds averaged (:class:`AveragedTrees`)."""
     from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
 
-    kind = cfg["verifier_boosting"]
+    kind, k = cfg["verifier_boosting"], bagging_of(cfg)
     if kind == "histogram":
         depth = int(cfg["verifier_depth"])
-        return HistGradientBoostingClassifier(max_iter=int(cfg["verifier_trees"]), max_depth=depth, max_leaf_nodes=2**depth,
-                                              learning_rate=float(cfg["verifier_rate"]), min_samples_leaf=20, l2_regularization=1.0,
-                                              max_features=0.5, early_stopping=False, random_state=int(cfg["seed"]))
+
+        def one(seed: int):
+            return HistGradientBoostingClassifier(max_iter=int(cfg["verifier_trees"]), max_depth=depth, max_leaf_nodes=2**depth,
+                                                  learning_rate=float(cfg["verifier_rate"]), min_samples_leaf=20, l2_regularization=1.0,
+                                                  max_features=0.5, early_stopping=False, random_state=seed)
+        return one(int(cfg["seed"])) if k == 1 else AveragedTrees([one(int(cfg["seed"]) + 1000 * j) for j in range(k)])
+    if k != 1:
+        raise InputError("the config's verifier_bagging needs verifier_boosting: histogram")
     if kind != "classic":
         raise InputError(f"the config's verifier_boosting must be classic or histogram, not {kind!r}")
     return GradientBoostingClassifier(n_estimators=int(cfg["verifier_trees"]), max_depth=int(cfg["verifier_depth"]),
                                       learning_rate=float(cfg["verifier_rate"]), subsample=0.8, min_samples_leaf=20, max_features=0.5,
                                       random_state=int(cfg["seed"]))
+
+
+def bagging_of(cfg: dict) -> int:
+    """The config's ``verifier_bagging`` (1: one fit), or a one-line error where it is not a whole number from 1."""
+    value = cfg.get("verifier_bagging", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"the config's verifier_bagging must be a whole number of fits, 1 or more, not {value!r}")
+    return value
+
+
+class AveragedTrees:
+    """Histogram-boosted classifiers of other seeds (each tree sees another half of the columns)
+    fitted on the same rows, their raw scores averaged: one classifier to
+    :meth:`ctguard.verifier.Verifier.from_sklearn`, whose trees are all of theirs with their leaves
+    divided by their number, so that screening reads the average as it reads one fit."""
+
+    def __init__(self, members: list):
+        self.members = members
+
+    def fit(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> "AveragedTrees":
+        for m in self.members:
+            m.fit(x, y, sample_weight=sample_weight)
+        self.classes_ = self.members[0].classes_
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        return np.mean([m.decision_function(x) for m in self.members], axis=0)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        d = self.decision_function(x)
+        if d.ndim == 1:  # two classes: the second's raw score less the first's
+            p = 1.0 / (1.0 + np.exp(-d))
+            return np.column_stack([1.0 - p, p])
+        e = np.exp(d - d.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    @property
+    def _predictors(self) -> list:
+        """Every member's trees (scikit-learn's fitted predictors, read as Verifier.from_sklearn reads
+        one fit's), each leaf's value divided by the number of members."""
+        from types import SimpleNamespace
+
+        out = []
+        for m in self.members:
+            for step in m._predictors:
+                copies = []
+                for pred in step:
+                    nodes = pred.nodes.copy()
+                    nodes["value"] = nodes["value"] / len(self.members)
+                    copies.append(SimpleNamespace(nodes=nodes))
+                out.append(copies)
+        return out
 
 
 def blend_weight(cfg: dict) -> float:
@@ -658,7 +717,7 @@ def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
     ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks``,
-    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape``, ``verifier_label_mm`` or patch setting before
+    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape``, ``verifier_label_mm``, ``verifier_bagging`` or patch setting before
     anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
@@ -681,6 +740,7 @@ def check_stage_config(cfg: dict) -> None:
     config_flag(cfg, "verifier_shape")
     config_flag(cfg, "verifier_count_phantom_lesions")
     label_mm(cfg)
+    bagging_of(cfg)
 
 
 def triage_share(cfg: dict) -> float | None:
@@ -1128,6 +1188,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     clf = boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight)
     _, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
+            **({"bagging": bagging_of(cfg)} if bagging_of(cfg) > 1 else {}),
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "resampling": resampling, "trace_recentre": trace_recentre, "trace_scan": trace_scan,
             **({"shape": True} if shape else {}),
