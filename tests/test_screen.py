@@ -1071,6 +1071,8 @@ def test_the_stage_can_leave_out_edit_labels_far_from_their_edit():
     for wrong in (10, -1, "5", True):
         with pytest.raises(InputError, match="verifier_label_mm must be a distance"):
             check_stage_config({"seed": 0, "verifier_label_mm": wrong})
+    with pytest.raises(InputError, match="verifier_label_mm cannot be used with verifier_patches"):
+        check_stage_config({"seed": 0, "verifier_label_mm": 2, "verifier_patches": True})
 
 
 def test_the_stage_can_average_fits_of_other_seeds():

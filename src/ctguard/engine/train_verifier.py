@@ -818,12 +818,16 @@ def label_weights(cfg: dict, parts: list[dict]) -> np.ndarray | None:
 
 def label_mm(cfg: dict) -> float | None:
     """The config's ``verifier_label_mm`` (None: off), or a one-line error where it is not a distance
-    from 0 to under the label's own reach of 10 mm."""
-    value = {**VERIFIER_DEFAULTS, **cfg}["verifier_label_mm"]
+    from 0 to under the label's own reach of 10 mm, or where a patch CNN, which learns every row,
+    would ignore it."""
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    value = cfg["verifier_label_mm"]
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 10.0:
         raise InputError(f"the config's verifier_label_mm must be a distance from 0 to under 10 mm (or null: off), not {value!r}")
+    if config_flag(cfg, "verifier_patches"):
+        raise InputError("the config's verifier_label_mm cannot be used with verifier_patches")
     return float(value)
 
 
