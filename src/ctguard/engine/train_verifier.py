@@ -569,7 +569,7 @@ def boosting_classifier(cfg: dict):
 
 def bagging_of(cfg: dict) -> int:
     """The config's ``verifier_bagging`` (1: one fit), or a one-line error where it is not a whole number from 1."""
-    value = cfg.get("verifier_bagging", 1)
+    value = {**VERIFIER_DEFAULTS, **cfg}["verifier_bagging"]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"the config's verifier_bagging must be a whole number of fits, 1 or more, not {value!r}")
     return value
@@ -807,9 +807,9 @@ def label_weights(cfg: dict, parts: list[dict]) -> np.ndarray | None:
     reach = label_mm(cfg)
     if reach is None:
         return None
-    stale = [str(p.get("source", "?")) for p in parts if "rim_mm" not in p]
-    if stale:
-        raise InputError(f"verifier_label_mm needs each row's distance from its edit, which the kept rows of {stale[0]} lack: "
+    stale = next((str(p.get("source", "?")) for p in parts if "rim_mm" not in p), None)
+    if stale is not None:
+        raise InputError(f"verifier_label_mm needs each row's distance from its edit, which the kept rows of {stale} lack: "
                          "remove the run's verifier_rows/ to make them again")
     rim = np.concatenate([p["rim_mm"] for p in parts]).astype(float)
     y = np.concatenate([p["y"] for p in parts])
@@ -1191,8 +1191,9 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight)
     _, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
+    bagging = bagging_of(cfg)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
-            **({"bagging": bagging_of(cfg)} if bagging_of(cfg) > 1 else {}),
+            **({"bagging": bagging} if bagging > 1 else {}),
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "resampling": resampling, "trace_recentre": trace_recentre, "trace_scan": trace_scan,
             **({"shape": True} if shape else {}),
