@@ -89,12 +89,14 @@ VERIFIER_DEFAULTS = {
     "verifier_count_phantom_lesions": True,  # false: the threshold's rule does not count the stage phantoms' candidates at their own genuine nodules (threshold_counted)
     "verifier_bagging": 1,  # k > 1: the stage's (and its triage's) trees are k histogram fits of other seeds, averaged (AveragedTrees)
     "verifier_label_mm": None,  # r mm: a candidate labelled with an edit (near it: within 10 mm of its rim) is learnt from only within r mm of the rim (label_weights)
+    "verifier_off_centre": 0,  # n > 0: also n rows at random places around each edit of the stage's copies, off its centre, where candidates fall (off_centre_rows)
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
 TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
 THICK_MAX_MM = 5.0  # a thicker-slice version of a real series is a stage source only up to this slice spacing (chest CT's range)
 SEED_OFFSET = 700_000  # the verifier's edits: seeds apart from the network's training edits
 PLACES_EACH = 10  # random lung places, and dense places, on each untouched copy (then every lesion)
+OFF_CENTRE_MM = (1.5, 4.0)  # verifier_off_centre's places: from this far from an edit's centre to this far past its rim
 NODULE_PHANTOM_SEED = 300  # the nodule check's phantoms: seed x 1000 + 300 + k, apart from the network's (0-19, 500+) and the stage's (900+)
 
 
@@ -416,6 +418,94 @@ def _trace_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     return _as_rows(parts, len(row_names(cfg)), blob=blob_peaks_of(cfg) > 0)
 
 
+def off_centre_of(cfg: dict) -> int:
+    """The config's ``verifier_off_centre`` (0: off), or a one-line error where it is not a whole
+    number from 0, or where a patch CNN (which needs each row's patch) would read the stage's rows."""
+    value = {**VERIFIER_DEFAULTS, **cfg}["verifier_off_centre"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"the config's verifier_off_centre must be a whole number of places an edit, 0 or more, not {value!r}")
+    if value and config_flag(cfg, "verifier_patches"):
+        raise InputError("the config's verifier_off_centre cannot be used with verifier_patches")
+    return value
+
+
+def off_centre_rows(job: tuple) -> dict:
+    """One source's rows off its edits' centres (a pool task, for ``verifier_off_centre`` n): on each
+    edited copy, n places around each edit (:func:`off_centre_place`), labelled with the edit, so
+    that the trees learn an edit where screening's candidates fall (the network's 8 mm cells and
+    the maps' peaks rarely sit on its centre), not only at its centre. Kept beside the source's
+    other rows under their key and n; none is a candidate, so the threshold's rule never counts them."""
+    cfg, spec, model_path = job
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    return _kept_rows(model_path, row_key(cfg, spec, model_path) | {"off_centre": off_centre_of(cfg), "off_centre_mm": list(OFF_CENTRE_MM)},
+                      lambda: _off_centre_rows(cfg, spec, model_path))
+
+
+def _off_centre_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
+    from ctguard.engine.train3d import build_source, spec_seed
+    from ctguard.lung import lung_mask
+    from ctguard.screen import load_detector, score_locations
+
+    src = build_source(cfg, spec)
+    width, n = len(row_names(cfg)), off_centre_of(cfg)
+    if too_thick(spec, src):
+        return _as_rows([], width)
+    det = load_detector(model_path)
+    lungs = lung_mask(src.volume)
+    seed = spec_seed(cfg, spec) + SEED_OFFSET
+    rng = np.random.default_rng([seed, 9])
+    recentre, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
+    parts = []
+    for k, (_, vol, edits) in enumerate(source_copies(cfg, src, seed)):
+        if not edits:
+            continue
+        noise = scan_noise(vol, lungs)
+        reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
+        where = [(e, q) for e in edits for q in (off_centre_place(e.voxel, e.diameter_mm, vol.spacing, lungs, rng) for _ in range(n)) if q is not None]
+        if not where:
+            continue
+        at = np.asarray([q for _, q in where], float)
+        parts.append({"x": stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
+                                        resampling=resampling, trace_recentre=trace_recentre, trace_reference=reference, shape=shape),
+                      "y": [LABELS[e.kind] for e, _ in where], "rim_mm": [rim_mm(q, e.voxel, e.diameter_mm, vol.spacing) for e, q in where],
+                      "scan": [k] * len(where), "clean": [False] * len(where), "candidate": [False] * len(where), "lesion": [False] * len(where)})
+    return _as_rows(parts, width)
+
+
+def off_centre_place(centre, diameter_mm: float, spacing, lungs: np.ndarray, rng: np.random.Generator, tries: int = 20) -> np.ndarray | None:
+    """A random lung voxel ``(z, y, x)`` around an edit at ``centre``: in a random direction, from
+    :data:`OFF_CENTRE_MM`'s first distance from the centre to its second past the rim (mm), uniform
+    in distance; None where ``tries`` draws all fall outside the lungs or the scan."""
+    spacing, centre = np.asarray(spacing, float), np.asarray(centre, float)
+    for _ in range(tries):
+        u = rng.normal(size=3)
+        r = rng.uniform(OFF_CENTRE_MM[0], diameter_mm / 2 + OFF_CENTRE_MM[1])
+        q = centre + u / np.linalg.norm(u) * r / spacing
+        v = np.rint(q).astype(int)
+        if np.all(v >= 0) and np.all(v < np.asarray(lungs.shape)) and lungs[tuple(v)]:
+            return q
+    return None
+
+
+def joined_off_centre(parts: list[dict], extra: list[dict]) -> list[dict]:
+    """Each source's rows followed by its rows off its edits' centres (:func:`off_centre_rows`; the
+    same sources, in order): no candidate, clean copy, lesion or map's peak among them, and each
+    row's ``rim_mm`` where the source's kept rows hold it."""
+    out = []
+    for p, e in zip(parts, extra):
+        m = len(e["y"])
+        joined = {}
+        for key, v in p.items():
+            if not isinstance(v, np.ndarray) or len(v) != len(p["y"]):
+                joined[key] = v
+            elif key in e:
+                joined[key] = np.concatenate([v, e[key].astype(v.dtype)])
+            else:  # peak, blob: none of these rows
+                joined[key] = np.concatenate([v, np.zeros(m, v.dtype)])
+        out.append(joined)
+    return out
+
+
 def joined_peaks(parts: list[dict], peaks: list[dict]) -> list[dict]:
     """Each source's rows followed by its rows at the maps' peaks (the same sources, in order), with
     ``peak`` marking the latter (and each row's ``rim_mm`` where both kept rows hold it)."""
@@ -717,7 +807,7 @@ def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
     ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks``,
-    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape``, ``verifier_label_mm``, ``verifier_bagging`` or patch setting before
+    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape``, ``verifier_label_mm``, ``verifier_bagging``, ``verifier_off_centre`` or patch setting before
     anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
@@ -741,6 +831,7 @@ def check_stage_config(cfg: dict) -> None:
     config_flag(cfg, "verifier_count_phantom_lesions")
     label_mm(cfg)
     bagging_of(cfg)
+    off_centre_of(cfg)
 
 
 def triage_share(cfg: dict) -> float | None:
@@ -869,6 +960,10 @@ def stage_rows(cfg: dict, specs: list[tuple], jobs: list[tuple], pool=None, prog
     parts = [parts[k] for k in kept]
     if peaks:
         parts = joined_peaks(parts, [stage[k][1] for k in kept])
+    if off_centre_of(cfg):
+        extra = list(tqdm(run(off_centre_rows, [jobs[k] for k in kept]), total=len(kept), desc="second stage: rows off the edits' centres",
+                          disable=not progress))
+        parts = joined_off_centre(parts, extra)
     return [specs[k] for k in kept], parts, others
 
 
@@ -1202,6 +1297,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             **({"refine_from": start} if start is not None else {}),
             **({"label_mm": label_mm(cfg), "rows_not_learnt": int((weight == 0).sum())} if weight is not None else {}),
+            **({"off_centre": off_centre_of(cfg), "off_centre_mm": list(OFF_CENTRE_MM)} if off_centre_of(cfg) else {}),
             **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
             **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
             **({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}),
