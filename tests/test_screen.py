@@ -797,6 +797,20 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert again["label_mm"] == 2.0 and again["rows_not_learnt"] == far and again["rows"] == report["rows"]
     bagged = Verifier.load(tmp_path / "run" / "model.verifier.npz")
     assert again["bagging"] == 2 and len(bagged.feature) == 2 * len(v.feature)  # twice the trees, each leaf halved
+    # With verifier_off_centre, also two rows around each edit of every edited copy, labelled with it
+    # and kept beside the source's rows; none is a candidate, so the threshold's rule counts the same rows.
+    from ctguard.engine.train_verifier import OFF_CENTRE_MM, off_centre_rows, verifier_specs
+
+    off = {**resolved, "verifier_off_centre": 2}
+    moved = fit_verifier(off, tmp_path / "run", echo=lambda *_: None)
+    extra = [off_centre_rows((off, spec, str(tmp_path / "run" / "model.pt"))) for spec in verifier_specs(off)]
+    n_extra, n_edits = sum(len(e["y"]) for e in extra), sum(int(((p["y"] > 0) & ~p["candidate"]).sum()) for p in parts)
+    assert moved["off_centre"] == 2 and moved["rows"] == report["rows"] + n_extra and 0 < n_extra <= 2 * n_edits
+    assert all((e["y"] > 0).all() and not (e["candidate"] | e["clean"] | e["lesion"]).any() for e in extra)
+    assert all((e["rim_mm"] <= OFF_CENTRE_MM[1] + 1e-3).all() for e in extra if len(e["y"]))
+    assert len(list((tmp_path / "run" / "verifier_rows").glob("*.npz"))) == 6  # each source's rows off centre, kept beside its own
+    assert sorted(json.loads((tmp_path / "run" / "verifier.json").read_text())["false_per_clean_scan_oof"]) == \
+        sorted(report["false_per_clean_scan_oof"])
 
 
 def _refused_before_training(cfg: dict, tmp_path: Path, bad: list[tuple[dict, str]]) -> None:
@@ -1073,6 +1087,39 @@ def test_the_stage_can_leave_out_edit_labels_far_from_their_edit():
             check_stage_config({"seed": 0, "verifier_label_mm": wrong})
     with pytest.raises(InputError, match="verifier_label_mm cannot be used with verifier_patches"):
         check_stage_config({"seed": 0, "verifier_label_mm": 2, "verifier_patches": True})
+
+
+def test_the_stage_can_learn_edits_off_their_centre():
+    """``verifier_off_centre``: places around an edit, in the lungs, from 1.5 mm off its centre to 4 mm
+    past its rim (none where no lung is near); joined after a source's rows as neither candidates nor
+    clean nor a map's peak; a wrong value, or use with patches, is refused."""
+    from ctguard.engine.train_verifier import OFF_CENTRE_MM, check_stage_config, joined_off_centre, off_centre_place
+    from ctguard.errors import InputError
+
+    lungs = np.zeros((20, 40, 40), bool)
+    lungs[2:18, 5:35, 5:35] = True
+    centre, spacing, rng = np.array([10.0, 20.0, 20.0]), np.array([2.0, 1.0, 1.0]), np.random.default_rng(0)
+    places = [off_centre_place(centre, 6.0, spacing, lungs, rng) for _ in range(200)]
+    d = np.array([np.linalg.norm((q - centre) * spacing) for q in places])
+    assert d.min() >= OFF_CENTRE_MM[0] and d.max() <= 3.0 + OFF_CENTRE_MM[1] and d.min() < 2.5 and d.max() > 6.0
+    assert all(lungs[tuple(np.rint(q).astype(int))] for q in places)
+    assert off_centre_place(centre, 6.0, spacing, np.zeros_like(lungs), rng) is None
+    lungs[:, :, :] = False
+    lungs[:, :, 21:] = True  # lung only on one side: every place there
+    assert all(off_centre_place(centre, 6.0, spacing, lungs, rng)[2] >= 20.5 for _ in range(20))
+    rows = {"x": np.zeros((2, 3), np.float32), "y": np.array([1, 0], np.int8), "scan": np.array([1, 0], np.int16),
+            "clean": np.array([False, True]), "candidate": np.array([False, True]), "lesion": np.zeros(2, bool),
+            "rim_mm": np.array([-3.0, np.nan], np.float32), "peak": np.array([False, True]), "group": "p", "source": "s"}
+    extra = {"x": np.ones((1, 3), np.float32), "y": np.array([2], np.int8), "scan": np.array([2], np.int16), "clean": np.zeros(1, bool),
+             "candidate": np.zeros(1, bool), "lesion": np.zeros(1, bool), "rim_mm": np.array([1.5], np.float32)}
+    (joined,) = joined_off_centre([rows], [extra])
+    assert joined["y"].tolist() == [1, 0, 2] and joined["x"][2].tolist() == [1, 1, 1] and joined["peak"].tolist() == [False, True, False]
+    assert joined["candidate"].tolist() == [False, True, False] and joined["rim_mm"][2] == 1.5 and joined["group"] == "p"
+    for wrong in (-1, 1.5, "2", True):
+        with pytest.raises(InputError, match="verifier_off_centre must be a whole number"):
+            check_stage_config({"seed": 0, "verifier_off_centre": wrong})
+    with pytest.raises(InputError, match="verifier_off_centre cannot be used with verifier_patches"):
+        check_stage_config({"seed": 0, "verifier_off_centre": 2, "verifier_patches": True})
 
 
 def test_the_stage_can_average_fits_of_other_seeds():
