@@ -758,6 +758,7 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     with np.load(tmp_path / "run" / "verifier_oof.npz") as oof:  # every row's out-of-patient score, which chose the threshold
         assert choose_threshold(oof["score"], oof["clean"], report["sources"], 0.1) == report["threshold"] and "cnn" not in oof.files
         assert len(oof["y"]) == report["rows"]
+        counted_before = oof["clean"].copy()  # the untouched copies' candidates the threshold's rule counts
     # The untouched scans' highest candidates out of patient, which set the threshold: each from one of the groups, best first.
     highest = report["highest_clean_candidates_oof"]
     assert highest and all(h["group"] in report["groups"] for h in highest)
@@ -809,8 +810,9 @@ def test_train_tamper3d_with_a_second_stage(tmp_path):
     assert all((e["y"] > 0).all() and not (e["candidate"] | e["clean"] | e["lesion"]).any() for e in extra)
     assert all((e["rim_mm"] <= OFF_CENTRE_MM[1] + 1e-3).all() for e in extra if len(e["y"]))
     assert len(list((tmp_path / "run" / "verifier_rows").glob("*.npz"))) == 6  # each source's rows off centre, kept beside its own
-    assert sorted(json.loads((tmp_path / "run" / "verifier.json").read_text())["false_per_clean_scan_oof"]) == \
-        sorted(report["false_per_clean_scan_oof"])
+    with np.load(tmp_path / "run" / "verifier_oof.npz") as oof:  # the same rows counted, the off-centre ones after each source's
+        assert len(oof["clean"]) == report["rows"] + n_extra and oof["clean"].sum() == counted_before.sum() > 0
+        assert (oof["y"] > 0).sum() == sum(int((p["y"] > 0).sum()) for p in parts) + n_extra
 
 
 def _refused_before_training(cfg: dict, tmp_path: Path, bad: list[tuple[dict, str]]) -> None:

@@ -216,15 +216,14 @@ def _refine_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     result, _, _ = screen_volume(vol, det, threshold=float(cfg["verifier_candidate_threshold"]), stage2=False)
     lungs = lung_mask(vol)
     noise = scan_noise(vol, lungs)
-    recentre, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
+    trace_scan = stage_features(cfg)[3]
     reference = scan_trace(vol, lungs, noise[0]) if trace_scan else None
     # The untouched copy's candidates, as _source_rows takes them.
     found = taken_candidates(result["findings"], vol, lungs, int(cfg["verifier_max_candidates"]), trace_order(cfg), noise[0], reference)
     if not found:
         return empty
     alt = np.concatenate([recentred(vol, np.asarray(f["voxel"], float)) for f in found])
-    x = stage_inputs(vol, alt, np.repeat(finding_probabilities(found), 2, axis=0), noise, threads=1, recentre=recentre,
-                     resampling=resampling, trace_recentre=trace_recentre, trace_reference=reference, shape=shape)
+    x = rows_at(cfg, vol, alt, np.repeat(finding_probabilities(found), 2, axis=0), noise, reference)
     return {"x": x.reshape(len(found), 2, -1).astype(np.float32)}
 
 
@@ -351,10 +350,8 @@ def _candidate_rows(cfg: dict, vol, noise: tuple[float, float], reference, found
     a lesion's where it lies near a real tumour."""
     from ctguard.screen import finding_probabilities
 
-    recentre, resampling, trace_recentre, _, shape = stage_features(cfg)
     at = np.asarray([f["voxel"] for f in found], float).reshape(-1, 3)
-    x = stage_inputs(vol, at, finding_probabilities(found), noise, threads=1, recentre=recentre, resampling=resampling,
-                     trace_recentre=trace_recentre, trace_reference=reference, shape=shape) if len(found) else np.zeros((0, len(row_names(cfg))), np.float32)
+    x = rows_at(cfg, vol, at, finding_probabilities(found), noise, reference) if len(found) else np.zeros((0, len(row_names(cfg))), np.float32)
     y, rim = [], []
     for f in found:
         hit = next((e for e in edits if near(f["voxel"], e.voxel, e.diameter_mm, vol.spacing)), None)
@@ -454,7 +451,7 @@ def _off_centre_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
     lungs = lung_mask(src.volume)
     seed = spec_seed(cfg, spec) + SEED_OFFSET
     rng = np.random.default_rng([seed, 9])
-    recentre, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
+    trace_scan = stage_features(cfg)[3]
     parts = []
     for k, (_, vol, edits) in enumerate(source_copies(cfg, src, seed)):
         if not edits:
@@ -465,8 +462,7 @@ def _off_centre_rows(cfg: dict, spec: tuple, model_path: str) -> dict:
         if not where:
             continue
         at = np.asarray([q for _, q in where], float)
-        parts.append({"x": stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
-                                        resampling=resampling, trace_recentre=trace_recentre, trace_reference=reference, shape=shape),
+        parts.append({"x": rows_at(cfg, vol, at, score_locations(vol, det, at, stage2=False), noise, reference),
                       "y": [LABELS[e.kind] for e, _ in where], "rim_mm": [rim_mm(q, e.voxel, e.diameter_mm, vol.spacing) for e, q in where],
                       "scan": [k] * len(where), "clean": [False] * len(where), "candidate": [False] * len(where), "lesion": [False] * len(where)})
     return _as_rows(parts, width)
@@ -547,7 +543,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
     lungs = lung_mask(src.volume)
     depth = lung_depth(src.volume, lungs)
     rng = np.random.default_rng([seed, 5])
-    recentre, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
+    trace_scan = stage_features(cfg)[3]
     parts, peak_parts, patches = [], [], []
     for k, (_, vol, edits) in enumerate(source_copies(cfg, src, seed)):
         noise = scan_noise(vol, lungs)
@@ -557,8 +553,7 @@ def _rows_of_copies(cfg: dict, spec: tuple, model_path: str, with_peaks: bool) -
         else:
             where = negatives(src, lungs, depth, rng)
         at = np.asarray([p for _, p in where], float)
-        parts.append({"x": stage_inputs(vol, at, score_locations(vol, det, at, stage2=False), noise, threads=1, recentre=recentre,
-                                        resampling=resampling, trace_recentre=trace_recentre, trace_reference=trace_reference, shape=shape),
+        parts.append({"x": rows_at(cfg, vol, at, score_locations(vol, det, at, stage2=False), noise, trace_reference),
                       "y": [LABELS.get(what, 0) for what, _ in where], "scan": [k] * len(where), "clean": [False] * len(where),
                       "rim_mm": [-e.diameter_mm / 2 for e in edits] if edits else [np.nan] * len(where),
                       "candidate": [False] * len(where), "lesion": [what == "real lesion" for what, _ in where]})
@@ -976,6 +971,16 @@ def run_rows(run: Path) -> tuple[dict, list[tuple], list[dict]]:
     return cfg, specs, parts
 
 
+def rows_at(cfg: dict, vol, places: np.ndarray, p_network: np.ndarray, noise: tuple[float, float], reference) -> np.ndarray:
+    """The stage's rows at ``places`` of one copy (:func:`ctguard.verifier.stage_inputs` with what the
+    config's :func:`stage_features` read, on one thread: each is a pool task's), the network's
+    probabilities ``p_network`` there; ``reference``: the copy's :func:`ctguard.verifier.scan_trace`
+    where the rows read the trace less the scan's own, else None."""
+    recentre, resampling, trace_recentre, _, shape = stage_features(cfg)
+    return stage_inputs(vol, places, p_network, noise, threads=1, recentre=recentre, resampling=resampling,
+                        trace_recentre=trace_recentre, trace_reference=reference, shape=shape)
+
+
 def stage_features(cfg: dict) -> tuple[bool, bool, bool, bool, bool]:
     """What a row reads (:func:`ctguard.verifier.features_at`): ``recentre``, ``resampling``,
     ``trace_recentre`` (which needs both), ``trace_scan`` (which needs ``resampling``) and ``shape``."""
@@ -1286,7 +1291,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight)
     _, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
-    bagging = bagging_of(cfg)
+    bagging, off_centre = bagging_of(cfg), off_centre_of(cfg)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             **({"bagging": bagging} if bagging > 1 else {}),
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
@@ -1297,7 +1302,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             "candidate_threshold": float(cfg["verifier_candidate_threshold"]), "max_candidates": int(cfg["verifier_max_candidates"]),
             **({"refine_from": start} if start is not None else {}),
             **({"label_mm": label_mm(cfg), "rows_not_learnt": int((weight == 0).sum())} if weight is not None else {}),
-            **({"off_centre": off_centre_of(cfg), "off_centre_mm": list(OFF_CENTRE_MM)} if off_centre_of(cfg) else {}),
+            **({"off_centre": off_centre, "off_centre_mm": list(OFF_CENTRE_MM)} if off_centre else {}),
             **({"trace_order": trace_order(cfg)} if trace_order(cfg) is not None else {}),
             **({"trace_peaks": trace_peaks_of(cfg)} if trace_peaks_of(cfg) else {}),
             **({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}),
