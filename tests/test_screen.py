@@ -1150,6 +1150,27 @@ def test_the_stage_can_average_fits_of_other_seeds():
             check_stage_config({"seed": 0, "verifier_boosting": "histogram", "verifier_bagging": wrong})
 
 
+def test_the_stage_trees_share_of_columns_is_a_setting():
+    """``verifier_max_features``: the share of the columns each split of the stage's trees chooses
+    from, passed to either kind of boosting (half by default); a share that is not over 0 and at most
+    1 is refused before anything is trained."""
+    from ctguard.engine.train_verifier import VERIFIER_DEFAULTS, boosting_classifier, check_stage_config
+    from ctguard.errors import InputError
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int)
+    cfg = {**VERIFIER_DEFAULTS, "seed": 0, "verifier_boosting": "histogram", "verifier_trees": 20}
+    assert boosting_classifier(cfg).max_features == 0.5
+    quarter = boosting_classifier({**cfg, "verifier_max_features": 0.25})
+    assert quarter.max_features == 0.25
+    assert boosting_classifier({**cfg, "verifier_boosting": "classic", "verifier_max_features": 0.25}).max_features == 0.25
+    assert not np.allclose(quarter.fit(x, y).predict_proba(x), boosting_classifier(cfg).fit(x, y).predict_proba(x))
+    for wrong in (0, -0.5, 1.5, "0.3", True):
+        with pytest.raises(InputError, match="verifier_max_features must be a share of the columns"):
+            check_stage_config({"seed": 0, "verifier_boosting": "histogram", "verifier_max_features": wrong})
+
+
 def test_a_place_over_its_own_threshold_is_never_merged_into_one_under_its_own():
     """:func:`ctguard.screen.over_own_threshold`: a peak of the maps over the peaks' threshold beside
     a better-scored network candidate under the network's stays a finding, and the candidate is

@@ -68,6 +68,7 @@ VERIFIER_DEFAULTS = {
     "verifier_trees": 300,
     "verifier_depth": 4,
     "verifier_rate": 0.05,
+    "verifier_max_features": 0.5,  # the share of the columns each split of the trees may choose from
     "verifier_phantom_lesions": "some",  # genuine nodules of the stage's phantoms: some (about half have one), all (each has one), none
     "verifier_oof_folds": 5,  # the out-of-patient scores that choose the threshold: this many grouped folds, or 0: one fit per patient (or phantom) left out
     "verifier_blend": 0.0,  # the stage's score: (1 - w) x the trees' probabilities + w x the network's at the place
@@ -630,26 +631,36 @@ def phantom_lesions(cfg: dict) -> tuple:
 
 def boosting_classifier(cfg: dict):
     """The second stage's classifier: classic or histogram gradient boosting (``verifier_boosting``),
-    300 trees of depth 4 at rate 0.05 by default, each tree seeing half the columns; with
+    300 trees of depth 4 at rate 0.05 by default, each split choosing from a share of the columns
+    (``verifier_max_features``, half by default); with
     ``verifier_bagging`` k > 1 (histogram only), k such fits of other seeds averaged (:class:`AveragedTrees`)."""
     from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
 
-    kind, k = cfg["verifier_boosting"], bagging_of(cfg)
+    kind, k, share = cfg["verifier_boosting"], bagging_of(cfg), max_features_of(cfg)
     if kind == "histogram":
         depth = int(cfg["verifier_depth"])
 
         def one(seed: int):
             return HistGradientBoostingClassifier(max_iter=int(cfg["verifier_trees"]), max_depth=depth, max_leaf_nodes=2**depth,
                                                   learning_rate=float(cfg["verifier_rate"]), min_samples_leaf=20, l2_regularization=1.0,
-                                                  max_features=0.5, early_stopping=False, random_state=seed)
+                                                  max_features=share, early_stopping=False, random_state=seed)
         return one(int(cfg["seed"])) if k == 1 else AveragedTrees([one(int(cfg["seed"]) + 1000 * j) for j in range(k)])
     if k != 1:
         raise InputError("the config's verifier_bagging needs verifier_boosting: histogram")
     if kind != "classic":
         raise InputError(f"the config's verifier_boosting must be classic or histogram, not {kind!r}")
     return GradientBoostingClassifier(n_estimators=int(cfg["verifier_trees"]), max_depth=int(cfg["verifier_depth"]),
-                                      learning_rate=float(cfg["verifier_rate"]), subsample=0.8, min_samples_leaf=20, max_features=0.5,
+                                      learning_rate=float(cfg["verifier_rate"]), subsample=0.8, min_samples_leaf=20, max_features=share,
                                       random_state=int(cfg["seed"]))
+
+
+def max_features_of(cfg: dict) -> float:
+    """The config's ``verifier_max_features``: the share of the columns each split of the stage's
+    trees may choose from, over 0 and at most 1; a one-line error otherwise."""
+    value = {**VERIFIER_DEFAULTS, **cfg}["verifier_max_features"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise InputError(f"the config's verifier_max_features must be a share of the columns over 0 and at most 1, not {value!r}")
+    return float(value)
 
 
 def bagging_of(cfg: dict) -> int:
@@ -802,8 +813,8 @@ def check_stage_config(cfg: dict) -> None:
     """Refuses a wrong ``verifier_boosting``, ``verifier_blend``, ``verifier_phantom_lesions``,
     ``verifier_oof_folds``, ``verifier_cross_fit``, ``verifier_thick``, ``verifier_scan_reference``,
     ``verifier_refine_from``, ``verifier_trace_order``, ``verifier_trace_peaks``, ``verifier_smooth_peaks``,
-    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape``, ``verifier_label_mm``, ``verifier_bagging``, ``verifier_off_centre`` or patch setting before
-    anything is trained."""
+    ``verifier_blob_peaks``, ``verifier_blob_threshold``, ``verifier_shape``, ``verifier_label_mm``, ``verifier_bagging``, ``verifier_max_features``, ``verifier_off_centre`` or
+    patch setting before anything is trained."""
     cfg = {**VERIFIER_DEFAULTS, **cfg}
     boosting_classifier(cfg)
     blend_weight(cfg)
@@ -1294,6 +1305,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     bagging, off_centre = bagging_of(cfg), off_centre_of(cfg)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             **({"bagging": bagging} if bagging > 1 else {}),
+            **({"max_features": max_features_of(cfg)} if max_features_of(cfg) != VERIFIER_DEFAULTS["verifier_max_features"] else {}),
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "resampling": resampling, "trace_recentre": trace_recentre, "trace_scan": trace_scan,
             **({"shape": True} if shape else {}),
