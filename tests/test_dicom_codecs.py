@@ -109,15 +109,27 @@ def test_real_slices_through_jpeg_lossless(real_series, tmp_path):
     assert np.array_equal(packed.hu, plain.hu)
 
 
-def test_compressed_source_refuses_write_back(small_chest, tmp_path):
-    io.write_series(small_chest, tmp_path / "plain")
-    _compress_series(tmp_path / "plain", tmp_path / "packed", RLELossless)
+@pytest.mark.parametrize("syntax,written", [(RLELossless, RLELossless), (JPEG2000Lossless, JPEG2000Lossless),
+                                            (JPEGLosslessSV1, ExplicitVRLittleEndian)], ids=["rle", "jpeg2000", "jpeg-lossless"])
+def test_write_back_over_a_compressed_source(small_chest, tmp_path, syntax, written):
+    """A compressed source is written back with the changed pixels encoded again in its own syntax
+    where pydicom encodes it losslessly, else uncompressed; the pixels read back are exactly the
+    changed ones, and every other element keeps its value (the UIDs among them)."""
+    small = small_chest.resampled((8.0, 7.2, 7.2))
+    io.write_series(small, tmp_path / "plain")
+    _compress_series(tmp_path / "plain", tmp_path / "packed", syntax)
     vol = io.read(tmp_path / "packed")
-    from ctguard.errors import InputError
-
-    with pytest.raises(InputError, match="compressed"):
-        io.write_back(vol, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    edited = vol.hu.copy()
+    edited[2:4, 5:9, 6:10] += 400.0
+    paths = io.write_back(vol.with_hu(edited), tmp_path / "out")
+    back = io.read(tmp_path / "out")
+    assert np.array_equal(back.hu, edited) and not np.array_equal(back.hu, vol.hu)
+    for src, dst in zip(vol.meta["files"], paths):
+        a, b = pydicom.dcmread(src), pydicom.dcmread(dst)
+        assert b.file_meta.TransferSyntaxUID == written
+        assert b.SOPInstanceUID == a.SOPInstanceUID == b.file_meta.MediaStorageSOPInstanceUID
+        kept = [e.tag for e in a if e.tag != 0x7FE00010]
+        assert kept and all(a[t].value == b[t].value for t in kept)
 
 
 def _enhanced_ct(vol, path: Path, syntax=ExplicitVRLittleEndian, reverse: bool = True) -> None:

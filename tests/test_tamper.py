@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import JPEG2000Lossless
 
 from ctguard import io
 from ctguard.cli import main
@@ -102,6 +103,30 @@ def test_simulate_real_series_changes_only_pixel_data(real_series, lung_pet_ct, 
         z, y, x = scans[label].locations[0]
         before = io.read(real_series["A0002-B40f"]).hu[z, y, x]
         assert (vol.hu[z, y, x] > before + 300) if label == "FM" else (vol.hu[z, y, x] < before - 300)
+
+
+def test_simulate_says_when_a_scan_has_no_tumour_to_remove(small_chest, tmp_path, capsys):
+    """A removal asked for on a scan with no known tumour is said, not silently dropped."""
+    io.write_itk(small_chest, tmp_path / "chest.nii.gz")
+    assert main(["simulate", str(tmp_path / "chest.nii.gz"), "--out", str(tmp_path / "a"), "--inject", "0", "--remove", "1", "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "chest.nii.gz: no known tumour (--annotations names them), so no removal copy of it" in said
+    assert "wrote 1 scans" in said and "FB 0" in said
+
+
+def test_write_back_over_real_jpeg2000_slices(lidc, tmp_path):
+    """LIDC-IDRI's slices are JPEG 2000 Lossless: an edit written back keeps that syntax, and reads
+    back exactly as edited."""
+    series = next(p for p in (lidc / "LIDC-IDRI-0002").rglob("*") if p.is_dir() and any(p.glob("*.dcm")))
+    (tmp_path / "three").mkdir()
+    for f in sorted(series.glob("*.dcm"))[100:103]:
+        (tmp_path / "three" / f.name).write_bytes(f.read_bytes())
+    vol = io.read(tmp_path / "three")
+    edited = vol.hu.copy()
+    edited[1, 200:230, 200:230] = 40.0
+    paths = io.write_back(vol.with_hu(edited), tmp_path / "out")
+    assert all(pydicom.dcmread(p).file_meta.TransferSyntaxUID == JPEG2000Lossless for p in paths)
+    assert np.array_equal(io.read(tmp_path / "out").hu, edited)
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -354,12 +354,37 @@ def _commit(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
+def _recoded(ds: Dataset, stored: np.ndarray) -> bytes:
+    """A compressed source file ``ds`` with ``stored`` as its pixels: encoded again in its own
+    transfer syntax where that is lossless and pydicom can encode it (JPEG 2000 Lossless, RLE
+    Lossless, JPEG-LS Lossless), otherwise uncompressed (explicit VR little endian: JPEG Lossless,
+    which pydicom cannot encode, and the lossy syntaxes, whose decoded values are kept as they are
+    rather than lost again). Every other element keeps its value, the UIDs among them."""
+    from io import BytesIO
+
+    from pydicom.pixels.encoders import JPEG2000LosslessEncoder, JPEGLSLosslessEncoder, RLELosslessEncoder
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    encoder = next((e for e in (JPEG2000LosslessEncoder, RLELosslessEncoder, JPEGLSLosslessEncoder) if e.UID == syntax), None)
+    if encoder is not None and encoder.is_available:
+        ds.compress(syntax, stored, generate_instance_uid=False)
+    else:
+        ds.decompress(generate_instance_uid=False)
+        ds.PixelData = stored.tobytes()
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def write_back(volume: Volume, out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
     """Writes a changed volume over copies of its source DICOM files: only PixelData changes.
 
     Every file of the source series is copied to ``out_dir`` (same relative path) with the
     bytes of its PixelData value replaced in place, so every other byte of the file (headers,
     UIDs, private tags, preamble) stays exactly as it was. This is how CT-GAN writes its fakes.
+    A compressed source's pixels cannot change in place: its file is written again with the new
+    pixels encoded in its own transfer syntax where pydicom encodes that losslessly, else
+    uncompressed, every other element keeping its value (:func:`_recoded`).
     The output appears all at once: it is written to a temporary folder and renamed.
 
     Args:
@@ -373,7 +398,7 @@ def write_back(volume: Volume, out_dir: str | Path, names: list[str] | None = No
 
     Raises:
         InputError: the volume has no source files, the shape changed, ``out_dir`` exists,
-            or a source is compressed (its PixelData length would change).
+            or a source's pixel data does not match its image.
     """
     files = volume.meta.get("files")
     out_dir = Path(out_dir)
@@ -392,20 +417,26 @@ def write_back(volume: Volume, out_dir: str | Path, names: list[str] | None = No
             raw = src.read_bytes()
             ds = pydicom.dcmread(src, defer_size=None)
             elem = ds.get_item(PIXEL_DATA)
+            stored = _to_stored(volume.hu[z], ds)
             if ds.file_meta.TransferSyntaxUID.is_compressed or elem.length == 0xFFFFFFFF:
-                raise InputError("compressed pixel data: write-back keeps only uncompressed sources", src)
-            new = _to_stored(volume.hu[z], ds).tobytes()
-            start, length = elem.value_tell, elem.length
-            if len(new) > length:
-                raise InputError("pixel data size does not match the image", src)
-            new = new + raw[start + len(new) : start + length]  # keep any odd-length padding byte
+                try:
+                    data = _recoded(ds, stored)
+                except Exception as e:  # noqa: BLE001 - a codec's own error, named with the file
+                    raise InputError(f"cannot encode the changed pixels in {ds.file_meta.TransferSyntaxUID.name}: {e}", src) from e
+            else:
+                new = stored.tobytes()
+                start, length = elem.value_tell, elem.length
+                if len(new) > length:
+                    raise InputError("pixel data size does not match the image", src)
+                new = new + raw[start + len(new) : start + length]  # keep any odd-length padding byte
+                data = raw[:start] + new + raw[start + length :]
             if names is not None:
                 rel = Path(names[z])
             else:
                 rel = src.relative_to(root) if src.is_relative_to(root) else Path(src.name)
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(raw[:start] + new + raw[start + length :])
+            dst.write_bytes(data)
             written.append(out_dir / rel)
         _commit(tmp, out_dir)
     finally:

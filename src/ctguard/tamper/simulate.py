@@ -371,6 +371,8 @@ def simulate(
     bar = tqdm(total=len(sources) * per_source, desc="simulate", unit="scan", disable=not progress)
     try:
         for i, src in enumerate(sources):
+            if remove and not src.tumours and echo:
+                echo(f"note: {src.name}: no known tumour (--annotations names them), so no removal copy of it")
             for label, vol, edits in variants(src, seed * 100003 + i, inject, remove, per_scan, sizes):
                 uuid = uuids.pop(0)
                 _write_scan(vol, scans_dir / uuid, uuid, seed)
