@@ -180,7 +180,14 @@ def test_screen_bad_inputs(tmp_path, capsys, tampered):
 
     io.write_series(Volume(np.full((20, 64, 64), 40.0, np.float32), (3.0, 2.0, 2.0)), tmp_path / "belly")
     assert main(["screen", str(tmp_path / "belly")]) == 2
-    assert "no lungs in view" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no lungs in view (is this a chest CT?)" in err and "label map" not in err
+    # A label map (an archive's segmentation beside its series) is named for what it is.
+    labels = np.zeros((20, 64, 64), np.float32)
+    labels[5:9, 10:20, 10:20], labels[12:14, 40:50, 30:40] = 1, 3
+    io.write_itk(Volume(labels, (3.0, 2.0, 2.0)), tmp_path / "nodules.nrrd")
+    assert main(["screen", str(tmp_path / "nodules.nrrd")]) == 2
+    assert "no lungs in view (its voxels hold only 3 whole values from 0 to 3: a label map or mask, not a CT)" in capsys.readouterr().err
     # A 2D image with no lungs in it.
     from PIL import Image
 

@@ -365,6 +365,21 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float, nms_mm: float = 
     return kept
 
 
+def label_map_note(vol: Volume) -> str | None:
+    """What a volume with no lungs holds where it is a label map or mask, not a CT: 0 and a few more
+    whole values (a CT's air is near -1000 HU); None otherwise."""
+    sample = vol.hu[::2, ::4, ::4]  # a quick look first: most scans are told apart by it
+    if sample.size == 0 or sample.min() < 0 or len(np.unique(sample)) > 64:
+        return None
+    hu = vol.hu
+    if hu.min() < 0 or hu.max() > 65535 or not np.array_equal(hu, np.rint(hu)):
+        return None
+    values = np.flatnonzero(np.bincount(hu.astype(np.int64).ravel()))
+    if not 2 <= len(values) <= 64 or values[0] != 0:  # a label map's background is 0
+        return None
+    return f"its voxels hold only {len(values)} whole values from {values[0]} to {values[-1]}: a label map or mask, not a CT"
+
+
 def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progress: bool = False,
                   threshold: float | None = None, stage: Callable[[str], None] | None = None,
                   stage2: bool = True) -> tuple[dict[str, Any], Heatmap, np.ndarray]:
@@ -376,7 +391,7 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
         stage("lungs")
     lungs = lung_mask(vol)
     if lungs.sum() * np.prod(vol.spacing) < 50_000:  # < 50 ml
-        raise InputError("no lungs in view (is this a chest CT?)", input_name or None)
+        raise InputError(f"no lungs in view ({label_map_note(vol) or 'is this a chest CT?'})", input_name or None)
     if stage:
         stage("detector")
     verifier = getattr(detector, "verifier", None) if stage2 else None
