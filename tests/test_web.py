@@ -46,10 +46,18 @@ def test_health_and_page(client):
 
 def test_zipped_series_gives_verdict_and_findings(client, tampered):
     root, truth, spacing = tampered
-    r = client.post("/api/screen", files={"files": ("scan.zip", zip_folder(root / "tampered"), "application/zip")})
+    packed = _io.BytesIO(zip_folder(root / "tampered"))
+    with zipfile.ZipFile(packed, "a") as zf:
+        zf.writestr("series/notes.txt", "not DICOM")  # skipped, with a warning
+    r = client.post("/api/screen", files={"files": ("scan.zip", packed.getvalue(), "application/zip")})
     assert r.status_code == 200, r.text
     doc = r.json()
     assert doc["verdict"] == "tampered" and doc["input"] == "scan.zip"
+    # Neither the result nor the report names the server's own folders: the warning names the upload.
+    assert "scan.zip: 1 non-DICOM file skipped (e.g. notes.txt)" in doc["warnings"], doc["warnings"]
+    assert str(client.work) not in r.text and str(client.work.resolve()) not in r.text
+    report = client.get(doc["links"]["report"]).text
+    assert "scan.zip" in report and str(client.work) not in report and str(client.work.resolve()) not in report
     assert doc["shape"] == [80, 192, 192]
     # The removal, which the bundled detector finds at this quick set-up (its injection scores just
     # under the threshold here; at a clinical set-up both are found: test_bundled_detector_finds_injection).

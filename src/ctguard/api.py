@@ -109,6 +109,7 @@ def screen(
     dicom_seg: bool = False,
     trust: str | Path | None = None,
     report_tampered_only: bool = False,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Screens a whole scan for CT-GAN-style edits: where, and how (injected or removed).
 
@@ -134,6 +135,8 @@ def screen(
             the verdict tampered, whatever the detector says.
         report_tampered_only: write the HTML report only when the verdict is tampered (the DICOM
             node, which keeps no report of a clean series it forwards).
+        name: what the result and the report call the input (the web page: the uploaded file's
+            name, never the server's folder). Defaults to its path.
 
     Returns:
         The result dict documented in docs/DESIGN.md (verdict, score, findings, ...).
@@ -165,7 +168,8 @@ def screen(
     else:
         detector = load_detector(model)
     stage("read")
-    name = str(path) if not isinstance(path, Volume) else vol.meta.get("root", "volume")
+    if name is None:
+        name = str(path) if not isinstance(path, Volume) else vol.meta.get("root", "volume")
     if dicom_out is not None:
         from ctguard.report import dicom_objects
 

@@ -170,7 +170,7 @@ def read_series(
                 f"({summary[0]['slices']} slices); others: {others} (choose with --series)"
             )
     if skipped:
-        warnings.append(f"{folder}: {len(skipped)} non-DICOM files skipped (e.g. {skipped[0].name})")
+        warnings.append(f"{folder}: {len(skipped)} non-DICOM file{'s' if len(skipped) > 1 else ''} skipped (e.g. {skipped[0].name})")
     if no_pixels:
         warnings.append(f"{folder}: {len(no_pixels)} DICOM files without pixel data skipped")
     items = groups[chosen]

@@ -31,7 +31,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ctguard import __version__
 from ctguard.web.auth import AuditLog, Users
-from ctguard.web.jobs import Busy, Job, JobManager
+from ctguard.web.jobs import Busy, Job, JobManager, public_text
 from ctguard.web.uploads import Limits, UploadError, safe_name, screening_input
 
 log = logging.getLogger(__name__)
@@ -233,12 +233,12 @@ def create_app(settings: WebSettings | None = None):
 
         on_stage("read")
         scan = api.load(job.input)
+        scan.meta["warnings"] = [public_text(w, job) for w in scan.meta.get("warnings", [])]
         # A DICOM series also gets its results as DICOM objects (SR; SEG when tampered) to download.
         dicom = job.out / "dicom" if scan.meta.get("kind") == "dicom-series" else None
         result = api.screen(scan, json_out=job.out / "result.json", report_dir=job.out / "report", model=settings.model,
-                            on_stage=on_stage, viewer_dir=job.out / "viewer", dicom_out=dicom)
+                            on_stage=on_stage, viewer_dir=job.out / "viewer", dicom_out=dicom, name=job.name)  # never the server's temporary path
         result.pop("dicom", None)  # the server's paths: the job's links name them instead
-        result["input"] = job.name  # never the server's temporary path
         (job.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         job.stage = "done"
         return result
