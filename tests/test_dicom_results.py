@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import RLELossless
 
 from ctguard import io
 from ctguard.cli import main
@@ -61,6 +62,8 @@ def test_sr_and_seg_of_a_tampered_series(tampered, tmp_path, capsys):
     vol = io.read(root / "tampered")
     segmentation = hd.seg.segread(seg_path)
     assert segmentation.SegmentationType == "FRACTIONAL" and int(segmentation.NumberOfFrames) == vol.shape[0]
+    assert segmentation.file_meta.TransferSyntaxUID == RLELossless  # the mostly-zero map packed
+    assert seg_path.stat().st_size < 0.5 * vol.hu.size  # under half of one byte a voxel, uncompressed
     probability = segmentation.get_volume(combine_segments=False)  # on the series' grid, in [0, 1]
     assert probability.array.shape[:3] == vol.shape
     inverse = np.linalg.inv(probability.affine)

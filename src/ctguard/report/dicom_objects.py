@@ -125,9 +125,12 @@ def write_sr(result: dict, vol: Volume, out_dir: str | Path, sources: list | Non
 
 
 def write_seg(result: dict, vol: Volume, probability: np.ndarray, out_dir: str | Path, sources: list | None = None) -> Path:
-    """A fractional Segmentation of the tamper probability (``probability``, on the series' voxels); returns its path."""
+    """A fractional Segmentation of the tamper probability (``probability``, on the series' voxels),
+    RLE Lossless (the map is zero outside the lungs and the places scored: a tenth of its size or
+    less, and every PACS decodes it); returns its path."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
+    from pydicom.uid import RLELossless
 
     sources = sources or source_datasets(vol, with_pixels=True)
     if probability.shape != vol.shape:
@@ -144,6 +147,7 @@ def write_seg(result: dict, vol: Volume, probability: np.ndarray, out_dir: str |
         segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer="ctguard", manufacturer_model_name=f"{model['name']} {model['version']}", software_versions=__version__,
         device_serial_number="0", series_description="ctguard tamper probability", omit_empty_frames=False,
+        transfer_syntax_uid=RLELossless,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
