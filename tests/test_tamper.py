@@ -114,6 +114,31 @@ def test_simulate_says_when_a_scan_has_no_tumour_to_remove(small_chest, tmp_path
     assert "wrote 1 scans" in said and "FB 0" in said
 
 
+def test_simulate_other_edit_families(tmp_path, capsys):
+    """``--inject-families``, ``--remove-families`` and ``--healthy``: a real tumour moved, a tumour
+    erased by cloning healthy lung, and healthy lung in-painted, each recorded with its family; a
+    family the simulator does not make is refused before anything is read or written."""
+    import json
+
+    from ctguard.tamper.simulate import phantom_source
+
+    seed = next(s for s in range(20) if phantom_source(s * 1000).tumours)  # --phantoms 1 with --seed s has a tumour
+    out = tmp_path / "sim"
+    assert main(["simulate", "--phantoms", "1", "--seed", str(seed), "--out", str(out), "--inject", "1", "--remove", "1", "--healthy", "1",
+                 "--inject-families", "moved", "--remove-families", "clone", "-q"]) == 0
+    assert "TM 1, FB 2, FM 1" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["inject_families"], manifest["remove_families"], manifest["healthy"]) == (["moved"], ["clone"], 1)
+    made = [(s["label"], e["extra"].get("family"), e["extra"].get("target", "lung")) for s in manifest["scans"] for e in s["edits"]]
+    assert sorted(made) == [("FB", "clone", "healthy"), ("FB", "clone", "tumour"), ("FM", "moved", "lung")]
+    labels = (out / "labels_exp1.csv").read_text().splitlines()
+    assert len(labels) == 1 + 1 + 3  # header, the control's tumour, one row per edit
+    assert main(["simulate", "--phantoms", "1", "--out", str(tmp_path / "no"), "--inject-families", "drawn,glued", "-q"]) == 2
+    assert "inject families should be a non-empty list from ['drawn', 'moved']" in capsys.readouterr().err
+    assert main(["simulate", "--phantoms", "1", "--out", str(tmp_path / "no"), "--healthy", "-1", "-q"]) == 2
+    assert not (tmp_path / "no").exists()
+
+
 def test_write_back_over_real_jpeg2000_slices(lidc, tmp_path):
     """LIDC-IDRI's slices are JPEG 2000 Lossless: an edit written back keeps that syntax, and reads
     back exactly as edited."""

@@ -59,6 +59,9 @@ def simulate(
     progress: bool = True,
     echo=None,
     roi: str = "GTV*",
+    inject_families: tuple[str, ...] | list[str] = ("drawn",),
+    remove_families: tuple[str, ...] | list[str] = ("fill",),
+    healthy: int = 0,
 ) -> dict:
     """Makes a labelled CT-GAN-layout dataset of deepfakes from real scans and/or phantoms.
 
@@ -76,11 +79,23 @@ def simulate(
         seed: random seed. Defaults to 0.
         sizes: injected nodule diameter range (mm). Defaults to (6, 20).
         roi: which RTSTRUCT ROIs are tumours, by name (a pattern, case-insensitive). Defaults to ``GTV*``.
+        inject_families: how the FM copies are made, in turn: ``drawn`` (a rendered nodule) or
+            ``moved`` (a real tumour of the scan moved into healthy lung; drawn where the scan
+            has none). Defaults to drawn.
+        remove_families: how the FB copies' tumours are erased, in turn: ``fill`` or ``clone``
+            (healthy lung copied over). Defaults to fill.
+        healthy: more FB copies per source with ``per_scan`` healthy places in-painted (no tumour
+            needed). Defaults to 0.
 
     Returns:
         The manifest written beside the labels.
     """
+    from ctguard.tamper.families import check_families
     from ctguard.tamper.simulate import Source, phantom_source, simulate as _simulate, tumours_from
+
+    check_families(inject_families, remove_families)  # before any scan is read
+    if isinstance(healthy, bool) or not isinstance(healthy, int) or healthy < 0:
+        raise InputError(f"--healthy {healthy!r}: a whole number, 0 or more")
 
     sources = []
     for path in inputs:
@@ -91,7 +106,8 @@ def simulate(
     sources += [phantom_source(seed * 1000 + k) for k in range(phantoms)]
     if not sources:
         raise InputError("nothing to simulate from: give scans or --phantoms N")
-    return _simulate(sources, out_dir, inject, remove, per_scan, seed, sizes, progress, echo)
+    return _simulate(sources, out_dir, inject, remove, per_scan, seed, sizes, progress, echo,
+                     inject_families=inject_families, remove_families=remove_families, healthy=healthy)
 
 
 def screen(

@@ -59,7 +59,9 @@ def cmd_simulate(args) -> int:
     lo, _, hi = args.sizes.partition(",")
     api.simulate(args.inputs, args.out, inject=args.inject, remove=args.remove, per_scan=args.per_scan,
                  phantoms=args.phantoms, annotations=args.annotations, seed=args.seed, roi=args.roi,
-                 sizes=(float(lo), float(hi or lo)), progress=not args.quiet, echo=print)
+                 sizes=(float(lo), float(hi or lo)), progress=not args.quiet, echo=print,
+                 inject_families=[f for f in args.inject_families.split(",") if f],
+                 remove_families=[f for f in args.remove_families.split(",") if f], healthy=args.healthy)
     return 0
 
 
@@ -354,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset folder to create (must not exist)")
     p.add_argument("--inject", type=int, default=2, metavar="N", help="FM copies per scan (default: 2)")
     p.add_argument("--remove", type=int, default=1, metavar="N", help="FB copies per scan with a known tumour (default: 1)")
+    p.add_argument("--healthy", type=int, default=0, metavar="N", help="more FB copies per scan with healthy lung in-painted (default: 0)")
+    p.add_argument("--inject-families", default="drawn", metavar="LIST",
+                   help="how FM copies are made, in turn: drawn (a rendered nodule), moved (a real tumour of the scan moved) (default: drawn)")
+    p.add_argument("--remove-families", default="fill", metavar="LIST",
+                   help="how FB copies are in-painted, in turn: fill, clone (healthy lung copied over) (default: fill)")
     p.add_argument("--per-scan", type=int, default=1, metavar="K", help="nodules injected into each FM copy (default: 1)")
     p.add_argument("--phantoms", type=int, default=0, metavar="N", help="also tamper with N phantom chests")
     p.add_argument("--annotations", metavar="DIR|FILE", help="known real tumours: a folder of PASCAL-VOC boxes named by SOPInstanceUID, "

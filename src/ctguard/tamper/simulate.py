@@ -338,6 +338,9 @@ def simulate(
     sizes: tuple[float, float] = (6.0, 20.0),
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    inject_families: tuple[str, ...] | list[str] = ("drawn",),
+    remove_families: tuple[str, ...] | list[str] = ("fill",),
+    healthy: int = 0,
 ) -> dict:
     """Writes a simulated CT-GAN dataset (Kaggle layout, experiment 1) with labels and manifest.
 
@@ -350,11 +353,23 @@ def simulate(
         seed: the seed; the same seed and sources give the same bytes. Defaults to 0.
         sizes: injected nodule diameters (mm), uniform in this range. Defaults to 6-20.
         progress: show a progress bar. Defaults to True.
+        inject_families: how the FM copies are made, in turn (:mod:`ctguard.tamper.families`:
+            ``drawn``, ``moved``). Defaults to drawn nodules.
+        remove_families: how the FB copies' tumours are erased, in turn (``fill``, ``clone``).
+            Defaults to fill.
+        healthy: more FB copies per source, each with ``per_scan`` healthy places in-painted by the
+            removal families in turn (no tumour needed). Defaults to 0.
 
     Returns:
         The manifest (also written to ``manifest.json``).
     """
     from tqdm import tqdm
+
+    from ctguard.tamper.families import check_families
+
+    check_families(inject_families, remove_families)
+    if isinstance(healthy, bool) or not isinstance(healthy, int) or healthy < 0:
+        raise InputError(f"healthy copies must be a whole number, 0 or more, not {healthy!r}")
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -362,18 +377,22 @@ def simulate(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     uuid_rng = np.random.default_rng([seed, 7])
-    per_source = 1 + inject + remove
+    per_source = 1 + inject + remove + healthy
     uuids = [str(u) for u in uuid_rng.choice(np.arange(1000, 10000), size=len(sources) * per_source, replace=False)]
     scans_dir = tmp / KAGGLE_DIRS[1]
     rows: list[list] = []
     manifest = {"created_by": f"ctguard {__version__}", "seed": seed, "inject": inject, "remove": remove,
-                "per_scan": per_scan, "sizes_mm": list(sizes), "layout": "kaggle", "scans": []}
+                "per_scan": per_scan, "sizes_mm": list(sizes), "layout": "kaggle",
+                **({"inject_families": list(inject_families), "remove_families": list(remove_families), "healthy": healthy}
+                   if (list(inject_families), list(remove_families), healthy) != (["drawn"], ["fill"], 0) else {}),
+                "scans": []}
     bar = tqdm(total=len(sources) * per_source, desc="simulate", unit="scan", disable=not progress)
     try:
         for i, src in enumerate(sources):
             if remove and not src.tumours and echo:
                 echo(f"note: {src.name}: no known tumour (--annotations names them), so no removal copy of it")
-            for label, vol, edits in variants(src, seed * 100003 + i, inject, remove, per_scan, sizes):
+            for label, vol, edits in variants(src, seed * 100003 + i, inject, remove, per_scan, sizes, inject_families=tuple(inject_families),
+                                              remove_families=tuple(remove_families), healthy=healthy):
                 uuid = uuids.pop(0)
                 _write_scan(vol, scans_dir / uuid, uuid, seed)
                 if label == "TB":
