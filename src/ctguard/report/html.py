@@ -63,7 +63,7 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
             ax.imshow(masked, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.45, aspect=aspect, interpolation="bilinear")
             ax.set_title(name, fontsize=10)
             ax.set_xticks([]), ax.set_yticks([])
-        fig.suptitle(f"finding {i}: {f['kind']} (score {f['score']:.2f})", fontsize=11)
+        fig.suptitle(f"finding {i}: {f['kind']} (score {f['score']:.3f})", fontsize=11)
         fig.tight_layout()
         png = f"finding_{i}.png"
         fig.savefig(out / png, dpi=90)
@@ -99,7 +99,7 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
         truth_html = f"<h2>Known edits (demo ground truth)</h2><table><thead><tr><th>kind</th><th>voxel z, y, x</th><th>size mm</th></tr></thead><tbody>{truth_rows}</tbody></table>"
     figures = "".join(
         f'<figure><img src="{png}" alt="Finding {i}: axial, coronal and sagittal views with the tamper heatmap">'
-        f"<figcaption>Finding {i}: {html.escape(f['kind'])}, score {f['score']:.2f}, at voxel "
+        f"<figcaption>Finding {i}: {html.escape(f['kind'])}, score {f['score']:.3f}, at voxel "
         f"{', '.join(f'{v:.0f}' for v in f['voxel'])}</figcaption></figure>"
         for i, (f, png) in enumerate(cards, start=1)
     )
