@@ -374,7 +374,7 @@ def label_map_note(vol: Volume) -> str | None:
     hu = vol.hu
     if hu.min() < 0 or hu.max() > 65535 or not np.array_equal(hu, np.rint(hu)):
         return None
-    values = np.flatnonzero(np.bincount(hu.astype(np.int64).ravel()))
+    values = np.flatnonzero(np.bincount(hu.astype(np.uint16).ravel()))  # whole values from 0 to 65535, checked above
     if not 2 <= len(values) <= 64 or values[0] != 0:  # a label map's background is 0
         return None
     return f"its voxels hold only {len(values)} whole values from {values[0]} to {values[-1]}: a label map or mask, not a CT"
