@@ -90,12 +90,9 @@ def simulate(
     Returns:
         The manifest written beside the labels.
     """
-    from ctguard.tamper.families import check_families
-    from ctguard.tamper.simulate import Source, phantom_source, simulate as _simulate, tumours_from
+    from ctguard.tamper.simulate import Source, check_edits, phantom_source, simulate as _simulate, tumours_from
 
-    check_families(inject_families, remove_families)  # before any scan is read
-    if isinstance(healthy, bool) or not isinstance(healthy, int) or healthy < 0:
-        raise InputError(f"--healthy {healthy!r}: a whole number, 0 or more")
+    check_edits(inject_families, remove_families, healthy)  # before any scan is read
 
     sources = []
     for path in inputs:

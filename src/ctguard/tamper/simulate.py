@@ -328,6 +328,16 @@ def _write_scan(vol: Volume, folder: Path, uuid: str, seed: int) -> None:
         io.write_series(vol, folder, patient_id=uuid, name_pattern="{index}.dcm", uid_seed=f"{seed}-{uuid}")
 
 
+def check_edits(inject_families, remove_families, healthy: int) -> None:
+    """That the edit families are ones :mod:`ctguard.tamper.families` makes and ``healthy`` is a
+    whole number from 0, or a one-line error (before any scan is read)."""
+    from ctguard.tamper.families import check_families
+
+    check_families(inject_families, remove_families)
+    if isinstance(healthy, bool) or not isinstance(healthy, int) or healthy < 0:
+        raise InputError(f"healthy copies (--healthy) must be a whole number, 0 or more, not {healthy!r}")
+
+
 def simulate(
     sources: list[Source],
     out_dir: str | Path,
@@ -365,11 +375,7 @@ def simulate(
     """
     from tqdm import tqdm
 
-    from ctguard.tamper.families import check_families
-
-    check_families(inject_families, remove_families)
-    if isinstance(healthy, bool) or not isinstance(healthy, int) or healthy < 0:
-        raise InputError(f"healthy copies must be a whole number, 0 or more, not {healthy!r}")
+    check_edits(inject_families, remove_families, healthy)
 
     out_dir = Path(out_dir)
     if out_dir.exists():
