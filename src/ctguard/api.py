@@ -23,7 +23,14 @@ def info(path: str | Path, series_uid: str | None = None, allow_modality: bool =
     Returns:
         The object that ``ctguard info --json`` prints (see docs/DESIGN.md).
     """
-    vol = load(path, series_uid=series_uid, allow_modality=allow_modality)
+    from ctguard.io.archive import is_zip, named_inside, unzipped
+
+    if is_zip(path):  # a series as a PACS or TCIA exports it
+        with unzipped(path) as (inside, folder):
+            vol = load(inside, series_uid=series_uid, allow_modality=allow_modality)
+            vol.meta["warnings"] = [named_inside(w, folder, path) for w in vol.warnings]
+    else:
+        vol = load(path, series_uid=series_uid, allow_modality=allow_modality)
     meta = vol.meta
     series = meta.get("series") or (
         [{"uid": meta.get("series_uid", ""), "slices": vol.shape[0], "modality": meta.get("modality", "")}]
@@ -169,6 +176,15 @@ def screen(
         if on_stage is not None and name not in ("read", "report"):  # screen_volume names stages as they start
             on_stage(name)
 
+    from ctguard.io.archive import is_zip, named_inside, unzipped
+
+    if not isinstance(path, Volume) and is_zip(path):  # a series as a PACS or TCIA exports it
+        with unzipped(path) as (inside, folder):
+            vol = load(inside, series_uid=series_uid)
+            vol.meta["warnings"] = [named_inside(w, folder, path) for w in vol.warnings]
+            return screen(vol, json_out=json_out, report_dir=report_dir, model=model, threshold=threshold, progress=progress,
+                          truth=truth, on_stage=on_stage, viewer_dir=viewer_dir, dicom_out=dicom_out, dicom_seg=dicom_seg,
+                          trust=trust, report_tampered_only=report_tampered_only, name=name or str(path))
     if on_stage is not None:
         on_stage("read")
     vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
     p = add("info", "what a scan or image is (kind, shape, spacing, HU range, series)")
-    p.add_argument("input", help="DICOM folder or file, NIfTI/NRRD/MHD, PNG/JPG")
+    p.add_argument("input", help="DICOM folder or file (or a zip of them), NIfTI/NRRD/MHD, PNG/JPG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_read_options(p)
     p.set_defaults(func=cmd_info)
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = add("screen", "screen a whole scan: was it tampered with, where, and how")
-    p.add_argument("input", help="DICOM series folder, NIfTI/NRRD/MHD")
+    p.add_argument("input", help="DICOM series folder (or a zip of one, as a PACS or TCIA exports it), NIfTI/NRRD/MHD, or a single slice or image")
     p.add_argument("--json", metavar="FILE", help="write the result JSON here")
     p.add_argument("--report", metavar="DIR", help="write the HTML report here")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector: tamper3d (bundled, default) or a checkpoint")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import stat
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from ctguard.io import archive as archive_zip
+from ctguard.io.archive import ArchiveError, ZipLimits, is_zip
 
 
 class UploadError(Exception):
@@ -36,52 +37,17 @@ def safe_name(name: str | None, index: int) -> str:
 
 
 def extract_zip(archive: Path, dest: Path, limits: Limits) -> list[Path]:
-    """Extracts ``archive`` under ``dest``; checks every member before writing any.
+    """Extracts ``archive`` under ``dest`` (:func:`ctguard.io.archive.extract_zip`, every member
+    checked before any is written) within the upload's limits.
 
     Raises:
         UploadError: 400 for a corrupt zip or a member path that is absolute, has ``..`` or is a
         link (zip slip); 413 for too many files, too many bytes, or a suspicious compression ratio.
     """
     try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise UploadError(400, f"{archive.name}: not a readable zip ({e})") from None
-    with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > limits.max_files:
-            raise UploadError(413, f"{archive.name}: {len(members)} files, more than the limit of {limits.max_files}")
-        total = sum(m.file_size for m in members)
-        packed = max(sum(m.compress_size for m in members), 1)
-        if total > limits.max_unzipped_bytes:
-            raise UploadError(413, f"{archive.name}: unpacks to {total} bytes, more than the limit of {limits.max_unzipped_bytes}")
-        if total / packed > limits.max_zip_ratio and total > 10 * 1024**2:
-            raise UploadError(413, f"{archive.name}: compression ratio {total / packed:.0f}:1 looks like a zip bomb")
-        root = dest.resolve()
-        targets = []
-        for m in members:
-            p = PurePosixPath(m.filename.replace("\\", "/"))
-            mode = m.external_attr >> 16
-            if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]) or stat.S_ISLNK(mode):
-                raise UploadError(400, f"{archive.name}: unsafe member path {m.filename!r} (absolute, '..' or a link)")
-            target = (root / Path(*p.parts)).resolve()
-            if root not in target.parents:
-                raise UploadError(400, f"{archive.name}: member {m.filename!r} would land outside the upload folder")
-            targets.append((m, target))
-        written = 0
-        for m, target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(m) as src, open(target, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > limits.max_unzipped_bytes:  # sizes in the header can lie
-                        raise UploadError(413, f"{archive.name}: unpacks to more than {limits.max_unzipped_bytes} bytes")
-                    dst.write(chunk)
-        return [t for _, t in targets]
-
-
-def is_zip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        return archive_zip.extract_zip(archive, dest, ZipLimits(limits.max_files, limits.max_unzipped_bytes, limits.max_zip_ratio))
+    except ArchiveError as e:
+        raise UploadError(413 if e.too_large else 400, f"{archive.name}: {e.problem}") from None
 
 
 def screening_input(saved: list[Path], folder: Path, limits: Limits) -> Path:
