@@ -33,6 +33,15 @@ def test_a_zipped_series_is_screened_as_its_folder(tampered, tmp_path, capsys):
     assert f"{archive}: 1 non-DICOM file skipped (e.g. README.txt)" in zipped["warnings"]
     assert "ctguard-zip-" not in (tmp_path / "zip.json").read_text()  # never the temporary folder
     assert set(Path(tempfile.gettempdir()).glob("ctguard-zip-*")) == left_before  # removed once screened
+    # Given places are scored from the zip as from the folder, alone and beside the whole screening.
+    (tmp_path / "places.csv").write_text("z,y,x\n" + "".join(f"{f['voxel'][0]},{f['voxel'][1]},{f['voxel'][2]}\n" for f in folder["findings"]))
+    assert main(["screen", str(root / "tampered"), "--locations", str(tmp_path / "places.csv"), "--scores-out", str(tmp_path / "folder.csv"), "-q"]) == 0
+    assert main(["screen", str(archive), "--locations", str(tmp_path / "places.csv"), "--scores-out", str(tmp_path / "zip.csv"), "-q"]) == 0
+    assert (tmp_path / "zip.csv").read_text() == (tmp_path / "folder.csv").read_text()
+    assert main(["screen", str(archive), "--locations", str(tmp_path / "places.csv"), "--scores-out", str(tmp_path / "zip2.csv"),
+                 "--json", str(tmp_path / "zip2.json"), "-q"]) == 0
+    assert (tmp_path / "zip2.csv").read_text() == (tmp_path / "folder.csv").read_text()
+    assert json.loads((tmp_path / "zip2.json").read_text())["findings"] == folder["findings"]
     capsys.readouterr()
     assert main(["info", str(archive), "--json"]) == 0
     described = json.loads(capsys.readouterr().out)

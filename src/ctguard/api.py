@@ -268,10 +268,16 @@ def score_locations(path: str | Path | Volume, locations_csv: str | Path, scores
     """
     import csv
 
+    from ctguard.io.archive import is_zip, unzipped
     from ctguard.screen import load_detector, score_locations as _score
 
-    vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
-    path = vol.meta.get("root", "volume") if isinstance(path, Volume) else path
+    if not isinstance(path, Volume) and is_zip(path):  # a zipped series: its voxels read, the zip named as the scan
+        with unzipped(path) as (inside, _):
+            vol = load(inside, series_uid=series_uid)
+        name = Path(path).stem  # a CT-GAN scan's uuid, as its folder is named
+    else:
+        vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
+        name = Path(vol.meta.get("root", "volume") if isinstance(path, Volume) else path).name
     rows = list(csv.DictReader(Path(locations_csv).read_text().splitlines()))
     if not rows:
         raise InputError("no rows", locations_csv)
@@ -280,8 +286,8 @@ def score_locations(path: str | Path | Volume, locations_csv: str | Path, scores
         keep = rows
         locs = [(float(r["z"]), float(r["y"]), float(r["x"])) for r in keep]
     elif {"type", "uuid", "x", "y"} <= cols and ({"slice"} <= cols or {"z"} <= cols):
-        uuid = vol.meta.get("patient_id") or Path(path).name
-        keep = [r for r in rows if str(r["uuid"]) in (uuid, Path(path).name) and r["type"] != "TB"]
+        uuid = vol.meta.get("patient_id") or name
+        keep = [r for r in rows if str(r["uuid"]) in (uuid, name) and r["type"] != "TB"]
         locs = [(float(r.get("slice", r.get("z"))), float(r["y"]), float(r["x"])) for r in keep]
     else:
         raise InputError("expected columns z,y,x or a CT-GAN labels file (type,uuid,slice,x,y)", locations_csv)

@@ -77,7 +77,10 @@ def cmd_screen(args) -> int:
             raise InputError("--locations needs --scores-out FILE")
         # With --json, --report or --threshold the whole scan is screened as well, from the same read.
         whole = args.json is not None or args.report is not None or args.threshold is not None or args.dicom_out is not None
-        scan = api.load(args.input, series_uid=args.series) if whole else args.input
+        from ctguard.io.archive import is_zip
+
+        # A zip is unpacked by each of the two calls: its files do not outlive them.
+        scan = api.load(args.input, series_uid=args.series) if whole and not is_zip(args.input) else args.input
         rows = api.score_locations(scan, args.locations, args.scores_out, model=args.model, series_uid=args.series)
         if args.json != "-":
             print(f"scored {len(rows)} places -> {args.scores_out}")
