@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -17,40 +18,51 @@ def load(path: str | Path, series_uid: str | None = None, allow_modality: bool =
     return io.read(path, series_uid=series_uid, allow_modality=allow_modality, progress=progress)
 
 
+@contextlib.contextmanager
+def loaded(path: str | Path, series_uid: str | None = None, allow_modality: bool = False) -> Iterator[Volume]:
+    """:func:`load` as a block that also takes a zip of a series (as a PACS or TCIA exports it): the
+    zip is unpacked into a temporary folder that lasts as long as the block (DICOM results and
+    signature checks read the series' files again), and the volume's warnings and
+    ``meta["archive"]`` name the zip, never that folder."""
+    from ctguard.io.archive import is_zip, named_inside, unzipped
+
+    if not is_zip(path):
+        yield load(path, series_uid=series_uid, allow_modality=allow_modality)
+        return
+    with unzipped(path) as (inside, folder):
+        vol = load(inside, series_uid=series_uid, allow_modality=allow_modality)
+        vol.meta["warnings"] = [named_inside(w, folder, path) for w in vol.warnings]
+        vol.meta["archive"] = str(path)
+        yield vol
+
+
 def info(path: str | Path, series_uid: str | None = None, allow_modality: bool = False) -> dict[str, Any]:
     """What a scan is: kind, modality, shape, spacing, HU range, series found and warnings.
 
     Returns:
         The object that ``ctguard info --json`` prints (see docs/DESIGN.md).
     """
-    from ctguard.io.archive import is_zip, named_inside, unzipped
-
-    if is_zip(path):  # a series as a PACS or TCIA exports it
-        with unzipped(path) as (inside, folder):
-            vol = load(inside, series_uid=series_uid, allow_modality=allow_modality)
-            vol.meta["warnings"] = [named_inside(w, folder, path) for w in vol.warnings]
-    else:
-        vol = load(path, series_uid=series_uid, allow_modality=allow_modality)
-    meta = vol.meta
-    series = meta.get("series") or (
-        [{"uid": meta.get("series_uid", ""), "slices": vol.shape[0], "modality": meta.get("modality", "")}]
-        if meta.get("kind", "").startswith("dicom")
-        else []
-    )
-    return {
-        "input": str(path),
-        "kind": meta.get("kind"),
-        "modality": meta.get("modality", ""),
-        "shape": list(vol.shape),
-        "spacing_mm": [round(float(s), 6) for s in vol.spacing],
-        "origin_mm": [round(float(v), 4) for v in vol.origin],
-        "hu_range": [float(np.min(vol.hu)), float(np.max(vol.hu))],
-        "series_uid": meta.get("series_uid"),
-        "patient_id": meta.get("patient_id"),
-        "transfer_syntax": meta.get("transfer_syntax"),
-        "series": series,
-        "warnings": list(vol.warnings),
-    }
+    with loaded(path, series_uid=series_uid, allow_modality=allow_modality) as vol:
+        meta = vol.meta
+        series = meta.get("series") or (
+            [{"uid": meta.get("series_uid", ""), "slices": vol.shape[0], "modality": meta.get("modality", "")}]
+            if meta.get("kind", "").startswith("dicom")
+            else []
+        )
+        return {
+            "input": str(path),
+            "kind": meta.get("kind"),
+            "modality": meta.get("modality", ""),
+            "shape": list(vol.shape),
+            "spacing_mm": [round(float(s), 6) for s in vol.spacing],
+            "origin_mm": [round(float(v), 4) for v in vol.origin],
+            "hu_range": [float(np.min(vol.hu)), float(np.max(vol.hu))],
+            "series_uid": meta.get("series_uid"),
+            "patient_id": meta.get("patient_id"),
+            "transfer_syntax": meta.get("transfer_syntax"),
+            "series": series,
+            "warnings": list(vol.warnings),
+        }
 
 
 def simulate(
@@ -165,8 +177,14 @@ def screen(
 
     from tqdm import tqdm
 
+    from ctguard.io.archive import is_zip
     from ctguard.screen import load_detector, screen_volume
 
+    if not isinstance(path, Volume) and is_zip(path):  # read within the zip's block, whose folder its files are in
+        with loaded(path, series_uid=series_uid) as vol:
+            return screen(vol, json_out=json_out, report_dir=report_dir, model=model, threshold=threshold, progress=progress,
+                          truth=truth, on_stage=on_stage, viewer_dir=viewer_dir, dicom_out=dicom_out, dicom_seg=dicom_seg,
+                          trust=trust, report_tampered_only=report_tampered_only, name=name)
     stages = ["read", "lungs", "detector", "findings", "report"]
     bar = tqdm(total=len(stages), desc="screen", disable=not progress, leave=False)
 
@@ -176,15 +194,6 @@ def screen(
         if on_stage is not None and name not in ("read", "report"):  # screen_volume names stages as they start
             on_stage(name)
 
-    from ctguard.io.archive import is_zip, named_inside, unzipped
-
-    if not isinstance(path, Volume) and is_zip(path):  # a series as a PACS or TCIA exports it
-        with unzipped(path) as (inside, folder):
-            vol = load(inside, series_uid=series_uid)
-            vol.meta["warnings"] = [named_inside(w, folder, path) for w in vol.warnings]
-            return screen(vol, json_out=json_out, report_dir=report_dir, model=model, threshold=threshold, progress=progress,
-                          truth=truth, on_stage=on_stage, viewer_dir=viewer_dir, dicom_out=dicom_out, dicom_seg=dicom_seg,
-                          trust=trust, report_tampered_only=report_tampered_only, name=name or str(path))
     if on_stage is not None:
         on_stage("read")
     vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
@@ -198,7 +207,7 @@ def screen(
         detector = load_detector(model)
     stage("read")
     if name is None:
-        name = str(path) if not isinstance(path, Volume) else vol.meta.get("root", "volume")
+        name = str(path) if not isinstance(path, Volume) else vol.meta.get("archive") or vol.meta.get("root", "volume")
     if dicom_out is not None:
         from ctguard.report import dicom_objects
 
@@ -268,16 +277,11 @@ def score_locations(path: str | Path | Volume, locations_csv: str | Path, scores
     """
     import csv
 
-    from ctguard.io.archive import is_zip, unzipped
     from ctguard.screen import load_detector, score_locations as _score
 
-    if not isinstance(path, Volume) and is_zip(path):  # a zipped series: its voxels read, the zip named as the scan
-        with unzipped(path) as (inside, _):
-            vol = load(inside, series_uid=series_uid)
-        name = Path(path).stem  # a CT-GAN scan's uuid, as its folder is named
-    else:
-        vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
-        name = Path(vol.meta.get("root", "volume") if isinstance(path, Volume) else path).name
+    with contextlib.nullcontext(path) if isinstance(path, Volume) else loaded(path, series_uid=series_uid) as vol:
+        # A CT-GAN scan's uuid: its folder's name, or its zip's less ".zip".
+        name = Path(vol.meta["archive"]).stem if "archive" in vol.meta else Path(vol.meta.get("root", "volume") if isinstance(path, Volume) else path).name
     rows = list(csv.DictReader(Path(locations_csv).read_text().splitlines()))
     if not rows:
         raise InputError("no rows", locations_csv)

@@ -66,26 +66,31 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_screen(args) -> int:
-    from ctguard import api
-    from ctguard.screen import PEAK_SOURCES
+    import contextlib
 
-    scan = args.input
+    from ctguard import api
+
     if args.scores_out and not args.locations:
         raise InputError("--scores-out is where --locations writes its scores: give --locations CSV too")
-    if args.locations:
-        if not args.scores_out:
-            raise InputError("--locations needs --scores-out FILE")
-        # With --json, --report or --threshold the whole scan is screened as well, from the same read.
-        whole = args.json is not None or args.report is not None or args.threshold is not None or args.dicom_out is not None
-        from ctguard.io.archive import is_zip
-
-        # A zip is unpacked by each of the two calls: its files do not outlive them.
-        scan = api.load(args.input, series_uid=args.series) if whole and not is_zip(args.input) else args.input
+    if not args.locations:
+        return _screen(args, args.input)
+    if not args.scores_out:
+        raise InputError("--locations needs --scores-out FILE")
+    # With --json, --report or --threshold the whole scan is screened as well, from the same read.
+    whole = args.json is not None or args.report is not None or args.threshold is not None or args.dicom_out is not None
+    with api.loaded(args.input, series_uid=args.series) if whole else contextlib.nullcontext(args.input) as scan:
         rows = api.score_locations(scan, args.locations, args.scores_out, model=args.model, series_uid=args.series)
         if args.json != "-":
             print(f"scored {len(rows)} places -> {args.scores_out}")
-        if not whole:
-            return 0
+        return _screen(args, scan) if whole else 0
+
+
+def _screen(args, scan) -> int:
+    """``ctguard screen``'s whole screening of ``scan`` (its path, or the volume already read) and
+    what it prints."""
+    from ctguard import api
+    from ctguard.screen import PEAK_SOURCES
+
     if args.dicom_seg and not args.dicom_out:
         raise InputError("--dicom-seg writes the Segmentation into --dicom-out DIR: give --dicom-out too")
     result = api.screen(scan, json_out=args.json, report_dir=args.report, model=args.model,

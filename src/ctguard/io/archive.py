@@ -99,9 +99,9 @@ def unzipped(archive: str | Path, limits: ZipLimits = ZipLimits()) -> Iterator[t
         yield (files[0] if len(files) == 1 else Path(tmp)), Path(tmp)
 
 
-def named_inside(text: str, folder: Path, archive: str | Path) -> str:
-    """``text`` (a reader's warning) naming ``archive`` wherever it names the temporary ``folder``
-    it was unpacked to."""
-    for f in sorted({str(folder), str(folder.resolve())}, key=len, reverse=True):
-        text = text.replace(f, str(archive))
+def named_inside(text: str, folder: Path, name: str | Path) -> str:
+    """``text`` (a reader's warning) naming ``name`` wherever it names ``folder`` (the temporary
+    folder a zip or an upload was unpacked to), so that the user reads what they gave."""
+    for f in sorted({str(folder), str(Path(folder).resolve())}, key=len, reverse=True):
+        text = text.replace(f, str(name))
     return text

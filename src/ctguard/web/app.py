@@ -30,8 +30,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicC
 from fastapi.staticfiles import StaticFiles
 
 from ctguard import __version__
+from ctguard.io.archive import named_inside
 from ctguard.web.auth import AuditLog, Users
-from ctguard.web.jobs import Busy, Job, JobManager, public_text
+from ctguard.web.jobs import Busy, Job, JobManager
 from ctguard.web.uploads import Limits, UploadError, safe_name, screening_input
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def create_app(settings: WebSettings | None = None):
 
         on_stage("read")
         scan = api.load(job.input)
-        scan.meta["warnings"] = [public_text(w, job) for w in scan.meta.get("warnings", [])]
+        scan.meta["warnings"] = [named_inside(w, job.input, job.name) for w in scan.warnings]  # the upload's name, not the server's folder
         # A DICOM series also gets its results as DICOM objects (SR; SEG when tampered) to download.
         dicom = job.out / "dicom" if scan.meta.get("kind") == "dicom-series" else None
         result = api.screen(scan, json_out=job.out / "result.json", report_dir=job.out / "report", model=settings.model,

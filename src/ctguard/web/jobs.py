@@ -147,25 +147,6 @@ class JobManager:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def public_text(text: str, job: Job) -> str:
-    """``text`` (a reader's warning) with the job's upload folder, wherever it names it, replaced
-    by what the user uploaded: the uploaded file's name, and the path inside it."""
-    import re
-
-    upload = job.folder / "upload"
-    folders = sorted({str(upload), str(upload.resolve())}, key=len, reverse=True)
-
-    def public(m: re.Match) -> str:
-        inside = [p for p in m.group(1).split("/") if p]
-        if inside[:1] == ["unzipped"] or inside == [job.name]:  # the folder a zip is unpacked to; a file uploaded alone
-            inside = inside[1:]
-        return "/".join([job.name, *inside])
-
-    for folder in folders:
-        text = re.sub(re.escape(folder) + r"((?:/[^\s:,;]+)*)", public, text)
-    return text
-
-
 def _describe(e: Exception, job: Job) -> str:
     """The error in one line, naming the uploaded file, never the server's own paths."""
     from ctguard.errors import InputError
