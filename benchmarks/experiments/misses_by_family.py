@@ -26,7 +26,7 @@ SIZES_MM = ((0, 10), (10, 14), (14, 20), (20, 1000))
 def summary(report: dict) -> dict:
     """The counts the module's text lists, from a cross-validation ``report``."""
     found, total = collections.Counter(), collections.Counter()
-    by_size = collections.Counter(), collections.Counter()
+    found_by_size, total_by_size = collections.Counter(), collections.Counter()
     at_centre = either = unplaced = under = 0
     for fold in report["folds"]:
         ev, threshold = fold["eval"], fold["row"]["threshold"]
@@ -38,8 +38,8 @@ def summary(report: dict) -> dict:
             total[key] += 1
             found[key] += e["found"]
             band = next(f"{lo}-{hi}" if hi < 1000 else f"{lo}+" for lo, hi in SIZES_MM if lo <= e["diameter_mm"] < hi)
-            by_size[1][(e["kind"], band)] += 1
-            by_size[0][(e["kind"], band)] += e["found"]
+            total_by_size[(e["kind"], band)] += 1
+            found_by_size[(e["kind"], band)] += e["found"]
             right = (p["p_injected"] >= p["p_removed"]) == (e["kind"] == "injected")
             own = p["p_injected"] if e["kind"] == "injected" else p["p_removed"]
             centre = right and own >= threshold
@@ -52,7 +52,7 @@ def summary(report: dict) -> dict:
     return {
         "edits": edits, "found": sum(found.values()),
         "by_family": {" ".join(k): f"{found[k]}/{total[k]}" for k in sorted(total)},
-        "by_size_mm": {f"{kind} {band}": f"{by_size[0][(kind, band)]}/{n}" for (kind, band), n in sorted(by_size[1].items())},
+        "by_size_mm": {f"{kind} {band}": f"{found_by_size[(kind, band)]}/{n}" for (kind, band), n in sorted(total_by_size.items())},
         "centre_over_threshold": f"{at_centre}/{edits}", "found_or_centre_over": f"{either}/{edits}",
         "missed_with_no_place_from_0.3": unplaced, "missed_under_threshold": under,
     }

@@ -1302,10 +1302,10 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     clf = boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight)
     _, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
-    bagging, off_centre = bagging_of(cfg), off_centre_of(cfg)
+    bagging, off_centre, share = bagging_of(cfg), off_centre_of(cfg), max_features_of(cfg)
     meta = {"names": names, "scan_columns": scan_columns, "boosting": cfg["verifier_boosting"],
             **({"bagging": bagging} if bagging > 1 else {}),
-            **({"max_features": max_features_of(cfg)} if max_features_of(cfg) != VERIFIER_DEFAULTS["verifier_max_features"] else {}),
+            **({"max_features": share} if share != VERIFIER_DEFAULTS["verifier_max_features"] else {}),
             "uses_network": True, "recentre": bool(cfg["verifier_recentre"]),
             "resampling": resampling, "trace_recentre": trace_recentre, "trace_scan": trace_scan,
             **({"shape": True} if shape else {}),

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -360,8 +361,6 @@ def _recoded(ds: Dataset, stored: np.ndarray) -> bytes:
     Lossless, JPEG-LS Lossless), otherwise uncompressed (explicit VR little endian: JPEG Lossless,
     which pydicom cannot encode, and the lossy syntaxes, whose decoded values are kept as they are
     rather than lost again). Every other element keeps its value, the UIDs among them."""
-    from io import BytesIO
-
     from pydicom.pixels.encoders import JPEG2000LosslessEncoder, JPEGLSLosslessEncoder, RLELosslessEncoder
 
     syntax = ds.file_meta.TransferSyntaxUID
@@ -415,7 +414,7 @@ def write_back(volume: Volume, out_dir: str | Path, names: list[str] | None = No
         for z, src in enumerate(files):
             src = Path(src)
             raw = src.read_bytes()
-            ds = pydicom.dcmread(src, defer_size=None)
+            ds = pydicom.dcmread(BytesIO(raw), defer_size=None)  # the same bytes: value_tell is the PixelData's offset in them
             elem = ds.get_item(PIXEL_DATA)
             stored = _to_stored(volume.hu[z], ds)
             if ds.file_meta.TransferSyntaxUID.is_compressed or elem.length == 0xFFFFFFFF:

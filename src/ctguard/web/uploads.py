@@ -6,8 +6,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ctguard.io import archive as archive_zip
 from ctguard.io.archive import ArchiveError, ZipLimits, is_zip
+from ctguard.io.archive import extract_zip as unpack
 
 
 class UploadError(Exception):
@@ -45,7 +45,7 @@ def extract_zip(archive: Path, dest: Path, limits: Limits) -> list[Path]:
         link (zip slip); 413 for too many files, too many bytes, or a suspicious compression ratio.
     """
     try:
-        return archive_zip.extract_zip(archive, dest, ZipLimits(limits.max_files, limits.max_unzipped_bytes, limits.max_zip_ratio))
+        return unpack(archive, dest, ZipLimits(limits.max_files, limits.max_unzipped_bytes, limits.max_zip_ratio))
     except ArchiveError as e:
         raise UploadError(413 if e.too_large else 400, f"{archive.name}: {e.problem}") from None
 
