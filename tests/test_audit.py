@@ -34,7 +34,11 @@ def archive(tmp_path_factory):
     (root / "study" / "part2").mkdir()
     for f in split[12:]:  # one series over two folders
         f.rename(root / "study" / "part2" / f.name)
-    io.write_series(vols[3], root / "deep" / "er" / "still", uid_seed="d")
+    for f in io.write_series(vols[3], root / "deep" / "er" / "still", uid_seed="d"):  # no description, as LIDC-IDRI's
+        ds = pydicom.dcmread(f)
+        del ds.SeriesDescription
+        ds.ConvolutionKernel = "STANDARD"
+        ds.save_as(f, enforce_file_format=False)
     mr = io.write_series(vols[0], root / "mr", uid_seed="mr")
     for f in mr:
         ds = pydicom.dcmread(f)
@@ -97,6 +101,7 @@ def test_audit_a_folder_tree_resume_and_report(archive, tmp_path, capsys):
     assert main(["audit-report", str(db), "--out", str(out), "-q"]) == 0
     page = (out / "index.html").read_text()
     assert "8 series" in page and "histogram of tamper scores" in page and "not a CT series" in page
+    assert page.count("STANDARD kernel, 5 mm slices") == 2  # the series with no description, both of its rows
     lines = (out / "series.csv").read_text().splitlines()
     assert len(lines) == 9 and lines[0].startswith("verdict,score,key")
 

@@ -187,7 +187,7 @@ def test_screen_bad_inputs(tmp_path, capsys, tampered):
     labels[5:9, 10:20, 10:20], labels[12:14, 40:50, 30:40] = 1, 3
     io.write_itk(Volume(labels, (3.0, 2.0, 2.0)), tmp_path / "nodules.nrrd")
     assert main(["screen", str(tmp_path / "nodules.nrrd")]) == 2
-    assert "no lungs in view (its voxels hold only 3 whole values from 0 to 3: a label map or mask, not a CT)" in capsys.readouterr().err
+    assert "not a CT: its voxels hold only 3 whole values from 0 to 3 (a label map or mask)" in capsys.readouterr().err
     # A 2D image with no lungs in it.
     from PIL import Image
 

@@ -377,7 +377,7 @@ def label_map_note(vol: Volume) -> str | None:
     values = np.flatnonzero(np.bincount(hu.astype(np.uint16).ravel()))  # whole values from 0 to 65535, checked above
     if not 2 <= len(values) <= 64 or values[0] != 0:  # a label map's background is 0
         return None
-    return f"its voxels hold only {len(values)} whole values from {values[0]} to {values[-1]}: a label map or mask, not a CT"
+    return f"not a CT: its voxels hold only {len(values)} whole values from {values[0]} to {values[-1]} (a label map or mask)"
 
 
 def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progress: bool = False,
@@ -391,7 +391,7 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
         stage("lungs")
     lungs = lung_mask(vol)
     if lungs.sum() * np.prod(vol.spacing) < 50_000:  # < 50 ml
-        raise InputError(f"no lungs in view ({label_map_note(vol) or 'is this a chest CT?'})", input_name or None)
+        raise InputError(label_map_note(vol) or "no lungs in view (is this a chest CT?)", input_name or None)
     if stage:
         stage("detector")
     verifier = getattr(detector, "verifier", None) if stage2 else None

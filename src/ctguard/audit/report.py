@@ -54,7 +54,7 @@ def write(rows: list[dict[str, Any]], out_dir: str | Path, reports: dict[str, st
     body = []
     for r in rows:
         link = reports.get(r["key"])
-        name = html.escape(r.get("description") or r["key"])
+        name = html.escape(r.get("description") or "(no series description)")
         cell = f'<a href="{html.escape(link)}">{name}</a>' if link else name
         score = "" if r.get("score") is None else f"{r['score']:.3f}"
         sig = html.escape((r.get("signatures") or {}).get("status") or "-")
@@ -65,7 +65,7 @@ def write(rows: list[dict[str, Any]], out_dir: str | Path, reports: dict[str, st
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ctguard audit</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;width:100%}}
 td,th{{border-bottom:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-align:top}}tr.tampered td:first-child{{color:#b00020;font-weight:bold}}
-tr.error td:first-child{{color:#8a6d00}}</style></head><body>
+tr.error td:first-child{{color:#8a6d00}}td small{{word-break:break-all}}td:last-child{{min-width:16em}}</style></head><body>
 <h1>ctguard archive audit</h1>
 <p>{len(rows)} series: {summary}. Model{'s' if len({r['model_version'] for r in rows}) > 1 else ''}:
 {html.escape(', '.join(sorted({f"{r['model']} {r['model_version']}" for r in rows})))}. <a href="series.csv">CSV</a></p>

@@ -92,6 +92,21 @@ def series_of(source: str | Path) -> Iterator[SeriesRef]:
     return folder_series(source)
 
 
+def series_label(ds) -> str | None:
+    """A series' description for a reader: its SeriesDescription, else its kernel and slice
+    thickness (LIDC-IDRI's series have no description: "STANDARD kernel, 2.5 mm slices"), else None."""
+    text = str(ds.get("SeriesDescription", "") or "").strip()
+    if text:
+        return text
+    kernel = ds.get("ConvolutionKernel") or ""
+    kernel = (kernel if isinstance(kernel, str) else "/".join(map(str, kernel))).strip()  # a MultiValue where VM > 1
+    try:
+        thickness = f"{float(ds.get('SliceThickness')):g} mm slices"
+    except (TypeError, ValueError):
+        thickness = ""
+    return ", ".join(x for x in (f"{kernel} kernel" if kernel else "", thickness) if x) or None
+
+
 def folder_series(root: str | Path) -> Iterator[SeriesRef]:
     """Every series under ``root`` (any depth), in a stable order (by key).
 
@@ -114,7 +129,8 @@ def folder_series(root: str | Path) -> Iterator[SeriesRef]:
             continue
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
-                "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "SeriesDescription", "Modality", "SOPInstanceUID"])
+                "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "SeriesDescription", "Modality", "SOPInstanceUID",
+                "ConvolutionKernel", "SliceThickness"])
             uid = str(ds.SeriesInstanceUID)
         except Exception as e:  # a corrupt header: its own error row
             volumes.append(SeriesRef(str(path), "dicom", [str(path)], error=f"unreadable DICOM header ({e.__class__.__name__})"))
@@ -122,7 +138,7 @@ def folder_series(root: str | Path) -> Iterator[SeriesRef]:
         ref = series.get(uid)
         if ref is None:
             ref = series[uid] = SeriesRef(uid, "dicom", [], str(ds.get("StudyInstanceUID", "")) or None, uid,
-                                          str(ds.get("PatientID", "")) or None, str(ds.get("SeriesDescription", "")) or None,
+                                          str(ds.get("PatientID", "")) or None, series_label(ds),
                                           str(ds.get("Modality", "")) or None)
         ref.files.append(str(path))
     for ref in series.values():
