@@ -237,3 +237,17 @@ def test_linear_resampling_matches_scipy_trilinear(spacing, new, shape):
     assert np.array_equal(view, got) and (pad[want[0] :] == 7).all() and (pad[:, want[1] :] == 7).all() and (pad[:, :, want[2] :] == 7).all()
     with pytest.raises(ValueError, match="out must be"):
         resample_array(hu, spacing, new, shape=want, out=np.zeros((2, 2, 2), np.float32))
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """``ctguard list-models | head -1``: the reader goes before the output is written; the command
+    stops with 141 (128 + SIGPIPE) and says nothing, as Unix tools do, instead of 'failed:
+    BrokenPipeError'."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "ctguard.cli", "list-models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read()
+    p.stderr.close()
+    assert (p.wait(), err) == (141, b"")

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from ctguard import api, io
@@ -63,6 +64,11 @@ def test_bundled_detector_finds_injection(tampered_clinical):
     images = re.findall(r'src="([^"]+)"', page)
     assert images and all((root / "report" / img).is_file() for img in images)
     assert "Verdict: tampered" in page
+    # Which patient, study and series it is about, from the DICOM headers, in the JSON and atop the report.
+    first = pydicom.dcmread(sorted((root / "tampered").rglob("*.dcm"))[0], stop_before_pixels=True)
+    assert {k: doc["scan"][k] for k in ("patient_id", "study_uid", "series_uid")} == {
+        "patient_id": first.PatientID, "study_uid": first.StudyInstanceUID, "series_uid": first.SeriesInstanceUID}
+    assert f"Patient <b>{first.PatientID}</b>" in page and first.SeriesInstanceUID in page
 
 
 def test_clean_phantom_screens_clean(tampered, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -572,11 +573,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctguard: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # one line for users; the traceback with -vv
-        if args.verbose >= 2:
-            raise
-        print(f"ctguard {args.command}: failed: {e.__class__.__name__}: {e} (run with -vv for details)", file=sys.stderr)
-        return 1
+    except BrokenPipeError as e:
+        if not stdout_closed():
+            return failed(args, e)
+        # The reader of our output has gone (``ctguard info scan | head -1``): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the interpreter's last flush is quiet too
+        return 141  # 128 + SIGPIPE
+    except Exception as e:
+        return failed(args, e)
+
+
+def stdout_closed() -> bool:
+    """Whether standard output's reader has gone: a pipe whose read end is closed polls as an error
+    (a BrokenPipeError from a socket, say to a PACS, is a failure like any other)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file behind stdout
+        return False
+
+
+def failed(args: argparse.Namespace, e: Exception) -> int:
+    """One line for users; the traceback with -vv."""
+    if args.verbose >= 2:
+        raise e
+    print(f"ctguard {args.command}: failed: {e.__class__.__name__}: {e} (run with -vv for details)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -625,6 +625,7 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
         score = round(float((1.0 - heat.probs[0]).max()), 4)
     return {
         "input": input_name,
+        **({"scan": dict(vol.meta["identity"])} if vol.meta.get("identity") else {}),
         "shape": list(vol.shape),
         "spacing_mm": [round(float(s), 6) for s in vol.spacing],
         "verdict": "tampered" if findings else "clean",

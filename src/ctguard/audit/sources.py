@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctguard.errors import InputError
-from ctguard.io.dicom import is_dicom_file
+from ctguard.io.dicom import is_dicom_file, series_label
 
 ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -90,21 +90,6 @@ def series_of(source: str | Path) -> Iterator[SeriesRef]:
     if str(source).startswith("dicomweb+"):
         return dicomweb_series(str(source))
     return folder_series(source)
-
-
-def series_label(ds) -> str | None:
-    """A series' description for a reader: its SeriesDescription, else its kernel and slice
-    thickness (LIDC-IDRI's series have no description: "STANDARD kernel, 2.5 mm slices"), else None."""
-    text = str(ds.get("SeriesDescription", "") or "").strip()
-    if text:
-        return text
-    kernel = ds.get("ConvolutionKernel") or ""
-    kernel = (kernel if isinstance(kernel, str) else "/".join(map(str, kernel))).strip()  # a MultiValue where VM > 1
-    try:
-        thickness = f"{float(ds.get('SliceThickness')):g} mm slices"
-    except (TypeError, ValueError):
-        thickness = ""
-    return ", ".join(x for x in (f"{kernel} kernel" if kernel else "", thickness) if x) or None
 
 
 def folder_series(root: str | Path) -> Iterator[SeriesRef]:

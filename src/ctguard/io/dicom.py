@@ -239,6 +239,7 @@ def read_series(
         "study_uid": str(getattr(first, "StudyInstanceUID", "")),
         "patient_id": str(getattr(first, "PatientID", "")),
         "manufacturer": str(getattr(first, "Manufacturer", "")),
+        "identity": identity(first),
         "transfer_syntax": str(first.file_meta.TransferSyntaxUID),
         "root": str(folder),
         "files": [str(p) for p, _ in kept],
@@ -290,11 +291,42 @@ def _read_multiframe(ds: Dataset, path: Path) -> Volume:
             "kind": "dicom-file",
             "modality": str(getattr(ds, "Modality", "")),
             "series_uid": str(getattr(ds, "SeriesInstanceUID", "")),
+            "identity": identity(ds),
             "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
             "frames": int(frames.shape[0]),
             "warnings": [],
         },
     )
+
+
+def series_label(ds) -> str | None:
+    """A series' description for a reader: its SeriesDescription, else its kernel and slice
+    thickness (LIDC-IDRI's series have no description: "STANDARD kernel, 2.5 mm slices"), else None."""
+    text = str(ds.get("SeriesDescription", "") or "").strip()
+    if text:
+        return text
+    kernel = ds.get("ConvolutionKernel") or ""
+    kernel = (kernel if isinstance(kernel, str) else "/".join(map(str, kernel))).strip()  # a MultiValue where VM > 1
+    try:
+        thickness = f"{float(ds.get('SliceThickness')):g} mm slices"
+    except (TypeError, ValueError):
+        thickness = ""
+    return ", ".join(x for x in (f"{kernel} kernel" if kernel else "", thickness) if x) or None
+
+
+def identity(ds: Dataset) -> dict[str, str]:
+    """Who and what a DICOM image is, for a result a reader can file: patient, study and series
+    (UIDs, study date, the series' description or :func:`series_label`), scanner maker; empty
+    values left out."""
+    out = {
+        "patient_id": str(ds.get("PatientID", "") or ""),
+        "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+        "series_uid": str(ds.get("SeriesInstanceUID", "") or ""),
+        "study_date": str(ds.get("StudyDate", "") or ""),
+        "description": series_label(ds) or "",
+        "manufacturer": str(ds.get("Manufacturer", "") or ""),
+    }
+    return {k: v for k, v in out.items() if v}
 
 
 def read_dicom_file(path: str | Path, allow_modality: bool = False) -> Volume:
@@ -323,6 +355,7 @@ def read_dicom_file(path: str | Path, allow_modality: bool = False) -> Volume:
             "kind": "dicom-file",
             "modality": str(getattr(ds, "Modality", "")),
             "series_uid": str(getattr(ds, "SeriesInstanceUID", "")),
+            "identity": identity(ds),
             "patient_id": str(getattr(ds, "PatientID", "")),
             "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
             "files": [str(path)],

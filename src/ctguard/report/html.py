@@ -16,6 +16,25 @@ MAX_FIGURES = 12  # views for the top findings; the table lists them all
 SOURCES = {"network": "network", "trace": "resampling-trace map", "smooth": "smooth map", "blob": "blob map"}  # what put a place up for the second stage
 
 
+def study_date(text: str) -> str:
+    """A DICOM date (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    return f"{text[:4]}-{text[4:6]}-{text[6:]}" if len(text) == 8 and text.isdigit() else text
+
+
+def scan_line(scan: dict | None) -> str:
+    """The patient, study and series a DICOM result is about (the result's ``scan``), as the
+    report's first line; empty for other inputs."""
+    if not scan:
+        return ""
+    parts = [f"Patient <b>{html.escape(scan['patient_id'])}</b>" if scan.get("patient_id") else "",
+             f"study date {html.escape(study_date(scan['study_date']))}" if scan.get("study_date") else "",
+             f"series &ldquo;{html.escape(scan['description'])}&rdquo;" if scan.get("description") else "",
+             html.escape(scan["manufacturer"]) if scan.get("manufacturer") else ""]
+    uids = " &middot; ".join(f"{label} {html.escape(scan[k])}" for k, label in (("study_uid", "study"), ("series_uid", "series"))
+                             if scan.get(k))
+    return (f'<p>{" &middot; ".join(p for p in parts if p)}'
+            f'{f"<br><small class=muted>{uids}</small>" if uids else ""}</p>\n')
+
 def _crop_views(vol, heat_vox: np.ndarray, voxel: list[float]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
     """(name, image, heat, aspect) for axial, coronal and sagittal crops around ``voxel``."""
     z, y, x = (int(round(v)) for v in voxel)
@@ -117,7 +136,7 @@ figure {{ margin: 1rem 0; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>ctguard screening report</h1>
 <p class="verdict">Verdict: {html.escape(verdict)}</p>
-<p>Tamper score {result['score']:.3f} ({thresholds}) &middot; input <code>{html.escape(str(result['input']))}</code>
+{scan_line(result.get("scan"))}<p>Tamper score {result['score']:.3f} ({thresholds}) &middot; input <code>{html.escape(str(result['input']))}</code>
 &middot; {result['shape'][0]}&times;{result['shape'][1]}&times;{result['shape'][2]} voxels, spacing {', '.join(f'{s:g}' for s in result['spacing_mm'])} mm
 &middot; model {html.escape(result['model']['name'])} {html.escape(result['model']['version'])} &middot; {result['elapsed_s']:.1f} s</p>
 {f'<ul class="muted">{warnings}</ul>' if warnings else ''}
