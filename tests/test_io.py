@@ -147,6 +147,28 @@ def test_info_json(real_series, capsys):
     assert out["spacing_mm"] == pytest.approx([8.0, 0.646484375, 0.646484375])
     assert out["hu_range"] == [-1024.0, 1904.0]
     assert out["series"][0]["slices"] == 30 and out["warnings"] == []
+    assert out["scan"] == {"patient_id": "Lung_Dx-A0002", "study_uid": out["scan"]["study_uid"], "series_uid": out["series_uid"],
+                           "study_date": "20070425", "description": "ThoraxRoutine  8.0.0  B70f", "manufacturer": "SIEMENS"}
+    assert main(["info", str(real_series["A0002-B70f"])]) == 0
+    text = capsys.readouterr().out
+    assert "  patient            Lung_Dx-A0002\n  study date         2007-04-25\n  description        ThoraxRoutine" in text
+
+
+def test_a_series_without_description_is_named_by_its_kernel_and_slices():
+    """LIDC-IDRI's series have no SeriesDescription: a reader gets the kernel and slice thickness."""
+    from pydicom.dataset import Dataset
+
+    from ctguard.io.dicom import series_label
+
+    ds = Dataset()
+    assert series_label(ds) is None
+    ds.SliceThickness = "2.500000"
+    ds.ConvolutionKernel = "STANDARD"
+    assert series_label(ds) == "STANDARD kernel, 2.5 mm slices"
+    ds.ConvolutionKernel = ["B", "40f"]
+    assert series_label(ds) == "B/40f kernel, 2.5 mm slices"
+    ds.SeriesDescription = " Chest 1.25 "
+    assert series_label(ds) == "Chest 1.25"
 
 
 def test_folder_with_two_series_warns_and_series_picks(real_series, capsys):

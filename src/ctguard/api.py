@@ -60,6 +60,7 @@ def info(path: str | Path, series_uid: str | None = None, allow_modality: bool =
             "series_uid": meta.get("series_uid"),
             "patient_id": meta.get("patient_id"),
             "transfer_syntax": meta.get("transfer_syntax"),
+            **({"scan": dict(meta["identity"])} if meta.get("identity") else {}),
             "series": series,
             "warnings": list(vol.warnings),
         }

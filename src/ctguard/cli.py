@@ -31,6 +31,7 @@ def _print_json(obj, path: str | None = None) -> None:
 
 def cmd_info(args) -> int:
     from ctguard import api
+    from ctguard.io.dicom import readable_date
 
     result = api.info(args.input, series_uid=args.series, allow_modality=args.allow_modality)
     if args.json:
@@ -40,6 +41,10 @@ def cmd_info(args) -> int:
     print(f"  shape (z, y, x)    {result['shape']}")
     print(f"  spacing mm         {[round(s, 4) for s in result['spacing_mm']]}")
     print(f"  HU range           {result['hu_range']}")
+    scan = result.get("scan") or {}
+    for key, label in (("patient_id", "patient"), ("study_date", "study date"), ("description", "description"), ("manufacturer", "scanner")):
+        if scan.get(key):
+            print(f"  {label:<18} {readable_date(scan[key]) if key == 'study_date' else scan[key]}")
     for s in result["series"]:
         print(f"  series {s['uid']}: {s['slices']} slices {s.get('description', '')}".rstrip())
     for w in result["warnings"]:

@@ -314,6 +314,11 @@ def series_label(ds) -> str | None:
     return ", ".join(x for x in (f"{kernel} kernel" if kernel else "", thickness) if x) or None
 
 
+def readable_date(text: str) -> str:
+    """A DICOM date (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
+    return f"{text[:4]}-{text[4:6]}-{text[6:]}" if len(text) == 8 and text.isdigit() else text
+
+
 def identity(ds: Dataset) -> dict[str, str]:
     """Who and what a DICOM image is, for a result a reader can file: patient, study and series
     (UIDs, study date, the series' description or :func:`series_label`), scanner maker; empty

@@ -10,15 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from ctguard.io.dicom import readable_date
+
 LUNG_WINDOW = (-1350.0, 150.0)  # level -600, width 1500
 CROP_MM = 70.0
 MAX_FIGURES = 12  # views for the top findings; the table lists them all
 SOURCES = {"network": "network", "trace": "resampling-trace map", "smooth": "smooth map", "blob": "blob map"}  # what put a place up for the second stage
-
-
-def study_date(text: str) -> str:
-    """A DICOM date (YYYYMMDD) as YYYY-MM-DD; anything else as it is."""
-    return f"{text[:4]}-{text[4:6]}-{text[6:]}" if len(text) == 8 and text.isdigit() else text
 
 
 def scan_line(scan: dict | None) -> str:
@@ -27,7 +24,7 @@ def scan_line(scan: dict | None) -> str:
     if not scan:
         return ""
     parts = [f"Patient <b>{html.escape(scan['patient_id'])}</b>" if scan.get("patient_id") else "",
-             f"study date {html.escape(study_date(scan['study_date']))}" if scan.get("study_date") else "",
+             f"study date {html.escape(readable_date(scan['study_date']))}" if scan.get("study_date") else "",
              f"series &ldquo;{html.escape(scan['description'])}&rdquo;" if scan.get("description") else "",
              html.escape(scan["manufacturer"]) if scan.get("manufacturer") else ""]
     uids = " &middot; ".join(f"{label} {html.escape(scan[k])}" for k, label in (("study_uid", "study"), ("series_uid", "series"))

@@ -411,7 +411,8 @@ def simulate(
                     "uuid": uuid, "experiment": 1, "label": label, "patient": src.patient, "source": src.name,
                     "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
                     "edits": [e.to_dict() for e in edits],
-                    "tumours": [{"voxel": [float(v) for v in t.voxel], "diameter_mm": t.diameter_mm} for t in src.tumours],
+                    "tumours": [{"voxel": [round(float(v), 2) for v in t.voxel], "diameter_mm": round(float(t.diameter_mm), 2)}
+                                for t in src.tumours],
                 })
                 bar.update(1)
         with open(tmp / "labels_exp1.csv", "w", newline="") as f:
