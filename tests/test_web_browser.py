@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pydicom
 import pytest
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -86,6 +87,8 @@ def test_upload_in_a_real_browser(server, tampered):
             page.get_by_role("button", name="Screen").click()
             page.wait_for_selector("#result:not([hidden])", timeout=120_000)
             assert page.locator("#verdict").inner_text() == "Tampered"
+            patient = pydicom.dcmread(files[0], stop_before_pixels=True).PatientID  # whom it is about, from the headers
+            assert page.locator("#scan").is_visible() and page.locator("#scan").inner_text().startswith(f"Patient {patient} · ")
             rows = page.locator("#findings tbody tr")
             assert rows.count() >= 1
             assert rows.first.locator(".tag").inner_text() in ("injected", "removed")

@@ -77,6 +77,11 @@ function render(j) {
   v.textContent = tampered ? "Tampered" : "Clean";
   v.className = `verdict ${tampered ? "bad" : "good"}`;
   $("score").textContent = res.score.toFixed(3);
+  const scan = res.scan || {};  // a DICOM series: whom and what it is about
+  const date = /^\d{8}$/.test(scan.study_date || "") ? `${scan.study_date.slice(0, 4)}-${scan.study_date.slice(4, 6)}-${scan.study_date.slice(6)}` : scan.study_date;
+  $("scan").textContent = [scan.patient_id && `Patient ${scan.patient_id}`, date && `study date ${date}`, scan.description,
+    scan.manufacturer].filter(Boolean).join(" · ");
+  show($("scan"), !!$("scan").textContent);
   $("meta").textContent = `${j.name} · ${res.shape.join(" × ")} voxels (z, y, x) · spacing ${res.spacing_mm.map((s) => s.toFixed(2)).join(" × ")} mm · model ${res.model.name} ${res.model.version} · ${res.elapsed_s.toFixed(1)} s`;
   $("json-link").href = j.links.json;
   $("report-link").href = j.links.report;
