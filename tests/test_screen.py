@@ -68,7 +68,7 @@ def test_bundled_detector_finds_injection(tampered_clinical):
     first = pydicom.dcmread(sorted((root / "tampered").rglob("*.dcm"))[0], stop_before_pixels=True)
     assert {k: doc["scan"][k] for k in ("patient_id", "study_uid", "series_uid")} == {
         "patient_id": first.PatientID, "study_uid": first.StudyInstanceUID, "series_uid": first.SeriesInstanceUID}
-    assert f"Patient <b>{first.PatientID}</b>" in page and first.SeriesInstanceUID in page
+    assert f"<p>Patient {first.PatientID} \u00b7 " in page and first.SeriesInstanceUID in page
 
 
 def test_clean_phantom_screens_clean(tampered, tmp_path):

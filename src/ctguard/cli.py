@@ -95,6 +95,7 @@ def _screen(args, scan) -> int:
     """``ctguard screen``'s whole screening of ``scan`` (its path, or the volume already read) and
     what it prints."""
     from ctguard import api
+    from ctguard.io.dicom import scan_summary
     from ctguard.screen import PEAK_SOURCES
 
     if args.dicom_seg and not args.dicom_out:
@@ -105,6 +106,8 @@ def _screen(args, scan) -> int:
     if args.json == "-":
         return 0
     print(f"{args.input}: {result['verdict'].upper()} (tamper score {result['score']:.3f}, {result['elapsed_s']:.1f} s)")
+    if result.get("scan"):
+        print(f"  {scan_summary(result['scan'])}")
     for f in result["findings"]:
         peak = f" (a peak of the {f['source']} map, threshold {f['threshold']:g})" if f.get("source") in PEAK_SOURCES else ""
         print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm"

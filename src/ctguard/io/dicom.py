@@ -319,6 +319,16 @@ def readable_date(text: str) -> str:
     return f"{text[:4]}-{text[4:6]}-{text[6:]}" if len(text) == 8 and text.isdigit() else text
 
 
+def scan_summary(scan: dict[str, str] | None) -> str:
+    """A result's ``scan`` (:func:`identity`) on one line: "Patient LIDC-IDRI-0002 · study date
+    2000-01-01 · STANDARD kernel, 1.25 mm slices · GE MEDICAL SYSTEMS"; empty for other inputs."""
+    scan = scan or {}
+    parts = [f"Patient {scan['patient_id']}" if scan.get("patient_id") else "",
+             f"study date {readable_date(scan['study_date'])}" if scan.get("study_date") else "",
+             scan.get("description", ""), scan.get("manufacturer", "")]
+    return " \u00b7 ".join(p for p in parts if p)
+
+
 def identity(ds: Dataset) -> dict[str, str]:
     """Who and what a DICOM image is, for a result a reader can file: patient, study and series
     (UIDs, study date, the series' description or :func:`series_label`), scanner maker; empty

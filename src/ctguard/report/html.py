@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ctguard.io.dicom import readable_date
+from ctguard.io.dicom import scan_summary
 
 LUNG_WINDOW = (-1350.0, 150.0)  # level -600, width 1500
 CROP_MM = 70.0
@@ -23,14 +23,10 @@ def scan_line(scan: dict | None) -> str:
     report's first line; empty for other inputs."""
     if not scan:
         return ""
-    parts = [f"Patient <b>{html.escape(scan['patient_id'])}</b>" if scan.get("patient_id") else "",
-             f"study date {html.escape(readable_date(scan['study_date']))}" if scan.get("study_date") else "",
-             f"series &ldquo;{html.escape(scan['description'])}&rdquo;" if scan.get("description") else "",
-             html.escape(scan["manufacturer"]) if scan.get("manufacturer") else ""]
     uids = " &middot; ".join(f"{label} {html.escape(scan[k])}" for k, label in (("study_uid", "study"), ("series_uid", "series"))
                              if scan.get(k))
-    return (f'<p>{" &middot; ".join(p for p in parts if p)}'
-            f'{f"<br><small class=muted>{uids}</small>" if uids else ""}</p>\n')
+    return f'<p>{html.escape(scan_summary(scan))}{f"<br><small class=muted>{uids}</small>" if uids else ""}</p>\n'
+
 
 def _crop_views(vol, heat_vox: np.ndarray, voxel: list[float]) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
     """(name, image, heat, aspect) for axial, coronal and sagittal crops around ``voxel``."""
