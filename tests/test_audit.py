@@ -151,6 +151,12 @@ def test_audit_bad_arguments_are_one_line(archive, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err
     assert main(["audit", str(tmp_path / "missing"), "--results", str(tmp_path / "r.sqlite"), "-q"]) == 2
+    from ctguard import api
+    from ctguard.errors import InputError
+
+    with pytest.raises(InputError, match="a probability from 0 to 1"):  # once, before any series becomes an error row
+        api.audit(archive, tmp_path / "t.sqlite", threshold=1.5)
+    assert not (tmp_path / "t.sqlite").exists()
     (tmp_path / "junk.sqlite").write_text("not a database at all, " * 100)
     assert main(["audit-report", str(tmp_path / "junk.sqlite"), "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "not a ctguard audit results file" in capsys.readouterr().err

@@ -2167,3 +2167,17 @@ def test_the_blob_maps_peaks_are_candidates_with_a_threshold_of_their_own(tmp_pa
     places = own["findings"] + own["under_threshold"]
     assert "blob" in {f["source"] for f in places}
     assert all(f["threshold"] == source_thresholds(det)[f["source"]] for f in places)
+
+
+def test_a_threshold_is_a_probability(tampered, capsys):
+    """A threshold over 1 would pass every scan as clean, under 0 flag every one: refused, by the CLI
+    before anything is read and by the API."""
+    from ctguard.errors import InputError
+
+    root, _, _ = tampered
+    for bad in ("1.5", "-0.1", "high"):
+        with pytest.raises(SystemExit) as stop:
+            main(["screen", str(root / "tampered"), "--threshold", bad, "-q"])
+        assert stop.value.code == 2 and "argument --threshold" in capsys.readouterr().err
+    with pytest.raises(InputError, match="a probability from 0 to 1, not 2"):
+        api.screen(root / "tampered", threshold=2.0)

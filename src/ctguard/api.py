@@ -640,6 +640,8 @@ def audit(source: str | Path, results: str | Path, model: str | None = None, thr
         raise InputError(f"--engine {engine!r}: one of {', '.join(engines.ENGINES)}")
     if workers < 1:
         raise InputError(f"--workers {workers}: at least 1")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # checked once here, not as an error row of every series
+        raise InputError(f"--threshold {threshold:g}: a probability from 0 to 1")
     if address and engine != "ray":
         raise InputError("--address is the Ray cluster's: give --engine ray too")
     from ctguard.screen import load_detector

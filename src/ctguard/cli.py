@@ -29,6 +29,17 @@ def _print_json(obj, path: str | None = None) -> None:
         Path(path).write_text(text + "\n")
 
 
+def probability(text: str) -> float:
+    """An argument that is a probability from 0 to 1 (a threshold over 1 would let every scan pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability from 0 to 1, not {text}")
+    return value
+
+
 def cmd_info(args) -> int:
     from ctguard import api
     from ctguard.io.dicom import readable_date
@@ -362,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
-    p = add("info", "what a scan or image is (kind, shape, spacing, HU range, series)")
+    p = add("info", "what a scan or image is (kind, shape, spacing, HU range, series; patient, study date and scanner of a DICOM one)")
     p.add_argument("input", help="DICOM folder or file (or a zip of them), NIfTI/NRRD/MHD, PNG/JPG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_read_options(p)
@@ -392,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the result JSON here")
     p.add_argument("--report", metavar="DIR", help="write the HTML report here")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector: tamper3d (bundled, default) or a checkpoint")
-    p.add_argument("--threshold", type=float, default=None, help="minimum tamper probability of a finding, for every candidate (default: the model's own; a second stage may "
+    p.add_argument("--threshold", type=probability, default=None, help="minimum tamper probability of a finding, for every candidate (default: the model's own; a second stage may "
                         "hold the lung maps' peaks to one of their own)")
     p.add_argument("--dicom-out", metavar="DIR", help="write the results as DICOM objects of the scan's study here: a TID 1500 SR, and a "
                    "tamper-probability Segmentation when tampered (DICOM series input)")
@@ -404,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_options(p)
     p.set_defaults(func=cmd_screen)
 
-    p = add("audit", "screen every CT series of an archive (a folder tree) into SQLite; resumable")
+    p = add("audit", "screen every CT series of an archive (a folder tree, or a PACS over DICOMweb) into SQLite; resumable")
     p.add_argument("source", help="a folder tree of DICOM series (any layout) and NIfTI/NRRD/MHD files, or a PACS: "
                    "dicomweb+http://host:port/prefix")
     p.add_argument("--results", required=True, metavar="FILE.sqlite", help="the results (created, or resumed: screened series are skipped)")
@@ -412,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="a local process pool (default) or Ray")
     p.add_argument("--address", metavar="ADDR", help="with --engine ray: the cluster (default: start a local one)")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=probability, default=None, help="one threshold for every candidate (default: the model's own)")
     p.add_argument("--trust", metavar="PEM", help="judge the signers of signed series by these certificates")
     p.set_defaults(func=cmd_audit)
 
@@ -544,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=5.0, metavar="S", help="a series is complete after S seconds without a new instance")
     p.add_argument("--allow", metavar="AE,...", help="accept associations only from these calling AE titles")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=probability, default=None, help="one threshold for every candidate (default: the model's own)")
     p.add_argument("--workers", type=int, default=2, help="series screened and forwarded at once (default: 2)")
     p.add_argument("--associations", type=int, default=4, help="parallel associations forwarding one series (default: 4)")
     p.add_argument("--sign", nargs=2, metavar=("KEY", "CERT"), help="sign every instance on arrival (DICOM Digital Signature, "

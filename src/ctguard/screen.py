@@ -562,6 +562,8 @@ def source_thresholds(detector: Detector, threshold: float | None = None) -> dic
     own for the maps' peaks (``peak_threshold`` in its meta), that for the maps' peaks, and for one
     that chose another for the blob map's (``blob_threshold``), that for those."""
     if threshold is not None:
+        if not 0.0 <= float(threshold) <= 1.0:  # over 1 no scan is ever tampered; under 0 every one is
+            raise InputError(f"a threshold is a probability from 0 to 1, not {threshold:g}")
         return dict.fromkeys(("network", *PEAK_SOURCES), float(threshold))
     verifier = getattr(detector, "verifier", None)
     meta = verifier.meta if verifier is not None else {}
