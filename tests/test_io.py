@@ -273,3 +273,19 @@ def test_a_closed_pipe_ends_the_command_quietly():
     err = p.stderr.read()
     p.stderr.close()
     assert (p.wait(), err) == (141, b"")
+
+
+def test_series_and_trust_are_not_dropped_without_a_word(tmp_path, small_chest):
+    """--series picks one of a DICOM folder's series: on any other input it is an error, not left
+    unused; --trust on an input with no DICOM signatures says so in the result's warnings."""
+    from ctguard import api
+
+    path = io.write_itk(small_chest, tmp_path / "chest.nrrd")
+    with pytest.raises(InputError, match="picks one of a DICOM folder's series; this is a nrrd file"):
+        io.read(path, series_uid="1.2.3")
+    files = io.write_series(small_chest, tmp_path / "series", uid_seed="s")
+    with pytest.raises(InputError, match="no series 1.2.3: this file is of series"):
+        io.read(files[0], series_uid="1.2.3")
+    assert io.read(files[0], series_uid=str(pydicom.dcmread(files[0]).SeriesInstanceUID)).shape[0] == 1
+    result = api.screen(path, trust=tmp_path / "certs.pem")
+    assert any("no DICOM signatures to judge by the trusted certificates" in w for w in result["warnings"])

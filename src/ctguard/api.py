@@ -220,6 +220,8 @@ def screen(
             result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
         if vol.meta.get("kind") == "dicom-series" and vol.meta.get("files"):
             _add_signature_finding(result, vol, signature_status(vol.meta["files"], trust, vol.meta.get("signed")))
+        elif trust is not None:  # said, not dropped without a word
+            result["warnings"].append(f"{name}: no DICOM signatures to judge by the trusted certificates: not a DICOM series")
         if on_stage is not None:
             on_stage("report")
         want_seg = dicom_out is not None and (dicom_seg or result["verdict"] == "tampered")

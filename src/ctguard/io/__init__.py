@@ -74,8 +74,13 @@ def read(
     kind = sniff(path)
     if kind == "dicom-series":
         return read_series(path, series_uid=series_uid, allow_modality=allow_modality, progress=progress)
+    if series_uid is not None and kind != "dicom-file":  # not left unread without a word
+        raise InputError(f"--series {series_uid} picks one of a DICOM folder's series; this is a {kind} file", path)
     if kind == "dicom-file":
-        return read_dicom_file(path, allow_modality=allow_modality)
+        vol = read_dicom_file(path, allow_modality=allow_modality)
+        if series_uid is not None and vol.meta.get("series_uid") != series_uid:
+            raise InputError(f"no series {series_uid}: this file is of series {vol.meta.get('series_uid')}", path)
+        return vol
     if kind == "image":
         pixels = read_image(path).astype(np.float32)
         return Volume(pixels[None], (1.0, 1.0, 1.0), meta={"kind": "image", "modality": "", "warnings": []})
