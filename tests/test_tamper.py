@@ -176,6 +176,15 @@ def test_simulate_bad_input_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
     assert main(["simulate", "--out", str(tmp_path / "o"), "-q"]) == 2
     assert "nothing to simulate" in capsys.readouterr().err
+    # A flag that would be left unused is refused, not ignored.
+    for argv, words in ((["--roi", "GTV*"], "--roi names the tumours' ROIs of an RTSTRUCT: give it as --annotations"),
+                        (["--inject", "0", "--inject-families", "moved"], "with --inject 0 there are none"),
+                        (["--remove", "0", "--remove-families", "clone"], "with --remove 0 and --healthy 0 there are none"),
+                        (["--sizes", "big"], "--sizes 'big': MIN,MAX in mm")):
+        assert main(["simulate", "--phantoms", "1", "--out", str(tmp_path / "o"), *argv, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_varied_acquisitions():
@@ -443,5 +452,7 @@ def test_tumours_from_rtstruct_and_seg(tmp_path, capsys):
     seg.save_as(tmp_path / "seg.dcm")
     from_seg = tumours_from(vol, tmp_path / "seg.dcm")
     assert len(from_seg) == 2
+    with pytest.raises(InputError, match="--roi 'GTV\\*' names an RTSTRUCT's ROIs; these annotations are a DICOM SEG"):
+        tumours_from(vol, tmp_path / "seg.dcm", roi="GTV*")  # not left unused
     for t, (centre, radius) in zip(from_seg, spheres):
         assert np.array_equal(t.mask, _sphere_mask(vol, centre, radius))

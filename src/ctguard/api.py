@@ -78,7 +78,7 @@ def simulate(
     sizes: tuple[float, float] = (6.0, 20.0),
     progress: bool = True,
     echo=None,
-    roi: str = "GTV*",
+    roi: str | None = None,
     inject_families: tuple[str, ...] | list[str] = ("drawn",),
     remove_families: tuple[str, ...] | list[str] = ("fill",),
     healthy: int = 0,
@@ -98,7 +98,8 @@ def simulate(
             grid, whose connected non-zero regions are the tumours. Defaults to None.
         seed: random seed. Defaults to 0.
         sizes: injected nodule diameter range (mm). Defaults to (6, 20).
-        roi: which RTSTRUCT ROIs are tumours, by name (a pattern, case-insensitive). Defaults to ``GTV*``.
+        roi: which RTSTRUCT ROIs are tumours, by name (a pattern, case-insensitive; only with an
+            RTSTRUCT as ``annotations``). Defaults to ``GTV*``.
         inject_families: how the FM copies are made, in turn: ``drawn`` (a rendered nodule) or
             ``moved`` (a real tumour of the scan moved into healthy lung; drawn where the scan
             has none). Defaults to drawn.
@@ -113,6 +114,8 @@ def simulate(
     from ctguard.tamper.simulate import Source, check_edits, phantom_source, simulate as _simulate, tumours_from
 
     check_edits(inject_families, remove_families, healthy)  # before any scan is read
+    if roi is not None and not annotations:
+        raise InputError("--roi names the tumours' ROIs of an RTSTRUCT: give it as --annotations")
 
     sources = []
     for path in inputs:

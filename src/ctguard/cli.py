@@ -73,12 +73,21 @@ def cmd_demo(args) -> int:
 def cmd_simulate(args) -> int:
     from ctguard import api
 
-    lo, _, hi = args.sizes.partition(",")
+    try:
+        lo, _, hi = args.sizes.partition(",")
+        sizes = (float(lo), float(hi or lo))
+    except ValueError:
+        raise InputError(f"--sizes {args.sizes!r}: MIN,MAX in mm (e.g. 6,20)") from None
+    # A family list for copies that are not made would be left unused without a word.
+    if args.inject_families is not None and args.inject == 0:
+        raise InputError("--inject-families says how the FM copies are made: with --inject 0 there are none")
+    if args.remove_families is not None and args.remove == 0 and args.healthy == 0:
+        raise InputError("--remove-families says how the FB copies are in-painted: with --remove 0 and --healthy 0 there are none")
     api.simulate(args.inputs, args.out, inject=args.inject, remove=args.remove, per_scan=args.per_scan,
                  phantoms=args.phantoms, annotations=args.annotations, seed=args.seed, roi=args.roi,
-                 sizes=(float(lo), float(hi or lo)), progress=not args.quiet, echo=print,
-                 inject_families=[f for f in args.inject_families.split(",") if f],
-                 remove_families=[f for f in args.remove_families.split(",") if f], healthy=args.healthy)
+                 sizes=sizes, progress=not args.quiet, echo=print,
+                 inject_families=[f for f in (args.inject_families or "drawn").split(",") if f],
+                 remove_families=[f for f in (args.remove_families or "fill").split(",") if f], healthy=args.healthy)
     return 0
 
 
@@ -385,15 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inject", type=int, default=2, metavar="N", help="FM copies per scan (default: 2)")
     p.add_argument("--remove", type=int, default=1, metavar="N", help="FB copies per scan with a known tumour (default: 1)")
     p.add_argument("--healthy", type=int, default=0, metavar="N", help="more FB copies per scan with healthy lung in-painted (default: 0)")
-    p.add_argument("--inject-families", default="drawn", metavar="LIST",
+    p.add_argument("--inject-families", default=None, metavar="LIST",
                    help="how FM copies are made, in turn: drawn (a rendered nodule), moved (a real tumour of the scan moved) (default: drawn)")
-    p.add_argument("--remove-families", default="fill", metavar="LIST",
+    p.add_argument("--remove-families", default=None, metavar="LIST",
                    help="how FB copies are in-painted, in turn: fill, clone (healthy lung copied over) (default: fill)")
     p.add_argument("--per-scan", type=int, default=1, metavar="K", help="nodules injected into each FM copy (default: 1)")
     p.add_argument("--phantoms", type=int, default=0, metavar="N", help="also tamper with N phantom chests")
     p.add_argument("--annotations", metavar="DIR|FILE", help="known real tumours: a folder of PASCAL-VOC boxes named by SOPInstanceUID, "
                    "an LIDC-IDRI XML, a DICOM RTSTRUCT or SEG of the series, or a label map (NRRD/NIfTI) on the scan's grid")
-    p.add_argument("--roi", default="GTV*", metavar="PATTERN", help="with an RTSTRUCT: the ROIs that are tumours, by name (default: GTV*)")
+    p.add_argument("--roi", default=None, metavar="PATTERN", help="with an RTSTRUCT as --annotations: the ROIs that are tumours, by name (default: GTV*)")
     p.add_argument("--sizes", default="6,20", metavar="MIN,MAX", help="injected nodule diameters in mm (default: 6,20)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_simulate)

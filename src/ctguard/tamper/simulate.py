@@ -111,23 +111,27 @@ def tumours_from_labelmap(vol: Volume, labelmap: str | Path) -> list[Tumour]:
     return [tumour_of(m, vol.spacing) for m in masks if m.sum() >= 10]
 
 
-def tumours_from(vol: Volume, annotations: str | Path | None, roi: str = "GTV*") -> list[Tumour]:
+def tumours_from(vol: Volume, annotations: str | Path | None, roi: str | None = None) -> list[Tumour]:
     """The scan's known real tumours: from a folder of PASCAL-VOC boxes (:func:`tumours_from_voc`),
     an LIDC-IDRI annotation XML (:mod:`ctguard.io.lidc`: each nodule the union of its readers'
-    outlines), a DICOM RTSTRUCT (its ROIs named like ``roi``) or SEG of the series
+    outlines), a DICOM RTSTRUCT (its ROIs named like ``roi``, default ``GTV*``) or SEG of the series
     (:mod:`ctguard.io.rtstruct`), a label-map file (:func:`tumours_from_labelmap`), or none without
-    ``annotations``."""
+    ``annotations``. ``roi`` with any annotation but an RTSTRUCT is an error, not left unused."""
     if not annotations:
         return []
-    if Path(annotations).is_dir():
-        return tumours_from_voc(vol, annotations)
     from ctguard.io import lidc, rtstruct
 
-    if lidc.is_lidc_xml(annotations):
+    kind = ("voc" if Path(annotations).is_dir() else "lidc" if lidc.is_lidc_xml(annotations)
+            else rtstruct.dicom_kind(annotations) or "label map")
+    if roi is not None and kind != "rtstruct":
+        what = {"voc": "a folder of PASCAL-VOC boxes", "lidc": "an LIDC-IDRI XML", "seg": "a DICOM SEG"}.get(kind, "a label map")
+        raise InputError(f"--roi {roi!r} names an RTSTRUCT's ROIs; these annotations are {what}", annotations)
+    if kind == "voc":
+        return tumours_from_voc(vol, annotations)
+    if kind == "lidc":
         return [tumour_of(m, vol.spacing) for m in lidc.nodules(vol, annotations)]
-    kind = rtstruct.dicom_kind(annotations)
     if kind == "rtstruct":
-        return [tumour_of(m, vol.spacing) for _, m in rtstruct.rtstruct_masks(vol, annotations, roi)]
+        return [tumour_of(m, vol.spacing) for _, m in rtstruct.rtstruct_masks(vol, annotations, roi or "GTV*")]
     if kind == "seg":
         return [tumour_of(m, vol.spacing) for _, m in rtstruct.seg_masks(vol, annotations)]
     return tumours_from_labelmap(vol, annotations)
