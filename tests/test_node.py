@@ -66,6 +66,7 @@ def test_clean_accepted_tampered_held_with_report_and_audit(node, tampered):
     assert audit[fake_uid]["verdict"] == "tampered" and audit[fake_uid]["action"] == "held"
     assert audit[fake_uid]["instances"] == len(fake) and audit[fake_uid]["calling_ae"] == "SCANNER"
     assert {"time", "study_uid", "score"} <= set(audit[fake_uid])
+    assert audit[fake_uid]["patient_id"] == pydicom.dcmread(fake[0]).PatientID  # whose series it held, from its headers
     held = Path(audit[fake_uid]["folder"])
     assert held.parent.name == "quarantine" and len(list(held.glob("*.dcm"))) == len(fake)
     assert (held / "result.json").is_file() and (held / "report" / "index.html").is_file()

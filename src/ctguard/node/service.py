@@ -33,6 +33,19 @@ log = logging.getLogger("ctguard.node")
 SCREENED_CLASSES = {CTImageStorage, EnhancedCTImageStorage}
 
 
+def whose(state: dict[str, Any]) -> str:
+    """The patient and series description for a log line (" (patient P, description)"), where
+    screening read them from the headers; else empty."""
+    parts = [f"patient {state['patient_id']}" if state.get("patient_id") else "", state.get("description") or ""]
+    text = ", ".join(p for p in parts if p)
+    return f" ({text})" if text else ""
+
+
+def patient_of(state: dict[str, Any]) -> dict[str, str]:
+    """The audit entry's patient ID, where screening read it."""
+    return {"patient_id": state["patient_id"]} if state.get("patient_id") else {}
+
+
 @dataclass
 class Destination:
     ae_title: str
@@ -223,7 +236,8 @@ class Node:
                                     threshold=self.cfg.threshold, dicom_out=work / "dicom" if self.cfg.send_results else None,
                                     report_tampered_only=self.cfg.forward is not None)
                 state.update(verdict=result["verdict"], score=result["score"], findings=len(result["findings"]),
-                             screen_s=round(time.time() - t, 2))
+                             screen_s=round(time.time() - t, 2),
+                             **{k: v for k, v in (result.get("scan") or {}).items() if k in ("patient_id", "description")})
             except InputError as e:
                 state.update(verdict="error", score=None, error=e.problem)
             state.update(status="screened", instances=len(files))
@@ -234,7 +248,7 @@ class Node:
                 return  # its state is still "receiving"; the instance that arrived set it settling again
             if screened or late:
                 self.spool.save_state(uid, state)
-                log.info("series %s: %s (score %s, %d instances)", uid, state["verdict"], state.get("score"), len(files))
+                log.info("series %s%s: %s (score %s, %d instances)", uid, whose(state), state["verdict"], state.get("score"), len(files))
             self._carry_out(uid, state, folder, files)
 
     def _carry_out(self, uid: str, state: dict[str, Any], folder: Path, files: list[Path]) -> None:
@@ -250,13 +264,13 @@ class Node:
             return
         action = "forwarded-alert" if verdict == "tampered" else "forwarded"
         if verdict == "tampered":
-            log.warning("ALERT: series %s screened TAMPERED (score %s); forwarding by policy", uid, state.get("score"))
+            log.warning("ALERT: series %s%s screened TAMPERED (score %s); forwarding by policy", uid, whose(state), state.get("score"))
         self._forward_until_confirmed(uid, files)
         results = sorted((folder / ".screen" / "dicom").glob("*.dcm")) if self.cfg.send_results else []
         if results:  # after the series, so that a viewer finds the images its SR and SEG refer to
             self._forward_until_confirmed(uid, results)
-        self.spool.audit(calling_ae=state.get("calling_ae"), study_uid=state.get("study_uid"), series_uid=uid, instances=len(files),
-                         verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title,
+        self.spool.audit(calling_ae=state.get("calling_ae"), **patient_of(state), study_uid=state.get("study_uid"), series_uid=uid,
+                         instances=len(files), verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title,
                          results=[p.name for p in results])
         self.spool.mark_decided(uid, verdict=verdict, action=action, instances=len(files))
         if verdict == "tampered":  # keep the evidence of a forwarded alert
@@ -280,12 +294,12 @@ class Node:
             if (screen / name).exists():
                 (screen / name).rename(dest / name)
         shutil.rmtree(screen, ignore_errors=True)
-        self.spool.audit(calling_ae=state.get("calling_ae"), study_uid=state.get("study_uid"), series_uid=uid, instances=len(files),
-                         verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
+        self.spool.audit(calling_ae=state.get("calling_ae"), **patient_of(state), study_uid=state.get("study_uid"), series_uid=uid,
+                         instances=len(files), verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
                          **({"reason": state["error"]} if state.get("verdict") == "late" else {}))
         self.spool.mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
         if action in ("held", "held-late"):
-            log.warning("series %s held in quarantine: %s", uid, dest)
+            log.warning("series %s%s held in quarantine: %s", uid, whose(state), dest)
 
     def _keep(self, uid: str, state: dict[str, Any]) -> None:
         """No destination configured: the node is the end point; screened series go to accepted/."""
