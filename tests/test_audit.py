@@ -101,6 +101,7 @@ def test_audit_a_folder_tree_resume_and_report(archive, tmp_path, capsys):
     assert main(["audit-report", str(db), "--out", str(out), "-q"]) == 0
     page = (out / "index.html").read_text()
     assert "8 series" in page and "histogram of tamper scores" in page and "not a CT series" in page
+    assert "2 error (1 not a CT series, 1 unreadable DICOM header)" in page  # the errors' reasons at a glance
     assert page.count("STANDARD kernel, 5 mm slices") == 2  # the series with no description, both of its rows
     lines = (out / "series.csv").read_text().splitlines()
     assert len(lines) == 9 and lines[0].startswith("verdict,score,key")

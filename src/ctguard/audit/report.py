@@ -30,6 +30,12 @@ def _histogram(scores: list[float]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def error_kind(reason: str) -> str:
+    """An error row's reason without its particulars: "not a CT series (modality MR)" -> "not a CT
+    series", "not a CT: its voxels hold only ..." -> "not a CT"."""
+    return reason.split(":")[0].split("(")[0].strip() or "error"
+
+
 def write(rows: list[dict[str, Any]], out_dir: str | Path, reports: dict[str, str] | None = None) -> dict[str, Path]:
     """``index.html`` and ``series.csv`` under ``out_dir``; ``reports`` maps a series key to the
     relative link of its own screening report."""
@@ -62,6 +68,9 @@ def write(rows: list[dict[str, Any]], out_dir: str | Path, reports: dict[str, st
                     f'<small>{html.escape(r["key"])}</small></td><td>{html.escape(r.get("patient_id") or "")}</td><td>{r.get("slices") or ""}</td>'
                     f'<td>{finding_list(r)}</td><td>{sig}</td><td>{html.escape(r.get("error") or "")}</td></tr>')
     summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("tampered", "clean", "error"))
+    reasons = Counter(error_kind(r.get("error") or "") for r in rows if r["verdict"] == "error")
+    if reasons:  # what the errors are, at a glance: in a hospital archive most are series that are not CT
+        summary += " (" + ", ".join(f"{n} {html.escape(k)}" for k, n in sorted(reasons.items(), key=lambda kn: (-kn[1], kn[0]))) + ")"
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ctguard audit</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;width:100%}}
 td,th{{border-bottom:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-align:top}}tr.tampered td:first-child{{color:#b00020;font-weight:bold}}
