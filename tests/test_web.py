@@ -94,6 +94,8 @@ def test_many_files_and_the_jobs_api(client, tampered):
     r = client.post("/api/jobs", files=files)
     assert r.status_code == 202
     job = r.json()["id"]
+    early = client.delete(f"/api/jobs/{job}")  # still being screened (80 slices take seconds): not yet
+    assert early.status_code == 409 and "delete it once it has finished" in early.json()["detail"]
     for _ in range(600):
         s = client.get(f"/api/jobs/{job}").json()
         if s["status"] in ("done", "error"):
@@ -101,6 +103,7 @@ def test_many_files_and_the_jobs_api(client, tampered):
         threading.Event().wait(0.1)
     assert s["status"] == "done", s
     assert s["result"]["shape"] == [80, 192, 192] and s["name"] == "80 files"
+    assert client.delete(f"/api/jobs/{job}").status_code == 204 and client.get(f"/api/jobs/{job}").status_code == 404
 
 
 def test_oversized_upload_is_refused_before_it_is_read(client):

@@ -106,6 +106,10 @@ def test_upload_in_a_real_browser(server, tampered):
             page.keyboard.press("ArrowLeft")
             page.wait_for_function("document.getElementById('slice').complete")
             page.screenshot(path=str(ARTIFACTS / "web_tampered.png"), full_page=True)
+            # The results hold the patient's images: the page deletes them from the server on request.
+            page.get_by_role("button", name="Delete from server").click()
+            page.wait_for_selector("#result", state="hidden")
+            assert page.locator("#status-text").inner_text().startswith("Deleted from the server")
         finally:
             browser.close()
     assert (ARTIFACTS / "web_tampered.png").stat().st_size > 10_000

@@ -109,6 +109,14 @@ def test_a_job_is_its_uploaders_and_every_step_is_audited(secured, png):
     kinds = [(e["event"], e.get("user"), e.get("what")) for e in events if e.get("job") == job]
     assert ("upload", "alice", None) in kinds and ("view", "alice", None) in kinds and ("delete", "alice", "upload") in kinds
     assert not [e for e in events if e["event"] == "view" and e.get("user") == "bob"]  # a 404 shows nothing, logs no view
+    # Its owner can delete the results now (another user cannot, nor see that they exist); then they are gone.
+    assert secured.delete(f"/api/jobs/{job}", headers=bob).status_code == 404
+    assert secured.delete(f"/api/jobs/{job}", headers=alice).status_code == 204
+    assert secured.get(f"/api/jobs/{job}", headers=alice).status_code == 404
+    assert not [d for d in os.listdir(secured.settings.work_dir) if (Path(secured.settings.work_dir) / d).is_dir()]
+    assert secured.delete(f"/api/jobs/{job}", headers=alice).status_code == 404
+    deleted = [e for e in auth.AuditLog(secured.settings.audit_log).read() if e["event"] == "delete" and e.get("what") == "results"]
+    assert [(e["job"], e["user"], e["reason"]) for e in deleted] == [(job, "alice", "deleted by its owner")]
 
 
 def test_results_are_deleted_after_the_retention_time(users, tmp_path, png):

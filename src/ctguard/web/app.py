@@ -289,6 +289,18 @@ def create_app(settings: WebSettings | None = None):
     def job_status(job_id: str, request: Request, user: str = Depends(current_user)) -> dict:
         return get_job(job_id, user, request).public()
 
+    @app.delete("/api/jobs/{job_id}", status_code=204, summary="Delete a finished job's results from the server now",
+                description="The report, the slices and the DICOM results of a scan go at once instead of after the retention "
+                            "time (the upload itself is never kept). 409 while the job is still queued or running.")
+    def delete_job(job_id: str, request: Request, user: str = Depends(current_user)):
+        job = jobs.get(job_id, owner=user)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if not job.finished:
+            raise HTTPException(409, f"job {job_id} is {job.status}: delete it once it has finished")
+        jobs.delete(job, "deleted by its owner")
+        return Response(status_code=204)
+
     @app.get("/api/jobs/{job_id}/result.json")
     def job_json(job_id: str, request: Request, user: str = Depends(current_user)):
         job = get_job(job_id, user, request)

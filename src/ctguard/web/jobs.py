@@ -121,6 +121,13 @@ class JobManager:
             job = self.jobs.get(job_id)
         return job if job is not None and (owner is None or job.owner == owner) else None
 
+    def delete(self, job: Job, reason: str) -> None:
+        """Removes a finished job and its results now (its owner asked), as retention would later."""
+        with self.lock:
+            self.jobs.pop(job.id, None)
+        remove_tree(job.folder)
+        self.on_delete(job, "results", reason)
+
     def of(self, owner: str) -> list[Job]:
         with self.lock:
             return sorted((j for j in self.jobs.values() if j.owner == owner), key=lambda j: j.created)

@@ -147,4 +147,19 @@ function setSlice(k) {
   $("slice").alt = `Axial slice ${k} of ${z.max}${overlay === "true" ? ", tamper heatmap overlaid" : ""}`;
 }
 $("z").addEventListener("input", (e) => setSlice(Number(e.target.value)));
+
+// The results hold the patient's images: whoever screened a scan can remove them before the retention time.
+$("delete").addEventListener("click", async () => {
+  if (!job) return;
+  const r = await fetch(`/api/jobs/${job.id}`, { method: "DELETE" });
+  if (r.status !== 204) {
+    let body = {};
+    try { body = await r.json(); } catch (_) { /* not JSON */ }
+    fail(body.detail || `Could not delete (HTTP ${r.status}).`);
+    return;
+  }
+  job = null;
+  show($("result"), false);
+  status("Deleted from the server: its report, slices and DICOM results are gone.", 100);
+});
 $("overlay").addEventListener("change", () => setSlice(Number($("z").value)));
