@@ -222,3 +222,16 @@ def test_a_pool_that_breaks_between_waits_loses_no_series(monkeypatch):
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", FlakyPool)
     rows = list(engines.local(range(6), lambda ref, hint: {"series": ref}, (None,), workers=1))
     assert refused == [2] and sorted(r["series"] for r in rows) == list(range(6))
+
+
+def test_a_series_not_found_clean_is_named_on_one_line():
+    """What the audit prints above its progress bar: the series, whose it is and what it is, then
+    its score or the error's reason (a file's own name is not repeated as its description)."""
+    from ctguard.api import audit_line
+
+    assert audit_line({"verdict": "tampered", "key": "1.2.3", "patient_id": "LIDC-IDRI-0002", "score": 0.99912,
+                       "description": "STANDARD kernel, 2.5 mm slices"}) == \
+        "TAMPERED: 1.2.3 (patient LIDC-IDRI-0002, STANDARD kernel, 2.5 mm slices): score 0.999"
+    assert audit_line({"verdict": "error", "key": "/pacs/LIDC-IDRI-0001/nodules.nrrd", "description": "nodules.nrrd",
+                       "error": "not a CT: its voxels hold only 2 whole values from 0 to 1 (a label map or mask)"}) == \
+        "ERROR: /pacs/LIDC-IDRI-0001/nodules.nrrd: not a CT: its voxels hold only 2 whole values from 0 to 1 (a label map or mask)"

@@ -612,6 +612,16 @@ def signature_status(files: list[str | Path], trust: str | Path | None = None, s
     return summary
 
 
+def audit_line(row: dict[str, Any]) -> str:
+    """A series an audit did not find clean, on one line: "TAMPERED: KEY (patient P, description):
+    score 0.999", or "ERROR: KEY: reason"."""
+    about = [f"patient {row['patient_id']}" if row.get("patient_id") else "",
+             row.get("description") if row.get("description") not in (None, "", Path(str(row["key"])).name) else ""]
+    who = ", ".join(a for a in about if a)
+    what = row["error"] if row.get("error") else f"score {row['score']:.3f}"
+    return f"{row['verdict'].upper()}: {row['key']}{f' ({who})' if who else ''}: {what}"
+
+
 def audit(source: str | Path, results: str | Path, model: str | None = None, threshold: float | None = None, workers: int = 1,
           engine: str = "local", address: str | None = None, trust: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Screens every CT series of an archive (a folder tree of DICOM, NIfTI, NRRD, MHD, or a PACS
@@ -668,8 +678,7 @@ def audit(source: str | Path, results: str | Path, model: str | None = None, thr
             counts["screened"] += 1
             counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
             if row["verdict"] != "clean" and progress:  # named as found, above the bar
-                bar.write(f"{row['verdict'].upper()}: {row.get('description') or ''} {row['key']}"
-                          + (f" ({row['error']})" if row.get("error") else f" (score {row['score']:.3f})"))
+                bar.write(audit_line(row))
     finally:
         bar.close()
         store.close()
