@@ -181,14 +181,9 @@ def screen(
 
     from tqdm import tqdm
 
-    from ctguard.io.archive import is_zip
     from ctguard.screen import load_detector, screen_volume
 
-    if not isinstance(path, Volume) and is_zip(path):  # read within the zip's block, whose folder its files are in
-        with loaded(path, series_uid=series_uid) as vol:
-            return screen(vol, json_out=json_out, report_dir=report_dir, model=model, threshold=threshold, progress=progress,
-                          truth=truth, on_stage=on_stage, viewer_dir=viewer_dir, dicom_out=dicom_out, dicom_seg=dicom_seg,
-                          trust=trust, report_tampered_only=report_tampered_only, name=name)
+    held = contextlib.ExitStack()  # a zip's folder, kept while its files are read again (signatures, DICOM results)
     stages = ["read", "lungs", "detector", "findings", "report"]
     bar = tqdm(total=len(stages), desc="screen", disable=not progress, leave=False)
 
@@ -198,25 +193,25 @@ def screen(
         if on_stage is not None and name not in ("read", "report"):  # screen_volume names stages as they start
             on_stage(name)
 
-    if on_stage is not None:
-        on_stage("read")
-    vol = path if isinstance(path, Volume) else load(path, series_uid=series_uid)
-    single = vol.shape[0] == 1  # one DICOM slice or an image: the 2D detector
-    if single:
-        from ctguard.screen import as_ct_slice, load_detector2d, screen_slice
-
-        detector = load_detector2d(model)
-        vol = as_ct_slice(vol)
-    else:
-        detector = load_detector(model)
-    stage("read")
-    if name is None:
-        name = str(path) if not isinstance(path, Volume) else vol.meta.get("archive") or vol.meta.get("root", "volume")
-    if dicom_out is not None:
-        from ctguard.report import dicom_objects
-
-        sources = dicom_objects.source_datasets(vol)  # refused before screening when the input is not a DICOM series
     try:
+        if on_stage is not None:
+            on_stage("read")
+        vol = path if isinstance(path, Volume) else held.enter_context(loaded(path, series_uid=series_uid))
+        single = vol.shape[0] == 1  # one DICOM slice or an image: the 2D detector
+        if single:
+            from ctguard.screen import as_ct_slice, load_detector2d, screen_slice
+
+            detector = load_detector2d(model)
+            vol = as_ct_slice(vol)
+        else:
+            detector = load_detector(model)
+        stage("read")
+        if name is None:
+            name = str(path) if not isinstance(path, Volume) else vol.meta.get("archive") or vol.meta.get("root", "volume")
+        if dicom_out is not None:
+            from ctguard.report import dicom_objects
+
+            sources = dicom_objects.source_datasets(vol)  # refused before screening when the input is not a DICOM series
         if single:
             result, heat, _ = screen_slice(vol, detector, name, threshold=threshold, stage=stage)
         else:
@@ -249,6 +244,7 @@ def screen(
         stage("report")
     finally:
         bar.close()
+        held.close()
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
@@ -286,8 +282,12 @@ def score_locations(path: str | Path | Volume, locations_csv: str | Path, scores
     from ctguard.screen import load_detector, score_locations as _score
 
     with contextlib.nullcontext(path) if isinstance(path, Volume) else loaded(path, series_uid=series_uid) as vol:
-        # A CT-GAN scan's uuid: its folder's name, or its zip's less ".zip".
-        name = Path(vol.meta["archive"]).stem if "archive" in vol.meta else Path(vol.meta.get("root", "volume") if isinstance(path, Volume) else path).name
+        pass  # only the voxels are scored: a zip's folder is not needed after the read
+    # A CT-GAN scan's uuid: its zip's name less ".zip", or its folder's name.
+    if "archive" in vol.meta:
+        name = Path(vol.meta["archive"]).stem
+    else:
+        name = Path(vol.meta.get("root", "volume") if isinstance(path, Volume) else path).name
     rows = list(csv.DictReader(Path(locations_csv).read_text().splitlines()))
     if not rows:
         raise InputError("no rows", locations_csv)
@@ -655,8 +655,10 @@ def audit(source: str | Path, results: str | Path, model: str | None = None, thr
         raise InputError(f"--engine {engine!r}: one of {', '.join(engines.ENGINES)}")
     if workers < 1:
         raise InputError(f"--workers {workers}: at least 1")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:  # checked once here, not as an error row of every series
-        raise InputError(f"--threshold {threshold:g}: a probability from 0 to 1")
+    if threshold is not None:  # checked once here, not as an error row of every series
+        from ctguard.screen import checked_threshold
+
+        checked_threshold(threshold)
     if address and engine != "ray":
         raise InputError("--address is the Ray cluster's: give --engine ray too")
     from ctguard.screen import load_detector

@@ -30,14 +30,16 @@ def _print_json(obj, path: str | None = None) -> None:
 
 
 def probability(text: str) -> float:
-    """An argument that is a probability from 0 to 1 (a threshold over 1 would let every scan pass)."""
+    """A ``--threshold``: a probability from 0 to 1 (:func:`ctguard.screen.checked_threshold`),
+    refused before anything is read."""
+    from ctguard.screen import checked_threshold
+
     try:
-        value = float(text)
+        return checked_threshold(float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a probability from 0 to 1, not {text}")
-    return value
+    except InputError as e:
+        raise argparse.ArgumentTypeError(e.problem) from None
 
 
 def cmd_info(args) -> int:

@@ -556,15 +556,22 @@ def merged(scored: list[dict[str, Any]], spacing, within_mm: float = NMS_MM) -> 
 PEAK_SOURCES = ("trace", "smooth", "blob")  # candidates from the lungs' maps, held to a stage's ``peak_threshold`` where it has one
 
 
+def checked_threshold(threshold: float) -> float:
+    """``threshold`` as a float, or a one-line error where it is not a probability from 0 to 1: over
+    1 no scan is ever tampered, under 0 every one is. The CLI's ``--threshold``, the audit and
+    screening all check it here."""
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise InputError(f"a threshold is a probability from 0 to 1, not {threshold:g}")
+    return float(threshold)
+
+
 def source_thresholds(detector: Detector, threshold: float | None = None) -> dict[str, float]:
     """The threshold each source of candidates is held to: ``threshold`` for all where given, else
     the detector's own for the network's candidates and, for a second stage that chose one of its
     own for the maps' peaks (``peak_threshold`` in its meta), that for the maps' peaks, and for one
     that chose another for the blob map's (``blob_threshold``), that for those."""
     if threshold is not None:
-        if not 0.0 <= float(threshold) <= 1.0:  # over 1 no scan is ever tampered; under 0 every one is
-            raise InputError(f"a threshold is a probability from 0 to 1, not {threshold:g}")
-        return dict.fromkeys(("network", *PEAK_SOURCES), float(threshold))
+        return dict.fromkeys(("network", *PEAK_SOURCES), checked_threshold(threshold))
     verifier = getattr(detector, "verifier", None)
     meta = verifier.meta if verifier is not None else {}
     peak = float(meta.get("peak_threshold", detector.threshold))

@@ -123,10 +123,16 @@ class JobManager:
 
     def delete(self, job: Job, reason: str) -> None:
         """Removes a finished job and its results now (its owner asked), as retention would later."""
+        self._remove([(job, reason)])
+
+    def _remove(self, gone: list[tuple[Job, str]]) -> None:
+        """Removes each ``(job, reason)`` and its files, and says so (``on_delete``), once: a job the
+        sweeper and its owner both remove is removed and audited by whichever comes first."""
         with self.lock:
-            self.jobs.pop(job.id, None)
-        remove_tree(job.folder)
-        self.on_delete(job, "results", reason)
+            gone = [(j, reason) for j, reason in gone if self.jobs.pop(j.id, None) is not None]
+        for j, reason in gone:
+            remove_tree(j.folder)
+            self.on_delete(j, "results", reason)
 
     def of(self, owner: str) -> list[Job]:
         with self.lock:
@@ -143,11 +149,7 @@ class JobManager:
                     old.append((j, "retention"))
                 elif k < surplus:
                     old.append((j, "too many jobs"))
-            for j, _ in old:
-                self.jobs.pop(j.id, None)
-        for j, reason in old:
-            remove_tree(j.folder)
-            self.on_delete(j, "results", reason)
+        self._remove(old)
 
     def shutdown(self) -> None:
         self._stop.set()
