@@ -221,6 +221,34 @@ def test_bad_inputs(tmp_path, capsys, small_chest):
     _expect_error(capsys, ["info", str(mixed)], "mixed slice orientations")
 
 
+
+def test_two_versions_of_one_series_are_not_read_as_one(tmp_path, capsys, small_chest):
+    """A folder holding a series twice, as the simulator writes an untouched copy and a tampered
+    one under the same UIDs: identical copies read as one; where one slice differs, neither
+    version nor a mixture is screened (the other would pass unseen), and the error names both files."""
+    files = io.write_series(small_chest, tmp_path / "a" / "s")
+    shutil.copytree(tmp_path / "a" / "s", tmp_path / "a" / "copy")
+    vol = io.read(tmp_path / "a")
+    assert vol.shape == small_chest.shape and np.array_equal(vol.hu, np.rint(small_chest.hu))
+    assert any(f"{small_chest.shape[0]} identical slices at duplicate positions dropped" in w for w in vol.warnings)
+    changed = tmp_path / "a" / "copy" / Path(files[5]).name
+    ds = pydicom.dcmread(changed)
+    pixels = ds.pixel_array.copy()
+    pixels[10, 10] += 1
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(changed)
+    err = _expect_error(capsys, ["screen", "-q", str(tmp_path / "a")], "two different images at one place")
+    assert f"copy/{changed.name}" in err and f"s/{changed.name}" in err
+    with pytest.raises(InputError, match="two versions of one series"):
+        io.read(tmp_path / "a")
+    # The same pixels stored another way (a rescale that gives the same HU) are the same image.
+    ds = pydicom.dcmread(files[5])
+    stored = ds.pixel_array.astype(np.int32)
+    ds.PixelData = (stored + 1000).astype(ds.pixel_array.dtype).tobytes()
+    ds.RescaleIntercept = float(ds.RescaleIntercept) - 1000
+    ds.save_as(changed)
+    assert np.array_equal(io.read(tmp_path / "a").hu, vol.hu)
+
 @pytest.mark.parametrize("spacing, new", [((5.0, 0.842, 0.842), (1.0, 1.0, 1.0)), ((0.7, 1.3, 2.5), (1.0, 0.9, 2.0)),
                                           ((8.0, 0.646, 0.646), (3.0, 3.0, 3.0))])
 def test_resample_nearest_matches_order0_interpolation(spacing, new):

@@ -211,6 +211,31 @@ def test_tls_echo_and_store(tmp_path, small_chest):
         n.stop()
 
 
+
+def test_a_series_sent_in_two_versions_is_held_not_screened_as_one(node, tampered, tmp_path):
+    """A second image at a slice's place (another SOP instance of the same series, its pixels
+    changed): neither version is screened alone, nor a mixture; the series is held with the
+    reason, though --on-error's default would pass a series that cannot be screened."""
+    import pydicom.uid
+
+    root, _, _ = tampered
+    clean = sorted((root / "clean").iterdir())
+    ds = pydicom.dcmread(clean[5])
+    pixels = ds.pixel_array.copy()
+    pixels[40:44, 40:44] += 300
+    ds.PixelData = pixels.tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    extra = tmp_path / "extra.dcm"
+    ds.save_as(extra)
+    assert node.cfg.on_error == "forward"
+    assert send(node.cfg.port, [*clean, extra]) == [0] * (len(clean) + 1)
+    wait_for(lambda: node.spool.read_audit())
+    (entry,) = node.spool.read_audit()
+    assert entry["verdict"] == "conflict" and entry["action"] == "held" and entry["instances"] == len(clean) + 1
+    assert "two different images at one place" in entry["reason"] and f"{ds.SOPInstanceUID}.dcm" in entry["reason"]
+    held = Path(entry["folder"])
+    assert held.parent.name == "quarantine" and len(list(held.glob("*.dcm"))) == len(clean) + 1
+
 def test_a_late_part_of_a_decided_series_is_held_not_screened_alone(tmp_path, tampered, monkeypatch):
     """Instances arriving after their series was decided (the sender paused longer than the settle
     time) are held as a late part by default, never screened on their own (a few slices would be an

@@ -20,3 +20,9 @@ class InputError(ValueError):
 
     def __reduce__(self):  # from a worker process (the node's screeners, the audit's pool) intact
         return (type(self), (self.problem, self.path))
+
+
+class ConflictingImages(InputError):
+    """Two different images at one place of one series: two versions of the series (an edited copy
+    beside its original, under the same UIDs), never screened as one. The DICOM node holds such a
+    series whatever ``--on-error`` says: forwarding it would pass the version not screened."""

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ctguard.errors import InputError
+from ctguard.errors import ConflictingImages, InputError
 from ctguard.volume import Volume
 
 PIXEL_DATA = 0x7FE00010
@@ -88,6 +88,30 @@ def _slice_pixels(ds: Dataset, path: Path) -> np.ndarray:
         raise InputError(f"pixel data cannot be decoded ({e.__class__.__name__}: {e})", path) from None
 
 
+def _same_image(a: Dataset, b: Dataset) -> bool:
+    """Whether two slices hold the same image: the same HU in every pixel (the same stored bytes and
+    rescale, or, stored otherwise, the same values decoded)."""
+    if _rescale(a) == _rescale(b) and a.get("PixelData") == b.get("PixelData"):
+        return True
+    try:
+        (sa, ia), (sb, ib) = _rescale(a), _rescale(b)
+        pa, pb = a.pixel_array.astype(np.float64), b.pixel_array.astype(np.float64)
+        return pa.shape == pb.shape and np.array_equal(pa * sa + ia, pb * sb + ib)
+    except Exception:  # undecodable pixels: not known to be the same
+        return False
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """``path`` as a user would name it from ``folder`` (its name where it is not under it; the file
+    it links to where it is a link, as the audit's folders of a series' files are)."""
+    if path.is_symlink():
+        return str(path.resolve())
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return path.name
+
+
 def _check_modality(modality: str, path: Path, allow_modality: bool) -> None:
     if modality.upper() != "CT" and not allow_modality:
         raise InputError(f"modality is {modality or 'missing'}, not CT (use --allow-modality to read it anyway)", path)
@@ -103,7 +127,7 @@ def read_series(
 
     Files are grouped by SeriesInstanceUID; ``series_uid`` picks one, else the largest is
     read and the others are named in a warning. Slices are sorted by position along the
-    slice normal, duplicate positions dropped, and stored values rescaled to HU.
+    slice normal, a second copy of a slice dropped, and stored values rescaled to HU.
 
     Args:
         folder: the folder.
@@ -116,7 +140,7 @@ def read_series(
 
     Raises:
         InputError: no DICOM images, unknown series, non-CT modality, mixed orientations,
-            undecodable pixels.
+            undecodable pixels, two different images at one place (two versions of the series).
     """
     from tqdm import tqdm
 
@@ -204,11 +228,19 @@ def read_series(
     kept_pos = [positions[0]]
     for it, p in zip(items[1:], positions[1:]):
         if abs(p - kept_pos[-1]) < 1e-3:
+            # A second slice at a kept slice's place is dropped only where it holds the same image
+            # (the same file twice): two different images at one place are two versions of the
+            # series, and screening either one, or a mixture, would pass the other unseen.
+            if not _same_image(kept[-1][1], it[1]):
+                a, b = (_relative(x[0], folder) for x in (kept[-1], it))
+                raise ConflictingImages(f"two different images at one place ({p:.2f} mm along the slice normal) in series {chosen}: "
+                                 f"{a} and {b}; two versions of one series, or two acquisitions under one series UID "
+                                 "(screen each apart)", folder)
             continue
         kept.append(it)
         kept_pos.append(p)
     if len(kept) < len(items):
-        warnings.append(f"{folder}: {len(items) - len(kept)} slices at duplicate positions dropped")
+        warnings.append(f"{folder}: {len(items) - len(kept)} identical slices at duplicate positions dropped")
 
     rows, cols = int(first.Rows), int(first.Columns)
     hu = np.empty((len(kept), rows, cols), dtype=np.float32)

@@ -202,7 +202,7 @@ class Node:
         while the decision is carried out (forwarded, held) new instances of it wait (see
         :meth:`Spool.series_lock`)."""
         from ctguard import api
-        from ctguard.errors import InputError
+        from ctguard.errors import ConflictingImages, InputError
 
         with self.lock:
             if uid in self.last_seen:  # more instances arrived: wait for the series to settle again
@@ -238,6 +238,8 @@ class Node:
                 state.update(verdict=result["verdict"], score=result["score"], findings=len(result["findings"]),
                              screen_s=round(time.time() - t, 2),
                              **{k: v for k, v in (result.get("scan") or {}).items() if k in ("patient_id", "description")})
+            except ConflictingImages as e:  # two versions of the series: the one not screened must not pass
+                state.update(verdict="conflict", score=None, error=e.problem)
             except InputError as e:
                 state.update(verdict="error", score=None, error=e.problem)
             state.update(status="screened", instances=len(files))
@@ -255,7 +257,7 @@ class Node:
         """The policy for a screened series: held, kept, or forwarded (then removed from the spool)."""
         verdict = state["verdict"]
         hold = (verdict == "tampered" and self.cfg.on_tampered == "hold") or (verdict == "error" and self.cfg.on_error == "hold") \
-            or verdict == "late"
+            or verdict in ("late", "conflict")
         if hold or self.cfg.forward is None:
             if hold:
                 self._quarantine(uid, state, action="held-late" if verdict == "late" else "held")
@@ -296,10 +298,11 @@ class Node:
         shutil.rmtree(screen, ignore_errors=True)
         self.spool.audit(calling_ae=state.get("calling_ae"), **patient_of(state), study_uid=state.get("study_uid"), series_uid=uid,
                          instances=len(files), verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
-                         **({"reason": state["error"]} if state.get("verdict") == "late" else {}))
+                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else {}))
         self.spool.mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
         if action in ("held", "held-late"):
-            log.warning("series %s%s held in quarantine: %s", uid, whose(state), dest)
+            log.warning("series %s%s held in quarantine: %s%s", uid, whose(state), dest,
+                        f" ({state['error']})" if state.get("verdict") == "conflict" else "")
 
     def _keep(self, uid: str, state: dict[str, Any]) -> None:
         """No destination configured: the node is the end point; screened series go to accepted/."""
