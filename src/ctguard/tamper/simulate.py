@@ -414,7 +414,7 @@ def simulate(
                 manifest["scans"].append({
                     "uuid": uuid, "experiment": 1, "label": label, "patient": src.patient, "source": src.name,
                     "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
-                    "edits": [e.to_dict() for e in edits],
+                    "edits": [_rounded(e.to_dict()) for e in edits],
                     "tumours": [{"voxel": [round(float(v), 2) for v in t.voxel], "diameter_mm": round(float(t.diameter_mm), 2)}
                                 for t in src.tumours],
                 })
@@ -434,3 +434,14 @@ def simulate(
         counts = {c: sum(1 for s in manifest["scans"] if s["label"] == c) for c in ("TB", "TM", "FB", "FM")}
         echo(f"wrote {len(manifest['scans'])} scans to {out_dir} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     return manifest
+
+
+def _rounded(value):
+    """A manifest's record with its places and sizes to 0.01 voxel or mm."""
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
