@@ -36,6 +36,65 @@ def test_bundled_detector_finds_a_real_tumour_removed(real_series, lung_pet_ct):
     assert _found(result, edit.to_dict(), vol.spacing)
 
 
+
+def test_a_large_removal_is_one_finding(lidc, monkeypatch):
+    """LIDC-IDRI-0002's 43 mm nodule in-painted holds places the stage scores "removed" 25-30 mm
+    apart, farther than the 24 mm that merges them: the stage scoring the way between them edited
+    too, they are one finding that reaches over 20 mm, not two; without that (BRIDGE_MM 0), two."""
+    from ctguard import screen
+    from ctguard.tamper.simulate import remove_tumour, tumours_from
+
+    scan = lidc / "LIDC-IDRI-0002"
+    vol = io.read(scan)
+    (tumour,) = [t for t in tumours_from(vol, scan / "nodules.nrrd") if t.diameter_mm > 40]
+    edited, edit = remove_tumour(vol, tumour, np.random.default_rng(2))
+    (finding,) = api.screen(edited)["findings"]
+    n, far = screen.spread(finding, vol.spacing)
+    assert finding["kind"] == "removed" and _found({"findings": [finding]}, edit.to_dict(), vol.spacing)
+    assert n >= 2 and far > 24.0
+    monkeypatch.setattr(screen, "BRIDGE_MM", 0.0)
+    apart = api.screen(edited)["findings"]
+    assert len(apart) == 2 and {f["kind"] for f in apart} == {"removed"}
+
+
+def test_findings_are_bridged_only_over_an_edited_way_of_their_kind():
+    """:func:`ctguard.screen.bridged` with a stage that scores the way between two findings as it is
+    told: merged where every point between is over the lower threshold with their kind; apart where
+    one point is under it, where the way is of the other kind, or where they are too far apart."""
+    from types import SimpleNamespace
+
+    from ctguard import screen
+    from ctguard.volume import Volume
+
+    vol = Volume(np.zeros((40, 100, 100), np.float32), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), {})
+    calls = []
+
+    def stage(way_scores):
+        def score_places(vol, places, p_network, lungs, **kw):
+            calls.append(len(places))
+            return np.asarray(way_scores, float)
+        return SimpleNamespace(score_places=score_places)
+
+    heat = SimpleNamespace(probabilities_at=lambda v: np.zeros((len(v), 3)))
+    reading = SimpleNamespace(noise=(1.0, 1.0), reference=None)
+
+    def finding(kind, score, voxel, thr=0.8):
+        return {"kind": kind, "score": score, "voxel": voxel, "source": "trace", "threshold": thr}
+
+    a, b = finding("removed", 0.99, [20, 50, 20]), finding("removed", 0.9, [20, 50, 50], thr=0.75)  # 30 mm apart
+    edited = [[0.1, 0.0, 0.9], [0.2, 0.0, 0.8], [0.24, 0.01, 0.75]]  # p_genuine, p_injected, p_removed
+    (one,) = screen.bridged([a, b], vol, None, stage(edited), heat, reading)
+    assert one["voxel"] == a["voxel"] and one["also_at"] == [{k: b[k] for k in ("voxel", "score", "source", "threshold")}]
+    assert screen.spread(one, vol.spacing) == (1, 30.0) and calls == [3]
+    gap = [[0.1, 0.0, 0.9], [0.3, 0.0, 0.7], [0.1, 0.0, 0.9]]  # one point under 0.75
+    assert len(screen.bridged([a, b], vol, None, stage(gap), heat, reading)) == 2
+    injected = [[0.1, 0.5, 0.4]] * 3
+    assert len(screen.bridged([a, b], vol, None, stage(injected), heat, reading)) == 2
+    assert len(screen.bridged([a, finding("injected", 0.9, [20, 50, 50])], vol, None, stage(edited), heat, reading)) == 2
+    far = finding("removed", 0.9, [20, 50, 85])  # 65 mm away
+    calls.clear()
+    assert len(screen.bridged([a, far], vol, None, stage(edited), heat, reading)) == 2 and calls == []
+
 def test_bundled_detector_finds_injection(tampered_clinical):
     """The bundled detector finds the injection and the removal of a phantom it never trained on, at a
     clinical set-up (at the tests' quick 1.9 mm one its stage's resampling trace reads almost no

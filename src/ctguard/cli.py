@@ -118,7 +118,7 @@ def _screen(args, scan) -> int:
     what it prints."""
     from ctguard import api
     from ctguard.io.dicom import scan_summary
-    from ctguard.screen import PEAK_SOURCES
+    from ctguard.screen import PEAK_SOURCES, spread
 
     if args.dicom_seg and not args.dicom_out:
         raise InputError("--dicom-seg writes the Segmentation into --dicom-out DIR: give --dicom-out too")
@@ -132,8 +132,10 @@ def _screen(args, scan) -> int:
         print(f"  {scan_summary(result['scan'])}")
     for f in result["findings"]:
         peak = f" (a peak of the {f['source']} map, threshold {f['threshold']:g})" if f.get("source") in PEAK_SOURCES else ""
+        n, far = spread(f, result["spacing_mm"])
+        more = f"; {n} more place{'s' if n > 1 else ''} over {'their thresholds' if n > 1 else 'its threshold'} up to {far:.0f} mm from it" if n else ""
         print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm"
-              + peak)
+              + peak + more)
     for w in result["warnings"]:
         print(f"  warning: {w}")
     if result.get("signatures"):

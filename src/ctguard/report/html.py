@@ -87,7 +87,7 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
         f"<tr><td>{i}</td><td>{html.escape(f['kind'])}</td><td>{f['score']:.3f}</td><td>{f.get('threshold', thr):.2f}</td>"
         f"<td>{html.escape(SOURCES.get(f.get('source', 'network'), str(f.get('source'))))}</td>"
         f"<td>{', '.join(f'{v:.0f}' for v in f['voxel'])}</td><td>{', '.join(f'{v:.1f}' for v in f['world_mm'])}</td>"
-        f"<td>{f['radius_mm']:.0f}</td></tr>"
+        f"<td>{f['radius_mm']:.0f}{_reach(f, result['spacing_mm'])}</td></tr>"
         for i, f in enumerate(result["findings"], start=1)
     ) or '<tr><td colspan="8">No finding above the threshold.</td></tr>'
     peak_thr = result["model"].get("peak_threshold")
@@ -134,7 +134,7 @@ figure {{ margin: 1rem 0; }} img {{ max-width: 100%; }}
 &middot; model {html.escape(result['model']['name'])} {html.escape(result['model']['version'])} &middot; {result['elapsed_s']:.1f} s</p>
 {f'<ul class="muted">{warnings}</ul>' if warnings else ''}
 <h2>Findings</h2>
-<table><thead><tr><th>#</th><th>kind</th><th>score</th><th>threshold</th><th>found by</th><th>voxel z, y, x</th><th>world x, y, z (LPS mm)</th><th>radius mm</th></tr></thead><tbody>{rows}</tbody></table>
+<table><thead><tr><th>#</th><th>kind</th><th>score</th><th>threshold</th><th>found by</th><th>voxel z, y, x</th><th>world x, y, z (LPS mm)</th><th>radius mm (places merged into it)</th></tr></thead><tbody>{rows}</tbody></table>
 {under_html}
 {truth_html}
 {figures}
@@ -145,3 +145,11 @@ ctguard flags edits made by a CT-GAN-style attack; it does not diagnose disease.
     index = out / "index.html"
     index.write_text(page)
     return index
+
+
+def _reach(finding: dict, spacing) -> str:
+    """The places merged into a finding over their own thresholds, for its row: " (+7 within 28 mm)"."""
+    from ctguard.screen import spread
+
+    n, far = spread(finding, spacing)
+    return f" (+{n} within {far:.0f} mm)" if n else ""

@@ -1,6 +1,15 @@
 "use strict";
 // ctguard page: upload -> POST /api/jobs -> poll GET /api/jobs/{id} -> verdict, findings, slice viewer.
 const $ = (id) => document.getElementById(id);
+
+// The places merged into a finding over their own thresholds (one edit's reach), as the report shows them.
+function reach(f, spacing) {
+  const over = (f.also_at || []).filter((p) => p.score >= (p.threshold ?? f.threshold ?? 0));
+  if (!over.length) return "";
+  const far = Math.max(...over.map((p) => Math.hypot(...p.voxel.map((v, k) => (v - f.voxel[k]) * spacing[k]))));
+  return ` (+${over.length} within ${Math.round(far)} mm)`;
+}
+
 const STAGES = { read: 10, lungs: 30, detector: 55, findings: 85, report: 92, done: 100 };
 let job = null;
 
@@ -101,7 +110,8 @@ function render(j) {
     tr.tabIndex = 0;
     tr.className = `finding ${f.kind}`;
     tr.setAttribute("aria-label", `Finding ${i + 1}: ${f.kind}, score ${f.score.toFixed(2)}, slice ${Math.round(f.voxel[0])}; press Enter to view`);
-    const cells = [i + 1, f.kind, f.score.toFixed(3), Math.round(f.voxel[0]), f.voxel.map((c) => c.toFixed(0)).join(", "), `${f.radius_mm.toFixed(1)} mm`];
+    const cells = [i + 1, f.kind, f.score.toFixed(3), Math.round(f.voxel[0]), f.voxel.map((c) => c.toFixed(0)).join(", "),
+      `${f.radius_mm.toFixed(1)} mm${reach(f, res.spacing_mm)}`];
     cells.forEach((c, k) => {
       const td = document.createElement("td");
       if (k === 1) {
