@@ -249,6 +249,26 @@ def test_two_versions_of_one_series_are_not_read_as_one(tmp_path, capsys, small_
     ds.save_as(changed)
     assert np.array_equal(io.read(tmp_path / "a").hu, vol.hu)
 
+
+def test_a_localizer_is_refused_and_left_out_of_an_axial_series(tmp_path, capsys, small_chest):
+    """A scout (Image Type LOCALIZER: the projection a scan is planned on) is not a cross-section:
+    alone, as a file or a series, it is refused with the reason; kept under the axial series' UID,
+    it is left out of the volume with a warning."""
+    files = io.write_series(small_chest, tmp_path / "s")
+    ds = pydicom.dcmread(files[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImagePositionPatient = [0.0, -200.0, 500.0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal, as an AP scout is
+    scout = tmp_path / "scout" / "1.dcm"
+    scout.parent.mkdir()
+    ds.save_as(scout)
+    _expect_error(capsys, ["info", str(scout)], "a localizer (scout) image: a projection")
+    _expect_error(capsys, ["screen", "-q", str(scout.parent)], "a localizer (scout) series: a projection")
+    shutil.copy(scout, tmp_path / "s" / "scout.dcm")
+    vol = io.read(tmp_path / "s")
+    assert vol.shape == small_chest.shape and np.array_equal(vol.hu, np.rint(small_chest.hu))
+    assert any("1 localizer (scout) image of series" in w for w in vol.warnings)
+
 @pytest.mark.parametrize("spacing, new", [((5.0, 0.842, 0.842), (1.0, 1.0, 1.0)), ((0.7, 1.3, 2.5), (1.0, 0.9, 2.0)),
                                           ((8.0, 0.646, 0.646), (3.0, 3.0, 3.0))])
 def test_resample_nearest_matches_order0_interpolation(spacing, new):

@@ -88,6 +88,16 @@ def _slice_pixels(ds: Dataset, path: Path) -> np.ndarray:
         raise InputError(f"pixel data cannot be decoded ({e.__class__.__name__}: {e})", path) from None
 
 
+LOCALIZER = ": a projection to plan the scan on, not a cross-section of the chest; ctguard reads axial CT"
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    """Whether an image is a localizer (scout, topogram): ``LOCALIZER`` in its Image Type, as every
+    CT scanner marks the projection it plans a scan on."""
+    value = ds.get("ImageType") or []
+    return any(str(v).strip().upper() == "LOCALIZER" for v in ([value] if isinstance(value, str) else value))
+
+
 def _same_image(a: Dataset, b: Dataset) -> bool:
     """Whether two slices hold the same image: the same HU in every pixel (the same stored bytes and
     rescale, or, stored otherwise, the same values decoded)."""
@@ -140,7 +150,8 @@ def read_series(
 
     Raises:
         InputError: no DICOM images, unknown series, non-CT modality, mixed orientations,
-            undecodable pixels, two different images at one place (two versions of the series).
+            undecodable pixels, two different images at one place (two versions of the series),
+            a localizer (scout) series.
     """
     from tqdm import tqdm
 
@@ -199,6 +210,12 @@ def read_series(
     if no_pixels:
         warnings.append(f"{folder}: {len(no_pixels)} DICOM files without pixel data skipped")
     items = groups[chosen]
+    scouts = [it for it in items if _is_localizer(it[1])]
+    if scouts and len(scouts) == len(items):
+        raise InputError(f"a localizer (scout) series{LOCALIZER}", folder)
+    if scouts:  # a scout kept in the axial series' UID: not one of its slices
+        items = [it for it in items if not _is_localizer(it[1])]
+        warnings.append(f"{folder}: {len(scouts)} localizer (scout) image{'s' if len(scouts) > 1 else ''} of series {chosen} left out")
     first_path, first = items[0]
     _check_modality(str(getattr(first, "Modality", "")), first_path, allow_modality)
     if int(getattr(first, "NumberOfFrames", 1) or 1) > 1 and len(items) == 1:
@@ -387,6 +404,8 @@ def read_dicom_file(path: str | Path, allow_modality: bool = False) -> Volume:
     if PIXEL_DATA not in ds:
         raise InputError("has no pixel data", path)
     _check_modality(str(getattr(ds, "Modality", "")), path, allow_modality)
+    if _is_localizer(ds):
+        raise InputError(f"a localizer (scout) image{LOCALIZER}", path)
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(ds, path)
     slope, intercept = _rescale(ds)
