@@ -146,6 +146,7 @@ def screen(
     trust: str | Path | None = None,
     report_tampered_only: bool = False,
     name: str | None = None,
+    cross_check: bool = True,
 ) -> dict[str, Any]:
     """Screens a whole scan for CT-GAN-style edits: where, and how (injected or removed).
 
@@ -173,6 +174,9 @@ def screen(
             node, which keeps no report of a clean series it forwards).
         name: what the result and the report call the input (the web page: the uploaded file's
             name, never the server's folder). Defaults to its path.
+        cross_check: for a DICOM series read from a folder that holds other CT series, cross-check
+            it against each other reconstruction of its acquisition (:mod:`ctguard.crosscheck`;
+            ``result["cross_check"]``); a disagreement makes the verdict tampered. Defaults to True.
 
     Returns:
         The result dict documented in docs/DESIGN.md (verdict, score, findings, ...).
@@ -213,9 +217,11 @@ def screen(
 
             sources = dicom_objects.source_datasets(vol)  # refused before screening when the input is not a DICOM series
         if single:
-            result, heat, _ = screen_slice(vol, detector, name, threshold=threshold, stage=stage)
+            result, heat, lungs = screen_slice(vol, detector, name, threshold=threshold, stage=stage)
         else:
-            result, heat, _ = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
+            result, heat, lungs = screen_volume(vol, detector, name, threshold=threshold, stage=stage)
+        if cross_check and not single and len(vol.meta.get("series") or []) > 1 and vol.meta.get("kind") == "dicom-series":
+            _add_cross_check(result, vol, lungs, detector)
         if vol.meta.get("kind") == "dicom-series" and vol.meta.get("files"):
             _add_signature_finding(result, vol, signature_status(vol.meta["files"], trust, vol.meta.get("signed")))
         elif trust is not None:  # said, not dropped without a word
@@ -249,6 +255,50 @@ def screen(
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> None:
+    """The series screened (``vol``, read from a folder of several series; ``lungs`` its lung mask)
+    cross-checked against every other CT series of that folder (:mod:`ctguard.crosscheck`), into
+    ``result["cross_check"]``: one entry a series, with its disagreements, or why it was not
+    compared (``skipped``). Each disagreement carries the ``detector``'s scores of its place in
+    both series (``scores``: ``this`` and ``other``, each ``[p_genuine, p_injected, p_removed]``),
+    which tell which of the two was edited, and how. Any disagreement makes the verdict tampered."""
+    from ctguard.crosscheck import comparable, cross_check
+    from ctguard.io.dicom import read_series
+    from ctguard.lung import lung_mask
+    from ctguard.screen import score_locations
+
+    checks = []
+    for other in vol.meta["series"]:
+        if other["uid"] == vol.meta.get("series_uid") or other["modality"].upper() != "CT":
+            continue
+        entry: dict[str, Any] = {"series_uid": other["uid"], "description": other["description"] or None}
+        if other["slices"] != vol.shape[0]:
+            checks.append({**entry, "skipped": "another voxel grid (slices or pixels)"})
+            continue
+        try:
+            read = read_series(vol.meta["root"], series_uid=other["uid"])
+        except InputError as e:
+            checks.append({**entry, "skipped": f"cannot be read ({e.problem})"})
+            continue
+        entry["description"] = read.meta.get("identity", {}).get("description") or entry["description"]
+        reason = comparable(vol, read)
+        if reason:
+            checks.append({**entry, "skipped": reason})
+            continue
+        entry.update(cross_check(vol, read, lungs))
+        if entry["disagreements"]:
+            places = np.asarray([d["voxel"] for d in entry["disagreements"]], float)
+            here = score_locations(vol, detector, places, lungs=lungs)
+            there = score_locations(read, detector, places, lungs=lung_mask(read))
+            for d, p, q in zip(entry["disagreements"], here, there):
+                d["scores"] = {"this": [round(float(v), 4) for v in p], "other": [round(float(v), 4) for v in q]}
+        checks.append(entry)
+    if checks:
+        result["cross_check"] = checks
+        if any(c.get("disagreements") for c in checks):
+            result["verdict"] = "tampered"
 
 
 def _add_signature_finding(result: dict[str, Any], vol: Volume, signatures: dict[str, Any]) -> None:

@@ -118,13 +118,14 @@ def _screen(args, scan) -> int:
     what it prints."""
     from ctguard import api
     from ctguard.io.dicom import scan_summary
+    from ctguard.crosscheck import cross_check_lines
     from ctguard.screen import PEAK_SOURCES, spread
 
     if args.dicom_seg and not args.dicom_out:
         raise InputError("--dicom-seg writes the Segmentation into --dicom-out DIR: give --dicom-out too")
     result = api.screen(scan, json_out=args.json, report_dir=args.report, model=args.model,
                         series_uid=args.series, threshold=args.threshold, progress=not args.quiet,
-                        dicom_out=args.dicom_out, dicom_seg=args.dicom_seg, trust=args.trust)
+                        dicom_out=args.dicom_out, dicom_seg=args.dicom_seg, trust=args.trust, cross_check=not args.no_cross_check)
     if args.json == "-":
         return 0
     print(f"{args.input}: {result['verdict'].upper()} (tamper score {result['score']:.3f}, {result['elapsed_s']:.1f} s)")
@@ -136,6 +137,8 @@ def _screen(args, scan) -> int:
         more = f"; {n} more place{'s' if n > 1 else ''} over {'their thresholds' if n > 1 else 'its threshold'} up to {far:.0f} mm from it" if n else ""
         print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm"
               + peak + more)
+    for line in cross_check_lines(result):
+        print(f"  {line}")
     for w in result["warnings"]:
         print(f"  warning: {w}")
     if result.get("signatures"):
@@ -425,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--dicom-out the whole scan is screened too")
     p.add_argument("--scores-out", metavar="CSV", help="where --locations writes its scores")
     p.add_argument("--trust", metavar="PEM", help="judge the signers of a signed series by these certificates (signers or their CAs)")
+    p.add_argument("--no-cross-check", action="store_true", help="do not cross-check the series against the folder's other "
+                   "reconstructions of its acquisition (by default each is compared: their noise is one)")
     _add_read_options(p)
     p.set_defaults(func=cmd_screen)
 

@@ -286,6 +286,7 @@ def read_series(
         "modality": str(getattr(first, "Modality", "")),
         "series_uid": chosen,
         "study_uid": str(getattr(first, "StudyInstanceUID", "")),
+        "frame_of_reference_uid": str(getattr(first, "FrameOfReferenceUID", "")),
         "patient_id": str(getattr(first, "PatientID", "")),
         "manufacturer": str(getattr(first, "Manufacturer", "")),
         "identity": identity(first),
@@ -552,6 +553,7 @@ def write_series(
     study_uid: str | None = None,
     series_uid: str | None = None,
     uid_seed: str | None = None,
+    frame_uid: str | None = None,
 ) -> list[Path]:
     """Writes any volume as a fresh, valid CT Image Storage series (one file per slice).
 
@@ -560,6 +562,8 @@ def write_series(
     little endian. Slice ``z`` is written with InstanceNumber ``z + 1`` to ``name_pattern``
     formatted with ``index=z``. Written to a temporary folder and renamed when complete.
     With ``uid_seed`` the UIDs and dates derive from it, so the same seed writes the same bytes.
+    ``study_uid``, ``series_uid``, ``frame_uid``: given UIDs (a second reconstruction of one
+    acquisition shares its study and frame of reference).
 
     Returns:
         The written paths, in z order.
@@ -572,7 +576,7 @@ def write_series(
 
     study_uid = study_uid or new_uid("study")
     series_uid = series_uid or new_uid("series")
-    frame_uid = new_uid("frame")
+    frame_uid = frame_uid or new_uid("frame")
     now = datetime(2020, 1, 1) if uid_seed is not None else datetime.now()
     direction = np.asarray(volume.direction, dtype=float)
     iop = [*direction[:, 0], *direction[:, 1]]

@@ -116,6 +116,7 @@ def write_report(result: dict[str, Any], vol, heat_vox: np.ndarray, out_dir: str
         for i, (f, png) in enumerate(cards, start=1)
     )
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in result.get("warnings", []))
+    cross_html = _cross_check_html(result)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ctguard report: {html.escape(verdict)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -135,6 +136,7 @@ figure {{ margin: 1rem 0; }} img {{ max-width: 100%; }}
 {f'<ul class="muted">{warnings}</ul>' if warnings else ''}
 <h2>Findings</h2>
 <table><thead><tr><th>#</th><th>kind</th><th>score</th><th>threshold</th><th>found by</th><th>voxel z, y, x</th><th>world x, y, z (LPS mm)</th><th>radius mm (places merged into it)</th></tr></thead><tbody>{rows}</tbody></table>
+{cross_html}
 {under_html}
 {truth_html}
 {figures}
@@ -153,3 +155,17 @@ def _reach(finding: dict, spacing) -> str:
 
     n, far = spread(finding, spacing)
     return f" (+{n} within {far:.0f} mm)" if n else ""
+
+
+def _cross_check_html(result: dict) -> str:
+    """The section on the other reconstructions of the scan's acquisition (:mod:`ctguard.crosscheck`)."""
+    from ctguard.crosscheck import cross_check_lines
+
+    lines = cross_check_lines(result)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line.strip())}</li>" if not line.startswith("  ") else
+                    f"<li style=\"margin-left:1.5rem\"><strong>{html.escape(line.strip())}</strong></li>" for line in lines)
+    return ("<h2>Other reconstructions of this acquisition</h2><p class=\"muted\">Two reconstructions of one acquisition "
+            "share its noise; where one was edited, the two stop correlating there.</p>"
+            f"<ul>{items}</ul>")

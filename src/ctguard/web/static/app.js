@@ -10,6 +10,34 @@ function reach(f, spacing) {
   return ` (+${over.length} within ${Math.round(far)} mm)`;
 }
 
+// The other reconstructions of the scan's acquisition it was cross-checked against, as the report lists them.
+function crossCheckItems(checks) {
+  const items = [];
+  const add = (text, strong) => {
+    const li = document.createElement("li");
+    if (strong) {
+      const b = document.createElement("strong");
+      b.textContent = text;
+      li.appendChild(b);
+    } else li.textContent = text;
+    items.push(li);
+  };
+  for (const c of checks) {
+    const other = `series ${c.series_uid}${c.description ? ` (${c.description})` : ""}`;
+    if (c.skipped) add(`Not cross-checked with ${other}: ${c.skipped}`);
+    else if (!c.disagreements.length) add(`Cross-checked with ${other}: agrees (noise correlation ${c.correlation.toFixed(2)})`);
+    else {
+      add(`Cross-checked with ${other}: disagrees at ${c.disagreements.length} place(s) (noise correlation ${c.correlation.toFixed(2)})`, true);
+      for (const d of c.disagreements) {
+        const denser = d.hu_difference >= 100 ? "denser here: injected here, or removed from the other"
+          : d.hu_difference <= -100 ? "less dense here: removed here, or injected into the other" : "same density, other noise: in-painted in one of the two";
+        add(`slice ${Math.round(d.voxel[0])}, voxel ${d.voxel.map((v) => v.toFixed(0)).join(", ")}: ${Math.round(d.diameter_mm)} mm across, ${denser}`, true);
+      }
+    }
+  }
+  return items;
+}
+
 const STAGES = { read: 10, lungs: 30, detector: 55, findings: 85, report: 92, done: 100 };
 let job = null;
 
@@ -102,6 +130,9 @@ function render(j) {
   const warn = (res.warnings || []).join(" ");
   $("warnings").textContent = warn ? `Warnings: ${warn}` : "";
   show($("warnings"), !!warn);
+  const cross = $("cross-check");
+  cross.replaceChildren(...crossCheckItems(res.cross_check || []));
+  show(cross, !!(res.cross_check || []).length);
 
   const body = $("findings").querySelector("tbody");
   body.replaceChildren();

@@ -1,0 +1,85 @@
+"""The cross-check of two reconstructions of one acquisition (ctguard.crosscheck), on Lung-PET-CT-Dx
+A0002's two series (B70f and B40f kernels of one acquisition)."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ctguard import io
+from ctguard.cli import main
+from ctguard.crosscheck import comparable, cross_check
+from ctguard.engine.train_verifier import near
+from ctguard.lung import lung_depth, lung_mask
+from ctguard.tamper.families import remove_healthy
+from ctguard.tamper.simulate import inject_random
+
+
+@pytest.fixture(scope="module")
+def pair(real_series):
+    sharp, smooth = io.read(real_series["A0002-B70f"]), io.read(real_series["A0002-B40f"])
+    return sharp, smooth, lung_mask(sharp)
+
+
+def test_two_untouched_reconstructions_agree(pair, real_series):
+    """Two kernels of one acquisition: one noise filtered two ways, correlated all over the lungs,
+    no disagreement; series of another patient's frame of reference, or of another grid, are not
+    compared; one of the same grid whose noise is not this one's is not one acquisition's."""
+    sharp, smooth, lungs = pair
+    assert comparable(sharp, smooth) is None
+    found = cross_check(sharp, smooth, lungs)
+    assert found["correlation"] > 0.9 and found["disagreements"] == [] and "skipped" not in found
+    assert comparable(sharp, io.read(real_series["A0001-L"])) == "another frame of reference"
+    assert comparable(sharp, replace(smooth, hu=smooth.hu[1:], origin=tuple(smooth.origin))) == "another voxel grid (slices or pixels)"
+    other = cross_check(sharp, replace(smooth, hu=np.roll(smooth.hu, 5, axis=2)), lungs)  # 3 mm off: the same anatomy, other noise
+    assert other["disagreements"] == [] and "not two reconstructions of one acquisition" in other["skipped"]
+
+
+@pytest.mark.parametrize("how", ["drawn", "fill", "clone"])
+def test_an_edit_in_one_reconstruction_is_where_the_two_disagree(pair, how):
+    """A nodule drawn into one series, or healthy lung in-painted in it (which leaves the density
+    as it was), is found where the two reconstructions stop correlating, and nowhere else; the
+    difference in density says which way a nodule went."""
+    sharp, smooth, lungs = pair
+    rng = np.random.default_rng(11)
+    if how == "drawn":
+        edited, edits = inject_random(sharp, lungs, rng, n=1)
+    else:
+        edited, edits = remove_healthy(sharp, lung_depth(sharp, lungs), rng, 1, how)
+    (edit,) = [e.to_dict() for e in edits]
+    found = cross_check(replace(sharp, hu=edited.hu), smooth, lungs)
+    assert found["correlation"] > 0.9 and len(found["disagreements"]) == 1
+    (d,) = found["disagreements"]
+    assert near(d["voxel"], edit["voxel"], edit["diameter_mm"], sharp.spacing) and d["correlation"] < 0.3
+    if how == "drawn":
+        assert d["hu_difference"] > 100  # denser in the series edited
+        back = cross_check(smooth, replace(sharp, hu=edited.hu), lung_mask(smooth))["disagreements"]
+        assert len(back) == 1 and back[0]["hu_difference"] < -100  # and less dense in the other
+
+
+def test_screening_a_study_cross_checks_its_reconstructions(pair, real_series, tmp_path, capsys):
+    """``ctguard screen STUDY`` screens one series and cross-checks it against the folder's other
+    reconstruction: a nodule drawn into the other one (which the series screened does not hold) is
+    a disagreement that makes the study tampered, with the detector's scores of the place in both;
+    ``--no-cross-check`` leaves it out."""
+    sharp, smooth, lungs = pair
+    edited, edits = inject_random(sharp, lungs, np.random.default_rng(3), n=1)
+    io.write_back(replace(sharp, hu=edited.hu), tmp_path / "study" / "sharp")
+    shutil.copytree(real_series["A0002-B40f"], tmp_path / "study" / "smooth")
+    uid = smooth.meta["series_uid"]
+    assert main(["screen", "-q", str(tmp_path / "study"), "--series", uid, "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "TAMPERED" in out and "DISAGREES at 1 place" in out and "injected into the other" in out
+    import json
+
+    result = json.loads((tmp_path / "r.json").read_text())
+    (check,) = result["cross_check"]
+    assert check["series_uid"] == sharp.meta["series_uid"] and check["description"] == "ThoraxRoutine  8.0.0  B70f"
+    (d,) = check["disagreements"]
+    assert near(d["voxel"], edits[0].voxel, edits[0].diameter_mm, sharp.spacing)
+    this, other = d["scores"]["this"], d["scores"]["other"]
+    assert 1 - other[0] > 1 - this[0] and other[1] > other[2]  # the detector: injected in the other series, not here
+    assert main(["screen", "-q", str(tmp_path / "study"), "--series", uid, "--no-cross-check", "--json", str(tmp_path / "n.json")]) == 0
+    assert "cross-checked" not in capsys.readouterr().out and "cross_check" not in json.loads((tmp_path / "n.json").read_text())
