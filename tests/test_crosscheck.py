@@ -83,3 +83,39 @@ def test_screening_a_study_cross_checks_its_reconstructions(pair, real_series, t
     assert 1 - other[0] > 1 - this[0] and other[1] > other[2]  # the detector: injected in the other series, not here
     assert main(["screen", "-q", str(tmp_path / "study"), "--series", uid, "--no-cross-check", "--json", str(tmp_path / "n.json")]) == 0
     assert "cross-checked" not in capsys.readouterr().out and "cross_check" not in json.loads((tmp_path / "n.json").read_text())
+
+
+def test_an_audit_cross_checks_each_series_against_its_studys_other_reconstruction(pair, real_series, tmp_path):
+    """An archive audit gives each CT series its study's other reconstructions to cross-check it
+    against: with a nodule drawn into one of A0002's two series, both rows are tampered (each
+    disagrees with the other), the disagreement is in the row, the report and the CSV. Results
+    written before the cross-check had its column are resumed, the column added."""
+    import sqlite3
+
+    from ctguard.audit.store import Results
+
+    sharp, smooth, lungs = pair
+    edited, edits = inject_random(sharp, lungs, np.random.default_rng(3), n=1)
+    io.write_back(replace(sharp, hu=edited.hu), tmp_path / "pacs" / "study" / "sharp")
+    shutil.copytree(real_series["A0002-B40f"], tmp_path / "pacs" / "study" / "smooth")
+    db = tmp_path / "audit.sqlite"
+    con = sqlite3.connect(db)  # a results file of before: no cross_check column
+    con.execute("CREATE TABLE series (key TEXT NOT NULL, pixel_hash TEXT NOT NULL, model TEXT NOT NULL, model_version TEXT NOT NULL, "
+                "study_uid TEXT, series_uid TEXT, patient_id TEXT, description TEXT, source TEXT, slices INTEGER, verdict TEXT, "
+                "score REAL, findings TEXT, signatures TEXT, seconds REAL, error TEXT, screened_at TEXT, PRIMARY KEY (key, pixel_hash, model_version))")
+    con.commit()
+    con.close()
+    assert main(["audit", str(tmp_path / "pacs"), "--results", str(db), "-q"]) == 0
+    rows = {r["series_uid"]: r for r in Results(db).rows()}
+    assert {r["verdict"] for r in rows.values()} == {"tampered"}
+    for uid, other in ((sharp.meta["series_uid"], smooth), (smooth.meta["series_uid"], sharp)):
+        (check,) = rows[uid]["cross_check"]
+        assert check["series_uid"] == other.meta["series_uid"]
+        (d,) = check["disagreements"]
+        assert near(d["voxel"], edits[0].voxel, edits[0].diameter_mm, sharp.spacing)
+    assert main(["audit-report", str(db), "--out", str(tmp_path / "report"), "-q"]) == 0
+    assert (tmp_path / "report" / "index.html").read_text().count("disagrees with ThoraxRoutine") == 2
+    header, *lines = (tmp_path / "report" / "series.csv").read_text().splitlines()
+    assert "cross_check" in header.split(",") and len(lines) == 2
+    hu = {uid: rows[uid]["cross_check"][0]["disagreements"][0]["hu_difference"] for uid in rows}
+    assert hu[sharp.meta["series_uid"]] > 100 and hu[smooth.meta["series_uid"]] < -100  # the nodule is in the sharp series

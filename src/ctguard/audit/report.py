@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-CSV_COLUMNS = ("verdict", "score", "key", "study_uid", "series_uid", "patient_id", "description", "slices", "findings", "signature_status",
-               "model", "model_version", "pixel_hash", "seconds", "error", "source", "screened_at")
+CSV_COLUMNS = ("verdict", "score", "key", "study_uid", "series_uid", "patient_id", "description", "slices", "findings", "cross_check",
+               "signature_status", "model", "model_version", "pixel_hash", "seconds", "error", "source", "screened_at")
 
 
 def _histogram(scores: list[float]) -> str:
@@ -48,13 +48,15 @@ def write(rows: list[dict[str, Any]], out_dir: str | Path, reports: dict[str, st
         w.writerow(CSV_COLUMNS)
         for r in rows:
             sig = (r.get("signatures") or {}).get("status")
-            w.writerow([json.dumps(r["findings"]) if c == "findings" and r.get("findings") is not None else
+            w.writerow([json.dumps(r[c]) if c in ("findings", "cross_check") and r.get(c) is not None else
                         (sig if c == "signature_status" else r.get(c)) for c in CSV_COLUMNS])
     scores = [float(r["score"]) for r in rows if r.get("score") is not None]
     figure = f'<img alt="histogram of tamper scores" src="data:image/png;base64,{_histogram(scores)}">' if scores else "<p>No scores.</p>"
 
     def finding_list(r) -> str:
         items = [f"{html.escape(f['kind'])} {f['score']:.2f} at voxel {', '.join(f'{v:.0f}' for v in f['voxel'])}" for f in r.get("findings") or []]
+        items += [f"disagrees with {html.escape(c.get('description') or c['series_uid'])} at voxel {', '.join(f'{v:.0f}' for v in d['voxel'])} "
+                  f"({d['diameter_mm']:.0f} mm, {d['hu_difference']:+d} HU)" for c in r.get("cross_check") or [] for d in c.get("disagreements") or []]
         return "<br>".join(items) or "-"
 
     body = []

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS series (
     score REAL,
     findings TEXT,                   -- JSON list, as ctguard screen writes them
     signatures TEXT,                 -- JSON: status, counts, signers, invalid instances
+    cross_check TEXT,                -- JSON: the study's other reconstructions it was cross-checked against
     seconds REAL,
     error TEXT,
     screened_at TEXT,
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS series (
 CREATE INDEX IF NOT EXISTS series_verdict ON series (verdict);
 """
 COLUMNS = ("key", "pixel_hash", "model", "model_version", "study_uid", "series_uid", "patient_id", "description", "source", "slices",
-           "verdict", "score", "findings", "signatures", "seconds", "error", "screened_at")
+           "verdict", "score", "findings", "signatures", "cross_check", "seconds", "error", "screened_at")
+JSON_COLUMNS = ("findings", "signatures", "cross_check")
 
 
 class Results:
@@ -45,12 +47,15 @@ class Results:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed row survives a crash of the machine too
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(series)")}
+        if "cross_check" not in have:  # results written before the cross-check: resumed as they are
+            self.db.execute("ALTER TABLE series ADD COLUMN cross_check TEXT")
         self.db.commit()
 
     def put(self, row: dict[str, Any]) -> None:
         """One series' row, in its own transaction (replacing an earlier error row of the same series)."""
         values = dict(row)
-        for k in ("findings", "signatures"):
+        for k in JSON_COLUMNS:
             if values.get(k) is not None and not isinstance(values[k], str):
                 values[k] = json.dumps(values[k])
         values.setdefault("pixel_hash", "")
@@ -66,7 +71,7 @@ class Results:
         out = []
         for r in cur.fetchall():
             d = dict(zip(COLUMNS, r))
-            for k in ("findings", "signatures"):
+            for k in JSON_COLUMNS:
                 d[k] = json.loads(d[k]) if d[k] else None
             out.append(d)
         return out

@@ -100,6 +100,9 @@ def _screen_local(ref: SeriesRef, model, threshold, results_path, trust, ident: 
             if ref.kind == "dicom":  # the series' files, wherever they are, as one folder of links
                 for i, f in enumerate(ref.files):
                     os.symlink(os.path.abspath(f), Path(tmp) / f"{i:06d}.dcm")
+                for j, files in enumerate(ref.extra.get("siblings", [])):  # and its other reconstructions, to cross-check it against
+                    for i, f in enumerate(files):
+                        os.symlink(os.path.abspath(f), Path(tmp) / f"other{j}_{i:06d}.dcm")
                 target = tmp
             else:
                 target = ref.files[0]
@@ -109,6 +112,7 @@ def _screen_local(ref: SeriesRef, model, threshold, results_path, trust, ident: 
     except Exception as e:  # anything else: this series' error row, the audit goes on
         return _row(ref, **ident, pixel_hash=digest, verdict="error", error=f"{e.__class__.__name__}: {e}", seconds=round(time.time() - t0, 2))
     return _row(ref, **ident, pixel_hash=digest, verdict=result["verdict"], score=result["score"], findings=result["findings"],
+                cross_check=result.get("cross_check"),
                 signatures=result.get("signatures"), slices=result["shape"][0], seconds=round(time.time() - t0, 2))
 
 
