@@ -13,8 +13,9 @@ function reach(f, spacing) {
 // The other reconstructions of the scan's acquisition it was cross-checked against, as the report lists them.
 function crossCheckItems(checks) {
   const items = [];
-  const add = (text, strong) => {
+  const add = (text, strong, nested) => {
     const li = document.createElement("li");
+    if (nested) li.style.marginLeft = "1.5rem";
     if (strong) {
       const b = document.createElement("strong");
       b.textContent = text;
@@ -27,11 +28,15 @@ function crossCheckItems(checks) {
     if (c.skipped) add(`Not cross-checked with ${other}: ${c.skipped}`);
     else if (!c.disagreements.length) add(`Cross-checked with ${other}: agrees (noise correlation ${c.correlation.toFixed(2)})`);
     else {
-      add(`Cross-checked with ${other}: disagrees at ${c.disagreements.length} place(s) (noise correlation ${c.correlation.toFixed(2)})`, true);
+      const n = c.disagreements.length;
+      add(`Cross-checked with ${other}: disagrees at ${n} place${n > 1 ? "s" : ""} (noise correlation ${c.correlation.toFixed(2)})`, true);
+      const said = (p) => `${(1 - p[0]).toFixed(2)} (${p[1] >= p[2] ? "injected" : "removed"})`;
       for (const d of c.disagreements) {
         const denser = d.hu_difference >= 100 ? "denser here: injected here, or removed from the other"
           : d.hu_difference <= -100 ? "less dense here: removed here, or injected into the other" : "same density, other noise: in-painted in one of the two";
-        add(`slice ${Math.round(d.voxel[0])}, voxel ${d.voxel.map((v) => v.toFixed(0)).join(", ")}: ${Math.round(d.diameter_mm)} mm across, ${denser}`, true);
+        const scores = d.scores ? `; the detector scores it ${said(d.scores.this)} here, ${said(d.scores.other)} in the other` : "";
+        add(`slice ${Math.round(d.voxel[0])}, voxel ${d.voxel.map((v) => v.toFixed(0)).join(", ")}: ${Math.round(d.diameter_mm)} mm across, ${denser}${scores}`,
+          true, true);
       }
     }
   }
@@ -166,15 +171,19 @@ function render(j) {
     + (typeof m.blob_threshold === "number" ? `; the blob map's peaks ${m.blob_threshold.toFixed(2)}` : "");
   const thr = typeof m.threshold === "number" ? ` (${m.threshold.toFixed(2)}${peaks})` : "";
   const own = (f) => (typeof f.threshold === "number" && peaks ? `, under its threshold ${f.threshold.toFixed(2)}` : "");
+  const disagree = (res.cross_check || []).some((c) => (c.disagreements || []).length);
   $("no-findings").textContent = `No place scored above the threshold${thr}.` + (under.length
-    ? ` The highest under it: ${under[0].kind}, score ${under[0].score.toFixed(2)}${own(under[0])}, slice ${Math.round(under[0].voxel[0])}.` : "");
+    ? ` The highest under it: ${under[0].kind}, score ${under[0].score.toFixed(2)}${own(under[0])}, slice ${Math.round(under[0].voxel[0])}.` : "")
+    + (disagree ? " The verdict is the cross-check's: this series and another reconstruction of its acquisition disagree (above)." : "");
   show($("no-findings"), res.findings.length === 0);
 
   const z = $("z");
   z.max = res.shape[0] - 1;
   $("z-max").textContent = res.shape[0] - 1;
   show($("result"));
-  setSlice(res.findings.length ? Math.round(res.findings[0].voxel[0]) : Math.floor(res.shape[0] / 2));
+  const firstDisagreement = (res.cross_check || []).flatMap((c) => c.disagreements || [])[0];
+  setSlice(res.findings.length ? Math.round(res.findings[0].voxel[0])
+    : firstDisagreement ? Math.round(firstDisagreement.voxel[0]) : Math.floor(res.shape[0] / 2));
   $("result").scrollIntoView({ behavior: "smooth", block: "start" });
 }
 
