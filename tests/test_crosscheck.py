@@ -35,6 +35,10 @@ def test_two_untouched_reconstructions_agree(pair, real_series):
     assert comparable(sharp, replace(smooth, hu=smooth.hu[1:], origin=tuple(smooth.origin))) == "another voxel grid (slices or pixels)"
     other = cross_check(sharp, replace(smooth, hu=np.roll(smooth.hu, 5, axis=2)), lungs)  # 3 mm off: the same anatomy, other noise
     assert other["disagreements"] == [] and "not two reconstructions of one acquisition" in other["skipped"]
+    from ctguard import api
+
+    assert api.cross_check(real_series["A0002-B70f"], real_series["A0002-B40f"]) == found  # the same, from the folders
+    assert api.cross_check(sharp, real_series["A0001-B"])["skipped"] == "another frame of reference"
 
 
 @pytest.mark.parametrize("how", ["drawn", "fill", "clone"])

@@ -257,6 +257,23 @@ def screen(
     return result
 
 
+def cross_check(series: str | Path | Volume, other: str | Path | Volume) -> dict[str, Any]:
+    """Where two reconstructions of one acquisition disagree (:func:`ctguard.crosscheck.cross_check`),
+    each a DICOM series folder or a volume read from one: ``correlation`` and ``disagreements``
+    (places of ``series``), or ``skipped`` with the reason they cannot be compared (another frame of
+    reference or voxel grid, or noise that does not correlate). What ``screen`` does for every
+    other CT series of the folder it reads, for one pair of your choosing."""
+    from ctguard.crosscheck import comparable
+    from ctguard.crosscheck import cross_check as check
+    from ctguard.lung import lung_mask
+
+    a, b = (v if isinstance(v, Volume) else load(v) for v in (series, other))
+    reason = comparable(a, b)
+    if reason:
+        return {"correlation": None, "disagreements": [], "skipped": reason}
+    return check(a, b, lung_mask(a))
+
+
 def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> None:
     """The series screened (``vol``, read from a folder of several series; ``lungs`` its lung mask)
     cross-checked against every other CT series of that folder (:mod:`ctguard.crosscheck`), into
