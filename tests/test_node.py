@@ -1,6 +1,7 @@
 """The DICOM node in-process, with pynetdicom senders (the Orthanc integration is test_node_orthanc.py)."""
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -272,3 +273,54 @@ def test_a_late_part_of_a_decided_series_is_held_not_screened_alone(tmp_path, ta
         assert n.spool.read_audit()[-1]["verdict"] == "error" and len(calls) == 2  # screened alone: two slices are no scan
     finally:
         n.stop()
+
+
+def test_a_series_is_cross_checked_against_its_studys_series_received_before(tmp_path, real_series, monkeypatch):
+    """Lung_Dx-A0002's two reconstructions sent one after the other, a nodule drawn into the second:
+    the first (untouched) is forwarded and kept a while in recent/; the second is cross-checked
+    against it, disagrees, and is held, its audit line naming the first; past --cross-check's time
+    nothing is kept. With --cross-check 0 nothing is kept and the second goes by the detector alone."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from ctguard import io
+    from ctguard.lung import lung_mask
+    from ctguard.node import Destination
+    from ctguard.tamper.simulate import inject_random
+
+    sharp = io.read(real_series["A0002-B70f"])
+    edited, _ = inject_random(sharp, lung_mask(sharp), np.random.default_rng(3), n=1)
+    io.write_back(replace(sharp, hu=edited.hu), tmp_path / "sharp")
+    first, second = sorted(real_series["A0002-B40f"].glob("*.dcm")), sorted((tmp_path / "sharp").rglob("*.dcm"))
+    forwarded = []
+
+    def run(cross_check_s: float, spool: Path) -> list[dict]:
+        n = Node(NodeConfig(spool=spool, port=free_port(), settle_s=0.3, forward=Destination("PACS", "127.0.0.1", 1),
+                            cross_check_s=cross_check_s))
+        monkeypatch.setattr(n, "_forward_until_confirmed", lambda uid, files: forwarded.append(uid))  # no PACS here
+        n.start()
+        try:
+            assert send(n.cfg.port, first) == [0] * len(first)
+            wait_for(lambda: len(n.spool.read_audit()) >= 1)
+            assert send(n.cfg.port, second) == [0] * len(second)
+            wait_for(lambda: len(n.spool.read_audit()) >= 2)
+            return n.spool.read_audit()
+        finally:
+            n.stop()
+
+    a, b = run(600.0, tmp_path / "spool")
+    clean_uid = pydicom.dcmread(first[0], stop_before_pixels=True).SeriesInstanceUID
+    sharp_uid = pydicom.dcmread(second[0], stop_before_pixels=True).SeriesInstanceUID
+    assert a["series_uid"] == clean_uid and a["action"] == "forwarded" and "disagrees_with" not in a
+    assert b["series_uid"] == sharp_uid and b["verdict"] == "tampered" and b["action"] == "held" and b["disagrees_with"] == [clean_uid]
+    held = json.loads((Path(b["folder"]) / "result.json").read_text())
+    (check,) = held["cross_check"]
+    assert check["series_uid"] == clean_uid and len(check["disagreements"]) == 1
+    recent = tmp_path / "spool" / "recent"
+    assert [d.name for d in recent.iterdir()] == [clean_uid] and len(list((recent / clean_uid).glob("*.dcm"))) == len(first)
+    Node(NodeConfig(spool=tmp_path / "spool")).spool.sweep_recent(0.0)
+    assert list(recent.iterdir()) == []
+
+    a, b = run(0.0, tmp_path / "spool-none")
+    assert "disagrees_with" not in b and list((tmp_path / "spool-none" / "recent").iterdir()) == []

@@ -358,7 +358,10 @@ def cmd_node(args) -> int:
                      forward=Destination.parse(args.forward) if args.forward else None, on_tampered=args.on_tampered,
                      on_error=args.on_error, on_late=args.on_late, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
                      model=args.model, threshold=args.threshold, tls=tls, send_results=args.send_results,
-                     sign=tuple(args.sign) if args.sign else None, workers=args.workers, associations=args.associations)
+                     sign=tuple(args.sign) if args.sign else None, workers=args.workers, associations=args.associations,
+                     cross_check_s=args.cross_check)
+    if args.cross_check < 0:
+        raise InputError("--cross-check takes seconds, 0 or more")
     if args.workers < 1 or args.associations < 1:
         raise InputError("--workers and --associations need at least 1")
     node = Node(cfg)
@@ -571,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "hold them in quarantine (default) or screen them on their own")
     p.add_argument("--spool", default="ctguard-spool", metavar="DIR", help="spool, quarantine and audit log (default: ./ctguard-spool)")
     p.add_argument("--settle", type=float, default=5.0, metavar="S", help="a series is complete after S seconds without a new instance")
+    p.add_argument("--cross-check", type=float, default=600.0, metavar="S",
+                   help="cross-check each CT series against its study's other series the node received in the last S seconds "
+                        "(a forwarded series' instances are kept that long in SPOOL/recent/; 0: no cross-check, nothing kept; default 600)")
     p.add_argument("--allow", metavar="AE,...", help="accept associations only from these calling AE titles")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
     p.add_argument("--threshold", type=probability, default=None, help="one threshold for every candidate (default: the model's own)")

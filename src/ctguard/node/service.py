@@ -14,7 +14,9 @@ it is spooled, so that what the PACS stores can be checked with ``ctguard verify
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -27,7 +29,7 @@ from typing import Any
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
-from ctguard.node.spool import Spool
+from ctguard.node.spool import Spool, safe_uid
 
 log = logging.getLogger("ctguard.node")
 SCREENED_CLASSES = {CTImageStorage, EnhancedCTImageStorage}
@@ -88,6 +90,7 @@ class NodeConfig:
     sign: tuple[str, str] | None = None  # (key PEM, certificate PEM): sign every instance on arrival (PS3.15 Base RSA)
     workers: int = 2  # settled series screened and forwarded at once
     associations: int = 4  # parallel associations that forward one series
+    cross_check_s: float = 600.0  # a decided CT series is a study's later series' cross-check for this long (0: none)
 
 
 class Node:
@@ -159,8 +162,12 @@ class Node:
 
     # -- assembling, screening, forwarding --------------------------------------------------
     def _assembler(self) -> None:
+        swept = 0.0
         while not self.stop_event.wait(min(0.2, self.cfg.settle_s / 4)):
             now = time.time()
+            if now - swept > 5.0:  # forwarded series kept for cross-checks, past their time
+                self.spool.sweep_recent(self.cfg.cross_check_s)
+                swept = now
             with self.lock:
                 done = [uid for uid, t in self.last_seen.items() if now - t >= self.cfg.settle_s]
                 for uid in done:
@@ -231,13 +238,19 @@ class Node:
             work.mkdir()
             try:
                 t = time.time()
-                # A clean series that is forwarded leaves the spool with its report: write none for it.
-                result = api.screen(folder, json_out=work / "result.json", report_dir=work / "report", model=self.cfg.model,
-                                    threshold=self.cfg.threshold, dicom_out=work / "dicom" if self.cfg.send_results else None,
-                                    report_tampered_only=self.cfg.forward is not None)
+                with self._with_siblings(uid, state, folder) as target:
+                    # A clean series that is forwarded leaves the spool with its report: write none for it.
+                    result = api.screen(target, json_out=work / "result.json", report_dir=work / "report", model=self.cfg.model,
+                                        threshold=self.cfg.threshold, dicom_out=work / "dicom" if self.cfg.send_results else None,
+                                        report_tampered_only=self.cfg.forward is not None, series_uid=uid if target != folder else None)
                 state.update(verdict=result["verdict"], score=result["score"], findings=len(result["findings"]),
                              screen_s=round(time.time() - t, 2),
                              **{k: v for k, v in (result.get("scan") or {}).items() if k in ("patient_id", "description")})
+                disagree = [c["series_uid"] for c in result.get("cross_check") or [] if c.get("disagreements")]
+                if disagree:
+                    state["disagrees_with"] = disagree
+                    log.warning("ALERT: series %s%s and series %s of its study disagree: one of them was edited (the cross-check, "
+                                "result.json)", uid, whose(state), ", ".join(disagree))
             except ConflictingImages as e:  # two versions of the series: the one not screened must not pass
                 state.update(verdict="conflict", score=None, error=e.problem)
             except InputError as e:
@@ -252,6 +265,33 @@ class Node:
                 self.spool.save_state(uid, state)
                 log.info("series %s%s: %s (score %s, %d instances)", uid, whose(state), state["verdict"], state.get("score"), len(files))
             self._carry_out(uid, state, folder, files)
+
+    @contextlib.contextmanager
+    def _with_siblings(self, uid: str, state: dict[str, Any], folder: Path):
+        """The folder to screen the series from: its own, or, where the node holds other CT series
+        of its study (:meth:`Spool.siblings`), a folder with theirs beside its instances (hard links
+        in the spool: a sibling forwarded meanwhile stays readable), so that screening cross-checks
+        it against them (:mod:`ctguard.crosscheck`)."""
+        siblings = [] if self.cfg.cross_check_s <= 0 else self.spool.siblings(
+            uid, state.get("study_uid", ""), self.cfg.cross_check_s, settled=lambda u: u not in self.last_seen)
+        if not siblings:
+            yield folder
+            return
+        tmp = self.spool.root / f".crosscheck-{safe_uid(uid)}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for j, d in enumerate([folder, *siblings]):
+                for f in sorted(d.glob("*.dcm")):
+                    try:
+                        os.link(f, tmp / f"{j}-{f.name}")
+                    except FileNotFoundError:  # a sibling's instance removed meanwhile
+                        continue
+                    except OSError:
+                        shutil.copy2(f, tmp / f"{j}-{f.name}")
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _carry_out(self, uid: str, state: dict[str, Any], folder: Path, files: list[Path]) -> None:
         """The policy for a screened series: held, kept, or forwarded (then removed from the spool)."""
@@ -273,7 +313,9 @@ class Node:
             self._forward_until_confirmed(uid, results)
         self.spool.audit(calling_ae=state.get("calling_ae"), **patient_of(state), study_uid=state.get("study_uid"), series_uid=uid,
                          instances=len(files), verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title,
-                         results=[p.name for p in results])
+                         results=[p.name for p in results], **({"disagrees_with": state["disagrees_with"]} if state.get("disagrees_with") else {}))
+        if self.cfg.cross_check_s > 0:  # the study's later series are cross-checked against it a while
+            self.spool.keep_recent(uid, files, state)
         self.spool.mark_decided(uid, verdict=verdict, action=action, instances=len(files))
         if verdict == "tampered":  # keep the evidence of a forwarded alert
             dest = self.spool.root / "quarantine" / (folder.name + ".alert")
@@ -298,7 +340,8 @@ class Node:
         shutil.rmtree(screen, ignore_errors=True)
         self.spool.audit(calling_ae=state.get("calling_ae"), **patient_of(state), study_uid=state.get("study_uid"), series_uid=uid,
                          instances=len(files), verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
-                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else {}))
+                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else {}),
+                         **({"disagrees_with": state["disagrees_with"]} if state.get("disagrees_with") else {}))
         self.spool.mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
         if action in ("held", "held-late"):
             log.warning("series %s%s held in quarantine: %s%s", uid, whose(state), dest,

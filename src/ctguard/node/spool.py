@@ -7,6 +7,8 @@ Layout under the spool root::
     series/<series_uid>/state.json       {"status": receiving|screened|forwarding, "verdict", ...}
     passthrough/<sop_uid>.dcm            other storage classes, forwarded unscreened
     quarantine/<series_uid>/             held series: instances, result.json, report/
+    recent/<series_uid>/                 forwarded CT series kept a while (``--cross-check S``): the
+                                         study's later series are cross-checked against them
     decided/<series_uid>.json            each decided series' last decision (verdict, action, instances, time)
     audit.jsonl                          one JSON line per decision, append-only
 """
@@ -47,7 +49,7 @@ def write_durably(path: Path, data: bytes) -> None:
 class Spool:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        for d in ("series", "passthrough", "quarantine", "decided"):
+        for d in ("series", "passthrough", "quarantine", "decided", "recent"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self._audit_lock = threading.Lock()
         self._series_locks: dict[str, threading.Lock] = {}
@@ -122,6 +124,68 @@ class Spool:
         decided part), or None."""
         p = self.root / "decided" / f"{safe_uid(series_uid)}.json"
         return json.loads(p.read_text()) if p.is_file() else None
+
+    def keep_recent(self, series_uid: str, files: list[Path], state: dict[str, Any]) -> None:
+        """Keeps a forwarded series' instances (hard links where the disk allows, else copies) and
+        its state under ``recent/``, for the study's later series to be cross-checked against."""
+        import shutil
+
+        dest = self.root / "recent" / safe_uid(series_uid)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in files:
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "state.json").write_text(json.dumps({**state, "kept_at": time.time()}) + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+
+    def siblings(self, series_uid: str, study_uid: str, within_s: float, settled) -> list[Path]:
+        """Folders of the study's other CT series the node holds: settled in the spool (``settled``:
+        whether a series UID has stopped receiving), or forwarded (``recent/``), accepted or held
+        less than ``within_s`` ago: what a series is cross-checked against."""
+        if not study_uid:
+            return []
+        out = []
+        now = time.time()
+        for area in ("series", "recent", "accepted", "quarantine"):
+            base = self.root / area
+            if not base.is_dir():
+                continue
+            for d in sorted(base.iterdir()):
+                state_file = d / "state.json"
+                if not d.is_dir() or d.name.startswith(".") or not state_file.is_file():
+                    continue
+                try:
+                    state = json.loads(state_file.read_text())
+                except (OSError, ValueError):
+                    continue
+                uid = state.get("series_uid")
+                if uid == series_uid or state.get("study_uid") != study_uid:
+                    continue
+                if area == "series" and not settled(uid):
+                    continue
+                if area != "series" and now - float(state.get("kept_at") or state_file.stat().st_mtime) > within_s:
+                    continue
+                out.append(d)
+        return out
+
+    def sweep_recent(self, older_than_s: float) -> None:
+        """Deletes the forwarded series kept longer than ``older_than_s`` (:meth:`keep_recent`)."""
+        import shutil
+
+        now = time.time()
+        for d in (self.root / "recent").iterdir():
+            state_file = d / "state.json"
+            try:
+                kept = json.loads(state_file.read_text()).get("kept_at", 0.0) if state_file.is_file() else 0.0
+            except (OSError, ValueError):
+                kept = 0.0
+            if now - float(kept) > older_than_s:
+                shutil.rmtree(d, ignore_errors=True)
 
     def audit(self, **entry: Any) -> None:
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, sort_keys=False) + "\n"
