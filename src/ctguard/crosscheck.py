@@ -5,8 +5,8 @@ kernel, say. Both come from the same raw data, so their noise is one noise seen 
 filters: band-passed, the two correlate all over the lungs (a median of 0.92 and 0.98 on the two
 real pairs at hand, Lung-PET-CT-Dx A0001 and A0002). An edit made in one of them (CT-GAN edits
 one series) puts its own voxels there, so there the two stop correlating, whatever the edit holds:
-a drawn nodule, a moved tumour, or a filled or cloned in-painting of healthy lung that leaves the
-density as it was. Where the local correlation falls under :data:`DISAGREE_BELOW` over
+a drawn nodule, a tumour filled in, or a filled or cloned in-painting of healthy lung that leaves
+the density as it was. Where the local correlation falls under :data:`DISAGREE_BELOW` over
 :data:`MIN_REGION_MM3` or more of lung, the two series disagree: one of them was edited there.
 Which one, the correlation cannot say; the difference in density can (a nodule in one is missing
 from the other), and the detector's scores of both places can.
