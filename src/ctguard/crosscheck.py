@@ -17,6 +17,7 @@ a pair whose lungs do not correlate (:data:`SAME_ACQUISITION`) is not one acquis
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ def noise_correlation(a: np.ndarray, b: np.ndarray, spacing, lungs: np.ndarray) 
     scan's products at once would take gigabytes)."""
     wz = max(int(round(WINDOW_Z_MM / spacing[0])), 1)
     win = (wz, max(int(round(WINDOW_MM / spacing[1])), 1), max(int(round(WINDOW_MM / spacing[2])), 1))
+    mean = partial(ndimage.uniform_filter, size=win, mode="constant")
     half = wz // 2 + 1
     r = np.zeros(a.shape, np.float32)
     support = np.zeros(a.shape, np.float32)
@@ -66,17 +68,14 @@ def noise_correlation(a: np.ndarray, b: np.ndarray, spacing, lungs: np.ndarray) 
         lo, hi = max(z0 - half, 0), min(z0 + SLAB + half, a.shape[0])
         m = lungs[lo:hi].astype(np.float32)
         x, y = _band(a[lo:hi], spacing) * m, _band(b[lo:hi], spacing) * m
-
-        def mean(v):
-            return ndimage.uniform_filter(v, win, mode="constant")
-
         n = mean(m)
         w = np.maximum(n, 1e-6)
         mx, my = mean(x) / w, mean(y) / w
         cov = mean(x * y) / w - mx * my
         vx, vy = mean(x * x) / w - mx * mx, mean(y * y) / w - my * my
         keep = slice(z0 - lo, z0 - lo + min(SLAB, a.shape[0] - z0))
-        r[z0: z0 + SLAB] = (cov / np.sqrt(np.maximum(vx, 1e-6) * np.maximum(vy, 1e-6)))[keep]
+        # Clipped: where a window holds little lung, rounding can take the ratio past +-1.
+        r[z0: z0 + SLAB] = np.clip(cov / np.sqrt(np.maximum(vx, 1e-6) * np.maximum(vy, 1e-6)), -1.0, 1.0)[keep]
         support[z0: z0 + SLAB] = n[keep]
     return r, support
 
