@@ -6,6 +6,7 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
+import pydicom
 import pytest
 
 from ctguard import io
@@ -15,6 +16,10 @@ from ctguard.engine.train_verifier import near
 from ctguard.lung import lung_depth, lung_mask
 from ctguard.tamper.families import remove_healthy
 from ctguard.tamper.simulate import inject_random
+
+
+def first_file(folder):
+    return sorted(folder.glob("*.dcm"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,9 @@ def test_screening_a_study_cross_checks_its_reconstructions(pair, real_series, t
     edited, edits = inject_random(sharp, lungs, np.random.default_rng(3), n=1)
     io.write_back(replace(sharp, hu=edited.hu), tmp_path / "study" / "sharp")
     shutil.copytree(real_series["A0002-B40f"], tmp_path / "study" / "smooth")
+    scout = pydicom.dcmread(first_file(real_series["A0002-B40f"]))  # the study's scout, a series of its own: not cross-checked
+    scout.ImageType, scout.SeriesInstanceUID = ["ORIGINAL", "PRIMARY", "LOCALIZER"], "1.2.826.0.1.3680043.8.498.1"
+    scout.save_as(tmp_path / "study" / "scout.dcm")
     uid = smooth.meta["series_uid"]
     assert main(["screen", "-q", str(tmp_path / "study"), "--series", uid, "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out

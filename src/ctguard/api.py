@@ -288,8 +288,8 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
 
     checks = []
     for other in vol.meta["series"]:
-        if other["uid"] == vol.meta.get("series_uid") or other["modality"].upper() != "CT":
-            continue
+        if other["uid"] == vol.meta.get("series_uid") or other["modality"].upper() != "CT" or other.get("localizer"):
+            continue  # not a reconstruction of the scan: another modality, or the scout it was planned on
         entry: dict[str, Any] = {"series_uid": other["uid"], "description": other["description"] or None}
         if other["slices"] != vol.shape[0]:
             checks.append({**entry, "skipped": "another voxel grid (slices or pixels)"})

@@ -189,6 +189,7 @@ def read_series(
             "slices": len(items),
             "modality": str(getattr(items[0][1], "Modality", "")),
             "description": str(getattr(items[0][1], "SeriesDescription", "")),
+            **({"localizer": True} if all(_is_localizer(ds) for _, ds in items) else {}),
         }
         for uid, items in sorted(groups.items(), key=lambda kv: -len(kv[1]))
     ]
