@@ -287,6 +287,7 @@ def test_a_series_is_cross_checked_against_its_studys_series_received_before(tmp
     from ctguard import io
     from ctguard.lung import lung_mask
     from ctguard.node import Destination
+    from ctguard.node.spool import Spool
     from ctguard.tamper.simulate import inject_random
 
     sharp = io.read(real_series["A0002-B70f"])
@@ -313,13 +314,14 @@ def test_a_series_is_cross_checked_against_its_studys_series_received_before(tmp
     clean_uid = pydicom.dcmread(first[0], stop_before_pixels=True).SeriesInstanceUID
     sharp_uid = pydicom.dcmread(second[0], stop_before_pixels=True).SeriesInstanceUID
     assert a["series_uid"] == clean_uid and a["action"] == "forwarded" and "disagrees_with" not in a
+    assert forwarded == [clean_uid]  # the series that disagrees with it did not go out
     assert b["series_uid"] == sharp_uid and b["verdict"] == "tampered" and b["action"] == "held" and b["disagrees_with"] == [clean_uid]
     held = json.loads((Path(b["folder"]) / "result.json").read_text())
     (check,) = held["cross_check"]
     assert check["series_uid"] == clean_uid and len(check["disagreements"]) == 1
     recent = tmp_path / "spool" / "recent"
     assert [d.name for d in recent.iterdir()] == [clean_uid] and len(list((recent / clean_uid).glob("*.dcm"))) == len(first)
-    Node(NodeConfig(spool=tmp_path / "spool")).spool.sweep_recent(0.0)
+    Spool(tmp_path / "spool").sweep_recent(0.0)
     assert list(recent.iterdir()) == []
 
     a, b = run(0.0, tmp_path / "spool-none")

@@ -263,14 +263,10 @@ def cross_check(series: str | Path | Volume, other: str | Path | Volume) -> dict
     (places of ``series``), or ``skipped`` with the reason they cannot be compared (another frame of
     reference or voxel grid, or noise that does not correlate). What ``screen`` does for every
     other CT series of the folder it reads, for one pair of your choosing."""
-    from ctguard.crosscheck import comparable
     from ctguard.crosscheck import cross_check as check
     from ctguard.lung import lung_mask
 
     a, b = (v if isinstance(v, Volume) else load(v) for v in (series, other))
-    reason = comparable(a, b)
-    if reason:
-        return {"correlation": None, "disagreements": [], "skipped": reason}
     return check(a, b, lung_mask(a))
 
 
@@ -281,7 +277,7 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
     compared (``skipped``). Each disagreement carries the ``detector``'s scores of its place in
     both series (``scores``: ``this`` and ``other``, each ``[p_genuine, p_injected, p_removed]``),
     which tell which of the two was edited, and how. Any disagreement makes the verdict tampered."""
-    from ctguard.crosscheck import comparable, cross_check
+    from ctguard.crosscheck import OTHER_GRID, cross_check
     from ctguard.io.dicom import read_series
     from ctguard.lung import lung_mask
     from ctguard.screen import score_locations
@@ -291,19 +287,15 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
         if other["uid"] == vol.meta.get("series_uid") or other["modality"].upper() != "CT" or other.get("localizer"):
             continue  # not a reconstruction of the scan: another modality, or the scout it was planned on
         entry: dict[str, Any] = {"series_uid": other["uid"], "description": other["description"] or None}
-        if other["slices"] != vol.shape[0]:
-            checks.append({**entry, "skipped": "another voxel grid (slices or pixels)"})
+        if other["slices"] != vol.shape[0]:  # told before its files are read
+            checks.append({**entry, "skipped": OTHER_GRID})
             continue
-        try:
-            read = read_series(vol.meta["root"], series_uid=other["uid"])
+        try:  # its own files only: the first read found them
+            read = read_series(vol.meta["root"], series_uid=other["uid"], files=vol.meta["series_files"][other["uid"]])
         except InputError as e:
             checks.append({**entry, "skipped": f"cannot be read ({e.problem})"})
             continue
         entry["description"] = read.meta.get("identity", {}).get("description") or entry["description"]
-        reason = comparable(vol, read)
-        if reason:
-            checks.append({**entry, "skipped": reason})
-            continue
         entry.update(cross_check(vol, read, lungs))
         if entry["disagreements"]:
             places = np.asarray([d["voxel"] for d in entry["disagreements"]], float)

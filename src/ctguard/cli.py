@@ -137,8 +137,8 @@ def _screen(args, scan) -> int:
         more = f"; {n} more place{'s' if n > 1 else ''} over {'their thresholds' if n > 1 else 'its threshold'} up to {far:.0f} mm from it" if n else ""
         print(f"  {f['kind']:8s} score {f['score']:.3f} at voxel (z, y, x) {f['voxel']}, world {f['world_mm']} mm, radius {f['radius_mm']} mm"
               + peak + more)
-    for line in cross_check_lines(result):
-        print(f"  {line}")
+    for level, line, _ in cross_check_lines(result):
+        print(f"  {'  ' * level}{line}")
     for w in result["warnings"]:
         print(f"  warning: {w}")
     if result.get("signatures"):

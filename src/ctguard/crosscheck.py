@@ -35,6 +35,9 @@ EDGE_VOXELS = 2  # the lungs' rim (in-plane voxels) left out: the window there h
 SLAB = 32  # slices correlated at once (memory)
 
 
+OTHER_GRID = "another voxel grid (slices or pixels)"
+
+
 def comparable(a: Volume, b: Volume) -> str | None:
     """Why ``a`` and ``b`` cannot be cross-checked, or None where they can: DICOM series of one
     frame of reference on one voxel grid."""
@@ -43,7 +46,7 @@ def comparable(a: Volume, b: Volume) -> str | None:
         return "another frame of reference"
     if a.shape != b.shape or not np.allclose(a.spacing, b.spacing, atol=1e-3) or not np.allclose(a.origin, b.origin, atol=0.01) \
             or not np.allclose(a.direction, b.direction, atol=1e-3):
-        return "another voxel grid (slices or pixels)"
+        return OTHER_GRID
     return None
 
 
@@ -82,12 +85,16 @@ def noise_correlation(a: np.ndarray, b: np.ndarray, spacing, lungs: np.ndarray) 
 
 def cross_check(a: Volume, b: Volume, lungs: np.ndarray) -> dict[str, Any]:
     """Where ``a`` (the series screened, ``lungs`` its lung mask) and ``b`` (another reconstruction
-    of its acquisition, :func:`comparable`) disagree: ``correlation`` (the median over the lungs),
+    of its acquisition) disagree: ``correlation`` (the median over the lungs),
     and ``disagreements``, largest first, each with its centre (``voxel`` of ``a``, ``world_mm``),
     its size (``volume_mm3``, ``diameter_mm`` of the ball of that volume), the lowest correlation in
     it, and ``hu_difference``: the mean of ``a`` less ``b`` there (both smoothed over 1 mm): over 0,
     ``a`` is denser there (a nodule in it, missing from ``b``). ``skipped`` says why a pair was not
-    compared (then ``disagreements`` is empty)."""
+    compared (:func:`comparable`, no lungs, or noise that does not correlate; then
+    ``disagreements`` is empty)."""
+    reason = comparable(a, b)
+    if reason:
+        return {"correlation": None, "disagreements": [], "skipped": reason}
     spacing = np.asarray(a.spacing, float)
     zs, ys, xs = (np.flatnonzero(lungs.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
     if not len(zs):
@@ -134,26 +141,29 @@ def reading(d: dict[str, Any]) -> str:
     else:
         text = "the same density, other noise: in-painted in one of the two"
     if d.get("scores"):
+        from ctguard.screen import kind_of
+
         def said(p):
-            return f"{1 - p[0]:.2f} ({'injected' if p[1] >= p[2] else 'removed'})"
+            return f"{1 - p[0]:.2f} ({kind_of(p[1], p[2])})"
         text += f"; the detector scores it {said(d['scores']['this'])} here, {said(d['scores']['other'])} in the other"
     return text
 
 
-def cross_check_lines(result: dict[str, Any]) -> list[str]:
-    """A screening result's cross-checks (``result["cross_check"]``), a line each and one more for
-    each disagreement: what the command line prints and the report shows."""
+def cross_check_lines(result: dict[str, Any]) -> list[tuple[int, str, bool]]:
+    """A screening result's cross-checks (``result["cross_check"]``) as the command line, the report
+    and the web page say them: ``(level, text, alarm)``, a line for each other series (level 0) and
+    one under it for each disagreement (level 1), ``alarm`` where they disagree."""
     lines = []
     for c in result.get("cross_check") or []:
         other = f"series {c['series_uid']}" + (f" ({c['description']})" if c.get("description") else "")
         if c.get("skipped"):
-            lines.append(f"not cross-checked with {other}: {c['skipped']}")
+            lines.append((0, f"not cross-checked with {other}: {c['skipped']}", False))
         elif not c["disagreements"]:
-            lines.append(f"cross-checked with {other}: agrees (noise correlation {c['correlation']:.2f} over the lungs)")
+            lines.append((0, f"cross-checked with {other}: agrees (noise correlation {c['correlation']:.2f} over the lungs)", False))
         else:
             n = len(c["disagreements"])
-            lines.append(f"cross-checked with {other}: DISAGREES at {n} place{'s' if n > 1 else ''} (noise correlation "
-                         f"{c['correlation']:.2f} over the lungs)")
-            lines += [f"  at voxel (z, y, x) {d['voxel']}, world {d['world_mm']} mm, {d['diameter_mm']:.0f} mm across, correlation "
-                      f"{d['correlation']:.2f}, {d['hu_difference']:+d} HU: {reading(d)}" for d in c["disagreements"]]
+            lines.append((0, f"cross-checked with {other}: DISAGREES at {n} place{'s' if n > 1 else ''} (noise correlation "
+                             f"{c['correlation']:.2f} over the lungs)", True))
+            lines += [(1, f"at voxel (z, y, x) {d['voxel']}, world {d['world_mm']} mm, {d['diameter_mm']:.0f} mm across, correlation "
+                          f"{d['correlation']:.2f}, {d['hu_difference']:+d} HU: {reading(d)}", True) for d in c["disagreements"]]
     return lines

@@ -313,6 +313,11 @@ def heatmap(vol: Volume, detector: Detector, lungs: np.ndarray, box: tuple[slice
     return Heatmap(probs, box, vol.spacing)
 
 
+def kind_of(p_injected: float, p_removed: float) -> str:
+    """A tampered place's kind: the likelier of the two (a tie is an injection)."""
+    return "injected" if p_injected >= p_removed else "removed"
+
+
 UNDER_SHOWN = 5  # the highest places under the threshold the result lists, for a reader to review
 
 
@@ -354,7 +359,7 @@ def findings_from(heat: Heatmap, vol: Volume, threshold: float, nms_mm: float = 
         n_cells = int(sizes[region[c]])
         radius = float((3 * n_cells * STRIDE**3 / (4 * np.pi)) ** (1 / 3))
         kept.append({
-            "kind": "injected" if p_inj >= p_rem else "removed",
+            "kind": kind_of(p_inj, p_rem),
             "score": round(float(p_t[c]), 4),
             "voxel": [round(float(v), 1) for v in voxel],
             "world_mm": [round(float(v), 2) for v in vol.voxel_to_world(voxel)],
@@ -488,7 +493,7 @@ def peak_candidates(heat: Heatmap, vol: Volume, found: tuple[np.ndarray, np.ndar
     peaks = strongest_peaks(found, vol.spacing, n, at)
     out = []
     for v, p in zip(peaks, heat.probabilities_at(peaks)):
-        out.append({"kind": "injected" if p[1] >= p[2] else "removed", "score": round(float(1.0 - p[0]), 4),
+        out.append({"kind": kind_of(p[1], p[2]), "score": round(float(1.0 - p[0]), 4),
                     "voxel": [round(float(c), 1) for c in v], "world_mm": [round(float(c), 2) for c in vol.voxel_to_world(v)],
                     "radius_mm": TRACE_PEAK_RADIUS_MM, "p_injected": round(float(p[1]), 4), "p_removed": round(float(p[2]), 4),
                     "source": source})
@@ -526,7 +531,7 @@ def verify_findings(vol: Volume, lungs: np.ndarray, candidates: list[dict[str, A
     for f, pv, v in zip(candidates, p, at):
         moved = {"voxel": [round(float(c), 1) for c in v], "world_mm": [round(float(c), 2) for c in vol.voxel_to_world(v)]} \
             if not np.allclose(v, f["voxel"]) else {}
-        out.append({**f, **moved, "kind": "injected" if pv[1] >= pv[2] else "removed", "score": round(float(1.0 - pv[0]), 4),
+        out.append({**f, **moved, "kind": kind_of(pv[1], pv[2]), "score": round(float(1.0 - pv[0]), 4),
                     "p_injected": round(float(pv[1]), 4), "p_removed": round(float(pv[2]), 4), "network_score": f["score"]})
     return sorted(out, key=lambda f: -f["score"])
 
@@ -625,11 +630,11 @@ def bridged(findings: list[dict[str, Any]], vol: Volume, lungs: np.ndarray, veri
             gap = float(np.linalg.norm((at - np.asarray(g["voxel"], float)) * spacing))
             if g["kind"] != f["kind"] or gap >= BRIDGE_MM:
                 continue
-            way = np.asarray([np.asarray(g["voxel"], float) + t * (at - np.asarray(g["voxel"], float)) for t in BRIDGE_POINTS])
+            start = np.asarray(g["voxel"], float)
+            way = np.asarray([start + t * (at - start) for t in BRIDGE_POINTS])
             p = verifier.score_places(vol, way, heat.probabilities_at(way), lungs, candidates=True, noise=reading.noise,
                                       trace_reference=reading.reference)
-            same_kind = (p[:, 1] >= p[:, 2]) if f["kind"] == "injected" else (p[:, 2] > p[:, 1])
-            if np.all((1.0 - p[:, 0] >= min(f["threshold"], g["threshold"])) & same_kind):
+            if all(1.0 - q[0] >= min(f["threshold"], g["threshold"]) and kind_of(q[1], q[2]) == f["kind"] for q in p):
                 into = g
                 break
         if into is None:

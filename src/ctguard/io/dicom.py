@@ -88,7 +88,7 @@ def _slice_pixels(ds: Dataset, path: Path) -> np.ndarray:
         raise InputError(f"pixel data cannot be decoded ({e.__class__.__name__}: {e})", path) from None
 
 
-LOCALIZER = ": a projection to plan the scan on, not a cross-section of the chest; ctguard reads axial CT"
+NOT_A_SECTION = "a projection to plan the scan on, not a cross-section of the chest; ctguard reads axial CT"
 
 
 def _is_localizer(ds: Dataset) -> bool:
@@ -132,6 +132,7 @@ def read_series(
     series_uid: str | None = None,
     allow_modality: bool = False,
     progress: bool = False,
+    files: list[str] | None = None,
 ) -> Volume:
     """Reads a DICOM series from a folder (searched recursively) into a Volume.
 
@@ -144,6 +145,8 @@ def read_series(
         series_uid: the series to read. Defaults to the one with most slices.
         allow_modality: read a series whose modality is not CT. Defaults to False.
         progress: show a progress bar. Defaults to False.
+        files: the folder's files to read, where the caller knows them (``meta["series_files"]``
+            of an earlier read: one series read again without the others). Defaults to all.
 
     Returns:
         The Volume; ``meta`` holds ``files`` (one path per slice, in z order) and ``series``.
@@ -156,7 +159,7 @@ def read_series(
     from tqdm import tqdm
 
     folder = Path(folder)
-    files = _list_files(folder)
+    files = _list_files(folder) if files is None else [Path(f) for f in files]
     if not files:
         raise InputError("folder is empty", folder)
     groups: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
@@ -213,7 +216,7 @@ def read_series(
     items = groups[chosen]
     scouts = [it for it in items if _is_localizer(it[1])]
     if scouts and len(scouts) == len(items):
-        raise InputError(f"a localizer (scout) series{LOCALIZER}", folder)
+        raise InputError(f"a localizer (scout) series: {NOT_A_SECTION}", folder)
     if scouts:  # a scout kept in the axial series' UID: not one of its slices
         items = [it for it in items if not _is_localizer(it[1])]
         warnings.append(f"{folder}: {len(scouts)} localizer (scout) image{'s' if len(scouts) > 1 else ''} of series {chosen} left out")
@@ -297,6 +300,7 @@ def read_series(
         "sop_instance_uids": [str(getattr(ds, "SOPInstanceUID", "")) for _, ds in kept],
         "signed": [0xFFFAFFFA in ds for _, ds in kept],  # carries a Digital Signatures Sequence (checked by screen)
         "series": summary,
+        "series_files": {uid: [str(p) for p, _ in group] for uid, group in groups.items()},  # each series' files, to read it alone
         "warnings": warnings,
     }
     return Volume(hu, (dz, pixel_spacing[0], pixel_spacing[1]), origin, direction, meta)
@@ -407,7 +411,7 @@ def read_dicom_file(path: str | Path, allow_modality: bool = False) -> Volume:
         raise InputError("has no pixel data", path)
     _check_modality(str(getattr(ds, "Modality", "")), path, allow_modality)
     if _is_localizer(ds):
-        raise InputError(f"a localizer (scout) image{LOCALIZER}", path)
+        raise InputError(f"a localizer (scout) image: {NOT_A_SECTION}", path)
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(ds, path)
     slope, intercept = _rescale(ds)
@@ -554,7 +558,6 @@ def write_series(
     study_uid: str | None = None,
     series_uid: str | None = None,
     uid_seed: str | None = None,
-    frame_uid: str | None = None,
 ) -> list[Path]:
     """Writes any volume as a fresh, valid CT Image Storage series (one file per slice).
 
@@ -563,8 +566,6 @@ def write_series(
     little endian. Slice ``z`` is written with InstanceNumber ``z + 1`` to ``name_pattern``
     formatted with ``index=z``. Written to a temporary folder and renamed when complete.
     With ``uid_seed`` the UIDs and dates derive from it, so the same seed writes the same bytes.
-    ``study_uid``, ``series_uid``, ``frame_uid``: given UIDs (a second reconstruction of one
-    acquisition shares its study and frame of reference).
 
     Returns:
         The written paths, in z order.
@@ -577,7 +578,7 @@ def write_series(
 
     study_uid = study_uid or new_uid("study")
     series_uid = series_uid or new_uid("series")
-    frame_uid = frame_uid or new_uid("frame")
+    frame_uid = new_uid("frame")
     now = datetime(2020, 1, 1) if uid_seed is not None else datetime.now()
     direction = np.asarray(volume.direction, dtype=float)
     iop = [*direction[:, 0], *direction[:, 1]]

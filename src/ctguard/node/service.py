@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import shutil
 import threading
@@ -29,7 +28,7 @@ from typing import Any
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
-from ctguard.node.spool import Spool, safe_uid
+from ctguard.node.spool import Spool, link_or_copy, safe_uid
 
 log = logging.getLogger("ctguard.node")
 SCREENED_CLASSES = {CTImageStorage, EnhancedCTImageStorage}
@@ -43,9 +42,10 @@ def whose(state: dict[str, Any]) -> str:
     return f" ({text})" if text else ""
 
 
-def patient_of(state: dict[str, Any]) -> dict[str, str]:
-    """The audit entry's patient ID, where screening read it."""
-    return {"patient_id": state["patient_id"]} if state.get("patient_id") else {}
+def screened_fields(state: dict[str, Any]) -> dict[str, Any]:
+    """What screening found out for the audit entry, where it did: the patient ID, and the study's
+    other series the series disagrees with (the cross-check)."""
+    return {k: state[k] for k in ("patient_id", "disagrees_with") if state.get(k)}
 
 
 @dataclass
@@ -283,12 +283,8 @@ class Node:
         try:
             for j, d in enumerate([folder, *siblings]):
                 for f in sorted(d.glob("*.dcm")):
-                    try:
-                        os.link(f, tmp / f"{j}-{f.name}")
-                    except FileNotFoundError:  # a sibling's instance removed meanwhile
-                        continue
-                    except OSError:
-                        shutil.copy2(f, tmp / f"{j}-{f.name}")
+                    with contextlib.suppress(FileNotFoundError):  # a sibling's instance removed meanwhile
+                        link_or_copy(f, tmp / f"{j}-{f.name}")
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -311,9 +307,9 @@ class Node:
         results = sorted((folder / ".screen" / "dicom").glob("*.dcm")) if self.cfg.send_results else []
         if results:  # after the series, so that a viewer finds the images its SR and SEG refer to
             self._forward_until_confirmed(uid, results)
-        self.spool.audit(calling_ae=state.get("calling_ae"), **patient_of(state), study_uid=state.get("study_uid"), series_uid=uid,
+        self.spool.audit(calling_ae=state.get("calling_ae"), **screened_fields(state), study_uid=state.get("study_uid"), series_uid=uid,
                          instances=len(files), verdict=verdict, score=state.get("score"), action=action, destination=self.cfg.forward.ae_title,
-                         results=[p.name for p in results], **({"disagrees_with": state["disagrees_with"]} if state.get("disagrees_with") else {}))
+                         results=[p.name for p in results])
         if self.cfg.cross_check_s > 0:  # the study's later series are cross-checked against it a while
             self.spool.keep_recent(uid, files, state)
         self.spool.mark_decided(uid, verdict=verdict, action=action, instances=len(files))
@@ -338,10 +334,9 @@ class Node:
             if (screen / name).exists():
                 (screen / name).rename(dest / name)
         shutil.rmtree(screen, ignore_errors=True)
-        self.spool.audit(calling_ae=state.get("calling_ae"), **patient_of(state), study_uid=state.get("study_uid"), series_uid=uid,
+        self.spool.audit(calling_ae=state.get("calling_ae"), **screened_fields(state), study_uid=state.get("study_uid"), series_uid=uid,
                          instances=len(files), verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
-                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else {}),
-                         **({"disagrees_with": state["disagrees_with"]} if state.get("disagrees_with") else {}))
+                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else {}))
         self.spool.mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
         if action in ("held", "held-late"):
             log.warning("series %s%s held in quarantine: %s%s", uid, whose(state), dest,

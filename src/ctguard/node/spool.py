@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,25 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (no second copy on the disk, and it outlives ``src``'s
+    removal), or a copy where the file system links none."""
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _state_of(folder: Path) -> dict[str, Any] | None:
+    """A series folder's ``state.json``, or None where it has none that reads."""
+    try:
+        return json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class Spool:
@@ -126,19 +146,14 @@ class Spool:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def keep_recent(self, series_uid: str, files: list[Path], state: dict[str, Any]) -> None:
-        """Keeps a forwarded series' instances (hard links where the disk allows, else copies) and
-        its state under ``recent/``, for the study's later series to be cross-checked against."""
-        import shutil
-
+        """Keeps a forwarded series' instances (:func:`link_or_copy`) and its state under
+        ``recent/``, for the study's later series to be cross-checked against."""
         dest = self.root / "recent" / safe_uid(series_uid)
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for f in files:
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
+            link_or_copy(f, tmp / f.name)
         (tmp / "state.json").write_text(json.dumps({**state, "kept_at": time.time()}) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
@@ -156,35 +171,21 @@ class Spool:
             if not base.is_dir():
                 continue
             for d in sorted(base.iterdir()):
-                state_file = d / "state.json"
-                if not d.is_dir() or d.name.startswith(".") or not state_file.is_file():
+                state = _state_of(d) if d.is_dir() and not d.name.startswith(".") else None
+                if state is None or state.get("series_uid") == series_uid or state.get("study_uid") != study_uid:
                     continue
-                try:
-                    state = json.loads(state_file.read_text())
-                except (OSError, ValueError):
+                if area == "series" and not settled(state.get("series_uid")):
                     continue
-                uid = state.get("series_uid")
-                if uid == series_uid or state.get("study_uid") != study_uid:
-                    continue
-                if area == "series" and not settled(uid):
-                    continue
-                if area != "series" and now - float(state.get("kept_at") or state_file.stat().st_mtime) > within_s:
+                if area != "series" and now - float(state.get("kept_at") or (d / "state.json").stat().st_mtime) > within_s:
                     continue
                 out.append(d)
         return out
 
     def sweep_recent(self, older_than_s: float) -> None:
         """Deletes the forwarded series kept longer than ``older_than_s`` (:meth:`keep_recent`)."""
-        import shutil
-
         now = time.time()
         for d in (self.root / "recent").iterdir():
-            state_file = d / "state.json"
-            try:
-                kept = json.loads(state_file.read_text()).get("kept_at", 0.0) if state_file.is_file() else 0.0
-            except (OSError, ValueError):
-                kept = 0.0
-            if now - float(kept) > older_than_s:
+            if now - float((_state_of(d) or {}).get("kept_at", 0.0)) > older_than_s:
                 shutil.rmtree(d, ignore_errors=True)
 
     def audit(self, **entry: Any) -> None:

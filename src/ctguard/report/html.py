@@ -164,8 +164,9 @@ def _cross_check_html(result: dict) -> str:
     lines = cross_check_lines(result)
     if not lines:
         return ""
-    items = "".join(f"<li>{html.escape(line.strip())}</li>" if not line.startswith("  ") else
-                    f"<li style=\"margin-left:1.5rem\"><strong>{html.escape(line.strip())}</strong></li>" for line in lines)
+    nested = ' style="margin-left:1.5rem"'
+    items = "".join(f"<li{nested if level else ''}>{f'<strong>{html.escape(text)}</strong>' if alarm else html.escape(text)}</li>"
+                    for level, text, alarm in lines)
     return ("<h2>Other reconstructions of this acquisition</h2><p class=\"muted\">Two reconstructions of one acquisition "
             "share its noise; where one was edited, the two stop correlating there.</p>"
             f"<ul>{items}</ul>")

@@ -41,7 +41,14 @@ class Job:
         d = {"id": self.id, "name": self.name, "status": self.status, "stage": self.stage, "error": self.error,
              "elapsed_s": round((self.finished or time.time()) - self.created, 2)}
         if self.result is not None:
+            from ctguard.crosscheck import cross_check_lines
+            from ctguard.io.dicom import scan_summary
+
             d["result"] = self.result
+            # What the command line and the report say of it, for the page to show as it is.
+            d["text"] = {"scan": scan_summary(self.result.get("scan")),
+                         "cross_check": [{"level": level, "text": text, "alarm": alarm}
+                                         for level, text, alarm in cross_check_lines(self.result)]}
             d["links"] = {"json": f"/api/jobs/{self.id}/result.json", "report": f"/api/jobs/{self.id}/report/index.html",
                           "slice": f"/api/jobs/{self.id}/slices/{{z}}.png"}
             for key, name in (("sr", "ctguard-sr.dcm"), ("seg", "ctguard-seg.dcm")):  # DICOM series only; SEG when tampered

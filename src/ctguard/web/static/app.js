@@ -10,37 +10,15 @@ function reach(f, spacing) {
   return ` (+${over.length} within ${Math.round(far)} mm)`;
 }
 
-// The other reconstructions of the scan's acquisition it was cross-checked against, as the report lists them.
-function crossCheckItems(checks) {
-  const items = [];
-  const add = (text, strong, nested) => {
+// The cross-check's lines as the server words them (ctguard.crosscheck.cross_check_lines).
+function crossCheckItems(lines) {
+  return lines.map(({ level, text, alarm }) => {
     const li = document.createElement("li");
-    if (nested) li.style.marginLeft = "1.5rem";
-    if (strong) {
-      const b = document.createElement("strong");
-      b.textContent = text;
-      li.appendChild(b);
-    } else li.textContent = text;
-    items.push(li);
-  };
-  for (const c of checks) {
-    const other = `series ${c.series_uid}${c.description ? ` (${c.description})` : ""}`;
-    if (c.skipped) add(`Not cross-checked with ${other}: ${c.skipped}`);
-    else if (!c.disagreements.length) add(`Cross-checked with ${other}: agrees (noise correlation ${c.correlation.toFixed(2)})`);
-    else {
-      const n = c.disagreements.length;
-      add(`Cross-checked with ${other}: disagrees at ${n} place${n > 1 ? "s" : ""} (noise correlation ${c.correlation.toFixed(2)})`, true);
-      const said = (p) => `${(1 - p[0]).toFixed(2)} (${p[1] >= p[2] ? "injected" : "removed"})`;
-      for (const d of c.disagreements) {
-        const denser = d.hu_difference >= 100 ? "denser here: injected here, or removed from the other"
-          : d.hu_difference <= -100 ? "less dense here: removed here, or injected into the other" : "same density, other noise: in-painted in one of the two";
-        const scores = d.scores ? `; the detector scores it ${said(d.scores.this)} here, ${said(d.scores.other)} in the other` : "";
-        add(`slice ${Math.round(d.voxel[0])}, voxel ${d.voxel.map((v) => v.toFixed(0)).join(", ")}: ${Math.round(d.diameter_mm)} mm across, ${denser}${scores}`,
-          true, true);
-      }
-    }
-  }
-  return items;
+    if (level) li.style.marginLeft = "1.5rem";
+    const el = alarm ? li.appendChild(document.createElement("strong")) : li;
+    el.textContent = text;
+    return li;
+  });
 }
 
 const STAGES = { read: 10, lungs: 30, detector: 55, findings: 85, report: 92, done: 100 };
@@ -119,11 +97,8 @@ function render(j) {
   v.textContent = tampered ? "Tampered" : "Clean";
   v.className = `verdict ${tampered ? "bad" : "good"}`;
   $("score").textContent = res.score.toFixed(3);
-  const scan = res.scan || {};  // a DICOM series: whom and what it is about
-  const date = /^\d{8}$/.test(scan.study_date || "") ? `${scan.study_date.slice(0, 4)}-${scan.study_date.slice(4, 6)}-${scan.study_date.slice(6)}` : scan.study_date;
-  $("scan").textContent = [scan.patient_id && `Patient ${scan.patient_id}`, date && `study date ${date}`, scan.description,
-    scan.manufacturer].filter(Boolean).join(" · ");
-  show($("scan"), !!$("scan").textContent);
+  $("scan").textContent = j.text.scan;  // a DICOM series: whom and what it is about
+  show($("scan"), !!j.text.scan);
   $("meta").textContent = `${j.name} · ${res.shape.join(" × ")} voxels (z, y, x) · spacing ${res.spacing_mm.map((s) => s.toFixed(2)).join(" × ")} mm · model ${res.model.name} ${res.model.version} · ${res.elapsed_s.toFixed(1)} s`;
   $("json-link").href = j.links.json;
   $("report-link").href = j.links.report;
@@ -136,8 +111,8 @@ function render(j) {
   $("warnings").textContent = warn ? `Warnings: ${warn}` : "";
   show($("warnings"), !!warn);
   const cross = $("cross-check");
-  cross.replaceChildren(...crossCheckItems(res.cross_check || []));
-  show(cross, !!(res.cross_check || []).length);
+  cross.replaceChildren(...crossCheckItems(j.text.cross_check));
+  show(cross, j.text.cross_check.length > 0);
 
   const body = $("findings").querySelector("tbody");
   body.replaceChildren();
