@@ -47,7 +47,7 @@ def inside(args) -> None:
     http, dicom, node_port = free_port(), free_port(), free_port()
     orthanc = _start_orthanc(tmp, http, dicom)
     node = subprocess.Popen([sys.executable, "-m", "ctguard.cli", "node", "-q", "--port", str(node_port), "--forward",
-                             f"ORTHANC@127.0.0.1:{dicom}", "--spool", str(tmp / "spool"), "--settle", "2", "--on-tampered", "forward",
+                             f"ORTHANC@127.0.0.1:{dicom}", "--spool", str(tmp / "spool"), "--settle", "2", "--study-settle", "0", "--on-tampered", "forward",
                              "--workers", str(args.workers), "--associations", str(args.associations)],
                             stdout=open(tmp / "node.log", "w"), stderr=subprocess.STDOUT)
     time.sleep(3)

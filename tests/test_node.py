@@ -296,15 +296,19 @@ def test_a_series_is_cross_checked_against_its_studys_series_received_before(tmp
     first, second = sorted(real_series["A0002-B40f"].glob("*.dcm")), sorted((tmp_path / "sharp").rglob("*.dcm"))
     forwarded = []
 
-    def run(cross_check_s: float, spool: Path) -> list[dict]:
+    def run(cross_check_s: float, spool: Path, study_settle_s: float = 0.0, order: tuple = (first, second)) -> list[dict]:
         n = Node(NodeConfig(spool=spool, port=free_port(), settle_s=0.3, forward=Destination("PACS", "127.0.0.1", 1),
-                            cross_check_s=cross_check_s))
+                            cross_check_s=cross_check_s, study_settle_s=study_settle_s))
         monkeypatch.setattr(n, "_forward_until_confirmed", lambda uid, files: forwarded.append(uid))  # no PACS here
         n.start()
         try:
-            assert send(n.cfg.port, first) == [0] * len(first)
-            wait_for(lambda: len(n.spool.read_audit()) >= 1)
-            assert send(n.cfg.port, second) == [0] * len(second)
+            assert send(n.cfg.port, order[0]) == [0] * len(order[0])
+            if study_settle_s:  # screened, and waiting for its study: neither forwarded nor in the audit yet
+                wait_for(lambda: n.waiting)
+                assert n.spool.read_audit() == [] and forwarded == []
+            else:
+                wait_for(lambda: len(n.spool.read_audit()) >= 1)
+            assert send(n.cfg.port, order[1]) == [0] * len(order[1])
             wait_for(lambda: len(n.spool.read_audit()) >= 2)
             return n.spool.read_audit()
         finally:
@@ -326,3 +330,14 @@ def test_a_series_is_cross_checked_against_its_studys_series_received_before(tmp
 
     a, b = run(0.0, tmp_path / "spool-none")
     assert "disagrees_with" not in b and list((tmp_path / "spool-none" / "recent").iterdir()) == []
+
+    # The edited series first, the untouched one after it, the node waiting for the study to settle
+    # (--study-settle): the edited one has not left when the untouched one disagrees with it, and
+    # both are held; nothing is forwarded.
+    forwarded.clear()
+    entries = run(600.0, tmp_path / "spool-study", study_settle_s=2.0, order=(second, first))
+    assert forwarded == []
+    by_uid = {e["series_uid"]: e for e in entries}
+    assert by_uid[clean_uid]["action"] == "held" and by_uid[clean_uid]["disagrees_with"] == [sharp_uid]
+    assert by_uid[sharp_uid]["action"] == "held" and by_uid[sharp_uid]["verdict"] == "tampered"
+    assert by_uid[sharp_uid]["disagrees_with"] == [clean_uid] and clean_uid in by_uid[sharp_uid]["reason"]

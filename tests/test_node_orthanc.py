@@ -86,7 +86,8 @@ def _start_orthanc(tmp: Path, http: int, dicom: int, **extra) -> subprocess.Pope
 
 def _start_node(tmp: Path, port: int, orthanc_dicom: int, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ctguard.cli", "node", "--port", str(port), "--forward", f"ORTHANC@127.0.0.1:{orthanc_dicom}",
-           "--spool", str(tmp / "spool"), "--settle", "1", "--allow", "SCANNER", "--send-results", *extra]
+           "--spool", str(tmp / "spool"), "--settle", "1", "--study-settle", "2", "--allow", "SCANNER",
+           "--send-results", *extra]
     proc = subprocess.Popen(cmd, stdout=open(tmp / "node.log", "a"), stderr=subprocess.STDOUT)
 
     def up():

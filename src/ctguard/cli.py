@@ -359,9 +359,11 @@ def cmd_node(args) -> int:
                      on_error=args.on_error, on_late=args.on_late, settle_s=args.settle, allow=[a for a in (args.allow or "").split(",") if a],
                      model=args.model, threshold=args.threshold, tls=tls, send_results=args.send_results,
                      sign=tuple(args.sign) if args.sign else None, workers=args.workers, associations=args.associations,
-                     cross_check_s=args.cross_check)
-    if args.cross_check < 0:
-        raise InputError("--cross-check takes seconds, 0 or more")
+                     cross_check_s=args.cross_check, study_settle_s=30.0 if args.study_settle is None else args.study_settle)
+    if args.cross_check < 0 or (args.study_settle or 0) < 0:
+        raise InputError("--cross-check and --study-settle take seconds, 0 or more")
+    if args.study_settle and not (args.forward and args.cross_check > 0):
+        raise InputError("--study-settle holds forwarded series back for their study's cross-check: it needs --forward and --cross-check above 0")
     if args.workers < 1 or args.associations < 1:
         raise InputError("--workers and --associations need at least 1")
     node = Node(cfg)
@@ -577,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-check", type=float, default=600.0, metavar="S",
                    help="cross-check each CT series against its study's other series the node received in the last S seconds "
                         "(a forwarded series' instances are kept that long in SPOOL/recent/; 0: no cross-check, nothing kept; default 600)")
+    p.add_argument("--study-settle", type=float, default=None, metavar="S",
+                   help="a screened series is forwarded once its study has had no new instance for S seconds, so that the "
+                        "study's later series are cross-checked against it before it leaves (0: forward at once; default 30)")
     p.add_argument("--allow", metavar="AE,...", help="accept associations only from these calling AE titles")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="detector (default: the bundled one)")
     p.add_argument("--threshold", type=probability, default=None, help="one threshold for every candidate (default: the model's own)")

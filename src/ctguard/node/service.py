@@ -91,6 +91,7 @@ class NodeConfig:
     workers: int = 2  # settled series screened and forwarded at once
     associations: int = 4  # parallel associations that forward one series
     cross_check_s: float = 600.0  # a decided CT series is a study's later series' cross-check for this long (0: none)
+    study_settle_s: float = 30.0  # a series to forward waits until its study has had no instance this long (0: no wait)
 
 
 class Node:
@@ -98,6 +99,9 @@ class Node:
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
         self.last_seen: dict[str, float] = {}  # series UID -> time of the last instance
+        self.study_seen: dict[str, float] = {}  # study UID -> time of its last instance
+        self.series_study: dict[str, str] = {}  # series UID -> study UID, for the series received and not yet decided
+        self.waiting: dict[str, tuple[str, float]] = {}  # screened series waiting for their study: UID -> (study UID, since)
         self.lock = threading.Lock()
         self.ready: queue.Queue[str] = queue.Queue()
         self.queued: set[str] = set()  # in the ready queue or in a worker's hands
@@ -148,7 +152,11 @@ class Node:
                 "signed_by": self.signer.subject if self.signer is not None else None}
         self.spool.store_instance(series_uid, sop_uid, data, meta)
         with self.lock:
-            self.last_seen[series_uid] = time.time()
+            now = time.time()
+            self.last_seen[series_uid] = now
+            if meta["study_uid"]:
+                self.study_seen[meta["study_uid"]] = now
+                self.series_study[series_uid] = meta["study_uid"]
         return 0x0000
 
     def _refuse(self, event, reason: str, status: int) -> int:
@@ -172,8 +180,22 @@ class Node:
                 done = [uid for uid, t in self.last_seen.items() if now - t >= self.cfg.settle_s]
                 for uid in done:
                     del self.last_seen[uid]
-            for uid in done:
+                quiet = [uid for uid, (study, since) in self.waiting.items() if self._study_quiet(uid, study, since, now)]
+                for uid in quiet:
+                    del self.waiting[uid]
+                for study in [s for s, t in self.study_seen.items() if now - t > self.cfg.study_settle_s + 3600]:
+                    del self.study_seen[study]
+            for uid in done + quiet:
                 self._enqueue(uid)
+
+    def _study_quiet(self, uid: str, study: str, since: float, now: float) -> bool:
+        """Whether a series waiting since ``since`` may leave: its study has had no instance for
+        ``study_settle_s`` and none of its other series is being received or screened (the caller
+        holds ``self.lock``)."""
+        if now - max(since, self.study_seen.get(study, 0.0)) < self.cfg.study_settle_s:
+            return False
+        busy = (set(self.last_seen) | self.queued) - {uid}
+        return not any(self.series_study.get(u) == study for u in busy)
 
     def _enqueue(self, uid: str) -> None:
         with self.lock:
@@ -249,8 +271,12 @@ class Node:
                 disagree = [c["series_uid"] for c in result.get("cross_check") or [] if c.get("disagreements")]
                 if disagree:
                     state["disagrees_with"] = disagree
+                    stopped = [other for other in disagree if self._hold_waiting(other, uid)]
+                    gone = [other for other in disagree if other not in stopped]
+                    news = ([f"{', '.join(stopped)} (waiting for the study) is held too"] if stopped else []) + \
+                        ([f"{', '.join(gone)} was decided before it arrived (see the audit log)"] if gone else [])
                     log.warning("ALERT: series %s%s and series %s of its study disagree: one of them was edited (the cross-check, "
-                                "result.json)", uid, whose(state), ", ".join(disagree))
+                                "result.json); %s", uid, whose(state), ", ".join(disagree), "; ".join(news))
             except ConflictingImages as e:  # two versions of the series: the one not screened must not pass
                 state.update(verdict="conflict", score=None, error=e.problem)
             except InputError as e:
@@ -264,7 +290,27 @@ class Node:
             if screened or late:
                 self.spool.save_state(uid, state)
                 log.info("series %s%s: %s (score %s, %d instances)", uid, whose(state), state["verdict"], state.get("score"), len(files))
+            elif state.get("status") == "waiting":
+                state = self.spool.state(uid)  # a later series of the study may have found it edited meanwhile
+                with self.lock:
+                    if not self._study_quiet(uid, state.get("study_uid", ""), float(state.get("waiting_since", 0.0)), time.time()):
+                        self.waiting[uid] = (state.get("study_uid", ""), float(state.get("waiting_since", 0.0)))
+                        return
             self._carry_out(uid, state, folder, files)
+
+    def _hold_waiting(self, uid: str, later: str) -> bool:
+        """A later series of the study disagrees with series ``uid``: if ``uid`` is still waiting for
+        its study (screened, not yet forwarded), it is marked tampered, to be held with the later
+        one. Returns whether it was still waiting."""
+        with self.spool.series_lock(uid):
+            state = self.spool.state(uid)
+            if state.get("status") != "waiting":
+                return False
+            state.update(verdict="tampered", disagrees_with=sorted({*state.get("disagrees_with", []), later}),
+                         reason=f"the cross-check of series {later} of its study, received after it, found that the two disagree: "
+                                "one of them was edited (that series' result.json says where, and which one the detector suspects)")
+            self.spool.save_state(uid, state)
+        return True
 
     @contextlib.contextmanager
     def _with_siblings(self, uid: str, state: dict[str, Any], folder: Path):
@@ -300,6 +346,14 @@ class Node:
             else:
                 self._keep(uid, state)
             return
+        if self.cfg.study_settle_s > 0 and self.cfg.cross_check_s > 0 and state.get("study_uid") and state.get("status") != "waiting":
+            # Its study's later series are cross-checked against it before it leaves (_hold_waiting).
+            state.update(status="waiting", waiting_since=time.time())
+            self.spool.save_state(uid, state)
+            with self.lock:
+                self.waiting[uid] = (state["study_uid"], state["waiting_since"])
+            log.info("series %s%s waits until its study has had no instance for %.0f s", uid, whose(state), self.cfg.study_settle_s)
+            return
         action = "forwarded-alert" if verdict == "tampered" else "forwarded"
         if verdict == "tampered":
             log.warning("ALERT: series %s%s screened TAMPERED (score %s); forwarding by policy", uid, whose(state), state.get("score"))
@@ -312,7 +366,7 @@ class Node:
                          results=[p.name for p in results])
         if self.cfg.cross_check_s > 0:  # the study's later series are cross-checked against it a while
             self.spool.keep_recent(uid, files, state)
-        self.spool.mark_decided(uid, verdict=verdict, action=action, instances=len(files))
+        self._mark_decided(uid, verdict=verdict, action=action, instances=len(files))
         if verdict == "tampered":  # keep the evidence of a forwarded alert
             dest = self.spool.root / "quarantine" / (folder.name + ".alert")
             shutil.rmtree(dest, ignore_errors=True)
@@ -336,11 +390,17 @@ class Node:
         shutil.rmtree(screen, ignore_errors=True)
         self.spool.audit(calling_ae=state.get("calling_ae"), **screened_fields(state), study_uid=state.get("study_uid"), series_uid=uid,
                          instances=len(files), verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
-                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else {}))
-        self.spool.mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
+                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else
+                            {"reason": state["reason"]} if state.get("reason") else {}))
+        self._mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
         if action in ("held", "held-late"):
             log.warning("series %s%s held in quarantine: %s%s", uid, whose(state), dest,
                         f" ({state['error']})" if state.get("verdict") == "conflict" else "")
+
+    def _mark_decided(self, uid: str, **record: Any) -> None:
+        self.spool.mark_decided(uid, **record)
+        with self.lock:
+            self.series_study.pop(uid, None)
 
     def _keep(self, uid: str, state: dict[str, Any]) -> None:
         """No destination configured: the node is the end point; screened series go to accepted/."""
@@ -447,6 +507,8 @@ class Node:
 
         for uid in self.spool.pending():  # resume what a crash or stop left behind
             state = self.spool.state(uid)
+            if state.get("study_uid"):
+                self.series_study[uid] = state["study_uid"]
             if state.get("status") == "receiving":
                 with self.lock:
                     self.last_seen[uid] = time.time()
