@@ -11,11 +11,12 @@ import pytest
 
 from ctguard import io
 from ctguard.cli import main
-from ctguard.crosscheck import comparable, cross_check
+from ctguard.crosscheck import comparable, cross_check, onto
 from ctguard.engine.train_verifier import near
 from ctguard.lung import lung_depth, lung_mask
 from ctguard.tamper.families import remove_healthy
-from ctguard.tamper.simulate import inject_random
+from ctguard.tamper.simulate import Source, inject_random, thick_slice_source
+from ctguard.volume import Volume
 
 
 def first_file(folder):
@@ -37,7 +38,8 @@ def test_two_untouched_reconstructions_agree(pair, real_series):
     found = cross_check(sharp, smooth, lungs)
     assert found["correlation"] > 0.9 and found["disagreements"] == [] and "skipped" not in found
     assert comparable(sharp, io.read(real_series["A0001-L"])) == "another frame of reference"
-    assert comparable(sharp, replace(smooth, hu=smooth.hu[1:], origin=tuple(smooth.origin))) == "another voxel grid (slices or pixels)"
+    coronal = replace(smooth, direction=np.asarray(smooth.direction)[:, [0, 2, 1]])
+    assert comparable(sharp, coronal) == "another slice orientation (a reformat)"
     other = cross_check(sharp, replace(smooth, hu=np.roll(smooth.hu, 5, axis=2)), lungs)  # 3 mm off: the same anatomy, other noise
     assert other["disagreements"] == [] and "not two reconstructions of one acquisition" in other["skipped"]
     from ctguard import api
@@ -131,3 +133,64 @@ def test_an_audit_cross_checks_each_series_against_its_studys_other_reconstructi
     assert "cross_check" in header.split(",") and len(lines) == 2
     hu = {uid: rows[uid]["cross_check"][0]["disagreements"][0]["hu_difference"] for uid in rows}
     assert hu[sharp.meta["series_uid"]] > 100 and hu[smooth.meta["series_uid"]] < -100  # the nodule is in the sharp series
+
+
+
+def test_onto_brings_a_series_onto_another_grid():
+    """Each slice of the coarser grid is the mean of the finer series' slices over its thickness, at
+    its own pixel centres; voxels the finer series does not cover (past its slices or its field of
+    view) are marked so."""
+    z, y, x = np.meshgrid(np.arange(12), np.arange(40), np.arange(50), indexing="ij")
+    # 12 slices of 1.25 mm from z = 0 (they cover -0.625 to 14.375 mm), pixels of 0.8 mm: HU = 8 z + 0.625 x, in mm
+    fine = Volume((10.0 * z + 0.5 * x).astype(np.float32), (1.25, 0.8, 0.8), (0.0, 0.0, 0.0))
+    # 7 slices of 2.5 mm from z = 0.625 mm, rows of 1 mm from y = 3 mm, columns of 1.5 mm from x = 4 mm
+    coarse = Volume(np.zeros((7, 40, 20), np.float32), (2.5, 1.0, 1.5), (4.0, 3.0, 0.625), meta={"slice_thickness": 2.5})
+    out, covered = onto(fine, coarse)
+    rows_inside = 3.0 + np.arange(40) <= 39 * 0.8
+    assert np.array_equal(covered, np.broadcast_to((np.arange(7) < 6)[:, None, None] & rows_inside[None, :, None], covered.shape))
+    k, _, j = np.meshgrid(np.arange(7), np.arange(40), np.arange(20), indexing="ij")
+    expected = 8 * (0.625 + 2.5 * k) + 0.625 * (4.0 + 1.5 * j)
+    assert np.allclose(out[covered], expected[covered], atol=1e-3)
+
+
+def test_a_thin_and_a_thick_series_are_cross_checked_on_the_thick_one(pair):
+    """A0002's sharp kernel (8 mm slices) against its smooth kernel made 16 mm thick: the untouched
+    pair agrees; a nodule drawn into the sharp one is where they disagree, placed in the sharp
+    series' own voxels, whichever of the two is screened."""
+    sharp, smooth, lungs = pair
+    thick = thick_slice_source(Source("A0002", smooth, "A0002", []), 2).volume
+    assert comparable(sharp, thick) is None
+    agree = cross_check(sharp, thick, lungs)
+    assert agree["correlation"] > 0.8 and agree["disagreements"] == []
+    edited, edits = inject_random(sharp, lungs, np.random.default_rng(11), n=1, sizes=(12.0, 16.0))
+    (edit,) = [e.to_dict() for e in edits]
+    (d,) = cross_check(replace(sharp, hu=edited.hu), thick, lungs)["disagreements"]
+    assert near(d["voxel"], edit["voxel"], edit["diameter_mm"], sharp.spacing) and d["hu_difference"] > 100
+    (back,) = cross_check(thick, replace(sharp, hu=edited.hu), lung_mask(thick))["disagreements"]
+    assert near(thick.world_to_voxel(sharp.voxel_to_world(edit["voxel"])), back["voxel"], edit["diameter_mm"], thick.spacing)
+    assert back["hu_difference"] < -100
+
+
+def test_screening_a_study_of_thin_and_thick_series(pair, tmp_path, capsys):
+    """``ctguard screen`` of a study's thick series beside its thin one with a nodule drawn into the
+    thin one: the two are cross-checked on the thick grid, disagree at the nodule, and the detector
+    scores the place in each series on that series' own voxels."""
+    import json
+
+    sharp, smooth, lungs = pair
+    edited, edits = inject_random(sharp, lungs, np.random.default_rng(3), n=1, sizes=(12.0, 16.0))
+    io.write_back(replace(sharp, hu=edited.hu), tmp_path / "study" / "sharp")
+    thick = thick_slice_source(Source("A0002", smooth, "A0002", []), 2).volume
+    for f in io.write_series(thick, tmp_path / "study" / "thick", uid_seed="thick"):  # the thick series, filed in the study
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = smooth.meta["study_uid"], smooth.meta["frame_of_reference_uid"]
+        ds.save_as(f)
+    uid = pydicom.dcmread(first_file(tmp_path / "study" / "thick")).SeriesInstanceUID
+    assert main(["screen", "-q", str(tmp_path / "study"), "--series", uid, "--json", str(tmp_path / "r.json")]) == 0
+    assert "DISAGREES at 1 place" in capsys.readouterr().out
+    (check,) = json.loads((tmp_path / "r.json").read_text())["cross_check"]
+    (d,) = check["disagreements"]
+    at = thick.world_to_voxel(sharp.voxel_to_world(edits[0].voxel))
+    assert near(d["voxel"], at, edits[0].diameter_mm, thick.spacing) and d["hu_difference"] < -100
+    this, other = d["scores"]["this"], d["scores"]["other"]
+    assert 1 - other[0] > 1 - this[0]  # scored on the thin series' voxels, where the nodule is

@@ -261,7 +261,8 @@ def cross_check(series: str | Path | Volume, other: str | Path | Volume) -> dict
     """Where two reconstructions of one acquisition disagree (:func:`ctguard.crosscheck.cross_check`),
     each a DICOM series folder or a volume read from one: ``correlation`` and ``disagreements``
     (places of ``series``), or ``skipped`` with the reason they cannot be compared (another frame of
-    reference or voxel grid, or noise that does not correlate). What ``screen`` does for every
+    reference or slice orientation, or noise that does not correlate). Series on other grids (thin
+    and thick slices) are compared on the coarser one's. What ``screen`` does for every
     other CT series of the folder it reads, for one pair of your choosing."""
     from ctguard.crosscheck import cross_check as check
     from ctguard.lung import lung_mask
@@ -277,7 +278,7 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
     compared (``skipped``). Each disagreement carries the ``detector``'s scores of its place in
     both series (``scores``: ``this`` and ``other``, each ``[p_genuine, p_injected, p_removed]``),
     which tell which of the two was edited, and how. Any disagreement makes the verdict tampered."""
-    from ctguard.crosscheck import OTHER_GRID, cross_check
+    from ctguard.crosscheck import cross_check
     from ctguard.io.dicom import read_series
     from ctguard.lung import lung_mask
     from ctguard.screen import score_locations
@@ -287,9 +288,6 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
         if other["uid"] == vol.meta.get("series_uid") or other["modality"].upper() != "CT" or other.get("localizer"):
             continue  # not a reconstruction of the scan: another modality, or the scout it was planned on
         entry: dict[str, Any] = {"series_uid": other["uid"], "description": other["description"] or None}
-        if other["slices"] != vol.shape[0]:  # told before its files are read
-            checks.append({**entry, "skipped": OTHER_GRID})
-            continue
         try:  # its own files only: the first read found them
             read = read_series(vol.meta["root"], series_uid=other["uid"], files=vol.meta["series_files"][other["uid"]])
         except InputError as e:
@@ -300,7 +298,9 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
         if entry["disagreements"]:
             places = np.asarray([d["voxel"] for d in entry["disagreements"]], float)
             here = score_locations(vol, detector, places, lungs=lungs)
-            there = score_locations(read, detector, places, lungs=lung_mask(read))
+            theirs = np.clip(read.world_to_voxel(np.asarray([d["world_mm"] for d in entry["disagreements"]], float)), 0,
+                             np.asarray(read.shape) - 1)  # its own voxels: its grid may be another
+            there = score_locations(read, detector, theirs, lungs=lung_mask(read))
             for d, p, q in zip(entry["disagreements"], here, there):
                 d["scores"] = {"this": [round(float(v), 4) for v in p], "other": [round(float(v), 4) for v in q]}
         checks.append(entry)

@@ -11,8 +11,10 @@ the density as it was. Where the local correlation falls under :data:`DISAGREE_B
 Which one, the correlation cannot say; the difference in density can (a nodule in one is missing
 from the other), and the detector's scores of both places can.
 
-Only series of one frame of reference on one voxel grid (the same slices and pixels) are compared;
-a pair whose lungs do not correlate (:data:`SAME_ACQUISITION`) is not one acquisition's.
+Only series of one frame of reference and one slice orientation are compared; a pair whose lungs do
+not correlate (:data:`SAME_ACQUISITION`) is not one acquisition's. Two series on other grids (thin
+and thick slices, another field of view) are compared on the coarser one's (:func:`onto`): each of
+its slices against the mean of the finer series' slices over its thickness, at its pixels.
 """
 
 from __future__ import annotations
@@ -32,22 +34,67 @@ SAME_ACQUISITION = 0.6  # under this median correlation over the lungs, two seri
 DISAGREE_BELOW = 0.3  # a place of the lungs where the two correlate less disagrees
 MIN_REGION_MM3 = 50.0  # the least lung a disagreement covers (a ball of 4.6 mm across)
 EDGE_VOXELS = 2  # the lungs' rim (in-plane voxels) left out: the window there holds chest wall
+GROUP_MM = 2.0  # parts of a disagreement up to twice this far apart in-plane are one place
+SOLID_HU = -300.0  # a place solid in both series (a vessel, or soft tissue a lung mask took in) is not compared
 SLAB = 32  # slices correlated at once (memory)
 
 
-OTHER_GRID = "another voxel grid (slices or pixels)"
+OTHER_ORIENTATION = "another slice orientation (a reformat)"
+MIN_COVERED = 0.9  # a slice of the coarser series is compared where the finer covers this much of its thickness
 
 
 def comparable(a: Volume, b: Volume) -> str | None:
     """Why ``a`` and ``b`` cannot be cross-checked, or None where they can: DICOM series of one
-    frame of reference on one voxel grid."""
+    frame of reference and one slice orientation (on one voxel grid or not: :func:`onto`)."""
     frame_a, frame_b = a.meta.get("frame_of_reference_uid"), b.meta.get("frame_of_reference_uid")
     if not frame_a or frame_a != frame_b:
         return "another frame of reference"
-    if a.shape != b.shape or not np.allclose(a.spacing, b.spacing, atol=1e-3) or not np.allclose(a.origin, b.origin, atol=0.01) \
-            or not np.allclose(a.direction, b.direction, atol=1e-3):
-        return OTHER_GRID
+    if not np.allclose(a.direction, b.direction, atol=1e-3):
+        return OTHER_ORIENTATION
     return None
+
+
+def same_grid(a: Volume, b: Volume) -> bool:
+    return a.shape == b.shape and np.allclose(a.spacing, b.spacing, atol=1e-3) and np.allclose(a.origin, b.origin, atol=0.01) \
+        and np.allclose(a.direction, b.direction, atol=1e-3)
+
+
+def thickness(v: Volume) -> float:
+    """A series' slice thickness (DICOM SliceThickness where it was read), else its slice spacing."""
+    return float(v.meta.get("slice_thickness") or v.spacing[0])
+
+
+def coarser(a: Volume, b: Volume) -> bool:
+    """Whether ``a``'s grid is the coarser of the two (thicker slices; or, as thick, larger
+    pixels): the grid a pair is compared on."""
+    return (thickness(a), a.spacing[1] * a.spacing[2]) >= (thickness(b), b.spacing[1] * b.spacing[2])
+
+
+def onto(src: Volume, dst: Volume, data: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``src``'s voxels (or ``data``, an array on ``src``'s grid) on ``dst``'s grid, both of one
+    slice orientation: each slice of ``dst`` the mean of ``src``'s slices over its thickness
+    (weighted by how much of each falls in it), at ``dst``'s pixel centres (linear interpolation
+    in-plane); and which voxels of ``dst`` ``src`` covers (:data:`MIN_COVERED` of the slice's
+    thickness, inside ``src``'s field of view). The model: a thick slice of an acquisition is
+    about the mean of its thin slices."""
+    x = src.hu if data is None else data
+    normal = np.asarray(dst.direction)[:, 2]
+    q = float(np.dot(src.origin, normal)) + np.arange(src.shape[0]) * src.spacing[0]  # src slices along the normal
+    p = float(np.dot(dst.origin, normal)) + np.arange(dst.shape[0]) * dst.spacing[0]
+    half_t, half_s = thickness(dst) / 2, src.spacing[0] / 2
+    w = np.clip(np.minimum(p[:, None] + half_t, q[None, :] + half_s) - np.maximum(p[:, None] - half_t, q[None, :] - half_s), 0, None)
+    covered_z = w.sum(axis=1) >= MIN_COVERED * 2 * half_t
+    step = (dst.spacing[1] / src.spacing[1], dst.spacing[2] / src.spacing[2])
+    offset = (np.asarray(dst.origin) - np.asarray(src.origin)) @ np.asarray(dst.direction)  # (x, y, z) in mm, dst's axes
+    start = (offset[1] / src.spacing[1], offset[0] / src.spacing[2])
+    same_plane = np.allclose(step, 1, atol=1e-4) and np.allclose(start, 0, atol=1e-3) and src.shape[1:] == dst.shape[1:]
+    out = np.full(dst.shape, np.nan, np.float32)
+    for k in np.flatnonzero(covered_z):
+        j = np.flatnonzero(w[k])
+        mean = np.tensordot(w[k, j] / w[k, j].sum(), x[j].astype(np.float32), axes=1)
+        out[k] = mean if same_plane else ndimage.affine_transform(mean, step, offset=start, output_shape=dst.shape[1:], order=1,
+                                                                  cval=np.nan)
+    return out, ~np.isnan(out)
 
 
 def _band(hu: np.ndarray, spacing) -> np.ndarray:
@@ -95,17 +142,36 @@ def cross_check(a: Volume, b: Volume, lungs: np.ndarray) -> dict[str, Any]:
     reason = comparable(a, b)
     if reason:
         return {"correlation": None, "disagreements": [], "skipped": reason}
-    spacing = np.asarray(a.spacing, float)
+    if same_grid(a, b):
+        grid, x, y, lung = a, a.hu, b.hu, lungs
+    else:  # compared on the coarser grid: the finer series (and the lungs) brought onto it
+        grid = a if coarser(a, b) else b
+        (x, cover_a), (y, cover_b) = (onto(v, grid) if v is not grid else (v.hu, np.ones(v.shape, bool)) for v in (a, b))
+        lung = (lungs if grid is a else onto(a, grid, lungs.astype(np.float32))[0] > 0.5) & cover_a & cover_b
+        x, y = np.nan_to_num(x, nan=-1000.0), np.nan_to_num(y, nan=-1000.0)
+    found = _disagreements(grid, x, y, lung)
+    if grid is not a:  # places of the series screened
+        for d in found["disagreements"]:
+            d["voxel"] = [round(float(v), 1) for v in np.clip(a.world_to_voxel(d["world_mm"]), 0, np.asarray(a.shape) - 1)]
+    return found
+
+
+def _disagreements(grid: Volume, a: np.ndarray, b: np.ndarray, lungs: np.ndarray) -> dict[str, Any]:
+    """:func:`cross_check` on one grid (``grid``'s): ``a`` and ``b`` HU arrays of its shape,
+    ``lungs`` the lungs to compare."""
+    spacing = np.asarray(grid.spacing, float)
     zs, ys, xs = (np.flatnonzero(lungs.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
     if not len(zs):
         return {"correlation": None, "disagreements": [], "skipped": "no lungs to compare"}
     margin = (0, int(WINDOW_MM / spacing[1]) + 1, int(WINDOW_MM / spacing[2]) + 1)
     box = tuple(slice(max(int(i[0]) - m, 0), min(int(i[-1]) + m + 1, n)) for i, m, n in zip((zs, ys, xs), margin, a.shape))
     lung = lungs[box]
-    r, support = noise_correlation(a.hu[box], b.hu[box], spacing, lung)
+    r, support = noise_correlation(a[box], b[box], spacing, lung)
     rim = np.zeros((1, 3, 3), bool)
     rim[0, 1, :] = rim[0, :, 1] = True  # in-plane: thick slices would lose whole slices to a 3D erosion
     inner = ndimage.binary_erosion(lung, rim, iterations=EDGE_VOXELS) & (support > 0.8)
+    smooth = (0.0, 1.0 / spacing[1], 1.0 / spacing[2])
+    inner &= ~((ndimage.gaussian_filter(a[box], smooth) > SOLID_HU) & (ndimage.gaussian_filter(b[box], smooth) > SOLID_HU))
     if not inner.any():
         return {"correlation": None, "disagreements": [], "skipped": "no lungs to compare"}
     median = round(float(np.median(r[inner])), 3)
@@ -113,7 +179,10 @@ def cross_check(a: Volume, b: Volume, lungs: np.ndarray) -> dict[str, Any]:
         return {"correlation": median, "disagreements": [],
                 "skipped": f"their noise does not correlate over the lungs ({median:.2f}): not two reconstructions of one acquisition"}
     low = (r < DISAGREE_BELOW) & inner
-    labels, n = ndimage.label(low)
+    # One place: parts of one edit a few millimetres apart (a vessel between them) are grouped.
+    reach = (0, max(int(round(GROUP_MM / spacing[1])), 1), max(int(round(GROUP_MM / spacing[2])), 1))
+    grouped, _ = ndimage.label(ndimage.binary_dilation(low, np.ones([2 * h + 1 for h in reach], bool)) if low.any() else low)
+    labels = np.where(low, grouped, 0)
     voxel_mm3 = float(np.prod(spacing))
     out = []
     for k, where in enumerate(ndimage.find_objects(labels), start=1):
@@ -122,10 +191,9 @@ def cross_check(a: Volume, b: Volume, lungs: np.ndarray) -> dict[str, Any]:
         if volume < MIN_REGION_MM3:
             continue
         sub = tuple(slice(s.start + o.start, s.stop + o.start) for s, o in zip(where, box))
-        smooth = (0.0, 1.0 / spacing[1], 1.0 / spacing[2])
-        diff = ndimage.gaussian_filter(a.hu[sub].astype(np.float32), smooth) - ndimage.gaussian_filter(b.hu[sub].astype(np.float32), smooth)
+        diff = ndimage.gaussian_filter(a[sub].astype(np.float32), smooth) - ndimage.gaussian_filter(b[sub].astype(np.float32), smooth)
         centre = np.argwhere(region).mean(axis=0) + [s.start for s in sub]
-        out.append({"voxel": [round(float(v), 1) for v in centre], "world_mm": [round(float(v), 2) for v in a.voxel_to_world(centre)],
+        out.append({"voxel": [round(float(v), 1) for v in centre], "world_mm": [round(float(v), 2) for v in grid.voxel_to_world(centre)],
                     "volume_mm3": round(volume), "diameter_mm": round(float(2 * (3 * volume / (4 * np.pi)) ** (1 / 3)), 1),
                     "correlation": round(float(r[where][region].min()), 3), "hu_difference": round(float(diff[region].mean()))})
     return {"correlation": median, "disagreements": sorted(out, key=lambda d: -d["volume_mm3"])}

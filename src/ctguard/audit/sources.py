@@ -1,6 +1,6 @@
 """What an archive audit screens: every CT series under a folder tree, found by SeriesInstanceUID
 (several series in one folder, one series over several folders), each with its study's other CT
-series of as many instances to cross-check it against, and every NIfTI/NRRD/MHD file; or every CT
+series to cross-check it against, and every NIfTI/NRRD/MHD file; or every CT
 series of a PACS through DICOMweb (QIDO-RS lists them, WADO-RS retrieves each)."""
 
 from __future__ import annotations
@@ -136,14 +136,14 @@ def folder_series(root: str | Path) -> Iterator[SeriesRef]:
 
 def add_siblings(refs: list[SeriesRef]) -> None:
     """Each CT series' other reconstructions to cross-check it against (``extra["siblings"]``: their
-    files): the study's other CT series with as many instances (one grid is needed; the screening
-    checks the rest, :func:`ctguard.crosscheck.comparable`)."""
+    files): the study's other CT series (the screening checks that they can be compared,
+    :func:`ctguard.crosscheck.comparable`)."""
     by_study: dict[str, list[SeriesRef]] = {}
     for ref in refs:
         if ref.kind == "dicom" and not ref.error and ref.study_uid:
             by_study.setdefault(ref.study_uid, []).append(ref)
     for study in by_study.values():
         for ref in study:
-            others = [o.files for o in study if o is not ref and len(o.files) == len(ref.files)]
+            others = [o.files for o in study if o is not ref]
             if others:
                 ref.extra["siblings"] = others

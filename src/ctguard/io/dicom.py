@@ -291,6 +291,7 @@ def read_series(
         "series_uid": chosen,
         "study_uid": str(getattr(first, "StudyInstanceUID", "")),
         "frame_of_reference_uid": str(getattr(first, "FrameOfReferenceUID", "")),
+        "slice_thickness": _float_or_none(getattr(first, "SliceThickness", None)),
         "patient_id": str(getattr(first, "PatientID", "")),
         "manufacturer": str(getattr(first, "Manufacturer", "")),
         "identity": identity(first),
@@ -304,6 +305,13 @@ def read_series(
         "warnings": warnings,
     }
     return Volume(hu, (dz, pixel_spacing[0], pixel_spacing[1]), origin, direction, meta)
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_multiframe(ds: Dataset, path: Path) -> Volume:

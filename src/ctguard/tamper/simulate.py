@@ -177,6 +177,7 @@ def thick_slice_source(src: Source, factor: int) -> Source:
     shift = (factor - 1) / 2.0 * vol.spacing[0]
     origin = tuple(float(o) for o in np.asarray(vol.origin) + np.asarray(vol.direction)[:, 2] * shift)
     meta = {k: v for k, v in vol.meta.items() if k not in ("files", "sop_instance_uids")}
+    meta["slice_thickness"] = vol.spacing[0] * factor
     thick = Volume(np.rint(hu).astype(np.float32), (vol.spacing[0] * factor, *vol.spacing[1:]), origin, vol.direction, meta)
     tumours = []
     for t in src.tumours:
