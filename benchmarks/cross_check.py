@@ -150,11 +150,11 @@ def main() -> None:
         check_pair("Lung_Dx-A0001", "L 5 mm / B 10 mm", thin, thick.volume, SEED + 500, args.seeds, edits_out, clean_out, seconds)
         check_pair("Lung_Dx-A0001", "B 10 mm / L 5 mm", thick, first, SEED + 600, args.seeds, edits_out, clean_out, seconds)
         # One kernel, thin slices against the same made about 5 mm thick (LIDC-IDRI, 1.25-2.5 mm).
-        for patient, (src, factor) in thin_and_thick().items():
+        for i, (patient, (src, factor)) in enumerate(thin_and_thick().items()):
             thick = thick_slice_source(src, factor)
             mm = f"{src.volume.spacing[0]:g} mm / {thick.volume.spacing[0]:g} mm"
-            check_pair(patient, f"thin {mm}", src, thick.volume, SEED + 700, args.seeds, edits_out, clean_out, seconds)
-            check_pair(patient, f"thick {mm}", thick, src.volume, SEED + 800, args.seeds, edits_out, clean_out, seconds)
+            check_pair(patient, f"thin {mm}", src, thick.volume, SEED + 1000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
+            check_pair(patient, f"thick {mm}", thick, src.volume, SEED + 2000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
         out["other_grids"] = {"summary": summarise(edits_out, clean_out, seconds), "edits": edits_out, "untouched": clean_out}
     print(json.dumps({k: v["summary"] for k, v in out.items()}, indent=1))
     if args.json:
