@@ -341,3 +341,38 @@ def test_a_series_is_cross_checked_against_its_studys_series_received_before(tmp
     assert by_uid[clean_uid]["action"] == "held" and by_uid[clean_uid]["disagrees_with"] == [sharp_uid]
     assert by_uid[sharp_uid]["action"] == "held" and by_uid[sharp_uid]["verdict"] == "tampered"
     assert by_uid[sharp_uid]["disagrees_with"] == [clean_uid] and clean_uid in by_uid[sharp_uid]["reason"]
+
+
+def test_a_series_waiting_for_its_study_is_forwarded_after_a_restart(tmp_path, real_series, monkeypatch):
+    """A screened series waiting for its study (--study-settle) when the node stops is still in the
+    spool, waiting, when it starts again; it is forwarded once the study has settled, not screened
+    again."""
+    from ctguard import api
+    from ctguard.node import Destination
+
+    files = sorted(real_series["A0002-B40f"].glob("*.dcm"))
+    cfg = NodeConfig(spool=tmp_path / "spool", port=free_port(), settle_s=0.3, forward=Destination("PACS", "127.0.0.1", 1),
+                     study_settle_s=60.0)
+    forwarded, screened = [], []
+    real_screen = api.screen
+    monkeypatch.setattr(api, "screen", lambda *a, **k: screened.append(1) or real_screen(*a, **k))
+    n = Node(cfg)
+    monkeypatch.setattr(n, "_forward_until_confirmed", lambda uid, files: forwarded.append(uid))  # no PACS here
+    n.start()
+    try:
+        assert send(cfg.port, files) == [0] * len(files)
+        wait_for(lambda: n.waiting)
+    finally:
+        n.stop()
+    (uid,) = n.spool.pending()
+    assert n.spool.state(uid)["status"] == "waiting" and forwarded == [] and n.spool.read_audit() == []
+    cfg.study_settle_s = 0.5
+    n = Node(cfg)
+    monkeypatch.setattr(n, "_forward_until_confirmed", lambda uid, files: forwarded.append(uid))
+    n.start()
+    try:
+        wait_for(lambda: n.spool.read_audit())
+        (entry,) = n.spool.read_audit()
+        assert entry["action"] == "forwarded" and entry["instances"] == len(files) and forwarded == [uid] and screened == [1]
+    finally:
+        n.stop()
