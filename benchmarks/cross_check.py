@@ -39,7 +39,7 @@ from ctguard import io
 from ctguard.crosscheck import comparable, cross_check
 from ctguard.engine.train_verifier import near
 from ctguard.lung import lung_mask
-from ctguard.tamper.simulate import Source, thick_slice_source, tumours_from, variants
+from ctguard.tamper.simulate import Source, coronal_reformat, thick_slice_source, tumours_from, variants
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lung-pet-ct-dx"
 PAIRS = {
@@ -129,11 +129,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write every edit and disagreement here")
     ap.add_argument("--seeds", type=int, default=2, help="sets of edits per series and way round (default 2)")
-    ap.add_argument("--grids", choices=("same", "other", "both"), default="both",
-                    help="the real pairs on one grid, the pairs on other grids (thin and thick slices), or both (default)")
+    ap.add_argument("--pairs", default="same,other,reformat",
+                    help="which pairs, comma-separated: same (the real pairs on one grid), other (thin and thick slices), "
+                         "reformat (axial and coronal); default all. With --json, the sections run replace theirs in the file.")
     args = ap.parse_args()
+    run = set(args.pairs.split(","))
+    if not run <= {"same", "other", "reformat"}:
+        ap.error(f"--pairs {args.pairs!r}: expected same, other and/or reformat")
     out: dict = {}
-    if args.grids in ("same", "both"):
+    if "same" in run:
         edits_out, clean_out, seconds = [], [], []
         for patient, (first, second) in PAIRS.items():
             series = [io.read(DATA / "Lung-PET-CT-Dx" / s) for s in (first, second)]
@@ -141,7 +145,7 @@ def main() -> None:
                 src = Source(patient, edited, patient, tumours_from(edited, DATA / "annotations"))
                 check_pair(patient, "same", src, other, SEED + 100 * k, args.seeds, edits_out, clean_out, seconds)
         out["same_grid"] = {"summary": summarise(edits_out, clean_out, seconds), "edits": edits_out, "untouched": clean_out}
-    if args.grids in ("other", "both"):
+    if "other" in run:
         edits_out, clean_out, seconds = [], [], []
         # Two kernels, two thicknesses: A0001's L kernel (5 mm) against its B kernel made 10 mm thick.
         first, second = (io.read(DATA / "Lung-PET-CT-Dx" / s) for s in PAIRS["Lung_Dx-A0001"])
@@ -156,9 +160,20 @@ def main() -> None:
             check_pair(patient, f"thin {mm}", src, thick.volume, SEED + 1000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
             check_pair(patient, f"thick {mm}", thick, src.volume, SEED + 2000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
         out["other_grids"] = {"summary": summarise(edits_out, clean_out, seconds), "edits": edits_out, "untouched": clean_out}
+    if "reformat" in run:
+        edits_out, clean_out, seconds = [], [], []
+        # An axial series against its coronal reformat (3 mm slabs), either one edited (LIDC-IDRI).
+        for i, (patient, (src, _)) in enumerate(thin_and_thick().items()):
+            coronal = coronal_reformat(src.volume)
+            check_pair(patient, "axial / coronal", src, coronal, SEED + 3000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
+            check_pair(patient, "coronal / axial", Source(patient, coronal, patient, []), src.volume, SEED + 4000 + 10 * i,
+                       args.seeds, edits_out, clean_out, seconds)
+        out["reformats"] = {"summary": summarise(edits_out, clean_out, seconds), "edits": edits_out, "untouched": clean_out}
     print(json.dumps({k: v["summary"] for k, v in out.items()}, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        path = Path(args.json)
+        kept = json.loads(path.read_text()) if path.is_file() and run != {"same", "other", "reformat"} else {}
+        path.write_text(json.dumps({**kept, **out}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

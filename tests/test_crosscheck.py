@@ -11,11 +11,11 @@ import pytest
 
 from ctguard import io
 from ctguard.cli import main
-from ctguard.crosscheck import comparable, cross_check, onto
+from ctguard.crosscheck import OBLIQUE, comparable, cross_check, onto
 from ctguard.engine.train_verifier import near
 from ctguard.lung import lung_depth, lung_mask
 from ctguard.tamper.families import remove_healthy
-from ctguard.tamper.simulate import Source, inject_random, thick_slice_source
+from ctguard.tamper.simulate import Source, coronal_reformat, inject_random, thick_slice_source
 from ctguard.volume import Volume
 
 
@@ -38,8 +38,9 @@ def test_two_untouched_reconstructions_agree(pair, real_series):
     found = cross_check(sharp, smooth, lungs)
     assert found["correlation"] > 0.9 and found["disagreements"] == [] and "skipped" not in found
     assert comparable(sharp, io.read(real_series["A0001-L"])) == "another frame of reference"
-    coronal = replace(smooth, direction=np.asarray(smooth.direction)[:, [0, 2, 1]])
-    assert comparable(sharp, coronal) == "another slice orientation (a reformat)"
+    turn = np.radians(30)  # about the body's long axis: an oblique reformat, whose axes are none of the series'
+    rotation = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
+    assert comparable(sharp, replace(smooth, direction=rotation @ np.asarray(smooth.direction))) == OBLIQUE
     other = cross_check(sharp, replace(smooth, hu=np.roll(smooth.hu, 5, axis=2)), lungs)  # 3 mm off: the same anatomy, other noise
     assert other["disagreements"] == [] and "not two reconstructions of one acquisition" in other["skipped"]
     from ctguard import api
@@ -194,3 +195,25 @@ def test_screening_a_study_of_thin_and_thick_series(pair, tmp_path, capsys):
     assert near(d["voxel"], at, edits[0].diameter_mm, thick.spacing) and d["hu_difference"] < -100
     this, other = d["scores"]["this"], d["scores"]["other"]
     assert 1 - other[0] > 1 - this[0]  # scored on the thin series' voxels, where the nodule is
+
+
+def test_an_axial_series_and_its_coronal_reformat(lidc, tmp_path):
+    """LIDC-IDRI-0001's axial series (2.5 mm) and a coronal reformat of it (3 mm slabs), filed as
+    DICOM in its frame of reference: compared on the reformat's grid, the untouched pair agrees; a
+    nodule drawn into the axial series is where they disagree, placed in the axial series' voxels."""
+    from ctguard import api
+
+    folder = next(p for p in (lidc / "LIDC-IDRI-0001").rglob("*") if p.is_dir() and any(p.glob("*.dcm")))
+    axial = io.read(folder)
+    coronal = coronal_reformat(axial)
+    assert coronal.shape[0] > 100 and np.allclose(np.asarray(coronal.direction)[:, 2], np.asarray(axial.direction)[:, 1])
+    for f in io.write_series(coronal, tmp_path / "coronal", uid_seed="coronal"):
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = axial.meta["frame_of_reference_uid"]
+        ds.save_as(f)
+    agree = api.cross_check(folder, tmp_path / "coronal")
+    assert agree["correlation"] > 0.9 and agree["disagreements"] == [] and "skipped" not in agree
+    lungs = lung_mask(axial)
+    edited, edits = inject_random(axial, lungs, np.random.default_rng(1), n=1, sizes=(12.0, 16.0))
+    (d,) = api.cross_check(replace(axial, hu=edited.hu), tmp_path / "coronal")["disagreements"]
+    assert near(d["voxel"], edits[0].voxel, edits[0].diameter_mm, axial.spacing) and d["hu_difference"] > 100

@@ -277,7 +277,8 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
     ``result["cross_check"]``: one entry a series, with its disagreements, or why it was not
     compared (``skipped``). Each disagreement carries the ``detector``'s scores of its place in
     both series (``scores``: ``this`` and ``other``, each ``[p_genuine, p_injected, p_removed]``),
-    which tell which of the two was edited, and how. Any disagreement makes the verdict tampered."""
+    which tell which of the two was edited, and how; not where the other series is a reformat
+    (another slice orientation), which the detector does not read. Any disagreement makes the verdict tampered."""
     from ctguard.crosscheck import cross_check
     from ctguard.io.dicom import read_series
     from ctguard.lung import lung_mask
@@ -295,7 +296,8 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
             continue
         entry["description"] = read.meta.get("identity", {}).get("description") or entry["description"]
         entry.update(cross_check(vol, read, lungs))
-        if entry["disagreements"]:
+        # The detector reads axial cubes: a reformat's place is not scored (its cubes lie on their side).
+        if entry["disagreements"] and np.allclose(read.direction, vol.direction, atol=1e-3):
             places = np.asarray([d["voxel"] for d in entry["disagreements"]], float)
             here = score_locations(vol, detector, places, lungs=lungs)
             theirs = np.clip(read.world_to_voxel(np.asarray([d["world_mm"] for d in entry["disagreements"]], float)), 0,

@@ -11,10 +11,11 @@ the density as it was. Where the local correlation falls under :data:`DISAGREE_B
 Which one, the correlation cannot say; the difference in density can (a nodule in one is missing
 from the other), and the detector's scores of both places can.
 
-Only series of one frame of reference and one slice orientation are compared; a pair whose lungs do
-not correlate (:data:`SAME_ACQUISITION`) is not one acquisition's. Two series on other grids (thin
-and thick slices, another field of view) are compared on the coarser one's (:func:`onto`): each of
-its slices against the mean of the finer series' slices over its thickness, at its pixels.
+Only series of one frame of reference are compared; a pair whose lungs do not correlate
+(:data:`SAME_ACQUISITION`) is not one acquisition's. Two series on other grids (thin and thick
+slices, another field of view, an axial series and its coronal or sagittal reformat) are compared
+on the coarser one's (:func:`onto`): each of its slices against the mean of the finer series over
+its thickness, at its pixels. An oblique reformat is not compared.
 """
 
 from __future__ import annotations
@@ -39,18 +40,19 @@ SOLID_HU = -300.0  # a place solid in both series (a vessel, or soft tissue a lu
 SLAB = 32  # slices correlated at once (memory)
 
 
-OTHER_ORIENTATION = "another slice orientation (a reformat)"
+OBLIQUE = "an oblique reformat (its axes are not the other series' axes)"
 MIN_COVERED = 0.9  # a slice of the coarser series is compared where the finer covers this much of its thickness
 
 
 def comparable(a: Volume, b: Volume) -> str | None:
     """Why ``a`` and ``b`` cannot be cross-checked, or None where they can: DICOM series of one
-    frame of reference and one slice orientation (on one voxel grid or not: :func:`onto`)."""
+    frame of reference, on one voxel grid or not, with the same axes or the same in another order
+    (an axial series and its coronal or sagittal reformat; :func:`onto`)."""
     frame_a, frame_b = a.meta.get("frame_of_reference_uid"), b.meta.get("frame_of_reference_uid")
     if not frame_a or frame_a != frame_b:
         return "another frame of reference"
-    if not np.allclose(a.direction, b.direction, atol=1e-3):
-        return OTHER_ORIENTATION
+    if not np.allclose(np.sort(_axes_match(a.direction, b.direction), axis=0)[-1], 1.0, atol=1e-3):
+        return OBLIQUE
     return None
 
 
@@ -71,13 +73,16 @@ def coarser(a: Volume, b: Volume) -> bool:
 
 
 def onto(src: Volume, dst: Volume, data: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``src``'s voxels (or ``data``, an array on ``src``'s grid) on ``dst``'s grid, both of one
-    slice orientation: each slice of ``dst`` the mean of ``src``'s slices over its thickness
-    (weighted by how much of each falls in it), at ``dst``'s pixel centres (linear interpolation
-    in-plane); and which voxels of ``dst`` ``src`` covers (:data:`MIN_COVERED` of the slice's
-    thickness, inside ``src``'s field of view). The model: a thick slice of an acquisition is
-    about the mean of its thin slices."""
+    """``src``'s voxels (or ``data``, an array on ``src``'s grid) on ``dst``'s grid: each slice of
+    ``dst`` the mean of ``src``'s slices over its thickness (weighted by how much of each falls in
+    it), at ``dst``'s pixel centres (linear interpolation in-plane); and which voxels of ``dst``
+    ``src`` covers (:data:`MIN_COVERED` of the slice's thickness, inside ``src``'s field of view).
+    Where ``dst`` is a reformat of ``src`` (its axes in another order), ``src``'s voxels are
+    taken along ``dst``'s axes first. The model: a thick slice, or a reformat's slab, of an
+    acquisition is about the mean of its thin slices."""
     x = src.hu if data is None else data
+    if not np.allclose(src.direction, dst.direction, atol=1e-3):
+        src, x = _turned(src, x, np.asarray(dst.direction, float))
     normal = np.asarray(dst.direction)[:, 2]
     q = float(np.dot(src.origin, normal)) + np.arange(src.shape[0]) * src.spacing[0]  # src slices along the normal
     p = float(np.dot(dst.origin, normal)) + np.arange(dst.shape[0]) * dst.spacing[0]
@@ -95,6 +100,30 @@ def onto(src: Volume, dst: Volume, data: np.ndarray | None = None) -> tuple[np.n
         out[k] = mean if same_plane else ndimage.affine_transform(mean, step, offset=start, output_shape=dst.shape[1:], order=1,
                                                                   cval=np.nan)
     return out, ~np.isnan(out)
+
+
+def _axes_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|cos|`` of the angles between two volumes' axes (direction matrices): ``[a axis, b axis]``."""
+    return np.abs(np.asarray(a, float).T @ np.asarray(b, float))
+
+
+def _turned(src: Volume, x: np.ndarray, direction: np.ndarray) -> tuple[Volume, np.ndarray]:
+    """``src`` (and ``x`` on its grid) with its axes reordered and flipped to ``direction``'s, whose
+    axes are ``src``'s in another order (an axial series against a coronal or sagittal reformat:
+    the same voxels, other axes)."""
+    d = np.asarray(src.direction, float)
+    match = _axes_match(d, direction)
+    source = match.argmax(axis=0)  # for each dst axis (x, y, z): the src axis (x, y, z) along it
+    array_axis = [2 - int(b) for b in source[::-1]]  # dst's (z, y, x) as src's array axes
+    spacing = tuple(float(src.spacing[a]) for a in array_axis)
+    y = np.transpose(x, array_axis)
+    origin = np.asarray(src.origin, float)
+    for k, b in enumerate(source[::-1]):  # an axis that runs the other way: flipped, its far end the origin
+        if float(d[:, b] @ direction[:, 2 - k]) < 0:
+            origin = origin + (y.shape[k] - 1) * spacing[k] * d[:, b]
+            y = np.flip(y, axis=k)
+    meta = {**src.meta, "slice_thickness": spacing[0]}  # across its new slices, a voxel is as thick as it is long
+    return Volume(y, spacing, tuple(origin), direction, meta), y
 
 
 def _band(hu: np.ndarray, spacing) -> np.ndarray:

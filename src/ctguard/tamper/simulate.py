@@ -189,6 +189,26 @@ def thick_slice_source(src: Source, factor: int) -> Source:
     return Source(f"{src.name} ({factor}x thicker slices)", thick, src.patient, tumours)
 
 
+def coronal_reformat(vol: Volume, thickness_mm: float = 3.0) -> Volume:
+    """The scan (an axial series) as a console's coronal reformat: slabs ``thickness_mm`` thick and
+    as far apart, front to back, each the mean of the scan over its thickness
+    (:func:`ctguard.crosscheck.onto`), rows from head to feet and columns as the scan's, both at
+    its pixel size. The same frame of reference: what a scanner files beside its axial series."""
+    from ctguard.crosscheck import onto
+
+    d = np.asarray(vol.direction, float)
+    dz, dy, dx = vol.spacing
+    direction = np.column_stack([d[:, 0], -d[:, 2], d[:, 1]])  # columns: the scan's x; rows: down the body; slices: front to back
+    shape = (int(vol.shape[1] * dy // thickness_mm), int((vol.shape[0] - 1) * dz // dx) + 1, vol.shape[2])
+    origin = np.asarray(vol.origin) + (vol.shape[0] - 1) * dz * d[:, 2] + (thickness_mm - dy) / 2 * d[:, 1]
+    meta = {k: v for k, v in vol.meta.items() if k not in ("files", "sop_instance_uids", "signed")}
+    meta["slice_thickness"] = thickness_mm
+    grid = Volume(np.zeros(shape, np.float32), (thickness_mm, dx, dx), tuple(float(o) for o in origin), direction, meta)
+    hu, covered = onto(vol, grid)
+    grid.hu = np.rint(np.where(covered, hu, -1024.0)).astype(np.float32)
+    return grid
+
+
 SLICE_MM = (1.0, 1.25, 2.0, 2.5, 3.0, 5.0, 8.0)  # slice spacings seen in chest CT (CT-GAN's data: 0.625-2.5)
 
 
