@@ -217,3 +217,25 @@ def test_an_axial_series_and_its_coronal_reformat(lidc, tmp_path):
     edited, edits = inject_random(axial, lungs, np.random.default_rng(1), n=1, sizes=(12.0, 16.0))
     (d,) = api.cross_check(replace(axial, hu=edited.hu), tmp_path / "coronal")["disagreements"]
     assert near(d["voxel"], edits[0].voxel, edits[0].diameter_mm, axial.spacing) and d["hu_difference"] > 100
+
+
+def test_a_coronal_reformat_is_screened_in_axial_order(lidc, tmp_path):
+    """The detector reads axial cubes: a coronal reformat (of LIDC-IDRI-0001, untouched) screened as
+    it lies gave false findings; in axial order it is clean. With two nodules drawn into the
+    reformat, a finding lies at one, given on the reformat's own voxels, and its report and DICOM
+    results (the SEG's heatmap on its voxels) are written."""
+    from ctguard import api
+
+    folder = next(p for p in (lidc / "LIDC-IDRI-0001").rglob("*") if p.is_dir() and any(p.glob("*.dcm")))
+    coronal = coronal_reformat(io.read(folder))
+    io.write_series(coronal, tmp_path / "clean", uid_seed="coronal")
+    clean = api.screen(tmp_path / "clean")
+    assert clean["verdict"] == "clean" and clean["shape"] == list(coronal.shape)
+    assert any("screened in axial order" in w for w in clean["warnings"])
+    edited, edits = inject_random(coronal, lung_mask(coronal), np.random.default_rng(1), n=2, sizes=(10.0, 18.0))
+    io.write_series(replace(coronal, hu=edited.hu), tmp_path / "edited", uid_seed="edited")
+    found = api.screen(tmp_path / "edited", report_dir=tmp_path / "report", dicom_out=tmp_path / "dicom")
+    assert found["verdict"] == "tampered" and (tmp_path / "report" / "index.html").is_file()
+    assert any(near(f["voxel"], e.voxel, e.diameter_mm, coronal.spacing) for f in found["findings"] for e in edits)
+    seg = pydicom.dcmread(found["dicom"]["seg"])
+    assert seg.NumberOfFrames == coronal.shape[0] and (seg.Rows, seg.Columns) == coronal.shape[1:]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ctguard.volume import Volume
+from ctguard.volume import Volume, turned
 
 BAND_MM = (0.7, 2.0)  # the band of the noise compared: Gaussians of these sigmas in-plane, one less the other
 WINDOW_MM = 8.0  # the in-plane side of the window the correlation is taken over
@@ -51,7 +51,7 @@ def comparable(a: Volume, b: Volume) -> str | None:
     frame_a, frame_b = a.meta.get("frame_of_reference_uid"), b.meta.get("frame_of_reference_uid")
     if not frame_a or frame_a != frame_b:
         return "another frame of reference"
-    if not np.allclose(np.sort(_axes_match(a.direction, b.direction), axis=0)[-1], 1.0, atol=1e-3):
+    if turned(b, a.direction) is None:
         return OBLIQUE
     return None
 
@@ -81,8 +81,9 @@ def onto(src: Volume, dst: Volume, data: np.ndarray | None = None) -> tuple[np.n
     taken along ``dst``'s axes first. The model: a thick slice, or a reformat's slab, of an
     acquisition is about the mean of its thin slices."""
     x = src.hu if data is None else data
-    if not np.allclose(src.direction, dst.direction, atol=1e-3):
-        src, x = _turned(src, x, np.asarray(dst.direction, float))
+    if not np.allclose(src.direction, dst.direction, atol=1e-3):  # a reformat: src's voxels along dst's axes
+        src, turn = turned(src, dst.direction)
+        x = turn.forward(x)
     normal = np.asarray(dst.direction)[:, 2]
     q = float(np.dot(src.origin, normal)) + np.arange(src.shape[0]) * src.spacing[0]  # src slices along the normal
     p = float(np.dot(dst.origin, normal)) + np.arange(dst.shape[0]) * dst.spacing[0]
@@ -100,30 +101,6 @@ def onto(src: Volume, dst: Volume, data: np.ndarray | None = None) -> tuple[np.n
         out[k] = mean if same_plane else ndimage.affine_transform(mean, step, offset=start, output_shape=dst.shape[1:], order=1,
                                                                   cval=np.nan)
     return out, ~np.isnan(out)
-
-
-def _axes_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``|cos|`` of the angles between two volumes' axes (direction matrices): ``[a axis, b axis]``."""
-    return np.abs(np.asarray(a, float).T @ np.asarray(b, float))
-
-
-def _turned(src: Volume, x: np.ndarray, direction: np.ndarray) -> tuple[Volume, np.ndarray]:
-    """``src`` (and ``x`` on its grid) with its axes reordered and flipped to ``direction``'s, whose
-    axes are ``src``'s in another order (an axial series against a coronal or sagittal reformat:
-    the same voxels, other axes)."""
-    d = np.asarray(src.direction, float)
-    match = _axes_match(d, direction)
-    source = match.argmax(axis=0)  # for each dst axis (x, y, z): the src axis (x, y, z) along it
-    array_axis = [2 - int(b) for b in source[::-1]]  # dst's (z, y, x) as src's array axes
-    spacing = tuple(float(src.spacing[a]) for a in array_axis)
-    y = np.transpose(x, array_axis)
-    origin = np.asarray(src.origin, float)
-    for k, b in enumerate(source[::-1]):  # an axis that runs the other way: flipped, its far end the origin
-        if float(d[:, b] @ direction[:, 2 - k]) < 0:
-            origin = origin + (y.shape[k] - 1) * spacing[k] * d[:, b]
-            y = np.flip(y, axis=k)
-    meta = {**src.meta, "slice_thickness": spacing[0]}  # across its new slices, a voxel is as thick as it is long
-    return Volume(y, spacing, tuple(origin), direction, meta), y
 
 
 def _band(hu: np.ndarray, spacing) -> np.ndarray:

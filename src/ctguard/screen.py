@@ -19,7 +19,7 @@ from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
 from ctguard.verifier import ScanReading, blob_map, lung_extent, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
-from ctguard.volume import Volume, resample_array, resample_nearest
+from ctguard.volume import Turn, Volume, resample_array, resample_nearest, turned
 
 DEFAULT_MODEL = "tamper3d"
 THRESHOLD = 0.5  # a finding's tamper probability needed to report it, where a model has no card (the bundled ones carry theirs)
@@ -389,7 +389,19 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
                   threshold: float | None = None, stage: Callable[[str], None] | None = None,
                   stage2: bool = True) -> tuple[dict[str, Any], Heatmap, np.ndarray]:
     """Screens a volume. Returns ``(result JSON, heatmap, lung mask)``. A detector with a second
-    stage re-scores the network's candidates with it (``stage2=False``: the network alone)."""
+    stage re-scores the network's candidates with it (``stage2=False``: the network alone). A
+    coronal or sagittal series is screened in axial order (:func:`axial_view`), its places given
+    on its own voxels."""
+    view = axial_view(vol)
+    if view is not None:
+        axial, turn = view
+        result, heat, lungs = screen_volume(axial, detector, input_name, progress, threshold, stage, stage2)
+        for place in (p for key in ("findings", "under_threshold") for p in result[key]):
+            _on_voxels_of(vol, place)
+        result.update(shape=list(vol.shape), spacing_mm=[round(float(s), 6) for s in vol.spacing])
+        result["warnings"].append(f"{input_name or 'the series'}: its slices are not axial (a reformat): screened in axial "
+                                  "order, as the detector reads scans; places are given on the series' own voxels")
+        return result, TurnedHeatmap(heat, turn, axial.shape), turn.back(lungs)
     t0 = time.time()
     check_screenable(vol)
     if stage:
@@ -412,6 +424,39 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
     if stage:
         stage("findings")
     return _result(vol, detector, heat, threshold, input_name, list(vol.warnings), t0, lungs, verifier, reading), heat, lungs
+
+
+def axial_view(vol: Volume) -> tuple[Volume, Turn] | None:
+    """A series whose slices are not axial (a coronal or sagittal reformat), as an axial volume of
+    the same voxels (:func:`ctguard.volume.turned`): the detector reads axial cubes. None for an
+    axial series, a single slice, or an oblique series (screened as it is)."""
+    if vol.shape[0] == 1 or abs(float(np.asarray(vol.direction)[2, 2])) >= 0.5:
+        return None
+    return turned(vol, np.eye(3))
+
+
+def _on_voxels_of(vol: Volume, place: dict[str, Any]) -> None:
+    """A place found on another grid of ``vol``'s voxels (its ``world_mm`` kept): its ``voxel``, and
+    those of the places merged into it, on ``vol``'s grid."""
+    if "world_mm" in place and "voxel" in place:
+        place["voxel"] = [round(float(v), 1) for v in vol.world_to_voxel(place["world_mm"])]
+    for value in place.values():
+        for inner in value if isinstance(value, list) else [value]:
+            if isinstance(inner, dict):
+                _on_voxels_of(vol, inner)
+
+
+@dataclass
+class TurnedHeatmap:
+    """A :class:`Heatmap` of a series screened in axial order (:func:`axial_view`), on the series'
+    own voxels."""
+
+    heat: Heatmap
+    turn: Turn
+    shape: tuple[int, int, int]  # the axial view's
+
+    def tampered_on_voxels(self, shape: tuple[int, int, int]) -> np.ndarray:
+        return np.ascontiguousarray(self.turn.back(self.heat.tampered_on_voxels(self.shape)))
 
 
 def finding_probabilities(findings: list[dict[str, Any]]) -> np.ndarray:

@@ -185,3 +185,51 @@ def resample_nearest(a: np.ndarray, spacing: tuple[float, ...], new_spacing: tup
         idx = np.clip(np.floor(np.arange(m) * (float(t) / float(s)) + 0.5).astype(np.intp), 0, n - 1)
         out = np.take(out, idx, axis=axis)
     return out
+
+
+def axes_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|cos|`` of the angles between two volumes' axes (direction matrices): ``[a axis, b axis]``."""
+    return np.abs(np.asarray(a, float).T @ np.asarray(b, float))
+
+
+@dataclass
+class Turn:
+    """A volume's voxels with its axes reordered and flipped to another direction whose axes are
+    its own in another order (an axial series and a coronal or sagittal reformat of it: the same
+    grid lines, other axes). :meth:`forward` takes an array on the volume's grid to the turned grid,
+    :meth:`back` returns one."""
+
+    axes: tuple[int, ...]  # the turned array's axis k is the volume's array axis axes[k]
+    flips: tuple[bool, ...]  # and then runs the other way
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        y = np.transpose(x, self.axes)
+        return np.flip(y, axis=[k for k, f in enumerate(self.flips) if f]) if any(self.flips) else y
+
+    def back(self, y: np.ndarray) -> np.ndarray:
+        x = np.flip(y, axis=[k for k, f in enumerate(self.flips) if f]) if any(self.flips) else y
+        return np.transpose(x, np.argsort(self.axes))
+
+
+def turned(vol: Volume, direction: np.ndarray) -> tuple[Volume, Turn] | None:
+    """``vol`` with its axes reordered and flipped to ``direction``'s, and the :class:`Turn` that
+    did it; None where ``direction``'s axes are not ``vol``'s in another order (an oblique one).
+    The voxels are a view of ``vol``'s (no copy)."""
+    d = np.asarray(vol.direction, float)
+    direction = np.asarray(direction, float)
+    match = axes_match(d, direction)
+    if not np.allclose(np.sort(match, axis=0)[-1], 1.0, atol=1e-3):
+        return None
+    source = match.argmax(axis=0)  # for each new axis (x, y, z): the volume's axis (x, y, z) along it
+    axes = tuple(2 - int(b) for b in source[::-1])  # the new (z, y, x) as the volume's array axes
+    flips = tuple(bool(d[:, b] @ direction[:, 2 - k] < 0) for k, b in enumerate(source[::-1]))
+    spacing = tuple(float(vol.spacing[a]) for a in axes)
+    origin = np.asarray(vol.origin, float)
+    for k, b in enumerate(source[::-1]):  # an axis that runs the other way starts at its far end
+        if flips[k]:
+            origin = origin + (vol.shape[axes[k]] - 1) * spacing[k] * d[:, b]
+    turn = Turn(axes, flips)
+    meta = {k: v for k, v in vol.meta.items() if k not in ("files", "sop_instance_uids", "signed")}
+    meta["slice_thickness"] = spacing[0]  # across its new slices, a voxel is as thick as it is long
+    return Volume(turn.forward(vol.hu), spacing, tuple(float(o) for o in origin), direction, meta), turn
+
