@@ -183,6 +183,21 @@ def test_folder_with_two_series_warns_and_series_picks(real_series, capsys):
     assert "no series 1.2.3" in capsys.readouterr().err
 
 
+def test_a_folder_is_read_at_its_largest_axial_series(small_chest, tmp_path):
+    """A study folder with an axial series and a coronal reformat of it with more slices: the
+    axial one is read (the detector reads axial scans), and the series list names each one's plane."""
+    from ctguard.tamper.simulate import coronal_reformat
+
+    coronal = coronal_reformat(small_chest, thickness_mm=1.0)
+    assert coronal.shape[0] > small_chest.shape[0]
+    axial_files = io.write_series(small_chest, tmp_path / "study" / "axial", uid_seed="axial")
+    io.write_series(coronal, tmp_path / "study" / "coronal", uid_seed="coronal")
+    vol = io.read(tmp_path / "study")
+    assert vol.meta["series_uid"] == pydicom.dcmread(axial_files[0]).SeriesInstanceUID
+    assert sorted(s["plane"] for s in vol.meta["series"]) == ["axial", "coronal"]
+    assert "read the largest axial one" in vol.warnings[0] and "coronal)" in vol.warnings[0]
+
+
 def _expect_error(capsys, argv, fragment):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -55,6 +55,14 @@ def _orientation(ds: Dataset) -> np.ndarray:
     return np.asarray([float(v) for v in iop])
 
 
+def _plane(iop: np.ndarray) -> str:
+    """The plane of slices of this orientation: ``axial``, ``coronal``, ``sagittal`` (the slice
+    normal within about 25 degrees of the body's axis, front-back or left-right) or ``oblique``."""
+    normal = np.abs(np.cross(iop[:3], iop[3:]))
+    axis = int(np.argmax(normal))
+    return ("sagittal", "coronal", "axial")[axis] if normal[axis] >= 0.9 else "oblique"
+
+
 def _direction(iop: np.ndarray) -> np.ndarray:
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
@@ -192,6 +200,7 @@ def read_series(
             "slices": len(items),
             "modality": str(getattr(items[0][1], "Modality", "")),
             "description": str(getattr(items[0][1], "SeriesDescription", "")),
+            "plane": _plane(_orientation(items[0][1])),
             **({"localizer": True} if all(_is_localizer(ds) for _, ds in items) else {}),
         }
         for uid, items in sorted(groups.items(), key=lambda kv: -len(kv[1]))
@@ -202,12 +211,15 @@ def read_series(
             raise InputError(f"no series {series_uid}; found {', '.join(groups)}", folder)
         chosen = series_uid
     else:
-        chosen = summary[0]["uid"]
+        # The largest axial series (the detector reads axial scans; a reformat or a scout is read only alone).
+        first = next((x for x in summary if x["plane"] == "axial" and not x.get("localizer")), summary[0])
+        chosen = first["uid"]
         if len(groups) > 1:
-            others = ", ".join(f"{s['uid']} ({s['slices']} slices)" for s in summary[1:])
+            others = ", ".join(f"{x['uid']} ({x['slices']} slices{'' if x['plane'] == 'axial' else ', ' + x['plane']})"
+                               for x in summary if x is not first)
             warnings.append(
-                f"{folder}: {len(groups)} series found; read the largest, {chosen} "
-                f"({summary[0]['slices']} slices); others: {others} (choose with --series)"
+                f"{folder}: {len(groups)} series found; read the largest {'axial ' if first['plane'] == 'axial' else ''}one, {chosen} "
+                f"({first['slices']} slices); others: {others} (choose with --series)"
             )
     if skipped:
         warnings.append(f"{folder}: {len(skipped)} non-DICOM file{'s' if len(skipped) > 1 else ''} skipped (e.g. {skipped[0].name})")
