@@ -217,6 +217,16 @@ def test_an_axial_series_and_its_coronal_reformat(lidc, tmp_path):
     edited, edits = inject_random(axial, lungs, np.random.default_rng(1), n=1, sizes=(12.0, 16.0))
     (d,) = api.cross_check(replace(axial, hu=edited.hu), tmp_path / "coronal")["disagreements"]
     assert near(d["voxel"], edits[0].voxel, edits[0].diameter_mm, axial.spacing) and d["hu_difference"] > 100
+    # Screened as a study (the edited axial series beside the reformat): the detector scores the
+    # place in both, the reformat in axial order, and scores it edited in the axial series only.
+    io.write_back(replace(axial, hu=edited.hu), tmp_path / "study" / "axial")
+    shutil.copytree(tmp_path / "coronal", tmp_path / "study" / "coronal")
+    result = api.screen(tmp_path / "study")
+    assert result["scan"]["series_uid"] == axial.meta["series_uid"] and result["verdict"] == "tampered"
+    (check,) = result["cross_check"]
+    (d,) = check["disagreements"]
+    this, other = d["scores"]["this"], d["scores"]["other"]
+    assert 1 - this[0] > 0.5 > 1 - other[0]
 
 
 def test_a_coronal_reformat_is_screened_in_axial_order(lidc, tmp_path):

@@ -277,12 +277,10 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
     ``result["cross_check"]``: one entry a series, with its disagreements, or why it was not
     compared (``skipped``). Each disagreement carries the ``detector``'s scores of its place in
     both series (``scores``: ``this`` and ``other``, each ``[p_genuine, p_injected, p_removed]``),
-    which tell which of the two was edited, and how; not where the other series is a reformat
-    (another slice orientation), which the detector does not read. Any disagreement makes the verdict tampered."""
+    which tell which of the two was edited, and how (a reformat's in axial order, as the detector
+    reads scans). Any disagreement makes the verdict tampered."""
     from ctguard.crosscheck import cross_check
     from ctguard.io.dicom import read_series
-    from ctguard.lung import lung_mask
-    from ctguard.screen import score_locations
 
     checks = []
     for other in vol.meta["series"]:
@@ -296,13 +294,9 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
             continue
         entry["description"] = read.meta.get("identity", {}).get("description") or entry["description"]
         entry.update(cross_check(vol, read, lungs))
-        # The detector reads axial cubes: a reformat's place is not scored (its cubes lie on their side).
-        if entry["disagreements"] and np.allclose(read.direction, vol.direction, atol=1e-3):
-            places = np.asarray([d["voxel"] for d in entry["disagreements"]], float)
-            here = score_locations(vol, detector, places, lungs=lungs)
-            theirs = np.clip(read.world_to_voxel(np.asarray([d["world_mm"] for d in entry["disagreements"]], float)), 0,
-                             np.asarray(read.shape) - 1)  # its own voxels: its grid may be another
-            there = score_locations(read, detector, theirs, lungs=lung_mask(read))
+        if entry["disagreements"]:
+            world = np.asarray([d["world_mm"] for d in entry["disagreements"]], float)
+            here, there = _scores_at(vol, detector, world, lungs), _scores_at(read, detector, world)
             for d, p, q in zip(entry["disagreements"], here, there):
                 d["scores"] = {"this": [round(float(v), 4) for v in p], "other": [round(float(v), 4) for v in q]}
         checks.append(entry)
@@ -310,6 +304,19 @@ def _add_cross_check(result: dict[str, Any], vol: Volume, lungs, detector) -> No
         result["cross_check"] = checks
         if any(c.get("disagreements") for c in checks):
             result["verdict"] = "tampered"
+
+
+def _scores_at(vol: Volume, detector, world: np.ndarray, lungs: np.ndarray | None = None) -> np.ndarray:
+    """The detector's ``(n, 3)`` probabilities at places given in LPS mm, on ``vol``'s own voxels
+    (``lungs`` its lung mask, made where not given); a coronal or sagittal series in axial order,
+    as the detector reads scans (:func:`ctguard.screen.axial_view`)."""
+    from ctguard.screen import axial_view, score_locations
+
+    view = axial_view(vol)
+    if view is not None:
+        vol, lungs = view[0], None if lungs is None else view[1].forward(lungs)
+    voxels = np.clip(vol.world_to_voxel(world), 0, np.asarray(vol.shape) - 1)
+    return score_locations(vol, detector, voxels, lungs=lungs)
 
 
 def _add_signature_finding(result: dict[str, Any], vol: Volume, signatures: dict[str, Any]) -> None:
