@@ -15,6 +15,7 @@ it is spooled, so that what the PACS stores can be checked with ``ctguard verify
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import shutil
@@ -310,6 +311,11 @@ class Node:
                          reason=f"the cross-check of series {later} of its study, received after it, found that the two disagree: "
                                 "one of them was edited (that series' result.json says where, and which one the detector suspects)")
             self.spool.save_state(uid, state)
+            result = self.spool.series_dir(uid) / ".screen" / "result.json"
+            if result.is_file():  # what is held with it says why, beside what its own screening found
+                data = json.loads(result.read_text())
+                data.update(verdict="tampered", held_because=state["reason"], disagrees_with=state["disagrees_with"])
+                result.write_text(json.dumps(data, indent=2) + "\n")
         return True
 
     @contextlib.contextmanager
