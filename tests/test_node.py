@@ -341,8 +341,13 @@ def test_a_series_is_cross_checked_against_its_studys_series_received_before(tmp
     assert by_uid[clean_uid]["action"] == "held" and by_uid[clean_uid]["disagrees_with"] == [sharp_uid]
     assert by_uid[sharp_uid]["action"] == "held" and by_uid[sharp_uid]["verdict"] == "tampered"
     assert by_uid[sharp_uid]["disagrees_with"] == [clean_uid] and clean_uid in by_uid[sharp_uid]["reason"]
-    kept = json.loads((Path(by_uid[sharp_uid]["folder"]) / "result.json").read_text())  # what is held with it says why
+    held = Path(by_uid[sharp_uid]["folder"])
+    kept = json.loads((held / "result.json").read_text())  # what is held with it says why, and where
     assert kept["verdict"] == "tampered" and kept["disagrees_with"] == [clean_uid] and clean_uid in kept["held_because"]
+    (check,) = kept["cross_check"]
+    assert check["series_uid"] == clean_uid and len(check["disagreements"]) == 1
+    assert check["disagreements"][0]["hu_difference"] > 100  # the nodule is in this (the sharp) series
+    assert "DISAGREES at 1 place" in (held / "report" / "index.html").read_text()
 
 
 def test_a_series_waiting_for_its_study_is_forwarded_after_a_restart(tmp_path, real_series, monkeypatch):

@@ -205,6 +205,20 @@ def _disagreements(grid: Volume, a: np.ndarray, b: np.ndarray, lungs: np.ndarray
     return {"correlation": median, "disagreements": sorted(out, key=lambda d: -d["volume_mm3"])}
 
 
+def seen_from_the_other(check: dict[str, Any], series_uid: str, description: str | None, other: Volume) -> dict[str, Any]:
+    """A cross-check entry of a screening result (``check``, of series ``A`` against ``other``) as
+    ``other``'s own result would give it, against ``A`` (``series_uid``, ``description``): its places
+    on ``other``'s voxels, the difference in density and the detector's scores the other way round."""
+    flipped = []
+    for d in check["disagreements"]:
+        e = {**d, "voxel": [round(float(v), 1) for v in np.clip(other.world_to_voxel(d["world_mm"]), 0, np.asarray(other.shape) - 1)],
+             "hu_difference": -d["hu_difference"]}
+        if d.get("scores"):
+            e["scores"] = {"this": d["scores"]["other"], "other": d["scores"]["this"]}
+        flipped.append(e)
+    return {**check, "series_uid": series_uid, "description": description, "disagreements": flipped}
+
+
 def reading(d: dict[str, Any]) -> str:
     """A disagreement in words, from the screened series' side, with the detector's scores of its
     place in both series where they are known (``scores``)."""

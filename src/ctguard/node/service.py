@@ -272,7 +272,9 @@ class Node:
                 disagree = [c["series_uid"] for c in result.get("cross_check") or [] if c.get("disagreements")]
                 if disagree:
                     state["disagrees_with"] = disagree
-                    stopped = [other for other in disagree if self._hold_waiting(other, uid)]
+                    checks = {c["series_uid"]: c for c in result["cross_check"]}
+                    description = (result.get("scan") or {}).get("description")
+                    stopped = [other for other in disagree if self._hold_waiting(other, uid, checks[other], description)]
                     gone = [other for other in disagree if other not in stopped]
                     news = ([f"{', '.join(stopped)} (waiting for the study) is held too"] if stopped else []) + \
                         ([f"{', '.join(gone)} was decided before it arrived (see the audit log)"] if gone else [])
@@ -299,23 +301,32 @@ class Node:
                         return
             self._carry_out(uid, state, folder, files)
 
-    def _hold_waiting(self, uid: str, later: str) -> bool:
-        """A later series of the study disagrees with series ``uid``: if ``uid`` is still waiting for
-        its study (screened, not yet forwarded), it is marked tampered, to be held with the later
-        one. Returns whether it was still waiting."""
+    def _hold_waiting(self, uid: str, later: str, check: dict[str, Any], description: str | None) -> bool:
+        """A later series of the study disagrees with series ``uid`` (``check``: the later one's
+        cross-check of it; ``description``: the later one's): if ``uid`` is still waiting for its
+        study (screened, not yet forwarded), it is marked tampered, to be held with the later one,
+        its result and report saying where the two disagree. Returns whether it was still waiting."""
+        from ctguard.crosscheck import seen_from_the_other
+        from ctguard.io.dicom import read_series
+        from ctguard.report.html import write_report
+
         with self.spool.series_lock(uid):
             state = self.spool.state(uid)
             if state.get("status") != "waiting":
                 return False
             state.update(verdict="tampered", disagrees_with=sorted({*state.get("disagrees_with", []), later}),
                          reason=f"the cross-check of series {later} of its study, received after it, found that the two disagree: "
-                                "one of them was edited (that series' result.json says where, and which one the detector suspects)")
+                                "one of them was edited (its result.json and report say where, and which one the detector suspects)")
             self.spool.save_state(uid, state)
-            result = self.spool.series_dir(uid) / ".screen" / "result.json"
-            if result.is_file():  # what is held with it says why, beside what its own screening found
-                data = json.loads(result.read_text())
-                data.update(verdict="tampered", held_because=state["reason"], disagrees_with=state["disagrees_with"])
-                result.write_text(json.dumps(data, indent=2) + "\n")
+            screen = self.spool.series_dir(uid) / ".screen"
+            if (screen / "result.json").is_file():  # what is held with it says why, beside what its own screening found
+                vol = read_series(self.spool.series_dir(uid), files=self.spool.instances(uid))
+                data = json.loads((screen / "result.json").read_text())
+                data.update(verdict="tampered", held_because=state["reason"], disagrees_with=state["disagrees_with"],
+                            cross_check=[*(data.get("cross_check") or []), seen_from_the_other(check, later, description, vol)])
+                (screen / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+                if not data["findings"] and not (screen / "report").exists():  # its own screening found nothing: no report yet
+                    write_report(data, vol, None, screen / "report")
         return True
 
     @contextlib.contextmanager
