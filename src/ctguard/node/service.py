@@ -319,14 +319,17 @@ class Node:
                                 "one of them was edited (its result.json and report say where, and which one the detector suspects)")
             self.spool.save_state(uid, state)
             screen = self.spool.series_dir(uid) / ".screen"
-            if (screen / "result.json").is_file():  # what is held with it says why, beside what its own screening found
-                vol = read_series(self.spool.series_dir(uid), files=self.spool.instances(uid))
-                data = json.loads((screen / "result.json").read_text())
-                data.update(verdict="tampered", held_because=state["reason"], disagrees_with=state["disagrees_with"],
-                            cross_check=[*(data.get("cross_check") or []), seen_from_the_other(check, later, description, vol)])
-                (screen / "result.json").write_text(json.dumps(data, indent=2) + "\n")
-                if not data["findings"] and not (screen / "report").exists():  # its own screening found nothing: no report yet
-                    write_report(data, vol, None, screen / "report")
+            try:  # what is held with it says why, beside what its own screening found
+                if (screen / "result.json").is_file():
+                    vol = read_series(self.spool.series_dir(uid), files=self.spool.instances(uid))
+                    data = json.loads((screen / "result.json").read_text())
+                    data.update(verdict="tampered", held_because=state["reason"], disagrees_with=state["disagrees_with"],
+                                cross_check=[*(data.get("cross_check") or []), seen_from_the_other(check, later, description, vol)])
+                    (screen / "result.json").write_text(json.dumps(data, indent=2) + "\n")
+                    if not data["findings"] and not (screen / "report").exists():  # its own screening found nothing: no report yet
+                        write_report(data, vol, None, screen / "report")
+            except Exception:  # the hold stands (its state is saved); only the report of why is missing
+                log.exception("series %s is held, but its result and report could not be brought up to date", uid)
         return True
 
     @contextlib.contextmanager
