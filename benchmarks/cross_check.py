@@ -94,20 +94,17 @@ def check_pair(patient: str, grid: str, edited: Source, other, seed: int, seeds:
                 clean_out.append({"patient": patient, "grid": grid, "copy": label, "false_disagreements": false})
 
 
-def thin_and_thick() -> dict[str, tuple[Source, int]]:
-    """The thin-slice patients of the recipe's config (LIDC-IDRI), each with its nodules, and the
-    factor that makes its slices about 5 mm thick."""
+def lidc_sources() -> dict[str, Source]:
+    """The thin-slice patients of the recipe's config (LIDC-IDRI), each with its nodules."""
     import yaml
 
     root = Path(__file__).resolve().parents[1]
     cfg = yaml.safe_load((root / "configs" / "tamper3d.yaml").read_text())
     out = {}
     for e in cfg["real_scans"]:
-        if not e["patient"].startswith("LIDC-IDRI"):
-            continue
-        vol = io.read(root / e["scan"])
-        out[e["patient"]] = (Source(e["patient"], vol, e["patient"], tumours_from(vol, root / e["tumours"])),
-                             max(2, round(5.0 / vol.spacing[0])))
+        if e["patient"].startswith("LIDC-IDRI"):
+            vol = io.read(root / e["scan"])
+            out[e["patient"]] = Source(e["patient"], vol, e["patient"], tumours_from(vol, root / e["tumours"]))
     return out
 
 
@@ -137,6 +134,7 @@ def main() -> None:
     if not run <= {"same", "other", "reformat"}:
         ap.error(f"--pairs {args.pairs!r}: expected same, other and/or reformat")
     out: dict = {}
+    lidc = lidc_sources() if run & {"other", "reformat"} else {}  # read once for both sections
     if "same" in run:
         edits_out, clean_out, seconds = [], [], []
         for patient, (first, second) in PAIRS.items():
@@ -154,8 +152,8 @@ def main() -> None:
         check_pair("Lung_Dx-A0001", "L 5 mm / B 10 mm", thin, thick.volume, SEED + 500, args.seeds, edits_out, clean_out, seconds)
         check_pair("Lung_Dx-A0001", "B 10 mm / L 5 mm", thick, first, SEED + 600, args.seeds, edits_out, clean_out, seconds)
         # One kernel, thin slices against the same made about 5 mm thick (LIDC-IDRI, 1.25-2.5 mm).
-        for i, (patient, (src, factor)) in enumerate(thin_and_thick().items()):
-            thick = thick_slice_source(src, factor)
+        for i, (patient, src) in enumerate(lidc.items()):
+            thick = thick_slice_source(src, max(2, round(5.0 / src.volume.spacing[0])))
             mm = f"{src.volume.spacing[0]:g} mm / {thick.volume.spacing[0]:g} mm"
             check_pair(patient, f"thin {mm}", src, thick.volume, SEED + 1000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
             check_pair(patient, f"thick {mm}", thick, src.volume, SEED + 2000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
@@ -163,7 +161,7 @@ def main() -> None:
     if "reformat" in run:
         edits_out, clean_out, seconds = [], [], []
         # An axial series against its coronal reformat (3 mm slabs), either one edited (LIDC-IDRI).
-        for i, (patient, (src, _)) in enumerate(thin_and_thick().items()):
+        for i, (patient, src) in enumerate(lidc.items()):
             coronal = coronal_reformat(src.volume)
             check_pair(patient, "axial / coronal", src, coronal, SEED + 3000 + 10 * i, args.seeds, edits_out, clean_out, seconds)
             check_pair(patient, "coronal / axial", Source(patient, coronal, patient, []), src.volume, SEED + 4000 + 10 * i,

@@ -315,8 +315,7 @@ def _scores_at(vol: Volume, detector, world: np.ndarray, lungs: np.ndarray | Non
     view = axial_view(vol)
     if view is not None:
         vol, lungs = view[0], None if lungs is None else view[1].forward(lungs)
-    voxels = np.clip(vol.world_to_voxel(world), 0, np.asarray(vol.shape) - 1)
-    return score_locations(vol, detector, voxels, lungs=lungs)
+    return score_locations(vol, detector, vol.voxel_within(world), lungs=lungs)
 
 
 def _add_signature_finding(result: dict[str, Any], vol: Volume, signatures: dict[str, Any]) -> None:

@@ -158,7 +158,7 @@ def cross_check(a: Volume, b: Volume, lungs: np.ndarray) -> dict[str, Any]:
     found = _disagreements(grid, x, y, lung)
     if grid is not a:  # places of the series screened
         for d in found["disagreements"]:
-            d["voxel"] = [round(float(v), 1) for v in np.clip(a.world_to_voxel(d["world_mm"]), 0, np.asarray(a.shape) - 1)]
+            d["voxel"] = [round(float(v), 1) for v in a.voxel_within(d["world_mm"])]
     return found
 
 
@@ -211,8 +211,7 @@ def seen_from_the_other(check: dict[str, Any], series_uid: str, description: str
     on ``other``'s voxels, the difference in density and the detector's scores the other way round."""
     flipped = []
     for d in check["disagreements"]:
-        e = {**d, "voxel": [round(float(v), 1) for v in np.clip(other.world_to_voxel(d["world_mm"]), 0, np.asarray(other.shape) - 1)],
-             "hu_difference": -d["hu_difference"]}
+        e = {**d, "voxel": [round(float(v), 1) for v in other.voxel_within(d["world_mm"])], "hu_difference": -d["hu_difference"]}
         if d.get("scores"):
             e["scores"] = {"this": d["scores"]["other"], "other": d["scores"]["this"]}
         flipped.append(e)

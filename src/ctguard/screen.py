@@ -19,7 +19,7 @@ from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
 from ctguard.verifier import ScanReading, blob_map, lung_extent, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
-from ctguard.volume import Turn, Volume, resample_array, resample_nearest, turned
+from ctguard.volume import Turn, Volume, plane, resample_array, resample_nearest, turned
 
 DEFAULT_MODEL = "tamper3d"
 THRESHOLD = 0.5  # a finding's tamper probability needed to report it, where a model has no card (the bundled ones carry theirs)
@@ -430,7 +430,7 @@ def axial_view(vol: Volume) -> tuple[Volume, Turn] | None:
     """A series whose slices are not axial (a coronal or sagittal reformat), as an axial volume of
     the same voxels (:func:`ctguard.volume.turned`): the detector reads axial cubes. None for an
     axial series, a single slice, or an oblique series (screened as it is)."""
-    if vol.shape[0] == 1 or abs(float(np.asarray(vol.direction)[2, 2])) >= 0.5:
+    if vol.shape[0] == 1 or plane(np.asarray(vol.direction)[:, 2]) not in ("coronal", "sagittal"):
         return None
     return turned(vol, np.eye(3))
 

@@ -45,6 +45,10 @@ class Volume:
         steps = xyz_index * np.asarray(self.spacing[::-1])
         return np.asarray(self.origin) + steps @ np.asarray(self.direction).T
 
+    def voxel_within(self, xyz: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+        """:meth:`world_to_voxel`, held inside the volume (a place on its rim of another grid's voxels)."""
+        return np.clip(self.world_to_voxel(xyz), 0, np.asarray(self.shape) - 1)
+
     def world_to_voxel(self, xyz: np.ndarray | tuple[float, float, float]) -> np.ndarray:
         """Maps LPS mm ``(x, y, z)`` to (fractional) voxel indices ``(z, y, x)``."""
         xyz = np.asarray(xyz, dtype=float)
@@ -187,9 +191,12 @@ def resample_nearest(a: np.ndarray, spacing: tuple[float, ...], new_spacing: tup
     return out
 
 
-def axes_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``|cos|`` of the angles between two volumes' axes (direction matrices): ``[a axis, b axis]``."""
-    return np.abs(np.asarray(a, float).T @ np.asarray(b, float))
+def plane(normal) -> str:
+    """The plane of slices with this normal (LPS): ``axial``, ``coronal``, ``sagittal`` (within
+    about 25 degrees of the body's long, front-back or left-right axis) or ``oblique``."""
+    n = np.abs(np.asarray(normal, float))
+    axis = int(np.argmax(n))
+    return ("sagittal", "coronal", "axial")[axis] if n[axis] >= 0.9 else "oblique"
 
 
 @dataclass
@@ -217,7 +224,7 @@ def turned(vol: Volume, direction: np.ndarray) -> tuple[Volume, Turn] | None:
     The voxels are a view of ``vol``'s (no copy)."""
     d = np.asarray(vol.direction, float)
     direction = np.asarray(direction, float)
-    match = axes_match(d, direction)
+    match = np.abs(d.T @ direction)  # |cos| of the angles between the two sets of axes: [vol's axis, new axis]
     if not np.allclose(np.sort(match, axis=0)[-1], 1.0, atol=1e-3):
         return None
     source = match.argmax(axis=0)  # for each new axis (x, y, z): the volume's axis (x, y, z) along it

@@ -17,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctguard.errors import ConflictingImages, InputError
-from ctguard.volume import Volume
+from ctguard.volume import Volume, plane
 
 PIXEL_DATA = 0x7FE00010
 _HU_PAD = -1024.0
@@ -53,14 +53,6 @@ def _orientation(ds: Dataset) -> np.ndarray:
     if iop is None or len(iop) != 6:
         return np.array([1.0, 0, 0, 0, 1.0, 0])
     return np.asarray([float(v) for v in iop])
-
-
-def _plane(iop: np.ndarray) -> str:
-    """The plane of slices of this orientation: ``axial``, ``coronal``, ``sagittal`` (the slice
-    normal within about 25 degrees of the body's axis, front-back or left-right) or ``oblique``."""
-    normal = np.abs(np.cross(iop[:3], iop[3:]))
-    axis = int(np.argmax(normal))
-    return ("sagittal", "coronal", "axial")[axis] if normal[axis] >= 0.9 else "oblique"
 
 
 def _direction(iop: np.ndarray) -> np.ndarray:
@@ -200,7 +192,7 @@ def read_series(
             "slices": len(items),
             "modality": str(getattr(items[0][1], "Modality", "")),
             "description": str(getattr(items[0][1], "SeriesDescription", "")),
-            "plane": _plane(_orientation(items[0][1])),
+            "plane": plane(_direction(_orientation(items[0][1]))[:, 2]),
             **({"localizer": True} if all(_is_localizer(ds) for _, ds in items) else {}),
         }
         for uid, items in sorted(groups.items(), key=lambda kv: -len(kv[1]))
@@ -285,6 +277,7 @@ def read_series(
         del ds.PixelData  # drop the raw bytes as soon as they are decoded: keeps peak memory low
 
     pixel_spacing = [float(v) for v in getattr(first, "PixelSpacing", [1.0, 1.0])]
+    thickness = _float_or_none(getattr(first, "SliceThickness", None))
     if len(kept) > 1:
         diffs = np.diff(kept_pos)
         dz = float(np.median(diffs))
@@ -294,7 +287,7 @@ def read_series(
                 f"using the median, {dz:.3g} mm (gaps or missing slices?)"
             )
     else:
-        dz = float(getattr(first, "SliceThickness", 1.0) or 1.0)
+        dz = thickness or 1.0
     ipp0 = getattr(kept[0][1], "ImagePositionPatient", None)
     origin = tuple(float(v) for v in ipp0) if ipp0 is not None else (0.0, 0.0, 0.0)
     meta = {
@@ -303,7 +296,7 @@ def read_series(
         "series_uid": chosen,
         "study_uid": str(getattr(first, "StudyInstanceUID", "")),
         "frame_of_reference_uid": str(getattr(first, "FrameOfReferenceUID", "")),
-        "slice_thickness": _float_or_none(getattr(first, "SliceThickness", None)),
+        "slice_thickness": thickness,
         "patient_id": str(getattr(first, "PatientID", "")),
         "manufacturer": str(getattr(first, "Manufacturer", "")),
         "identity": identity(first),

@@ -43,6 +43,12 @@ def whose(state: dict[str, Any]) -> str:
     return f" ({text})" if text else ""
 
 
+def held_reason(state: dict[str, Any]) -> str | None:
+    """Why a series was held whatever its detector said: a late part or two versions of it
+    (``error``), or a later series of its study that disagrees with it (``reason``)."""
+    return state["error"] if state.get("verdict") in ("late", "conflict") else state.get("reason")
+
+
 def screened_fields(state: dict[str, Any]) -> dict[str, Any]:
     """What screening found out for the audit entry, where it did: the patient ID, and the study's
     other series the series disagrees with (the cross-check)."""
@@ -189,6 +195,16 @@ class Node:
             for uid in done + quiet:
                 self._enqueue(uid)
 
+    def _keeps_waiting(self, uid: str, state: dict[str, Any]) -> bool:
+        """Whether a series waiting for its study (``state["status"] == "waiting"``) waits on; if so
+        the assembler looks at it again (:attr:`waiting`)."""
+        study, since = state.get("study_uid", ""), float(state.get("waiting_since", 0.0))
+        with self.lock:
+            if self._study_quiet(uid, study, since, time.time()):
+                return False
+            self.waiting[uid] = (study, since)
+            return True
+
     def _study_quiet(self, uid: str, study: str, since: float, now: float) -> bool:
         """Whether a series waiting since ``since`` may leave: its study has had no instance for
         ``study_settle_s`` and none of its other series is being received or screened (the caller
@@ -295,10 +311,8 @@ class Node:
                 log.info("series %s%s: %s (score %s, %d instances)", uid, whose(state), state["verdict"], state.get("score"), len(files))
             elif state.get("status") == "waiting":
                 state = self.spool.state(uid)  # a later series of the study may have found it edited meanwhile
-                with self.lock:
-                    if not self._study_quiet(uid, state.get("study_uid", ""), float(state.get("waiting_since", 0.0)), time.time()):
-                        self.waiting[uid] = (state.get("study_uid", ""), float(state.get("waiting_since", 0.0)))
-                        return
+                if self._keeps_waiting(uid, state):
+                    return
             self._carry_out(uid, state, folder, files)
 
     def _hold_waiting(self, uid: str, later: str, check: dict[str, Any], description: str | None) -> bool:
@@ -370,8 +384,7 @@ class Node:
             # Its study's later series are cross-checked against it before it leaves (_hold_waiting).
             state.update(status="waiting", waiting_since=time.time())
             self.spool.save_state(uid, state)
-            with self.lock:
-                self.waiting[uid] = (state["study_uid"], state["waiting_since"])
+            self._keeps_waiting(uid, state)
             log.info("series %s%s waits until its study has had no instance for %.0f s", uid, whose(state), self.cfg.study_settle_s)
             return
         action = "forwarded-alert" if verdict == "tampered" else "forwarded"
@@ -410,8 +423,7 @@ class Node:
         shutil.rmtree(screen, ignore_errors=True)
         self.spool.audit(calling_ae=state.get("calling_ae"), **screened_fields(state), study_uid=state.get("study_uid"), series_uid=uid,
                          instances=len(files), verdict=state["verdict"], score=state.get("score"), action=action, folder=str(dest),
-                         **({"reason": state["error"]} if state.get("verdict") in ("late", "conflict") else
-                            {"reason": state["reason"]} if state.get("reason") else {}))
+                         **({"reason": reason} if (reason := held_reason(state)) else {}))
         self._mark_decided(uid, verdict=state["verdict"], action=action, instances=len(files))
         if action in ("held", "held-late"):
             log.warning("series %s%s held in quarantine: %s%s", uid, whose(state), dest,
