@@ -62,11 +62,11 @@ from ctguard.tamper.simulate import (
 from ctguard.verifier import axial_slice, neighbourhood
 
 ROOT = Path(__file__).resolve().parents[1]
-# Two held-out patients a fold; every patient held out once; each training side keeps GE and Philips.
+# Two or three held-out patients a fold; every patient held out once; each training side keeps GE and Philips.
 FOLDS = [
     {"held_out": ["Lung_Dx-A0001", "LIDC-IDRI-0001"], "unseen_family": {"inject_families": ["drawn"]}},
     {"held_out": ["Lung_Dx-A0002", "LIDC-IDRI-0002"], "unseen_family": {"remove_families": ["fill"]}},
-    {"held_out": ["LIDC-IDRI-0314", "lung1"], "unseen_family": {}},
+    {"held_out": ["LIDC-IDRI-0314", "lung1", "LCTSC-Test-S1-101"], "unseen_family": {}},
     {"held_out": ["LIDC-IDRI-0003", "lung2"], "unseen_family": {}},
 ]
 GRID = tuple(np.round(np.concatenate([np.arange(0.5, 0.95, 0.05), np.arange(0.95, 0.999, 0.005)]), 3))
