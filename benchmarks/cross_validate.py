@@ -3,7 +3,9 @@
 Usage:
     python benchmarks/cross_validate.py [--config configs/tamper3d.yaml] [--out runs/cv] [--folds 0,1,2,3] [--2d] [--md FILE] [--json FILE]
                                         [--with EARLIER.json]   (pool folds evaluated in another run)
+                                        [--add-scans configs/external_patients.yaml]   (the recipe with more patients)
     python benchmarks/cross_validate.py --model M [--model2d M2] --skip PATIENTS --out DIR   (a detector trained elsewhere)
+    python benchmarks/cross_validate.py --model M --config configs/external_patients.yaml --out DIR   (on patients no recipe trains on)
     python benchmarks/cross_validate.py --threshold-of RUN                                  (the folds' threshold rule on every patient)
 
 The recipe (a training config whose ``real_scans`` entries each name their ``patient``) is trained
@@ -22,6 +24,9 @@ family, so that their tables say how the detector does on a method it never saw.
 Beside the detector, at the same places: the mean HU at the place (a 5 mm ball) and its fine
 texture relative to its surroundings (:func:`texture_smoothness`), both at the scan's own voxels. A
 fold where the detector does not beat them has fitted its patients rather than the edits.
+
+A config may hold only some of the folds' patients: each fold then holds out those it has (a fold
+with none is skipped).
 
 Writes ``OUT/fold<k>/`` (the run, ``eval.json``), ``OUT/cv.json`` and ``OUT/cv.md``.
 """
@@ -134,7 +139,7 @@ def choose_threshold(det, cfg: dict, training: dict[str, list[dict]]) -> dict:
 def split_fold(by_patient: dict[str, list[dict]], k: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
     """Fold ``k``'s training patients and its held-out ones (in the fold's order, which seeds their
     test copies), each with its config entries."""
-    held = FOLDS[k]["held_out"]
+    held = [p for p in FOLDS[k]["held_out"] if p in by_patient]  # a config may have only some of the folds' patients
     return {p: e for p, e in by_patient.items() if p not in held}, {p: by_patient[p] for p in held}
 
 
@@ -366,6 +371,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="evaluate this detector (at its card's threshold) on each fold's held-out patients instead of training")
     ap.add_argument("--model2d", default=None, help="with --model: a 2D slice detector to score each place's slice with too")
     ap.add_argument("--skip", default="", help="with --model: patients it was trained on, left out of the test (comma-separated)")
+    ap.add_argument("--add-scans", default=None, metavar="CONFIG",
+                    help="also these patients (another config's real_scans, e.g. configs/external_patients.yaml): trained on in the "
+                         "folds that do not hold them out")
     ap.add_argument("--threshold-of", default=None, metavar="RUN",
                     help="only choose the threshold of a run trained on every patient of the config, by the folds' rule, and print it")
     ap.add_argument("--json", default=None, help="also write the pooled results here")
@@ -375,19 +383,23 @@ def main() -> None:
                          "where --out has no eval.json of that fold")
     args = ap.parse_args()
     cfg = api.load_config(args.config)
+    if args.add_scans:
+        cfg["real_scans"] = list(cfg.get("real_scans") or []) + list(api.load_config(args.add_scans).get("real_scans") or [])
     by_patient = patient_scans(cfg)
     if args.threshold_of:
         calib = choose_threshold(load_detector(str(Path(args.threshold_of) / "model.pt")), cfg, by_patient)
         print(json.dumps(calib, indent=2))
         return
-    every = sorted(p for f in FOLDS for p in f["held_out"])
-    if every != sorted(by_patient):
-        raise SystemExit(f"the folds hold out {every}, the config has {sorted(by_patient)}")
+    missing = sorted(set(by_patient) - {p for f in FOLDS for p in f["held_out"]})
+    if missing:
+        raise SystemExit(f"no fold holds out {', '.join(missing)} (benchmarks/cross_validate.py's FOLDS)")
     out = Path(args.out)
     results = []
     for k in range(len(FOLDS)):
         fold_dir = out / f"fold{k}"
         fold = FOLDS[k]
+        if not split_fold(by_patient, k)[1]:  # none of its patients in the config
+            continue
         if str(k) in args.folds.split(",") and args.model:
             fixed_model_fold(args.model, args.model2d, by_patient, k, fold_dir, set(args.skip.split(",")))
         elif str(k) in args.folds.split(","):
@@ -494,7 +506,7 @@ def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, wi
     print(f"fold {k}: threshold {det.threshold} ({calib['from']})", flush=True)
     ev = evaluate_fold(det, held, k, det2)
     summary = json.loads((fold_dir / "summary.json").read_text())
-    result = {"fold": k, "held_out": fold["held_out"], "training_patients": sorted(training), "unseen": unseen,
+    result = {"fold": k, "held_out": list(held), "training_patients": sorted(training), "unseen": unseen,
               "train_seconds": round(summary["train_seconds"] + summary["data_seconds"], 1),
               "peak_rss_gb": round(max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20, 2),
               "threshold": calib, "eval": ev}

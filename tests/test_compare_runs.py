@@ -82,3 +82,23 @@ def test_folds_in_both_runs_are_pooled(tmp_path):
     assert pooled["injected"]["n"] == 2 and pooled["injected"]["a"] == pytest.approx(0.75) and pooled["injected"]["b"] == pytest.approx(1.0)
     assert pooled["edits_found"] == {"edits": 2, "a": 0, "b": 2, "both": 0, "a_only": 0, "b_only": 2}
     assert pooled["a"]["clean_flagged"] == 1 and pooled["a"]["clean_scans"] == 2
+
+
+def test_a_fold_holds_out_only_the_patients_its_config_has():
+    """cross_validate's folds on a config with some of their patients (an external config of one
+    patient, or the recipe with one added): each fold holds out those it has, in the fold's order
+    (which seeds their test copies), and trains on the rest."""
+    import cross_validate
+
+    def cfg(*patients):
+        return {p: [{"patient": p, "scan": f"{p}.nrrd"}] for p in patients}
+
+    eight = cfg("Lung_Dx-A0001", "Lung_Dx-A0002", "LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003", "LIDC-IDRI-0314", "lung1", "lung2")
+    training, held = cross_validate.split_fold(eight, 2)
+    assert list(held) == ["LIDC-IDRI-0314", "lung1"] and "LCTSC-Test-S1-101" not in training and len(training) == 6
+    nine = {**eight, **cfg("LCTSC-Test-S1-101")}
+    training, held = cross_validate.split_fold(nine, 2)
+    assert list(held) == ["LIDC-IDRI-0314", "lung1", "LCTSC-Test-S1-101"] and len(training) == 6
+    assert "LCTSC-Test-S1-101" in cross_validate.split_fold(nine, 0)[0]
+    external = cfg("LCTSC-Test-S1-101")
+    assert [list(cross_validate.split_fold(external, k)[1]) for k in range(4)] == [[], [], ["LCTSC-Test-S1-101"], []]
