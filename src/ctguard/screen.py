@@ -18,7 +18,7 @@ from ctguard import __version__
 from ctguard.errors import InputError
 from ctguard.lung import lung_mask
 from ctguard.models.grid import STRIDE, normalise_array, softmax
-from ctguard.verifier import ScanReading, blob_map, lung_extent, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
+from ctguard.verifier import TRACE_MIN_FREQUENCY, ScanReading, blob_map, has_ripple, lung_extent, lung_maps, recentred, scan_noise, smooth_map, strongest_peaks, taken_candidates, trace_map
 from ctguard.volume import Turn, Volume, plane, resample_array, resample_nearest, turned
 
 DEFAULT_MODEL = "tamper3d"
@@ -423,7 +423,12 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
             reading = reading.result()
     if stage:
         stage("findings")
-    return _result(vol, detector, heat, threshold, input_name, list(vol.warnings), t0, lungs, verifier, reading), heat, lungs
+    warnings = list(vol.warnings)
+    if verifier is not None and verifier.meta.get("resampling") and not has_ripple(vol):
+        warnings.append(f"{input_name or 'the series'}: pixels of {'/'.join(f'{s:.3f}' for s in vol.spacing[1:])} mm, within "
+                        f"{TRACE_MIN_FREQUENCY} mm of a whole millimetre, leave the second stage's resampling trace nothing to read: "
+                        f"the detector finds fewer edits on such scans and may flag untouched lung (README, 'Where it does not hold')")
+    return _result(vol, detector, heat, threshold, input_name, warnings, t0, lungs, verifier, reading), heat, lungs
 
 
 def axial_view(vol: Volume) -> tuple[Volume, Turn] | None:
