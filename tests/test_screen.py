@@ -140,7 +140,7 @@ def test_clean_phantom_screens_clean(tampered, tmp_path):
 def test_locations_scores(tampered, tmp_path):
     root, truth, _ = tampered
     locs = tmp_path / "locs.csv"
-    rows = [[round(v) for v in t["voxel"]] for t in truth] + [[40, 96, 96]]
+    rows = [[round(v) for v in t["voxel"]] for t in truth] + [[32, 192, 192]]
     locs.write_text("z,y,x\n" + "".join(f"{z},{y},{x}\n" for z, y, x in rows))
     out = tmp_path / "scores.csv"
     assert main(["screen", str(root / "tampered"), "--locations", str(locs), "--scores-out", str(out), "-q"]) == 0
@@ -398,7 +398,7 @@ def test_single_slice_is_screened_in_2d(tampered, tmp_path):
     z = int(round(inj["voxel"][0]))
     files = sorted((root / "tampered").iterdir())
     result = api.screen(files[z], json_out=tmp_path / "r.json", report_dir=tmp_path / "report")
-    assert result["shape"] == [1, 192, 192]
+    assert result["shape"] == [1, 384, 384]
     assert any("2D" in w for w in result["warnings"])
     assert all(f["voxel"][0] == 0.0 for f in result["findings"])
     near = [f for f in result["findings"]

@@ -58,7 +58,7 @@ def test_zipped_series_gives_verdict_and_findings(client, tampered):
     assert str(client.work) not in r.text and str(client.work.resolve()) not in r.text
     report = client.get(doc["links"]["report"]).text
     assert "scan.zip" in report and str(client.work) not in report and str(client.work.resolve()) not in report
-    assert doc["shape"] == [80, 192, 192]
+    assert doc["shape"] == [64, 384, 384]
     # The removal, which the bundled detector finds at this quick set-up (its injection scores just
     # under the threshold here; at a clinical set-up both are found: test_bundled_detector_finds_injection).
     rem = truth[1]
@@ -94,7 +94,7 @@ def test_many_files_and_the_jobs_api(client, tampered):
     r = client.post("/api/jobs", files=files)
     assert r.status_code == 202
     job = r.json()["id"]
-    early = client.delete(f"/api/jobs/{job}")  # still being screened (80 slices take seconds): not yet
+    early = client.delete(f"/api/jobs/{job}")  # still being screened (64 slices take seconds): not yet
     assert early.status_code == 409 and "delete it once it has finished" in early.json()["detail"]
     for _ in range(600):
         s = client.get(f"/api/jobs/{job}").json()
@@ -102,7 +102,7 @@ def test_many_files_and_the_jobs_api(client, tampered):
             break
         threading.Event().wait(0.1)
     assert s["status"] == "done", s
-    assert s["result"]["shape"] == [80, 192, 192] and s["name"] == "80 files"
+    assert s["result"]["shape"] == [64, 384, 384] and s["name"] == "64 files"
     assert client.delete(f"/api/jobs/{job}").status_code == 204 and client.get(f"/api/jobs/{job}").status_code == 404
 
 

@@ -96,7 +96,7 @@ def test_upload_in_a_real_browser(server, tampered):
             for key in ("sr", "seg"):
                 link = page.locator(f"#{key}-link")
                 assert link.is_visible() and f"/dicom/ctguard-{key}.dcm" in link.get_attribute("href")
-            page.wait_for_function("document.getElementById('slice').complete && document.getElementById('slice').naturalWidth === 192")
+            page.wait_for_function("document.getElementById('slice').complete && document.getElementById('slice').naturalWidth === 384")
             # Keyboard: the slider moves the slice and the image follows.
             z0 = int(page.locator("#z").input_value())
             page.locator("#z").focus()

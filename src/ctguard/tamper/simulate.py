@@ -284,9 +284,9 @@ DEMO_SPACING = (2.5, 0.78, 0.78)
 
 def tampered_phantom(seed: int, edit_seed: int, shape=(80, 192, 192), spacing=(2.0, 1.9, 1.9)) -> tuple[Volume, list[Edit]]:
     """A phantom chest (of the one quick set-up unless ``shape`` and ``spacing`` say otherwise) with
-    one nodule of 10-16 mm injected and its own tumour removed: the tests' tampered phantom, and at
-    :data:`DEMO_SHAPE`, :data:`DEMO_SPACING` the scan ``ctguard demo`` screens (``edit_seed`` =
-    ``seed``). Returns the volume and its edits (the injection first)."""
+    one nodule of 10-16 mm injected and its own tumour removed. At :data:`DEMO_SHAPE`,
+    :data:`DEMO_SPACING` it is the tests' tampered phantom (seed 4242) and the scan ``ctguard demo``
+    screens (``edit_seed`` = ``seed``). Returns the volume and its edits (the injection first)."""
     src = phantom_source(seed, shape=shape, spacing=spacing, with_tumour=True)
     rng = np.random.default_rng(edit_seed)
     vol, injected = inject_random(src.volume, lung_mask(src.volume), rng, n=1, sizes=(10.0, 16.0), avoid=[t.voxel for t in src.tumours])
