@@ -74,19 +74,6 @@ def mini_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tampered_clinical(tmp_path_factory):
-    """The tests' tampered phantom (the same seeds) at the clinical set-up of ``ctguard demo`` (2.5 mm
-    slices, 0.78 mm pixels), the kind of scan the bundled detector is built and measured for, as DICOM."""
-    from ctguard import io
-    from ctguard.tamper.simulate import DEMO_SHAPE, DEMO_SPACING, tampered_phantom
-
-    root = tmp_path_factory.mktemp("clinical")
-    vol, edits = tampered_phantom(4242, 1, DEMO_SHAPE, DEMO_SPACING)
-    io.write_series(vol, root / "tampered", uid_seed="tc")
-    return root, [e.to_dict() for e in edits], vol.spacing
-
-
-@pytest.fixture(scope="session")
 def tampered(tmp_path_factory):
     """A phantom (unseen seed) with one injection and one removal, written as DICOM, and its clean
     twin, at the clinical set-up of ``ctguard demo`` (2.5 mm slices, 0.78 mm pixels): the kind of

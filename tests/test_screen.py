@@ -95,13 +95,13 @@ def test_findings_are_bridged_only_over_an_edited_way_of_their_kind():
     calls.clear()
     assert len(screen.bridged([a, far], vol, None, stage(edited), heat, reading)) == 2 and calls == []
 
-def test_bundled_detector_finds_injection(tampered_clinical):
+def test_bundled_detector_finds_injection(tampered, tmp_path):
     """The bundled detector finds the injection and the removal of a phantom it never trained on, at a
-    clinical set-up (at the tests' quick 1.9 mm one its stage's resampling trace reads almost no
-    ripple: docs/benchmarks.md), each with its kind, at its own thresholds."""
-    root, truth, spacing = tampered_clinical
+    clinical set-up (at the quick 1.9 mm one its stage's resampling trace reads almost no ripple:
+    docs/benchmarks.md), each with its kind, at its own thresholds."""
+    root, truth, spacing = tampered
     # The node's setting (a report only for a tampered scan) still writes this one.
-    result = api.screen(root / "tampered", json_out=root / "r.json", report_dir=root / "report", report_tampered_only=True)
+    result = api.screen(root / "tampered", json_out=tmp_path / "r.json", report_dir=tmp_path / "report", report_tampered_only=True)
     assert result["verdict"] == "tampered"
     for t in truth:
         near = [f for f in result["findings"]
@@ -109,7 +109,7 @@ def test_bundled_detector_finds_injection(tampered_clinical):
         assert near, f"{t['kind']} at {t['voxel']} not found"
         assert _found(result, t, spacing), f"{t['kind']} at {t['voxel']} found as another kind"
     # JSON shape as documented in docs/DESIGN.md.
-    doc = json.loads((root / "r.json").read_text())
+    doc = json.loads((tmp_path / "r.json").read_text())
     assert set(doc) >= {"input", "shape", "spacing_mm", "verdict", "score", "findings", "model", "elapsed_s"}
     assert doc["shape"] == [64, 384, 384] and 0.0 <= doc["score"] <= 1.0
     assert all(f["score"] >= f["threshold"] == (doc["model"]["threshold"] if f["source"] == "network" else doc["model"]["peak_threshold"])
@@ -119,9 +119,9 @@ def test_bundled_detector_finds_injection(tampered_clinical):
     for f in doc["findings"]:
         assert f["kind"] in ("injected", "removed") and len(f["voxel"]) == 3 and len(f["world_mm"]) == 3 and f["radius_mm"] > 0
     # The HTML report references images that exist.
-    page = (root / "report" / "index.html").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
     images = re.findall(r'src="([^"]+)"', page)
-    assert images and all((root / "report" / img).is_file() for img in images)
+    assert images and all((tmp_path / "report" / img).is_file() for img in images)
     assert "Verdict: tampered" in page
     # Which patient, study and series it is about, from the DICOM headers, in the JSON and atop the report.
     first = pydicom.dcmread(sorted((root / "tampered").rglob("*.dcm"))[0], stop_before_pixels=True)

@@ -59,8 +59,7 @@ def test_zipped_series_gives_verdict_and_findings(client, tampered):
     report = client.get(doc["links"]["report"]).text
     assert "scan.zip" in report and str(client.work) not in report and str(client.work.resolve()) not in report
     assert doc["shape"] == [64, 384, 384]
-    # The removal, which the bundled detector finds at this quick set-up (its injection scores just
-    # under the threshold here; at a clinical set-up both are found: test_bundled_detector_finds_injection).
+    # The removal is found (both edits are, at this clinical set-up: test_bundled_detector_finds_injection).
     rem = truth[1]
     d = [np.linalg.norm((np.asarray(f["voxel"]) - rem["voxel"]) * np.asarray(spacing)) for f in doc["findings"] if f["kind"] == "removed"]
     assert d and min(d) <= 10.0 + rem["diameter_mm"] / 2
