@@ -188,8 +188,8 @@ def evaluate_fold(det, held_out: dict[str, list[dict]], fold: int, det2=None) ->
     """Every measurement of one fold on its held-out patients (see the module's docstring); with
     ``det2`` (a 2D slice detector) each place is also scored on the single axial slice through it."""
     places, clean, edits_found, lesion_calls, times = [], [], [], [], []
-    thresholds = source_thresholds(det)
     for i, src, label, vol, edits, lungs, where in held_out_places(held_out, fold):
+        thresholds = source_thresholds(det, vol=vol)  # the trace-blind trees' own on a scan they score
         t0 = time.time()
         result, _, _ = screen_volume(vol, det, threshold=0.3)
         times.append(time.time() - t0)
@@ -470,8 +470,11 @@ def fixed_model_fold(model: str, model2d: str | None, by_patient: dict, k: int, 
 
 def own_thresholds(det) -> dict:
     """The detector's threshold and, where its second stage has one for the maps' peaks (and another
-    for the blob map's), those (:func:`ctguard.screen.separate_thresholds`)."""
-    return {"threshold": det.threshold, **separate_thresholds(det)}
+    for the blob map's), those (:func:`ctguard.screen.separate_thresholds`); where it has trace-blind
+    trees, theirs (``blind``)."""
+    blind = getattr(det.verifier, "blind", None) if det.verifier is not None else None
+    return {"threshold": det.threshold, **separate_thresholds(det),
+            **({"blind": {k: v for k, v in blind.meta.items() if k.endswith("threshold")}} if blind is not None else {})}
 
 
 def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:

@@ -1880,6 +1880,102 @@ def test_a_triage_cut_off_loses_at_most_its_share_of_the_edits_the_stage_finds()
             triage_share({**cfg, **change})
 
 
+def test_trace_blind_trees_score_a_scan_whose_pixels_leave_the_trace_nothing_to_read(tmp_path):
+    """A stage with trace-blind trees (``verifier_blind``) scores a scan whose pixels lie within 0.04
+    mm of a whole millimetre by those trees, which never split on a column that reads the trace, at
+    their own thresholds; any other scan as before. Saved and loaded with the stage; their arrays
+    missing from the file are a one-line error."""
+    from dataclasses import replace
+
+    from ctguard.errors import InputError
+    from ctguard.screen import Detector, source_thresholds
+    from ctguard.verifier import BLIND_PREFIX, Verifier, feature_names, has_ripple, reads_trace, scan_noise, stage_inputs
+
+    vol, lungs, noise, places = _stage_scan()
+    flat = phantom_source(2, shape=(40, 96, 96), spacing=(4.0, 3.0, 3.0)).volume  # 3 mm pixels: no ripple
+    flat_lungs = lung_mask(flat)
+    flat_places = np.argwhere(flat_lungs)[::997][:4].astype(float)
+    assert has_ripple(vol) and not has_ripple(flat)
+    names = feature_names(resampling=True, trace_scan=True) + ["log_p_injected", "log_p_removed", "log_p_genuine"]
+    trace = [k for k, n in enumerate(names) if reads_trace(n)]
+    assert [names[k] for k in trace] == [f"resampling_trace_{r}{v}" for v in ("", "_vs_scan") for r in (5, 8, 12)]
+    meta = {"uses_network": True, "resampling": True, "trace_scan": True, "threshold": 0.6, "peak_threshold": 0.7, "blind": True}
+    p_net = np.tile([[0.6, 0.3, 0.1]], (4, 1)).astype(np.float32)
+    x = stage_inputs(vol, places, p_net, noise, resampling=True, trace_reference=np.ones(3))
+    stage, _ = _fitted_stage(x, meta)
+    keep = np.asarray([k for k in range(len(names)) if k not in trace])
+    blind, _ = _fitted_stage(x[:, keep], {"threshold": 0.9, "peak_threshold": 0.95})
+    blind.feature = np.where(blind.feature >= 0, keep[np.maximum(blind.feature, 0)], -1).astype(np.int16)  # as from_sklearn maps columns
+    assert not np.isin(blind.feature, trace).any()
+    on_vol = stage.score_places(vol, places, p_net, lungs)
+    stage.blind = blind
+    assert stage.for_scan(vol) is stage and stage.for_scan(flat) is blind
+    assert np.array_equal(stage.score_places(vol, places, p_net, lungs), on_vol)  # a scan with a ripple: the full trees
+    rows = stage.rows(flat, flat_places, p_net, scan_noise(flat, flat_lungs), flat_lungs)
+    assert np.isnan(rows[:, trace]).all()  # the trace reads nothing there
+    p = stage.score_places(flat, flat_places, p_net, flat_lungs)
+    assert np.array_equal(p, blind.probabilities(rows)) and not np.array_equal(p, stage.probabilities(rows))
+    det = Detector(net=None, name="tamper3d", version="t", path="m.pt", threshold=0.6, verifier=stage)
+    assert source_thresholds(det, vol=vol) == {"network": 0.6, "trace": 0.7, "smooth": 0.7, "blob": 0.7}
+    assert source_thresholds(det, vol=flat) == {"network": 0.9, "trace": 0.95, "smooth": 0.95, "blob": 0.95}
+    assert set(source_thresholds(det, 0.5, vol=flat).values()) == {0.5}  # a caller's threshold for all still holds
+    assert source_thresholds(replace(det, verifier=replace(stage, blind=None)), vol=flat)["network"] == 0.6
+    path = stage.save(tmp_path / "m.verifier.npz")
+    back = Verifier.load(path)
+    assert np.array_equal(back.score_places(flat, flat_places, p_net, flat_lungs), p) and back.blind.meta["threshold"] == 0.9
+    with np.load(path) as d:
+        np.savez(tmp_path / "cut.verifier.npz", **{k: d[k] for k in d.files if not k.startswith(BLIND_PREFIX)})
+    with pytest.raises(InputError, match="has trace-blind trees but they are missing"):
+        Verifier.load(tmp_path / "cut.verifier.npz")
+
+
+def test_trace_blind_trees_are_fitted_without_the_trace_and_their_thresholds_by_the_same_rule():
+    """``fit_blind``: on rows where the trace tells every edit apart, the trace-blind trees read
+    only the other columns, and their thresholds are the lowest of the grid giving at most the
+    budget of the untouched training candidates over them out of patient; a setting it cannot be
+    used with is refused before anything is trained."""
+    from ctguard.engine.train_verifier import GRID, VERIFIER_DEFAULTS, blind_on, fit_blind, rippled_counted, row_names, rows_with_ripple
+    from ctguard.errors import InputError
+    from ctguard.verifier import reads_trace
+
+    cfg = {**VERIFIER_DEFAULTS, "seed": 0, "verifier_resampling": True, "verifier_trace_scan": True, "verifier_boosting": "histogram",
+           "verifier_trees": 20, "verifier_blind": True}
+    names = row_names(cfg)
+    trace = np.asarray([reads_trace(n) for n in names])
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.arange(n) % 3
+    x = rng.normal(size=(n, len(names))).astype(np.float32)
+    x[:, trace] += 5.0 * (y > 0)[:, None]  # the trace alone tells edits apart
+    x[:, 0] += 1.0 * (y > 0)  # the first texture column a little
+    groups = np.asarray([f"p{k // 3 % 6}" for k in range(n)])  # every patient with rows of each class
+    parts = [{"y": y, "peak": np.zeros(n, bool)}]
+    clean = y == 0
+    blind, oof, report = fit_blind(cfg, parts, x, y, groups, clean, 6, 3)
+    assert blind.feature.max() < len(names) and not np.isin(blind.feature, np.flatnonzero(trace)).any()
+    assert report["columns_left_out"] == int(trace.sum()) and report["threshold"] in GRID
+    t = report["threshold"]
+    assert (oof[clean] >= t).sum() / 6 <= cfg["verifier_max_false"]
+    lower = [g for g in GRID if g < t]
+    assert not lower or (oof[clean] >= lower[-1]).sum() / 6 > cfg["verifier_max_false"]  # the lowest that keeps the budget
+    assert blind.meta["threshold"] == t and "peak_threshold" not in blind.meta
+    full = 1.0 - blind.probabilities(x)[:, 0]
+    assert np.corrcoef(full, x[:, 0])[0, 1] > 0.3  # it learnt the texture column
+    assert blind_on({**cfg, "verifier_blind": False}) is False
+    # The full trees' rule counts only scans with a ripple: a scan of 0.977 mm pixels teaches them but holds up only the blind trees'.
+    pixel = names.index("log_pixel_mm")
+    flat, sharp = x[:300].copy(), x[300:].copy()
+    flat[:, pixel], sharp[:, pixel] = np.log(0.977), np.log(0.78)
+    parts = [{"x": flat, "y": y[:300]}, {"x": sharp, "y": y[300:]}, {"x": np.zeros((0, len(names)), np.float32), "y": np.zeros(0, int)}]
+    assert rows_with_ripple(cfg, np.vstack([flat, sharp])).tolist() == [False] * 300 + [True] * 300
+    kept, scans = rippled_counted(cfg, parts, clean)
+    assert scans == 1 and np.array_equal(kept, clean & (np.arange(n) >= 300))
+    for change, why in (({"verifier_resampling": False}, "needs verifier_resampling"), ({"verifier_blend": 0.5}, "cannot be used with verifier_blend"),
+                        ({"verifier_blind": "yes"}, "must be true or false")):
+        with pytest.raises(InputError, match=why):
+            blind_on({**cfg, **change})
+
+
 def test_a_second_look_scores_a_candidate_again_at_its_recentred_places():
     """A stage with ``refine_from``: each candidate scoring that or more is scored again at its
     densest and smoothest point nearby; the highest of the three is the finding, at its place.

@@ -2,11 +2,13 @@
 and four more (5011-5014), one injection and one removal each, plus clean phantoms.
 
 Usage:
-    python benchmarks/experiments/phantom_edits.py MODEL [--network-only] [--demo-setup]
+    python benchmarks/experiments/phantom_edits.py MODEL [--network-only] [--demo-setup [--pixel MM]]
 
 By default the phantoms have the quick set-up of the tests (2 mm slices, 1.9 mm pixels; the tests'
 tampered phantom, tests/conftest.py); ``--demo-setup``: that of ``ctguard demo`` (2.5 mm slices,
-0.78 mm pixels: ``ctguard.tamper.simulate.DEMO_SHAPE``, ``DEMO_SPACING``), and six clean ones.
+0.78 mm pixels: ``ctguard.tamper.simulate.DEMO_SHAPE``, ``DEMO_SPACING``), and six clean ones;
+with ``--pixel MM`` as well, pixels of MM instead (0.977: a 500 mm field of view's, where the
+resampling trace reads nothing).
 
 For each edit: the best score of a right-kind scored place within 10 mm + half its diameter (``*``:
 a place there at or over its own threshold, :func:`ctguard.screen.source_thresholds`); for each scan,
@@ -28,10 +30,15 @@ def main() -> None:
     ap.add_argument("model", help="tamper3d (bundled) or a run's model.pt")
     ap.add_argument("--network-only", action="store_true", help="without the second stage")
     ap.add_argument("--demo-setup", action="store_true", help="the demo's scanner set-up instead of the tests' quick one")
+    ap.add_argument("--pixel", type=float, help="with --demo-setup: pixels of this many mm instead of the demo's")
     a = ap.parse_args()
-    setup = {"shape": DEMO_SHAPE, "spacing": DEMO_SPACING} if a.demo_setup else {}
+    if a.pixel is not None and not a.demo_setup:
+        ap.error("--pixel needs --demo-setup")
+    spacing = DEMO_SPACING if a.pixel is None else (DEMO_SPACING[0], a.pixel, a.pixel)
+    setup = {"shape": DEMO_SHAPE, "spacing": spacing} if a.demo_setup else {}
     det = load_detector(a.model)
-    own = source_thresholds(det) if not a.network_only else dict.fromkeys(("network",), det.threshold)
+    probe = phantom_source(4343, with_tumour=False, **setup).volume  # the set-up's thresholds (a trace-blind stage's where it scores it)
+    own = source_thresholds(det, vol=probe) if not a.network_only else dict.fromkeys(("network",), det.threshold)
     print(f"{a.model}: thresholds {own}" + (" (network only)" if a.network_only else ""))
 
     def over(p: dict) -> bool:

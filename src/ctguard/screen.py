@@ -425,9 +425,11 @@ def screen_volume(vol: Volume, detector: Detector, input_name: str = "", progres
         stage("findings")
     warnings = list(vol.warnings)
     if verifier is not None and verifier.meta.get("resampling") and not has_ripple(vol):
+        how = ("it scores this scan with its trees that do not read the trace, at their own thresholds, and finds fewer edits on such scans"
+               if verifier.blind is not None else "the detector finds fewer edits on such scans and may flag untouched lung")
         warnings.append(f"{input_name or 'the series'}: pixels of {'/'.join(f'{s:.3f}' for s in vol.spacing[1:])} mm, within "
                         f"{TRACE_MIN_FREQUENCY} mm of a whole millimetre, leave the second stage's resampling trace nothing to read: "
-                        f"the detector finds fewer edits on such scans and may flag untouched lung (README, 'Where it does not hold')")
+                        f"{how} (README, 'Where it does not hold')")
     return _result(vol, detector, heat, threshold, input_name, warnings, t0, lungs, verifier, reading), heat, lungs
 
 
@@ -620,25 +622,31 @@ def checked_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def source_thresholds(detector: Detector, threshold: float | None = None) -> dict[str, float]:
+def source_thresholds(detector: Detector, threshold: float | None = None, vol: Volume | None = None) -> dict[str, float]:
     """The threshold each source of candidates is held to: ``threshold`` for all where given, else
-    the detector's own for the network's candidates and, for a second stage that chose one of its
+    the detector's own for the network's candidates and, where its second stage chose one of its
     own for the maps' peaks (``peak_threshold`` in its meta), that for the maps' peaks, and for one
-    that chose another for the blob map's (``blob_threshold``), that for those."""
+    that chose another for the blob map's (``blob_threshold``), that for those. On a scan ``vol``
+    that the stage scores with its trace-blind trees (:meth:`ctguard.verifier.Verifier.for_scan`),
+    theirs."""
     if threshold is not None:
         return dict.fromkeys(("network", *PEAK_SOURCES), checked_threshold(threshold))
     verifier = getattr(detector, "verifier", None)
     meta = verifier.meta if verifier is not None else {}
-    peak = float(meta.get("peak_threshold", detector.threshold))
-    return {"network": float(detector.threshold), **dict.fromkeys(PEAK_SOURCES, peak), "blob": float(meta.get("blob_threshold", peak))}
+    own = float(detector.threshold)
+    if verifier is not None and vol is not None and verifier.for_scan(vol) is not verifier:
+        meta = verifier.blind.meta
+        own = float(meta["threshold"])
+    peak = float(meta.get("peak_threshold", own))
+    return {"network": own, **dict.fromkeys(PEAK_SOURCES, peak), "blob": float(meta.get("blob_threshold", peak))}
 
 
-def separate_thresholds(detector: Detector, threshold: float | None = None) -> dict[str, float]:
+def separate_thresholds(detector: Detector, threshold: float | None = None, vol: Volume | None = None) -> dict[str, float]:
     """The thresholds of :func:`source_thresholds` that a result reports beside ``model.threshold``
     (a second stage that chose them, and no caller's ``threshold`` for all): ``peak_threshold``, the
     maps' peaks', where it is not the network's candidates', and ``blob_threshold``, the blob map's
-    peaks', where it is not the other maps' peaks'."""
-    thresholds = source_thresholds(detector, threshold)
+    peaks', where it is not the other maps' peaks' (on ``vol``, where given)."""
+    thresholds = source_thresholds(detector, threshold, vol)
     return {**({"peak_threshold": thresholds["trace"]} if thresholds["trace"] != thresholds["network"] else {}),
             **({"blob_threshold": thresholds["blob"]} if thresholds["blob"] != thresholds["trace"] else {})}
 
@@ -719,9 +727,10 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
     """The screening JSON of docs/DESIGN.md. ``threshold``: the caller's for every place (None: the
     detector's own, :func:`source_thresholds`); ``reading``: the stage's reading of the whole scan
     (:meth:`ctguard.verifier.Verifier.read_scan`), where the caller has it."""
-    thresholds = source_thresholds(detector, threshold)
-    thr = thresholds["network"]
     staged = verifier is not None and lungs is not None
+    thresholds = source_thresholds(detector, threshold, vol if staged else None)
+    thr = thresholds["network"]
+    blind = staged and verifier.for_scan(vol) is not verifier
     if staged:
         reading = verifier.read_scan(vol, lungs) if reading is None else reading  # once, for the candidates and their rows
         candidates = stage_candidates(heat, vol, verifier, min(thresholds.values()), lungs, reading.noise, reading.trace, reading.smooth,
@@ -746,7 +755,8 @@ def _result(vol: Volume, detector: Detector, heat: Heatmap, threshold: float | N
         "under_threshold": under[:UNDER_SHOWN],
         "model": {"name": detector.name, "version": detector.version, "threshold": thr,
                   **({"second_stage": True} if staged else {}),
-                  **(separate_thresholds(detector, threshold) if staged else {})},
+                  **({"trace_blind": True} if blind else {}),
+                  **(separate_thresholds(detector, threshold, vol) if staged else {})},
         "warnings": warnings,
         "elapsed_s": round(time.time() - t0, 3),
     }

@@ -812,6 +812,13 @@ def nodule_checked(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 NODULE_PREFIX = "nodule_"  # the nodule check's arrays in the stage's .npz
 TRIAGE_PREFIX = "triage_"  # the triage's arrays in the stage's .npz
+BLIND_PREFIX = "blind_"  # the trace-blind trees' arrays in the stage's .npz
+
+
+def reads_trace(name: str) -> bool:
+    """Whether a stage column (:func:`feature_names`) reads the resampling trace: the trace itself,
+    less the scan's, or a place re-centred on it. What the trace-blind trees leave out."""
+    return name.startswith("resampling_trace") or "@trace" in name or name.startswith("trace_")
 # -- a single axial slice (the 2D detector's second stage) --------------------------------------
 
 
@@ -899,6 +906,12 @@ class Verifier:
     patches: Any = None  # the patch CNN (ctguard.patches.PatchScorer) where the meta's patch_weight is over 0
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
     triage: Verifier | None = None  # trees over the place's own columns alone (``triage`` in the meta: their cut-off), saved in the same file
+    blind: Verifier | None = None  # trees that do not read the resampling trace, with thresholds of their own, for scans it reads nothing on (``blind`` in the meta)
+
+    def for_scan(self, vol: Volume) -> Verifier:
+        """The trees that score ``vol``: the trace-blind ones (:attr:`blind`) where its pixels leave
+        the resampling trace nothing to read (:func:`has_ripple`) and the stage has them, else these."""
+        return self.blind if self.blind is not None and not has_ripple(vol) else self
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """``(n, 3)`` probabilities ``genuine, injected, removed`` of feature rows ``x`` (``(n, 2)``,
@@ -985,6 +998,8 @@ class Verifier:
         if self.meta.get("slice"):  # a single slice's stage: its own rows, no network, no reference
             return self.probabilities(slice_inputs(vol, places, lungs))
         noise = scan_noise(vol, lungs) if noise is None else noise
+        if self.for_scan(vol) is not self:  # no ripple to read: every place whole, by the trees that never read the trace
+            return self.blind.probabilities(self.rows(vol, places, p_network, noise, lungs, trace_reference))
         if self.triage is not None:  # the place itself first; the re-centred places and the full trees only where the triage passes it
             return self.triaged(vol, places, p_network, lungs, noise, trace_reference)
         x = self.rows(vol, places, p_network, noise, lungs, trace_reference)
@@ -1034,12 +1049,13 @@ class Verifier:
                 "meta": np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8)}
 
     def save(self, path: str | Path) -> Path:
-        """One ``.npz`` of plain arrays: the trees, a nodule check's trees under ``nodule_`` and a
-        triage's under ``triage_``."""
+        """One ``.npz`` of plain arrays: the trees, a nodule check's trees under ``nodule_``, a
+        triage's under ``triage_`` and the trace-blind trees under ``blind_``."""
         path = Path(path)
         nodules = {} if self.nodules is None else {NODULE_PREFIX + k: v for k, v in self.nodules.arrays().items()}
         triage = {} if self.triage is None else {TRIAGE_PREFIX + k: v for k, v in self.triage.arrays().items()}
-        np.savez_compressed(path, **self.arrays(), **nodules, **triage)
+        blind = {} if self.blind is None else {BLIND_PREFIX + k: v for k, v in self.blind.arrays().items()}
+        np.savez_compressed(path, **self.arrays(), **nodules, **triage, **blind)
         return path
 
     @classmethod
@@ -1050,6 +1066,7 @@ class Verifier:
                 arrays = {k: d[k] for k in TREE_KEYS}
                 nodules = {k: d[NODULE_PREFIX + k] for k in TREE_KEYS} if NODULE_PREFIX + "feature" in d.files else None
                 triage = {k: d[TRIAGE_PREFIX + k] for k in TREE_KEYS} if TRIAGE_PREFIX + "feature" in d.files else None
+                blind = {k: d[BLIND_PREFIX + k] for k in TREE_KEYS} if BLIND_PREFIX + "feature" in d.files else None
         except (OSError, ValueError, KeyError, EOFError) as e:
             raise InputError(f"not a ctguard verifier (.npz of trees): {e.__class__.__name__}", path) from None
         verifier = cls._from_arrays(arrays)
@@ -1061,6 +1078,10 @@ class Verifier:
             if triage is None:
                 raise InputError("this second stage has a triage but its trees are missing from the file", path)
             verifier.triage = cls._from_arrays(triage)
+        if verifier.meta.get("blind"):
+            if blind is None:
+                raise InputError("this second stage has trace-blind trees but they are missing from the file", path)
+            verifier.blind = cls._from_arrays(blind)
         if float(verifier.meta.get("patch_weight", 0.0)):  # its patch CNN beside it: model.verifier.npz -> model.patches.onnx
             from ctguard.patches import PatchScorer
 

@@ -29,6 +29,7 @@ from ctguard.patches import SLICES as PATCH_SLICES
 from ctguard.patches import patches_at
 from ctguard.verifier import (
     SCAN_COLUMNS,
+    TRACE_MIN_FREQUENCY,
     Verifier,
     feature_names,
     finite_rows,
@@ -36,6 +37,7 @@ from ctguard.verifier import (
     nodule_checked,
     point_rows,
     point_width,
+    reads_trace,
     recentred,
     scan_noise,
     scan_reference,
@@ -91,6 +93,7 @@ VERIFIER_DEFAULTS = {
     "verifier_bagging": 1,  # k > 1: the stage's (and its triage's) trees are k histogram fits of other seeds, averaged (AveragedTrees)
     "verifier_label_mm": None,  # r mm: a candidate labelled with an edit (near it: within 10 mm of its rim) is learnt from only within r mm of the rim (label_weights)
     "verifier_off_centre": 0,  # n > 0: also n rows at random places around each edit of the stage's copies, off its centre, where candidates fall (off_centre_rows)
+    "verifier_blind": False,  # also trees that do not read the resampling trace, with thresholds of their own, for scans whose pixels leave it nothing to read (fit_blind)
     "verifier_triage": None,  # a share s: trees on each place's own columns first, the full row read only over their cut-off, the highest that loses at most s of the edits the stage finds out of patient (fit_triage)
 }
 TRIAGE_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2)  # the triage's cut-offs, lowest first
@@ -833,6 +836,7 @@ def check_stage_config(cfg: dict) -> None:
     peak_threshold_on(cfg)
     blob_threshold_on(cfg)
     triage_share(cfg)
+    blind_on(cfg)
     config_flag(cfg, "verifier_shape")
     config_flag(cfg, "verifier_count_phantom_lesions")
     label_mm(cfg)
@@ -856,6 +860,66 @@ def triage_share(cfg: dict) -> float | None:
         if cfg.get(key):
             raise InputError(f"the config's verifier_triage cannot be used with {key}")
     return float(value)
+
+
+def blind_on(cfg: dict) -> bool:
+    """The config's ``verifier_blind``, or a one-line error, also where the stage reads no trace or
+    blends in what the trace-blind trees cannot stand for (the network's or a patch CNN's share, a
+    nodule check, a scan reference, re-centred second looks)."""
+    cfg = {**VERIFIER_DEFAULTS, **cfg}
+    if not config_flag(cfg, "verifier_blind"):
+        return False
+    if not cfg["verifier_resampling"]:
+        raise InputError("the config's verifier_blind needs verifier_resampling (its trees are the stage's without the trace)")
+    for key in ("verifier_blend", "verifier_patches", "verifier_nodule_check", "verifier_scan_reference", "verifier_refine_from"):
+        if cfg.get(key):
+            raise InputError(f"the config's verifier_blind cannot be used with {key}")
+    return True
+
+
+def rows_with_ripple(cfg: dict, x: np.ndarray) -> np.ndarray:
+    """Which rows ``x`` (as made, :func:`row_names`) are of scans whose pixels leave the resampling
+    trace a ripple to read (:func:`ctguard.verifier.has_ripple`, from the row's ``log_pixel_mm``)."""
+    pixel = np.exp(x[:, row_names(cfg).index("log_pixel_mm")].astype(np.float64)) % 1.0
+    return np.minimum(pixel, 1.0 - pixel) >= TRACE_MIN_FREQUENCY
+
+
+def rippled_counted(cfg: dict, parts: list[dict], counted: np.ndarray) -> tuple[np.ndarray, int]:
+    """With trace-blind trees (``verifier_blind``) the full trees score only scans with a ripple, so
+    their threshold's rule counts only the untouched candidates of the training scans with one, per
+    such scan: ``counted`` less the other scans' rows, and how many untouched scans are left. A
+    training scan of about 1 mm pixels still teaches both trees; its candidates hold up only the
+    trace-blind trees' thresholds."""
+    keep = np.concatenate([rows_with_ripple(cfg, p["x"]) if len(p["y"]) else np.zeros(0, bool) for p in parts])
+    scans = sum(bool(len(p["y"])) and bool(rows_with_ripple(cfg, p["x"][:1])[0]) for p in parts)
+    return counted & keep, scans
+
+
+def fit_blind(cfg: dict, parts: list[dict], x: np.ndarray, y: np.ndarray, groups: np.ndarray, counted: np.ndarray, n_clean: int,
+              folds: int, weight: np.ndarray | None = None) -> tuple[Verifier, np.ndarray, dict]:
+    """The trace-blind trees: the stage's trees refitted on the same rows without any column that
+    reads the resampling trace (:func:`ctguard.verifier.reads_trace`), for scans whose pixels lie
+    within :data:`ctguard.verifier.TRACE_MIN_FREQUENCY` of a whole millimetre, where the trace reads
+    nothing and the full trees, which learnt that an edit ripples, see edits as untouched. Their
+    thresholds by the same out-of-patient rule on the same untouched training candidates
+    (``counted``), the trace map's peaks among them, which such a scan does not have: stricter than
+    needed, never laxer. No triage: every candidate of such a scan is read whole. Returns the trees,
+    every row's out-of-patient score and the run's ``blind`` report."""
+    names, columns = tree_columns(cfg)
+    left_out = [names[k] for k in columns if reads_trace(names[k])]
+    columns = np.asarray([k for k in columns if not reads_trace(names[k])])
+    fit_x = finite_rows(x[:, columns])
+    oof = 1.0 - out_of_patient_with(cfg, x, fit_x, y, groups, folds=folds, weight=weight)[0][:, 0]
+    threshold, peak_threshold, blob_threshold, _ = stage_thresholds(cfg, parts, oof, counted, n_clean)
+    meta = {"names": names, "threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {}),
+            **({"blob_threshold": blob_threshold} if blob_threshold is not None else {})}
+    blind = Verifier.from_sklearn(boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight), x, meta, columns=columns)
+    clean_oof, clean_groups = oof[counted], groups[counted]
+    top = np.argsort(-clean_oof, kind="stable")[:5]
+    report = {**{k: v for k, v in meta.items() if k != "names"}, "columns_left_out": len(left_out), "columns": int(len(columns)),
+              "false_per_clean_scan_oof": {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID},
+              "highest_clean_candidates_oof": [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]}
+    return blind, oof, report
 
 
 def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, clean: np.ndarray, oof: np.ndarray,
@@ -1290,6 +1354,9 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     if start is not None:
         oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
     counted = threshold_counted(cfg, parts, clean)
+    all_counted, all_clean = counted, n_clean  # what the trace-blind trees' rule counts
+    if blind_on(cfg):  # the full trees score only scans with a ripple: their rule counts only those scans' candidates
+        counted, n_clean = rippled_counted(cfg, parts, counted)
     threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, counted, n_clean)
     triage, cut = None, None
     if triage_share(cfg) is not None:  # a place under the triage's cut-off keeps its score, as screening scores it
@@ -1300,6 +1367,14 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, counted, n_clean)
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
+    blind = None
+    if blind_on(cfg):  # for scans the trace reads nothing on
+        t_blind = time.time()
+        blind, kept["blind"], timing["blind"] = fit_blind(cfg, parts, x, y, groups, all_counted, all_clean, folds, weight)
+        timing["blind"]["seconds"] = round(time.time() - t_blind, 1)
+        echo(f"second stage: trace-blind trees ({timing['blind']['columns']} columns), threshold {timing['blind']['threshold']}"
+             + (f", the maps' peaks {timing['blind']['peak_threshold']}" if "peak_threshold" in timing["blind"] else "")
+             + f" (out-of-patient), {timing['blind']['seconds']:.0f} s")
     clf = boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight)
     _, resampling, trace_recentre, trace_scan, shape = stage_features(cfg)
     bagging, off_centre, share = bagging_of(cfg), off_centre_of(cfg), max_features_of(cfg)
@@ -1320,6 +1395,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
             **({"smooth_peaks": smooth_peaks_of(cfg)} if smooth_peaks_of(cfg) else {}),
             **({"blob_peaks": blob_peaks_of(cfg)} if blob_peaks_of(cfg) else {}),
             **({"triage": cut} if triage is not None else {}),
+            **({"blind": True} if blind is not None else {}),
             "threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {}),
             **({"blob_threshold": blob_threshold} if blob_threshold is not None else {}), "oof_folds": folds, "blend_network": blend_weight(cfg), "patch_weight": w_patch,
             "cross_fit": cross_fit_groups(cfg),
@@ -1334,6 +1410,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     stage = Verifier.from_sklearn(clf, x, meta, columns=columns)
     stage.nodules = nodules
     stage.triage = triage
+    stage.blind = blind
     stage.save(out / "model.verifier.npz")
     clean_oof, clean_groups = oof[counted], groups[counted]  # as the rule counts them
     per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
