@@ -135,7 +135,7 @@ def main(run_dir: str, evals: list[str], threshold: float, version: str, name: s
                                 # the maps' peaks held to a threshold of their own (screen.source_thresholds), where the stage chose one
                                 **{k: v.meta[k] for k in ("peak_threshold", "blob_threshold") if k in v.meta},
                                 # trees without the trace's columns, and their thresholds, for scans whose pixels leave it nothing to read
-                                **({"trace_blind": {**{k: val for k, val in v.blind.meta.items() if k.endswith("threshold")},
+                                **({"trace_blind": {**v.blind.thresholds(),
                                                     **{k: summary["verifier"]["blind"][k] for k in ("columns", "highest_clean_candidates_oof")
                                                        if k in summary.get("verifier", {}).get("blind", {})}}}
                                    if v.blind is not None else {}),

@@ -472,9 +472,8 @@ def own_thresholds(det) -> dict:
     """The detector's threshold and, where its second stage has one for the maps' peaks (and another
     for the blob map's), those (:func:`ctguard.screen.separate_thresholds`); where it has trace-blind
     trees, theirs (``blind``)."""
-    blind = getattr(det.verifier, "blind", None) if det.verifier is not None else None
-    return {"threshold": det.threshold, **separate_thresholds(det),
-            **({"blind": {k: v for k, v in blind.meta.items() if k.endswith("threshold")}} if blind is not None else {})}
+    blind = getattr(det.verifier, "blind", None)
+    return {"threshold": det.threshold, **separate_thresholds(det), **({"blind": blind.thresholds()} if blind is not None else {})}
 
 
 def run_fold(cfg: dict, by_patient: dict, fold: dict, k: int, fold_dir: Path, with_2d: bool = False) -> None:

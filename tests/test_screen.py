@@ -1738,15 +1738,17 @@ def _stage_scan():
     return vol, lungs, scan_noise(vol, lungs), np.argwhere(lungs)[::997][:4].astype(float)
 
 
-def _fitted_stage(x: np.ndarray, meta: dict):
-    """Tiny trees fitted on rows ``x`` and noisy copies of them, as a stage with ``meta`` (and the sklearn model)."""
+def _fitted_stage(x: np.ndarray, meta: dict, columns: np.ndarray | None = None):
+    """Tiny trees fitted on rows ``x`` and noisy copies of them (on ``columns`` of them where given),
+    as a stage with ``meta`` that reads whole rows (and the sklearn model)."""
     from sklearn.ensemble import GradientBoostingClassifier
 
     from ctguard.verifier import Verifier
 
     xs = np.vstack([x, (x[None] + np.random.default_rng(0).normal(scale=0.1, size=(60, *x.shape))).reshape(-1, x.shape[1])]).astype(np.float32)
-    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(xs, np.arange(len(xs)) % 3)
-    return Verifier.from_sklearn(clf, xs, meta), clf
+    fit = xs if columns is None else xs[:, columns]
+    clf = GradientBoostingClassifier(n_estimators=5, max_depth=2, random_state=0).fit(fit, np.arange(len(xs)) % 3)
+    return Verifier.from_sklearn(clf, xs, meta, columns=columns), clf
 
 
 def test_a_recentring_stage_reads_each_place_and_its_two_recentred_places_in_one_row():
@@ -1904,8 +1906,7 @@ def test_trace_blind_trees_score_a_scan_whose_pixels_leave_the_trace_nothing_to_
     x = stage_inputs(vol, places, p_net, noise, resampling=True, trace_reference=np.ones(3))
     stage, _ = _fitted_stage(x, meta)
     keep = np.asarray([k for k in range(len(names)) if k not in trace])
-    blind, _ = _fitted_stage(x[:, keep], {"threshold": 0.9, "peak_threshold": 0.95})
-    blind.feature = np.where(blind.feature >= 0, keep[np.maximum(blind.feature, 0)], -1).astype(np.int16)  # as from_sklearn maps columns
+    blind, _ = _fitted_stage(x, {"threshold": 0.9, "peak_threshold": 0.95}, columns=keep)
     assert not np.isin(blind.feature, trace).any()
     on_vol = stage.score_places(vol, places, p_net, lungs)
     stage.blind = blind

@@ -37,8 +37,10 @@ def main() -> None:
     spacing = DEMO_SPACING if a.pixel is None else (DEMO_SPACING[0], a.pixel, a.pixel)
     setup = {"shape": DEMO_SHAPE, "spacing": spacing} if a.demo_setup else {}
     det = load_detector(a.model)
-    probe = phantom_source(4343, with_tumour=False, **setup).volume  # the set-up's thresholds (a trace-blind stage's where it scores it)
-    own = source_thresholds(det, vol=probe) if not a.network_only else dict.fromkeys(("network",), det.threshold)
+    cases = [("demo (2026)", *tampered_phantom(2026, 2026, **setup)), ("tests (4242)", *tampered_phantom(4242, 1, **setup))]
+    cases += [(f"seed {s}", *tampered_phantom(s, s, **setup)) for s in (5011, 5012, 5013, 5014)]
+    # One set-up for every phantom: its thresholds (a trace-blind stage's where it scores such pixels).
+    own = source_thresholds(det, vol=cases[0][1]) if not a.network_only else dict.fromkeys(("network",), det.threshold)
     print(f"{a.model}: thresholds {own}" + (" (network only)" if a.network_only else ""))
 
     def over(p: dict) -> bool:
@@ -47,8 +49,6 @@ def main() -> None:
     def shown(p: dict) -> str:
         return f"{p['score']:.3f}" + ("*" if over(p) else "")
 
-    cases = [("demo (2026)", *tampered_phantom(2026, 2026, **setup)), ("tests (4242)", *tampered_phantom(4242, 1, **setup))]
-    cases += [(f"seed {s}", *tampered_phantom(s, s, **setup)) for s in (5011, 5012, 5013, 5014)]
     found = 0
     for name, vol, truth in cases:
         result, _, _ = screen_volume(vol, det, threshold=0.0, stage2=not a.network_only)

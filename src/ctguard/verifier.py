@@ -391,14 +391,15 @@ def scan_trace(vol: Volume, lungs: np.ndarray, noise_xy: float) -> np.ndarray:
     return np.median(np.stack([resampling_trace(vol, p, noise_xy) for p in picks]), axis=0).astype(np.float32)
 
 
-def ripple_frequency(spacing_mm: float) -> float:
+def ripple_frequency(spacing_mm):
     """Cycles a voxel of the noise-variance ripple that linear interpolation between a grid of
     ``spacing_mm`` and a 1 mm grid leaves: a voxel at ``x`` mm lies at the fraction ``x mod 1`` of
     a 1 mm cell, and the variance of an interpolated value, ``(1 - f)^2 + f^2`` of the noise's for
     fraction ``f``, rises and falls once a cell, so once every ``1 / spacing`` voxels (aliased into
-    0-0.5)."""
-    f = float(spacing_mm) % 1.0
-    return min(f, 1.0 - f)
+    0-0.5). A float for one spacing, an array for an array of them."""
+    f = np.mod(np.asarray(spacing_mm, np.float64), 1.0)
+    out = np.minimum(f, 1.0 - f)
+    return float(out) if out.ndim == 0 else out
 
 
 def has_ripple(vol: Volume) -> bool:
@@ -907,6 +908,11 @@ class Verifier:
     nodules: Verifier | None = None  # two-class trees, genuine nodule or injected (``nodule_check`` in the meta), saved in the same file
     triage: Verifier | None = None  # trees over the place's own columns alone (``triage`` in the meta: their cut-off), saved in the same file
     blind: Verifier | None = None  # trees that do not read the resampling trace, with thresholds of their own, for scans it reads nothing on (``blind`` in the meta)
+
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds its meta holds: ``threshold`` and, where it chose them, ``peak_threshold``
+        and ``blob_threshold``."""
+        return {k: self.meta[k] for k in ("threshold", "peak_threshold", "blob_threshold") if k in self.meta}
 
     def for_scan(self, vol: Volume) -> Verifier:
         """The trees that score ``vol``: the trace-blind ones (:attr:`blind`) where its pixels leave

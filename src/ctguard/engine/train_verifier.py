@@ -39,6 +39,7 @@ from ctguard.verifier import (
     point_width,
     reads_trace,
     recentred,
+    ripple_frequency,
     scan_noise,
     scan_reference,
     scan_referenced,
@@ -880,8 +881,7 @@ def blind_on(cfg: dict) -> bool:
 def rows_with_ripple(cfg: dict, x: np.ndarray) -> np.ndarray:
     """Which rows ``x`` (as made, :func:`row_names`) are of scans whose pixels leave the resampling
     trace a ripple to read (:func:`ctguard.verifier.has_ripple`, from the row's ``log_pixel_mm``)."""
-    pixel = np.exp(x[:, row_names(cfg).index("log_pixel_mm")].astype(np.float64)) % 1.0
-    return np.minimum(pixel, 1.0 - pixel) >= TRACE_MIN_FREQUENCY
+    return ripple_frequency(np.exp(x[:, row_names(cfg).index("log_pixel_mm")].astype(np.float64))) >= TRACE_MIN_FREQUENCY
 
 
 def rippled_counted(cfg: dict, parts: list[dict], counted: np.ndarray) -> tuple[np.ndarray, int]:
@@ -890,9 +890,8 @@ def rippled_counted(cfg: dict, parts: list[dict], counted: np.ndarray) -> tuple[
     such scan: ``counted`` less the other scans' rows, and how many untouched scans are left. A
     training scan of about 1 mm pixels still teaches both trees; its candidates hold up only the
     trace-blind trees' thresholds."""
-    keep = np.concatenate([rows_with_ripple(cfg, p["x"]) if len(p["y"]) else np.zeros(0, bool) for p in parts])
-    scans = sum(bool(len(p["y"])) and bool(rows_with_ripple(cfg, p["x"][:1])[0]) for p in parts)
-    return counted & keep, scans
+    rippled = [rows_with_ripple(cfg, p["x"]) for p in parts]  # a source's rows are all of one scan set-up
+    return counted & np.concatenate(rippled), sum(bool(r.any()) for r in rippled)
 
 
 def fit_blind(cfg: dict, parts: list[dict], x: np.ndarray, y: np.ndarray, groups: np.ndarray, counted: np.ndarray, n_clean: int,
@@ -914,12 +913,20 @@ def fit_blind(cfg: dict, parts: list[dict], x: np.ndarray, y: np.ndarray, groups
     meta = {"names": names, "threshold": threshold, **({"peak_threshold": peak_threshold} if peak_threshold is not None else {}),
             **({"blob_threshold": blob_threshold} if blob_threshold is not None else {})}
     blind = Verifier.from_sklearn(boosting_classifier(cfg).fit(fit_x, y, sample_weight=weight), x, meta, columns=columns)
+    report = {**blind.thresholds(), "columns_left_out": len(left_out), "columns": int(len(columns)),
+              **clean_candidates_report(oof, counted, groups, n_clean)}
+    return blind, oof, report
+
+
+def clean_candidates_report(oof: np.ndarray, counted: np.ndarray, groups: np.ndarray, n_clean: int) -> dict:
+    """The untouched training candidates as a threshold's rule counts them (``counted``, over
+    ``n_clean`` untouched scans), from their out-of-patient scores ``oof``: how many a scan lie over
+    each threshold of the grid (``false_per_clean_scan_oof``) and the five highest, with their
+    patient or phantom (``highest_clean_candidates_oof``: what sets the threshold)."""
     clean_oof, clean_groups = oof[counted], groups[counted]
     top = np.argsort(-clean_oof, kind="stable")[:5]
-    report = {**{k: v for k, v in meta.items() if k != "names"}, "columns_left_out": len(left_out), "columns": int(len(columns)),
-              "false_per_clean_scan_oof": {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID},
-              "highest_clean_candidates_oof": [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]}
-    return blind, oof, report
+    return {"false_per_clean_scan_oof": {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID},
+            "highest_clean_candidates_oof": [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]}
 
 
 def fit_triage(cfg: dict, x: np.ndarray, y: np.ndarray, groups: np.ndarray, clean: np.ndarray, oof: np.ndarray,
@@ -1355,7 +1362,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         oof = refined_scores(oof, 1.0 - p_extra[:, 0], owner, start)
     counted = threshold_counted(cfg, parts, clean)
     all_counted, all_clean = counted, n_clean  # what the trace-blind trees' rule counts
-    if blind_on(cfg):  # the full trees score only scans with a ripple: their rule counts only those scans' candidates
+    with_blind = blind_on(cfg)
+    if with_blind:  # the full trees score only scans with a ripple: their rule counts only those scans' candidates
         counted, n_clean = rippled_counted(cfg, parts, counted)
     threshold, peak_threshold, blob_threshold, each = stage_thresholds(cfg, parts, oof, counted, n_clean)
     triage, cut = None, None
@@ -1368,7 +1376,7 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
         echo(f"second stage: triage cut-off {cut}: {timing['triage_fit']['rows_passed']:.0%} of the rows read whole, "
              f"{timing['triage_fit']['found_edit_rows_lost']} found edit rows lost out of patient")
     blind = None
-    if blind_on(cfg):  # for scans the trace reads nothing on
+    if with_blind:  # for scans the trace reads nothing on
         t_blind = time.time()
         blind, kept["blind"], timing["blind"] = fit_blind(cfg, parts, x, y, groups, all_counted, all_clean, folds, weight)
         timing["blind"]["seconds"] = round(time.time() - t_blind, 1)
@@ -1412,13 +1420,8 @@ def fit_verifier(cfg: dict, out: Path, pool=None, echo=print, progress: bool = F
     stage.triage = triage
     stage.blind = blind
     stage.save(out / "model.verifier.npz")
-    clean_oof, clean_groups = oof[counted], groups[counted]  # as the rule counts them
-    per_t = {str(t): round(float((clean_oof >= t).sum() / n_clean), 3) for t in GRID}
-    top = np.argsort(-clean_oof, kind="stable")[:5]  # the untouched scans' candidates that set the threshold
-    highest = [{"group": str(clean_groups[i]), "score": round(float(clean_oof[i]), 4)} for i in top]
     report = {**meta, "seconds": round(time.time() - t0, 1), "rows_seconds": round(t_rows, 1),
-              **timing, "false_per_clean_scan_oof": per_t,
-              "highest_clean_candidates_oof": highest}
+              **timing, **clean_candidates_report(oof, counted, groups, n_clean)}  # as the rule counts them
     (out / "verifier.json").write_text(json.dumps(report, indent=2) + "\n")
     # Every row's out-of-patient scores, for studying the threshold's rule without fitting again.
     np.savez_compressed(out / "verifier_oof.npz", score=oof, trees=oof_trees, y=y, clean=clean, group=groups.astype(str), **kept)
